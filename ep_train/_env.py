@@ -1,0 +1,43 @@
+"""The one place where ep_train reads ``EP_TRAIN_*`` environment variables.
+
+The library never writes ``os.environ``; every other module asks here.
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["default_timeout_s", "forced_backend", "quiet_import"]
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise ValueError(f"environment variable {name} must be a number, got {raw!r}") from exc
+    if value <= 0:
+        raise ValueError(f"environment variable {name} must be > 0, got {raw!r}")
+    return value
+
+
+def default_timeout_s() -> float:
+    """Bound on every wait for peers (``EP_TRAIN_TIMEOUT_S``, default 100 s)."""
+    return _float("EP_TRAIN_TIMEOUT_S", 100.0)
+
+
+def forced_backend() -> str | None:
+    """Backend that ``backend="auto"`` must pick (``EP_TRAIN_BACKEND``: ``torch`` or ``cuda``)."""
+    raw = os.environ.get("EP_TRAIN_BACKEND", "").strip().lower()
+    if raw == "":
+        return None
+    if raw not in ("torch", "cuda"):
+        raise ValueError(f"environment variable EP_TRAIN_BACKEND must be 'torch' or 'cuda', got {raw!r}")
+    return raw
+
+
+def quiet_import() -> bool:
+    """``EP_TRAIN_QUIET=1`` silences the one-line backend report at import."""
+    return os.environ.get("EP_TRAIN_QUIET", "") not in ("", "0")

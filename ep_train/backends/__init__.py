@@ -1,0 +1,51 @@
+"""Backends of the Buffer contract: ``torch`` (reference, any device) and ``cuda`` (our kernels)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .. import _env, _ext
+from .base import Backend
+from .torch_backend import TorchBackend
+
+__all__ = ["Backend", "TorchBackend", "available_backends", "create_backend"]
+
+BACKEND_NAMES = ("auto", "torch", "cuda")
+
+
+def available_backends() -> dict[str, str]:
+    """Backend name → one line on its state."""
+    report = {"torch": "available (torch.distributed collectives: gloo on CPU, NCCL on CUDA)"}
+    reason = _ext.unavailable_reason()
+    report["cuda"] = "available (NVLink kernels)" if reason is None else f"unavailable: {reason}"
+    return report
+
+
+def create_backend(
+    name: str,
+    group: dist.ProcessGroup,
+    rank: int,
+    num_ranks: int,
+    device: torch.device,
+    num_nvl_bytes: int,
+    num_rdma_bytes: int,
+    low_latency_mode: bool,
+    timeout_s: float,
+) -> Backend:
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
+    if name == "auto":
+        forced = _env.forced_backend()
+        if forced is not None:
+            name = forced
+        else:
+            name = "cuda" if device.type == "cuda" and _ext.is_available() else "torch"
+    if name == "torch":
+        return TorchBackend(group, rank, num_ranks, timeout_s)
+    if device.type != "cuda":
+        raise ValueError(f"backend='cuda' needs a process group on CUDA devices (NCCL), got device {device}")
+    _ext.load()
+    from .cuda import CudaBackend
+
+    return CudaBackend(group, rank, num_ranks, num_nvl_bytes, num_rdma_bytes, low_latency_mode, timeout_s)

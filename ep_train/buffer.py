@@ -1,0 +1,576 @@
+"""``Buffer``: the expert-parallel communication object (DeepEP V1 method set and return tuples).
+
+A Buffer belongs to one process group (the expert-parallel group).  It validates every input,
+owns a high-priority communication stream on CUDA, orders its work against the caller's stream
+with events, and hands the actual exchange to a backend (``torch`` or ``cuda``).
+
+Shape legend: T local tokens, H hidden, S ``ceil(H/128)`` FP8 scales, K top-k, R ranks,
+E experts, L = E/R local experts (rank r owns experts [r*L, (r+1)*L)), N received rows,
+M ``num_max_dispatch_tokens_per_rank``.  ``-1`` in a ``topk_idx`` means "no expert".
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from . import _env, layout
+from .backends import create_backend
+from .backends.base import (
+    CallInfo,
+    CombineArgs,
+    DispatchArgs,
+    LowLatencyCombineArgs,
+    LowLatencyDispatchArgs,
+)
+from .config import Config, get_combine_config, get_dispatch_config
+from .errors import CommError
+from .event import EventOverlap, capture
+from .handle import DispatchHandle, LowLatencyHandle
+from .validate import check_int, check_tensor, check_topk_idx_values, split_fp8
+
+__all__ = ["Buffer", "topk_idx_t"]
+
+#: dtype of every ``topk_idx`` tensor.
+topk_idx_t = torch.int64
+
+_DTYPE_CODES = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3, torch.float64: 4, torch.float8_e4m3fn: 5}
+_OP_DISPATCH, _OP_CACHED, _OP_COMBINE, _OP_LL_DISPATCH, _OP_LL_COMBINE = 1, 2, 3, 4, 5
+
+
+def _tensors_in(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for item in obj for t in _tensors_in(item)]
+    return []
+
+
+class Buffer:
+    """Communication buffer of one expert-parallel group.
+
+    Args:
+        group: the process group of the EP ranks (``None``: the default group).  Its backend decides
+            the device: NCCL → the current CUDA device, gloo → CPU.
+        num_nvl_bytes: bytes of the NVLink buffer for normal dispatch/combine; see
+            ``Config.get_nvl_buffer_size_hint``.  Checked against every call, on every backend.
+        num_rdma_bytes: bytes of the RDMA / low-latency buffer; see ``get_low_latency_rdma_size_hint``.
+        low_latency_mode: the buffer serves ``low_latency_dispatch``/``low_latency_combine``.
+        num_qps_per_rank: queue pairs per peer for internode transports (accepted for compatibility).
+        backend: ``"auto"`` (CUDA kernels when built and the group is on CUDA, else torch),
+            ``"torch"`` or ``"cuda"``.
+        timeout_s: bound on any wait for peers (default ``EP_TRAIN_TIMEOUT_S`` or 100 s).  A rank that
+            skips a call, calls another op or dies makes its peers raise ``CommTimeoutError``.
+        num_sms: SMs of the default dispatch/combine configs (even), see :meth:`set_num_sms`.
+        check_values: check ``topk_idx`` ranges on the host.  On CUDA this syncs the stream, so it is
+            skipped on the sync-free paths (``num_worst_tokens > 0``, low-latency calls, graph capture).
+    """
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None = None,
+        num_nvl_bytes: int = 0,
+        num_rdma_bytes: int = 0,
+        low_latency_mode: bool = False,
+        num_qps_per_rank: int = 24,
+        *,
+        backend: str = "auto",
+        timeout_s: float | None = None,
+        num_sms: int | None = None,
+        check_values: bool = True,
+    ):
+        if not dist.is_initialized():
+            raise RuntimeError("Buffer needs torch.distributed to be initialised (dist.init_process_group)")
+        self.group = group if group is not None else dist.group.WORLD
+        self.rank = dist.get_rank(self.group)
+        self.group_size = dist.get_world_size(self.group)
+        self.num_nvl_bytes = check_int("num_nvl_bytes", num_nvl_bytes, 0)
+        self.num_rdma_bytes = check_int("num_rdma_bytes", num_rdma_bytes, 0)
+        self.low_latency_mode = bool(low_latency_mode)
+        self.num_qps_per_rank = check_int("num_qps_per_rank", num_qps_per_rank, 1)
+        if timeout_s is None:
+            timeout_s = _env.default_timeout_s()
+        if not isinstance(timeout_s, (int, float)) or timeout_s <= 0:
+            raise ValueError(f"timeout_s must be a number > 0, got {timeout_s!r}")
+        self.timeout_s = float(timeout_s)
+        self.check_values = bool(check_values)
+        self.device = self._group_device()
+        self._dispatch_config = get_dispatch_config(self.group_size)
+        self._combine_config = get_combine_config(self.group_size)
+        if num_sms is not None:
+            self.set_num_sms(num_sms)
+        self._seq = 0
+        self._failure: str | None = None
+        self._comm_stream = None
+        if self.device.type == "cuda":
+            self._comm_stream = torch.cuda.Stream(device=self.device, priority=-1)
+        self._backend = create_backend(
+            backend, self.group, self.rank, self.group_size, self.device,
+            self.num_nvl_bytes, self.num_rdma_bytes, self.low_latency_mode, self.timeout_s,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ properties and helpers
+    def _group_device(self) -> torch.device:
+        name = str(dist.get_backend(self.group)).lower()
+        if "nccl" in name:
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    @property
+    def backend_name(self) -> str:
+        return self._backend.name
+
+    @property
+    def _weight_dtypes(self) -> tuple[torch.dtype, ...]:
+        """float32 gate weights; float64 too where the backend moves float64 rows (gradcheck)."""
+        return (torch.float32, torch.float64) if torch.float64 in self.supported_dtypes else (torch.float32,)
+
+    @property
+    def supported_dtypes(self) -> tuple[torch.dtype, ...]:
+        """Dense dtypes ``dispatch``/``combine`` move (the CUDA kernels: BF16; torch: any float)."""
+        return self._backend.supported_dtypes
+
+    @property
+    def num_sms(self) -> int:
+        return self._dispatch_config.num_sms
+
+    def set_num_sms(self, num_sms: int) -> None:
+        """SMs used by this buffer's default dispatch/combine configs (even; affects no other buffer)."""
+        if isinstance(num_sms, bool) or not isinstance(num_sms, int) or num_sms < 2 or num_sms % 2:
+            raise ValueError(f"num_sms must be an even int >= 2, got {num_sms!r}")
+        d, c = self._dispatch_config, self._combine_config
+        self._dispatch_config = Config(num_sms, d.num_max_nvl_chunked_send_tokens, d.num_max_nvl_chunked_recv_tokens,
+                                       d.num_max_rdma_chunked_send_tokens, d.num_max_rdma_chunked_recv_tokens)  # fmt: skip
+        self._combine_config = Config(num_sms, c.num_max_nvl_chunked_send_tokens, c.num_max_nvl_chunked_recv_tokens,
+                                      c.num_max_rdma_chunked_send_tokens, c.num_max_rdma_chunked_recv_tokens)  # fmt: skip
+
+    def get_comm_stream(self):
+        """The CUDA stream this buffer's kernels run on (``None`` on CPU)."""
+        return self._comm_stream
+
+    @staticmethod
+    def get_dispatch_config(num_ranks: int) -> Config:
+        return get_dispatch_config(num_ranks)
+
+    @staticmethod
+    def get_combine_config(num_ranks: int) -> Config:
+        return get_combine_config(num_ranks)
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(
+        num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int
+    ) -> int:
+        """Bytes of ``num_rdma_bytes`` the low-latency calls of this shape need."""
+        return layout.low_latency_buffer_bytes(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
+
+    @staticmethod
+    def capture() -> EventOverlap:
+        """An event on the current stream, to pass as ``previous_event``."""
+        return capture()
+
+    def destroy(self) -> None:
+        """Free communication memory.  Every later call raises."""
+        if self._backend is not None:
+            self._backend.destroy()
+            self._backend = None
+
+    def __enter__(self) -> Buffer:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.destroy()
+
+    def _check_usable(self) -> None:
+        if self._backend is None:
+            raise RuntimeError("this Buffer was destroyed; create a new one")
+        if self._failure is not None:
+            raise CommError(f"this Buffer is unusable after an earlier failure: {self._failure}")
+
+    def _next_info(self, op: int, hidden: int, num_experts: int, num_topk: int, dtype, extra: int = 0) -> CallInfo:
+        info = CallInfo(op, self._seq, hidden, num_experts, num_topk, _DTYPE_CODES.get(dtype, 0), extra)
+        self._seq += 1
+        return info
+
+    def _check_num_experts(self, num_experts: Any) -> int:
+        check_int("num_experts", num_experts, 1)
+        if num_experts % self.group_size != 0:
+            raise ValueError(
+                f"num_experts={num_experts} must be divisible by the group size {self.group_size} "
+                "(every rank owns the same number of experts)"
+            )
+        return num_experts
+
+    def _check_topk_idx(self, topk_idx: Any, num_experts: int, rows: int | None, sync_free: bool) -> torch.Tensor:
+        t = check_tensor("topk_idx", topk_idx, dtypes=topk_idx_t, ndim=2, device=self.device, shape=(rows, None))
+        if not 1 <= t.shape[1] <= layout.MAX_TOPK:
+            raise ValueError(f"topk_idx must have 1..{layout.MAX_TOPK} columns (top-k), got {t.shape[1]}")
+        if self.check_values and not (sync_free and self.device.type == "cuda") and not self._capturing():
+            check_topk_idx_values("topk_idx", t, num_experts)
+        return t
+
+    def _capturing(self) -> bool:
+        return self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+    def _check_nvl_bytes(self, hidden: int, elem_size: int, config: Config, what: str) -> None:
+        need = config.get_nvl_buffer_size_hint(hidden * max(elem_size, 2), self.group_size)
+        if self.num_nvl_bytes < need:
+            raise ValueError(
+                f"num_nvl_bytes={self.num_nvl_bytes} is too small for {what} of hidden {hidden} on "
+                f"{self.group_size} ranks with {config}: needs >= {need} "
+                "(Config.get_nvl_buffer_size_hint)"
+            )
+
+    def _run(self, fn: Callable[[], Any], inputs: list[torch.Tensor], previous_event: EventOverlap | None,
+             async_finish: bool, allocate_on_comm_stream: bool) -> tuple[Any, EventOverlap]:  # fmt: skip
+        """Run ``fn`` on the comm stream after ``previous_event`` (or the current stream)."""
+        if previous_event is not None and not isinstance(previous_event, EventOverlap):
+            raise TypeError(f"previous_event must be an EventOverlap or None, got {type(previous_event).__name__}")
+        try:
+            if self._comm_stream is None:
+                return fn(), EventOverlap(None)
+            compute = torch.cuda.current_stream()
+            if previous_event is not None and previous_event.event is not None:
+                self._comm_stream.wait_event(previous_event.event)
+            else:
+                self._comm_stream.wait_stream(compute)
+            with torch.cuda.stream(self._comm_stream):
+                result = fn()
+        except CommError as exc:
+            self._failure = str(exc)
+            raise
+        outputs = _tensors_in(result)
+        for t in inputs:
+            t.record_stream(self._comm_stream)
+        if not allocate_on_comm_stream:
+            for t in outputs:
+                t.record_stream(compute)
+        if async_finish:
+            event = torch.cuda.Event()
+            event.record(self._comm_stream)
+            return result, EventOverlap(event, tuple(inputs + outputs))
+        compute.wait_stream(self._comm_stream)
+        return result, EventOverlap(None)
+
+    # ------------------------------------------------------------------ layout
+    def get_dispatch_layout(
+        self,
+        topk_idx: torch.Tensor,
+        num_experts: int,
+        previous_event: EventOverlap | None = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ):
+        """Where each token goes.
+
+        Args:
+            topk_idx: ``[T, K]`` int64, global expert ids; ``-1`` = no expert.
+            num_experts: E, divisible by the group size.
+
+        Returns:
+            ``(num_tokens_per_rank [R] int32, num_tokens_per_rdma_rank (None: one NVLink domain),
+            num_tokens_per_expert [E] int32, is_token_in_rank [T, R] bool, event)``.  A token counts
+            once per rank however many of its experts live there.
+        """
+        self._check_usable()
+        num_experts = self._check_num_experts(num_experts)
+        topk_idx = self._check_topk_idx(topk_idx, num_experts, None, sync_free=False)
+        fn = lambda: self._backend.get_dispatch_layout(topk_idx, num_experts)  # noqa: E731
+        (per_rank, per_expert, in_rank), event = self._run(
+            fn, [topk_idx], previous_event, async_finish, allocate_on_comm_stream
+        )
+        return per_rank, None, per_expert, in_rank, event
+
+    # ------------------------------------------------------------------ dispatch
+    def dispatch(
+        self,
+        x: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+        handle: DispatchHandle | None = None,
+        num_tokens_per_rank: torch.Tensor | None = None,
+        num_tokens_per_rdma_rank: torch.Tensor | None = None,
+        is_token_in_rank: torch.Tensor | None = None,
+        num_tokens_per_expert: torch.Tensor | None = None,
+        topk_idx: torch.Tensor | None = None,
+        topk_weights: torch.Tensor | None = None,
+        expert_alignment: int = 1,
+        num_worst_tokens: int = 0,
+        config: Config | None = None,
+        previous_event: EventOverlap | None = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ):
+        """Send every token to each rank that holds one of its experts (once per rank).
+
+        Args:
+            x: ``[T, H]`` BF16 (the torch backend also takes FP16/FP32/FP64), or FP8
+                ``(e4m3 [T, H], float32 scales [T, ceil(H/128)])``.
+            handle: a previous dispatch's handle → cached mode: same routing, no layout work; then
+                the layout arguments and topk must be None and ``x`` must have the handle's T and H.
+            num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert: from
+                :meth:`get_dispatch_layout` of the same ``topk_idx`` (non-cached mode).
+            topk_idx: ``[T, K]`` int64 global expert ids, ``-1`` = none (optional).
+            topk_weights: ``[T, K]`` float32 gate weights (optional, needs topk_idx).
+            expert_alignment: per-expert receive counts are rounded up to a multiple of this.
+            num_worst_tokens: if > 0, ``recv_x`` has exactly this many rows (padding rows: topk ids
+                -1, weights 0, contents unspecified) and no host sync is needed on CUDA; raises if
+                some rank would receive more.
+
+        Returns:
+            ``(recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list, handle,
+            event)``.  ``recv_x`` is ``[N, H]`` (a tuple with scales for FP8 input), rows ordered by
+            source rank then source token index.  ``recv_topk_idx[i, k]`` is the local expert id
+            (0..L-1) when expert k of that token lives here, else -1 (weight 0).
+        """
+        self._check_usable()
+        config = self._dispatch_config if config is None else config
+        if not isinstance(config, Config):
+            raise TypeError(f"config must be an ep_train.Config or None, got {type(config).__name__}")
+        x_TH, scales_TS = split_fp8("x", x, self.device, self._backend.supported_dtypes)
+        num_tokens, hidden = x_TH.shape
+        expert_alignment = check_int("expert_alignment", expert_alignment, 1)
+        num_worst_tokens = check_int("num_worst_tokens", num_worst_tokens, 0)
+        if num_tokens_per_rdma_rank is not None:
+            raise ValueError("num_tokens_per_rdma_rank must be None: this buffer spans one NVLink domain")
+        self._check_nvl_bytes(hidden, x_TH.element_size(), config, "dispatch")
+        if handle is not None:
+            args = self._cached_dispatch_args(x_TH, scales_TS, handle, locals())
+        else:
+            args = self._dispatch_args(x_TH, scales_TS, locals())
+        inputs = [t for t in (x_TH, scales_TS, args.topk_idx_TK, args.topk_weights_TK) if t is not None]
+        res, event = self._run(
+            lambda: self._backend.dispatch(args), inputs, previous_event, async_finish, allocate_on_comm_stream
+        )
+        recv_x = res.recv_x_NH if res.recv_x_scales_NS is None else (res.recv_x_NH, res.recv_x_scales_NS)
+        return (recv_x, res.recv_topk_idx_NK, res.recv_topk_weights_NK, res.num_recv_tokens_per_expert_list,
+                res.handle, event)  # fmt: skip
+
+    def _dispatch_args(self, x_TH, scales_TS, a: dict) -> DispatchArgs:
+        T, R = x_TH.shape[0], self.group_size
+        if a["num_tokens_per_rank"] is None or a["is_token_in_rank"] is None:
+            raise ValueError(
+                "dispatch without a handle needs num_tokens_per_rank and is_token_in_rank "
+                "(from get_dispatch_layout)"
+            )
+        topk_idx, topk_weights = a["topk_idx"], a["topk_weights"]
+        per_expert = a["num_tokens_per_expert"]
+        if per_expert is None and topk_idx is not None:
+            raise ValueError("dispatch with topk_idx needs num_tokens_per_expert (from get_dispatch_layout)")
+        num_experts = per_expert.shape[0] if isinstance(per_expert, torch.Tensor) else R
+        num_experts = self._check_num_experts(num_experts)
+        per_rank = check_tensor("num_tokens_per_rank", a["num_tokens_per_rank"], dtypes=torch.int32, ndim=1,
+                                device=self.device, shape=(R,))  # fmt: skip
+        in_rank = check_tensor("is_token_in_rank", a["is_token_in_rank"], dtypes=torch.bool, ndim=2,
+                               device=self.device, shape=(T, R))  # fmt: skip
+        if per_expert is not None:
+            check_tensor("num_tokens_per_expert", per_expert, dtypes=torch.int32, ndim=1, device=self.device)
+        if topk_idx is not None:
+            sync_free = a["num_worst_tokens"] > 0
+            topk_idx = self._check_topk_idx(topk_idx, num_experts, T, sync_free)
+            if topk_weights is not None:
+                check_tensor("topk_weights", topk_weights, dtypes=self._weight_dtypes, ndim=2, device=self.device,
+                             shape=tuple(topk_idx.shape))  # fmt: skip
+        elif topk_weights is not None:
+            raise ValueError("topk_weights was given without topk_idx")
+        num_topk = 0 if topk_idx is None else topk_idx.shape[1]
+        dtype = torch.float8_e4m3fn if scales_TS is not None else x_TH.dtype
+        info = self._next_info(_OP_DISPATCH, x_TH.shape[1], num_experts, num_topk, dtype)
+        return DispatchArgs(info, x_TH, scales_TS, topk_idx, topk_weights, per_rank, per_expert, in_rank, None,
+                            num_experts, a["expert_alignment"], a["num_worst_tokens"], a["config"] or self._dispatch_config)  # fmt: skip
+
+    def _cached_dispatch_args(self, x_TH, scales_TS, handle, a: dict) -> DispatchArgs:
+        if not isinstance(handle, DispatchHandle):
+            raise TypeError(f"handle must be a DispatchHandle from dispatch(), got {type(handle).__name__}")
+        for name in ("num_tokens_per_rank", "is_token_in_rank", "num_tokens_per_expert", "topk_idx", "topk_weights"):
+            if a[name] is not None:
+                raise ValueError(f"cached dispatch (handle given) takes no {name}: the routing comes from handle")
+        if handle.rank != self.rank or handle.num_ranks != self.group_size:
+            raise ValueError(
+                f"handle belongs to rank {handle.rank} of {handle.num_ranks}, this buffer is rank "
+                f"{self.rank} of {self.group_size}"
+            )
+        if x_TH.shape != (handle.num_tokens, handle.hidden):
+            raise ValueError(
+                f"x must have shape ({handle.num_tokens}, {handle.hidden}) of the cached handle "
+                f"(tokens, hidden), got {tuple(x_TH.shape)}"
+            )
+        if a["num_worst_tokens"] not in (0, handle.num_recv_rows):
+            raise ValueError(
+                f"num_worst_tokens={a['num_worst_tokens']} differs from the cached handle's "
+                f"{handle.num_recv_rows} rows"
+            )
+        dtype = torch.float8_e4m3fn if scales_TS is not None else x_TH.dtype
+        info = self._next_info(_OP_CACHED, handle.hidden, handle.num_experts, 0, dtype)
+        return DispatchArgs(info, x_TH, scales_TS, None, None, None, None, None, handle, handle.num_experts,
+                            handle.expert_alignment, handle.num_recv_rows if a["num_worst_tokens"] else 0,
+                            a["config"] or self._dispatch_config)  # fmt: skip
+
+    # ------------------------------------------------------------------ combine
+    def combine(
+        self,
+        x: torch.Tensor,
+        handle: DispatchHandle,
+        topk_weights: torch.Tensor | None = None,
+        bias: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
+        config: Config | None = None,
+        previous_event: EventOverlap | None = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ):
+        """Send rows back to their source ranks and sum them per token (FP32 accumulate).
+
+        Combine does not apply gate weights: the experts (or the caller) do.
+
+        Args:
+            x: ``[N, H]`` rows in the order ``dispatch`` produced them (N = the handle's row count).
+            handle: the handle of that dispatch.
+            topk_weights: ``[N, K]`` float32 (optional): summed per token into
+                ``combined_topk_weights`` (restores the dispatched weights).
+            bias: one ``[T, H]`` tensor or a pair, added to the result.
+
+        Returns:
+            ``(combined_x [T, H] in x's dtype, combined_topk_weights [T, K] float32 or None, event)``.
+        """
+        self._check_usable()
+        config = self._combine_config if config is None else config
+        if not isinstance(config, Config):
+            raise TypeError(f"config must be an ep_train.Config or None, got {type(config).__name__}")
+        if not isinstance(handle, DispatchHandle):
+            raise TypeError(f"handle must be a DispatchHandle from dispatch(), got {type(handle).__name__}")
+        if handle.rank != self.rank or handle.num_ranks != self.group_size:
+            raise ValueError(f"handle belongs to rank {handle.rank} of {handle.num_ranks}, this buffer is rank "
+                             f"{self.rank} of {self.group_size}")  # fmt: skip
+        x_NH = check_tensor("x", x, dtypes=self._backend.supported_dtypes, ndim=2, device=self.device,
+                            shape=(handle.num_recv_rows, None))  # fmt: skip
+        hidden = x_NH.shape[1]
+        self._check_nvl_bytes(hidden, x_NH.element_size(), config, "combine")
+        if topk_weights is not None:
+            check_tensor("topk_weights", topk_weights, dtypes=self._weight_dtypes, ndim=2, device=self.device,
+                         shape=(handle.num_recv_rows, None))  # fmt: skip
+        biases = () if bias is None else (bias,) if isinstance(bias, torch.Tensor) else tuple(bias)
+        if len(biases) > 2:
+            raise ValueError(f"bias must be a tensor or a pair of tensors, got {len(biases)} tensors")
+        for i, b in enumerate(biases):
+            check_tensor(f"bias[{i}]", b, dtypes=x_NH.dtype, ndim=2, device=self.device,
+                         shape=(handle.num_tokens, hidden))  # fmt: skip
+        num_topk = 0 if topk_weights is None else topk_weights.shape[1]
+        info = self._next_info(_OP_COMBINE, hidden, handle.num_experts, num_topk, x_NH.dtype)
+        args = CombineArgs(info, x_NH, handle, topk_weights, biases, config)
+        inputs = [x_NH, *biases] + ([topk_weights] if topk_weights is not None else [])
+        res, event = self._run(
+            lambda: self._backend.combine(args), inputs, previous_event, async_finish, allocate_on_comm_stream
+        )
+        return res.combined_x_TH, res.combined_topk_weights_TK, event
+
+    # ------------------------------------------------------------------ low latency
+    def _check_low_latency(self, M: int, hidden: int, num_experts: int) -> None:
+        if not self.low_latency_mode:
+            raise ValueError("low-latency calls need Buffer(..., low_latency_mode=True)")
+        need = self.get_low_latency_rdma_size_hint(M, hidden, self.group_size, num_experts)
+        if self.num_rdma_bytes < need:
+            raise ValueError(
+                f"num_rdma_bytes={self.num_rdma_bytes} is too small for low-latency calls with "
+                f"num_max_dispatch_tokens_per_rank={M}, hidden {hidden}, {num_experts} experts on "
+                f"{self.group_size} ranks: needs >= {need} (Buffer.get_low_latency_rdma_size_hint)"
+            )
+
+    def low_latency_dispatch(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        num_max_dispatch_tokens_per_rank: int,
+        num_experts: int,
+        cumulative_local_expert_recv_stats: torch.Tensor | None = None,
+        use_fp8: bool = True,
+        round_scale: bool = False,
+        use_ue8m0: bool = False,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+        topk_weights: torch.Tensor | None = None,
+    ):
+        """Send each (token, expert) pair to the expert's rank into fixed-shape, expert-major slots.
+
+        Args:
+            x: ``[T, H]`` BF16 (torch backend: any float dtype), T <= M.
+            topk_idx: ``[T, K]`` int64 global expert ids, ``-1`` = none.
+            num_max_dispatch_tokens_per_rank: M, the same on every rank and every call of a shape.
+            use_fp8: cast to e4m3 with per-128-channel float32 scales (``ep_train.fp8``) before sending.
+            round_scale: round the FP8 scales up to powers of two.
+            cumulative_local_expert_recv_stats: optional ``[L]`` int32, incremented by the counts.
+            return_recv_hook: only send now; calling the returned hook receives into ``recv_x``.
+            topk_weights: optional ``[T, K]`` float32; each slot's weight and top-k column then land in
+                ``handle.recv_topk_weights_LS`` / ``handle.recv_topk_pos_LS`` (used by autograd).
+
+        Returns:
+            ``(recv_x, recv_count, handle, event, hook)``: ``recv_x`` is ``[L, R*M, H]`` (FP8: a tuple
+            with ``[L, R*M, ceil(H/128)]`` scales); expert l's first ``recv_count[l]`` rows are valid,
+            ordered by source rank then source token index.
+        """
+        self._check_usable()
+        if use_ue8m0:
+            raise ValueError("use_ue8m0=True is not supported; round_scale=True gives power-of-two float32 scales")
+        M = check_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, 1)
+        num_experts = self._check_num_experts(num_experts)
+        x_TH = check_tensor("x", x, dtypes=self._backend.supported_dtypes, ndim=2, device=self.device)
+        T, hidden = x_TH.shape
+        if T > M:
+            raise ValueError(f"x has {T} tokens, more than num_max_dispatch_tokens_per_rank={M}")
+        self._check_low_latency(M, hidden, num_experts)
+        topk_idx = self._check_topk_idx(topk_idx, num_experts, T, sync_free=True)
+        if topk_weights is not None:
+            check_tensor("topk_weights", topk_weights, dtypes=self._weight_dtypes, ndim=2, device=self.device,
+                         shape=tuple(topk_idx.shape))  # fmt: skip
+        stats = cumulative_local_expert_recv_stats
+        if stats is not None:
+            check_tensor("cumulative_local_expert_recv_stats", stats, dtypes=torch.int32, ndim=1,
+                         device=self.device, shape=(num_experts // self.group_size,))  # fmt: skip
+        info = self._next_info(_OP_LL_DISPATCH, hidden, num_experts, topk_idx.shape[1], x_TH.dtype,
+                               extra=M * 2 + int(use_fp8))  # fmt: skip
+        args = LowLatencyDispatchArgs(info, x_TH, topk_idx, topk_weights, M, num_experts, bool(use_fp8), bool(round_scale),
+                                      stats, bool(return_recv_hook))  # fmt: skip
+        inputs = [x_TH, topk_idx] + ([topk_weights] if topk_weights is not None else [])
+        res, event = self._run(lambda: self._backend.low_latency_dispatch(args), inputs, None,
+                               async_finish, False)  # fmt: skip
+        recv_x = res.recv_x_LSH if res.recv_x_scales_LSS is None else (res.recv_x_LSH, res.recv_x_scales_LSS)
+        return recv_x, res.recv_count_L, res.handle, event, res.hook
+
+    def low_latency_combine(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        handle: LowLatencyHandle,
+        use_logfmt: bool = False,
+        zero_copy: bool = False,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+        out: torch.Tensor | None = None,
+    ):
+        """Send expert outputs back and reduce them per token, weighted by ``topk_weights`` (FP32).
+
+        Args:
+            x: ``[L, R*M, H]`` expert outputs in the slots ``low_latency_dispatch`` filled.
+            topk_idx, topk_weights: ``[T, K]`` of the dispatch (int64 / float32); -1 entries add nothing.
+            handle: the dispatch's handle.  ``out``: optional ``[T, H]`` result tensor.
+
+        Returns:
+            ``(combined_x [T, H], event, hook)``.
+        """
+        self._check_usable()
+        if use_logfmt:
+            raise ValueError("use_logfmt=True is not supported; combine sends BF16 rows")
+        if not isinstance(handle, LowLatencyHandle):
+            raise TypeError(f"handle must be a LowLatencyHandle from low_latency_dispatch(), got {type(handle).__name__}")
+        L, R, M = handle.num_local_experts, self.group_size, handle.num_max_dispatch_tokens_per_rank
+        x_LSH = check_tensor("x", x, dtypes=self._backend.supported_dtypes, ndim=3, device=self.device,
+                             shape=(L, R * M, handle.hidden))  # fmt: skip
+        T, K = handle.topk_idx_TK.shape
+        topk_idx = check_tensor("topk_idx", topk_idx, dtypes=topk_idx_t, ndim=2, device=self.device, shape=(T, K))
+        check_tensor("topk_weights", topk_weights, dtypes=self._weight_dtypes, ndim=2, device=self.device, shape=(T, K))
+        if out is not None:
+            check_tensor("out", out, dtypes=x_LSH.dtype, ndim=2, device=self.device, shape=(T, handle.hidden))
+        info = self._next_info(_OP_LL_COMBINE, handle.hidden, handle.num_experts, K, x_LSH.dtype, extra=M * 2)
+        args = LowLatencyCombineArgs(info, x_LSH, topk_idx, topk_weights, handle, out, bool(return_recv_hook))
+        res, event = self._run(lambda: self._backend.low_latency_combine(args), [x_LSH, topk_idx, topk_weights],
+                               None, async_finish, False)  # fmt: skip
+        return res.combined_x_TH, event, res.hook

@@ -1,0 +1,97 @@
+"""Kernel tuning knobs (``Config``) and the per-rank-count defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import layout
+
+__all__ = ["Config", "get_dispatch_config", "get_combine_config"]
+
+
+@dataclass(frozen=True)
+class Config:
+    """How many SMs a dispatch/combine may take and how tokens are chunked.
+
+    ``num_sms`` must be even: each channel is a pair of SMs (one sends, one receives).  The NVLink
+    ring of each (channel, source rank) holds ``num_max_nvl_chunked_recv_tokens`` rows and senders
+    publish ``num_max_nvl_chunked_send_tokens`` rows at a time.  The RDMA fields are kept for
+    DeepEP compatibility and used by internode kernels.
+    """
+
+    num_sms: int = 24
+    num_max_nvl_chunked_send_tokens: int = 8
+    num_max_nvl_chunked_recv_tokens: int = 256
+    num_max_rdma_chunked_send_tokens: int = 16
+    num_max_rdma_chunked_recv_tokens: int = 128
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_sms, int) or self.num_sms < 2 or self.num_sms % 2 != 0:
+            raise ValueError(f"Config.num_sms must be an even int >= 2, got {self.num_sms!r}")
+        send, recv = self.num_max_nvl_chunked_send_tokens, self.num_max_nvl_chunked_recv_tokens
+        if send < 1:
+            raise ValueError(f"Config.num_max_nvl_chunked_send_tokens must be >= 1, got {send}")
+        if recv < 2 * send:
+            raise ValueError(
+                "Config.num_max_nvl_chunked_recv_tokens must be >= 2 x num_max_nvl_chunked_send_tokens "
+                f"({2 * send}), got {recv}"
+            )
+
+    @property
+    def num_channels(self) -> int:
+        return self.num_sms // 2
+
+    def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
+        """Bytes of NVLink buffer this config needs for rows of ``hidden_bytes`` on ``num_ranks`` ranks."""
+        if hidden_bytes <= 0:
+            raise ValueError(f"hidden_bytes must be > 0, got {hidden_bytes}")
+        if not 1 <= num_ranks <= layout.MAX_RANKS:
+            # Beyond one NVLink domain the NVLink buffer holds only the local node's ranks.
+            num_ranks = layout.MAX_RANKS
+        return layout.intranode_buffer_bytes(
+            hidden_bytes, num_ranks, self.num_channels, self.num_max_nvl_chunked_recv_tokens
+        )
+
+    def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
+        """Bytes of RDMA buffer: zero inside one NVLink domain (internode kernels size their own)."""
+        if hidden_bytes <= 0:
+            raise ValueError(f"hidden_bytes must be > 0, got {hidden_bytes}")
+        if num_ranks <= layout.MAX_RANKS:
+            return 0
+        num_nodes = (num_ranks + layout.MAX_RANKS - 1) // layout.MAX_RANKS
+        row = layout.intranode_row_bytes(hidden_bytes)
+        return layout.align_up(2 * self.num_channels * num_nodes * self.num_max_rdma_chunked_recv_tokens * row)
+
+
+# Starting points: best figures measured for DeepEP-style ring kernels at 24 SMs (BF16 chunk 8,
+# combine chunk 8, ring 256). benchmarks/bench_intranode.py sweeps them; RESULTS.md has the numbers.
+_DISPATCH_DEFAULTS = {
+    2: Config(24, 8, 256),
+    4: Config(24, 8, 256),
+    8: Config(24, 8, 256),
+}
+_COMBINE_DEFAULTS = {
+    2: Config(24, 8, 256),
+    4: Config(24, 8, 256),
+    8: Config(24, 8, 256),
+}
+
+
+def _lookup(table: dict[int, Config], num_ranks: int, what: str) -> Config:
+    if not isinstance(num_ranks, int) or num_ranks < 1:
+        raise ValueError(f"{what}: num_ranks must be a positive int, got {num_ranks!r}")
+    if num_ranks in table:
+        return table[num_ranks]
+    # Ranks that are not a tuned size use the next larger tuned one (or the largest).
+    larger = [n for n in sorted(table) if n >= num_ranks]
+    return table[larger[0] if larger else max(table)]
+
+
+def get_dispatch_config(num_ranks: int) -> Config:
+    """Measured-best dispatch config for ``num_ranks`` ranks."""
+    return _lookup(_DISPATCH_DEFAULTS, num_ranks, "get_dispatch_config")
+
+
+def get_combine_config(num_ranks: int) -> Config:
+    """Measured-best combine config for ``num_ranks`` ranks."""
+    return _lookup(_COMBINE_DEFAULTS, num_ranks, "get_combine_config")

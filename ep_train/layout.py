@@ -1,0 +1,85 @@
+"""Byte layout of the communication buffers: the Python side of ``csrc/include/ep_train/buffer_layout.cuh``.
+
+Size hints, capacity checks and the CUDA kernels all derive offsets from these formulas, so a
+buffer sized here is exactly what the kernels index.  Any change here must be mirrored in
+``buffer_layout.cuh``; ``tests/gpu/test_layout.py`` compares both on the device.
+
+Intranode (NVLink) buffer, per rank::
+
+    [control: barrier signals, notify counters, per (channel, source) ring head/tail]
+    [rings:   num_channels x num_ranks rings of num_recv_ring_tokens rows]
+
+A ring row holds one token: ``hidden_bytes`` of payload, FP8 scales, its top-k ids and weights and
+its source index.  Low-latency buffer, per rank: two identical halves used on alternating calls;
+each half has a send area, a receive area of ``num_experts x max_tokens`` slots and one signal
+word per expert.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ALIGN_BYTES",
+    "FP8_BLOCK",
+    "MAX_TOPK",
+    "MAX_RANKS",
+    "MAX_EXPERTS",
+    "align_up",
+    "num_fp8_scales",
+    "intranode_row_bytes",
+    "intranode_control_bytes",
+    "intranode_buffer_bytes",
+    "low_latency_dispatch_row_bytes",
+    "low_latency_buffer_bytes",
+]
+
+ALIGN_BYTES = 128  # every region starts on a 128-byte boundary (TMA and 16-byte vector stores)
+FP8_BLOCK = 128  # one float32 scale per 128 channels
+MAX_TOPK = 16  # upper bound on top-k; ring rows reserve room for this many ids/weights
+MAX_RANKS = 8  # NVLink domain of one node
+MAX_EXPERTS = 1024  # bound of the notify count matrix
+
+
+def align_up(value: int, alignment: int = ALIGN_BYTES) -> int:
+    return (value + alignment - 1) // alignment * alignment
+
+
+def num_fp8_scales(hidden: int) -> int:
+    return (hidden + FP8_BLOCK - 1) // FP8_BLOCK
+
+
+def intranode_row_bytes(hidden_bytes: int) -> int:
+    """Bytes of one ring row: payload, scales (sized for BF16 hidden), top-k ids + weights, src index."""
+    hidden = hidden_bytes // 2  # the largest payload is BF16
+    meta = num_fp8_scales(hidden) * 4 + MAX_TOPK * 4 + MAX_TOPK * 4 + 4
+    return align_up(hidden_bytes, 16) + align_up(meta, 16)
+
+
+def intranode_control_bytes(num_ranks: int, num_channels: int) -> int:
+    """Barrier words, notify count matrix and ring head/tail counters."""
+    barrier = MAX_RANKS * 8
+    notify = MAX_RANKS * (MAX_RANKS + MAX_EXPERTS) * 4 + MAX_RANKS * num_channels * 4
+    counters = 2 * num_channels * MAX_RANKS * 8
+    return align_up(barrier) + align_up(notify) + align_up(counters)
+
+
+def intranode_buffer_bytes(
+    hidden_bytes: int, num_ranks: int, num_channels: int, num_recv_ring_tokens: int
+) -> int:
+    rings = num_channels * num_ranks * num_recv_ring_tokens * intranode_row_bytes(hidden_bytes)
+    return intranode_control_bytes(num_ranks, num_channels) + align_up(rings)
+
+
+def low_latency_dispatch_row_bytes(hidden: int) -> int:
+    """One slot: a 16-byte header (source token index) and a BF16 row (FP8 rows + scales fit in it)."""
+    return 16 + align_up(hidden * 2, 16)
+
+
+def low_latency_buffer_bytes(
+    num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int
+) -> int:
+    """Bytes of the low-latency buffer (both halves)."""
+    row = low_latency_dispatch_row_bytes(hidden)
+    send = align_up(num_max_dispatch_tokens_per_rank * row)
+    recv = align_up(num_experts * num_max_dispatch_tokens_per_rank * row)
+    signals = align_up(num_experts * 8)
+    return 2 * (send + recv + signals)

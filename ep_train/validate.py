@@ -1,0 +1,81 @@
+"""Input checks at the Python boundary.  Every message names the argument, what was expected and
+what was given.  Value checks that need the tensor's contents (e.g. ids in range) sync a CUDA
+stream, so the sync-free paths skip them (see ``Buffer.check_values``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = [
+    "check_int",
+    "check_tensor",
+    "check_topk_idx_values",
+    "split_fp8",
+]
+
+
+def check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_tensor(
+    name: str,
+    t: Any,
+    *,
+    dtypes: tuple[torch.dtype, ...] | torch.dtype,
+    ndim: int,
+    device: torch.device,
+    shape: tuple[int | None, ...] | None = None,
+) -> torch.Tensor:
+    """Type, dtype, rank, shape (None = any), device and contiguity of one tensor argument."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    dtypes = (dtypes,) if isinstance(dtypes, torch.dtype) else dtypes
+    if t.dtype not in dtypes:
+        want = " or ".join(str(d) for d in dtypes)
+        raise TypeError(f"{name} must have dtype {want}, got {t.dtype}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if shape is not None:
+        for axis, (want, got) in enumerate(zip(shape, t.shape)):
+            if want is not None and want != got:
+                expected = tuple("*" if s is None else s for s in shape)
+                raise ValueError(f"{name} must have shape {expected}, got {tuple(t.shape)} (axis {axis})")
+    if t.device.type != device.type or (device.index is not None and t.device.index != device.index):
+        raise ValueError(f"{name} must be on device {device}, got {t.device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (call .contiguous()), got strides {t.stride()}")
+    return t
+
+
+def check_topk_idx_values(name: str, topk_idx: torch.Tensor, num_experts: int) -> None:
+    """Every entry in [-1, num_experts).  Syncs on CUDA."""
+    if topk_idx.numel() == 0:
+        return
+    lo, hi = int(topk_idx.min()), int(topk_idx.max())
+    if lo < -1 or hi >= num_experts:
+        bad = lo if lo < -1 else hi
+        raise ValueError(f"{name} entries must be in [-1, num_experts={num_experts}), found {bad}")
+
+
+def split_fp8(
+    name: str, x: Any, device: torch.device, dense_dtypes: tuple[torch.dtype, ...]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``x`` is ``[T, H]`` of a dense dtype, or ``(e4m3 [T, H], float32 scales [T, ceil(H/128)])``."""
+    if isinstance(x, (tuple, list)):
+        if len(x) != 2:
+            raise ValueError(f"{name} as a tuple must be (x_fp8, scales), got {len(x)} items")
+        q = check_tensor(f"{name}[0]", x[0], dtypes=torch.float8_e4m3fn, ndim=2, device=device)
+        num_scales = (q.shape[1] + 127) // 128
+        scales = check_tensor(
+            f"{name}[1] (FP8 scales)", x[1], dtypes=torch.float32, ndim=2, device=device,
+            shape=(q.shape[0], num_scales),
+        )
+        return q, scales
+    return check_tensor(name, x, dtypes=dense_dtypes, ndim=2, device=device), None

@@ -1,0 +1,49 @@
+"""Build script.  A plain ``pip install`` is pure Python (the ``torch`` backend); where the CUDA
+toolkit and a CUDA build of torch are importable at build time (``pip install -e .
+--no-build-isolation`` on a GPU machine) it also builds the kernels as ``ep_train._C``."""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def cuda_extensions():
+    """``(ext_modules, cmdclass)`` for ``ep_train._C``, or empty when this machine cannot build it."""
+    if os.environ.get("EP_TRAIN_NO_CUDA_BUILD", "") not in ("", "0"):
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        return [], {}
+    if torch.version.cuda is None or CUDA_HOME is None:
+        return [], {}
+    csrc = os.path.join("ep_train", "csrc")
+    sources = sorted(glob.glob(os.path.join(csrc, "*.cpp")) + glob.glob(os.path.join(csrc, "**", "*.cu"), recursive=True))
+    if not any(s.endswith(".cpp") for s in sources):
+        return [], {}
+    include_dirs = [os.path.join(ROOT, csrc, "include"), os.path.join(CUDA_HOME, "include", "cccl")]
+    nvcc = ["-O3", "-std=c++17", "-gencode", "arch=compute_90,code=sm_90", "--use_fast_math", "-lineinfo"]
+    ext = CUDAExtension(
+        name="ep_train._C",
+        sources=sources,
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc},
+    )
+    print(f"ep_train: building ep_train._C with CUDA {torch.version.cuda} from {len(sources)} files", file=sys.stderr)
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = cuda_extensions()
+
+setup(
+    packages=find_packages(include=["ep_train", "ep_train.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
