@@ -1,0 +1,116 @@
+"""Differentiable low-latency pair.
+
+``low_latency_dispatch`` is differentiable w.r.t. ``x``: its backward sends the slot gradients
+back and sums them per token (an unweighted low-latency combine).  ``low_latency_combine`` is
+weighted by ``topk_weights`` and differentiable w.r.t. the expert outputs and the weights: its
+backward low-latency-dispatches the output gradient into the same slots, scales it by each slot's
+weight (carried by the dispatch handle), and returns each slot's weight gradient to its token
+through a combine of one-hot rows (each (token, k) receives exactly one value).
+
+Shape legend: T tokens, H hidden, K top-k, L local experts, S = R*M slots per local expert.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..buffer import Buffer
+from ..fp8 import dequantize_fp8
+from ..handle import LowLatencyHandle
+
+__all__ = ["low_latency_dispatch", "low_latency_combine"]
+
+
+class _LowLatencyDispatchFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TH, buffer: Buffer, topk_idx_TK, topk_weights_TK, num_max_tokens, num_experts, use_fp8, out):
+        recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(
+            x_TH, topk_idx_TK, num_max_tokens, num_experts, use_fp8=use_fp8, topk_weights=topk_weights_TK
+        )
+        if use_fp8:
+            recv_x = dequantize_fp8(recv_x[0], recv_x[1], x_TH.dtype)
+        ctx.buffer, ctx.handle = buffer, handle
+        ctx.save_for_backward(topk_idx_TK)
+        out["handle"], out["recv_count"] = handle, recv_count
+        return recv_x
+
+    @staticmethod
+    def backward(ctx, grad_LSH):
+        (topk_idx_TK,) = ctx.saved_tensors
+        ones = torch.ones(topk_idx_TK.shape, dtype=torch.float32, device=topk_idx_TK.device)
+        grad_x, _, _ = ctx.buffer.low_latency_combine(grad_LSH.contiguous(), topk_idx_TK, ones, ctx.handle)
+        return grad_x, None, None, None, None, None, None, None
+
+
+class _LowLatencyCombineFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_LSH, topk_weights_TK, buffer: Buffer, topk_idx_TK, handle: LowLatencyHandle):
+        combined, _, _ = buffer.low_latency_combine(x_LSH, topk_idx_TK, topk_weights_TK.detach(), handle)
+        ctx.buffer, ctx.handle = buffer, handle
+        ctx.save_for_backward(x_LSH, topk_idx_TK)
+        return combined
+
+    @staticmethod
+    def backward(ctx, grad_TH):
+        x_LSH, topk_idx_TK = ctx.saved_tensors
+        h: LowLatencyHandle = ctx.handle
+        buffer: Buffer = ctx.buffer
+        grad_slots, _, _, _, _ = buffer.low_latency_dispatch(
+            grad_TH.contiguous(), topk_idx_TK, h.num_max_dispatch_tokens_per_rank, h.num_experts, use_fp8=False
+        )
+        weights_LS = h.recv_topk_weights_LS.to(grad_slots.dtype)
+        grad_x = grad_slots * weights_LS.unsqueeze(-1) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            acc = torch.float64 if x_LSH.dtype == torch.float64 else torch.float32
+            grad_w_LS = (grad_slots.to(acc) * x_LSH.to(acc)).sum(dim=-1)
+            k = topk_idx_TK.shape[1]
+            valid = h.recv_topk_pos_LS >= 0
+            onehot = torch.nn.functional.one_hot(h.recv_topk_pos_LS.clamp_min(0).long(), k).to(acc)
+            rows = (onehot * (grad_w_LS * valid).unsqueeze(-1)).to(grad_slots.dtype).contiguous()
+            ones = torch.ones(topk_idx_TK.shape, dtype=torch.float32, device=topk_idx_TK.device)
+            k_handle = dataclasses.replace(h, hidden=k)
+            grad_w, _, _ = buffer.low_latency_combine(rows, topk_idx_TK, ones, k_handle)
+            grad_w = grad_w.to(h.recv_topk_weights_LS.dtype)
+        return grad_x, grad_w, None, None, None
+
+
+def low_latency_dispatch(
+    buffer: Buffer,
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weights: torch.Tensor,
+    num_max_dispatch_tokens_per_rank: int,
+    num_experts: int,
+    *,
+    use_fp8: bool = False,
+):
+    """Differentiable low-latency dispatch (w.r.t. ``x``).
+
+    Args:
+        x: ``[T, H]``; topk_idx: ``[T, K]`` int64 (-1 = none); topk_weights: ``[T, K]`` float32,
+            carried to the slots for the backward of :func:`low_latency_combine` (not differentiated here).
+        use_fp8: transfer in e4m3; ``recv_x`` comes back dequantised to ``x``'s dtype.
+
+    Returns:
+        ``(recv_x [L, R*M, H], recv_count [L] int32, handle)``.
+    """
+    out: dict = {}
+    recv_x = _LowLatencyDispatchFn.apply(
+        x, buffer, topk_idx, topk_weights.detach(), num_max_dispatch_tokens_per_rank, num_experts, use_fp8, out
+    )
+    return recv_x, out["recv_count"], out["handle"]
+
+
+def low_latency_combine(
+    buffer: Buffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle: LowLatencyHandle
+) -> torch.Tensor:
+    """Differentiable weighted low-latency combine (w.r.t. ``x`` and ``topk_weights``) → ``[T, H]``.
+
+    ``handle`` must come from :func:`low_latency_dispatch` of this module (it carries the slot weights).
+    """
+    if not isinstance(handle, LowLatencyHandle):
+        raise TypeError(f"handle must be a LowLatencyHandle, got {type(handle).__name__}")
+    return _LowLatencyCombineFn.apply(x, topk_weights, buffer, topk_idx, handle)

@@ -1,0 +1,228 @@
+"""Differentiable normal dispatch/combine: the backward of dispatch is a combine, the backward of
+combine is a cached-handle dispatch.
+
+Shape legend: T local tokens, H hidden, K top-k, N received rows, L local experts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from ..buffer import Buffer
+from ..config import Config
+from ..event import EventOverlap
+from ..fp8 import dequantize_fp8, quantize_fp8
+from ..handle import DispatchHandle
+from . import replay
+
+__all__ = ["DispatchOutput", "dispatch", "combine"]
+
+
+class DispatchOutput(NamedTuple):
+    """Result of :func:`dispatch`.
+
+    recv_x: ``[N, H]`` rows received (dtype of ``x``), ordered by source rank then source token.
+    recv_topk_idx: ``[N, K]`` int64 local expert ids, -1 where the expert lives elsewhere.
+    recv_topk_weights: ``[N, K]`` float32 (0 where recv_topk_idx is -1); differentiable.
+    tokens_per_expert: ``[L]`` int32 (token, local expert) pairs received, aligned.
+    handle: pass to :func:`combine`.
+    event: with ``async_finish=True`` the outputs are ready only after ``event.current_stream_wait()``.
+    """
+
+    recv_x: torch.Tensor
+    recv_topk_idx: torch.Tensor
+    recv_topk_weights: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    handle: DispatchHandle
+    event: EventOverlap
+
+
+@dataclass(frozen=True)
+class _Replay:
+    kind: str
+    handle: DispatchHandle
+    recv_topk_idx: torch.Tensor
+    topk_idx: torch.Tensor
+
+
+@dataclass
+class _DispatchOpts:
+    num_experts: int
+    expert_alignment: int
+    num_worst_tokens: int
+    fp8: bool
+    config: Config | None
+    previous_event: EventOverlap | None
+    async_finish: bool
+
+
+def _rows_as_payload(buffer: Buffer, t: torch.Tensor) -> torch.Tensor:
+    """Float32 ``[T, K]`` rows in a dtype the buffer's backend moves (bit-exact view if needed)."""
+    if t.dtype in buffer.supported_dtypes:
+        return t.contiguous()
+    k = t.shape[1]
+    padded = torch.nn.functional.pad(t, (0, (-k) % 4)) if k % 4 else t  # 16-byte rows
+    return padded.contiguous().view(torch.bfloat16)
+
+
+def _payload_as_rows(payload: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
+    if payload.dtype == dtype:
+        return payload
+    return payload.view(dtype)[:, :k]
+
+
+def _zero_padding_rows(rows: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+    """Rows past the received ones (``num_worst_tokens`` padding) carry no token: zero them."""
+    if handle.num_recv_rows == 0:
+        return rows
+    if handle.num_recv_tokens >= 0:
+        if handle.num_recv_tokens < handle.num_recv_rows:
+            rows = rows.clone()
+            rows[handle.num_recv_tokens :] = 0
+        return rows
+    count = handle.extras["num_recv_tokens_t"]  # device scalar: no host sync
+    valid = torch.arange(rows.shape[0], device=rows.device) < count
+    return rows * valid.unsqueeze(1).to(rows.dtype)
+
+
+class _DispatchFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TH, topk_weights_TK, buffer: Buffer, topk_idx_TK, opts: _DispatchOpts, out: dict):
+        x_in = quantize_fp8(x_TH) if opts.fp8 else x_TH
+        entry = replay.next_replay("normal")
+        if entry is None:
+            per_rank, _, per_expert, in_rank, layout_event = buffer.get_dispatch_layout(
+                topk_idx_TK, opts.num_experts, previous_event=opts.previous_event, async_finish=opts.async_finish
+            )
+            recv_x, recv_idx, recv_w, _, handle, event = buffer.dispatch(
+                x_in, None, per_rank, None, in_rank, per_expert, topk_idx_TK, topk_weights_TK.detach(),
+                opts.expert_alignment, opts.num_worst_tokens, opts.config,
+                layout_event if opts.async_finish else None, opts.async_finish,
+            )  # fmt: skip
+            replay.record(_Replay("normal", handle, recv_idx, topk_idx_TK))
+        else:
+            handle, recv_idx = entry.handle, entry.recv_topk_idx
+            if entry.topk_idx.shape != topk_idx_TK.shape or (
+                not topk_idx_TK.is_cuda and not torch.equal(entry.topk_idx, topk_idx_TK)
+            ):
+                raise RuntimeError("recomputed forward routed differently from the first forward (topk_idx changed)")
+            recv_x, _, _, _, _, event = buffer.dispatch(
+                x_in, handle, previous_event=opts.previous_event, async_finish=opts.async_finish
+            )
+            w_payload = _rows_as_payload(buffer, topk_weights_TK.detach())
+            w_handle = dataclasses.replace(handle, hidden=w_payload.shape[1])
+            recv_w_payload, *_ = buffer.dispatch(w_payload, w_handle)
+            recv_w = _payload_as_rows(recv_w_payload, topk_idx_TK.shape[1], topk_weights_TK.dtype)
+            recv_w = torch.where(recv_idx >= 0, recv_w, torch.zeros_like(recv_w))
+        if opts.fp8:
+            recv_x = dequantize_fp8(recv_x[0], recv_x[1], x_TH.dtype)
+        ctx.buffer, ctx.handle = buffer, handle
+        ctx.save_for_backward(recv_idx)
+        ctx.mark_non_differentiable(recv_idx)
+        out["handle"], out["event"] = handle, event
+        return recv_x, recv_idx, recv_w
+
+    @staticmethod
+    def backward(ctx, grad_recv_x, _grad_recv_idx, grad_recv_w):
+        (recv_idx,) = ctx.saved_tensors
+        handle: DispatchHandle = ctx.handle
+        if grad_recv_x is None:
+            grad_recv_x = torch.zeros((handle.num_recv_rows, handle.hidden), device=recv_idx.device)
+        grad_w_in = None
+        if grad_recv_w is not None and ctx.needs_input_grad[1]:
+            grad_w_in = torch.where(recv_idx >= 0, grad_recv_w, torch.zeros_like(grad_recv_w)).contiguous()
+        grad_x, grad_w, _ = ctx.buffer.combine(grad_recv_x.contiguous(), handle, topk_weights=grad_w_in)
+        return grad_x, grad_w, None, None, None, None
+
+
+class _CombineFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_NH, bias0, bias1, buffer: Buffer, handle: DispatchHandle, opts: dict, out: dict):
+        bias = tuple(b for b in (bias0, bias1) if b is not None) or None
+        combined, _, event = buffer.combine(
+            x_NH, handle, bias=bias, config=opts["config"], previous_event=opts["previous_event"],
+            async_finish=opts["async_finish"],
+        )  # fmt: skip
+        ctx.buffer, ctx.handle = buffer, handle
+        ctx.has_bias = (bias0 is not None, bias1 is not None)
+        out["event"] = event
+        return combined
+
+    @staticmethod
+    def backward(ctx, grad_TH):
+        handle: DispatchHandle = ctx.handle
+        grad_TH = grad_TH.contiguous()
+        grad_handle = handle if grad_TH.shape[1] == handle.hidden else dataclasses.replace(handle, hidden=grad_TH.shape[1])
+        grad_x, *_ = ctx.buffer.dispatch(grad_TH, grad_handle)
+        grad_x = _zero_padding_rows(grad_x, handle)
+        g0 = grad_TH if ctx.has_bias[0] else None
+        g1 = grad_TH if ctx.has_bias[1] else None
+        return grad_x, g0, g1, None, None, None, None
+
+
+def dispatch(
+    buffer: Buffer,
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weights: torch.Tensor,
+    num_experts: int,
+    *,
+    expert_alignment: int = 1,
+    num_worst_tokens: int = 0,
+    fp8: bool = False,
+    config: Config | None = None,
+    previous_event: EventOverlap | None = None,
+    async_finish: bool = False,
+) -> DispatchOutput:
+    """Differentiable dispatch (w.r.t. ``x`` and ``topk_weights``).
+
+    Args:
+        x: ``[T, H]`` floating rows (BF16 on the CUDA kernels).
+        topk_idx: ``[T, K]`` int64 global expert ids, -1 = none.
+        topk_weights: ``[T, K]`` float32 gate weights; their gradient comes back through the
+            backward combine's ``combined_topk_weights``.
+        fp8: quantise ``x`` to e4m3 (per-128 scales) for the transfer; ``recv_x`` is dequantised to
+            ``x``'s dtype and the backward runs in that dtype (straight-through).
+        previous_event / async_finish: see :class:`ep_train.Buffer`; with ``async_finish`` wait on
+            ``event`` before using the outputs, and run independent compute in between.
+    """
+    opts = _DispatchOpts(num_experts, expert_alignment, num_worst_tokens, fp8, config, previous_event, async_finish)
+    out: dict = {}
+    recv_x, recv_idx, recv_w = _DispatchFn.apply(x, topk_weights, buffer, topk_idx, opts, out)
+    handle: DispatchHandle = out["handle"]
+    return DispatchOutput(recv_x, recv_idx, recv_w, handle.num_recv_tokens_per_expert_L, handle, out["event"])
+
+
+def combine(
+    buffer: Buffer,
+    x: torch.Tensor,
+    handle: DispatchHandle,
+    *,
+    bias: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
+    config: Config | None = None,
+    previous_event: EventOverlap | None = None,
+    async_finish: bool = False,
+):
+    """Differentiable combine (w.r.t. ``x`` and ``bias``): sums the rows of each token.
+
+    Args:
+        x: ``[N, H]`` expert outputs in ``recv_x`` order (already weighted by the caller if wanted).
+        handle: from :func:`dispatch`.
+        bias: optional ``[T, H]`` tensor or pair added to the result.
+
+    Returns:
+        ``combined_x [T, H]``; with ``async_finish=True`` the pair ``(combined_x, event)``.
+    """
+    biases = (bias,) if isinstance(bias, torch.Tensor) else tuple(bias or ())
+    if len(biases) > 2:
+        raise ValueError(f"bias must be a tensor or a pair of tensors, got {len(biases)} tensors")
+    b0 = biases[0] if len(biases) > 0 else None
+    b1 = biases[1] if len(biases) > 1 else None
+    opts = {"config": config, "previous_event": previous_event, "async_finish": async_finish}
+    out: dict = {}
+    combined = _CombineFn.apply(x, b0, b1, buffer, handle, opts, out)
+    return (combined, out["event"]) if async_finish else combined

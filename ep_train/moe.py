@@ -1,0 +1,131 @@
+"""Reference MoE layer: router → ep_train dispatch → grouped experts → combine.
+
+Used by tests, benchmarks and the tiny CPU recipe; also a readable example of the dispatcher API.
+
+Shape legend: T tokens, D hidden, F expert FFN hidden, E experts, L local experts, K top-k,
+P expert-major rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .dispatcher import MoEDispatcher
+
+__all__ = ["TopKRouter", "GroupedExperts", "MoELayer", "grouped_mlp", "dense_moe_reference"]
+
+
+def _use_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """``torch._grouped_mm`` on CUDA BF16 with 16-byte-aligned rows; elsewhere a loop over experts."""
+    return (
+        hasattr(torch, "_grouped_mm")
+        and x.is_cuda
+        and x.dtype == torch.bfloat16
+        and w.dtype == torch.bfloat16
+        and x.shape[-1] % 8 == 0
+        and w.shape[-1] % 8 == 0
+    )
+
+
+def _grouped_matmul(x_PD: torch.Tensor, w_LDF: torch.Tensor, tokens_per_expert_L: torch.Tensor) -> torch.Tensor:
+    if _use_grouped_mm(x_PD, w_LDF):
+        offs = torch.cumsum(tokens_per_expert_L.to(x_PD.device), 0).to(torch.int32)
+        return torch._grouped_mm(x_PD, w_LDF, offs=offs)
+    outs, start = [], 0
+    for e, count in enumerate(tokens_per_expert_L.tolist()):
+        outs.append(x_PD[start : start + count] @ w_LDF[e])
+        start += count
+    if not outs:
+        return x_PD.new_zeros((0, w_LDF.shape[-1]))
+    return torch.cat(outs, dim=0)
+
+
+def grouped_mlp(x_PD, tokens_per_expert_L, w1_LD2F, w2_LFD) -> torch.Tensor:
+    """SwiGLU expert MLP over expert-major rows: ``silu(x W_gate) * (x W_up) @ W_down``."""
+    h = _grouped_matmul(x_PD, w1_LD2F, tokens_per_expert_L)
+    gate, up = h.chunk(2, dim=-1)
+    return _grouped_matmul(F.silu(gate) * up, w2_LFD, tokens_per_expert_L)
+
+
+class TopKRouter(nn.Module):
+    """Softmax router: ``topk(softmax(x W))`` with weights renormalised over the chosen experts,
+    plus the Switch load-balancing loss ``E * sum_e f_e * p_e``."""
+
+    def __init__(self, hidden: int, num_experts: int, top_k: int, *, normalize: bool = True):
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden))
+        nn.init.normal_(self.weight, std=1.0 / math.sqrt(hidden))
+        self.num_experts, self.top_k, self.normalize = num_experts, top_k, normalize
+
+    def forward(self, x_TD: torch.Tensor):
+        """→ ``(topk_idx [T, K] int64, topk_weights [T, K] float32, aux_loss scalar)``."""
+        probs_TE = torch.softmax(F.linear(x_TD.float(), self.weight.float()), dim=-1)
+        weights_TK, idx_TK = probs_TE.topk(self.top_k, dim=-1)
+        if self.normalize and self.top_k > 1:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        load_E = torch.zeros_like(probs_TE[0]).index_add_(0, idx_TK.flatten(), torch.ones_like(idx_TK.flatten(), dtype=probs_TE.dtype))
+        frac_E = load_E / max(idx_TK.numel(), 1)
+        aux = self.num_experts * (frac_E * probs_TE.mean(dim=0)).sum()
+        return idx_TK, weights_TK, aux
+
+
+class GroupedExperts(nn.Module):
+    """The L experts of this rank: SwiGLU MLPs stored as ``[L, D, 2F]`` and ``[L, F, D]``."""
+
+    def __init__(self, num_local_experts: int, hidden: int, ffn_hidden: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(num_local_experts, hidden, 2 * ffn_hidden))
+        self.w2 = nn.Parameter(torch.empty(num_local_experts, ffn_hidden, hidden))
+        nn.init.normal_(self.w1, std=1.0 / math.sqrt(hidden))
+        nn.init.normal_(self.w2, std=1.0 / math.sqrt(ffn_hidden))
+
+    def forward(self, x_PD, tokens_per_expert_L, probs_P):
+        y_PD = grouped_mlp(x_PD, tokens_per_expert_L, self.w1, self.w2)
+        return y_PD * probs_P.unsqueeze(-1).to(y_PD.dtype)
+
+
+class MoELayer(nn.Module):
+    """Expert-parallel MoE layer over one ``MoEDispatcher``.
+
+    Args:
+        dispatcher: moves tokens of this rank's group; its buffer's rank r owns experts [r*L, (r+1)*L).
+        hidden, ffn_hidden, top_k: model shape.
+    """
+
+    def __init__(self, dispatcher: MoEDispatcher, hidden: int, ffn_hidden: int, top_k: int):
+        super().__init__()
+        self.dispatcher = dispatcher
+        self.router = TopKRouter(hidden, dispatcher.num_experts, top_k)
+        self.experts = GroupedExperts(dispatcher.num_local_experts, hidden, ffn_hidden)
+        self.last_aux_loss: torch.Tensor | None = None
+        self.last_tokens_per_expert: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x_TD = x.reshape(-1, shape[-1])
+        topk_idx, topk_weights, aux = self.router(x_TD)
+        x_PD, tokens_per_expert, probs_P, handle = self.dispatcher.dispatch(x_TD, topk_idx, topk_weights)
+        y_PD = self.experts(x_PD, tokens_per_expert, probs_P)
+        y_TD = self.dispatcher.combine(y_PD, handle)
+        self.last_aux_loss, self.last_tokens_per_expert = aux, tokens_per_expert
+        return y_TD.reshape(shape)
+
+
+def dense_moe_reference(x_TD, topk_idx_TK, topk_weights_TK, w1_ED2F, w2_EFD) -> torch.Tensor:
+    """Single-process MoE in the inputs' dtype: ``sum_k w[t,k] * expert_{idx[t,k]}(x[t])``, -1 skipped."""
+    out = torch.zeros_like(x_TD)
+    for t in range(x_TD.shape[0]):
+        for k in range(topk_idx_TK.shape[1]):
+            e = int(topk_idx_TK[t, k])
+            if e < 0:
+                continue
+            h = x_TD[t] @ w1_ED2F[e]
+            gate, up = h.chunk(2, dim=-1)
+            out[t] = out[t] + topk_weights_TK[t, k].to(x_TD.dtype) * ((F.silu(gate) * up) @ w2_EFD[e])
+    return out
