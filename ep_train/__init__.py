@@ -6,6 +6,7 @@ wraps it for training; ``ep_train.megatron`` and ``ep_train.deepspeed`` plug it 
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sys
 
@@ -39,6 +40,8 @@ __all__ = [
 def _report_backends() -> None:
     """One line on stderr, from local rank 0 only, saying which backends this install has."""
     if _env.quiet_import() or os.environ.get("LOCAL_RANK", "0") != "0":
+        return
+    if multiprocessing.current_process().name != "MainProcess":  # workers started by a launcher
         return
     states = "; ".join(f"{name}: {state}" for name, state in available_backends().items())
     print(f"ep_train {__version__}: {states}", file=sys.stderr)

@@ -103,6 +103,8 @@ class Buffer:
             self.set_num_sms(num_sms)
         self._seq = 0
         self._failure: str | None = None
+        #: optional :class:`ep_train.profiling.CommTimer` that times every communication call.
+        self.timer = None
         self._comm_stream = None
         if self.device.type == "cuda":
             self._comm_stream = torch.cuda.Stream(device=self.device, priority=-1)
@@ -223,10 +225,20 @@ class Buffer:
             )
 
     def _run(self, fn: Callable[[], Any], inputs: list[torch.Tensor], previous_event: EventOverlap | None,
-             async_finish: bool, allocate_on_comm_stream: bool) -> tuple[Any, EventOverlap]:  # fmt: skip
+             async_finish: bool, allocate_on_comm_stream: bool, name: str) -> tuple[Any, EventOverlap]:  # fmt: skip
         """Run ``fn`` on the comm stream after ``previous_event`` (or the current stream)."""
         if previous_event is not None and not isinstance(previous_event, EventOverlap):
             raise TypeError(f"previous_event must be an EventOverlap or None, got {type(previous_event).__name__}")
+        if self.timer is not None:
+            inner, timer = fn, self.timer
+
+            def fn():
+                token = timer.start(name, self._comm_stream)
+                try:
+                    return inner()
+                finally:
+                    timer.stop(token)
+
         try:
             if self._comm_stream is None:
                 return fn(), EventOverlap(None)
@@ -278,7 +290,7 @@ class Buffer:
         topk_idx = self._check_topk_idx(topk_idx, num_experts, None, sync_free=False)
         fn = lambda: self._backend.get_dispatch_layout(topk_idx, num_experts)  # noqa: E731
         (per_rank, per_expert, in_rank), event = self._run(
-            fn, [topk_idx], previous_event, async_finish, allocate_on_comm_stream
+            fn, [topk_idx], previous_event, async_finish, allocate_on_comm_stream, "layout"
         )
         return per_rank, None, per_expert, in_rank, event
 
@@ -339,7 +351,8 @@ class Buffer:
             args = self._dispatch_args(x_TH, scales_TS, locals())
         inputs = [t for t in (x_TH, scales_TS, args.topk_idx_TK, args.topk_weights_TK) if t is not None]
         res, event = self._run(
-            lambda: self._backend.dispatch(args), inputs, previous_event, async_finish, allocate_on_comm_stream
+            lambda: self._backend.dispatch(args), inputs, previous_event, async_finish, allocate_on_comm_stream,
+            "dispatch",
         )
         recv_x = res.recv_x_NH if res.recv_x_scales_NS is None else (res.recv_x_NH, res.recv_x_scales_NS)
         return (recv_x, res.recv_topk_idx_NK, res.recv_topk_weights_NK, res.num_recv_tokens_per_expert_list,
@@ -458,7 +471,8 @@ class Buffer:
         args = CombineArgs(info, x_NH, handle, topk_weights, biases, config)
         inputs = [x_NH, *biases] + ([topk_weights] if topk_weights is not None else [])
         res, event = self._run(
-            lambda: self._backend.combine(args), inputs, previous_event, async_finish, allocate_on_comm_stream
+            lambda: self._backend.combine(args), inputs, previous_event, async_finish, allocate_on_comm_stream,
+            "combine",
         )
         return res.combined_x_TH, res.combined_topk_weights_TK, event
 
@@ -530,7 +544,7 @@ class Buffer:
                                       stats, bool(return_recv_hook))  # fmt: skip
         inputs = [x_TH, topk_idx] + ([topk_weights] if topk_weights is not None else [])
         res, event = self._run(lambda: self._backend.low_latency_dispatch(args), inputs, None,
-                               async_finish, False)  # fmt: skip
+                               async_finish, False, "low_latency_dispatch")  # fmt: skip
         recv_x = res.recv_x_LSH if res.recv_x_scales_LSS is None else (res.recv_x_LSH, res.recv_x_scales_LSS)
         return recv_x, res.recv_count_L, res.handle, event, res.hook
 
@@ -572,5 +586,5 @@ class Buffer:
         info = self._next_info(_OP_LL_COMBINE, handle.hidden, handle.num_experts, K, x_LSH.dtype, extra=M * 2)
         args = LowLatencyCombineArgs(info, x_LSH, topk_idx, topk_weights, handle, out, bool(return_recv_hook))
         res, event = self._run(lambda: self._backend.low_latency_combine(args), [x_LSH, topk_idx, topk_weights],
-                               None, async_finish, False)  # fmt: skip
+                               None, async_finish, False, "low_latency_combine")  # fmt: skip
         return res.combined_x_TH, event, res.hook
