@@ -14,6 +14,7 @@ from . import _env
 from .backends import available_backends
 from .buffer import Buffer, topk_idx_t
 from .config import Config, get_combine_config, get_dispatch_config
+from .dispatcher import MoEDispatcher
 from .errors import CommError, CommTimeoutError, RankMismatchError
 from .event import EventOverlap, capture
 from .handle import DispatchHandle, LowLatencyHandle
@@ -28,6 +29,7 @@ __all__ = [
     "DispatchHandle",
     "EventOverlap",
     "LowLatencyHandle",
+    "MoEDispatcher",
     "RankMismatchError",
     "available_backends",
     "capture",
