@@ -366,6 +366,8 @@ class Buffer:
                 "(from get_dispatch_layout)"
             )
         topk_idx, topk_weights = a["topk_idx"], a["topk_weights"]
+        if isinstance(topk_idx, torch.Tensor) and topk_idx.dim() >= 1 and topk_idx.shape[0] != T:
+            raise ValueError(f"x has {T} rows but topk_idx has {topk_idx.shape[0]}: one routing row per token")
         per_expert = a["num_tokens_per_expert"]
         if per_expert is None and topk_idx is not None:
             raise ValueError("dispatch with topk_idx needs num_tokens_per_expert (from get_dispatch_layout)")

@@ -42,7 +42,7 @@ def _pack(columns: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[torch.d
     spec, views = [], []
     for col in columns:
         col = col.contiguous()
-        as_bytes = col.view(torch.uint8).reshape(col.shape[0], -1)
+        as_bytes = col.view(torch.uint8).reshape(col.shape[0], col.shape[1] * col.element_size())
         spec.append((col.dtype, col.shape[1], as_bytes.shape[1]))
         views.append(as_bytes)
     return torch.cat(views, dim=1), spec
@@ -51,7 +51,7 @@ def _pack(columns: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[torch.d
 def _unpack(packed: torch.Tensor, spec: list[tuple[torch.dtype, int, int]]) -> list[torch.Tensor]:
     out, start = [], 0
     for dtype, width, nbytes in spec:
-        col = packed[:, start : start + nbytes].contiguous().view(dtype).reshape(packed.shape[0], width)
+        col = packed[:, start : start + nbytes].contiguous().reshape(-1).view(dtype).reshape(packed.shape[0], width)
         out.append(col)
         start += nbytes
     return out
