@@ -1,0 +1,65 @@
+"""``python -m ep_train.train [--recipe R.yaml] [--set section.key=value ...] [--resume]``
+
+Under ``torchrun`` (one process per GPU, any number of nodes) it joins the job's process group.
+Started directly, it starts ``launch.nproc`` local processes itself (gloo on CPU, NCCL on GPUs).
+Without ``--recipe`` it runs the embedded tiny CPU recipe (``recipes/tiny_cpu.yaml``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from .launch import backend_for, run_rank, spawned
+from .recipe import RecipeError, load_recipe
+
+__all__ = ["main"]
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="ep-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--recipe", default=None, help="recipe YAML (default: the tiny CPU recipe)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe value, e.g. --set train.steps=20 (repeatable)")  # fmt: skip
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+    except RecipeError as exc:
+        print(f"ep-train: bad recipe: {exc}", file=sys.stderr)
+        return 2
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun / a cluster launcher
+        dist.init_process_group(backend_for(recipe))
+        try:
+            run_rank(recipe, args.resume)
+        finally:
+            dist.destroy_process_group()
+        return 0
+    world = recipe.launch.nproc
+    try:
+        recipe.validate(world, "cuda" if backend_for(recipe) == "nccl" else "cpu")
+    except RecipeError as exc:
+        print(f"ep-train: bad recipe: {exc}", file=sys.stderr)
+        return 2
+    if backend_for(recipe) == "nccl" and torch.cuda.device_count() < world:
+        print(f"ep-train: launch.nproc={world} but only {torch.cuda.device_count()} GPUs are visible", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(spawned, args=(world, os.path.join(tmp, "store"), recipe, args.resume), nprocs=world)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""The training loop: recipe → Megatron-Core GPT with MoE → steps → logs and checkpoints.
+
+One optimizer step = ``global_batch_size / (micro_batch_size x DP)`` micro-batches with gradient
+accumulation, then gradient reduction (dense parameters over the data-parallel group, expert
+parameters over the expert-data-parallel group), global-norm clipping (expert parameters counted
+once across the expert-parallel group), AdamW with warmup + cosine learning rate.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import MemmapTokens, SyntheticTokens, TokenSource
+from .metrics import RunLogger, StepStats, flops_per_token
+from .recipe import Recipe
+from .schedule import lr_at
+
+__all__ = ["train", "resolve_device"]
+
+
+def resolve_device(recipe: Recipe) -> torch.device:
+    want = recipe.train.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("train.device=cuda but no CUDA device is visible")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
+    if recipe.train.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch.bfloat16 if recipe.train.dtype == "bf16" else torch.float32
+
+
+def _token_source(recipe: Recipe) -> TokenSource:
+    d, m = recipe.data, recipe.model
+    if d.kind == "memmap":
+        return MemmapTokens(d.path, m.seq_length, recipe.train.seed, d.dtype, m.vocab_size)
+    return SyntheticTokens(m.vocab_size, m.seq_length, recipe.train.seed)
+
+
+def _is_expert_param(p: torch.nn.Parameter) -> bool:
+    # Megatron tags expert-parallel parameters with allreduce=False.
+    return not getattr(p, "allreduce", True)
+
+
+def _reduce_grads(model: torch.nn.Module, dp_group, expert_dp_group) -> None:
+    """Average gradients: dense over data-parallel ranks, expert weights over expert-DP ranks."""
+    for group, expert in ((dp_group, False), (expert_dp_group, True)):
+        size = dist.get_world_size(group)
+        grads = [p.grad for p in model.parameters() if p.grad is not None and _is_expert_param(p) == expert]
+        if size == 1 or not grads:
+            continue
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=group)
+        flat.div_(size)
+        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+            g.copy_(synced)
+
+
+def _clip_grads(model: torch.nn.Module, max_norm: float, ep_group) -> float:
+    """Global L2 norm over the whole model (expert shards summed over the EP group); clip in place."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    dense = sum((p.grad.float().pow(2).sum() for p in params if not _is_expert_param(p)), torch.zeros(()))
+    expert = sum((p.grad.float().pow(2).sum() for p in params if _is_expert_param(p)), torch.zeros(()))
+    device = params[0].grad.device if params else torch.device("cpu")
+    expert = expert.to(device)
+    dist.all_reduce(expert, group=ep_group)
+    norm = float((dense.to(device) + expert).sqrt())
+    if max_norm > 0 and norm > max_norm:
+        scale = max_norm / (norm + 1e-6)
+        for p in params:
+            p.grad.mul_(scale)
+    return norm
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() < 2 or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train(recipe: Recipe, *, resume: bool = False) -> list[StepStats]:
+    """Run the recipe in this process (``torch.distributed`` already initialised)."""
+    from .model import build_model  # Megatron is imported only when a run starts
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = resolve_device(recipe)
+    recipe.validate(world, device.type)
+    dtype = _dtype(recipe, device)
+    built = build_model(recipe, device, dtype)
+    model, groups = built.model, built.groups
+    t = recipe.train
+    optimizer = torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2))
+    start = load_checkpoint(recipe.checkpoint.dir, model, optimizer) if resume else 0
+    data = _token_source(recipe)
+    dp_rank, dp_size = dist.get_rank(groups.dp), dist.get_world_size(groups.dp)
+    micro = t.micro_batch_size
+    accum = t.global_batch_size // (micro * dp_size)
+    tokens_per_step = t.global_batch_size * recipe.model.seq_length
+    flops_step = 3 * flops_per_token(recipe.model) * tokens_per_step
+    logger = RunLogger(rank, recipe.to_dict(), recipe.log.wandb, recipe.log.wandb_project,
+                       recipe.log.wandb_run_name or recipe.name, recipe.log.wandb_mode, recipe.log.wandb_dir)  # fmt: skip
+    logger.start()
+    if rank == 0:
+        print(
+            f"ep_train: {recipe.name} | {world} ranks on {device.type} | dispatcher {recipe.moe.dispatcher} | "
+            f"TP {recipe.parallel.tensor_model_parallel_size} EP {recipe.parallel.expert_model_parallel_size} "
+            f"DP {dp_size} | grad accumulation {accum} | steps {start}..{t.steps}",
+            flush=True,
+        )
+    for step in range(start, t.steps):
+        lr = lr_at(step, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, total_steps=t.steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        built.reset_step_stats()
+        begin = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        for m in range(accum):
+            first = step * t.global_batch_size + m * micro * dp_size + dp_rank * micro
+            tokens, labels = data.batch(list(range(first, first + micro)))
+            loss = built.forward_loss(tokens.to(device), labels.to(device))
+            (loss / accum).backward()
+            loss_sum += loss.detach().float()
+        _reduce_grads(model, groups.dp, groups.expert_dp)
+        grad_norm = _clip_grads(model, t.clip_grad, groups.ep)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        dist.all_reduce(loss_sum, group=groups.dp)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - begin
+        comm_s, per_expert_min, per_expert_max = built.step_stats()
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+        logger.log(
+            StepStats(
+                step=step + 1, loss=float(loss_sum) / (accum * dp_size), lr=lr, grad_norm=grad_norm,
+                step_time_s=elapsed, tokens_per_s=tokens_per_step / elapsed,
+                tflops_per_gpu=flops_step / elapsed / world / 1e12, comm_time_s=comm_s,
+                tokens_per_expert_min=per_expert_min, tokens_per_expert_max=per_expert_max, peak_memory_gb=peak,
+            )
+        )  # fmt: skip
+        ck = recipe.checkpoint
+        if ck.every and (step + 1) % ck.every == 0:
+            save_checkpoint(ck.dir, step + 1, model, optimizer)
+    logger.finish()
+    built.close()
+    return logger.history

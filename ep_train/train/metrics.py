@@ -1,0 +1,142 @@
+"""Throughput, model FLOPs and the loggers (rank-0 console line, wandb, final summary table).
+
+Model FLOPs per token (forward), for L layers of hidden h, sequence s, vocab V, of which
+``L_moe`` are MoE layers with top-k k, expert FFN f_e, E experts, and dense FFN f:
+
+    attention  = 2 * 4 * h^2  (QKV + output projections)  +  2 * 2 * s * h  (scores and values)
+    dense MLP  = 2 * 3 * h * f        (SwiGLU: gate, up, down)
+    MoE MLP    = k * 2 * 3 * h * f_e  +  2 * h * E  (router)  [+ shared experts 2 * 3 * h * f_s]
+    logits     = 2 * h * V
+
+A training step costs 3x the forward (forward + backward for activations and weights).
+TFLOP/s per GPU = flops_per_token * 3 * tokens_per_second / num_gpus / 1e12.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+__all__ = ["flops_per_token", "StepStats", "RunLogger"]
+
+
+def flops_per_token(model) -> float:
+    """Forward FLOPs per token for a ``ModelSection`` (see the module docstring)."""
+    h, s, v = model.hidden_size, model.seq_length, model.vocab_size
+    num_moe = sum(1 for i in range(model.num_layers) if (i + 1) % model.moe_layer_freq == 0)
+    num_dense = model.num_layers - num_moe
+    attention = 2 * 4 * h * h + 2 * 2 * s * h
+    dense_mlp = 2 * 3 * h * model.ffn_hidden_size
+    moe_mlp = model.moe_router_topk * 2 * 3 * h * model.moe_ffn_hidden_size + 2 * h * model.num_experts
+    moe_mlp += 2 * 3 * h * model.shared_expert_ffn_hidden_size
+    per_layer = model.num_layers * attention + num_dense * dense_mlp + num_moe * moe_mlp
+    return float(per_layer + 2 * h * v)
+
+
+@dataclass
+class StepStats:
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float
+    step_time_s: float
+    tokens_per_s: float
+    tflops_per_gpu: float
+    comm_time_s: float
+    tokens_per_expert_min: int
+    tokens_per_expert_max: int
+    peak_memory_gb: float
+
+    @property
+    def comm_share(self) -> float:
+        return self.comm_time_s / self.step_time_s if self.step_time_s > 0 else 0.0
+
+
+@dataclass
+class RunLogger:
+    """Logs on global rank 0: a compact console line per step, wandb, and a closing summary."""
+
+    rank: int
+    recipe: dict
+    use_wandb: bool
+    project: str
+    run_name: str
+    mode: str
+    wandb_dir: str
+    history: list[StepStats] = field(default_factory=list)
+    _run: object = None
+    _t0: float = field(default_factory=time.perf_counter)
+
+    def start(self) -> None:
+        if self.rank != 0 or not self.use_wandb:
+            return
+        try:
+            import wandb
+        except ImportError as exc:
+            raise ImportError(
+                "log.wandb is true but wandb is not installed: pip install 'ep_train[wandb]' "
+                "(or set --set log.wandb=false)"
+            ) from exc
+        mode = self.mode
+        if mode == "auto":
+            mode = "online" if _wandb_key_configured() else "offline"
+        os.makedirs(self.wandb_dir, exist_ok=True)
+        self._run = wandb.init(
+            project=self.project, name=self.run_name or None, config=self.recipe, dir=self.wandb_dir, mode=mode,
+            reinit="finish_previous",
+        )  # fmt: skip
+
+    def log(self, stats: StepStats) -> None:
+        self.history.append(stats)
+        if self.rank != 0:
+            return
+        print(
+            f"step {stats.step:5d} | loss {stats.loss:8.4f} | lr {stats.lr:.2e} | gnorm {stats.grad_norm:7.3f} | "
+            f"{stats.step_time_s * 1e3:7.1f} ms | {stats.tokens_per_s:9.0f} tok/s | {stats.tflops_per_gpu:6.2f} "
+            f"TFLOP/s/GPU | comm {stats.comm_share * 100:4.1f}% | experts {stats.tokens_per_expert_min}-"
+            f"{stats.tokens_per_expert_max} tok",
+            flush=True,
+        )
+        if self._run is not None:
+            self._run.log(
+                {
+                    "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
+                    "step_time_s": stats.step_time_s, "tokens_per_s": stats.tokens_per_s,
+                    "tflops_per_gpu": stats.tflops_per_gpu, "comm_time_s": stats.comm_time_s,
+                    "comm_share": stats.comm_share, "moe/tokens_per_expert_min": stats.tokens_per_expert_min,
+                    "moe/tokens_per_expert_max": stats.tokens_per_expert_max, "peak_memory_gb": stats.peak_memory_gb,
+                },
+                step=stats.step,
+            )  # fmt: skip
+
+    def finish(self) -> None:
+        if self.rank != 0:
+            return
+        steady = self.history[1:] or self.history
+        if steady:
+            n = len(steady)
+            rows = [
+                ("steps", f"{self.history[-1].step}"),
+                ("final loss", f"{self.history[-1].loss:.4f}"),
+                ("first loss", f"{self.history[0].loss:.4f}"),
+                ("mean step time", f"{sum(s.step_time_s for s in steady) / n * 1e3:.1f} ms"),
+                ("mean tokens/s", f"{sum(s.tokens_per_s for s in steady) / n:.0f}"),
+                ("mean TFLOP/s/GPU", f"{sum(s.tflops_per_gpu for s in steady) / n:.3f}"),
+                ("mean comm share", f"{sum(s.comm_share for s in steady) / n * 100:.1f}%"),
+                ("peak memory", f"{max(s.peak_memory_gb for s in self.history):.2f} GB"),
+            ]
+            width = max(len(k) for k, _ in rows)
+            print("summary".center(width + 20, "-"))
+            for key, value in rows:
+                print(f"{key:<{width}} | {value}")
+        if self._run is not None:
+            print(f"wandb run directory: {self._run.dir}")
+            self._run.finish()
+
+
+def _wandb_key_configured() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = os.path.expanduser("~/.netrc")
+    return os.path.exists(netrc) and "api.wandb.ai" in open(netrc).read()

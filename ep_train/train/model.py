@@ -1,0 +1,170 @@
+"""Build the Megatron-Core GPT model with MoE layers that a recipe describes.
+
+The dispatcher comes from ``moe.dispatcher``: Megatron's own ``alltoall`` / ``allgather`` / ``flex``
+or ep_train's ``deepep`` (through :mod:`ep_train.megatron`).  On CPU the whole run happens inside
+:func:`ep_train.megatron.cpu_compat.cpu_compat`, which :meth:`BuiltModel.close` leaves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .recipe import Recipe
+
+__all__ = ["BuiltModel", "Groups", "build_model"]
+
+
+@dataclass
+class Groups:
+    dp: dist.ProcessGroup  # dense parameters' gradient reduction
+    expert_dp: dist.ProcessGroup  # expert parameters' gradient reduction
+    ep: dist.ProcessGroup  # expert-parallel group (expert shards)
+
+
+@dataclass
+class BuiltModel:
+    model: torch.nn.Module
+    groups: Groups
+    seq_length: int
+    device: torch.device
+    comm_timers: list = field(default_factory=list)
+    _counts: list = field(default_factory=list)
+    _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+
+    def forward_loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy of a micro-batch (MoE aux losses act through the router)."""
+        s = tokens.shape[1]
+        position_ids = torch.arange(s, device=tokens.device).unsqueeze(0).expand_as(tokens)
+        # An explicit causal mask (True = hidden): Megatron's default one is built on a CUDA device.
+        mask = torch.triu(torch.ones(s, s, dtype=torch.bool, device=tokens.device), diagonal=1)[None, None]
+        per_token = self.model(tokens, position_ids, mask, labels=labels)
+        return per_token.float().mean()
+
+    def reset_step_stats(self) -> None:
+        self._counts.clear()
+        for timer in self.comm_timers:
+            timer.totals(reset=True)
+
+    def step_stats(self) -> tuple[float, int, int]:
+        """(communication seconds of dispatch/combine this step, min and max tokens per expert)."""
+        comm = sum(sum(t.totals(reset=True).values()) for t in self.comm_timers)
+        if not self._counts:
+            return comm, 0, 0
+        counts = torch.stack(self._counts).to(self.device)
+        dist.all_reduce(counts, group=self.groups.dp)
+        return comm, int(counts.min()), int(counts.max())
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+def _transformer_config(recipe: Recipe, device: torch.device, dtype: torch.dtype):
+    from megatron.core.transformer import TransformerConfig
+
+    m, p, moe = recipe.model, recipe.parallel, recipe.moe
+    # ep_train's dispatcher is selected as "deepep"; Megatron builds the layer through our spec.
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_moe_experts=m.num_experts,
+        moe_router_topk=m.moe_router_topk,
+        moe_ffn_hidden_size=m.moe_ffn_hidden_size,
+        moe_shared_expert_intermediate_size=m.shared_expert_ffn_hidden_size or None,
+        moe_layer_freq=[1 if (i + 1) % m.moe_layer_freq == 0 else 0 for i in range(m.num_layers)],
+        moe_token_dispatcher_type=moe.dispatcher,
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=moe.aux_loss_coeff,
+        moe_grouped_gemm=moe.grouped_gemm and device.type == "cuda",
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        expert_model_parallel_size=p.expert_model_parallel_size,
+        sequence_parallel=p.tensor_model_parallel_size > 1,
+        use_cpu_initialization=device.type == "cpu",
+        bf16=dtype == torch.bfloat16,
+        params_dtype=dtype,
+        add_bias_linear=False,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        normalization="RMSNorm",
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
+
+
+def _layer_spec(recipe: Recipe, config):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    m = recipe.model
+    if recipe.moe.dispatcher == "deepep":
+        from ..megatron import get_gpt_layer_spec
+
+        return get_gpt_layer_spec(config, num_sms=recipe.moe.num_sms, overlap_chunks=recipe.moe.overlap_chunks)
+    spec = get_gpt_layer_local_spec(m.num_experts, moe_grouped_gemm=config.moe_grouped_gemm,
+                                    normalization="RMSNorm")  # fmt: skip
+    if recipe.moe.dispatcher == "flex":
+        from ..megatron import install_flex_backend
+
+        install_flex_backend(num_sms=recipe.moe.num_sms)
+    return spec
+
+
+def build_model(recipe: Recipe, device: torch.device, dtype: torch.dtype) -> BuiltModel:
+    """Initialise Megatron's parallel state and build the GPT model on ``device`` in ``dtype``."""
+    try:
+        from megatron.core import parallel_state, tensor_parallel
+        from megatron.core.models.gpt import GPTModel
+    except ImportError as exc:
+        raise ImportError("the training entry needs megatron-core: pip install 'megatron-core>=0.16,<0.20'") from exc
+    from ..megatron.cpu_compat import cpu_compat
+
+    stack = contextlib.ExitStack()
+    if device.type == "cpu":
+        stack.enter_context(cpu_compat())
+    p = recipe.parallel
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=p.tensor_model_parallel_size,
+            expert_model_parallel_size=p.expert_model_parallel_size,
+        )
+    torch.manual_seed(recipe.train.seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(recipe.train.seed)
+    config = _transformer_config(recipe, device, dtype)
+    m = recipe.model
+    model = GPTModel(config=config, transformer_layer_spec=_layer_spec(recipe, config), vocab_size=m.vocab_size,
+                     max_sequence_length=m.seq_length, position_embedding_type="rope")  # fmt: skip
+    model.to(device=device, dtype=dtype)
+    groups = Groups(
+        dp=parallel_state.get_data_parallel_group(),
+        expert_dp=parallel_state.get_expert_data_parallel_group(),
+        ep=parallel_state.get_expert_model_parallel_group(),
+    )
+    built = BuiltModel(model, groups, m.seq_length, device, _stack=stack)
+    _attach_observers(built, recipe)
+    return built
+
+
+def _attach_observers(built: BuiltModel, recipe: Recipe) -> None:
+    """Count tokens per expert at every router and time ep_train's communication."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from ..profiling import CommTimer
+
+    def on_route(_module, _inputs, output):
+        _probs, routing_map = output
+        built._counts.append(routing_map.detach().sum(dim=0).to(torch.int64))
+
+    seen = set()
+    for module in built.model.modules():
+        if isinstance(module, MoELayer):
+            module.router.register_forward_hook(on_route)
+            buffer = getattr(module.token_dispatcher, "buffer", None)
+            if buffer is not None and id(buffer) not in seen:
+                seen.add(id(buffer))
+                buffer.timer = CommTimer()
+                built.comm_timers.append(buffer.timer)

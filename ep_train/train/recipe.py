@@ -1,0 +1,258 @@
+"""Recipes: a YAML file of sections (model, parallel, moe, train, data, checkpoint, log, launch),
+overridable from the command line with ``--set section.key=value``.
+
+Every check at start names the key it is about, so a bad config fails before any process group or
+model exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+__all__ = ["Recipe", "RecipeError", "load_recipe", "DISPATCHERS", "default_recipe_path"]
+
+DISPATCHERS = ("deepep", "alltoall", "allgather", "flex")
+
+
+class RecipeError(ValueError):
+    """A recipe value is missing, malformed or inconsistent; the message names the key."""
+
+
+@dataclass
+class ModelSection:
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 128
+    moe_ffn_hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_experts: int = 4
+    moe_router_topk: int = 2
+    seq_length: int = 32
+    vocab_size: int = 512
+    shared_expert_ffn_hidden_size: int = 0  # 0 = no shared experts
+    moe_layer_freq: int = 1  # every n-th layer is MoE
+
+
+@dataclass
+class ParallelSection:
+    tensor_model_parallel_size: int = 1
+    expert_model_parallel_size: int = 2
+
+
+@dataclass
+class MoESection:
+    dispatcher: str = "deepep"
+    overlap_chunks: int = 1  # chunked comm/GEMM pipeline: 1 = off
+    aux_loss_coeff: float = 0.01
+    grouped_gemm: bool = True
+    num_sms: int = 24
+
+
+@dataclass
+class TrainSection:
+    steps: int = 40
+    micro_batch_size: int = 4
+    global_batch_size: int = 16  # sequences per step across data-parallel ranks
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 4
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    clip_grad: float = 1.0
+    seed: int = 1234
+    dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    device: str = "auto"  # auto: cuda when available, else cpu
+
+
+@dataclass
+class DataSection:
+    kind: str = "synthetic"  # synthetic | memmap
+    path: str = ""  # memmap: a .npy (or raw .bin with dtype) file of token ids
+    dtype: str = "uint16"  # raw .bin only
+
+
+@dataclass
+class CheckpointSection:
+    dir: str = ""  # empty: no checkpoints
+    every: int = 0
+
+
+@dataclass
+class LogSection:
+    every: int = 1
+    wandb: bool = True
+    wandb_project: str = "ep_train"
+    wandb_run_name: str = ""
+    wandb_mode: str = "auto"  # auto: online when an API key is configured, else offline
+    wandb_dir: str = "runs"
+
+
+@dataclass
+class LaunchSection:
+    nproc: int = 2  # processes started locally when not launched by torchrun
+
+
+@dataclass
+class Recipe:
+    name: str = "tiny_cpu"
+    model: ModelSection = field(default_factory=ModelSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    moe: MoESection = field(default_factory=MoESection)
+    train: TrainSection = field(default_factory=TrainSection)
+    data: DataSection = field(default_factory=DataSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    log: LogSection = field(default_factory=LogSection)
+    launch: LaunchSection = field(default_factory=LaunchSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self, world_size: int | None = None, device: str | None = None) -> None:
+        """Check values and their consistency; ``world_size``/``device`` once they are known."""
+        _validate(self, world_size, device)
+
+
+def default_recipe_path() -> str:
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "tiny_cpu.yaml")
+
+
+def _coerce(key: str, raw: Any, current: Any) -> Any:
+    """Parse ``raw`` (YAML value or a ``--set`` string) to the type of the field's default."""
+    if isinstance(raw, str) and not isinstance(current, str):
+        try:
+            raw = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"{key}: cannot parse {raw!r}: {exc}") from exc
+    if isinstance(current, bool):
+        if not isinstance(raw, bool):
+            raise RecipeError(f"{key} must be true or false, got {raw!r}")
+        return raw
+    if isinstance(current, int):
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise RecipeError(f"{key} must be an integer, got {raw!r}")
+        return raw
+    if isinstance(current, float):
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+            raise RecipeError(f"{key} must be a number, got {raw!r}")
+        return float(raw)
+    if isinstance(current, str):
+        return str(raw)
+    raise RecipeError(f"{key}: unsupported value {raw!r}")
+
+
+def _apply(recipe: Recipe, key: str, raw: Any) -> None:
+    parts = key.split(".")
+    if len(parts) == 1:
+        if parts[0] != "name":
+            raise RecipeError(f"unknown recipe key {key!r} (sections: {', '.join(_sections())})")
+        recipe.name = str(raw)
+        return
+    if len(parts) != 2 or parts[0] not in _sections():
+        raise RecipeError(f"unknown recipe key {key!r} (sections: {', '.join(_sections())})")
+    section = getattr(recipe, parts[0])
+    names = [f.name for f in dataclasses.fields(section)]
+    if parts[1] not in names:
+        raise RecipeError(f"unknown recipe key {key!r}; {parts[0]} has: {', '.join(names)}")
+    setattr(section, parts[1], _coerce(key, raw, getattr(section, parts[1])))
+
+
+def _sections() -> list[str]:
+    return [f.name for f in dataclasses.fields(Recipe) if f.name != "name"]
+
+
+def load_recipe(path: str | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe YAML (default: the embedded tiny CPU recipe) and apply ``key=value`` overrides."""
+    path = path or default_recipe_path()
+    if not os.path.exists(path):
+        raise RecipeError(f"--recipe: file {path!r} does not exist")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
+    recipe = Recipe()
+    for top, value in data.items():
+        if top == "name":
+            recipe.name = str(value)
+            continue
+        if not isinstance(value, dict):
+            raise RecipeError(f"{top}: a section must be a mapping, got {value!r}")
+        for key, raw in value.items():
+            _apply(recipe, f"{top}.{key}", raw)
+    for item in overrides or []:
+        if "=" not in item:
+            raise RecipeError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        _apply(recipe, key.strip(), raw.strip())
+    recipe.validate()
+    return recipe
+
+
+def _positive(key: str, value: int | float) -> None:
+    if value <= 0:
+        raise RecipeError(f"{key} must be > 0, got {value}")
+
+
+def _validate(r: Recipe, world_size: int | None, device: str | None) -> None:
+    m, p, t = r.model, r.parallel, r.train
+    for key in ("num_layers", "hidden_size", "ffn_hidden_size", "moe_ffn_hidden_size", "num_attention_heads",
+                "num_experts", "moe_router_topk", "seq_length", "vocab_size", "moe_layer_freq"):  # fmt: skip
+        _positive(f"model.{key}", getattr(m, key))
+    if m.hidden_size % m.num_attention_heads:
+        raise RecipeError(
+            f"model.hidden_size={m.hidden_size} must be divisible by model.num_attention_heads={m.num_attention_heads}"
+        )
+    if m.moe_router_topk > m.num_experts:
+        raise RecipeError(f"model.moe_router_topk={m.moe_router_topk} exceeds model.num_experts={m.num_experts}")
+    _positive("parallel.tensor_model_parallel_size", p.tensor_model_parallel_size)
+    _positive("parallel.expert_model_parallel_size", p.expert_model_parallel_size)
+    if m.num_experts % p.expert_model_parallel_size:
+        raise RecipeError(
+            f"parallel.expert_model_parallel_size={p.expert_model_parallel_size} must divide "
+            f"model.num_experts={m.num_experts}"
+        )
+    if r.moe.dispatcher not in DISPATCHERS:
+        raise RecipeError(f"moe.dispatcher must be one of {DISPATCHERS}, got {r.moe.dispatcher!r}")
+    _positive("moe.overlap_chunks", r.moe.overlap_chunks)
+    if r.moe.num_sms < 2 or r.moe.num_sms % 2:
+        raise RecipeError(f"moe.num_sms must be an even number >= 2, got {r.moe.num_sms}")
+    for key in ("steps", "micro_batch_size", "global_batch_size", "lr"):
+        _positive(f"train.{key}", getattr(t, key))
+    if t.warmup_steps < 0 or t.warmup_steps > t.steps:
+        raise RecipeError(f"train.warmup_steps must be in [0, train.steps={t.steps}], got {t.warmup_steps}")
+    if t.dtype not in ("auto", "bf16", "fp32"):
+        raise RecipeError(f"train.dtype must be auto, bf16 or fp32, got {t.dtype!r}")
+    if t.device not in ("auto", "cpu", "cuda"):
+        raise RecipeError(f"train.device must be auto, cpu or cuda, got {t.device!r}")
+    if r.data.kind not in ("synthetic", "memmap"):
+        raise RecipeError(f"data.kind must be synthetic or memmap, got {r.data.kind!r}")
+    if r.data.kind == "memmap" and not os.path.exists(r.data.path):
+        raise RecipeError(f"data.path: dataset file {r.data.path!r} does not exist (make one: see README)")
+    if r.checkpoint.every < 0:
+        raise RecipeError(f"checkpoint.every must be >= 0, got {r.checkpoint.every}")
+    if r.checkpoint.every and not r.checkpoint.dir:
+        raise RecipeError("checkpoint.dir must be set when checkpoint.every > 0")
+    if r.log.wandb_mode not in ("auto", "online", "offline", "disabled"):
+        raise RecipeError(f"log.wandb_mode must be auto, online, offline or disabled, got {r.log.wandb_mode!r}")
+    _positive("launch.nproc", r.launch.nproc)
+    if device is not None:
+        if device == "cpu" and t.dtype == "bf16":
+            raise RecipeError("train.dtype=bf16 needs train.device=cuda (CPU runs train in fp32)")
+    if world_size is not None:
+        mp = p.tensor_model_parallel_size * p.expert_model_parallel_size
+        if world_size % mp:
+            raise RecipeError(
+                f"parallel.tensor_model_parallel_size x parallel.expert_model_parallel_size = {mp} must divide the "
+                f"world size {world_size}"
+            )
+        dp = world_size // p.tensor_model_parallel_size
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            raise RecipeError(
+                f"train.global_batch_size={t.global_batch_size} must be a multiple of train.micro_batch_size="
+                f"{t.micro_batch_size} x data-parallel size {dp}"
+            )
