@@ -63,12 +63,13 @@ class Config:
         return layout.align_up(2 * self.num_channels * num_nodes * self.num_max_rdma_chunked_recv_tokens * row)
 
 
-# Starting points: best figures measured for DeepEP-style ring kernels at 24 SMs (BF16 chunk 8,
-# combine chunk 8, ring 256). benchmarks/bench_intranode.py sweeps them; RESULTS.md has the numbers.
+# Measured on 2 x H200 (EP2, standard case, 2026-11-28, benchmarks/RESULTS.md): at 24 SMs a send
+# chunk of 16 is best for dispatch (362 GB/s BF16), 8 for combine; a 512-row ring gains nothing.
+# 4 and 8 ranks are not measured yet and use the EP2 values.
 _DISPATCH_DEFAULTS = {
-    2: Config(24, 8, 256),
-    4: Config(24, 8, 256),
-    8: Config(24, 8, 256),
+    2: Config(24, 16, 256),
+    4: Config(24, 16, 256),
+    8: Config(24, 16, 256),
 }
 _COMBINE_DEFAULTS = {
     2: Config(24, 8, 256),

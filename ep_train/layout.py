@@ -6,8 +6,12 @@ buffer sized here is exactly what the kernels index.  Any change here must be mi
 
 Intranode (NVLink) buffer, per rank::
 
-    [control: barrier signals, notify counters, per (channel, source) ring head/tail]
-    [rings:   num_channels x num_ranks rings of num_recv_ring_tokens rows]
+    [control: barrier flags + own barrier sequence + status word, two parities of notify slots
+              (call header, counts) per source rank, ring head/tail counters per (channel, source)]
+    [rings:   num_channels x num_ranks rings of num_recv_ring_tokens rows; ring (c, s) holds the
+              rows source rank s sends in channel c]
+
+The control part is sized for MAX_RANKS x MAX_CHANNELS whatever the call, so it never moves.
 
 A ring row holds one token: ``hidden_bytes`` of payload, FP8 scales, its top-k ids and weights and
 its source index.  Low-latency buffer, per rank: two identical halves used on alternating calls;
@@ -23,6 +27,7 @@ __all__ = [
     "MAX_TOPK",
     "MAX_RANKS",
     "MAX_EXPERTS",
+    "MAX_CHANNELS",
     "align_up",
     "num_fp8_scales",
     "intranode_row_bytes",
@@ -37,6 +42,8 @@ FP8_BLOCK = 128  # one float32 scale per 128 channels
 MAX_TOPK = 16  # upper bound on top-k; ring rows reserve room for this many ids/weights
 MAX_RANKS = 8  # NVLink domain of one node
 MAX_EXPERTS = 1024  # bound of the notify count matrix
+MAX_CHANNELS = 64  # num_sms / 2 of one call (H100/H200 have 132 SMs)
+INFO_WORDS = 8  # int64 words of the call header every rank checks at the start barrier
 
 
 def align_up(value: int, alignment: int = ALIGN_BYTES) -> int:
@@ -54,12 +61,21 @@ def intranode_row_bytes(hidden_bytes: int) -> int:
     return align_up(hidden_bytes, 16) + align_up(meta, 16)
 
 
+def _notify_slot_bytes() -> int:
+    """One notify slot (source s -> rank d): call header, count row, T, d's expert counts, channel counts."""
+    return align_up(INFO_WORDS * 8 + MAX_RANKS * 4 + 16 + MAX_EXPERTS * 4 + MAX_CHANNELS * 4)
+
+
 def intranode_control_bytes(num_ranks: int, num_channels: int) -> int:
-    """Barrier words, notify count matrix and ring head/tail counters."""
-    barrier = MAX_RANKS * 8
-    notify = MAX_RANKS * (MAX_RANKS + MAX_EXPERTS) * 4 + MAX_RANKS * num_channels * 4
-    counters = 2 * num_channels * MAX_RANKS * 8
-    return align_up(barrier) + align_up(notify) + align_up(counters)
+    """Barrier flags + sequence + status, two parities of notify slots, ring head/tail counters.
+
+    Sized for MAX_RANKS x MAX_CHANNELS whatever the call's ranks and channels, so the counters keep
+    their place when calls use different configs.
+    """
+    sync = align_up(MAX_RANKS * 8 + 8 + 4)
+    notify = 2 * MAX_RANKS * _notify_slot_bytes()
+    counters = 2 * MAX_CHANNELS * MAX_RANKS * 8
+    return align_up(sync + notify + counters)
 
 
 def intranode_buffer_bytes(

@@ -1,0 +1,128 @@
+"""Intranode dispatch/combine bandwidth: the cuda backend's kernels beside the torch backend (NCCL).
+
+Standard case (DESIGN.md §4): 4096 tokens per rank, hidden 7168, top-8 of 256 experts, random
+top-k, on every GPU of this node (2, 4 or 8).  Logical bandwidth = bytes of the rows rank 0
+receives in BF16 (FP8: x (1 + 4/128) / 2), local rows included, over the median CUDA-event time
+of a cached-handle dispatch or a combine.  Never asserts on time.
+
+    python benchmarks/bench_intranode.py [--tokens 4096] [--iters 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ep_train import Buffer, Config
+from ep_train.fp8 import quantize_fp8
+
+SWEEP = [  # (num_sms, send chunk, ring rows)
+    (12, 8, 256),
+    (24, 8, 256),
+    (24, 16, 256),
+    (24, 16, 512),
+    (64, 8, 256),
+    (64, 16, 512),
+]
+
+
+def _median_us(fn, iters: int) -> float:
+    """Median CUDA-event time of fn(); the GPU is kept busy while the launches are queued."""
+    fn()
+    torch.cuda.synchronize()
+    dist.barrier()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    torch.cuda._sleep(int(2e8))  # queue every launch before the first one starts
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) * 1e3 for s, e in events)
+    return times[len(times) // 2]
+
+
+def _row(name: str, us: float, nbytes: float) -> str:
+    return f"{name:<34} {us:9.1f} us {nbytes / us / 1e3:8.1f} GB/s"
+
+
+def _worker(rank: int, world: int, port: int, args) -> None:
+    os.environ.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"})
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            device_id=torch.device("cuda", rank))  # fmt: skip
+    T, H, K, E = args.tokens, args.hidden, args.topk, args.experts
+    gen = torch.Generator(device="cuda").manual_seed(rank)
+    x = torch.randn((T, H), device="cuda", generator=gen).to(torch.bfloat16)
+    scores = torch.rand((T, E), device="cuda", generator=gen)
+    idx = scores.topk(K, dim=1).indices
+    w = torch.rand((T, K), device="cuda", generator=gen)
+    x_fp8 = quantize_fp8(x)
+    nvl = max(Config(s, c, r).get_nvl_buffer_size_hint(H * 2, world) for s, c, r in SWEEP)
+    cuda = Buffer(None, nvl, backend="cuda", timeout_s=60.0)
+    ref = Buffer(None, nvl, backend="torch")  # the size is checked on every backend
+    lines = []
+
+    def measure(buf: Buffer, name: str, config: Config | None) -> None:
+        per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
+        layout = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
+        recv_x, _, recv_w, _, handle, _ = buf.dispatch(x, topk_idx=idx, topk_weights=w, config=config, **layout)
+        rows = torch.tensor([recv_x.shape[0]], device="cuda")
+        dist.broadcast(rows, 0)
+        nbytes = int(rows) * H * 2
+        t_bf16 = _median_us(lambda: buf.dispatch(x, handle=handle, config=config), args.iters)
+        t_fp8 = _median_us(lambda: buf.dispatch(x_fp8, handle=handle, config=config), args.iters)
+        t_comb = _median_us(lambda: buf.combine(recv_x, handle, config=config), args.iters)
+        lines.append(_row(f"{name} dispatch BF16", t_bf16, nbytes))
+        lines.append(_row(f"{name} dispatch FP8", t_fp8, nbytes * (1 + 4 / 128) / 2))
+        lines.append(_row(f"{name} combine", t_comb, nbytes))
+
+    for sms, chunk, ring in SWEEP:
+        measure(cuda, f"cuda sms={sms} chunk={chunk} ring={ring}", Config(sms, chunk, ring))
+    measure(ref, "torch backend (NCCL)", None)
+    # Transfer only: NCCL all_to_all_single of the same rows.
+    per_rank, _, _, in_rank, _ = ref.get_dispatch_layout(idx, E)
+    counts = torch.empty((world, world), dtype=torch.int64, device="cuda")
+    dist.all_gather_into_tensor(counts.view(-1), per_rank.long())
+    send_splits, recv_splits = counts[rank].tolist(), counts[:, rank].tolist()
+    send = torch.randn((sum(send_splits), H), device="cuda").to(torch.bfloat16)
+    recv = torch.empty((sum(recv_splits), H), device="cuda", dtype=torch.bfloat16)
+    rows0 = torch.tensor([sum(recv_splits)], device="cuda")
+    dist.broadcast(rows0, 0)
+    t = _median_us(lambda: dist.all_to_all_single(recv, send, recv_splits, send_splits), args.iters)
+    lines.append(_row("NCCL all_to_all_single (rows only)", t, int(rows0) * H * 2))
+    if rank == 0:
+        name = torch.cuda.get_device_name()
+        head = f"{world} x {name}, {datetime.date.today()}, T={T} H={H} top-{K} E={E}"
+        print(f"\n{head}, rank 0 receives {int(rows0)} rows")
+        print("\n".join(lines), flush=True)
+    torch.cuda.synchronize()
+    dist.barrier()
+    cuda.destroy()
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--hidden", type=int, default=7168)
+    parser.add_argument("--topk", type=int, default=8)
+    parser.add_argument("--experts", type=int, default=256)
+    parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--world", type=int, default=0, help="GPUs to use (default: all, 2/4/8)")
+    args = parser.parse_args()
+    world = args.world or max(n for n in (2, 4, 8) if n <= torch.cuda.device_count())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(world, port, args), nprocs=world, join=True)
+
+
+if __name__ == "__main__":
+    main()

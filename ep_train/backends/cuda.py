@@ -1,0 +1,253 @@
+"""``cuda`` backend: our NVLink kernels for ranks on one node (2, 4 or 8 GPUs).
+
+Each rank allocates one NVLink buffer, exchanges CUDA IPC handles over the process group and maps
+every peer's buffer; the kernels then write straight into peers' memory.  Normal dispatch runs
+``notify`` (count exchange + barrier, one host sync for the receive count unless
+``num_worst_tokens > 0``) and the ring kernel; cached dispatch and combine run ``prepare``
+(row ranges + barrier) and the ring kernel, with no host sync.  Kernel failures (a wait past
+``timeout_s``, ranks that disagree on a call, ``num_worst_tokens`` too small) are written to a
+pinned mailbox and raised here: after a host sync, and at the start of every later call.
+
+Low-latency dispatch/combine are not implemented by these kernels yet: they are delegated to an
+internal :class:`TorchBackend` over the same group (same semantics, NCCL transfers).
+
+Shape legend: T local tokens, H hidden, S ``ceil(H/128)`` FP8 scales, K top-k, R ranks,
+E experts, L = E/R local experts, N received rows, C channels (``num_sms / 2``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .. import _ext
+from ..config import Config
+from ..errors import CommError, CommTimeoutError, RankMismatchError
+from ..handle import DispatchHandle
+from .base import (
+    Backend,
+    CallInfo,
+    CombineArgs,
+    CombineResult,
+    DispatchArgs,
+    DispatchResult,
+    LowLatencyCombineArgs,
+    LowLatencyCombineResult,
+    LowLatencyDispatchArgs,
+    LowLatencyDispatchResult,
+)
+from .torch_backend import TorchBackend
+
+__all__ = ["CudaBackend"]
+
+# Error codes and wait sites of csrc/include/ep_train/types.cuh (ErrorCode, WaitSite).
+_ERR_HOST_TIMEOUT, _ERR_TIMEOUT, _ERR_MISMATCH, _ERR_CAPACITY = -1, 1, 2, 3
+_WAIT_SITES = {
+    1: "the start barrier",
+    2: "dispatch: free ring slots at the destination",
+    3: "dispatch: rows from the source",
+    4: "combine: free ring slots at the destination",
+    5: "combine: rows from the source",
+}
+_HEADER_FIELDS = ("op", "call number", "hidden", "num_experts", "num_topk", "dtype", "extra",
+                  "config (channels, ring, chunk)")  # fmt: skip
+SUPPORTED_RANKS = (2, 4, 8)
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+    supported_dtypes = (torch.bfloat16,)
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup,
+        rank: int,
+        num_ranks: int,
+        num_nvl_bytes: int,
+        num_rdma_bytes: int,
+        low_latency_mode: bool,
+        timeout_s: float,
+    ):
+        if num_ranks not in SUPPORTED_RANKS:
+            raise ValueError(f"backend='cuda' supports {SUPPORTED_RANKS} ranks on one node, got {num_ranks}")
+        self._C = _ext.load()
+        self.group, self.rank, self.num_ranks, self.timeout_s = group, rank, num_ranks, float(timeout_s)
+        self._rt = self._C.IntranodeRuntime(rank, num_ranks, int(num_nvl_bytes), self.timeout_s)
+        handles: list[bytes | None] = [None] * num_ranks
+        dist.all_gather_object(handles, self._rt.ipc_handle(), group=group)
+        self._rt.open_peers(handles)
+        dist.barrier(group=group)  # every rank mapped every buffer before any kernel writes into it
+        # Low-latency calls: see the module docstring.
+        self._low_latency = TorchBackend(group, rank, num_ranks, timeout_s)
+
+    # ------------------------------------------------------------------ failures
+    def _raise_if_failed(self, code: int | None = None) -> None:
+        code = self._rt.error_code() if code is None else code
+        if code == 0:
+            return
+        if code == _ERR_HOST_TIMEOUT:
+            raise CommTimeoutError(
+                f"rank {self.rank}: the host waited more than {self.timeout_s:g} s for the receive counts of "
+                "dispatch (notify did not finish: a rank skipped this call, called another op, or died)"
+            )
+        code, rank, what, channel, peer, expected, seen = self._rt.error_fields()
+        if code == _ERR_MISMATCH:
+            field = _HEADER_FIELDS[channel] if 0 <= channel < len(_HEADER_FIELDS) else f"field {channel}"
+            raise RankMismatchError(
+                f"rank {rank}: ranks disagree on a call: {field} is {expected} on rank {rank} but {seen} on rank {peer}"
+            )
+        if code == _ERR_TIMEOUT:
+            where = _WAIT_SITES.get(what, "a peer") + ("" if channel < 0 else f" (channel {channel})")
+            raise CommTimeoutError(
+                f"rank {rank}: timed out after {self.timeout_s:g} s waiting for rank {peer} in {where}: expected "
+                f"counter >= {expected}, saw {seen} (a rank skipped this call, called another op, or died)"
+            )
+        if code == _ERR_CAPACITY:
+            raise CommError(
+                f"rank {rank}: num_worst_tokens={expected} is smaller than the {seen} rows rank {peer} receives; "
+                "raise it (tokens are never dropped)"
+            )
+        raise CommError(f"rank {rank}: kernel error code {code}")
+
+    def _channels(self, config: Config) -> int:
+        channels = config.num_sms // 2
+        if channels > self._C.MAX_CHANNELS:
+            raise ValueError(f"backend='cuda' takes num_sms <= {2 * self._C.MAX_CHANNELS}, got {config.num_sms}")
+        return channels
+
+    @staticmethod
+    def _header(info: CallInfo, config: Config) -> list[int]:
+        """The 8 words every rank compares at the start barrier (CallInfo + the ring config)."""
+        cfg = (config.num_sms // 2) << 48 | config.num_max_nvl_chunked_recv_tokens << 24
+        return info.as_list() + [cfg | config.num_max_nvl_chunked_send_tokens]
+
+    def _prepare(self, handle: DispatchHandle, info: CallInfo, config: Config) -> torch.Tensor:
+        """Row ranges of ``recv_x`` per (source rank, channel) for this call's channels, + barrier."""
+        num_tokens_R = handle.extras.get("num_tokens_R")
+        if num_tokens_R is None:
+            raise ValueError("this handle was not made by the cuda backend (create it with the same Buffer)")
+        channels = self._channels(config)
+        chan_start = torch.empty((self.num_ranks, channels + 1), dtype=torch.int32, device=handle.send_pos_TR.device)
+        self._C.prepare(self._rt, handle.recv_src_idx_N, handle.rank_prefix_matrix_RR, num_tokens_R, channels,
+                        self._header(info, config), chan_start)  # fmt: skip
+        return chan_start
+
+    # ------------------------------------------------------------------ layout
+    def get_dispatch_layout(self, topk_idx_TK: torch.Tensor, num_experts: int):
+        self._raise_if_failed()
+        T, dev = topk_idx_TK.shape[0], topk_idx_TK.device
+        per_rank_R = torch.empty(self.num_ranks, dtype=torch.int32, device=dev)
+        per_expert_E = torch.empty(num_experts, dtype=torch.int32, device=dev)
+        in_rank_TR = torch.empty((T, self.num_ranks), dtype=torch.bool, device=dev)
+        self._C.get_dispatch_layout(topk_idx_TK, num_experts, self.num_ranks, per_rank_R, per_expert_E, in_rank_TR)
+        return per_rank_R, per_expert_E, in_rank_TR
+
+    # ------------------------------------------------------------------ dispatch
+    def dispatch(self, args: DispatchArgs) -> DispatchResult:
+        self._raise_if_failed()
+        if args.handle is not None:
+            return self._cached_dispatch(args)
+        cfg, x_TH = args.config, args.x_TH
+        R, me, E = self.num_ranks, self.rank, args.num_experts
+        L, C, (T, H), dev = E // R, self._channels(cfg), x_TH.shape, x_TH.device
+        i32 = dict(dtype=torch.int32, device=dev)
+        rank_prefix_RR = torch.empty((R, R), **i32)
+        chan_start = torch.empty((R, C + 1), **i32)
+        send_chan_base = torch.empty((R, C), **i32)
+        num_tokens_R = torch.empty(R, **i32)
+        per_expert_L = torch.empty(L, **i32)
+        num_recv_t = torch.empty((), **i32)
+        worst = args.num_worst_tokens
+        self._C.notify(self._rt, args.is_token_in_rank_TR, args.num_tokens_per_expert_E, E, C, args.expert_alignment,
+                       worst, worst == 0, self._header(args.info, cfg), rank_prefix_RR, chan_start, send_chan_base,
+                       num_tokens_R, per_expert_L, num_recv_t)  # fmt: skip
+        if worst == 0:
+            # The one host sync of the normal path (bounded; the device bound reports first).
+            code, num_recv, per_expert_list = self._rt.wait_recv(self.timeout_s * 1.5 + 1.0, L)
+            self._raise_if_failed(code)
+            rows = num_recv
+        else:
+            num_recv, rows, per_expert_list = -1, worst, []
+        K = 0 if args.topk_idx_TK is None else args.topk_idx_TK.shape[1]
+        recv_x = torch.empty((rows, H), dtype=x_TH.dtype, device=dev)
+        recv_scales = None
+        if args.x_scales_TS is not None:
+            recv_scales = torch.empty((rows, args.x_scales_TS.shape[1]), dtype=torch.float32, device=dev)
+        recv_topk_idx = recv_topk_weights = None
+        pad = worst > 0
+        if K:
+            if pad:  # padding rows: no expert, weight 0
+                recv_topk_idx = torch.full((rows, K), -1, dtype=torch.int64, device=dev)
+            else:
+                recv_topk_idx = torch.empty((rows, K), dtype=torch.int64, device=dev)
+            if args.topk_weights_TK is not None:
+                recv_topk_weights = (torch.zeros if pad else torch.empty)((rows, K), dtype=torch.float32, device=dev)
+        recv_src_idx_N = torch.full((rows,), -1, **i32) if pad else torch.empty(rows, **i32)
+        send_pos_TR = torch.full((T, R), -1, **i32)
+        self._C.dispatch(self._rt, x_TH, args.x_scales_TS, args.topk_idx_TK, args.topk_weights_TK,
+                         args.is_token_in_rank_TR, recv_x, recv_scales, recv_topk_idx, recv_topk_weights,
+                         recv_src_idx_N, send_pos_TR, send_chan_base, chan_start, L, cfg.num_sms,
+                         cfg.num_max_nvl_chunked_send_tokens, cfg.num_max_nvl_chunked_recv_tokens)  # fmt: skip
+        handle = DispatchHandle(
+            rank=me,
+            num_ranks=R,
+            num_experts=E,
+            num_tokens=T,
+            hidden=H,
+            num_recv_tokens=num_recv,
+            num_recv_rows=rows,
+            is_token_in_rank_TR=args.is_token_in_rank_TR,
+            send_pos_TR=send_pos_TR,
+            rank_prefix_matrix_RR=rank_prefix_RR,
+            recv_src_idx_N=recv_src_idx_N,
+            num_recv_tokens_per_expert_L=per_expert_L,
+            expert_alignment=args.expert_alignment,
+            extras={"num_tokens_R": num_tokens_R, "num_recv_tokens_t": num_recv_t, "per_expert_list": per_expert_list},
+        )
+        return DispatchResult(recv_x, recv_scales, recv_topk_idx, recv_topk_weights, list(per_expert_list), handle)
+
+    def _cached_dispatch(self, args: DispatchArgs) -> DispatchResult:
+        h, cfg, x_TH = args.handle, args.config, args.x_TH
+        chan_start = self._prepare(h, args.info, cfg)
+        rows, dev = h.num_recv_rows, x_TH.device
+        recv_x = torch.empty((rows, x_TH.shape[1]), dtype=x_TH.dtype, device=dev)
+        recv_scales = None
+        if args.x_scales_TS is not None:
+            recv_scales = torch.empty((rows, args.x_scales_TS.shape[1]), dtype=torch.float32, device=dev)
+        self._C.dispatch(self._rt, x_TH, args.x_scales_TS, None, None, h.is_token_in_rank_TR, recv_x, recv_scales,
+                         None, None, None, None, None, chan_start, h.num_local_experts, cfg.num_sms,
+                         cfg.num_max_nvl_chunked_send_tokens, cfg.num_max_nvl_chunked_recv_tokens)  # fmt: skip
+        per_expert_list = list(h.extras.get("per_expert_list", []))
+        return DispatchResult(recv_x, recv_scales, None, None, per_expert_list, h)
+
+    # ------------------------------------------------------------------ combine
+    def combine(self, args: CombineArgs) -> CombineResult:
+        self._raise_if_failed()
+        h, cfg, x_NH = args.handle, args.config, args.x_NH
+        if args.topk_weights_NK is not None and args.topk_weights_NK.dtype != torch.float32:
+            raise TypeError(f"backend='cuda' combines float32 topk_weights, got {args.topk_weights_NK.dtype}")
+        chan_start = self._prepare(h, args.info, cfg)
+        dev = x_NH.device
+        combined_TH = torch.empty((h.num_tokens, x_NH.shape[1]), dtype=x_NH.dtype, device=dev)
+        combined_w = None
+        if args.topk_weights_NK is not None:
+            combined_w = torch.empty((h.num_tokens, args.topk_weights_NK.shape[1]), dtype=torch.float32, device=dev)
+        bias = list(args.bias) + [None] * (2 - len(args.bias))
+        self._C.combine(self._rt, x_NH, args.topk_weights_NK, bias[0], bias[1], h.is_token_in_rank_TR, chan_start,
+                        combined_TH, combined_w, cfg.num_sms, cfg.num_max_nvl_chunked_send_tokens,
+                        cfg.num_max_nvl_chunked_recv_tokens)  # fmt: skip
+        return CombineResult(combined_TH, combined_w)
+
+    # ------------------------------------------------------------------ low latency (delegated)
+    def low_latency_dispatch(self, args: LowLatencyDispatchArgs) -> LowLatencyDispatchResult:
+        self._raise_if_failed()
+        return self._low_latency.low_latency_dispatch(args)
+
+    def low_latency_combine(self, args: LowLatencyCombineArgs) -> LowLatencyCombineResult:
+        self._raise_if_failed()
+        return self._low_latency.low_latency_combine(args)
+
+    def destroy(self) -> None:
+        if self._rt is not None:
+            self._rt.destroy()
+            self._rt = None

@@ -1,0 +1,227 @@
+// Python module ep_train._C: checks tensor arguments, turns them into raw pointers and launches the
+// kernels on the current CUDA stream (Buffer has made that its communication stream).
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <pybind11/stl.h>
+#include <torch/extension.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "runtime.hpp"
+
+namespace py = pybind11;
+using ep_train::IntranodeLayout;
+using ep_train::IntranodeRuntime;
+using OptTensor = std::optional<torch::Tensor>;
+
+namespace {
+
+void check(const torch::Tensor& t, const char* name, torch::ScalarType dtype, int64_t dim) {
+    TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
+    TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+    TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
+    TORCH_CHECK(t.dim() == dim, name, " must be ", dim, "-D, got ", t.dim(), "-D");
+}
+
+template <typename T>
+T* ptr_or_null(const OptTensor& t) {
+    return t.has_value() ? static_cast<T*>(t->data_ptr()) : nullptr;
+}
+
+void fill_info(int64_t (&dst)[ep_train::kInfoWords], const std::vector<int64_t>& info) {
+    TORCH_CHECK(info.size() == ep_train::kInfoWords, "call header must have ", ep_train::kInfoWords, " words, got ",
+                info.size());
+    for (int i = 0; i < ep_train::kInfoWords; ++i) dst[i] = info[i];
+}
+
+IntranodeLayout make_layout(const IntranodeRuntime& rt, int64_t hidden, int num_sms, int ring_tokens) {
+    TORCH_CHECK(num_sms >= 2 && num_sms % 2 == 0, "num_sms must be even and >= 2, got ", num_sms);
+    TORCH_CHECK(num_sms / 2 <= ep_train::kMaxChannels, "num_sms must be <= ", 2 * ep_train::kMaxChannels, ", got ",
+                num_sms);
+    IntranodeLayout layout(hidden * 2, rt.context().num_ranks, num_sms / 2, ring_tokens);
+    TORCH_CHECK(layout.total_bytes() <= rt.num_nvl_bytes(), "num_nvl_bytes=", rt.num_nvl_bytes(),
+                " is too small: this call needs ", layout.total_bytes());
+    return layout;
+}
+
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+void get_dispatch_layout(const torch::Tensor& topk_idx, int64_t num_experts, int64_t num_ranks,
+                         torch::Tensor& per_rank, torch::Tensor& per_expert, torch::Tensor& in_rank) {
+    check(topk_idx, "topk_idx", torch::kInt64, 2);
+    check(per_rank, "num_tokens_per_rank", torch::kInt32, 1);
+    check(per_expert, "num_tokens_per_expert", torch::kInt32, 1);
+    check(in_rank, "is_token_in_rank", torch::kBool, 2);
+    TORCH_CHECK(num_experts <= ep_train::kMaxExperts, "num_experts must be <= ", ep_train::kMaxExperts);
+    TORCH_CHECK(num_ranks <= ep_train::kMaxRanks, "num_ranks must be <= ", ep_train::kMaxRanks);
+    c10::cuda::CUDAGuard guard(topk_idx.device());
+    ep_train::launch_get_dispatch_layout(topk_idx.data_ptr<int64_t>(), topk_idx.size(0), topk_idx.size(1), num_experts,
+                                         num_ranks, per_rank.data_ptr<int>(), per_expert.data_ptr<int>(),
+                                         in_rank.data_ptr<bool>(), stream());
+}
+
+void notify(IntranodeRuntime& rt, const torch::Tensor& in_rank, const OptTensor& per_expert, int64_t num_experts,
+            int64_t num_channels, int64_t expert_alignment, int64_t num_worst_tokens, bool host_sync,
+            const std::vector<int64_t>& info, torch::Tensor& rank_prefix, torch::Tensor& recv_chan_start,
+            torch::Tensor& send_chan_base, torch::Tensor& num_tokens_per_source, torch::Tensor& num_recv_per_expert,
+            torch::Tensor& num_recv_tokens) {
+    auto ctx = rt.context();
+    check(in_rank, "is_token_in_rank", torch::kBool, 2);
+    TORCH_CHECK(in_rank.size(1) == ctx.num_ranks, "is_token_in_rank must have ", ctx.num_ranks, " columns");
+    TORCH_CHECK(num_experts / ctx.num_ranks <= ep_train::kMaxExperts, "too many local experts");
+    TORCH_CHECK(num_channels >= 1 && num_channels <= ep_train::kMaxChannels, "bad channel count ", num_channels);
+    if (per_expert) check(*per_expert, "num_tokens_per_expert", torch::kInt32, 1);
+    ep_train::NotifyParams p{};
+    p.is_token_in_rank = in_rank.data_ptr<bool>();
+    p.num_tokens_per_expert = ptr_or_null<const int>(per_expert);
+    p.num_tokens = in_rank.size(0);
+    p.num_experts = num_experts;
+    p.num_channels = num_channels;
+    p.expert_alignment = expert_alignment;
+    p.num_worst_tokens = num_worst_tokens;
+    p.host_sync = host_sync;
+    fill_info(p.info, info);
+    p.rank_prefix_matrix = rank_prefix.data_ptr<int>();
+    p.recv_chan_start = recv_chan_start.data_ptr<int>();
+    p.send_chan_base = send_chan_base.data_ptr<int>();
+    p.num_tokens_per_source = num_tokens_per_source.data_ptr<int>();
+    p.num_recv_per_expert = num_recv_per_expert.data_ptr<int>();
+    p.num_recv_tokens = num_recv_tokens.data_ptr<int>();
+    if (host_sync) rt.clear_recv_ready();
+    ep_train::launch_notify(p, ctx, stream());
+}
+
+py::tuple wait_recv(IntranodeRuntime& rt, double timeout_s, int64_t num_local_experts) {
+    int num_recv = 0;
+    std::vector<int> per_expert;
+    int code;
+    {
+        py::gil_scoped_release release;
+        code = rt.wait_recv(stream(), timeout_s, num_local_experts, &num_recv, &per_expert);
+    }
+    return py::make_tuple(code, num_recv, per_expert);
+}
+
+void prepare(IntranodeRuntime& rt, const torch::Tensor& recv_src_idx, const torch::Tensor& rank_prefix,
+             const torch::Tensor& num_tokens_per_source, int64_t num_channels, const std::vector<int64_t>& info,
+             torch::Tensor& recv_chan_start) {
+    auto ctx = rt.context();
+    check(recv_src_idx, "recv_src_idx", torch::kInt32, 1);
+    check(rank_prefix, "rank_prefix_matrix", torch::kInt32, 2);
+    check(recv_chan_start, "recv_chan_start", torch::kInt32, 2);
+    TORCH_CHECK(num_channels >= 1 && num_channels <= ep_train::kMaxChannels, "bad channel count ", num_channels);
+    ep_train::PrepareParams p{};
+    p.recv_src_idx = recv_src_idx.data_ptr<int>();
+    p.rank_prefix_matrix = rank_prefix.data_ptr<int>();
+    p.num_tokens_per_source = num_tokens_per_source.data_ptr<int>();
+    p.num_channels = num_channels;
+    fill_info(p.info, info);
+    p.recv_chan_start = recv_chan_start.data_ptr<int>();
+    ep_train::launch_prepare(p, ctx, stream());
+}
+
+void dispatch(IntranodeRuntime& rt, const torch::Tensor& x, const OptTensor& x_scales, const OptTensor& topk_idx,
+              const OptTensor& topk_weights, const torch::Tensor& in_rank, torch::Tensor& recv_x,
+              const OptTensor& recv_scales, const OptTensor& recv_topk_idx, const OptTensor& recv_topk_weights,
+              const OptTensor& recv_src_idx, const OptTensor& send_pos, const OptTensor& send_chan_base,
+              const torch::Tensor& recv_chan_start, int64_t num_local_experts, int64_t num_sms, int64_t chunk_tokens,
+              int64_t ring_tokens) {
+    auto ctx = rt.context();
+    TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2, "x must be a contiguous 2-D CUDA tensor");
+    TORCH_CHECK(x.element_size() <= 2, "dispatch moves BF16 or FP8 rows");
+    TORCH_CHECK(recv_x.is_contiguous() && recv_x.size(1) == x.size(1), "recv_x must match x's hidden");
+    check(in_rank, "is_token_in_rank", torch::kBool, 2);
+    TORCH_CHECK(!send_pos || send_chan_base, "send_pos needs send_chan_base");
+    const int64_t num_topk = topk_idx ? topk_idx->size(1) : 0;
+    TORCH_CHECK(num_topk <= ep_train::kMaxTopk, "top-k must be <= ", ep_train::kMaxTopk);
+    TORCH_CHECK(chunk_tokens >= 1 && ring_tokens >= 2 * chunk_tokens, "ring must hold two chunks");
+    ep_train::DispatchParams p{};
+    p.x = x.data_ptr();
+    p.x_scales = ptr_or_null<const float>(x_scales);
+    p.topk_idx = ptr_or_null<const int64_t>(topk_idx);
+    p.topk_weights = ptr_or_null<const float>(topk_weights);
+    p.is_token_in_rank = in_rank.data_ptr<bool>();
+    p.recv_x = recv_x.data_ptr();
+    p.recv_x_scales = ptr_or_null<float>(recv_scales);
+    p.recv_topk_idx = ptr_or_null<int64_t>(recv_topk_idx);
+    p.recv_topk_weights = ptr_or_null<float>(recv_topk_weights);
+    p.recv_src_idx = ptr_or_null<int>(recv_src_idx);
+    p.send_pos = ptr_or_null<int>(send_pos);
+    p.send_chan_base = ptr_or_null<const int>(send_chan_base);
+    p.recv_chan_start = recv_chan_start.data_ptr<int>();
+    p.num_tokens = x.size(0);
+    p.num_scales = x_scales ? x_scales->size(1) : 0;
+    p.num_topk = num_topk;
+    p.num_local_experts = num_local_experts;
+    p.chunk_tokens = chunk_tokens;
+    p.payload_bytes = x.size(1) * x.element_size();
+    p.layout = make_layout(rt, x.size(1), num_sms, ring_tokens);
+    ep_train::launch_dispatch(p, ctx, num_sms, stream());
+}
+
+void combine(IntranodeRuntime& rt, const torch::Tensor& x, const OptTensor& topk_weights, const OptTensor& bias0,
+             const OptTensor& bias1, const torch::Tensor& in_rank, const torch::Tensor& recv_chan_start,
+             torch::Tensor& combined, const OptTensor& combined_weights, int64_t num_sms, int64_t chunk_tokens,
+             int64_t ring_tokens) {
+    auto ctx = rt.context();
+    check(x, "x", torch::kBFloat16, 2);
+    check(combined, "combined_x", torch::kBFloat16, 2);
+    check(in_rank, "is_token_in_rank", torch::kBool, 2);
+    TORCH_CHECK(combined.size(1) == x.size(1), "combined_x must match x's hidden");
+    const int64_t num_topk = topk_weights ? topk_weights->size(1) : 0;
+    TORCH_CHECK(num_topk <= ep_train::kMaxTopk, "top-k must be <= ", ep_train::kMaxTopk);
+    TORCH_CHECK(chunk_tokens >= 1 && ring_tokens >= 2 * chunk_tokens, "ring must hold two chunks");
+    ep_train::CombineParams p{};
+    p.x = x.data_ptr();
+    p.topk_weights = ptr_or_null<const float>(topk_weights);
+    p.bias0 = ptr_or_null<const void>(bias0);
+    p.bias1 = ptr_or_null<const void>(bias1);
+    p.is_token_in_rank = in_rank.data_ptr<bool>();
+    p.recv_chan_start = recv_chan_start.data_ptr<int>();
+    p.combined_x = combined.data_ptr();
+    p.combined_topk_weights = ptr_or_null<float>(combined_weights);
+    p.num_tokens = combined.size(0);
+    p.hidden = x.size(1);
+    p.num_topk = num_topk;
+    p.chunk_tokens = chunk_tokens;
+    p.layout = make_layout(rt, x.size(1), num_sms, ring_tokens);
+    ep_train::launch_combine(p, ctx, num_sms, stream());
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+    m.doc() = "ep_train CUDA kernels (intranode NVLink dispatch/combine)";
+    m.attr("MAX_CHANNELS") = ep_train::kMaxChannels;
+    m.attr("MAX_EXPERTS") = ep_train::kMaxExperts;
+    m.def("control_bytes", []() { return IntranodeLayout::control_bytes(); });
+    m.def("buffer_bytes", [](int64_t hidden_bytes, int num_ranks, int num_channels, int ring_tokens) {
+        return IntranodeLayout(hidden_bytes, num_ranks, num_channels, ring_tokens).total_bytes();
+    });
+    py::class_<IntranodeRuntime>(m, "IntranodeRuntime")
+        .def(py::init<int, int, int64_t, double>())
+        .def("ipc_handle", [](const IntranodeRuntime& rt) { return py::bytes(rt.ipc_handle()); })
+        .def("open_peers",
+             [](IntranodeRuntime& rt, const std::vector<py::bytes>& handles) {
+                 std::vector<std::string> hs;
+                 for (const auto& h : handles) hs.push_back(std::string(h));
+                 rt.open_peers(hs);
+             })
+        .def("destroy", &IntranodeRuntime::destroy)
+        .def("error_code", &IntranodeRuntime::error_code)
+        .def("error_fields",
+             [](const IntranodeRuntime& rt) {
+                 long long f[7];
+                 rt.error_fields(f);
+                 return std::vector<long long>(f, f + 7);
+             })
+        .def("num_nvl_bytes", &IntranodeRuntime::num_nvl_bytes)
+        .def("wait_recv", &wait_recv);
+    m.def("get_dispatch_layout", &get_dispatch_layout);
+    m.def("notify", &notify);
+    m.def("prepare", &prepare);
+    m.def("dispatch", &dispatch);
+    m.def("combine", &combine);
+}

@@ -1,0 +1,209 @@
+// combine: the reverse of dispatch.  Every rank sends each received row back to its source rank
+// through the same ring protocol; the source sums, per token, the rows of all ranks in FP32 in a
+// fixed rank order (deterministic), adds up to two biases and writes BF16 once.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+
+#include "ep_train/barrier.cuh"
+#include "ep_train/buffer_layout.cuh"
+#include "ep_train/ptx.cuh"
+#include "ep_train/timeout.cuh"
+#include "ep_train/warp.cuh"
+#include "runtime.hpp"
+
+namespace ep_train {
+
+namespace {
+
+constexpr int kCombineWarps = 24;
+constexpr int kCombineThreads = kCombineWarps * 32;
+constexpr int kCopyUnroll = 8;  // 8 x 16 B per lane in flight: 4 KB per warp toward NVLink latency
+
+// Sender side of one (channel, destination) pair: rows [recv_chan_start[dst][c], ..[c + 1]) of x
+// are exactly the rows of dst's channel c, in dst's token order.  Chunks of chunk_tokens rows go
+// into consecutive ring slots (one warp per row), then one thread publishes the tail.
+template <int kNumRanks>
+__device__ void combine_send(const CombineParams& p, const RankContext& ctx, int channel, int dst, int warp_in_group) {
+    constexpr int kWarpsPerRank = kCombineWarps / kNumRanks;
+    const int lane = lane_id(), me = ctx.rank, C = p.layout.num_channels, ring = p.layout.ring_tokens;
+    void* peer = ctx.peers.base[dst];
+    char* ring_base = p.layout.ring(peer, channel, me);
+    int64_t* tail_ptr = IntranodeLayout::tail(peer, channel, me);
+    const int64_t* head_ptr = IntranodeLayout::head(peer, channel, me);
+    const int row_begin = p.recv_chan_start[dst * (C + 1) + channel];
+    const int row_end = p.recv_chan_start[dst * (C + 1) + channel + 1];
+    const int64_t row_bytes = p.layout.row_bytes, payload = int64_t(p.hidden) * 2;
+    int64_t tail = 0, head = 0;
+    bool ok = true;
+
+    for (int first = row_begin; first < row_end; first += p.chunk_tokens) {
+        const int n = min(p.chunk_tokens, row_end - first);
+        if (ok && tail + n - head > ring) {
+            int64_t h = 0;
+            if (lane == 0) h = wait_at_least(head_ptr, tail + n - ring, ctx.err, kWaitCombineSpace, channel, dst);
+            head = __shfl_sync(0xffffffffu, h, 0);
+            ok = head >= 0;
+        }
+        for (int j = warp_in_group; ok && j < n; j += kWarpsPerRank) {
+            char* row = ring_base + ((tail + j) % ring) * row_bytes;
+            const int64_t src_row = first + j;
+            warp_copy<kCopyUnroll, false>(row, static_cast<const char*>(p.x) + src_row * payload, payload);
+            if (p.topk_weights != nullptr && lane < p.num_topk)
+                reinterpret_cast<float*>(row + p.layout.weights_offset)[lane] = p.topk_weights[src_row * p.num_topk + lane];
+        }
+        ptx::bar_sync(1 + dst, kWarpsPerRank * 32);
+        if (warp_in_group == 0 && lane == 0 && ok) ptx::st_release_sys(tail_ptr, tail + n);
+        tail += n;
+    }
+}
+
+__device__ __forceinline__ void add_bf16x8(float (&acc)[8], int4 v) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        float2 f = __bfloat1622float2(h[i]);
+        acc[2 * i] += f.x;
+        acc[2 * i + 1] += f.y;
+    }
+}
+
+// Reduce one token: rows[r] is rank r's ring row (null when the token did not go there).
+// NOTES: FP32 sum starting from +0 in rank order, then bias0, then bias1 - the reference's order.
+template <int kNumRanks>
+__device__ void reduce_token(const CombineParams& p, const char* const (&rows)[kNumRanks], int64_t token) {
+    const int lane = lane_id();
+    __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.combined_x) + token * p.hidden;
+    const auto* b0 = static_cast<const __nv_bfloat16*>(p.bias0);
+    const auto* b1 = static_cast<const __nv_bfloat16*>(p.bias1);
+    if (p.hidden % 8 == 0) {
+        const int n = p.hidden / 8;
+        for (int i = lane; i < n; i += 32) {
+            float acc[8] = {};
+            int4 v[kNumRanks];
+#pragma unroll
+            for (int r = 0; r < kNumRanks; ++r)
+                if (rows[r] != nullptr) v[r] = ptx::ld_cg_v4(reinterpret_cast<const int4*>(rows[r]) + i);
+#pragma unroll
+            for (int r = 0; r < kNumRanks; ++r)
+                if (rows[r] != nullptr) add_bf16x8(acc, v[r]);
+            if (b0 != nullptr) add_bf16x8(acc, ptx::ld_nc_v4(reinterpret_cast<const int4*>(b0 + token * p.hidden) + i));
+            if (b1 != nullptr) add_bf16x8(acc, ptx::ld_nc_v4(reinterpret_cast<const int4*>(b1 + token * p.hidden) + i));
+            int4 packed;
+            __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&packed);
+#pragma unroll
+            for (int k = 0; k < 4; ++k) h[k] = __floats2bfloat162_rn(acc[2 * k], acc[2 * k + 1]);
+            ptx::st_na_v4(reinterpret_cast<int4*>(out) + i, packed);
+        }
+    } else {
+        for (int i = lane; i < p.hidden; i += 32) {
+            float acc = 0.0f;
+#pragma unroll
+            for (int r = 0; r < kNumRanks; ++r)
+                if (rows[r] != nullptr) acc += __bfloat162float(reinterpret_cast<const volatile __nv_bfloat16*>(rows[r])[i]);
+            if (b0 != nullptr) acc += __bfloat162float(b0[token * p.hidden + i]);
+            if (b1 != nullptr) acc += __bfloat162float(b1[token * p.hidden + i]);
+            out[i] = __float2bfloat16_rn(acc);
+        }
+    }
+    if (p.combined_topk_weights != nullptr && lane < p.num_topk) {
+        float w = 0.0f;
+#pragma unroll
+        for (int r = 0; r < kNumRanks; ++r)
+            if (rows[r] != nullptr)
+                w += __int_as_float(ptx::ld_cg(reinterpret_cast<const int*>(rows[r] + p.layout.weights_offset) + lane));
+        p.combined_topk_weights[token * p.num_topk + lane] = w;
+    }
+}
+
+// Receiver side of channel c, whole block: windows of up to 32 consecutive tokens.  Warp 0 builds
+// one bit mask per rank (tokens of the window that rank holds) and waits until every ring has the
+// window's rows; all warps then reduce the window's tokens (one warp per token); then the heads
+// advance.  Window <= ring - chunk + 1 rows, so a sender can always push its next chunk.
+template <int kNumRanks>
+__device__ void combine_recv(const CombineParams& p, const RankContext& ctx, int channel) {
+    __shared__ uint32_t s_mask[kNumRanks];
+    __shared__ int64_t s_head[kNumRanks];
+    __shared__ int s_failed;
+    const int lane = lane_id(), warp = threadIdx.x / 32, me = ctx.rank;
+    const int C = p.layout.num_channels, ring = p.layout.ring_tokens;
+    void* own = ctx.peers.base[me];
+    const int t_begin = channel_token_begin(p.num_tokens, C, channel);
+    const int t_end = channel_token_begin(p.num_tokens, C, channel + 1);
+    const int window = min(32, ring - p.chunk_tokens + 1);
+    if (threadIdx.x < kNumRanks) s_head[threadIdx.x] = 0;
+    if (threadIdx.x == 0) s_failed = 0;
+
+    for (int cursor = t_begin; cursor < t_end; cursor += window) {
+        const int n = min(window, t_end - cursor);
+        if (warp == 0) {
+            const int t = cursor + lane;
+            uint32_t mine = 0;
+#pragma unroll
+            for (int r = 0; r < kNumRanks; ++r) {
+                const uint32_t m = __ballot_sync(0xffffffffu, lane < n && p.is_token_in_rank[int64_t(t) * kNumRanks + r]);
+                if (lane == r) mine = m;
+            }
+            if (lane < kNumRanks) {
+                s_mask[lane] = mine;
+                if (mine != 0) {
+                    int64_t v = wait_at_least(IntranodeLayout::tail(own, channel, lane), s_head[lane] + __popc(mine),
+                                              ctx.err, kWaitCombineTail, channel, lane);
+                    if (v < 0) s_failed = 1;
+                }
+            }
+        }
+        __syncthreads();
+        if (s_failed) return;
+        for (int i = warp; i < n; i += kCombineWarps) {
+            const char* rows[kNumRanks];
+#pragma unroll
+            for (int r = 0; r < kNumRanks; ++r) {
+                const uint32_t m = s_mask[r];
+                rows[r] = nullptr;
+                if ((m >> i) & 1u) {
+                    const int64_t slot = (s_head[r] + __popc(m & ((1u << i) - 1u))) % ring;
+                    rows[r] = p.layout.ring(own, channel, r) + slot * p.layout.row_bytes;
+                }
+            }
+            reduce_token<kNumRanks>(p, rows, cursor + i);
+        }
+        __syncthreads();
+        if (threadIdx.x < kNumRanks && s_mask[threadIdx.x] != 0) {
+            s_head[threadIdx.x] += __popc(s_mask[threadIdx.x]);
+            ptx::st_relaxed_sys(IntranodeLayout::head(own, channel, threadIdx.x), s_head[threadIdx.x]);
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x < kNumRanks && s_head[threadIdx.x] > 0) {
+        ptx::st_relaxed_sys(IntranodeLayout::tail(own, channel, threadIdx.x), 0);
+        ptx::st_relaxed_sys(IntranodeLayout::head(own, channel, threadIdx.x), 0);
+    }
+}
+
+// Grid: 2 x C blocks of kCombineThreads; block 2c sends channel c (warp group g serves rank g),
+// block 2c + 1 receives and reduces channel c of the local tokens (all warps together).
+template <int kNumRanks>
+__global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(const __grid_constant__ CombineParams p,
+                                                                     const __grid_constant__ RankContext ctx) {
+    if (has_failed(ctx.err)) return;
+    constexpr int kWarpsPerRank = kCombineWarps / kNumRanks;
+    const int channel = blockIdx.x / 2, warp = threadIdx.x / 32;
+    if (blockIdx.x % 2 == 0) combine_send<kNumRanks>(p, ctx, channel, warp / kWarpsPerRank, warp % kWarpsPerRank);
+    else combine_recv<kNumRanks>(p, ctx, channel);
+}
+
+}  // namespace
+
+void launch_combine(const CombineParams& p, const RankContext& ctx, int num_sms, cudaStream_t stream) {
+    switch (ctx.num_ranks) {
+        case 2: combine_kernel<2><<<num_sms, kCombineThreads, 0, stream>>>(p, ctx); break;
+        case 4: combine_kernel<4><<<num_sms, kCombineThreads, 0, stream>>>(p, ctx); break;
+        case 8: combine_kernel<8><<<num_sms, kCombineThreads, 0, stream>>>(p, ctx); break;
+        default: throw std::invalid_argument("combine supports 2, 4 or 8 ranks");
+    }
+    check_cuda(cudaGetLastError(), "combine launch");
+}
+
+}  // namespace ep_train

@@ -1,0 +1,178 @@
+// dispatch: move token rows to every rank that holds one of their experts, through per-(channel,
+// source) rings in the receiver's NVLink buffer.  Rows land in recv_x ordered by source rank,
+// then source token index; send_pos records where (layout-free mode).
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+
+#include "ep_train/barrier.cuh"
+#include "ep_train/buffer_layout.cuh"
+#include "ep_train/ptx.cuh"
+#include "ep_train/timeout.cuh"
+#include "ep_train/warp.cuh"
+#include "runtime.hpp"
+
+namespace ep_train {
+
+namespace {
+
+constexpr int kDispatchWarps = 24;  // divisible by 2, 4 and 8 ranks: 12, 6 or 3 warps per peer
+constexpr int kDispatchThreads = kDispatchWarps * 32;
+constexpr int kCopyUnroll = 8;  // 8 x 16 B per lane in flight: 4 KB per warp toward NVLink latency
+
+// Sender side of one (channel, destination) pair, run by the destination's group of warps.
+// Rounds: the group looks at the next 32 tokens of the channel, keeps the first chunk_tokens that
+// go to `dst`, copies each kept token (one warp per row) into consecutive ring slots, then one
+// thread publishes the new tail with release semantics.
+// NOTES: every warp of the group runs the same rounds, so the named barrier never deadlocks,
+// also after a failed wait (then copies are skipped and the loop just runs out).
+template <int kNumRanks>
+__device__ void dispatch_send(const DispatchParams& p, const RankContext& ctx, int channel, int dst, int warp_in_group) {
+    constexpr int kWarpsPerRank = kDispatchWarps / kNumRanks;
+    const int lane = lane_id(), me = ctx.rank, C = p.layout.num_channels, ring = p.layout.ring_tokens;
+    const int t_begin = channel_token_begin(p.num_tokens, C, channel);
+    const int t_end = channel_token_begin(p.num_tokens, C, channel + 1);
+    void* peer = ctx.peers.base[dst];
+    char* ring_base = p.layout.ring(peer, channel, me);
+    int64_t* tail_ptr = IntranodeLayout::tail(peer, channel, me);
+    const int64_t* head_ptr = IntranodeLayout::head(peer, channel, me);
+    const int64_t row_bytes = p.layout.row_bytes;
+    const int pos_base = p.send_pos ? p.send_chan_base[dst * C + channel] : 0;
+    const int L = p.num_local_experts;
+    int64_t tail = 0, head = 0;
+    bool ok = true;
+
+    for (int cursor = t_begin; cursor < t_end;) {
+        const int t = cursor + lane;
+        const bool sel = t < t_end && p.is_token_in_rank[int64_t(t) * kNumRanks + dst];
+        uint32_t mask = __ballot_sync(0xffffffffu, sel);
+        int n = __popc(mask);
+        int advance = min(32, t_end - cursor);
+        if (n > p.chunk_tokens) {
+            const int last = nth_set_bit(mask, p.chunk_tokens - 1);
+            mask &= last == 31 ? 0xffffffffu : ((2u << last) - 1u);
+            n = p.chunk_tokens;
+            advance = last + 1;
+        }
+        if (n > 0) {
+            if (ok && tail + n - head > ring) {  // wait until the receiver freed enough slots
+                int64_t h = 0;
+                if (lane == 0) h = wait_at_least(head_ptr, tail + n - ring, ctx.err, kWaitDispatchSpace, channel, dst);
+                head = __shfl_sync(0xffffffffu, h, 0);
+                ok = head >= 0;
+            }
+            for (int j = warp_in_group; ok && j < n; j += kWarpsPerRank) {
+                const int token = cursor + nth_set_bit(mask, j);
+                char* row = ring_base + ((tail + j) % ring) * row_bytes;
+                warp_copy<kCopyUnroll, false>(row, static_cast<const char*>(p.x) + int64_t(token) * p.payload_bytes,
+                                              p.payload_bytes);
+                float* scales = reinterpret_cast<float*>(row + p.layout.scales_offset);
+                for (int i = lane; i < p.num_scales; i += 32) scales[i] = p.x_scales[int64_t(token) * p.num_scales + i];
+                if (p.topk_idx != nullptr && lane < p.num_topk) {
+                    const int64_t e = p.topk_idx[int64_t(token) * p.num_topk + lane];
+                    const int64_t local = e - int64_t(dst) * L;
+                    const bool is_local = e >= 0 && local >= 0 && local < L;
+                    reinterpret_cast<int*>(row + p.layout.topk_idx_offset)[lane] = is_local ? int(local) : -1;
+                    if (p.topk_weights != nullptr)
+                        reinterpret_cast<float*>(row + p.layout.weights_offset)[lane] =
+                            is_local ? p.topk_weights[int64_t(token) * p.num_topk + lane] : 0.0f;
+                }
+                if (lane == 0) {
+                    *reinterpret_cast<int*>(row + p.layout.src_idx_offset) = token;
+                    if (p.send_pos) p.send_pos[int64_t(token) * kNumRanks + dst] = pos_base + int(tail + j);
+                }
+            }
+            ptx::bar_sync(1 + dst, kWarpsPerRank * 32);
+            if (warp_in_group == 0 && lane == 0 && ok) ptx::st_release_sys(tail_ptr, tail + n);
+            tail += n;
+        }
+        cursor += advance;
+    }
+}
+
+// Receiver side of one (channel, source) pair, run by the source's group of warps: one thread
+// waits for the tail, the group copies ring rows [head, tail) into recv_x (one warp per row),
+// then the head is advanced so the sender may reuse the slots.  At the end the counters are zeroed
+// for the next call (the sender touches neither after its final tail).
+template <int kNumRanks>
+__device__ void dispatch_recv(const DispatchParams& p, const RankContext& ctx, int channel, int src, int warp_in_group,
+                              int64_t* s_tail) {
+    constexpr int kWarpsPerRank = kDispatchWarps / kNumRanks;
+    const int lane = lane_id(), me = ctx.rank, C = p.layout.num_channels, ring = p.layout.ring_tokens;
+    void* own = ctx.peers.base[me];
+    const char* ring_base = p.layout.ring(own, channel, src);
+    int64_t* tail_ptr = IntranodeLayout::tail(own, channel, src);
+    int64_t* head_ptr = IntranodeLayout::head(own, channel, src);
+    const int start = p.recv_chan_start[src * (C + 1) + channel];
+    const int count = p.recv_chan_start[src * (C + 1) + channel + 1] - start;
+    const int64_t row_bytes = p.layout.row_bytes;
+    const bool leader = warp_in_group == 0 && lane == 0;
+    int64_t head = 0;
+    bool ok = true;
+
+    while (head < count) {
+        if (leader) {
+            int64_t t = wait_at_least(tail_ptr, head + 1, ctx.err, kWaitDispatchTail, channel, src);
+            *s_tail = t < 0 ? -1 : min(t, int64_t(count));
+        }
+        ptx::bar_sync(1 + src, kWarpsPerRank * 32);
+        const int64_t tail = *s_tail;
+        if (tail < 0) {
+            ok = false;
+            break;
+        }
+        for (int64_t j = head + warp_in_group; j < tail; j += kWarpsPerRank) {
+            const char* row = ring_base + (j % ring) * row_bytes;
+            const int64_t out = start + j;
+            warp_copy<kCopyUnroll, true>(static_cast<char*>(p.recv_x) + out * p.payload_bytes, row, p.payload_bytes);
+            const int* scales = reinterpret_cast<const int*>(row + p.layout.scales_offset);
+            for (int i = lane; i < p.num_scales; i += 32)
+                reinterpret_cast<int*>(p.recv_x_scales)[out * p.num_scales + i] = ptx::ld_cg(scales + i);
+            if (p.recv_topk_idx != nullptr && lane < p.num_topk) {
+                p.recv_topk_idx[out * p.num_topk + lane] =
+                    ptx::ld_cg(reinterpret_cast<const int*>(row + p.layout.topk_idx_offset) + lane);
+                if (p.recv_topk_weights != nullptr)
+                    reinterpret_cast<int*>(p.recv_topk_weights)[out * p.num_topk + lane] =
+                        ptx::ld_cg(reinterpret_cast<const int*>(row + p.layout.weights_offset) + lane);
+            }
+            if (lane == 0 && p.recv_src_idx != nullptr)
+                p.recv_src_idx[out] = ptx::ld_cg(reinterpret_cast<const int*>(row + p.layout.src_idx_offset));
+        }
+        ptx::bar_sync(1 + src, kWarpsPerRank * 32);
+        head = tail;
+        if (leader) ptx::st_relaxed_sys(head_ptr, head);
+    }
+    if (leader && ok && count > 0) {
+        ptx::st_relaxed_sys(tail_ptr, 0);
+        ptx::st_relaxed_sys(head_ptr, 0);
+    }
+}
+
+// Grid: 2 x C blocks of kDispatchThreads; block 2c sends channel c, block 2c + 1 receives it.
+// Warps are split into kNumRanks groups, group g serves peer g (the own rank included: its rows
+// go through its own ring like any other).
+template <int kNumRanks>
+__global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(const __grid_constant__ DispatchParams p,
+                                                                       const __grid_constant__ RankContext ctx) {
+    __shared__ int64_t s_tail[kNumRanks];
+    if (has_failed(ctx.err)) return;
+    constexpr int kWarpsPerRank = kDispatchWarps / kNumRanks;
+    const int channel = blockIdx.x / 2, warp = threadIdx.x / 32;
+    const int peer = warp / kWarpsPerRank, warp_in_group = warp % kWarpsPerRank;
+    if (blockIdx.x % 2 == 0) dispatch_send<kNumRanks>(p, ctx, channel, peer, warp_in_group);
+    else dispatch_recv<kNumRanks>(p, ctx, channel, peer, warp_in_group, &s_tail[peer]);
+}
+
+}  // namespace
+
+void launch_dispatch(const DispatchParams& p, const RankContext& ctx, int num_sms, cudaStream_t stream) {
+    switch (ctx.num_ranks) {
+        case 2: dispatch_kernel<2><<<num_sms, kDispatchThreads, 0, stream>>>(p, ctx); break;
+        case 4: dispatch_kernel<4><<<num_sms, kDispatchThreads, 0, stream>>>(p, ctx); break;
+        case 8: dispatch_kernel<8><<<num_sms, kDispatchThreads, 0, stream>>>(p, ctx); break;
+        default: throw std::invalid_argument("dispatch supports 2, 4 or 8 ranks");
+    }
+    check_cuda(cudaGetLastError(), "dispatch launch");
+}
+
+}  // namespace ep_train

@@ -1,0 +1,119 @@
+// Host side of the intranode (NVLink) backend: buffer allocation, CUDA IPC, the pinned error
+// mailbox, and the kernel launchers.  No torch headers: raw pointers and cudaStream_t only.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "ep_train/buffer_layout.cuh"
+#include "ep_train/types.cuh"
+
+namespace ep_train {
+
+// Throws std::runtime_error naming the CUDA error and the call.
+void check_cuda(cudaError_t err, const char* what);
+
+class IntranodeRuntime {
+   public:
+    IntranodeRuntime(int rank, int num_ranks, int64_t num_nvl_bytes, double timeout_s);
+    ~IntranodeRuntime();
+    IntranodeRuntime(const IntranodeRuntime&) = delete;
+    IntranodeRuntime& operator=(const IntranodeRuntime&) = delete;
+
+    std::string ipc_handle() const;                          // bytes of this rank's cudaIpcMemHandle_t
+    void open_peers(const std::vector<std::string>& handles);  // every rank's handle, in rank order
+    void destroy();                                          // close peers, free memory (idempotent)
+
+    RankContext context() const;
+    int64_t num_nvl_bytes() const { return num_nvl_bytes_; }
+    bool is_open() const { return opened_; }
+
+    // Host sync of a layout-free dispatch: clear before notify, then wait for the counts.
+    void clear_recv_ready();
+    // Returns 0 with the counts filled, an ErrorCode reported by a kernel (see error_fields), or -1
+    // when the host itself waited longer than timeout_s.
+    int wait_recv(cudaStream_t stream, double timeout_s, int num_local_experts, int* num_recv_tokens,
+                  std::vector<int>* per_expert);
+    int error_code() const;  // ErrorCode reported by a kernel, 0 if none
+    // code, rank, what, channel, peer, expected, seen of the first kernel-reported failure.
+    void error_fields(long long out[7]) const;
+
+   private:
+    int rank_, num_ranks_, device_;
+    int64_t num_nvl_bytes_;
+    long long timeout_cycles_;
+    void* local_ = nullptr;
+    PeerPtrs peers_{};
+    HostMailbox* mailbox_ = nullptr;  // host pointer
+    HostMailbox* mailbox_dev_ = nullptr;
+    bool opened_ = false;
+};
+
+// ---------------------------------------------------------------- kernels (launch on `stream`)
+void launch_get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_experts,
+                                int num_ranks, int* num_tokens_per_rank, int* num_tokens_per_expert,
+                                bool* is_token_in_rank, cudaStream_t stream);
+
+struct NotifyParams {
+    const bool* is_token_in_rank;      // [T, R]
+    const int* num_tokens_per_expert;  // [E] or null (no top-k)
+    int num_tokens, num_experts, num_channels, expert_alignment, num_worst_tokens;
+    bool host_sync;  // report the counts to the mailbox (false on the num_worst_tokens path)
+    int64_t info[kInfoWords];
+    int* rank_prefix_matrix;     // [R, R] inclusive over source rank
+    int* recv_chan_start;        // [R, C + 1] rows of source s, channel c in recv_x
+    int* send_chan_base;         // [R, C] first recv row (at rank r) of my channel-c tokens
+    int* num_tokens_per_source;  // [R]
+    int* num_recv_per_expert;    // [L], aligned
+    int* num_recv_tokens;        // [1]
+};
+void launch_notify(const NotifyParams& p, const RankContext& ctx, cudaStream_t stream);
+
+struct PrepareParams {
+    const int* recv_src_idx;           // [N] of the handle
+    const int* rank_prefix_matrix;     // [R, R]
+    const int* num_tokens_per_source;  // [R]
+    int num_channels;
+    int64_t info[kInfoWords];
+    int* recv_chan_start;  // [R, C + 1]
+};
+void launch_prepare(const PrepareParams& p, const RankContext& ctx, cudaStream_t stream);
+
+struct DispatchParams {
+    const void* x;                 // [T, H] BF16 or FP8 rows
+    const float* x_scales;         // [T, S] or null
+    const int64_t* topk_idx;       // [T, K] or null
+    const float* topk_weights;     // [T, K] or null
+    const bool* is_token_in_rank;  // [T, R]
+    void* recv_x;
+    float* recv_x_scales;
+    int64_t* recv_topk_idx;
+    float* recv_topk_weights;
+    int* recv_src_idx;
+    int* send_pos;              // [T, R] or null (cached mode)
+    const int* send_chan_base;  // [R, C] (with send_pos)
+    const int* recv_chan_start;  // [R, C + 1]
+    int num_tokens, num_scales, num_topk, num_local_experts, chunk_tokens;
+    int64_t payload_bytes;  // bytes of one x row
+    IntranodeLayout layout;
+};
+void launch_dispatch(const DispatchParams& p, const RankContext& ctx, int num_sms, cudaStream_t stream);
+
+struct CombineParams {
+    const void* x;              // [N, H] BF16
+    const float* topk_weights;  // [N, K] or null
+    const void* bias0;          // [T, H] or null
+    const void* bias1;
+    const bool* is_token_in_rank;  // [T, R]
+    const int* recv_chan_start;    // [R, C + 1]
+    void* combined_x;              // [T, H]
+    float* combined_topk_weights;  // [T, K] or null
+    int num_tokens, hidden, num_topk, chunk_tokens;
+    IntranodeLayout layout;
+};
+void launch_combine(const CombineParams& p, const RankContext& ctx, int num_sms, cudaStream_t stream);
+
+}  // namespace ep_train
