@@ -30,6 +30,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe value, e.g. --set train.steps=20 (repeatable)")  # fmt: skip
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    parser.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                        help="leave after STEP completed steps (an interrupted run; continue with --resume)")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun / a cluster launcher
         dist.init_process_group(backend_for(recipe))
         try:
-            run_rank(recipe, args.resume)
+            run_rank(recipe, args.resume, args.stop_at)
         finally:
             dist.destroy_process_group()
         return 0
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ep-train: launch.nproc={world} but only {torch.cuda.device_count()} GPUs are visible", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(spawned, args=(world, os.path.join(tmp, "store"), recipe, args.resume), nprocs=world)
+        mp.spawn(spawned, args=(world, os.path.join(tmp, "store"), recipe, args.resume, args.stop_at), nprocs=world)
     return 0
 
 

@@ -90,8 +90,11 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def train(recipe: Recipe, *, resume: bool = False) -> list[StepStats]:
-    """Run the recipe in this process (``torch.distributed`` already initialised)."""
+def train(recipe: Recipe, *, resume: bool = False, stop_at: int | None = None) -> list[StepStats]:
+    """Run the recipe in this process (``torch.distributed`` already initialised).
+
+    ``stop_at``: leave after that many completed steps, as an interrupted run would.
+    """
     from .model import build_model  # Megatron is imported only when a run starts
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -110,7 +113,8 @@ def train(recipe: Recipe, *, resume: bool = False) -> list[StepStats]:
     tokens_per_step = t.global_batch_size * recipe.model.seq_length
     flops_step = 3 * flops_per_token(recipe.model) * tokens_per_step
     logger = RunLogger(rank, recipe.to_dict(), recipe.log.wandb, recipe.log.wandb_project,
-                       recipe.log.wandb_run_name or recipe.name, recipe.log.wandb_mode, recipe.log.wandb_dir)  # fmt: skip
+                       recipe.log.wandb_run_name or recipe.name, recipe.log.wandb_mode, recipe.log.wandb_dir,
+                       recipe.log.jsonl)  # fmt: skip
     logger.start()
     if rank == 0:
         print(
@@ -156,6 +160,8 @@ def train(recipe: Recipe, *, resume: bool = False) -> list[StepStats]:
         ck = recipe.checkpoint
         if ck.every and (step + 1) % ck.every == 0:
             save_checkpoint(ck.dir, step + 1, model, optimizer)
+        if stop_at is not None and step + 1 >= stop_at:
+            break
     logger.finish()
     built.close()
     return logger.history

@@ -14,6 +14,8 @@ TFLOP/s per GPU = flops_per_token * 3 * tokens_per_second / num_gpus / 1e12.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -64,6 +66,7 @@ class RunLogger:
     run_name: str
     mode: str
     wandb_dir: str
+    jsonl: str = ""
     history: list[StepStats] = field(default_factory=list)
     _run: object = None
     _t0: float = field(default_factory=time.perf_counter)
@@ -98,6 +101,9 @@ class RunLogger:
             f"{stats.tokens_per_expert_max} tok",
             flush=True,
         )
+        if self.jsonl:
+            with open(self.jsonl, "a") as f:
+                f.write(json.dumps(dataclasses.asdict(stats)) + "\n")
         if self._run is not None:
             self._run.log(
                 {

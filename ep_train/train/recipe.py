@@ -91,6 +91,7 @@ class LogSection:
     wandb_run_name: str = ""
     wandb_mode: str = "auto"  # auto: online when an API key is configured, else offline
     wandb_dir: str = "runs"
+    jsonl: str = ""  # also append every step's metrics as JSON lines to this file (rank 0)
 
 
 @dataclass
