@@ -63,13 +63,13 @@ class Config:
         return layout.align_up(2 * self.num_channels * num_nodes * self.num_max_rdma_chunked_recv_tokens * row)
 
 
-# Measured on 2 x H200 (EP2, standard case, 2026-11-28, benchmarks/RESULTS.md): at 24 SMs a send
-# chunk of 16 is best for dispatch (362 GB/s BF16), 8 for combine; a 512-row ring gains nothing.
-# 4 and 8 ranks are not measured yet and use the EP2 values.
+# Measured on H200 (standard case, 2026-11-28, benchmarks/RESULTS.md), 24 SMs: EP2 dispatch is best
+# with a send chunk of 16 (362 GB/s BF16), EP4 with 8 (375 GB/s BF16); combine with 8 on both; a
+# 512-row ring gains nothing.  8 ranks are not measured yet and use the EP4 values.
 _DISPATCH_DEFAULTS = {
     2: Config(24, 16, 256),
-    4: Config(24, 16, 256),
-    8: Config(24, 16, 256),
+    4: Config(24, 8, 256),
+    8: Config(24, 8, 256),
 }
 _COMBINE_DEFAULTS = {
     2: Config(24, 8, 256),

@@ -17,10 +17,10 @@ def _needs(n: int) -> str | None:
     return None if reason is None else f"ep_train._C: {reason}"
 
 
-@pytest.fixture
-def num_gpus():
-    reason = _needs(2)
+@pytest.fixture(params=[2, 4, 8], ids=lambda n: f"ep{n}")
+def num_gpus(request):
+    """Every supported rank count the machine has: EP2 and EP4 on a 4-GPU machine."""
+    reason = _needs(request.param)
     if reason:
         pytest.skip(reason)
-    # 2, 4 or 8: the largest supported count that is present.
-    return max(n for n in (2, 4, 8) if n <= torch.cuda.device_count())
+    return request.param
