@@ -41,7 +41,8 @@ def _pack(columns: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[torch.d
     """Concatenate 2-D tensors of any dtypes row-wise as bytes → ``([rows, bytes] uint8, spec)``."""
     spec, views = [], []
     for col in columns:
-        col = col.contiguous()
+        # NOTES: an empty tensor counts as contiguous whatever its strides; give it real ones to view.
+        col = col.contiguous() if col.numel() else torch.empty(col.shape, dtype=col.dtype, device=col.device)
         as_bytes = col.view(torch.uint8).reshape(col.shape[0], col.shape[1] * col.element_size())
         spec.append((col.dtype, col.shape[1], as_bytes.shape[1]))
         views.append(as_bytes)

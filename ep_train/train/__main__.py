@@ -63,5 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """The ``ep-train`` console script."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    console_main()

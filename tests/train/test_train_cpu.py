@@ -43,7 +43,7 @@ def test_tiny_recipe_trains_and_logs_to_wandb_offline(tmp_path, dispatcher):
 
 
 def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path):
-    common = ["--set", "moe.dispatcher=alltoall", "--set", "train.steps=6", "--set", "log.wandb=false", "--set", "checkpoint.every=3"]
+    common = ["--set", "train.steps=6", "--set", "log.wandb=false", "--set", "checkpoint.every=3"]
     full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
     _train(*common, "--set", f"checkpoint.dir={tmp_path / 'a'}", "--set", f"log.jsonl={full}")
     _train(*common, "--set", f"checkpoint.dir={tmp_path / 'b'}", "--set", f"log.jsonl={part}", "--stop-at", "3")

@@ -1,0 +1,75 @@
+"""``BufferPool``: the ep_train Buffers that the MoE layers of one model share.
+
+Every MoE layer of a model talks over the same expert-parallel group, so they share one
+``ep_train.Buffer`` per group (on the CUDA backend a Buffer owns NVLink memory; one per layer
+would waste gigabytes).  The pool is owned by whoever builds the layers (the layer spec made by
+``ep_train.megatron.moe_layer_spec`` or the flex backend), never by a module global.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+from ..buffer import Buffer
+from ..config import Config, get_combine_config, get_dispatch_config
+
+__all__ = ["BufferPool"]
+
+
+@dataclass
+class _Entry:
+    buffer: Buffer
+    hidden_bytes: int
+
+
+class BufferPool:
+    """One :class:`ep_train.Buffer` per process group, grown when a wider row needs more memory.
+
+    Args:
+        backend: the Buffer backend (``"auto"``, ``"torch"`` or ``"cuda"``).
+        num_sms: SMs of every buffer's default dispatch/combine configs (None: the measured default).
+        dispatch_config, combine_config: configs the buffer memory is sized for (None: defaults).
+    """
+
+    def __init__(self, *, backend: str = "auto", num_sms: int | None = None,
+                 dispatch_config: Config | None = None, combine_config: Config | None = None):  # fmt: skip
+        self.backend = backend
+        self.num_sms = num_sms
+        self.dispatch_config = dispatch_config
+        self.combine_config = combine_config
+        self._entries: dict[int, _Entry] = {}
+
+    def set_num_sms(self, num_sms: int) -> None:
+        """SMs of the buffers' default configs, for existing and future buffers."""
+        self.num_sms = num_sms
+        for entry in self._entries.values():
+            entry.buffer.set_num_sms(num_sms)
+
+    def _nvl_bytes(self, group_size: int, hidden_bytes: int) -> int:
+        configs = (
+            self.dispatch_config or get_dispatch_config(group_size),
+            self.combine_config or get_combine_config(group_size),
+        )
+        return max(c.get_nvl_buffer_size_hint(hidden_bytes, group_size) for c in configs)
+
+    def get(self, group: dist.ProcessGroup, hidden: int, element_size: int = 2) -> Buffer:
+        """The buffer of ``group`` for rows of ``hidden`` elements (created on first use, collectively).
+
+        A buffer too small for a wider row is replaced; work in flight keeps the old one alive
+        through its autograd context.
+        """
+        hidden_bytes = hidden * max(element_size, 2)
+        entry = self._entries.get(id(group))
+        if entry is not None and entry.buffer.group is group and entry.hidden_bytes >= hidden_bytes:
+            return entry.buffer
+        group_size = dist.get_world_size(group)
+        buffer = Buffer(group, num_nvl_bytes=self._nvl_bytes(group_size, hidden_bytes), backend=self.backend,
+                        num_sms=self.num_sms)  # fmt: skip
+        self._entries[id(group)] = _Entry(buffer, hidden_bytes)
+        return buffer
+
+    def clear(self) -> None:
+        """Forget every buffer (their memory is freed once no autograd context holds them)."""
+        self._entries.clear()

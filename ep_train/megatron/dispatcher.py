@@ -1,0 +1,309 @@
+"""``EPTokenDispatcher``: Megatron-Core's six dispatcher stages over ep_train's autograd ops.
+
+Stage mapping (only ``token_dispatch`` and ``token_combine`` communicate):
+
+====================  ==========================================================================
+dispatch_preprocess   routing_map ``[T, E]`` → ``topk_idx [T, K]`` (ascending expert ids, -1
+                      padding); probs ``[T, E]`` → gate weights ``[T, K]`` (differentiable gather)
+token_dispatch        ``ep_train.autograd.dispatch``: each token once to every rank holding one of
+                      its experts → ``recv_x [N, H]``, weights ``[N, K]``
+dispatch_postprocess  ``permute_to_experts``: one row per (token, local expert), expert-major →
+                      ``(x [P, H], tokens_per_expert [L] CPU int64, probs [P])``
+combine_preprocess    ``unpermute_from_experts``: sum each received row's expert outputs → ``[N, H]``
+token_combine         ``ep_train.autograd.combine``: rows back to their source ranks, summed
+combine_postprocess   reshape to ``[S, B, H]`` and add the overlapped shared-expert output
+====================  ==========================================================================
+
+The experts see exactly the rows, order and probabilities of Megatron's ``alltoall`` dispatcher
+(expert-major; within an expert by source rank, then source token), and every sum runs in the
+same order (experts ascending per token), so FP32 results match ``alltoall`` bit for bit.
+
+Per-micro-batch forward state moves from stage to stage through FIFO queues and the backward
+state lives in autograd contexts; the probabilities are always those passed to the stage.  So the
+dispatcher also works under Megatron's EP-overlap 1F1B schedule, which detaches tensors between
+stages and runs later micro-batches' forwards before earlier backwards.
+
+Shape legend: S sequence, B micro-batch, T = S*B local tokens, H hidden, E experts, L local
+experts, K top-k, N received rows, P expert-major rows.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..autograd.normal import combine as ep_combine
+from ..autograd.normal import dispatch as ep_dispatch
+from ..dispatcher import permute_to_experts, unpermute_from_experts
+from ._megatron import MoETokenDispatcher
+from .buffers import BufferPool
+from .options import EPOptions
+from .streams import CommLane
+
+__all__ = ["EPTokenDispatcher", "routing_map_to_topk"]
+
+ExpertsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, Any]]
+
+
+def routing_map_to_topk(routing_map_TE: torch.Tensor, num_topk: int) -> torch.Tensor:
+    """Selected experts of each token as ``[T, K]`` int64, ascending, padded with -1 (no host sync).
+
+    Args:
+        routing_map_TE: ``[T, E]`` bool, token t goes to expert e.  At most ``num_topk`` per row.
+    """
+    num_experts = routing_map_TE.shape[1]
+    k = min(num_topk, num_experts)
+    # Score E - e for selected experts, 0 otherwise: topk keeps ascending expert ids first.
+    rank_E = torch.arange(num_experts, 0, -1, device=routing_map_TE.device, dtype=torch.int32)
+    scores_TE = routing_map_TE.to(torch.int32) * rank_E
+    values_TK, idx_TK = torch.topk(scores_TE, k, dim=1, sorted=True)
+    idx_TK = torch.where(values_TK > 0, idx_TK, torch.full_like(idx_TK, -1))
+    if k < num_topk:
+        idx_TK = torch.nn.functional.pad(idx_TK, (0, num_topk - k), value=-1)
+    return idx_TK.to(torch.int64)
+
+
+def _gather_weights(probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``probs[t, topk_idx[t, k]]`` (0 where the index is -1), differentiable w.r.t. ``probs``."""
+    valid_TK = topk_idx_TK >= 0
+    w_TK = probs_TE.gather(1, topk_idx_TK.clamp(min=0)).to(dtype)
+    return torch.where(valid_TK, w_TK, torch.zeros_like(w_TK))
+
+
+@dataclass
+class _MicroBatch:
+    """Forward state of one micro-batch between the stages (backward state is in autograd ctx)."""
+
+    hidden_shape: torch.Size
+    topk_idx_TK: torch.Tensor
+    probs_dtype: torch.dtype
+    handle: Any = None
+    recv_topk_idx_NK: torch.Tensor | None = None
+    row_P: torch.Tensor | None = None
+    rounds: Any = None
+    num_rows: int = 0
+    extras: dict = field(default_factory=dict)
+
+
+class EPTokenDispatcher(MoETokenDispatcher):
+    """Megatron-Core token dispatcher over ep_train (``moe_token_dispatcher_type="deepep"``).
+
+    Args:
+        num_local_experts, local_expert_indices, config, pg_collection: as Megatron's dispatchers.
+        options: :class:`EPOptions` (chunking, alignment, FP8 dispatch, kernel configs).
+        buffers: the :class:`BufferPool` shared by the model's MoE layers (a private one if None).
+    """
+
+    def __init__(self, num_local_experts: int, local_expert_indices: list[int], config, pg_collection=None, *,
+                 options: EPOptions | None = None, buffers: BufferPool | None = None):  # fmt: skip
+        super().__init__(config=config, pg_collection=pg_collection)
+        if self.tp_size > 1:
+            raise ValueError(
+                f"the 'deepep' dispatcher does not support expert tensor parallelism (expert_tensor_parallel_size="
+                f"{self.tp_size}); set expert_tensor_parallel_size=1"
+            )
+        if config.num_moe_experts is None or config.num_moe_experts % self.ep_size:
+            raise ValueError(f"num_moe_experts={config.num_moe_experts} must be divisible by the EP size {self.ep_size}")
+        expected = list(range(local_expert_indices[0], local_expert_indices[0] + num_local_experts))
+        if list(local_expert_indices) != expected or num_local_experts != config.num_moe_experts // self.ep_size:
+            raise ValueError(f"local_expert_indices must be {num_local_experts} contiguous ids, got {local_expert_indices}")
+        self.num_local_experts = num_local_experts
+        self.local_expert_indices = list(local_expert_indices)
+        self.num_experts = config.num_moe_experts
+        self.router_topk = config.moe_router_topk
+        self.options = options if options is not None else EPOptions()
+        self.buffers = buffers if buffers is not None else BufferPool(
+            backend=self.options.backend, num_sms=self.options.num_sms,
+            dispatch_config=self.options.dispatch_config, combine_config=self.options.combine_config,
+        )  # fmt: skip
+        self.shared_experts = None
+        # Create the group's buffer now (collectively, while every rank builds its layers) so that
+        # observers such as a CommTimer can attach to ``self.buffer`` before the first forward.
+        hidden = getattr(config, "moe_latent_size", None) or config.hidden_size
+        self.buffer = self.buffers.get(self.ep_group, hidden, config.params_dtype.itemsize)
+        self._queues: dict[str, collections.deque[_MicroBatch]] = {
+            stage: collections.deque()
+            for stage in ("token_dispatch", "dispatch_postprocess", "combine_preprocess", "token_combine",
+                          "combine_postprocess")
+        }  # fmt: skip
+
+    # ------------------------------------------------------------------ helpers
+    def set_shared_experts(self, shared_experts) -> None:
+        """Overlap the shared experts (Megatron's staged ``SharedExpertMLP`` API) with the dispatch."""
+        if not self.config.moe_shared_expert_overlap:
+            raise ValueError("set_shared_experts needs config.moe_shared_expert_overlap=True")
+        self.shared_experts = shared_experts
+
+    def reset(self) -> None:
+        """Drop the state of forwards that did not reach ``combine_postprocess`` (e.g. after an error)."""
+        for queue in self._queues.values():
+            queue.clear()
+
+    def _push(self, stage: str, mb: _MicroBatch) -> None:
+        self._queues[stage].append(mb)
+
+    def _pop(self, stage: str) -> _MicroBatch:
+        queue = self._queues[stage]
+        if not queue:
+            raise RuntimeError(
+                f"EPTokenDispatcher.{stage} was called with no micro-batch waiting for it: the six stages must "
+                "run in order (dispatch_preprocess, token_dispatch, dispatch_postprocess, combine_preprocess, "
+                "token_combine, combine_postprocess)"
+            )
+        return queue.popleft()
+
+    def _buffer(self, x: torch.Tensor):
+        self.buffer = self.buffers.get(self.ep_group, x.shape[-1], x.element_size())
+        return self.buffer
+
+    def _weight_dtype(self, buffer, probs_dtype: torch.dtype) -> torch.dtype:
+        if probs_dtype == torch.float64 and torch.float64 in buffer.supported_dtypes:
+            return torch.float64
+        return torch.float32
+
+    def _dispatch(self, buffer, x_TH, topk_idx_TK, weights_TK, previous_event=None, async_finish=False):
+        o = self.options
+        return ep_dispatch(buffer, x_TH, topk_idx_TK, weights_TK, self.num_experts, fp8=o.fp8_dispatch,
+                           config=o.dispatch_config, previous_event=previous_event, async_finish=async_finish)  # fmt: skip
+
+    def _permute(self, mb: _MicroBatch, recv_x_NH, recv_weights_NK):
+        x_PH, tokens_per_expert_L, probs_P, row_P, rounds = permute_to_experts(
+            recv_x_NH, mb.recv_topk_idx_NK, recv_weights_NK, self.num_local_experts, self.options.expert_alignment
+        )
+        mb.row_P, mb.rounds, mb.num_rows = row_P, rounds, recv_x_NH.shape[0]
+        return x_PH, tokens_per_expert_L, probs_P.to(mb.probs_dtype)
+
+    def _shared_experts_launch(self) -> None:
+        """Queue the shared experts' GEMMs on their side stream before the tokens leave."""
+        if self.shared_experts is not None:
+            self.shared_experts.linear_fc1_forward_and_act()
+            self.shared_experts.linear_fc2_forward()
+
+    # ------------------------------------------------------------------ the six stages
+    def dispatch_preprocess(self, tokens: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor):
+        """``[S, B, H]`` tokens, ``[T, E]`` bool routing map and probs → ``([T, H], weights [T, K])``."""
+        if routing_map.dim() != 2 or routing_map.dtype != torch.bool:
+            raise ValueError(f"routing_map must be a [T, E] bool tensor, got {routing_map.dtype} {tuple(routing_map.shape)}")
+        if probs.shape != routing_map.shape:
+            raise ValueError(f"probs must have the routing map's shape {tuple(routing_map.shape)}, got {tuple(probs.shape)}")
+        hidden_shape = tokens.shape
+        x_TH = tokens.reshape(-1, hidden_shape[-1])
+        if self.config.overlap_moe_expert_parallel_comm:
+            # The EP-overlap schedule frees a stage's inputs after its forward; the router's backward
+            # still needs the layernorm output this would otherwise be a view of.
+            x_TH = x_TH.clone()
+        with torch.no_grad():
+            topk_idx_TK = routing_map_to_topk(routing_map, self.router_topk)
+        mb = _MicroBatch(hidden_shape, topk_idx_TK, probs.dtype)
+        weight_dtype = torch.float64 if probs.dtype == torch.float64 else torch.float32
+        weights_TK = _gather_weights(probs, topk_idx_TK, weight_dtype)
+        if self.shared_experts is not None:
+            self.shared_experts.pre_forward_comm(tokens)
+        self._push("token_dispatch", mb)
+        return x_TH, weights_TK
+
+    def token_dispatch(self, hidden_states: torch.Tensor, probs: torch.Tensor):
+        """Send tokens to their experts' ranks → ``(recv_x [N, H], recv_weights [N, K])``."""
+        mb = self._pop("token_dispatch")
+        buffer = self._buffer(hidden_states)
+        self._shared_experts_launch()
+        weights_TK = probs.to(self._weight_dtype(buffer, probs.dtype))
+        out = self._dispatch(buffer, hidden_states, mb.topk_idx_TK, weights_TK)
+        mb.handle, mb.recv_topk_idx_NK = out.handle, out.recv_topk_idx
+        self._push("dispatch_postprocess", mb)
+        return out.recv_x, out.recv_topk_weights
+
+    def dispatch_postprocess(self, hidden_states: torch.Tensor, probs: torch.Tensor):
+        """→ ``(x [P, H] expert-major, tokens_per_expert [L] CPU int64, probs [P])``."""
+        mb = self._pop("dispatch_postprocess")
+        out = self._permute(mb, hidden_states, probs)
+        self._push("combine_preprocess", mb)
+        return out
+
+    def combine_preprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Expert outputs ``[P, H]`` → one summed row per received row ``[N, H]``."""
+        mb = self._pop("combine_preprocess")
+        y_NH = unpermute_from_experts(hidden_states, mb.row_P, mb.rounds, mb.num_rows)
+        self._push("token_combine", mb)
+        return y_NH
+
+    def token_combine(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Rows back to their source ranks, summed per token → ``[T, H]``."""
+        mb = self._pop("token_combine")
+        buffer = self._buffer(hidden_states)
+        y_TH = ep_combine(buffer, hidden_states, mb.handle, config=self.options.combine_config)
+        if self.shared_experts is not None:
+            self.shared_experts.post_forward_comm()
+        self._push("combine_postprocess", mb)
+        return y_TH
+
+    def combine_postprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``[T, H]`` → ``[S, B, H]`` (+ the overlapped shared-expert output)."""
+        mb = self._pop("combine_postprocess")
+        output = hidden_states.view(mb.hidden_shape)
+        if self.shared_experts is not None:
+            output = output + self.shared_experts.get_output()
+        return output
+
+    # ------------------------------------------------------------------ chunked pipeline
+    def chunked_dispatch_experts_combine(self, hidden_states: torch.Tensor, probs: torch.Tensor,
+                                         experts: ExpertsFn, num_chunks: int) -> torch.Tensor:  # fmt: skip
+        """token_dispatch → experts → token_combine over ``num_chunks`` pipelined token chunks.
+
+        Replaces the four middle stages for one micro-batch (called between ``dispatch_preprocess``
+        and ``combine_postprocess``).  Chunk i's experts run while chunk i+1 is dispatched and chunk
+        i-1 combined on the Buffer's comm stream; the backward mirrors it (see ``streams``).
+
+        Args:
+            hidden_states: ``[T, H]`` from ``dispatch_preprocess``.  probs: its ``[T, K]`` weights.
+            experts: ``experts(x [P, H], tokens_per_expert [L], probs [P]) -> (y [P, H], bias)``.
+            num_chunks: number of chunks (the same on every rank); chunks may be empty.
+
+        Returns:
+            ``[T, H]``: the combined expert output, for ``combine_postprocess``.
+        """
+        mb = self._pop("token_dispatch")
+        buffer = self._buffer(hidden_states)
+        lane = CommLane(buffer)
+        weights_TK = probs.to(self._weight_dtype(buffer, probs.dtype))
+        ready = lane.ready_event()
+        self._shared_experts_launch()
+        x_chunks = torch.tensor_split(hidden_states, num_chunks)
+        w_chunks = torch.tensor_split(weights_TK, num_chunks)
+        idx_chunks = torch.tensor_split(mb.topk_idx_TK, num_chunks)
+
+        def issue_dispatch(i: int):
+            return lane.issue(lambda ev, fin: self._dispatch(buffer, x_chunks[i], idx_chunks[i], w_chunks[i], ev, fin),
+                              ready)  # fmt: skip
+
+        pending = issue_dispatch(0)
+        combined: list[tuple[torch.Tensor, Any]] = []
+        for i in range(num_chunks):
+            out, pending = pending, None
+            CommLane.wait(out.event, (out.recv_x, out.recv_topk_idx, out.recv_topk_weights))
+            part = _MicroBatch(mb.hidden_shape, idx_chunks[i], mb.probs_dtype, out.handle, out.recv_topk_idx)
+            x_PH, tokens_per_expert_L, probs_P = self._permute(part, out.recv_x, out.recv_topk_weights)
+            y_PH, bias = experts(x_PH, tokens_per_expert_L, probs_P)
+            if bias is not None:
+                raise ValueError("experts returning a separate bias are not supported by the 'deepep' dispatcher")
+            y_NH = unpermute_from_experts(y_PH, part.row_P, part.rounds, part.num_rows)
+            if i + 1 < num_chunks:  # queued after chunk i's experts, so it overlaps them
+                pending = issue_dispatch(i + 1)
+            after = lane.ready_event()
+            cfg = self.options.combine_config
+            combined.append(lane.issue(
+                lambda ev, fin: ep_combine(buffer, y_NH, out.handle, config=cfg, previous_event=ev, async_finish=fin),
+                after,
+            ))  # fmt: skip
+        outputs = []
+        for result in combined:
+            y_TH, event = result if isinstance(result, tuple) else (result, None)
+            CommLane.wait(event, (y_TH,))
+            outputs.append(y_TH)
+        if self.shared_experts is not None:
+            self.shared_experts.post_forward_comm()
+        self._push("combine_postprocess", mb)
+        return torch.cat(outputs, dim=0)

@@ -1,0 +1,137 @@
+"""``GroupedGemmMLP``: a Megatron experts module on ``torch._grouped_mm`` (no TransformerEngine).
+
+Megatron's fast expert paths need TransformerEngine (``TEGroupedMLP``) or the ``grouped_gemm``
+package (legacy ``GroupedMLP``); without them only ``SequentialMLP`` (one GEMM pair per expert)
+is left.  This module stores the L local experts as two stacked weights and runs each layer as a
+single ``torch._grouped_mm`` on CUDA BF16 (rows of each expert contiguous, as every dispatcher
+produces them); elsewhere it loops over experts with the same math.
+
+Math per row (as Megatron's expert MLP): ``fc2(act(fc1(x)) * prob)``; ``act`` is
+``activation_func`` or, with ``gated_linear_unit``, ``activation_func(a) * b`` of the two halves.
+
+Shape legend: P expert-major rows, H hidden, F ``moe_ffn_hidden_size``, N fc1 outputs (F or 2F),
+L local experts.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import Parameter
+
+from megatron.core.transformer.module import MegatronModule
+
+__all__ = ["GroupedGemmMLP", "grouped_matmul"]
+
+
+def _use_grouped_mm(x_PH: torch.Tensor, w_LHN: torch.Tensor) -> bool:
+    return (
+        hasattr(torch, "_grouped_mm")
+        and x_PH.is_cuda
+        and x_PH.dtype == torch.bfloat16
+        and w_LHN.dtype == torch.bfloat16
+        and x_PH.shape[-1] % 8 == 0
+        and w_LHN.shape[-1] % 8 == 0
+    )
+
+
+def grouped_matmul(x_PH: torch.Tensor, w_LHN: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
+    """``[P, H] x [L, H, N] → [P, N]``: rows of expert l (contiguous, counts given) times ``w[l]``.
+
+    Every expert takes part in the graph even with no rows, so each weight gets a gradient.
+    """
+    if _use_grouped_mm(x_PH, w_LHN):
+        offs = torch.tensor(tokens_per_expert, device=x_PH.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        return torch._grouped_mm(x_PH, w_LHN, offs=offs)
+    parts = torch.split(x_PH, tokens_per_expert)
+    return torch.cat([part @ w_LHN[e] for e, part in enumerate(parts)], dim=0)
+
+
+class GroupedGemmMLP(MegatronModule):
+    """Experts of one rank as stacked weights ``weight1 [L, H, N]`` and ``weight2 [L, F, H]``.
+
+    Built like Megatron's experts modules: ``GroupedGemmMLP(num_local_experts, config,
+    pg_collection=...)`` (``submodules`` and ``name`` are accepted and unused).  Needs
+    ``add_bias_linear=False`` and expert tensor parallel size 1.
+    """
+
+    def __init__(self, num_local_experts: int, config, submodules=None, pg_collection=None, name: str | None = None,
+                 **unused):  # fmt: skip
+        super().__init__(config=config)
+        if config.add_bias_linear:
+            raise ValueError("GroupedGemmMLP has no biases: set add_bias_linear=False")
+        if pg_collection is None:
+            from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+            pg_collection = get_default_pg_collection()
+        if pg_collection.expt_tp.size() != 1:
+            raise ValueError(f"GroupedGemmMLP needs expert tensor parallel size 1, got {pg_collection.expt_tp.size()}")
+        self.num_local_experts = num_local_experts
+        self.ep_group, self.dp_group = pg_collection.ep, pg_collection.expt_dp
+        hidden, ffn = config.hidden_size, config.moe_ffn_hidden_size
+        fc1_out = 2 * ffn if config.gated_linear_unit else ffn
+        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        self.weight1 = Parameter(torch.empty(num_local_experts, hidden, fc1_out, dtype=config.params_dtype, device=device))
+        self.weight2 = Parameter(torch.empty(num_local_experts, ffn, hidden, dtype=config.params_dtype, device=device))
+        if config.perform_initialization:
+            self._initialize(config)
+        expert_parallel = config.expert_model_parallel_size > 1
+        for p in (self.weight1, self.weight2):
+            p.allreduce = not expert_parallel  # Megatron's marker for expert-parallel parameters
+
+    @torch.no_grad()
+    def _initialize(self, config) -> None:
+        """Each expert's layers as Megatron's ``[out, in]`` linear weights, stored transposed."""
+        from contextlib import nullcontext
+
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker, get_expert_parallel_rng_tracker_name
+
+        fork = nullcontext() if config.use_cpu_initialization else get_cuda_rng_tracker().fork(
+            get_expert_parallel_rng_tracker_name()
+        )  # fmt: skip
+        with fork:
+            for weight, init in ((self.weight1, config.init_method), (self.weight2, config.output_layer_init_method)):
+                for e in range(self.num_local_experts):
+                    linear = torch.empty(weight.shape[2], weight.shape[1], dtype=weight.dtype, device=weight.device)
+                    init(linear)
+                    weight[e].copy_(linear.t())
+
+    def _activation(self, h_PN: torch.Tensor) -> torch.Tensor:
+        act = self.config.activation_func
+        if self.config.gated_linear_unit:
+            a, b = torch.chunk(h_PN, 2, dim=-1)
+            return act(a) * b
+        return act(h_PN)
+
+    def forward(self, permuted_local_hidden_states: torch.Tensor, tokens_per_expert: torch.Tensor,
+                permuted_probs: torch.Tensor, **unused):  # fmt: skip
+        """``x [P, H]`` (expert-major), ``tokens_per_expert [L]``, ``probs [P]`` → ``(y [P, H], None)``."""
+        x_PH, probs_P = permuted_local_hidden_states, permuted_probs
+        if self.config.moe_apply_probs_on_input:
+            x_PH = (probs_P.unsqueeze(-1) * x_PH).to(x_PH.dtype)
+            probs_P = torch.ones_like(probs_P)
+        counts = [int(c) for c in tokens_per_expert.tolist()]
+        if sum(counts) != x_PH.shape[0]:
+            raise ValueError(f"tokens_per_expert sums to {sum(counts)}, but there are {x_PH.shape[0]} rows")
+        h_PN = grouped_matmul(x_PH, self.weight1, counts)
+        a_PF = self._activation(h_PN)
+        a_PF = (a_PF * probs_P.unsqueeze(-1)).to(a_PF.dtype)
+        return grouped_matmul(a_PF, self.weight2, counts), None
+
+    def backward_dw(self) -> None:
+        """Weight gradients are computed in the ordinary backward (nothing is delayed)."""
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """Both weights sharded along the expert axis over the EP group (global ``[E, ...]``)."""
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+        ep_rank, ep_size = self.ep_group.rank(), self.ep_group.size()
+        dp_rank = self.dp_group.rank()
+        out = {}
+        for name in ("weight1", "weight2"):
+            tensor = getattr(self, name)
+            key = f"{prefix}{name}"
+            out[key] = ShardedTensor.from_rank_offsets(
+                key, tensor, *sharded_offsets, (len(sharded_offsets), ep_rank, ep_size),
+                replica_id=(0, 0, dp_rank), prepend_axis_num=len(sharded_offsets),
+            )  # fmt: skip
+        return out

@@ -1,0 +1,54 @@
+"""``EPOptions``: the ep_train settings of a MoE layer that TransformerConfig has no field for."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import Config
+
+__all__ = ["EPOptions"]
+
+
+@dataclass(frozen=True)
+class EPOptions:
+    """Settings of the ``deepep`` token dispatcher and of :class:`EPMoELayer`.
+
+    Attributes:
+        num_chunks: split each micro-batch's routed tokens into this many chunks and pipeline
+            them: the dispatch of chunk i+1 and the combine of chunk i-1 run while the experts
+            compute chunk i, forward and backward.  1 = off.  Every rank of the EP group must use
+            the same value.  Ignored (1) under Megatron's EP-overlap 1F1B schedule
+            (``overlap_moe_expert_parallel_comm``), which overlaps whole micro-batches instead.
+        expert_alignment: pad every local expert's rows to a multiple of this (zero rows with
+            probability 0), e.g. 16 or 32 for FP8 grouped GEMMs.  1 = no padding.
+        fp8_dispatch: send the dispatch in FP8 (e4m3, per-128 scales); the experts receive the
+            dequantised rows in the activation dtype.
+        backend: Buffer backend: ``"auto"`` (CUDA kernels where built, else torch collectives),
+            ``"torch"`` or ``"cuda"``.
+        num_sms: SMs of the dispatch/combine kernels (even; None: measured default).
+        dispatch_config, combine_config: full kernel configs (override ``num_sms``).
+    """
+
+    num_chunks: int = 1
+    expert_alignment: int = 1
+    fp8_dispatch: bool = False
+    backend: str = "auto"
+    num_sms: int | None = None
+    dispatch_config: Config | None = None
+    combine_config: Config | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("num_chunks", "expert_alignment"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"EPOptions.{name} must be an int >= 1, got {value!r}")
+        if self.backend not in ("auto", "torch", "cuda"):
+            raise ValueError(f"EPOptions.backend must be 'auto', 'torch' or 'cuda', got {self.backend!r}")
+        if self.num_sms is not None and (
+            isinstance(self.num_sms, bool) or not isinstance(self.num_sms, int) or self.num_sms < 2 or self.num_sms % 2
+        ):
+            raise ValueError(f"EPOptions.num_sms must be an even int >= 2 or None, got {self.num_sms!r}")
+        for name in ("dispatch_config", "combine_config"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Config):
+                raise TypeError(f"EPOptions.{name} must be an ep_train.Config or None, got {type(value).__name__}")
