@@ -33,7 +33,8 @@ also runs CUDA work.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -161,8 +162,16 @@ def cpu_compat() -> Iterator[None]:
 
     saved_cuda = {
         name: getattr(torch.cuda, name)
-        for name in ("current_device", "Stream", "current_stream", "default_stream", "stream", "Event",
-                     "manual_seed", "manual_seed_all")
+        for name in (
+            "current_device",
+            "Stream",
+            "current_stream",
+            "default_stream",
+            "stream",
+            "Event",
+            "manual_seed",
+            "manual_seed_all",
+        )
     }
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
 

@@ -30,8 +30,9 @@ experts, K top-k, N received rows, P expert-major rows.
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -106,10 +107,14 @@ class EPTokenDispatcher(MoETokenDispatcher):
                 f"{self.tp_size}); set expert_tensor_parallel_size=1"
             )
         if config.num_moe_experts is None or config.num_moe_experts % self.ep_size:
-            raise ValueError(f"num_moe_experts={config.num_moe_experts} must be divisible by the EP size {self.ep_size}")
+            raise ValueError(
+                f"num_moe_experts={config.num_moe_experts} must be divisible by the EP size {self.ep_size}"
+            )
         expected = list(range(local_expert_indices[0], local_expert_indices[0] + num_local_experts))
         if list(local_expert_indices) != expected or num_local_experts != config.num_moe_experts // self.ep_size:
-            raise ValueError(f"local_expert_indices must be {num_local_experts} contiguous ids, got {local_expert_indices}")
+            raise ValueError(
+                f"local_expert_indices must be {num_local_experts} contiguous ids, got {local_expert_indices}"
+            )
         self.num_local_experts = num_local_experts
         self.local_expert_indices = list(local_expert_indices)
         self.num_experts = config.num_moe_experts
@@ -167,7 +172,16 @@ class EPTokenDispatcher(MoETokenDispatcher):
     def _dispatch(self, buffer, x_TH, topk_idx_TK, weights_TK, previous_event=None, async_finish=False):
         o = self.options
         return ep_dispatch(buffer, x_TH, topk_idx_TK, weights_TK, self.num_experts, fp8=o.fp8_dispatch,
-                           config=o.dispatch_config, previous_event=previous_event, async_finish=async_finish)  # fmt: skip
+                           config=o.dispatch_config, previous_event=previous_event,
+                           async_finish=async_finish)  # fmt: skip
+
+    def _issue_combine(self, lane: CommLane, buffer, y_NH: torch.Tensor, handle):
+        """Combine on the comm stream once ``y_NH`` is ready → ``y_TH`` or ``(y_TH, event)``."""
+        cfg = self.options.combine_config
+        return lane.issue(
+            lambda ev, fin: ep_combine(buffer, y_NH, handle, config=cfg, previous_event=ev, async_finish=fin),
+            lane.ready_event(),
+        )
 
     def _permute(self, mb: _MicroBatch, recv_x_NH, recv_weights_NK):
         x_PH, tokens_per_expert_L, probs_P, row_P, rounds = permute_to_experts(
@@ -186,9 +200,13 @@ class EPTokenDispatcher(MoETokenDispatcher):
     def dispatch_preprocess(self, tokens: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor):
         """``[S, B, H]`` tokens, ``[T, E]`` bool routing map and probs → ``([T, H], weights [T, K])``."""
         if routing_map.dim() != 2 or routing_map.dtype != torch.bool:
-            raise ValueError(f"routing_map must be a [T, E] bool tensor, got {routing_map.dtype} {tuple(routing_map.shape)}")
+            raise ValueError(
+                f"routing_map must be a [T, E] bool tensor, got {routing_map.dtype} {tuple(routing_map.shape)}"
+            )
         if probs.shape != routing_map.shape:
-            raise ValueError(f"probs must have the routing map's shape {tuple(routing_map.shape)}, got {tuple(probs.shape)}")
+            raise ValueError(
+                f"probs must have the routing map's shape {tuple(routing_map.shape)}, got {tuple(probs.shape)}"
+            )
         hidden_shape = tokens.shape
         x_TH = tokens.reshape(-1, hidden_shape[-1])
         if self.config.overlap_moe_expert_parallel_comm:
@@ -292,12 +310,7 @@ class EPTokenDispatcher(MoETokenDispatcher):
             y_NH = unpermute_from_experts(y_PH, part.row_P, part.rounds, part.num_rows)
             if i + 1 < num_chunks:  # queued after chunk i's experts, so it overlaps them
                 pending = issue_dispatch(i + 1)
-            after = lane.ready_event()
-            cfg = self.options.combine_config
-            combined.append(lane.issue(
-                lambda ev, fin: ep_combine(buffer, y_NH, out.handle, config=cfg, previous_event=ev, async_finish=fin),
-                after,
-            ))  # fmt: skip
+            combined.append(self._issue_combine(lane, buffer, y_NH, out.handle))
         outputs = []
         for result in combined:
             y_TH, event = result if isinstance(result, tuple) else (result, None)

@@ -16,9 +16,8 @@ L local experts.
 from __future__ import annotations
 
 import torch
-from torch.nn import Parameter
-
 from megatron.core.transformer.module import MegatronModule
+from torch.nn import Parameter
 
 __all__ = ["GroupedGemmMLP", "grouped_matmul"]
 
@@ -70,7 +69,9 @@ class GroupedGemmMLP(MegatronModule):
         hidden, ffn = config.hidden_size, config.moe_ffn_hidden_size
         fc1_out = 2 * ffn if config.gated_linear_unit else ffn
         device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
-        self.weight1 = Parameter(torch.empty(num_local_experts, hidden, fc1_out, dtype=config.params_dtype, device=device))
+        self.weight1 = Parameter(
+            torch.empty(num_local_experts, hidden, fc1_out, dtype=config.params_dtype, device=device)
+        )
         self.weight2 = Parameter(torch.empty(num_local_experts, ffn, hidden, dtype=config.params_dtype, device=device))
         if config.perform_initialization:
             self._initialize(config)

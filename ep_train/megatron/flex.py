@@ -90,8 +90,9 @@ class FlexBackend:
         self.uninstall()
 
 
-def install_flex_backend(buffers: BufferPool | None = None, *, num_sms: int | None = None,
-                         backend: str = "auto") -> FlexBackend:
+def install_flex_backend(
+    buffers: BufferPool | None = None, *, num_sms: int | None = None, backend: str = "auto"
+) -> FlexBackend:
     """Install ep_train as the backend of Megatron's ``flex`` dispatcher; returns the backend
     (call ``uninstall()`` or use it as a context manager to restore the previous hooks).
 

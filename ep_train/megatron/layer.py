@@ -92,9 +92,7 @@ class EPMoELayer(MoELayer):
         num_chunks = self._num_chunks
         if num_chunks == 1:
             return super().routed_experts_compute(hidden_states, probs)
-        output = self.token_dispatcher.chunked_dispatch_experts_combine(
-            hidden_states, probs, self.experts, num_chunks
-        )
+        output = self.token_dispatcher.chunked_dispatch_experts_combine(hidden_states, probs, self.experts, num_chunks)
         return output, None
 
     def combine(self, output: torch.Tensor):

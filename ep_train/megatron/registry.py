@@ -8,7 +8,8 @@ is registered when ``ep_train.megatron`` is imported.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["MEGATRON_DISPATCHERS", "get_token_dispatcher", "register_token_dispatcher",
            "registered_token_dispatchers", "unregister_token_dispatcher"]  # fmt: skip

@@ -55,8 +55,9 @@ class _Rewriter:
 
         if isinstance(node, ModuleSpec):
             if _is_moe_layer(node.module):
-                return ModuleSpec(module=EPMoELayer, params={**node.params, **self._ep_params()},
-                                  submodules=self._moe_submodules(node.submodules), metainfo=dict(node.metainfo))  # fmt: skip
+                params = {**node.params, **self._ep_params()}
+                submodules = self._moe_submodules(node.submodules)
+                return ModuleSpec(module=EPMoELayer, params=params, submodules=submodules, metainfo=dict(node.metainfo))
             return dataclasses.replace(node, submodules=self(node.submodules))
         if isinstance(node, functools.partial):
             if _is_moe_layer(node.func):
@@ -91,7 +92,8 @@ def moe_layer_spec(spec: Any, *, options: EPOptions | None = None, grouped_gemm_
     options = options if options is not None else EPOptions()
     if buffers is None:
         buffers = BufferPool(backend=options.backend, num_sms=options.num_sms,
-                             dispatch_config=options.dispatch_config, combine_config=options.combine_config)  # fmt: skip
+                             dispatch_config=options.dispatch_config,
+                             combine_config=options.combine_config)  # fmt: skip
     rewriter = _Rewriter(options, buffers, grouped_gemm_experts)
     out = rewriter(spec)
     if rewriter.count == 0:
@@ -108,7 +110,11 @@ def gpt_layer_spec(*, use_te: bool | None = None, options: EPOptions | None = No
 
     if use_te is None:
         use_te = _have_te()
-    build = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec if use_te else gpt_layer_specs.get_gpt_layer_local_spec
+    build = (
+        gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec
+        if use_te
+        else gpt_layer_specs.get_gpt_layer_local_spec
+    )
     return moe_layer_spec(build(**kwargs), options=options, grouped_gemm_experts=grouped_gemm_experts)
 
 
@@ -133,7 +139,8 @@ def _have_te() -> bool:
 
 
 def get_gpt_layer_spec(config, *, overlap_chunks: int = 1, num_sms: int | None = None, use_te: bool | None = None,
-                       grouped_gemm: bool | None = None, options: EPOptions | None = None) -> Any:  # fmt: skip
+                       grouped_gemm: bool | None = None, options: EPOptions | None = None,
+                       **kwargs: Any) -> Any:  # fmt: skip
     """The GPT decoder spec for ``config`` with ep_train MoE layers (what ``GPTModel`` takes as
     ``transformer_layer_spec``; dense/MoE mixes follow ``config.moe_layer_freq``).
 
@@ -143,6 +150,7 @@ def get_gpt_layer_spec(config, *, overlap_chunks: int = 1, num_sms: int | None =
         grouped_gemm: grouped-GEMM experts (None: ``config.moe_grouped_gemm``); TEGroupedMLP with
             TransformerEngine, else :class:`GroupedGemmMLP`.
         options: full :class:`EPOptions` (overrides the shorthands).
+        kwargs: passed to Megatron's ``get_gpt_decoder_block_spec`` (e.g. ``vp_stage``, ``pp_rank``).
     """
     if use_te is None:
         use_te = _have_te()
@@ -157,8 +165,8 @@ def get_gpt_layer_spec(config, *, overlap_chunks: int = 1, num_sms: int | None =
     # build the spec with SequentialMLP and put GroupedGemmMLP in its place.
     config.moe_grouped_gemm = grouped_gemm and use_te
     try:
-        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te,
-                                          normalization=getattr(config, "normalization", None))  # fmt: skip
+        kwargs.setdefault("normalization", getattr(config, "normalization", None))
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, **kwargs)
     finally:
         config.moe_grouped_gemm = saved
     return moe_layer_spec(spec, options=options, grouped_gemm_experts=grouped_gemm and not use_te)

@@ -9,14 +9,15 @@ other chunks with no extra code.  The compute stream waits for a result only whe
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
 from ..buffer import Buffer
 from ..event import EventOverlap
 
-__all__ = ["CommLane", "side_stream_call"]
+__all__ = ["CommLane"]
 
 T = TypeVar("T")
 
@@ -59,11 +60,3 @@ class CommLane:
             if t is not None and t.is_cuda:
                 t.record_stream(current)
 
-
-def side_stream_call(stream, fn: Callable[[], T]) -> T:
-    """``fn()`` on ``stream`` (None or CPU: inline) after the work queued so far on the current stream."""
-    if stream is None or not torch.cuda.is_available():
-        return fn()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        return fn()

@@ -1,0 +1,150 @@
+"""One Megatron-Core MoE layer, forward + backward, under each token dispatcher in one run.
+
+Standard case (DESIGN.md §4): 4096 tokens per rank, hidden 7168, top-8 of 256 experts, expert FFN
+2048, BF16, grouped-GEMM experts (TEGroupedMLP with TransformerEngine, else ep_train's
+GroupedGemmMLP on torch._grouped_mm — the same experts for every dispatcher), on every GPU of this
+node (EP = GPU count).  Rows, in the same process on the same machine:
+
+- ``alltoall``: Megatron's own dispatcher (the baseline);
+- ``flex``: Megatron's flex dispatcher with ep_train's drop-in backend;
+- ``deepep chunks=N``: ep_train's dispatcher, N = 1 (no overlap) and the pipelined chunk counts.
+
+Median CUDA-event time of forward+backward over ``--iters`` iterations after warm-up, with and
+without shared experts overlapped when ``--shared`` is given.  Never asserts on time.
+
+    python benchmarks/bench_moe_layer.py [--tokens 4096] [--iters 20] [--chunks 2 4] [--shared 2048]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import socket
+import statistics
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _have_te() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _build(args, dispatcher: str, chunks: int, world: int):
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+    from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+    from ep_train.megatron import EPOptions, make_config, moe_layer_spec
+
+    te = _have_te()
+    config = make_config(
+        num_layers=1, hidden_size=args.hidden, num_attention_heads=64, num_moe_experts=args.experts,
+        moe_router_topk=args.topk, moe_ffn_hidden_size=args.ffn, ffn_hidden_size=args.ffn,
+        moe_token_dispatcher_type=dispatcher, moe_flex_dispatcher_backend="deepep",
+        expert_model_parallel_size=world, moe_grouped_gemm=te, add_bias_linear=False, gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu, bf16=True, params_dtype=torch.bfloat16, moe_router_dtype="fp32",
+        moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=1e-3,
+        moe_shared_expert_intermediate_size=args.shared or None,
+        moe_shared_expert_overlap=bool(args.shared) and dispatcher != "flex",
+    )  # fmt: skip
+    spec = moe_layer_spec(get_moe_module_spec(use_te=te, num_experts=args.experts, moe_grouped_gemm=te),
+                          options=EPOptions(num_chunks=chunks), grouped_gemm_experts=not te)  # fmt: skip
+    layer = build_module(spec, config=config) if isinstance(spec, ModuleSpec) else spec(config=config)
+    return layer.cuda(), ("TEGroupedMLP" if te else "GroupedGemmMLP")
+
+
+def _time_fwd_bwd(layer, x: torch.Tensor, grad: torch.Tensor, iters: int, warmup: int) -> float:
+    """Median ms of forward + backward; every rank runs the same count (collectives inside)."""
+    times = []
+    for i in range(warmup + iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        dist.barrier()
+        start.record()
+        out, _ = layer(x)
+        out.backward(grad)
+        end.record()
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(start.elapsed_time(end))
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+    return statistics.median(times)
+
+
+def _worker(rank: int, world: int, port: int, args) -> None:
+    os.environ.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
+                       "EP_TRAIN_QUIET": "1"})  # fmt: skip
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(minutes=10), device_id=torch.device("cuda", rank))  # fmt: skip
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from ep_train.megatron import install_flex_backend
+
+    parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=world)
+    model_parallel_cuda_manual_seed(1234)
+    gen = torch.Generator(device="cuda").manual_seed(1000 + rank)
+    x = torch.randn(args.tokens, 1, args.hidden, device="cuda", dtype=torch.bfloat16, generator=gen)
+    grad = torch.randn_like(x) * 1e-2
+    x.requires_grad_(True)
+    variants = [("alltoall", "alltoall", 1), ("flex", "flex (ep_train backend)", 1)]
+    variants += [("deepep", f"deepep chunks={c}" + (" (no overlap)" if c == 1 else ""), c) for c in [1, *args.chunks]]
+    rows = []
+    for dispatcher, label, chunks in variants:
+        backend = install_flex_backend() if dispatcher == "flex" else None
+        try:
+            layer, experts = _build(args, dispatcher, chunks, world)
+            ms = _time_fwd_bwd(layer, x, grad, args.iters, args.warmup)
+            buf = getattr(layer.token_dispatcher, "buffer", None)
+            comm = buf.backend_name if buf is not None else ("nccl a2a" if dispatcher == "alltoall" else "ep_train")
+            if backend is not None and backend.buffers._entries:
+                comm = next(iter(backend.buffers._entries.values())).buffer.backend_name
+            rows.append((label, ms, comm, experts))
+        finally:
+            if backend is not None:
+                backend.uninstall()
+        del layer
+        torch.cuda.empty_cache()
+    if rank == 0:
+        name = torch.cuda.get_device_name(0)
+        print(f"MoE layer fwd+bwd | {world}x {name} | EP {world} | {args.tokens} tokens/rank, hidden {args.hidden}, "
+              f"top-{args.topk} of {args.experts} experts, ffn {args.ffn}, shared {args.shared or 0}, "
+              "BF16")  # fmt: skip
+        base = rows[0][1]
+        for label, ms, comm, experts in rows:
+            print(f"  {label:<30} {ms:8.2f} ms  x{base / ms:5.2f} vs alltoall   comm={comm:<8} experts={experts}")
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--hidden", type=int, default=7168)
+    p.add_argument("--ffn", type=int, default=2048)
+    p.add_argument("--experts", type=int, default=256)
+    p.add_argument("--topk", type=int, default=8)
+    p.add_argument("--shared", type=int, default=0, help="shared-expert FFN size (0: none)")
+    p.add_argument("--chunks", type=int, nargs="*", default=[2, 4], help="chunk counts of the overlapped runs")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    args = p.parse_args()
+    world = torch.cuda.device_count()
+    if world < 2:
+        raise SystemExit("bench_moe_layer needs at least 2 GPUs")
+    world = max(n for n in (2, 4, 8) if n <= world)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(world, port, args), nprocs=world, join=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Megatron-Core parity on GPUs (NCCL): ep_train's "deepep" dispatcher (and the flex backend)
+against Megatron's "alltoall", as in tests/megatron but with CUDA streams, the chunked overlap on
+the Buffer's comm stream and, where built, ep_train's CUDA kernels.
+
+- FP32 on the torch backend (NCCL collectives): bitwise for top-k <= 2 without chunking, else
+  within 1e-6 relative.
+- BF16 on backend "auto" (CUDA kernels when built): ep_train sums in FP32 and rounds once,
+  Megatron's unpermute sums in BF16, so within 2e-2 relative of the largest value.
+- TEGroupedMLP experts when TransformerEngine is installed; ep_train's GroupedGemmMLP
+  (torch._grouped_mm) always.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "megatron"))
+
+
+def _skip_reason() -> str | None:
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        return "needs 2 CUDA GPUs"
+    try:
+        import megatron.core  # noqa: F401
+    except ImportError:
+        return "megatron-core is not installed"
+    return None
+
+
+def _have_te() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture
+def world() -> int:
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    return max(n for n in (2, 4, 8) if n <= torch.cuda.device_count())
+
+
+def _env():
+    os.environ.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"})
+
+
+def _cases(big: bool):
+    from _megatron_harness import Case
+
+    shape = dict(hidden=256, ffn=128, tokens=(64, 2), num_experts=16) if big else {}
+    cases = [
+        Case(topk=1, **shape),
+        Case(topk=2, **shape),
+        Case(topk=8, shared=True, shared_overlap=True, **shape),
+        Case(topk=2, chunks=4, **shape),
+        Case(topk=8, chunks=3, experts="grouped_gemm", **shape),
+    ]
+    if _have_te():
+        cases.append(Case(topk=8, experts="te_grouped", **shape))
+        cases.append(Case(topk=2, chunks=2, experts="te_grouped", **shape))
+    return cases
+
+
+def test_megatron_layer_parity_fp32_torch_backend(world):
+    from _megatron_harness import layer_parity
+
+    from ep_train.testing import run_distributed
+
+    _env()
+    seed = random.randrange(1 << 16)
+    counts = run_distributed(layer_parity, world, _cases(big=True), ["deepep", "flex"], seed, backend="nccl",
+                             timeout_s=300, dtype=torch.float32, ep_backend="torch", rel_tol=1e-6)  # fmt: skip
+    assert counts[0] > 0, f"seed {seed}"
+
+
+def test_megatron_layer_parity_bf16_auto_backend(world):
+    from _megatron_harness import layer_parity
+
+    from ep_train.testing import run_distributed
+
+    _env()
+    seed = random.randrange(1 << 16)
+    counts = run_distributed(layer_parity, world, _cases(big=True), ["deepep", "flex"], seed, backend="nccl",
+                             timeout_s=300, dtype=torch.bfloat16, ep_backend="auto", rel_tol=2e-2)  # fmt: skip
+    assert counts[0] > 0, f"seed {seed}"

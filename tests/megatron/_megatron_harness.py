@@ -1,0 +1,338 @@
+"""Build Megatron MoE layers / GPT models on CPU ranks and compare dispatchers (test support).
+
+Every function here runs inside a rank started by ``ep_train.testing.run_distributed`` and inside
+``cpu_compat()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+FP32_REL_TOL = 1e-6
+
+
+@dataclass(frozen=True)
+class Case:
+    """One MoE-layer configuration run under a reference and a candidate dispatcher."""
+
+    topk: int
+    num_experts: int = 8
+    shared: bool = False
+    shared_overlap: bool = False
+    chunks: int = 1
+    experts: str = "sequential"  # sequential | grouped_gemm (ours) | te_grouped (TEGroupedMLP, needs TE)
+    tokens: tuple[int, int] = (6, 2)  # (S, B) per rank
+    hidden: int = 16
+    ffn: int = 8
+    capacity_factor: float | None = None
+    extra: dict = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def exact(self) -> bool:
+        """Bitwise parity expected: the experts see the same rows in the same GEMM shapes (no
+        chunking) and every token's sum has the same association.  ep_train sums a token's experts
+        per rank before the combine adds the ranks' partials (one row per token and rank on the
+        wire), Megatron adds all K expert outputs in a row: equal association needs K <= 2."""
+        return self.chunks == 1 and self.topk <= 2
+
+    def tag(self) -> str:
+        return (f"[topk {self.topk} E {self.num_experts} shared {self.shared}/{self.shared_overlap} chunks "
+                f"{self.chunks} experts {self.experts} cap {self.capacity_factor}]")  # fmt: skip
+
+
+@contextlib.contextmanager
+def megatron_world(ep: int, seed: int = 1234, cpu: bool = True):
+    """(On CPU ``cpu_compat``) + Megatron's parallel state (TP 1, EP ``ep``) + seeded RNG trackers."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from ep_train.megatron.cpu_compat import cpu_compat
+
+    with cpu_compat() if cpu else contextlib.nullcontext():
+        parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=ep)
+        try:
+            model_parallel_cuda_manual_seed(seed)
+            yield
+        finally:
+            parallel_state.destroy_model_parallel()
+
+
+def make_layer_config(case: Case, dispatcher: str, ep: int, **overrides):
+    from ep_train.megatron import make_config
+
+    kwargs = dict(
+        num_layers=1, hidden_size=case.hidden, num_attention_heads=4, num_moe_experts=case.num_experts,
+        moe_router_topk=case.topk, moe_ffn_hidden_size=case.ffn, ffn_hidden_size=2 * case.ffn,
+        moe_token_dispatcher_type=dispatcher, use_cpu_initialization=True, expert_model_parallel_size=ep,
+        moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.01, add_bias_linear=False,
+        gated_linear_unit=True, activation_func=torch.nn.functional.silu, params_dtype=torch.float32,
+        moe_shared_expert_intermediate_size=(2 * case.ffn if case.shared else None),
+        moe_shared_expert_overlap=case.shared_overlap, moe_expert_capacity_factor=case.capacity_factor,
+        hidden_dropout=0.0, attention_dropout=0.0, moe_router_pre_softmax=case.topk == 1,
+    )  # fmt: skip
+    kwargs.update(overrides)
+    return make_config(**kwargs)
+
+
+def build(spec, config, **kwargs):
+    """Instantiate a spec of either Megatron generation (0.16 ``ModuleSpec``, 0.19 builder)."""
+    from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+    if isinstance(spec, ModuleSpec):
+        return build_module(spec, config=config, **kwargs)
+    return spec(config=config, **kwargs)
+
+
+def build_moe_layer(case: Case, dispatcher: str, ep: int, backend: str = "auto", **config_overrides):
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+
+    from ep_train.megatron import EPOptions, moe_layer_spec
+
+    if dispatcher == "flex":
+        config_overrides.setdefault("moe_flex_dispatcher_backend", "deepep")
+    config = make_layer_config(case, dispatcher, ep, **config_overrides)
+    te = case.experts == "te_grouped"
+    spec = moe_layer_spec(get_moe_module_spec(use_te=te, num_experts=case.num_experts, moe_grouped_gemm=te),
+                          options=EPOptions(num_chunks=case.chunks, backend=backend),
+                          grouped_gemm_experts=case.experts == "grouped_gemm")  # fmt: skip
+    return build(spec, config)
+
+
+def run_layer(layer, x: torch.Tensor, grad_out: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Forward + backward; → output, input grad and every parameter grad (by name)."""
+    x = x.clone().requires_grad_(True)
+    layer.zero_grad(set_to_none=True)
+    out, bias = layer(x)
+    assert bias is None
+    (out * grad_out).sum().backward()
+    result = {"output": out.detach().clone(), "input_grad": x.grad.clone()}
+    for name, p in layer.named_parameters():
+        result[f"grad:{name}"] = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+    return result
+
+
+def compare(actual: dict, expected: dict, exact: bool, tag: str, rel_tol: float = FP32_REL_TOL) -> None:
+    assert actual.keys() == expected.keys(), f"{tag}: keys {sorted(actual)} != {sorted(expected)}"
+    for key, e in expected.items():
+        a = actual[key]
+        assert a.shape == e.shape and a.dtype == e.dtype, f"{tag} {key}: {a.shape}/{a.dtype} vs {e.shape}/{e.dtype}"
+        assert torch.isfinite(a).all(), f"{tag} {key}: non-finite values"
+        if exact:
+            if not torch.equal(a, e):
+                diff = (a - e).abs()
+                raise AssertionError(
+                    f"{tag} {key}: not bitwise equal, {int((diff > 0).sum())} differ, max {diff.max()}"
+                )
+        else:
+            scale = e.abs().max().item()
+            err = (a - e).abs().max().item() if e.numel() else 0.0
+            assert err <= rel_tol * max(scale, 1e-30), f"{tag} {key}: max error {err:.3g} vs scale {scale:.3g}"
+
+
+def layer_parity(rank: int, world: int, cases: list[Case], candidates: list[str], seed: int, *,
+                 dtype: torch.dtype = torch.float32, ep_backend: str = "auto",
+                 rel_tol: float = FP32_REL_TOL) -> int:  # fmt: skip
+    """For each case: the MoE layer under each candidate dispatcher equals it under ``alltoall``.
+
+    On CUDA ranks (NCCL) the layers are built on the GPU in ``dtype``; bitwise comparisons then
+    apply only to FP32.  ``ep_backend`` is the ep_train Buffer backend ("torch" for FP32 on GPUs:
+    the CUDA kernels move BF16).
+    """
+    checked = 0
+    on_gpu = torch.cuda.is_available() and torch.distributed.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    dtype_kwargs = {}
+    if on_gpu:
+        dtype_kwargs = dict(use_cpu_initialization=False, params_dtype=dtype, bf16=dtype == torch.bfloat16,
+                            moe_router_dtype="fp32")  # fmt: skip
+    with megatron_world(world, seed, cpu=not on_gpu):
+        for i, case in enumerate(cases):
+            gen = torch.Generator().manual_seed(seed * 1000 + i * 10 + rank)
+            S, B = case.tokens
+            x = torch.randn(S, B, case.hidden, generator=gen).to(device, dtype)
+            grad_out = torch.randn(S, B, case.hidden, generator=gen).to(device, dtype)
+            torch.manual_seed(seed + i)
+            ref_layer = build_moe_layer(case, "alltoall", world, **dtype_kwargs)
+            state = ref_layer.state_dict()
+            expected = run_layer(ref_layer, x, grad_out)
+            for name in candidates:
+                if name == "flex" and case.shared_overlap:
+                    continue  # Megatron's flex dispatcher has no shared-expert overlap
+                with _candidate_context(name, ep_backend):
+                    layer = build_moe_layer(case, name, world, backend=ep_backend, **dtype_kwargs)
+                    layer.load_state_dict(state)
+                    actual = run_layer(layer, x, grad_out)
+                exact = case.exact and name == "deepep" and dtype == torch.float32
+                compare(actual, expected, exact, f"rank {rank} {name} {case.tag()}", rel_tol)
+                checked += 1
+    return checked
+
+
+@contextlib.contextmanager
+def _candidate_context(name: str, backend: str = "auto"):
+    if name != "flex":
+        yield
+        return
+    import torch._dynamo
+
+    from ep_train.megatron import install_flex_backend
+
+    # The flex dispatcher's preprocess is wrapped in torch.compile; compiling on CPU CI only costs time.
+    saved, torch._dynamo.config.disable = torch._dynamo.config.disable, True
+    try:
+        with install_flex_backend(backend=backend):
+            yield
+    finally:
+        torch._dynamo.config.disable = saved
+
+
+def build_gpt(dispatcher: str, ep: int, *, topk: int, chunks: int, grouped_gemm: bool, vocab: int, seq: int):
+    from megatron.core.models.gpt import GPTModel
+
+    from ep_train.megatron import EPOptions, gpt_layer_spec
+
+    case = Case(topk=topk, hidden=32, ffn=16)
+    config = make_layer_config(case, dispatcher, ep, num_layers=2, num_attention_heads=4)
+    spec = gpt_layer_spec(use_te=False, options=EPOptions(num_chunks=chunks), grouped_gemm_experts=grouped_gemm,
+                          num_experts=case.num_experts, moe_grouped_gemm=False)  # fmt: skip
+    return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=vocab, max_sequence_length=seq,
+                    position_embedding_type="learned_absolute")  # fmt: skip
+
+
+def _average_dense_grads(model) -> None:
+    """Data-parallel gradient average of the non-expert parameters (the world is the DP group of
+    the dense parameters; each expert lives on one rank, so its gradient is already complete)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    for p in model.parameters():
+        if p.grad is not None and getattr(p, "allreduce", True):
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
+
+
+def gpt_training(rank: int, world: int, dispatchers: list[str], steps: int, seed: int, topk: int = 2,
+                 chunks: int = 1, grouped_gemm: bool = False) -> dict[str, list[float]]:  # fmt: skip
+    """Train a 2-layer MoE GPTModel a few steps per dispatcher from the same init and data."""
+    vocab, seq, batch = 64, 16, 2
+    losses: dict[str, list[float]] = {}
+    with megatron_world(world, seed):
+        state = None
+        for name in dispatchers:
+            torch.manual_seed(seed)
+            with _candidate_context(name):
+                model = build_gpt(
+                    name, world, topk=topk, chunks=chunks, grouped_gemm=grouped_gemm, vocab=vocab, seq=seq
+                )
+                if state is None:
+                    state = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in model.state_dict().items()}
+                model.load_state_dict(state)
+                optim = torch.optim.Adam(model.parameters(), lr=1e-2)
+                gen = torch.Generator().manual_seed(seed + rank)
+                position_ids = torch.arange(seq).unsqueeze(0).expand(batch, -1)
+                mask = torch.triu(torch.ones(1, 1, seq, seq, dtype=torch.bool), diagonal=1)
+                tokens = torch.randint(0, vocab, (batch, seq + 1), generator=gen)  # one fixed batch: memorise it
+                history = []
+                for _ in range(steps):
+                    optim.zero_grad(set_to_none=True)
+                    loss = model(tokens[:, :-1], position_ids, mask, labels=tokens[:, 1:]).float().mean()
+                    loss.backward()
+                    _average_dense_grads(model)
+                    optim.step()
+                    history.append(loss.item())
+                losses[name] = history
+    return losses
+
+
+# ---------------------------------------------------------------------- EP-overlap schedule
+class _Node:
+    """One schedule node: detached inputs → outputs, run forward now and backward later."""
+
+    def __init__(self, fn, inputs: tuple, free_inputs: bool):
+        self.inputs = tuple(t.detach().requires_grad_(t.requires_grad) for t in inputs)
+        out = fn(*self.inputs)
+        self.outputs = out if isinstance(out, tuple) else (out,)
+        if free_inputs:  # what Megatron's ScheduleNode does with free_input=True
+            for t in self.inputs:
+                t.untyped_storage().resize_(0)
+
+    def backward(self, grads: tuple) -> tuple:
+        pairs = [(o, g) for o, g in zip(self.outputs, grads, strict=True) if g is not None and o.requires_grad]
+        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        return tuple(t.grad if t.requires_grad else None for t in self.inputs)
+
+
+def _schedule_forward(layer, x: torch.Tensor, free: bool):
+    """Megatron's EP-overlap split of one MoE layer: attn(route+preprocess) | dispatch | mlp | combine."""
+    state = {}
+
+    def attn(h):
+        probs, routing_map = layer.route(h)
+        return layer.preprocess(h, probs, routing_map)
+
+    def dispatch(local, probs):
+        tokens, dispatched_probs = layer.dispatch(local, probs)
+        state["probs_out"] = dispatched_probs
+        state["probs_in"] = dispatched_probs.detach().requires_grad_(True)
+        return tokens
+
+    def mlp(tokens):
+        out, _ = layer.routed_experts_compute(tokens, state["probs_in"])
+        return out
+
+    def combine(out):
+        return layer.postprocess(layer.combine(out), None)
+
+    n_attn = _Node(attn, (x.clone().requires_grad_(True),), False)
+    n_disp = _Node(dispatch, n_attn.outputs, free)
+    n_mlp = _Node(mlp, n_disp.outputs, free)
+    n_comb = _Node(combine, n_mlp.outputs, free)
+    return n_attn.inputs[0], (n_attn, n_disp, n_mlp, n_comb), state
+
+
+def _schedule_backward(nodes, state, grad_out: torch.Tensor) -> None:
+    n_attn, n_disp, n_mlp, n_comb = nodes
+    (g_mlp_out,) = n_comb.backward((grad_out,))
+    (g_tokens,) = n_mlp.backward((g_mlp_out,))
+    # The dispatch node has two outputs: the tokens (next node's input) and the probs the mlp node
+    # read from the layer state.
+    torch.autograd.backward([n_disp.outputs[0], state["probs_out"]], [g_tokens, state["probs_in"].grad])
+    g_local_probs = tuple(t.grad for t in n_disp.inputs)
+    n_attn.backward(g_local_probs)
+
+
+def overlap_schedule_parity(rank: int, world: int, seed: int, topks: tuple[int, ...] = (2, 8)) -> int:
+    """Two micro-batches through the EP-overlap node split (forward mb0, forward mb1, backward mb0,
+    backward mb1; node inputs freed as Megatron frees them): ``deepep`` equals ``alltoall`` run the
+    same way without freeing."""
+    return sum(_overlap_schedule_case(rank, world, seed + i, topk) for i, topk in enumerate(topks))
+
+
+def _overlap_schedule_case(rank: int, world: int, seed: int, topk: int) -> int:
+    case = Case(topk=topk)
+    gen = torch.Generator().manual_seed(seed + rank)
+    xs = [torch.randn(6, 2, case.hidden, generator=gen) for _ in range(2)]
+    gs = [torch.randn(6, 2, case.hidden, generator=gen) for _ in range(2)]
+    results = {}
+    with megatron_world(world, seed):
+        state_dict = None
+        for name in ("alltoall", "deepep"):
+            torch.manual_seed(seed)
+            layer = build_moe_layer(case, name, world)
+            layer.config.overlap_moe_expert_parallel_comm = name == "deepep"  # the flag the schedule sets
+            if state_dict is None:
+                state_dict = layer.state_dict()
+            layer.load_state_dict(state_dict)
+            runs = [_schedule_forward(layer, x, free=name == "deepep") for x in xs]
+            for (_, nodes, st), g in zip(runs, gs, strict=True):
+                _schedule_backward(nodes, st, g)
+            res = {f"output{i}": r[1][3].outputs[0].detach().clone() for i, r in enumerate(runs)}
+            res.update({f"input_grad{i}": r[0].grad.clone() for i, r in enumerate(runs)})
+            res.update({f"grad:{n}": p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None})
+            results[name] = res
+            layer.config.overlap_moe_expert_parallel_comm = False
+    compare(results["deepep"], results["alltoall"], topk <= 2, f"rank {rank} EP-overlap schedule topk {topk}")
+    return len(results["deepep"])
