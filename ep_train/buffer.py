@@ -11,7 +11,8 @@ M ``num_max_dispatch_tokens_per_rank``.  ``-1`` in a ``topk_idx`` means "no expe
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -109,9 +110,16 @@ class Buffer:
         if self.device.type == "cuda":
             self._comm_stream = torch.cuda.Stream(device=self.device, priority=-1)
         self._backend = create_backend(
-            backend, self.group, self.rank, self.group_size, self.device,
-            self.num_nvl_bytes, self.num_rdma_bytes, self.low_latency_mode, self.timeout_s,
-        )  # fmt: skip
+            backend,
+            self.group,
+            self.rank,
+            self.group_size,
+            self.device,
+            self.num_nvl_bytes,
+            self.num_rdma_bytes,
+            self.low_latency_mode,
+            self.timeout_s,
+        )
 
     # ------------------------------------------------------------------ properties and helpers
     def _group_device(self) -> torch.device:
@@ -143,10 +151,20 @@ class Buffer:
         if isinstance(num_sms, bool) or not isinstance(num_sms, int) or num_sms < 2 or num_sms % 2:
             raise ValueError(f"num_sms must be an even int >= 2, got {num_sms!r}")
         d, c = self._dispatch_config, self._combine_config
-        self._dispatch_config = Config(num_sms, d.num_max_nvl_chunked_send_tokens, d.num_max_nvl_chunked_recv_tokens,
-                                       d.num_max_rdma_chunked_send_tokens, d.num_max_rdma_chunked_recv_tokens)  # fmt: skip
-        self._combine_config = Config(num_sms, c.num_max_nvl_chunked_send_tokens, c.num_max_nvl_chunked_recv_tokens,
-                                      c.num_max_rdma_chunked_send_tokens, c.num_max_rdma_chunked_recv_tokens)  # fmt: skip
+        self._dispatch_config = Config(
+            num_sms,
+            d.num_max_nvl_chunked_send_tokens,
+            d.num_max_nvl_chunked_recv_tokens,
+            d.num_max_rdma_chunked_send_tokens,
+            d.num_max_rdma_chunked_recv_tokens,
+        )
+        self._combine_config = Config(
+            num_sms,
+            c.num_max_nvl_chunked_send_tokens,
+            c.num_max_nvl_chunked_recv_tokens,
+            c.num_max_rdma_chunked_send_tokens,
+            c.num_max_rdma_chunked_recv_tokens,
+        )
 
     def get_comm_stream(self):
         """The CUDA stream this buffer's kernels run on (``None`` on CPU)."""
@@ -224,8 +242,15 @@ class Buffer:
                 "(Config.get_nvl_buffer_size_hint)"
             )
 
-    def _run(self, fn: Callable[[], Any], inputs: list[torch.Tensor], previous_event: EventOverlap | None,
-             async_finish: bool, allocate_on_comm_stream: bool, name: str) -> tuple[Any, EventOverlap]:  # fmt: skip
+    def _run(
+        self,
+        fn: Callable[[], Any],
+        inputs: list[torch.Tensor],
+        previous_event: EventOverlap | None,
+        async_finish: bool,
+        allocate_on_comm_stream: bool,
+        name: str,
+    ) -> tuple[Any, EventOverlap]:
         """Run ``fn`` on the comm stream after ``previous_event`` (or the current stream)."""
         if previous_event is not None and not isinstance(previous_event, EventOverlap):
             raise TypeError(f"previous_event must be an EventOverlap or None, got {type(previous_event).__name__}")
@@ -351,19 +376,28 @@ class Buffer:
             args = self._dispatch_args(x_TH, scales_TS, locals())
         inputs = [t for t in (x_TH, scales_TS, args.topk_idx_TK, args.topk_weights_TK) if t is not None]
         res, event = self._run(
-            lambda: self._backend.dispatch(args), inputs, previous_event, async_finish, allocate_on_comm_stream,
+            lambda: self._backend.dispatch(args),
+            inputs,
+            previous_event,
+            async_finish,
+            allocate_on_comm_stream,
             "dispatch",
         )
         recv_x = res.recv_x_NH if res.recv_x_scales_NS is None else (res.recv_x_NH, res.recv_x_scales_NS)
-        return (recv_x, res.recv_topk_idx_NK, res.recv_topk_weights_NK, res.num_recv_tokens_per_expert_list,
-                res.handle, event)  # fmt: skip
+        return (
+            recv_x,
+            res.recv_topk_idx_NK,
+            res.recv_topk_weights_NK,
+            res.num_recv_tokens_per_expert_list,
+            res.handle,
+            event,
+        )
 
     def _dispatch_args(self, x_TH, scales_TS, a: dict) -> DispatchArgs:
         T, R = x_TH.shape[0], self.group_size
         if a["num_tokens_per_rank"] is None or a["is_token_in_rank"] is None:
             raise ValueError(
-                "dispatch without a handle needs num_tokens_per_rank and is_token_in_rank "
-                "(from get_dispatch_layout)"
+                "dispatch without a handle needs num_tokens_per_rank and is_token_in_rank (from get_dispatch_layout)"
             )
         topk_idx, topk_weights = a["topk_idx"], a["topk_weights"]
         if isinstance(topk_idx, torch.Tensor) and topk_idx.dim() >= 1 and topk_idx.shape[0] != T:
@@ -373,25 +407,46 @@ class Buffer:
             raise ValueError("dispatch with topk_idx needs num_tokens_per_expert (from get_dispatch_layout)")
         num_experts = per_expert.shape[0] if isinstance(per_expert, torch.Tensor) else R
         num_experts = self._check_num_experts(num_experts)
-        per_rank = check_tensor("num_tokens_per_rank", a["num_tokens_per_rank"], dtypes=torch.int32, ndim=1,
-                                device=self.device, shape=(R,))  # fmt: skip
-        in_rank = check_tensor("is_token_in_rank", a["is_token_in_rank"], dtypes=torch.bool, ndim=2,
-                               device=self.device, shape=(T, R))  # fmt: skip
+        per_rank = check_tensor(
+            "num_tokens_per_rank", a["num_tokens_per_rank"], dtypes=torch.int32, ndim=1, device=self.device, shape=(R,)
+        )
+        in_rank = check_tensor(
+            "is_token_in_rank", a["is_token_in_rank"], dtypes=torch.bool, ndim=2, device=self.device, shape=(T, R)
+        )
         if per_expert is not None:
             check_tensor("num_tokens_per_expert", per_expert, dtypes=torch.int32, ndim=1, device=self.device)
         if topk_idx is not None:
             sync_free = a["num_worst_tokens"] > 0
             topk_idx = self._check_topk_idx(topk_idx, num_experts, T, sync_free)
             if topk_weights is not None:
-                check_tensor("topk_weights", topk_weights, dtypes=self._weight_dtypes, ndim=2, device=self.device,
-                             shape=tuple(topk_idx.shape))  # fmt: skip
+                check_tensor(
+                    "topk_weights",
+                    topk_weights,
+                    dtypes=self._weight_dtypes,
+                    ndim=2,
+                    device=self.device,
+                    shape=tuple(topk_idx.shape),
+                )
         elif topk_weights is not None:
             raise ValueError("topk_weights was given without topk_idx")
         num_topk = 0 if topk_idx is None else topk_idx.shape[1]
         dtype = torch.float8_e4m3fn if scales_TS is not None else x_TH.dtype
         info = self._next_info(_OP_DISPATCH, x_TH.shape[1], num_experts, num_topk, dtype)
-        return DispatchArgs(info, x_TH, scales_TS, topk_idx, topk_weights, per_rank, per_expert, in_rank, None,
-                            num_experts, a["expert_alignment"], a["num_worst_tokens"], a["config"] or self._dispatch_config)  # fmt: skip
+        return DispatchArgs(
+            info,
+            x_TH,
+            scales_TS,
+            topk_idx,
+            topk_weights,
+            per_rank,
+            per_expert,
+            in_rank,
+            None,
+            num_experts,
+            a["expert_alignment"],
+            a["num_worst_tokens"],
+            a["config"] or self._dispatch_config,
+        )
 
     def _cached_dispatch_args(self, x_TH, scales_TS, handle, a: dict) -> DispatchArgs:
         if not isinstance(handle, DispatchHandle):
@@ -411,14 +466,25 @@ class Buffer:
             )
         if a["num_worst_tokens"] not in (0, handle.num_recv_rows):
             raise ValueError(
-                f"num_worst_tokens={a['num_worst_tokens']} differs from the cached handle's "
-                f"{handle.num_recv_rows} rows"
+                f"num_worst_tokens={a['num_worst_tokens']} differs from the cached handle's {handle.num_recv_rows} rows"
             )
         dtype = torch.float8_e4m3fn if scales_TS is not None else x_TH.dtype
         info = self._next_info(_OP_CACHED, handle.hidden, handle.num_experts, 0, dtype)
-        return DispatchArgs(info, x_TH, scales_TS, None, None, None, None, None, handle, handle.num_experts,
-                            handle.expert_alignment, handle.num_recv_rows if a["num_worst_tokens"] else 0,
-                            a["config"] or self._dispatch_config)  # fmt: skip
+        return DispatchArgs(
+            info,
+            x_TH,
+            scales_TS,
+            None,
+            None,
+            None,
+            None,
+            None,
+            handle,
+            handle.num_experts,
+            handle.expert_alignment,
+            handle.num_recv_rows if a["num_worst_tokens"] else 0,
+            a["config"] or self._dispatch_config,
+        )
 
     # ------------------------------------------------------------------ combine
     def combine(
@@ -453,27 +519,46 @@ class Buffer:
         if not isinstance(handle, DispatchHandle):
             raise TypeError(f"handle must be a DispatchHandle from dispatch(), got {type(handle).__name__}")
         if handle.rank != self.rank or handle.num_ranks != self.group_size:
-            raise ValueError(f"handle belongs to rank {handle.rank} of {handle.num_ranks}, this buffer is rank "
-                             f"{self.rank} of {self.group_size}")  # fmt: skip
-        x_NH = check_tensor("x", x, dtypes=self._backend.supported_dtypes, ndim=2, device=self.device,
-                            shape=(handle.num_recv_rows, None))  # fmt: skip
+            raise ValueError(
+                f"handle belongs to rank {handle.rank} of {handle.num_ranks}, this buffer is rank "
+                f"{self.rank} of {self.group_size}"
+            )
+        x_NH = check_tensor(
+            "x",
+            x,
+            dtypes=self._backend.supported_dtypes,
+            ndim=2,
+            device=self.device,
+            shape=(handle.num_recv_rows, None),
+        )
         hidden = x_NH.shape[1]
         self._check_nvl_bytes(hidden, x_NH.element_size(), config, "combine")
         if topk_weights is not None:
-            check_tensor("topk_weights", topk_weights, dtypes=self._weight_dtypes, ndim=2, device=self.device,
-                         shape=(handle.num_recv_rows, None))  # fmt: skip
+            check_tensor(
+                "topk_weights",
+                topk_weights,
+                dtypes=self._weight_dtypes,
+                ndim=2,
+                device=self.device,
+                shape=(handle.num_recv_rows, None),
+            )
         biases = () if bias is None else (bias,) if isinstance(bias, torch.Tensor) else tuple(bias)
         if len(biases) > 2:
             raise ValueError(f"bias must be a tensor or a pair of tensors, got {len(biases)} tensors")
         for i, b in enumerate(biases):
-            check_tensor(f"bias[{i}]", b, dtypes=x_NH.dtype, ndim=2, device=self.device,
-                         shape=(handle.num_tokens, hidden))  # fmt: skip
+            check_tensor(
+                f"bias[{i}]", b, dtypes=x_NH.dtype, ndim=2, device=self.device, shape=(handle.num_tokens, hidden)
+            )
         num_topk = 0 if topk_weights is None else topk_weights.shape[1]
         info = self._next_info(_OP_COMBINE, hidden, handle.num_experts, num_topk, x_NH.dtype)
         args = CombineArgs(info, x_NH, handle, topk_weights, biases, config)
         inputs = [x_NH, *biases] + ([topk_weights] if topk_weights is not None else [])
         res, event = self._run(
-            lambda: self._backend.combine(args), inputs, previous_event, async_finish, allocate_on_comm_stream,
+            lambda: self._backend.combine(args),
+            inputs,
+            previous_event,
+            async_finish,
+            allocate_on_comm_stream,
             "combine",
         )
         return res.combined_x_TH, res.combined_topk_weights_TK, event
@@ -534,19 +619,43 @@ class Buffer:
         self._check_low_latency(M, hidden, num_experts)
         topk_idx = self._check_topk_idx(topk_idx, num_experts, T, sync_free=True)
         if topk_weights is not None:
-            check_tensor("topk_weights", topk_weights, dtypes=self._weight_dtypes, ndim=2, device=self.device,
-                         shape=tuple(topk_idx.shape))  # fmt: skip
+            check_tensor(
+                "topk_weights",
+                topk_weights,
+                dtypes=self._weight_dtypes,
+                ndim=2,
+                device=self.device,
+                shape=tuple(topk_idx.shape),
+            )
         stats = cumulative_local_expert_recv_stats
         if stats is not None:
-            check_tensor("cumulative_local_expert_recv_stats", stats, dtypes=torch.int32, ndim=1,
-                         device=self.device, shape=(num_experts // self.group_size,))  # fmt: skip
-        info = self._next_info(_OP_LL_DISPATCH, hidden, num_experts, topk_idx.shape[1], x_TH.dtype,
-                               extra=M * 2 + int(use_fp8))  # fmt: skip
-        args = LowLatencyDispatchArgs(info, x_TH, topk_idx, topk_weights, M, num_experts, bool(use_fp8), bool(round_scale),
-                                      stats, bool(return_recv_hook))  # fmt: skip
+            check_tensor(
+                "cumulative_local_expert_recv_stats",
+                stats,
+                dtypes=torch.int32,
+                ndim=1,
+                device=self.device,
+                shape=(num_experts // self.group_size,),
+            )
+        info = self._next_info(
+            _OP_LL_DISPATCH, hidden, num_experts, topk_idx.shape[1], x_TH.dtype, extra=M * 2 + int(use_fp8)
+        )
+        args = LowLatencyDispatchArgs(
+            info,
+            x_TH,
+            topk_idx,
+            topk_weights,
+            M,
+            num_experts,
+            bool(use_fp8),
+            bool(round_scale),
+            stats,
+            bool(return_recv_hook),
+        )
         inputs = [x_TH, topk_idx] + ([topk_weights] if topk_weights is not None else [])
-        res, event = self._run(lambda: self._backend.low_latency_dispatch(args), inputs, None,
-                               async_finish, False, "low_latency_dispatch")  # fmt: skip
+        res, event = self._run(
+            lambda: self._backend.low_latency_dispatch(args), inputs, None, async_finish, False, "low_latency_dispatch"
+        )
         recv_x = res.recv_x_LSH if res.recv_x_scales_LSS is None else (res.recv_x_LSH, res.recv_x_scales_LSS)
         return recv_x, res.recv_count_L, res.handle, event, res.hook
 
@@ -576,10 +685,13 @@ class Buffer:
         if use_logfmt:
             raise ValueError("use_logfmt=True is not supported; combine sends BF16 rows")
         if not isinstance(handle, LowLatencyHandle):
-            raise TypeError(f"handle must be a LowLatencyHandle from low_latency_dispatch(), got {type(handle).__name__}")
+            raise TypeError(
+                f"handle must be a LowLatencyHandle from low_latency_dispatch(), got {type(handle).__name__}"
+            )
         L, R, M = handle.num_local_experts, self.group_size, handle.num_max_dispatch_tokens_per_rank
-        x_LSH = check_tensor("x", x, dtypes=self._backend.supported_dtypes, ndim=3, device=self.device,
-                             shape=(L, R * M, handle.hidden))  # fmt: skip
+        x_LSH = check_tensor(
+            "x", x, dtypes=self._backend.supported_dtypes, ndim=3, device=self.device, shape=(L, R * M, handle.hidden)
+        )
         T, K = handle.topk_idx_TK.shape
         topk_idx = check_tensor("topk_idx", topk_idx, dtypes=topk_idx_t, ndim=2, device=self.device, shape=(T, K))
         check_tensor("topk_weights", topk_weights, dtypes=self._weight_dtypes, ndim=2, device=self.device, shape=(T, K))
@@ -587,6 +699,12 @@ class Buffer:
             check_tensor("out", out, dtypes=x_LSH.dtype, ndim=2, device=self.device, shape=(T, handle.hidden))
         info = self._next_info(_OP_LL_COMBINE, handle.hidden, handle.num_experts, K, x_LSH.dtype, extra=M * 2)
         args = LowLatencyCombineArgs(info, x_LSH, topk_idx, topk_weights, handle, out, bool(return_recv_hook))
-        res, event = self._run(lambda: self._backend.low_latency_combine(args), [x_LSH, topk_idx, topk_weights],
-                               None, async_finish, False, "low_latency_combine")  # fmt: skip
+        res, event = self._run(
+            lambda: self._backend.low_latency_combine(args),
+            [x_LSH, topk_idx, topk_weights],
+            None,
+            async_finish,
+            False,
+            "low_latency_combine",
+        )
         return res.combined_x_TH, event, res.hook

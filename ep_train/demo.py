@@ -35,9 +35,13 @@ def _run(rank: int, world_size: int, args: argparse.Namespace) -> None:
         per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, e)
         _report(rank, f"sends {per_rank.tolist()} tokens to ranks {list(range(world_size))}")
         recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(
-            x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-            topk_idx=topk_idx, topk_weights=topk_weights,
-        )  # fmt: skip
+            x,
+            num_tokens_per_rank=per_rank,
+            is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert,
+            topk_idx=topk_idx,
+            topk_weights=topk_weights,
+        )
         origins = [(int(r), int(i)) for r, i in recv_x[:, :2].float().tolist()]
         _report(rank, f"received {recv_x.shape[0]} rows (source rank, token): {origins}")
         _report(rank, f"tokens per local expert: {counts}")

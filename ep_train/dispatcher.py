@@ -150,8 +150,17 @@ class MoEDispatcher:
         fp8: transfer the dispatch in FP8 (e4m3, per-128 scales).
     """
 
-    def __init__(self, buffer: Buffer, num_experts: int, *, expert_alignment: int = 1, num_worst_tokens: int = 0,
-                 fp8: bool = False, dispatch_config: Config | None = None, combine_config: Config | None = None):  # fmt: skip
+    def __init__(
+        self,
+        buffer: Buffer,
+        num_experts: int,
+        *,
+        expert_alignment: int = 1,
+        num_worst_tokens: int = 0,
+        fp8: bool = False,
+        dispatch_config: Config | None = None,
+        combine_config: Config | None = None,
+    ):
         if not isinstance(buffer, Buffer):
             raise TypeError(f"buffer must be an ep_train.Buffer, got {type(buffer).__name__}")
         if num_experts % buffer.group_size != 0:
@@ -171,8 +180,16 @@ class MoEDispatcher:
             x_TD: ``[T, D]`` tokens.  topk_idx_TK: ``[T, K]`` int64 global expert ids, -1 = none.
             topk_weights_TK: ``[T, K]`` float32 gate weights (gradients flow back to them via probs_P).
         """
-        out = ep_dispatch(self.buffer, x_TD, topk_idx_TK, topk_weights_TK, self.num_experts,
-                          num_worst_tokens=self.num_worst_tokens, fp8=self.fp8, config=self.dispatch_config)  # fmt: skip
+        out = ep_dispatch(
+            self.buffer,
+            x_TD,
+            topk_idx_TK,
+            topk_weights_TK,
+            self.num_experts,
+            num_worst_tokens=self.num_worst_tokens,
+            fp8=self.fp8,
+            config=self.dispatch_config,
+        )
         x_PD, tokens_per_expert, probs_P, row_P, rounds = permute_to_experts(
             out.recv_x, out.recv_topk_idx, out.recv_topk_weights, self.num_local_experts, self.expert_alignment
         )

@@ -78,9 +78,7 @@ def intranode_control_bytes(num_ranks: int, num_channels: int) -> int:
     return align_up(sync + notify + counters)
 
 
-def intranode_buffer_bytes(
-    hidden_bytes: int, num_ranks: int, num_channels: int, num_recv_ring_tokens: int
-) -> int:
+def intranode_buffer_bytes(hidden_bytes: int, num_ranks: int, num_channels: int, num_recv_ring_tokens: int) -> int:
     rings = num_channels * num_ranks * num_recv_ring_tokens * intranode_row_bytes(hidden_bytes)
     return intranode_control_bytes(num_ranks, num_channels) + align_up(rings)
 

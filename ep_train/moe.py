@@ -69,7 +69,9 @@ class TopKRouter(nn.Module):
         weights_TK, idx_TK = probs_TE.topk(self.top_k, dim=-1)
         if self.normalize and self.top_k > 1:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-        load_E = torch.zeros_like(probs_TE[0]).index_add_(0, idx_TK.flatten(), torch.ones_like(idx_TK.flatten(), dtype=probs_TE.dtype))
+        load_E = torch.zeros_like(probs_TE[0]).index_add_(
+            0, idx_TK.flatten(), torch.ones_like(idx_TK.flatten(), dtype=probs_TE.dtype)
+        )
         frac_E = load_E / max(idx_TK.numel(), 1)
         aux = self.num_experts * (frac_E * probs_TE.mean(dim=0)).sum()
         return idx_TK, weights_TK, aux

@@ -59,9 +59,13 @@ def _grads_body(rank, R, seed, kind, K):
     total.backward()
     tag = f"[seed {seed} kind {kind} K {K}]"
     y_ref = dense_moe_reference(xs[rank], idxs[rank], ws[rank], w1, w2)
-    for name, a, b in (("output", y, y_ref), ("grad x", x.grad, X[rank].grad), ("grad topk_weights", w.grad, W[rank].grad),
-                       ("grad w1", lw1.grad, W1.grad[rank * L : (rank + 1) * L]),
-                       ("grad w2", lw2.grad, W2.grad[rank * L : (rank + 1) * L])):  # fmt: skip
+    for name, a, b in (
+        ("output", y, y_ref),
+        ("grad x", x.grad, X[rank].grad),
+        ("grad topk_weights", w.grad, W[rank].grad),
+        ("grad w1", lw1.grad, W1.grad[rank * L : (rank + 1) * L]),
+        ("grad w2", lw2.grad, W2.grad[rank * L : (rank + 1) * L]),
+    ):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m, n=name: f"{n} {tag}: {m}")
 
     # Activation checkpointing replays the routing: bitwise-equal gradients.
@@ -72,8 +76,9 @@ def _grads_body(rank, R, seed, kind, K):
     assert torch.equal(y2, y) and torch.equal(x2.grad, x.grad) and torch.equal(w2_.grad, w.grad), tag
 
     # gradcheck w.r.t. x and topk_weights (expert weights fixed: they are shared across ranks).
-    ok = torch.autograd.gradcheck(layer, (xs[rank].clone().requires_grad_(), ws[rank].clone().requires_grad_()),
-                                  eps=1e-6, atol=1e-5, rtol=1e-4)  # fmt: skip
+    ok = torch.autograd.gradcheck(
+        layer, (xs[rank].clone().requires_grad_(), ws[rank].clone().requires_grad_()), eps=1e-6, atol=1e-5, rtol=1e-4
+    )
     assert ok, tag
 
 

@@ -99,10 +99,20 @@ class _DispatchFn(torch.autograd.Function):
                 topk_idx_TK, opts.num_experts, previous_event=opts.previous_event, async_finish=opts.async_finish
             )
             recv_x, recv_idx, recv_w, _, handle, event = buffer.dispatch(
-                x_in, None, per_rank, None, in_rank, per_expert, topk_idx_TK, topk_weights_TK.detach(),
-                opts.expert_alignment, opts.num_worst_tokens, opts.config,
-                layout_event if opts.async_finish else None, opts.async_finish,
-            )  # fmt: skip
+                x_in,
+                None,
+                per_rank,
+                None,
+                in_rank,
+                per_expert,
+                topk_idx_TK,
+                topk_weights_TK.detach(),
+                opts.expert_alignment,
+                opts.num_worst_tokens,
+                opts.config,
+                layout_event if opts.async_finish else None,
+                opts.async_finish,
+            )
             replay.record(_Replay("normal", handle, recv_idx, topk_idx_TK))
         else:
             handle, recv_idx = entry.handle, entry.recv_topk_idx
@@ -144,9 +154,13 @@ class _CombineFn(torch.autograd.Function):
     def forward(ctx, x_NH, bias0, bias1, buffer: Buffer, handle: DispatchHandle, opts: dict, out: dict):
         bias = tuple(b for b in (bias0, bias1) if b is not None) or None
         combined, _, event = buffer.combine(
-            x_NH, handle, bias=bias, config=opts["config"], previous_event=opts["previous_event"],
+            x_NH,
+            handle,
+            bias=bias,
+            config=opts["config"],
+            previous_event=opts["previous_event"],
             async_finish=opts["async_finish"],
-        )  # fmt: skip
+        )
         ctx.buffer, ctx.handle = buffer, handle
         ctx.has_bias = (bias0 is not None, bias1 is not None)
         out["event"] = event
@@ -156,7 +170,9 @@ class _CombineFn(torch.autograd.Function):
     def backward(ctx, grad_TH):
         handle: DispatchHandle = ctx.handle
         grad_TH = grad_TH.contiguous()
-        grad_handle = handle if grad_TH.shape[1] == handle.hidden else dataclasses.replace(handle, hidden=grad_TH.shape[1])
+        grad_handle = (
+            handle if grad_TH.shape[1] == handle.hidden else dataclasses.replace(handle, hidden=grad_TH.shape[1])
+        )
         grad_x, *_ = ctx.buffer.dispatch(grad_TH, grad_handle)
         grad_x = _zero_padding_rows(grad_x, handle)
         g0 = grad_TH if ctx.has_bias[0] else None

@@ -8,8 +8,8 @@ E experts, L = E/R local experts, N received rows, M ``num_max_dispatch_tokens_p
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -157,5 +157,5 @@ class Backend(ABC):
     @abstractmethod
     def low_latency_combine(self, args: LowLatencyCombineArgs) -> LowLatencyCombineResult: ...
 
-    def destroy(self) -> None:
+    def destroy(self) -> None:  # noqa: B027 - optional hook: backends without memory keep the default
         """Release communication memory; the default holds none."""

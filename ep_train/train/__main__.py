@@ -27,11 +27,22 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         prog="ep-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--recipe", default=None, help="recipe YAML (default: the tiny CPU recipe)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe value, e.g. --set train.steps=20 (repeatable)")  # fmt: skip
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value, e.g. --set train.steps=20 (repeatable)",
+    )
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    parser.add_argument("--stop-at", type=int, default=None, metavar="STEP",
-                        help="leave after STEP completed steps (an interrupted run; continue with --resume)")  # fmt: skip
+    parser.add_argument(
+        "--stop-at",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="leave after STEP completed steps (an interrupted run; continue with --resume)",
+    )
     return parser.parse_args(argv)
 
 

@@ -112,9 +112,16 @@ def train(recipe: Recipe, *, resume: bool = False, stop_at: int | None = None) -
     accum = t.global_batch_size // (micro * dp_size)
     tokens_per_step = t.global_batch_size * recipe.model.seq_length
     flops_step = 3 * flops_per_token(recipe.model) * tokens_per_step
-    logger = RunLogger(rank, recipe.to_dict(), recipe.log.wandb, recipe.log.wandb_project,
-                       recipe.log.wandb_run_name or recipe.name, recipe.log.wandb_mode, recipe.log.wandb_dir,
-                       recipe.log.jsonl)  # fmt: skip
+    logger = RunLogger(
+        rank,
+        recipe.to_dict(),
+        recipe.log.wandb,
+        recipe.log.wandb_project,
+        recipe.log.wandb_run_name or recipe.name,
+        recipe.log.wandb_mode,
+        recipe.log.wandb_dir,
+        recipe.log.jsonl,
+    )
     logger.start()
     if rank == 0:
         print(
@@ -151,12 +158,19 @@ def train(recipe: Recipe, *, resume: bool = False, stop_at: int | None = None) -
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
         logger.log(
             StepStats(
-                step=step + 1, loss=float(loss_sum) / (accum * dp_size), lr=lr, grad_norm=grad_norm,
-                step_time_s=elapsed, tokens_per_s=tokens_per_step / elapsed,
-                tflops_per_gpu=flops_step / elapsed / world / 1e12, comm_time_s=comm_s,
-                tokens_per_expert_min=per_expert_min, tokens_per_expert_max=per_expert_max, peak_memory_gb=peak,
+                step=step + 1,
+                loss=float(loss_sum) / (accum * dp_size),
+                lr=lr,
+                grad_norm=grad_norm,
+                step_time_s=elapsed,
+                tokens_per_s=tokens_per_step / elapsed,
+                tflops_per_gpu=flops_step / elapsed / world / 1e12,
+                comm_time_s=comm_s,
+                tokens_per_expert_min=per_expert_min,
+                tokens_per_expert_max=per_expert_max,
+                peak_memory_gb=peak,
             )
-        )  # fmt: skip
+        )
         ck = recipe.checkpoint
         if ck.every and (step + 1) % ck.every == 0:
             save_checkpoint(ck.dir, step + 1, model, optimizer)

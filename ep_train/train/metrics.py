@@ -86,9 +86,13 @@ class RunLogger:
             mode = "online" if _wandb_key_configured() else "offline"
         os.makedirs(self.wandb_dir, exist_ok=True)
         self._run = wandb.init(
-            project=self.project, name=self.run_name or None, config=self.recipe, dir=self.wandb_dir, mode=mode,
+            project=self.project,
+            name=self.run_name or None,
+            config=self.recipe,
+            dir=self.wandb_dir,
+            mode=mode,
             reinit="finish_previous",
-        )  # fmt: skip
+        )
 
     def log(self, stats: StepStats) -> None:
         self.history.append(stats)
@@ -107,14 +111,20 @@ class RunLogger:
         if self._run is not None:
             self._run.log(
                 {
-                    "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
-                    "step_time_s": stats.step_time_s, "tokens_per_s": stats.tokens_per_s,
-                    "tflops_per_gpu": stats.tflops_per_gpu, "comm_time_s": stats.comm_time_s,
-                    "comm_share": stats.comm_share, "moe/tokens_per_expert_min": stats.tokens_per_expert_min,
-                    "moe/tokens_per_expert_max": stats.tokens_per_expert_max, "peak_memory_gb": stats.peak_memory_gb,
+                    "loss": stats.loss,
+                    "lr": stats.lr,
+                    "grad_norm": stats.grad_norm,
+                    "step_time_s": stats.step_time_s,
+                    "tokens_per_s": stats.tokens_per_s,
+                    "tflops_per_gpu": stats.tflops_per_gpu,
+                    "comm_time_s": stats.comm_time_s,
+                    "comm_share": stats.comm_share,
+                    "moe/tokens_per_expert_min": stats.tokens_per_expert_min,
+                    "moe/tokens_per_expert_max": stats.tokens_per_expert_max,
+                    "peak_memory_gb": stats.peak_memory_gb,
                 },
                 step=stats.step,
-            )  # fmt: skip
+            )
 
     def finish(self) -> None:
         if self.rank != 0:

@@ -201,8 +201,18 @@ def _positive(key: str, value: int | float) -> None:
 
 def _validate(r: Recipe, world_size: int | None, device: str | None) -> None:
     m, p, t = r.model, r.parallel, r.train
-    for key in ("num_layers", "hidden_size", "ffn_hidden_size", "moe_ffn_hidden_size", "num_attention_heads",
-                "num_experts", "moe_router_topk", "seq_length", "vocab_size", "moe_layer_freq"):  # fmt: skip
+    for key in (
+        "num_layers",
+        "hidden_size",
+        "ffn_hidden_size",
+        "moe_ffn_hidden_size",
+        "num_attention_heads",
+        "num_experts",
+        "moe_router_topk",
+        "seq_length",
+        "vocab_size",
+        "moe_layer_freq",
+    ):
         _positive(f"model.{key}", getattr(m, key))
     if m.hidden_size % m.num_attention_heads:
         raise RecipeError(
