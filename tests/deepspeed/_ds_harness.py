@@ -1,0 +1,241 @@
+"""Rank bodies of the DeepSpeed adapter tests (run by ``ep_train.testing.launcher``).
+
+Every body runs many sub-cases in one launch and returns plain numbers; the tests assert on them.
+The reference is DeepSpeed's own ``MOELayer`` on the same gate and experts: both layers are built
+from the same seed, see the same gate noise (same RNG state per forward) and the same upstream
+gradient.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def init_deepspeed() -> None:
+    """DeepSpeed on the launcher's process group; the engine wants the torchrun variables too."""
+    import deepspeed
+    import torch.distributed as dist
+
+    os.environ.update(LOCAL_RANK=str(dist.get_rank()), RANK=str(dist.get_rank()), WORLD_SIZE=str(dist.get_world_size()))
+    deepspeed.init_distributed(dist_backend=str(dist.get_backend()))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden: int, ffn: int, bias: bool = True):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden, 2 * ffn, bias=bias)
+        self.fc2 = nn.Linear(ffn, hidden, bias=bias)
+
+    def forward(self, x):
+        gate, up = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(nn.functional.silu(gate) * up)
+
+
+def _diff(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
+    """Max abs difference relative to the reference's max magnitude (at least 1e-3)."""
+    if a is None and b is None:
+        return 0.0
+    if a is None or b is None or a.shape != b.shape:
+        return float("inf")
+    if a.numel() == 0:
+        return 0.0
+    scale = max(a.double().abs().max().item(), 1e-3)
+    return (a.double() - b.double()).abs().max().item() / scale
+
+
+def _build(case: dict, seed: int, ep_train_layer: bool):
+    from deepspeed.moe.layer import MoE
+
+    import ep_train.deepspeed as epds
+
+    torch.manual_seed(seed)
+    hidden, ffn = case["hidden"], case.get("ffn", 12)
+    expert = SwiGLU(hidden, ffn) if case.get("expert", "swiglu") == "swiglu" else nn.Linear(hidden, hidden)
+    moe = MoE(hidden, expert, num_experts=case["experts"], ep_size=case["ep"], k=case["k"],
+              drop_tokens=case.get("drop", False), use_residual=case.get("residual", False),
+              min_capacity=case.get("min_capacity", 4), capacity_factor=case.get("capacity_factor", 1.0),
+              noisy_gate_policy=case.get("noise"))  # fmt: skip
+    moe = moe.to(case.get("device", "cpu"), DTYPES[case["dtype"]])
+    if ep_train_layer:
+        replaced = epds.use_ep_train(moe, drop_tokens=None, combine_dtype=case.get("combine_dtype"))
+        if replaced != ["deepspeed_moe"]:
+            raise AssertionError(f"use_ep_train replaced {replaced}")
+    moe.set_deepspeed_parallelism()
+    return moe
+
+
+def _run(moe, x, grad, used_token, seed):
+    torch.manual_seed(seed)  # gate noise (2nd-expert sampling, RTS, jitter) alike in both layers
+    x = x.clone().requires_grad_(True)
+    out, l_aux, counts = moe(x, used_token)
+    (out.float() * grad).sum().add(l_aux * 0.1).backward()
+    grads = {n: p.grad for n, p in moe.named_parameters()}
+    return out.detach(), l_aux.detach(), counts, x.grad, grads
+
+
+def parity_cases(rank: int, world: int, cases: list[dict], env: dict | None = None) -> list[dict]:
+    """Forward/backward of DeepSpeed's MOELayer vs EPMOELayer per case → relative differences.
+
+    ``env``: variables to set in the rank first (a forkserver's ranks do not see the test's env).
+    """
+    os.environ.update(env or {})
+    init_deepspeed()
+    results = []
+    for i, case in enumerate(cases):
+        seed = 1000 + i
+        ref, ours = _build(case, seed, False), _build(case, seed, True)
+        dtype = DTYPES[case["dtype"]]
+        gen = torch.Generator().manual_seed(seed * 31 + rank)
+        device = case.get("device", "cpu")
+        x = torch.randn(case["batch"], case["seq"], case["hidden"], generator=gen).to(device, dtype)
+        grad = torch.randn(x.shape, generator=gen).to(device)
+        used = None
+        if case.get("used_token"):
+            used = (torch.rand(case["batch"] * case["seq"], generator=gen) > 0.3).float().to(device)
+        ro, rl, rc, rx, rg = _run(ref, x, grad, used, seed + 7)
+        oo, ol, oc, ox, og = _run(ours, x, grad, used, seed + 7)
+        grad_diff = max((_diff(rg[n], og[n]) for n in rg), default=0.0)
+        results.append({
+            "case": i, "out": _diff(ro, oo), "l_aux": _diff(rl, ol), "counts": _diff(rc, oc), "x_grad": _diff(rx, ox),
+            "param_grad": grad_diff, "same_params": sorted(rg) == sorted(og),
+            "scale": ro.abs().max().item(), "ours_type": type(ours.deepspeed_moe).__name__,
+        "backend": _backend_name(ours),
+        })  # fmt: skip
+    return results
+
+
+def _backend_name(moe) -> str:
+    entries = getattr(moe.deepspeed_moe.buffers, "_entries", {})
+    return ",".join(sorted({e.buffer.backend_name for e in entries.values()})) or "none"
+
+
+class TinyMoEModel(nn.Module):
+    """Linear → MoE → Linear → MoE → Linear, loss = MSE + 0.01 · l_aux (both MoE layers)."""
+
+    def __init__(self, case: dict):
+        from deepspeed.moe.layer import MoE
+
+        super().__init__()
+        h = case["hidden"]
+        self.inp = nn.Linear(h, h)
+        self.moe1 = MoE(h, SwiGLU(h, 12), num_experts=case["experts"], ep_size=case["ep"], k=case["k"],
+                        drop_tokens=case.get("drop", False))  # fmt: skip
+        self.mid = nn.Linear(h, h)
+        self.moe2 = MoE(h, SwiGLU(h, 12), num_experts=case["experts"], ep_size=case["ep"], k=case["k"],
+                        drop_tokens=case.get("drop", False))  # fmt: skip
+        self.out = nn.Linear(h, h)
+
+    def forward(self, x, y):
+        h, aux1, _ = self.moe1(torch.relu(self.inp(x)))
+        h, aux2, _ = self.moe2(torch.relu(self.mid(h)))
+        return nn.functional.mse_loss(self.out(h).float(), y.float()) + 0.01 * (aux1 + aux2)
+
+
+def ds_config(case: dict) -> dict:
+    config = {
+        "train_micro_batch_size_per_gpu": case["batch"],
+        "gradient_accumulation_steps": 1,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": case["zero"]},
+        "steps_per_print": 1000,
+        "wall_clock_breakdown": case.get("timers", False),
+    }
+    if case["dtype"] == "bf16":
+        config["bf16"] = {"enabled": True}
+    return config
+
+
+def _train(case: dict, ep_train_layer: bool, steps: int, rank: int):
+    import deepspeed
+
+    import ep_train.deepspeed as epds
+
+    torch.manual_seed(5)
+    model = TinyMoEModel(case)
+    if ep_train_layer:
+        epds.use_ep_train(model, drop_tokens=None)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds_config(case))
+    dtype = DTYPES[case["dtype"]]
+    losses = []
+    for step in range(steps):
+        gen = torch.Generator().manual_seed(100 * step + rank)
+        x = torch.randn(case["batch"], case["seq"], case["hidden"], generator=gen).to(dtype)
+        y = torch.randn(x.shape, generator=gen).to(dtype)
+        torch.manual_seed(step)
+        loss = engine(x, y)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    params = {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
+    info = {
+        "moe_layers": [type(m).__name__ for m in engine.moe_layers],
+        "time_moe": [float(m.time_moe) for m in engine.moe_layers],
+    }
+    return losses, params, info
+
+
+def training_cases(rank: int, world: int, cases: list[dict]) -> list[dict]:
+    """A few DeepSpeed training steps with DeepSpeed's MOELayer vs EPMOELayer → loss/param diffs."""
+    init_deepspeed()
+    results = []
+    for case in cases:
+        ref_losses, ref_params, _ = _train(case, False, case["steps"], rank)
+        our_losses, our_params, info = _train(case, True, case["steps"], rank)
+        results.append({
+            "ref_losses": ref_losses, "our_losses": our_losses,
+            "loss": max(abs(a - b) for a, b in zip(ref_losses, our_losses, strict=True)),
+            "param": max(_diff(ref_params[n], our_params[n]) for n in ref_params),
+            "same_params": sorted(ref_params) == sorted(our_params), **info,
+        })  # fmt: skip
+    return results
+
+
+def grouped_cases(rank: int, world: int, cases: list[dict]) -> list[dict]:
+    """DeepSpeed's MoE with SwiGLU expert modules vs ``ep_train.deepspeed.MoE`` with grouped experts
+    holding the same weights → max abs differences (gradients mapped back to the modules' layout)."""
+    from deepspeed.moe.layer import MoE as DeepSpeedMoE
+
+    import ep_train.deepspeed as epds
+
+    init_deepspeed()
+    results = []
+    for i, case in enumerate(cases):
+        seed, h, f = 2000 + i, case["hidden"], case["ffn"]
+        torch.manual_seed(seed)
+        ref = DeepSpeedMoE(h, SwiGLU(h, f, bias=False), num_experts=case["experts"], ep_size=case["ep"], k=case["k"],
+                           drop_tokens=False)  # fmt: skip
+        ours = epds.MoE(h, None, num_experts=case["experts"], ep_size=case["ep"], k=case["k"], ffn_hidden_size=f,
+                        expert_alignment=case.get("alignment", 1))  # fmt: skip
+        experts = ours.deepspeed_moe.experts
+        with torch.no_grad():
+            ours.deepspeed_moe.gate.wg.weight.copy_(ref.deepspeed_moe.gate.wg.weight)
+            for e, module in enumerate(ref.deepspeed_moe.experts.deepspeed_experts):
+                experts.w1[e].copy_(module.fc1.weight.t())
+                experts.w2[e].copy_(module.fc2.weight.t())
+        ref.set_deepspeed_parallelism()
+        ours.set_deepspeed_parallelism()
+        gen = torch.Generator().manual_seed(seed * 31 + rank)
+        x = torch.randn(case["batch"], case["seq"], h, generator=gen)
+        grad = torch.randn(x.shape, generator=gen)
+        ro, rl, _, rx, rg = _run(ref, x, grad, None, seed)
+        oo, ol, _, ox, og = _run(ours, x, grad, None, seed)
+        modules = ref.deepspeed_moe.experts.deepspeed_experts
+        ref_w1 = torch.stack([m.fc1.weight.grad.t() for m in modules])
+        ref_w2 = torch.stack([m.fc2.weight.grad.t() for m in modules])
+        results.append({
+            "out": _diff(ro, oo), "l_aux": _diff(rl, ol), "x_grad": _diff(rx, ox),
+            "gate_grad": _diff(rg["deepspeed_moe.gate.wg.weight"], og["deepspeed_moe.gate.wg.weight"]),
+            "w1_grad": _diff(ref_w1, experts.w1.grad), "w2_grad": _diff(ref_w2, experts.w2.grad),
+            "tags": all(getattr(p, "allreduce", True) is False and p.group_name == ours.expert_group_name
+                        for p in experts.parameters()),
+        })  # fmt: skip
+    return results
