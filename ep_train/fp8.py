@@ -25,7 +25,7 @@ def _blocks(x: torch.Tensor) -> torch.Tensor:
     xf = x.float()
     if padded != hidden:
         xf = torch.nn.functional.pad(xf, (0, padded - hidden))
-    return xf.view(*x.shape[:-1], -1, FP8_BLOCK)
+    return xf.view(*x.shape[:-1], num_fp8_scales(hidden), FP8_BLOCK)  # explicit: x may have no rows
 
 
 def quantize_fp8(x: torch.Tensor, round_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,7 +40,7 @@ def quantize_fp8(x: torch.Tensor, round_scale: bool = False) -> tuple[torch.Tens
         scale = torch.exp2(torch.ceil(torch.log2(scale)))
     inv = 1.0 / scale
     q = (blocks * inv.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    q = q.view(*x.shape[:-1], -1)[..., :hidden].contiguous()
+    q = q.view(*x.shape[:-1], blocks.shape[-2] * FP8_BLOCK)[..., :hidden].contiguous()
     return q, scale.contiguous()
 
 
@@ -48,5 +48,5 @@ def dequantize_fp8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = t
     """Inverse of :func:`quantize_fp8` (exact up to the e4m3 rounding of the forward)."""
     hidden = q.shape[-1]
     blocks = _blocks(q)
-    out = (blocks * scales.float().unsqueeze(-1)).view(*q.shape[:-1], -1)[..., :hidden]
+    out = (blocks * scales.float().unsqueeze(-1)).view(*q.shape[:-1], blocks.shape[-2] * FP8_BLOCK)[..., :hidden]
     return out.to(dtype).contiguous()

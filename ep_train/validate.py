@@ -43,9 +43,9 @@ def check_tensor(
     if t.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
     if shape is not None:
-        for axis, (want, got) in enumerate(zip(shape, t.shape)):
+        for axis, (want, got) in enumerate(zip(shape, t.shape, strict=True)):
             if want is not None and want != got:
-                expected = tuple("*" if s is None else s for s in shape)
+                expected = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
                 raise ValueError(f"{name} must have shape {expected}, got {tuple(t.shape)} (axis {axis})")
     if t.device.type != device.type or (device.index is not None and t.device.index != device.index):
         raise ValueError(f"{name} must be on device {device}, got {t.device}")
@@ -74,7 +74,11 @@ def split_fp8(
         q = check_tensor(f"{name}[0]", x[0], dtypes=torch.float8_e4m3fn, ndim=2, device=device)
         num_scales = (q.shape[1] + 127) // 128
         scales = check_tensor(
-            f"{name}[1] (FP8 scales)", x[1], dtypes=torch.float32, ndim=2, device=device,
+            f"{name}[1] (FP8 scales)",
+            x[1],
+            dtypes=torch.float32,
+            ndim=2,
+            device=device,
             shape=(q.shape[0], num_scales),
         )
         return q, scales

@@ -45,7 +45,8 @@ def _grads_body(rank, R, seed, kind, K):
     T, H = 5, 4
     L = E // R
     w1, w2, idxs, ws, xs, gouts = _model(R, T, H, K, kind, seed)
-    disp = MoEDispatcher(_buffer(R, H, T), E, expert_alignment=2)
+    # Checkpoint replay also dispatches the K gate weights as a row: size the buffer for both.
+    disp = MoEDispatcher(_buffer(R, max(H, K), T), E, expert_alignment=2)
     lw1 = w1[rank * L : (rank + 1) * L].clone().requires_grad_()
     lw2 = w2[rank * L : (rank + 1) * L].clone().requires_grad_()
     layer = _layer(disp, idxs[rank], lw1, lw2)

@@ -1,88 +1,119 @@
-"""Ranks that disagree raise on every rank; a rank that skips a call or dies gives a bounded error."""
+"""Ranks that disagree raise ``RankMismatchError`` on every rank; a rank that skips a call makes
+its peers raise ``CommTimeoutError`` within the buffer's timeout; a dead peer gives ``CommError``."""
 
 from __future__ import annotations
 
+import os
 import time
 
+import pytest
 import torch
 import torch.distributed as dist
 
 from ep_train import Buffer, CommError, CommTimeoutError, RankMismatchError
 from ep_train.testing import make_routing, run_distributed
 
-T, E = 8, 4
+T, E, H, M = 8, 8, 256, 16
 
 
 def _buffer(timeout_s: float) -> Buffer:
-    nvl = Buffer.get_dispatch_config(2).get_nvl_buffer_size_hint(512 * 2, 2)
-    return Buffer(dist.group.WORLD, num_nvl_bytes=nvl, timeout_s=timeout_s)
+    nvl = Buffer.get_dispatch_config(4).get_nvl_buffer_size_hint(1024 * 4, 4)
+    rdma = Buffer.get_low_latency_rdma_size_hint(2 * M, 1024, 4, 2 * E)
+    return Buffer(dist.group.WORLD, num_nvl_bytes=nvl, num_rdma_bytes=rdma, low_latency_mode=True, timeout_s=timeout_s)
 
 
-def _dispatch(buf, rank, hidden, num_experts):
-    idx, w = make_routing("uniform", T, num_experts, 2, 2, 7, rank)
+def _dispatch(buf, rank, R, hidden=H, num_experts=E, dtype=torch.bfloat16, num_topk=2):
+    idx, w = make_routing("uniform", T, num_experts, num_topk, R, 7, rank)
     per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, num_experts)
-    return buf.dispatch(torch.randn(T, hidden).bfloat16(), num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+    return buf.dispatch(torch.randn(T, hidden).to(dtype), num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
                         num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w)  # fmt: skip
 
 
-def _expect(fn, exc):
-    start = time.monotonic()
-    try:
-        fn()
-    except exc as e:
-        return str(e), time.monotonic() - start
-    raise AssertionError(f"expected {exc.__name__}")
+def _ll_dispatch(buf, rank, R, max_tokens=M):
+    idx, _ = make_routing("uniform", T, E, 2, R, 7, rank)
+    return buf.low_latency_dispatch(torch.randn(T, H).bfloat16(), idx, max_tokens, E, use_fp8=False)
+
+
+def _combine_or_dispatch(buf, rank, R, odd):
+    recv_x, _, _, _, handle, _ = _dispatch(buf, rank, R)
+    return buf.combine(recv_x, handle) if odd else _dispatch(buf, rank, R)
+
+
+# What the last rank does differently, and the words every rank's message must contain.
+SCENARIOS = {
+    "hidden": (lambda b, r, R, odd: _dispatch(b, r, R, hidden=320 if odd else H), ["hidden is", "256", "320"]),
+    "num_experts": (lambda b, r, R, odd: _dispatch(b, r, R, num_experts=2 * E if odd else E), ["num_experts is"]),
+    "op": (_combine_or_dispatch, ["op is", "combine", "dispatch"]),
+    "dtype": (lambda b, r, R, odd: _dispatch(b, r, R, dtype=torch.float32 if odd else torch.bfloat16), ["dtype is"]),
+    "num_topk": (lambda b, r, R, odd: _dispatch(b, r, R, num_topk=3 if odd else 2), ["num_topk is", "2", "3"]),
+    "ll_max_tokens": (lambda b, r, R, odd: _ll_dispatch(b, r, R, 2 * M if odd else M),
+                      ["num_max_dispatch_tokens_per_rank", "16", "32"]),
+    "ll_vs_dispatch": (lambda b, r, R, odd: _ll_dispatch(b, r, R) if odd else _dispatch(b, r, R),
+                       ["op is", "low_latency_dispatch"]),
+}  # fmt: skip
 
 
 def _mismatch_body(rank, world_size):
-    buf = _buffer(30)
-    msgs = []
-    # Different hidden sizes.
-    msgs.append(_expect(lambda: _dispatch(buf, rank, 256 if rank == 0 else 320, E), RankMismatchError)[0])
-    buf = _buffer(30)  # a failed buffer refuses further calls: start a fresh one
-    msgs.append(_expect(lambda: _dispatch(buf, rank, 256, E if rank == 0 else 2 * E), RankMismatchError)[0])
-    buf = _buffer(30)
-    recv_x, _, _, _, handle, _ = _dispatch(buf, rank, 128, E)
-    if rank == 0:
-        msgs.append(_expect(lambda: _dispatch(buf, rank, 128, E), RankMismatchError)[0])
-    else:
-        msgs.append(_expect(lambda: buf.combine(recv_x, handle), RankMismatchError)[0])
-    later = _expect(lambda: _dispatch(buf, rank, 128, E), CommError)[0]
-    return msgs, later
+    out = {}
+    for name, (call, _) in SCENARIOS.items():
+        buf = _buffer(30)  # a buffer is unusable after a failure: one per scenario
+        try:
+            call(buf, rank, world_size, rank == world_size - 1)
+            out[name] = "no error"
+        except RankMismatchError as exc:
+            out[name] = str(exc)
+        try:  # the failed buffer refuses further work at once, without waiting for peers
+            _dispatch(buf, rank, world_size)
+        except CommError as exc:
+            out[name] += " || " + str(exc)
+    return out
 
 
-def test_disagreeing_ranks_raise_on_every_rank():
-    for msgs, later in run_distributed(_mismatch_body, 2, timeout_s=120):
-        assert "hidden is" in msgs[0] and "256" in msgs[0] and "320" in msgs[0], msgs[0]
-        assert "num_experts" in msgs[1], msgs[1]
-        assert "op is" in msgs[2] and "combine" in msgs[2] and "dispatch" in msgs[2], msgs[2]
-        assert "unusable after an earlier failure" in later, later
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_disagreeing_ranks_raise_on_every_rank(world_size):
+    for rank, out in enumerate(run_distributed(_mismatch_body, world_size, timeout_s=240)):
+        for name, (_, words) in SCENARIOS.items():
+            msg = out[name]
+            assert msg != "no error", f"rank {rank}, {name}: no RankMismatchError"
+            first, later = msg.split(" || ")
+            for word in words + [f"rank {rank}", f"rank {world_size - 1}"]:
+                assert word in first, f"rank {rank}, {name}: {word!r} not in {first!r}"
+            assert "unusable after an earlier failure" in later, f"rank {rank}, {name}: {later!r}"
 
 
-def _skip_body(rank, world_size):
-    buf = _buffer(3)
+def _skip_body(rank, world_size, timeout_s):
+    buf = _buffer(timeout_s)
     if rank == 1:
-        time.sleep(6)  # alive but never calls dispatch
+        time.sleep(timeout_s + 4)  # alive, but never calls dispatch
         return None
-    return _expect(lambda: _dispatch(buf, rank, 128, E), CommTimeoutError)
+    start = time.monotonic()
+    try:
+        _dispatch(buf, rank, world_size)
+    except CommTimeoutError as exc:
+        return str(exc), time.monotonic() - start
+    raise AssertionError("dispatch returned although rank 1 never called it")
 
 
 def test_rank_skipping_a_call_times_out():
-    result = run_distributed(_skip_body, 2, timeout_s=60)[0]
-    msg, elapsed = result
-    assert elapsed < 10, f"waited {elapsed:.1f} s, bound was 3 s"
+    msg, elapsed = run_distributed(_skip_body, 2, 3, timeout_s=60)[0]
+    assert 2.5 <= elapsed < 3 + 4, f"waited {elapsed:.1f} s with timeout_s=3"
     assert "rank 0" in msg and "3 s" in msg and "skipped" in msg, msg
 
 
 def _dead_peer_body(rank, world_size):
     buf = _buffer(20)
+    dist.barrier()  # both ranks are up; then rank 1 dies
     if rank == 1:
-        dist.destroy_process_group()  # the peer goes away: its connections close
-        return None
-    return _expect(lambda: _dispatch(buf, rank, 128, E), CommError)
+        os._exit(1)  # dies without a word: its connections close
+    start = time.monotonic()
+    try:
+        _dispatch(buf, rank, world_size)
+    except CommError as exc:
+        return type(exc).__name__, str(exc), time.monotonic() - start
+    raise AssertionError("dispatch returned although rank 1 is dead")
 
 
 def test_dead_peer_raises_instead_of_hanging():
-    msg, elapsed = run_distributed(_dead_peer_body, 2, timeout_s=60)[0]
-    assert elapsed < 25, f"took {elapsed:.1f} s"
+    kind, msg, elapsed = run_distributed(_dead_peer_body, 2, timeout_s=90, may_exit=[1])[0]
+    assert elapsed < 20 + 5, f"{kind} after {elapsed:.1f} s"
     assert "rank 0" in msg, msg

@@ -1,164 +1,453 @@
-"""Bad input gets a clear error naming the argument (single-rank gloo group in this process)."""
+"""Bad input gets an error of the right type whose message names the argument.
+
+Most checks are local, so they run in this process on a 1-rank gloo group; the checks that need
+several ranks (num_experts not divisible by the group size, errors every rank must raise alike) run
+on 2 ranks through the launcher.  Each case is one pytest id: a failure names the argument.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
 
-import ep_train
-from ep_train import Buffer, Config
+from ep_train import Buffer, Config, get_combine_config, get_dispatch_config
 from ep_train.fp8 import quantize_fp8
+from ep_train.testing import make_routing, run_distributed
 
 T, H, E, K, M = 6, 256, 4, 2, 8
+
+
+@contextlib.contextmanager
+def raises_naming(exc: type[BaseException], *words: str):
+    """The block raises ``exc`` (or a subclass) and the message contains every word."""
+    with pytest.raises(exc) as info:
+        yield info
+    for word in words:
+        assert word in str(info.value), f"message does not name {word!r}: {info.value}"
 
 
 @pytest.fixture(scope="module")
 def group():
     if dist.is_initialized():
-        pytest.skip("a process group already exists in this process")
-    tmp = tempfile.mkdtemp()
-    dist.init_process_group("gloo", store=dist.FileStore(os.path.join(tmp, "store"), 1), rank=0, world_size=1)
-    yield dist.group.WORLD
-    dist.destroy_process_group()
+        pytest.skip("this process already has a default process group")
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("gloo", store=dist.FileStore(os.path.join(tmp, "store"), 1), rank=0, world_size=1)
+        yield dist.group.WORLD
+        dist.destroy_process_group()
 
 
 @pytest.fixture()
-def buf(group):
+def ctx(group):
+    """A fresh low-latency-capable buffer, valid inputs, a dispatch handle and a low-latency handle."""
     nvl = Buffer.get_dispatch_config(1).get_nvl_buffer_size_hint(H * 8, 1)
     rdma = Buffer.get_low_latency_rdma_size_hint(M, H, 1, E)
-    with Buffer(group, num_nvl_bytes=nvl, num_rdma_bytes=rdma, low_latency_mode=True, timeout_s=10) as b:
-        yield b
-
-
-def _inputs():
+    buf = Buffer(group, num_nvl_bytes=nvl, num_rdma_bytes=rdma, low_latency_mode=True, timeout_s=10)
     idx = torch.tensor([[0, 1], [2, -1], [3, 0], [-1, -1], [1, 2], [0, 3]])
-    return torch.randn(T, H).bfloat16(), idx, torch.rand(T, K)
-
-
-def _layout(buf, idx):
+    x, w = torch.randn(T, H).bfloat16(), torch.rand(T, K)
     per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
-    return {"num_tokens_per_rank": per_rank, "is_token_in_rank": in_rank, "num_tokens_per_expert": per_expert}
+    lay = {"num_tokens_per_rank": per_rank, "is_token_in_rank": in_rank, "num_tokens_per_expert": per_expert}
+    recv_x, _, recv_w, _, handle, _ = buf.dispatch(x, topk_idx=idx, topk_weights=w, **lay)
+    ll_x, _, ll_handle, _, _ = buf.low_latency_dispatch(x, idx, M, E, use_fp8=False)
+    yield SimpleNamespace(buf=buf, x=x, idx=idx, w=w, lay=lay, recv_x=recv_x, recv_w=recv_w, handle=handle,
+                          ll_x=ll_x, ll_handle=ll_handle)  # fmt: skip
+    buf.destroy()
 
 
-def _raises(exc, *names):
-    class _Ctx:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, et, ev, tb):
-            assert et is not None, f"expected {exc.__name__} naming {names}, nothing was raised"
-            assert issubclass(et, exc), f"expected {exc.__name__}, got {et.__name__}: {ev}"
-            for n in names:
-                assert n in str(ev), f"message does not name {n!r}: {ev}"
-            return True
-
-    return _Ctx()
+def _dispatch(c, **over):
+    args = {"x": c.x, "topk_idx": c.idx, "topk_weights": c.w, **c.lay, **over}
+    return c.buf.dispatch(**args)
 
 
-def test_dispatch_argument_errors(buf):
-    x, idx, w = _inputs()
-    lay = _layout(buf, idx)
-    with _raises(TypeError, "x", "dtype"):
-        buf.dispatch(x.to(torch.int32), topk_idx=idx, topk_weights=w, **lay)
-    with _raises(ValueError, "x", "2-D"):
-        buf.dispatch(x[None], topk_idx=idx, topk_weights=w, **lay)
-    with _raises(ValueError, "x", "contiguous"):
-        buf.dispatch(torch.randn(H, T).bfloat16().t(), topk_idx=idx, topk_weights=w, **lay)
-    with _raises(ValueError, "x has 4 rows", "topk_idx has 6"):
-        buf.dispatch(x[:4], topk_idx=idx, topk_weights=w, **lay)
-    with _raises(TypeError, "topk_idx", "int64"):
-        buf.dispatch(x, topk_idx=idx.int(), topk_weights=w, **lay)
-    with _raises(ValueError, "topk_idx", "num_experts=4", "7"):
-        buf.dispatch(x, topk_idx=torch.where(idx == 3, 7, idx), topk_weights=w, **lay)
-    with _raises(ValueError, "topk_idx", "-2"):
-        buf.get_dispatch_layout(torch.where(idx == 3, -2, idx), E)
-    with _raises(TypeError, "topk_weights", "float32"):
-        buf.dispatch(x, topk_idx=idx, topk_weights=w.half(), **lay)
-    with _raises(ValueError, "is_token_in_rank", "shape"):
-        buf.dispatch(x, topk_idx=idx, topk_weights=w, **{**lay, "is_token_in_rank": lay["is_token_in_rank"][:3]})
-    with _raises(ValueError, "num_tokens_per_rank"):
-        buf.dispatch(x, topk_idx=idx, topk_weights=w, **{**lay, "num_tokens_per_rank": None})
-    with _raises(ValueError, "expert_alignment"):
-        buf.dispatch(x, topk_idx=idx, topk_weights=w, expert_alignment=0, **lay)
-    with _raises(TypeError, "config"):
-        buf.dispatch(x, topk_idx=idx, topk_weights=w, config={"num_sms": 24}, **lay)
-    with _raises(ValueError, "num_worst_tokens=2"):
-        buf.dispatch(x, topk_idx=idx, topk_weights=w, num_worst_tokens=2, **lay)
-    q, s = quantize_fp8(x)
-    with _raises(ValueError, "x[1]", "FP8 scales", "shape"):
-        buf.dispatch((q, s[:, :1]), topk_idx=idx, topk_weights=w, **lay)
-    with _raises(TypeError, "x[0]", "float8_e4m3fn"):
-        buf.dispatch((x, s), topk_idx=idx, topk_weights=w, **lay)
+def _meta(t):
+    return torch.empty(t.shape, dtype=t.dtype, device="meta")
 
 
-def test_cached_handle_and_combine_errors(buf):
-    x, idx, w = _inputs()
-    recv_x, _, recv_w, _, handle, _ = buf.dispatch(x, topk_idx=idx, topk_weights=w, **_layout(buf, idx))
-    with _raises(ValueError, "x", "cached handle", f"({T}, {H})"):
-        buf.dispatch(torch.randn(T, H + 2).bfloat16(), handle=handle)
-    with _raises(ValueError, "x", "cached handle"):
-        buf.dispatch(torch.randn(T + 1, H).bfloat16(), handle=handle)
-    with _raises(ValueError, "topk_idx", "cached"):
-        buf.dispatch(x, handle=handle, topk_idx=idx)
-    with _raises(TypeError, "handle"):
-        buf.dispatch(x, handle=(1, 2, 3))
-    with _raises(ValueError, "x", "shape"):
-        buf.combine(recv_x[:-1], handle)
-    with _raises(ValueError, "bias[0]", "shape"):
-        buf.combine(recv_x, handle, bias=torch.zeros(T + 1, H).bfloat16())
-    with _raises(ValueError, "bias"):
-        buf.combine(recv_x, handle, bias=(recv_x, recv_x, recv_x))
-    with _raises(TypeError, "topk_weights"):
-        buf.combine(recv_x, handle, topk_weights=recv_w.long())
+def _strided(t):
+    return torch.empty((t.shape[1], t.shape[0]), dtype=t.dtype).t()
 
 
-def test_low_latency_errors(buf):
-    x, idx, w = _inputs()
-    with _raises(ValueError, "num_max_dispatch_tokens_per_rank=4", "6 tokens"):
-        buf.low_latency_dispatch(x, idx, 4, E)
-    with _raises(ValueError, "num_rdma_bytes", "get_low_latency_rdma_size_hint"):
-        buf.low_latency_dispatch(x, idx, 4096, E)
-    with _raises(ValueError, "use_ue8m0"):
-        buf.low_latency_dispatch(x, idx, M, E, use_ue8m0=True)
-    recv_x, _, handle, _, _ = buf.low_latency_dispatch(x, idx, M, E, use_fp8=False)
-    with _raises(ValueError, "x", "shape"):
-        buf.low_latency_combine(recv_x[:, :3], idx, w, handle)
-    with _raises(ValueError, "topk_weights", "shape"):
-        buf.low_latency_combine(recv_x, idx, w[:, :1].contiguous(), handle)
-    with _raises(ValueError, "use_logfmt"):
-        buf.low_latency_combine(recv_x, idx, w, handle, use_logfmt=True)
+_fp8 = lambda c: quantize_fp8(c.x)  # noqa: E731
+
+# (id, call on the ctx, exception type, words the message must contain)
+CASES = [
+    ("x-dtype", lambda c: _dispatch(c, x=c.x.int()), TypeError, ["x", "dtype", "torch.int32"]),
+    ("x-ndim", lambda c: _dispatch(c, x=c.x[None]), ValueError, ["x", "2-D"]),
+    ("x-contiguous", lambda c: _dispatch(c, x=_strided(c.x)), ValueError, ["x", "contiguous"]),
+    ("x-device", lambda c: _dispatch(c, x=_meta(c.x)), ValueError, ["x", "device", "meta"]),
+    ("x-type", lambda c: _dispatch(c, x=c.x.tolist()), ValueError, ["x", "tuple"]),
+    ("x-rows-vs-topk_idx", lambda c: _dispatch(c, x=c.x[:4]), ValueError, ["x has 4 rows", "topk_idx has 6"]),
+    ("topk_idx-dtype", lambda c: _dispatch(c, topk_idx=c.idx.int()), TypeError, ["topk_idx", "int64"]),
+    ("topk_idx-ndim", lambda c: _dispatch(c, topk_idx=c.idx[:, 0]), ValueError, ["topk_idx", "2-D"]),
+    ("topk_idx-contiguous", lambda c: _dispatch(c, topk_idx=_strided(c.idx)), ValueError, ["topk_idx", "contiguous"]),
+    ("topk_idx-device", lambda c: _dispatch(c, topk_idx=_meta(c.idx)), ValueError, ["topk_idx", "device"]),
+    (
+        "topk_idx-too-large",
+        lambda c: _dispatch(c, topk_idx=torch.where(c.idx == 3, 4, c.idx)),
+        ValueError,
+        ["topk_idx", "num_experts=4", "found 4"],
+    ),
+    (
+        "topk_idx-below-minus-one",
+        lambda c: _dispatch(c, topk_idx=torch.where(c.idx == -1, -2, c.idx)),
+        ValueError,
+        ["topk_idx", "found -2"],
+    ),
+    (
+        "topk_idx-columns",
+        lambda c: _dispatch(c, topk_idx=c.idx.repeat(1, 9), topk_weights=None),
+        ValueError,
+        ["topk_idx", "columns"],
+    ),
+    ("topk_weights-dtype", lambda c: _dispatch(c, topk_weights=c.w.half()), TypeError, ["topk_weights", "float32"]),
+    (
+        "topk_weights-shape",
+        lambda c: _dispatch(c, topk_weights=c.w[:, :1].contiguous()),
+        ValueError,
+        ["topk_weights", "shape"],
+    ),
+    ("topk_weights-device", lambda c: _dispatch(c, topk_weights=_meta(c.w)), ValueError, ["topk_weights", "device"]),
+    ("topk_weights-without-topk_idx", lambda c: _dispatch(c, topk_idx=None), ValueError, ["topk_weights", "topk_idx"]),
+    (
+        "is_token_in_rank-shape",
+        lambda c: _dispatch(c, is_token_in_rank=c.lay["is_token_in_rank"][:3]),
+        ValueError,
+        ["is_token_in_rank", "shape"],
+    ),
+    (
+        "is_token_in_rank-dtype",
+        lambda c: _dispatch(c, is_token_in_rank=c.lay["is_token_in_rank"].int()),
+        TypeError,
+        ["is_token_in_rank", "bool"],
+    ),
+    (
+        "num_tokens_per_rank-missing",
+        lambda c: _dispatch(c, num_tokens_per_rank=None),
+        ValueError,
+        ["num_tokens_per_rank"],
+    ),
+    (
+        "num_tokens_per_rank-dtype",
+        lambda c: _dispatch(c, num_tokens_per_rank=c.lay["num_tokens_per_rank"].long()),
+        TypeError,
+        ["num_tokens_per_rank", "int32"],
+    ),
+    (
+        "num_tokens_per_expert-missing",
+        lambda c: _dispatch(c, num_tokens_per_expert=None),
+        ValueError,
+        ["num_tokens_per_expert"],
+    ),
+    (
+        "num_tokens_per_expert-dtype",
+        lambda c: _dispatch(c, num_tokens_per_expert=c.lay["num_tokens_per_expert"].float()),
+        TypeError,
+        ["num_tokens_per_expert", "int32"],
+    ),
+    (
+        "num_tokens_per_rdma_rank",
+        lambda c: _dispatch(c, num_tokens_per_rdma_rank=c.lay["num_tokens_per_rank"]),
+        ValueError,
+        ["num_tokens_per_rdma_rank"],
+    ),
+    ("expert_alignment-zero", lambda c: _dispatch(c, expert_alignment=0), ValueError, ["expert_alignment", ">= 1"]),
+    ("expert_alignment-type", lambda c: _dispatch(c, expert_alignment=4.0), TypeError, ["expert_alignment", "int"]),
+    ("num_worst_tokens-negative", lambda c: _dispatch(c, num_worst_tokens=-1), ValueError, ["num_worst_tokens"]),
+    (
+        "num_worst_tokens-too-small",
+        lambda c: _dispatch(c, num_worst_tokens=2),
+        ValueError,
+        ["num_worst_tokens=2", "5 rows"],
+    ),
+    ("config-type", lambda c: _dispatch(c, config={"num_sms": 24}), TypeError, ["config", "Config"]),
+    ("previous_event-type", lambda c: _dispatch(c, previous_event=object()), TypeError, ["previous_event"]),
+    (
+        "fp8-scales-shape",
+        lambda c: _dispatch(c, x=(_fp8(c)[0], _fp8(c)[1][:, :1].contiguous())),
+        ValueError,
+        ["x[1]", "FP8 scales", "shape", f"({T}, 2)"],
+    ),
+    ("fp8-scales-dtype", lambda c: _dispatch(c, x=(_fp8(c)[0], _fp8(c)[1].double())), TypeError, ["x[1]", "float32"]),
+    ("fp8-values-dtype", lambda c: _dispatch(c, x=(c.x, _fp8(c)[1])), TypeError, ["x[0]", "float8_e4m3fn"]),
+    ("fp8-tuple-length", lambda c: _dispatch(c, x=(*_fp8(c), _fp8(c)[1])), ValueError, ["x", "3 items"]),
+    ("layout-num_experts-zero", lambda c: c.buf.get_dispatch_layout(c.idx, 0), ValueError, ["num_experts", ">= 1"]),
+    ("layout-num_experts-type", lambda c: c.buf.get_dispatch_layout(c.idx, 4.0), TypeError, ["num_experts"]),
+    (
+        "layout-topk_idx-range",
+        lambda c: c.buf.get_dispatch_layout(c.idx, 3),
+        ValueError,
+        ["topk_idx", "num_experts=3", "found 3"],
+    ),
+    (
+        "cached-hidden",
+        lambda c: c.buf.dispatch(torch.randn(T, H + 2).bfloat16(), handle=c.handle),
+        ValueError,
+        ["x", "cached handle", f"({T}, {H})", f"({T}, {H + 2})"],
+    ),
+    (
+        "cached-tokens",
+        lambda c: c.buf.dispatch(torch.randn(T + 1, H).bfloat16(), handle=c.handle),
+        ValueError,
+        ["x", "cached handle", f"({T + 1}, {H})"],
+    ),
+    (
+        "cached-topk_idx",
+        lambda c: c.buf.dispatch(c.x, handle=c.handle, topk_idx=c.idx),
+        ValueError,
+        ["topk_idx", "cached"],
+    ),
+    (
+        "cached-num_worst_tokens",
+        lambda c: c.buf.dispatch(c.x, handle=c.handle, num_worst_tokens=99),
+        ValueError,
+        ["num_worst_tokens=99", "cached handle"],
+    ),
+    ("cached-handle-type", lambda c: c.buf.dispatch(c.x, handle=(1, 2, 3)), TypeError, ["handle", "DispatchHandle"]),
+    ("combine-x-rows", lambda c: c.buf.combine(c.recv_x[:-1], c.handle), ValueError, ["x", "shape"]),
+    ("combine-x-dtype", lambda c: c.buf.combine(c.recv_x.int(), c.handle), TypeError, ["x", "dtype"]),
+    ("combine-x-contiguous", lambda c: c.buf.combine(_strided(c.recv_x), c.handle), ValueError, ["x", "contiguous"]),
+    ("combine-x-device", lambda c: c.buf.combine(_meta(c.recv_x), c.handle), ValueError, ["x", "device"]),
+    ("combine-handle-type", lambda c: c.buf.combine(c.recv_x, c.ll_handle), TypeError, ["handle", "DispatchHandle"]),
+    (
+        "combine-bias-shape",
+        lambda c: c.buf.combine(c.recv_x, c.handle, bias=torch.zeros(T + 1, H).bfloat16()),
+        ValueError,
+        ["bias[0]", "shape"],
+    ),
+    (
+        "combine-bias-dtype",
+        lambda c: c.buf.combine(c.recv_x, c.handle, bias=(c.x, c.x.float())),
+        TypeError,
+        ["bias[1]", "bfloat16"],
+    ),
+    (
+        "combine-bias-count",
+        lambda c: c.buf.combine(c.recv_x, c.handle, bias=(c.x, c.x, c.x)),
+        ValueError,
+        ["bias", "3 tensors"],
+    ),
+    (
+        "combine-topk_weights-dtype",
+        lambda c: c.buf.combine(c.recv_x, c.handle, topk_weights=c.recv_w.long()),
+        TypeError,
+        ["topk_weights", "float32"],
+    ),
+    (
+        "combine-topk_weights-rows",
+        lambda c: c.buf.combine(c.recv_x, c.handle, topk_weights=c.recv_w[:-1]),
+        ValueError,
+        ["topk_weights", "shape"],
+    ),
+    ("combine-config", lambda c: c.buf.combine(c.recv_x, c.handle, config=24), TypeError, ["config", "Config"]),
+    (
+        "ll-too-many-tokens",
+        lambda c: c.buf.low_latency_dispatch(c.x, c.idx, 4, E),
+        ValueError,
+        ["num_max_dispatch_tokens_per_rank=4", f"{T} tokens"],
+    ),
+    (
+        "ll-max-tokens-zero",
+        lambda c: c.buf.low_latency_dispatch(c.x, c.idx, 0, E),
+        ValueError,
+        ["num_max_dispatch_tokens_per_rank", ">= 1"],
+    ),
+    (
+        "ll-rdma-too-small",
+        lambda c: c.buf.low_latency_dispatch(c.x, c.idx, 4096, E),
+        ValueError,
+        ["num_rdma_bytes", "get_low_latency_rdma_size_hint"],
+    ),
+    ("ll-use_ue8m0", lambda c: c.buf.low_latency_dispatch(c.x, c.idx, M, E, use_ue8m0=True), ValueError, ["use_ue8m0"]),
+    ("ll-x-dtype", lambda c: c.buf.low_latency_dispatch(c.x.int(), c.idx, M, E), TypeError, ["x", "dtype"]),
+    ("ll-x-device", lambda c: c.buf.low_latency_dispatch(_meta(c.x), c.idx, M, E), ValueError, ["x", "device"]),
+    (
+        "ll-topk_idx-rows",
+        lambda c: c.buf.low_latency_dispatch(c.x, c.idx[:4], M, E),
+        ValueError,
+        ["topk_idx", "shape", f"({T}, *)"],
+    ),
+    (
+        "ll-topk_idx-range",
+        lambda c: c.buf.low_latency_dispatch(c.x, c.idx * 2, M, E),
+        ValueError,
+        ["topk_idx", "num_experts=4"],
+    ),
+    (
+        "ll-topk_weights-shape",
+        lambda c: c.buf.low_latency_dispatch(c.x, c.idx, M, E, topk_weights=c.w[:3]),
+        ValueError,
+        ["topk_weights", "shape"],
+    ),
+    (
+        "ll-stats-shape",
+        lambda c: c.buf.low_latency_dispatch(
+            c.x, c.idx, M, E, cumulative_local_expert_recv_stats=torch.zeros(E + 1, dtype=torch.int32)
+        ),
+        ValueError,
+        ["cumulative_local_expert_recv_stats", "shape"],
+    ),
+    (
+        "ll-stats-dtype",
+        lambda c: c.buf.low_latency_dispatch(c.x, c.idx, M, E, cumulative_local_expert_recv_stats=torch.zeros(E)),
+        TypeError,
+        ["cumulative_local_expert_recv_stats", "int32"],
+    ),
+    (
+        "ll-combine-x-shape",
+        lambda c: c.buf.low_latency_combine(c.ll_x[:, :3], c.idx, c.w, c.ll_handle),
+        ValueError,
+        ["x", "shape"],
+    ),
+    (
+        "ll-combine-topk_weights",
+        lambda c: c.buf.low_latency_combine(c.ll_x, c.idx, c.w[:, :1].contiguous(), c.ll_handle),
+        ValueError,
+        ["topk_weights"],
+    ),
+    (
+        "ll-combine-topk_idx-dtype",
+        lambda c: c.buf.low_latency_combine(c.ll_x, c.idx.int(), c.w, c.ll_handle),
+        TypeError,
+        ["topk_idx", "int64"],
+    ),
+    (
+        "ll-combine-handle-type",
+        lambda c: c.buf.low_latency_combine(c.ll_x, c.idx, c.w, c.handle),
+        TypeError,
+        ["handle", "LowLatencyHandle"],
+    ),
+    (
+        "ll-combine-use_logfmt",
+        lambda c: c.buf.low_latency_combine(c.ll_x, c.idx, c.w, c.ll_handle, use_logfmt=True),
+        ValueError,
+        ["use_logfmt"],
+    ),
+    (
+        "ll-combine-out-shape",
+        lambda c: c.buf.low_latency_combine(c.ll_x, c.idx, c.w, c.ll_handle, out=c.x[:2]),
+        ValueError,
+        ["out", "shape"],
+    ),
+    (
+        "ll-combine-out-dtype",
+        lambda c: c.buf.low_latency_combine(c.ll_x, c.idx, c.w, c.ll_handle, out=c.x.float()),
+        TypeError,
+        ["out", "bfloat16"],
+    ),
+]
 
 
-def test_buffer_level_errors(group):
-    x, idx, w = _inputs()
-    small = Buffer(group, num_nvl_bytes=1024)
-    with _raises(ValueError, "num_nvl_bytes=1024", "get_nvl_buffer_size_hint"):
-        small.dispatch(x, topk_idx=idx, topk_weights=w, **_layout(small, idx))
-    with _raises(ValueError, "low_latency_mode"):
+@pytest.mark.parametrize("call, exc, words", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_argument_is_named(ctx, call, exc, words):
+    with raises_naming(exc, *words):
+        call(ctx)
+
+
+def test_buffer_too_small_and_buffer_arguments(ctx, group):
+    x, idx = ctx.x, ctx.idx
+    need = Buffer.get_dispatch_config(1).get_nvl_buffer_size_hint(H * 2, 1)
+    small = Buffer(group, num_nvl_bytes=need - 1)
+    per_rank, _, per_expert, in_rank, _ = small.get_dispatch_layout(idx, E)
+    with raises_naming(ValueError, f"num_nvl_bytes={need - 1}", f"needs >= {need}", "get_nvl_buffer_size_hint"):
+        small.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                       topk_idx=idx)  # fmt: skip
+    with raises_naming(ValueError, "num_nvl_bytes", "combine"):
+        Buffer(group, num_nvl_bytes=1024).combine(ctx.recv_x, ctx.handle)
+    with raises_naming(ValueError, "low_latency_mode"):
         small.low_latency_dispatch(x, idx, M, E)
-    with _raises(ValueError, "num_sms"):
+    with raises_naming(ValueError, "num_rdma_bytes=0", "get_low_latency_rdma_size_hint"):
+        Buffer(group, low_latency_mode=True).low_latency_dispatch(x, idx, M, E)
+    with raises_naming(ValueError, "num_sms", "7"):
         small.set_num_sms(7)
-    with _raises(ValueError, "timeout_s"):
-        Buffer(group, timeout_s=0)
-    with _raises(ValueError, "backend"):
-        Buffer(group, backend="mpi")
-    with _raises(ValueError, "num_nvl_bytes"):
-        Buffer(group, num_nvl_bytes=-1)
-    with _raises(ValueError, "backend='cuda'"):
-        Buffer(group, backend="cuda")
-    small.destroy()
-    with _raises(RuntimeError, "destroyed"):
-        small.get_dispatch_layout(idx, E)
+    for kwargs, exc, words in [
+        ({"timeout_s": 0}, ValueError, ["timeout_s"]),
+        ({"timeout_s": "10"}, ValueError, ["timeout_s"]),
+        ({"backend": "mpi"}, ValueError, ["backend", "mpi"]),
+        ({"backend": "cuda"}, ValueError, ["backend='cuda'", "cpu"]),
+        ({"num_nvl_bytes": -1}, ValueError, ["num_nvl_bytes", ">= 0"]),
+        ({"num_rdma_bytes": 1.5}, TypeError, ["num_rdma_bytes", "int"]),
+        ({"num_qps_per_rank": 0}, ValueError, ["num_qps_per_rank"]),
+        ({"num_sms": 3}, ValueError, ["num_sms", "3"]),
+    ]:
+        with raises_naming(exc, *words):
+            Buffer(group, **kwargs)
 
 
-def test_config_errors():
-    with _raises(ValueError, "Config.num_sms"):
-        Config(num_sms=3)
-    with _raises(ValueError, "num_max_nvl_chunked_recv_tokens"):
-        Config(num_sms=24, num_max_nvl_chunked_send_tokens=8, num_max_nvl_chunked_recv_tokens=8)
-    with _raises(ValueError, "num_ranks"):
-        ep_train.get_dispatch_config(0)
+AFTER_DESTROY = {
+    "get_dispatch_layout": lambda c: c.buf.get_dispatch_layout(c.idx, E),
+    "dispatch": lambda c: _dispatch(c),
+    "cached-dispatch": lambda c: c.buf.dispatch(c.x, handle=c.handle),
+    "combine": lambda c: c.buf.combine(c.recv_x, c.handle),
+    "low_latency_dispatch": lambda c: c.buf.low_latency_dispatch(c.x, c.idx, M, E),
+    "low_latency_combine": lambda c: c.buf.low_latency_combine(c.ll_x, c.idx, c.w, c.ll_handle),
+}
+
+
+@pytest.mark.parametrize("call", list(AFTER_DESTROY.values()), ids=list(AFTER_DESTROY))
+def test_destroyed_buffer_refuses_every_call(ctx, call):
+    ctx.buf.destroy()
+    with raises_naming(RuntimeError, "destroyed"):
+        call(ctx)
+    ctx.buf.destroy()  # a second destroy is harmless
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"num_sms": 3}, ["Config.num_sms", "3"]),
+        ({"num_sms": 0}, ["Config.num_sms"]),
+        ({"num_sms": 24.0}, ["Config.num_sms"]),
+        ({"num_max_nvl_chunked_send_tokens": 0}, ["num_max_nvl_chunked_send_tokens"]),
+        ({"num_max_nvl_chunked_send_tokens": 8, "num_max_nvl_chunked_recv_tokens": 8},
+         ["num_max_nvl_chunked_recv_tokens", "16"]),
+    ],
+)  # fmt: skip
+def test_bad_config(kwargs, words):
+    with raises_naming(ValueError, *words):
+        Config(**kwargs)
+
+
+@pytest.mark.parametrize("fn", [get_dispatch_config, get_combine_config])
+@pytest.mark.parametrize("num_ranks", [0, -2, "4"])
+def test_default_config_needs_a_rank_count(fn, num_ranks):
+    with raises_naming(ValueError, "num_ranks"):
+        fn(num_ranks)
+
+
+def _two_rank_body(rank, world_size):
+    """Checks that need a group of 2: every rank must raise the same error."""
+    idx, w = make_routing("uniform", T, 6, 2, 2, 3, rank)
+    x = torch.randn(T, H).bfloat16()
+    nvl = Buffer.get_dispatch_config(2).get_nvl_buffer_size_hint(H * 2, 2)
+    rdma = Buffer.get_low_latency_rdma_size_hint(M, H, 2, 6)
+    buf = Buffer(dist.group.WORLD, num_nvl_bytes=nvl, num_rdma_bytes=rdma, low_latency_mode=True, timeout_s=30)
+    seen = []
+    for call in (
+        lambda: buf.get_dispatch_layout(idx.clamp(max=4), 5),
+        lambda: buf.low_latency_dispatch(x, idx.clamp(max=2), M, 3),
+        lambda: buf.dispatch(x, num_tokens_per_rank=torch.zeros(2, dtype=torch.int32),
+                             is_token_in_rank=torch.zeros(T, 2, dtype=torch.bool),
+                             num_tokens_per_expert=torch.zeros(7, dtype=torch.int32), topk_idx=idx.clamp(max=6)),
+    ):  # fmt: skip
+        with raises_naming(ValueError, "num_experts=", "divisible by the group size 2") as info:
+            call()
+        seen.append(str(info.value))
+    # Every rank raises when one rank receives more rows than num_worst_tokens allows.
+    per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, 6)
+    with raises_naming(ValueError, "num_worst_tokens=1", "rows rank"):
+        buf.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                     topk_idx=idx, topk_weights=w, num_worst_tokens=1)  # fmt: skip
+    # A handle of another rank is refused.
+    _, _, _, _, handle, _ = buf.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                                         num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w)  # fmt: skip
+    return seen, handle.num_recv_rows
+
+
+def test_errors_that_need_two_ranks():
+    for seen, _ in run_distributed(_two_rank_body, 2, timeout_s=120):
+        assert [m.split("num_experts=")[1].split()[0] for m in seen] == ["5", "3", "7"], seen

@@ -11,7 +11,7 @@ N received rows, P (token, expert) pairs, M ``num_max_dispatch_tokens_per_rank``
 from __future__ import annotations
 
 import datetime
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -52,7 +52,10 @@ def _pack(columns: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[torch.d
 def _unpack(packed: torch.Tensor, spec: list[tuple[torch.dtype, int, int]]) -> list[torch.Tensor]:
     out, start = [], 0
     for dtype, width, nbytes in spec:
-        col = packed[:, start : start + nbytes].contiguous().reshape(-1).view(dtype).reshape(packed.shape[0], width)
+        # NOTES: clone, not contiguous(): a slice of 0 or 1 rows already counts as contiguous but keeps
+        # its byte offset, which a wider dtype cannot view unless it is a multiple of its size.
+        col = packed[:, start : start + nbytes].clone(memory_format=torch.contiguous_format)
+        col = col.reshape(-1).view(dtype).reshape(packed.shape[0], width)
         out.append(col)
         start += nbytes
     return out
@@ -107,11 +110,14 @@ class TorchBackend(Backend):
         table = self._all_gather(mine, "the call-header exchange", info).cpu()
         for peer in range(self.num_ranks):
             row = table[peer].tolist()
-            for name, ours, theirs in zip(CallInfo.FIELDS, info.as_list(), row):
+            for name, ours, theirs in zip(CallInfo.FIELDS, info.as_list(), row, strict=True):
                 if ours == theirs:
                     continue
                 if name == "op":
                     ours, theirs = OP_NAMES.get(ours, ours), OP_NAMES.get(theirs, theirs)
+                elif name == "extra" and info.op in (4, 5):  # Buffer packs M * 2 + use_fp8 here
+                    name = "(num_max_dispatch_tokens_per_rank, use_fp8)"
+                    ours, theirs = (ours // 2, bool(ours % 2)), (theirs // 2, bool(theirs % 2))
                 raise RankMismatchError(
                     f"rank {self.rank}: ranks disagree on {OP_NAMES.get(info.op, info.op)} call #{info.seq}: "
                     f"{name} is {ours} on rank {self.rank} but {theirs} on rank {peer}"
@@ -276,7 +282,9 @@ class TorchBackend(Backend):
         return CombineResult(combined.to(args.x_NH.dtype), combined_weights)
 
     @staticmethod
-    def _reduce(rows_S: torch.Tensor, tok_S: torch.Tensor, splits: list[int], num_tokens: int, acc_dtype) -> torch.Tensor:
+    def _reduce(
+        rows_S: torch.Tensor, tok_S: torch.Tensor, splits: list[int], num_tokens: int, acc_dtype
+    ) -> torch.Tensor:
         """Sum rows into their tokens, one destination rank at a time (unique indices per step → deterministic)."""
         out = torch.zeros((num_tokens, rows_S.shape[1]), dtype=acc_dtype, device=rows_S.device)
         start = 0

@@ -1,8 +1,46 @@
-"""Test support: multi-process launcher, routing generators, payloads, references, comparisons."""
+"""Test support shared by the CPU tests, the GPU tests, benchmarks and autograd tests.
 
-from .compare import assert_bitwise_equal, assert_close
+- ``launcher``: ``run_distributed`` runs a function on N ranks (gloo on CPU, NCCL on GPUs).
+- ``routing``: seeded routings, uniform and skewed (``ROUTING_KINDS``), rebuildable on every rank.
+- ``payloads``: structured rows (row i of rank r carries (r, i)), random rows, FP8 rows.
+- ``reference``: independent loop references of layout, dispatch, combine, low-latency, dense MoE.
+- ``compare``: bitwise comparison and sums within the error FP32 accumulation allows.
+"""
+
+from .compare import assert_bitwise_equal, assert_close, unit_roundoff
 from .launcher import DistributedTestError, run_distributed
-from .routing import ROUTING_KINDS, make_routing
+from .payloads import fp8_rows, random_rows, row_origin, structured_rows
+from .reference import (
+    dense_moe,
+    expected_combine,
+    expected_combined_weights,
+    expected_dispatch,
+    expected_layout,
+    expected_low_latency,
+    expected_low_latency_combine,
+)
+from .routing import ROUTING_KINDS, make_all_routings, make_routing, rank_generator, tokens_per_rank
 
-__all__ = ["DistributedTestError", "ROUTING_KINDS", "assert_bitwise_equal", "assert_close", "make_routing",
-           "run_distributed"]  # fmt: skip
+__all__ = [
+    "DistributedTestError",
+    "ROUTING_KINDS",
+    "assert_bitwise_equal",
+    "assert_close",
+    "dense_moe",
+    "expected_combine",
+    "expected_combined_weights",
+    "expected_dispatch",
+    "expected_layout",
+    "expected_low_latency",
+    "expected_low_latency_combine",
+    "fp8_rows",
+    "make_all_routings",
+    "make_routing",
+    "random_rows",
+    "rank_generator",
+    "row_origin",
+    "run_distributed",
+    "structured_rows",
+    "tokens_per_rank",
+    "unit_roundoff",
+]

@@ -1,40 +1,96 @@
-"""Comparison helpers with messages that say what differs and where."""
+"""Comparisons with messages that say what differs and where.
+
+- ``assert_bitwise_equal`` for results that are a permutation of the inputs (dispatch rows, scales,
+  ids, weights): compares the bits, so -0.0 vs 0.0 and NaN payloads count, and FP8/BF16 need no
+  arithmetic (CPU torch cannot compare float8 tensors directly).
+- ``assert_close`` for sums: the tolerance is derived from the arithmetic, not picked by hand.  A sum
+  of n terms accumulated in FP32 is off by at most ``n * 2^-24 * sum(|terms|)``; rounding the sum to
+  the output dtype adds half an ulp of the result (``2^-8`` relative for BF16).
+"""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["assert_bitwise_equal", "assert_close"]
+__all__ = ["assert_bitwise_equal", "assert_close", "unit_roundoff"]
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """Largest relative error of rounding to ``dtype`` (half an ulp): 2^-8 BF16, 2^-24 FP32, ..."""
+    return float(torch.finfo(dtype).eps) / 2
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
-    t = t.contiguous()
-    return t.view(torch.uint8) if t.dtype.itemsize == 1 else t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.dtype.itemsize])
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bool:
+        return t.to(torch.uint8)
+    return t.view(_INT_OF_SIZE[t.element_size()])
+
+
+def _describe(t: torch.Tensor, index: tuple[int, ...]) -> str:
+    value = t[index]
+    if value.dtype.is_floating_point and value.element_size() == 1:
+        value = value.float()  # float8 has no repr of its own on CPU
+    return repr(value.item())
 
 
 def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
-    assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != expected {expected.dtype}"
-    diff = _bits(actual.cpu()) != _bits(expected.cpu())
-    if diff.any():
-        where = diff.nonzero()[0].tolist()
-        raise AssertionError(f"{name}: {int(diff.sum())} elements differ bitwise, first at {where}")
+    """Shapes, dtypes and every bit equal.
 
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str, out_dtype: torch.dtype | None = None,
-                 num_terms: int = 8) -> None:  # fmt: skip
-    """Within FP32 accumulation of ``num_terms`` terms, then rounding to ``out_dtype``."""
-    out_dtype = out_dtype or actual.dtype
-    # One unit in the last place of the output dtype (rounding may flip once), plus FP32 accumulation.
-    ulp = {torch.bfloat16: 2**-7, torch.float16: 2**-10, torch.float32: 2**-22, torch.float64: 2**-51}[out_dtype]
-    acc_eps = 2**-50 if out_dtype == torch.float64 else 2**-22
-    a, e = actual.double().cpu(), expected.double().cpu()
-    assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)} != expected {tuple(e.shape)}"
-    scale = e.abs().max().item() if e.numel() else 0.0
-    tol = e.abs() * ulp + num_terms * acc_eps * scale + 1e-30
-    bad = (a - e).abs() > tol
-    if bad.any():
-        i = bad.nonzero()[0].tolist()
+    Args:
+        actual, expected: tensors of any dtype (float8, bfloat16, ints, bool), any device.
+        name: what is compared, with the case's seed and parameters (goes into the message).
+    """
+    if not isinstance(actual, torch.Tensor):
+        raise AssertionError(f"{name}: expected a tensor, got {type(actual).__name__}")
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    if actual.dtype != expected.dtype:
+        raise AssertionError(f"{name}: dtype {actual.dtype} != expected {expected.dtype}")
+    differ = _bits(actual) != _bits(expected)
+    if differ.any():
+        first = tuple(differ.nonzero()[0].tolist())
+        a, e = actual.detach().cpu(), expected.detach().cpu()
         raise AssertionError(
-            f"{name}: {int(bad.sum())} elements off, first at {i}: {a[tuple(i)].item()} vs {e[tuple(i)].item()}"
+            f"{name}: {int(differ.sum())} of {differ.numel()} elements differ bitwise, first at {list(first)}: "
+            f"{_describe(a, first)} vs expected {_describe(e, first)}"
+        )
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str, dtype: torch.dtype | None = None, *,
+                 num_terms: int = 1, magnitude: torch.Tensor | None = None,
+                 accumulate_dtype: torch.dtype = torch.float32) -> None:  # fmt: skip
+    """``actual`` (a sum computed with ``accumulate_dtype`` accumulation, then rounded to ``dtype``)
+    matches the exact ``expected`` (float64) within the error that arithmetic allows.
+
+    Args:
+        actual: the result, of the output dtype.
+        expected: the exact value (float64 reference).
+        name: what is compared, with the case's seed and parameters.
+        dtype: the output dtype (default ``actual.dtype``).
+        num_terms: terms in each sum, counting every rounding step before the final one
+            (e.g. R partial rows + a bias, or K weighted products).
+        magnitude: sum of the absolute values of the terms, same shape as ``expected``
+            (default ``|expected|``; pass it where terms may cancel).
+        accumulate_dtype: the accumulator's dtype (FP32 for the kernels, FP64 for FP64 rows).
+    """
+    dtype = dtype or actual.dtype
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    if a.shape != e.shape:
+        raise AssertionError(f"{name}: shape {tuple(a.shape)} != expected {tuple(e.shape)}")
+    if actual.dtype != dtype:
+        raise AssertionError(f"{name}: dtype {actual.dtype} != expected {dtype}")
+    mag = e.abs() if magnitude is None else magnitude.detach().double().cpu()
+    acc_err = num_terms * unit_roundoff(accumulate_dtype) * mag
+    # Rounding the accumulated value (|e| + acc_err at most) to the output dtype, plus the smallest
+    # normal number of the output dtype for results that land in the subnormal range.
+    tol = acc_err + unit_roundoff(dtype) * (e.abs() + acc_err) + float(torch.finfo(dtype).tiny)
+    bad = ~((a - e).abs() <= tol)  # NaN in actual counts as bad
+    if bad.any():
+        i = tuple(bad.nonzero()[0].tolist())
+        raise AssertionError(
+            f"{name}: {int(bad.sum())} of {bad.numel()} elements off, first at {list(i)}: {a[i].item()!r} vs "
+            f"expected {e[i].item()!r} (tolerance {tol[i].item():.3g}, {num_terms} terms, {dtype})"
         )

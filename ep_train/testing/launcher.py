@@ -1,20 +1,32 @@
 """Run a function on N ranks in fresh processes and collect results or failures.
 
-``run_distributed(fn, world_size, *args)`` spawns ``world_size`` processes; each initialises a
-process group (gloo on CPU, NCCL with one GPU per rank) through a file store, calls
-``fn(rank, world_size, *args, **kwargs)`` and sends back its return value or its traceback.  The
-parent waits up to ``timeout_s``; ranks that are still running then are killed and reported.
-``fn`` must be importable (defined at module level).
+``run_distributed(fn, world_size, *args)`` starts ``world_size`` fresh processes: nothing of the test
+process (CUDA state, threads, globals) is inherited.  Each rank sets one intra-op thread,
+joins a process group (gloo on CPU; NCCL with GPU ``rank``) through a ``FileStore`` in a temporary
+directory, calls ``fn(rank, world_size, *args, **kwargs)`` and sends back its return value or its
+formatted traceback.  The parent waits up to ``timeout_s``; ranks still running then are killed and
+named.  Any failure raises ``DistributedTestError`` (an ``AssertionError``) holding every failing
+rank's traceback, so pytest shows what each rank saw.
+
+``fn`` must be picklable: a module-level function of an importable module (tests define them at
+module level).  Return plain Python values or small CPU tensors; they are pickled by value.
+Start methods: ``"spawn"`` runs a new interpreter per rank, which costs an ``import torch`` each
+(about 3 s of CPU: 20 s for 4 ranks on 2 cores).  ``"forkserver"`` (the default where the platform
+has it) starts one clean server process per test session that imports torch once and forks every
+rank from it: the same fresh state (the server never touches CUDA), under a second per launch.
+Either way, tests still run many sub-cases inside one launch.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import tempfile
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -22,13 +34,15 @@ import torch.multiprocessing as mp
 
 __all__ = ["run_distributed", "DistributedTestError"]
 
+#: after one rank fails, how long the others get to finish (they often fail too, with the cause).
+FAILURE_GRACE_S = 20.0
+
 
 class DistributedTestError(AssertionError):
     """One or more ranks failed or hung; the message holds each failing rank's traceback."""
 
 
 def _child(rank, world_size, backend, store_path, fn, args, kwargs, results) -> None:
-    os.environ.setdefault("EP_TRAIN_QUIET", "1")
     torch.set_num_threads(1)
     try:
         if backend == "nccl":
@@ -36,8 +50,10 @@ def _child(rank, world_size, backend, store_path, fn, args, kwargs, results) -> 
         store = dist.FileStore(store_path, world_size)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
         value = fn(rank, world_size, *args, **kwargs)
-        results.put((rank, True, value))
-    except BaseException:  # noqa: BLE001 - everything goes back to the parent
+        # NOTES: pickled by value here; torch's queue pickler would share tensor memory, which breaks
+        # when this process exits before the parent reads it.
+        results.put((rank, True, pickle.dumps(value)))
+    except BaseException:  # noqa: BLE001 - every failure goes back to the parent
         results.put((rank, False, traceback.format_exc()))
     finally:
         if dist.is_initialized():
@@ -47,46 +63,100 @@ def _child(rank, world_size, backend, store_path, fn, args, kwargs, results) -> 
                 pass
 
 
+def _context(start_method: str | None):
+    methods = mp.get_all_start_methods()
+    if start_method is None:
+        start_method = "forkserver" if "forkserver" in methods else "spawn"
+    if start_method not in ("forkserver", "spawn"):
+        raise ValueError(f"start_method must be 'forkserver' or 'spawn', got {start_method!r}")
+    ctx = mp.get_context(start_method)
+    if start_method == "forkserver":
+        # NOTES: the server imports torch once; importing torch initialises no CUDA context, so ranks
+        # forked from it may still pick their GPU.  Applies to the server this test process starts.
+        ctx.set_forkserver_preload(["torch", "torch.distributed"])
+    return ctx
+
+
+def _collect(procs, results, world_size: int, timeout_s: float) -> dict[int, tuple[bool, Any]]:
+    """Read results until every rank reported, all exited, or the deadline (shortened after a failure)."""
+    deadline = time.monotonic() + timeout_s
+    outcomes: dict[int, tuple[bool, Any]] = {}
+    while len(outcomes) < world_size and time.monotonic() < deadline:
+        try:
+            rank, ok, value = results.get(timeout=0.2)
+        except queue.Empty:
+            if not any(p.is_alive() for p in procs):
+                try:  # a result sent just before the process ended
+                    rank, ok, value = results.get(timeout=1.0)
+                except queue.Empty:
+                    break
+            else:
+                continue
+        outcomes[rank] = (ok, value)
+        if not ok:
+            deadline = min(deadline, time.monotonic() + FAILURE_GRACE_S)
+    return outcomes
+
+
 def run_distributed(
     fn: Callable[..., Any],
     world_size: int,
     *args: Any,
     backend: str = "gloo",
-    timeout_s: float = 180.0,
+    timeout_s: float = 120.0,
+    may_exit: Iterable[int] = (),
+    start_method: str | None = None,
     **kwargs: Any,
 ) -> list[Any]:
-    """Return ``[fn(0, ...), ..., fn(world_size-1, ...)]`` computed on separate ranks."""
-    ctx = mp.get_context("spawn")
+    """Return ``[fn(0, world_size, *args, **kwargs), ..., fn(world_size - 1, ...)]``, each from its own process.
+
+    Args:
+        fn: module-level function ``(rank, world_size, *args, **kwargs) -> picklable value``.
+        world_size: number of ranks (processes).
+        backend: ``"gloo"`` (CPU) or ``"nccl"`` (one GPU per rank; rank r uses ``cuda:r``).
+        timeout_s: bound on the whole run; ranks still running then are killed and reported as hung.
+        may_exit: ranks allowed to end without a result (fault-injection tests kill them on purpose);
+            their entry in the returned list is None.
+        start_method: ``"forkserver"`` or ``"spawn"`` (None: forkserver where available, else spawn).
+
+    Raises:
+        DistributedTestError: a rank raised (its traceback is in the message), died, or hung.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    may_exit = set(may_exit)
+    ctx = _context(start_method)
     results = ctx.Queue()
+    start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="ep_train_store_") as tmp:
         store_path = os.path.join(tmp, "store")
         procs = [
-            ctx.Process(target=_child, args=(r, world_size, backend, store_path, fn, args, kwargs, results))
+            ctx.Process(
+                target=_child,
+                args=(r, world_size, backend, store_path, fn, args, kwargs, results),
+                name=f"ep_train-rank{r}",
+            )  # fmt: skip
             for r in range(world_size)
         ]
         for p in procs:
             p.start()
-        deadline = time.monotonic() + timeout_s
-        outcomes: dict[int, tuple[bool, Any]] = {}
-        while len(outcomes) < world_size and time.monotonic() < deadline:
-            try:
-                rank, ok, value = results.get(timeout=0.5)
-                outcomes[rank] = (ok, value)
-            except queue.Empty:
-                if all(not p.is_alive() for p in procs) and results.empty():
-                    break
-        for p in procs:
-            p.join(timeout=max(0.0, min(10.0, deadline - time.monotonic())))
+        outcomes = _collect(procs, results, world_size, timeout_s)
+        killed = set()
+        for rank, p in enumerate(procs):
+            p.join(timeout=5.0 if rank in outcomes else 0.5)
             if p.is_alive():
                 p.kill()
                 p.join()
+                killed.add(rank)
+    elapsed = time.monotonic() - start
     failures = []
     for rank in range(world_size):
-        if rank not in outcomes:
-            code = procs[rank].exitcode
-            failures.append(f"rank {rank}: no result (hung past {timeout_s:g} s or died, exit code {code})")
-        elif not outcomes[rank][0]:
-            failures.append(f"rank {rank} raised:\n{outcomes[rank][1]}")
+        if rank in outcomes:
+            if not outcomes[rank][0]:
+                failures.append(f"rank {rank} raised:\n{outcomes[rank][1]}")
+        elif rank not in may_exit:
+            state = "still running, killed" if rank in killed else f"ended with exit code {procs[rank].exitcode}"
+            failures.append(f"rank {rank}: no result after {elapsed:.1f} s of at most {timeout_s:g} s; {state}")
     if failures:
-        raise DistributedTestError("\n".join(failures))
-    return [outcomes[r][1] for r in range(world_size)]
+        raise DistributedTestError(f"{fn.__qualname__} on {world_size} ranks failed:\n" + "\n".join(failures))
+    return [pickle.loads(outcomes[r][1]) if r in outcomes else None for r in range(world_size)]

@@ -1,0 +1,58 @@
+"""The multi-process launcher: results come back in rank order; failures and hangs name the rank."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from ep_train.testing import DistributedTestError, run_distributed
+
+
+def _sum_ranks(rank, world_size, offset, scale=1):
+    t = torch.tensor([rank + offset], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {"rank": rank, "sum": t.item() * scale, "threads": torch.get_num_threads(), "tensor": t}
+
+
+@pytest.mark.parametrize("world_size, start_method", [(1, None), (3, "forkserver"), (2, "spawn")])
+def test_results_in_rank_order(world_size, start_method):
+    out = run_distributed(_sum_ranks, world_size, 10, scale=2, timeout_s=60, start_method=start_method)
+    want = 2 * sum(r + 10 for r in range(world_size))
+    assert [o["rank"] for o in out] == list(range(world_size))
+    assert all(o["sum"] == want and o["threads"] == 1 for o in out)
+    assert all(torch.equal(o["tensor"], torch.tensor([want / 2], dtype=torch.float64)) for o in out)
+
+
+def _fail_hang_or_exit(rank, world_size):
+    dist.barrier()  # every rank has joined: a rank dying later cannot break the others' start-up
+    if rank == 0:
+        raise KeyError("rank zero's own failure")
+    if rank == 1:
+        time.sleep(600)  # hangs
+    os._exit(3)  # rank 2 dies
+
+
+def test_failures_name_each_rank_and_its_cause():
+    start = time.monotonic()
+    with pytest.raises(DistributedTestError) as info:
+        run_distributed(_fail_hang_or_exit, 3, timeout_s=4)
+    msg = str(info.value)
+    assert time.monotonic() - start < 20, "the launcher must not wait much past its timeout"
+    assert "rank 0 raised" in msg and "rank zero's own failure" in msg and "KeyError" in msg, msg
+    assert "rank 1: no result" in msg and "killed" in msg, msg
+    assert "rank 2: no result" in msg and "exit code 3" in msg, msg
+
+
+def _exit_on_rank_one(rank, world_size):
+    dist.barrier()
+    if rank == 1:
+        os._exit(0)
+    return "alive"
+
+
+def test_may_exit_allows_ranks_to_die():
+    assert run_distributed(_exit_on_rank_one, 2, may_exit=[1], timeout_s=60) == ["alive", None]
