@@ -16,10 +16,18 @@ from torch import nn
 
 from .dispatcher import MoEDispatcher
 
-__all__ = ["TopKRouter", "GroupedExperts", "MoELayer", "grouped_mlp", "dense_moe_reference"]
+__all__ = [
+    "TopKRouter",
+    "GroupedExperts",
+    "MoELayer",
+    "grouped_matmul",
+    "grouped_mlp",
+    "use_grouped_mm",
+    "dense_moe_reference",
+]
 
 
-def _use_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
+def use_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
     """``torch._grouped_mm`` on CUDA BF16 with 16-byte-aligned rows; elsewhere a loop over experts."""
     return (
         hasattr(torch, "_grouped_mm")
@@ -31,24 +39,27 @@ def _use_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
     )
 
 
-def _grouped_matmul(x_PD: torch.Tensor, w_LDF: torch.Tensor, tokens_per_expert_L: torch.Tensor) -> torch.Tensor:
-    if _use_grouped_mm(x_PD, w_LDF):
-        offs = torch.cumsum(tokens_per_expert_L.to(x_PD.device), 0).to(torch.int32)
+def grouped_matmul(x_PD: torch.Tensor, w_LDF: torch.Tensor, tokens_per_expert_L) -> torch.Tensor:
+    """``[P, D] x [L, D, F] → [P, F]``: the rows of expert l (contiguous, counts given) times ``w[l]``.
+
+    ``tokens_per_expert_L`` is a list or an int tensor.  Every expert takes part in the graph even
+    with no rows, so each weight gets a gradient.
+    """
+    counts = (
+        tokens_per_expert_L.tolist() if isinstance(tokens_per_expert_L, torch.Tensor) else list(tokens_per_expert_L)
+    )
+    if use_grouped_mm(x_PD, w_LDF):
+        offs = torch.tensor(counts, device=x_PD.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         return torch._grouped_mm(x_PD, w_LDF, offs=offs)
-    outs, start = [], 0
-    for e, count in enumerate(tokens_per_expert_L.tolist()):
-        outs.append(x_PD[start : start + count] @ w_LDF[e])
-        start += count
-    if not outs:
-        return x_PD.new_zeros((0, w_LDF.shape[-1]))
-    return torch.cat(outs, dim=0)
+    parts = torch.split(x_PD, counts)
+    return torch.cat([part @ w_LDF[e] for e, part in enumerate(parts)], dim=0)
 
 
 def grouped_mlp(x_PD, tokens_per_expert_L, w1_LD2F, w2_LFD) -> torch.Tensor:
     """SwiGLU expert MLP over expert-major rows: ``silu(x W_gate) * (x W_up) @ W_down``."""
-    h = _grouped_matmul(x_PD, w1_LD2F, tokens_per_expert_L)
+    h = grouped_matmul(x_PD, w1_LD2F, tokens_per_expert_L)
     gate, up = h.chunk(2, dim=-1)
-    return _grouped_matmul(F.silu(gate) * up, w2_LFD, tokens_per_expert_L)
+    return grouped_matmul(F.silu(gate) * up, w2_LFD, tokens_per_expert_L)
 
 
 class TopKRouter(nn.Module):

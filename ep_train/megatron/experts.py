@@ -19,30 +19,9 @@ import torch
 from megatron.core.transformer.module import MegatronModule
 from torch.nn import Parameter
 
+from ..moe import grouped_matmul
+
 __all__ = ["GroupedGemmMLP", "grouped_matmul"]
-
-
-def _use_grouped_mm(x_PH: torch.Tensor, w_LHN: torch.Tensor) -> bool:
-    return (
-        hasattr(torch, "_grouped_mm")
-        and x_PH.is_cuda
-        and x_PH.dtype == torch.bfloat16
-        and w_LHN.dtype == torch.bfloat16
-        and x_PH.shape[-1] % 8 == 0
-        and w_LHN.shape[-1] % 8 == 0
-    )
-
-
-def grouped_matmul(x_PH: torch.Tensor, w_LHN: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
-    """``[P, H] x [L, H, N] → [P, N]``: rows of expert l (contiguous, counts given) times ``w[l]``.
-
-    Every expert takes part in the graph even with no rows, so each weight gets a gradient.
-    """
-    if _use_grouped_mm(x_PH, w_LHN):
-        offs = torch.tensor(tokens_per_expert, device=x_PH.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        return torch._grouped_mm(x_PH, w_LHN, offs=offs)
-    parts = torch.split(x_PH, tokens_per_expert)
-    return torch.cat([part @ w_LHN[e] for e, part in enumerate(parts)], dim=0)
 
 
 class GroupedGemmMLP(MegatronModule):
