@@ -230,6 +230,12 @@ class Buffer:
             check_topk_idx_values("topk_idx", t, num_experts)
         return t
 
+    def _check_topk_weights(self, topk_weights: Any, shape: tuple[int | None, ...]) -> torch.Tensor:
+        """Gate weights: float32 (float64 too where the backend moves it), 2-D, of ``shape``."""
+        return check_tensor(
+            "topk_weights", topk_weights, dtypes=self._weight_dtypes, ndim=2, device=self.device, shape=shape
+        )
+
     def _capturing(self) -> bool:
         return self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
@@ -419,14 +425,7 @@ class Buffer:
             sync_free = a["num_worst_tokens"] > 0
             topk_idx = self._check_topk_idx(topk_idx, num_experts, T, sync_free)
             if topk_weights is not None:
-                check_tensor(
-                    "topk_weights",
-                    topk_weights,
-                    dtypes=self._weight_dtypes,
-                    ndim=2,
-                    device=self.device,
-                    shape=tuple(topk_idx.shape),
-                )
+                self._check_topk_weights(topk_weights, tuple(topk_idx.shape))
         elif topk_weights is not None:
             raise ValueError("topk_weights was given without topk_idx")
         num_topk = 0 if topk_idx is None else topk_idx.shape[1]
@@ -534,14 +533,7 @@ class Buffer:
         hidden = x_NH.shape[1]
         self._check_nvl_bytes(hidden, x_NH.element_size(), config, "combine")
         if topk_weights is not None:
-            check_tensor(
-                "topk_weights",
-                topk_weights,
-                dtypes=self._weight_dtypes,
-                ndim=2,
-                device=self.device,
-                shape=(handle.num_recv_rows, None),
-            )
+            self._check_topk_weights(topk_weights, (handle.num_recv_rows, None))
         biases = () if bias is None else (bias,) if isinstance(bias, torch.Tensor) else tuple(bias)
         if len(biases) > 2:
             raise ValueError(f"bias must be a tensor or a pair of tensors, got {len(biases)} tensors")
@@ -619,14 +611,7 @@ class Buffer:
         self._check_low_latency(M, hidden, num_experts)
         topk_idx = self._check_topk_idx(topk_idx, num_experts, T, sync_free=True)
         if topk_weights is not None:
-            check_tensor(
-                "topk_weights",
-                topk_weights,
-                dtypes=self._weight_dtypes,
-                ndim=2,
-                device=self.device,
-                shape=tuple(topk_idx.shape),
-            )
+            self._check_topk_weights(topk_weights, tuple(topk_idx.shape))
         stats = cumulative_local_expert_recv_stats
         if stats is not None:
             check_tensor(
@@ -694,7 +679,7 @@ class Buffer:
         )
         T, K = handle.topk_idx_TK.shape
         topk_idx = check_tensor("topk_idx", topk_idx, dtypes=topk_idx_t, ndim=2, device=self.device, shape=(T, K))
-        check_tensor("topk_weights", topk_weights, dtypes=self._weight_dtypes, ndim=2, device=self.device, shape=(T, K))
+        self._check_topk_weights(topk_weights, (T, K))
         if out is not None:
             check_tensor("out", out, dtypes=x_LSH.dtype, ndim=2, device=self.device, shape=(T, handle.hidden))
         info = self._next_info(_OP_LL_COMBINE, handle.hidden, handle.num_experts, K, x_LSH.dtype, extra=M * 2)

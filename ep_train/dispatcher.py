@@ -83,10 +83,9 @@ def _pair_layout(recv_topk_idx_NK: torch.Tensor, num_local_experts: int, alignme
 
 
 def _gather_rows(x_NH: torch.Tensor, row_P: torch.Tensor) -> torch.Tensor:
-    out = x_NH.new_zeros((row_P.numel(), x_NH.shape[1]))
-    valid = row_P >= 0
-    out[valid] = x_NH[row_P[valid]]
-    return out
+    """Rows ``x[row]`` (zeros where row is -1) without a host sync: no boolean indexing."""
+    rows = x_NH.index_select(0, row_P.clamp_min(0)) if x_NH.shape[0] else x_NH.new_zeros((row_P.numel(), x_NH.shape[1]))
+    return torch.where((row_P >= 0).unsqueeze(1), rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
 
 
 def _sum_rows(y_PH: torch.Tensor, rounds, num_rows: int) -> torch.Tensor:
