@@ -12,7 +12,10 @@ node (EP = GPU count).  Rows, in the same process on the same machine:
 Median CUDA-event time of forward+backward over ``--iters`` iterations after warm-up, with and
 without shared experts overlapped when ``--shared`` is given.  Never asserts on time.
 
-    python benchmarks/bench_moe_layer.py [--tokens 4096] [--iters 20] [--chunks 2 4] [--shared 2048]
+    python benchmarks/bench_moe_layer.py [--tokens 4096] [--iters 20] [--chunks 2 4] [--shared 2048] [--gpus N]
+
+``--gpus 1`` runs EP1 on one GPU: no tokens cross GPUs (ep_train's Buffer uses its torch backend,
+the kernels need two ranks), so the rows compare what each dispatcher adds around the experts.
 """
 
 from __future__ import annotations
@@ -80,6 +83,8 @@ def _time_fwd_bwd(layer, x: torch.Tensor, grad: torch.Tensor, iters: int, warmup
 def _worker(rank: int, world: int, port: int, args) -> None:
     os.environ.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
                        "EP_TRAIN_QUIET": "1"})  # fmt: skip
+    if world == 1:
+        os.environ["EP_TRAIN_BACKEND"] = "torch"
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(minutes=10), device_id=torch.device("cuda", rank))  # fmt: skip
@@ -94,7 +99,9 @@ def _worker(rank: int, world: int, port: int, args) -> None:
     x = torch.randn(args.tokens, 1, args.hidden, device="cuda", dtype=torch.bfloat16, generator=gen)
     grad = torch.randn_like(x) * 1e-2
     x.requires_grad_(True)
-    variants = [("alltoall", "alltoall", 1), ("flex", "flex (ep_train backend)", 1)]
+    variants = [("alltoall", "alltoall", 1)]
+    if world > 1:  # Megatron's flex dispatcher refuses EP1
+        variants.append(("flex", "flex (ep_train backend)", 1))
     variants += [("deepep", f"deepep chunks={c}" + (" (no overlap)" if c == 1 else ""), c) for c in [1, *args.chunks]]
     rows = []
     for dispatcher, label, chunks in variants:
@@ -135,11 +142,12 @@ def main() -> None:
     p.add_argument("--chunks", type=int, nargs="*", default=[2, 4], help="chunk counts of the overlapped runs")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--gpus", type=int, default=0, help="EP size (default: the largest of 2/4/8 this node has)")
     args = p.parse_args()
-    world = torch.cuda.device_count()
-    if world < 2:
-        raise SystemExit("bench_moe_layer needs at least 2 GPUs")
-    world = max(n for n in (2, 4, 8) if n <= world)
+    count = torch.cuda.device_count()
+    world = args.gpus or max((n for n in (2, 4, 8) if n <= count), default=0)
+    if world < 1 or world > count:
+        raise SystemExit(f"bench_moe_layer: --gpus {args.gpus or world} needs that many GPUs, this node has {count}")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The one script run on a GPU machine: build ep_train._C, run the GPU tests, run the intranode
-# benchmark.  Logs go under $OUT (or ./gpu_logs).  Usage: bash scripts/gpu_check.sh [--no-bench]
+# The one script run on a GPU machine: build ep_train._C, run the GPU tests, run the benchmarks
+# (permutation on one GPU; intranode with two or more).  Logs go under $OUT (or ./gpu_logs).
+# Usage: bash scripts/gpu_check.sh [--no-bench]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_logs}"
@@ -18,6 +19,9 @@ python -c "import ep_train._C as C; print('ep_train._C loaded', C.control_bytes(
 timeout 240 python -m pytest -q tests/gpu ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -40
 echo "tests: exit ${PIPESTATUS[0]} after $(( $(date +%s) - start )) s"
 if [ "${1:-}" != "--no-bench" ]; then
-    timeout 150 python benchmarks/bench_intranode.py 2>&1 | tee "$OUT/bench.log" | tail -30
-    echo "bench: exit ${PIPESTATUS[0]} after $(( $(date +%s) - start )) s"
+    timeout 60 python benchmarks/bench_permute.py 2>&1 | tee "$OUT/bench_permute.log" | tail -6
+    if [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+        timeout 150 python benchmarks/bench_intranode.py 2>&1 | tee "$OUT/bench.log" | tail -30
+        echo "bench: exit ${PIPESTATUS[0]} after $(( $(date +%s) - start )) s"
+    fi
 fi

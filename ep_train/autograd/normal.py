@@ -31,6 +31,8 @@ class DispatchOutput(NamedTuple):
     tokens_per_expert: ``[L]`` int32 (token, local expert) pairs received, aligned.
     handle: pass to :func:`combine`.
     event: with ``async_finish=True`` the outputs are ready only after ``event.current_stream_wait()``.
+    tokens_per_expert_list: the same counts on the host when the dispatch had them there (every
+        path but ``num_worst_tokens`` on the CUDA kernels), else None.
     """
 
     recv_x: torch.Tensor
@@ -39,6 +41,7 @@ class DispatchOutput(NamedTuple):
     tokens_per_expert: torch.Tensor
     handle: DispatchHandle
     event: EventOverlap
+    tokens_per_expert_list: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class _Replay:
     handle: DispatchHandle
     recv_topk_idx: torch.Tensor
     topk_idx: torch.Tensor
+    per_expert_list: list[int] | None
 
 
 @dataclass
@@ -98,7 +102,7 @@ class _DispatchFn(torch.autograd.Function):
             per_rank, _, per_expert, in_rank, layout_event = buffer.get_dispatch_layout(
                 topk_idx_TK, opts.num_experts, previous_event=opts.previous_event, async_finish=opts.async_finish
             )
-            recv_x, recv_idx, recv_w, _, handle, event = buffer.dispatch(
+            recv_x, recv_idx, recv_w, per_expert_list, handle, event = buffer.dispatch(
                 x_in,
                 None,
                 per_rank,
@@ -113,9 +117,10 @@ class _DispatchFn(torch.autograd.Function):
                 layout_event if opts.async_finish else None,
                 opts.async_finish,
             )
-            replay.record(_Replay("normal", handle, recv_idx, topk_idx_TK))
+            per_expert_list = list(per_expert_list) if len(per_expert_list) == handle.num_local_experts else None
+            replay.record(_Replay("normal", handle, recv_idx, topk_idx_TK, per_expert_list))
         else:
-            handle, recv_idx = entry.handle, entry.recv_topk_idx
+            handle, recv_idx, per_expert_list = entry.handle, entry.recv_topk_idx, entry.per_expert_list
             if entry.topk_idx.shape != topk_idx_TK.shape or (
                 not topk_idx_TK.is_cuda and not torch.equal(entry.topk_idx, topk_idx_TK)
             ):
@@ -133,7 +138,7 @@ class _DispatchFn(torch.autograd.Function):
         ctx.buffer, ctx.handle = buffer, handle
         ctx.save_for_backward(recv_idx)
         ctx.mark_non_differentiable(recv_idx)
-        out["handle"], out["event"] = handle, event
+        out["handle"], out["event"], out["per_expert_list"] = handle, event, per_expert_list
         return recv_x, recv_idx, recv_w
 
     @staticmethod
@@ -210,7 +215,9 @@ def dispatch(
     out: dict = {}
     recv_x, recv_idx, recv_w = _DispatchFn.apply(x, topk_weights, buffer, topk_idx, opts, out)
     handle: DispatchHandle = out["handle"]
-    return DispatchOutput(recv_x, recv_idx, recv_w, handle.num_recv_tokens_per_expert_L, handle, out["event"])
+    return DispatchOutput(
+        recv_x, recv_idx, recv_w, handle.num_recv_tokens_per_expert_L, handle, out["event"], out["per_expert_list"]
+    )
 
 
 def combine(

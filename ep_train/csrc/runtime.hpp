@@ -57,6 +57,11 @@ void launch_get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num
                                 int num_ranks, int* num_tokens_per_rank, int* num_tokens_per_expert,
                                 bool* is_token_in_rank, cudaStream_t stream);
 
+// out[n] = sum of y[pos[n, k]] over k with pos in [0, num_pair_rows); FP32 accumulation, ascending k.
+// y/out are BF16 (bf16=true) or FP32, hidden % (16 bytes / element size) == 0; num_topk <= 32.
+void launch_sum_pairs(const void* y, const int64_t* pos, void* out, bool bf16, int64_t num_rows, int num_topk,
+                      int64_t num_pair_rows, int hidden, cudaStream_t stream);
+
 struct NotifyParams {
     const bool* is_token_in_rank;      // [T, R]
     const int* num_tokens_per_expert;  // [E] or null (no top-k)

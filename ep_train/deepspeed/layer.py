@@ -23,7 +23,8 @@ from deepspeed.utils.bwc import bwc_tensor_model_parallel_world_size
 
 from ..buffer import Buffer
 from ..config import get_combine_config, get_dispatch_config
-from ..dispatcher import MoEDispatcher, permute_to_experts, unpermute_from_experts
+from ..dispatcher import MoEDispatcher
+from ..permute import permute_to_experts, unpermute_from_experts
 from .experts import run_experts
 
 __all__ = ["BufferPool", "EPMOELayer"]
@@ -158,7 +159,7 @@ class EPMOELayer(MOELayer):
 
         self._start(FIRST_ALLTOALL_TIMER)
         if self.ep_size == 1:
-            x_PD, tokens_per_expert, probs_P, row_P, rounds = permute_to_experts(
+            x_PD, tokens_per_expert, probs_P, layout = permute_to_experts(
                 x_SD, topk_idx_SK, topk_weights_SK, self.num_local_experts, self.expert_alignment
             )
         else:
@@ -171,7 +172,7 @@ class EPMOELayer(MOELayer):
 
         self._start(SECOND_ALLTOALL_TIMER)
         if self.ep_size == 1:
-            y_SD = unpermute_from_experts(y_PD, row_P, rounds, x_SD.shape[0])
+            y_SD = unpermute_from_experts(y_PD, layout)
         else:
             y_SD = dispatcher.combine(y_PD, handle)
         self.time_salltoall = self._stop(SECOND_ALLTOALL_TIMER)

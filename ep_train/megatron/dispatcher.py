@@ -38,7 +38,7 @@ import torch
 
 from ..autograd.normal import combine as ep_combine
 from ..autograd.normal import dispatch as ep_dispatch
-from ..dispatcher import permute_to_experts, unpermute_from_experts
+from ..permute import PairLayout, permute_to_experts, unpermute_from_experts
 from ._megatron import MoETokenDispatcher
 from .buffers import BufferPool
 from .options import EPOptions
@@ -83,9 +83,8 @@ class _MicroBatch:
     probs_dtype: torch.dtype
     handle: Any = None
     recv_topk_idx_NK: torch.Tensor | None = None
-    row_P: torch.Tensor | None = None
-    rounds: Any = None
-    num_rows: int = 0
+    tokens_per_expert_list: list[int] | None = None
+    layout: PairLayout | None = None
     extras: dict = field(default_factory=dict)
 
 
@@ -184,10 +183,10 @@ class EPTokenDispatcher(MoETokenDispatcher):
         )
 
     def _permute(self, mb: _MicroBatch, recv_x_NH, recv_weights_NK):
-        x_PH, tokens_per_expert_L, probs_P, row_P, rounds = permute_to_experts(
-            recv_x_NH, mb.recv_topk_idx_NK, recv_weights_NK, self.num_local_experts, self.options.expert_alignment
-        )
-        mb.row_P, mb.rounds, mb.num_rows = row_P, rounds, recv_x_NH.shape[0]
+        x_PH, tokens_per_expert_L, probs_P, mb.layout = permute_to_experts(
+            recv_x_NH, mb.recv_topk_idx_NK, recv_weights_NK, self.num_local_experts, self.options.expert_alignment,
+            mb.tokens_per_expert_list,
+        )  # fmt: skip
         return x_PH, tokens_per_expert_L, probs_P.to(mb.probs_dtype)
 
     def _shared_experts_launch(self) -> None:
@@ -230,7 +229,7 @@ class EPTokenDispatcher(MoETokenDispatcher):
         self._shared_experts_launch()
         weights_TK = probs.to(self._weight_dtype(buffer, probs.dtype))
         out = self._dispatch(buffer, hidden_states, mb.topk_idx_TK, weights_TK)
-        mb.handle, mb.recv_topk_idx_NK = out.handle, out.recv_topk_idx
+        mb.handle, mb.recv_topk_idx_NK, mb.tokens_per_expert_list = out.handle, out.recv_topk_idx, out.tokens_per_expert_list
         self._push("dispatch_postprocess", mb)
         return out.recv_x, out.recv_topk_weights
 
@@ -244,7 +243,7 @@ class EPTokenDispatcher(MoETokenDispatcher):
     def combine_preprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Expert outputs ``[P, H]`` → one summed row per received row ``[N, H]``."""
         mb = self._pop("combine_preprocess")
-        y_NH = unpermute_from_experts(hidden_states, mb.row_P, mb.rounds, mb.num_rows)
+        y_NH = unpermute_from_experts(hidden_states, mb.layout)
         self._push("token_combine", mb)
         return y_NH
 
@@ -302,12 +301,13 @@ class EPTokenDispatcher(MoETokenDispatcher):
         for i in range(num_chunks):
             out, pending = pending, None
             CommLane.wait(out.event, (out.recv_x, out.recv_topk_idx, out.recv_topk_weights))
-            part = _MicroBatch(mb.hidden_shape, idx_chunks[i], mb.probs_dtype, out.handle, out.recv_topk_idx)
+            part = _MicroBatch(mb.hidden_shape, idx_chunks[i], mb.probs_dtype, out.handle, out.recv_topk_idx,
+                               out.tokens_per_expert_list)  # fmt: skip
             x_PH, tokens_per_expert_L, probs_P = self._permute(part, out.recv_x, out.recv_topk_weights)
             y_PH, bias = experts(x_PH, tokens_per_expert_L, probs_P)
             if bias is not None:
                 raise ValueError("experts returning a separate bias are not supported by the 'deepep' dispatcher")
-            y_NH = unpermute_from_experts(y_PH, part.row_P, part.rounds, part.num_rows)
+            y_NH = unpermute_from_experts(y_PH, part.layout)
             if i + 1 < num_chunks:  # queued after chunk i's experts, so it overlaps them
                 pending = issue_dispatch(i + 1)
             combined.append(self._issue_combine(lane, buffer, y_NH, out.handle))

@@ -10,6 +10,7 @@
 #include "ep_train/buffer_layout.cuh"
 #include "ep_train/ptx.cuh"
 #include "ep_train/timeout.cuh"
+#include "ep_train/vec.cuh"
 #include "ep_train/warp.cuh"
 #include "runtime.hpp"
 
@@ -59,16 +60,6 @@ __device__ void combine_send(const CombineParams& p, const RankContext& ctx, int
     }
 }
 
-__device__ __forceinline__ void add_bf16x8(float (&acc)[8], int4 v) {
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        float2 f = __bfloat1622float2(h[i]);
-        acc[2 * i] += f.x;
-        acc[2 * i + 1] += f.y;
-    }
-}
-
 // Reduce one token: rows[r] is rank r's ring row (null when the token did not go there).
 // NOTES: FP32 sum starting from +0 in rank order, then bias0, then bias1 - the reference's order.
 template <int kNumRanks>
@@ -90,11 +81,7 @@ __device__ void reduce_token(const CombineParams& p, const char* const (&rows)[k
                 if (rows[r] != nullptr) add_bf16x8(acc, v[r]);
             if (b0 != nullptr) add_bf16x8(acc, ptx::ld_nc_v4(reinterpret_cast<const int4*>(b0 + token * p.hidden) + i));
             if (b1 != nullptr) add_bf16x8(acc, ptx::ld_nc_v4(reinterpret_cast<const int4*>(b1 + token * p.hidden) + i));
-            int4 packed;
-            __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&packed);
-#pragma unroll
-            for (int k = 0; k < 4; ++k) h[k] = __floats2bfloat162_rn(acc[2 * k], acc[2 * k + 1]);
-            ptx::st_na_v4(reinterpret_cast<int4*>(out) + i, packed);
+            ptx::st_na_v4(reinterpret_cast<int4*>(out) + i, pack_bf16x8(acc));
         }
     } else {
         for (int i = lane; i < p.hidden; i += 32) {

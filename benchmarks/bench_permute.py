@@ -1,0 +1,90 @@
+"""Expert-major permutation on one GPU: ep_train's ``permute_to_experts``/``unpermute_from_experts``
+(CUDA pair-sum kernel, and the op-by-op path) beside Megatron-Core's ``permute``/``unpermute`` (the
+unfused path its alltoall dispatcher runs without TransformerEngine), same routing, same rows.
+
+Standard case: the rows one EP2 rank receives in the DESIGN.md §4 case — about 8192 rows, hidden
+7168, top-8 of 256 experts (128 local), BF16.  Times forward+backward (permute, scale by probs,
+unpermute) and reports median CUDA-event ms over ``--iters``.  Never asserts on time.
+
+    python benchmarks/bench_permute.py [--rows 8192] [--hidden 7168] [--topk 8] [--experts 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+from ep_train import permute as ep_permute
+
+
+def _time(fn, iters: int, warmup: int = 3) -> float:
+    times = []
+    for i in range(warmup + iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=8192)
+    p.add_argument("--hidden", type=int, default=7168)
+    p.add_argument("--topk", type=int, default=8)
+    p.add_argument("--experts", type=int, default=256, help="global experts; half are local (EP2)")
+    p.add_argument("--iters", type=int, default=20)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    n, k, num_local = args.rows, args.topk, args.experts // 2
+    # Global top-k over E experts; the local half keeps its ids, the rest become -1.
+    idx = torch.rand(n, args.experts, device="cuda").topk(k, dim=1).indices.sort(dim=1).values
+    idx = torch.where(idx < num_local, idx, torch.full_like(idx, -1))
+    x = torch.randn(n, args.hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.rand(n, k, device="cuda") * (idx >= 0)).requires_grad_(True)
+    counts = torch.bincount(idx[idx >= 0], minlength=num_local).tolist()
+    grad = torch.randn(n, args.hidden, device="cuda", dtype=torch.bfloat16)
+
+    def ours():
+        x_PH, _, probs_P, layout = ep_permute.permute_to_experts(x, idx, w, num_local, 1, counts)
+        y = (x_PH * probs_P.unsqueeze(1)).to(x_PH.dtype)
+        ep_permute.unpermute_from_experts(y, layout).backward(grad)
+
+    rows = []
+    rows.append(("ep_train (sum_pairs kernel)", _time(ours, args.iters)))
+    from ep_train import _ext
+
+    if _ext.is_available():
+        with ep_permute.kernels_enabled(False):
+            rows.append(("ep_train (op-by-op path)", _time(ours, args.iters)))
+    try:
+        from megatron.core.transformer.moe.moe_utils import permute, unpermute
+    except ImportError:
+        permute = None
+    if permute is not None:
+        routing_map = torch.zeros(n, num_local, dtype=torch.bool, device="cuda")
+        routing_map.scatter_(1, idx.clamp_min(0), idx >= 0)
+        probs_full = torch.zeros(n, num_local, device="cuda").scatter(1, idx.clamp_min(0), w.detach() * (idx >= 0))
+        probs_full.requires_grad_(True)
+        num_out = int(routing_map.sum())
+
+        def megatron():
+            out = permute(x, routing_map, probs=probs_full, num_out_tokens=num_out)
+            x_PH, probs_P, sorted_indices = out[0], out[1], out[2]
+            y = (x_PH * probs_P.unsqueeze(1)).to(x_PH.dtype)
+            unpermute(y, sorted_indices, x.shape, routing_map=routing_map).backward(grad)
+
+        rows.append(("megatron-core permute/unpermute", _time(megatron, args.iters)))
+    print(f"permute+unpermute fwd+bwd | {torch.cuda.get_device_name(0)} | {n} rows, hidden {args.hidden}, "
+          f"top-{k}, {num_local} local experts, {sum(counts)} pairs, BF16")  # fmt: skip
+    for label, ms in rows:
+        print(f"  {label:<34} {ms:8.3f} ms")
+
+
+if __name__ == "__main__":
+    main()

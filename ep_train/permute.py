@@ -1,0 +1,221 @@
+"""Received rows ⇄ expert-major pair rows, on the device and without host syncs.
+
+After a dispatch each received row carries up to K (row, local expert) pairs.  A grouped GEMM wants
+one row per pair, grouped by expert, each expert's group padded to ``alignment``.  ``pair_layout``
+places the pairs with a handful of device ops (one argsort, scatters, cumsums); the only host value
+it needs is the total row count P, which the dispatch already returned (its per-expert counts), so
+the whole path has no host sync.
+
+``permute_to_experts`` gathers rows into that order; ``unpermute_from_experts`` sums each received
+row's pairs back into one row, FP32 accumulation, pairs added in ascending k (for Megatron's
+routing: ascending expert id), so results are deterministic and independent of the device.  Each is
+the other's backward.  On CUDA the pair sum runs as one ep_train kernel when the extension is built
+(bitwise equal to the op-by-op path, which it replaces only for speed).
+
+Shape legend: N received rows, K top-k, H hidden, L local experts, P expert-major rows (pairs +
+alignment padding), Q = N*K pair slots.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from . import _ext
+
+__all__ = ["PairLayout", "kernels_enabled", "pair_layout", "permute_to_experts", "unpermute_from_experts"]
+
+_use_kernels = True
+
+
+@contextlib.contextmanager
+def kernels_enabled(enabled: bool) -> Iterator[None]:
+    """Within the block, use (or not) the CUDA pair-sum kernel where it is built (for comparisons)."""
+    global _use_kernels
+    previous, _use_kernels = _use_kernels, enabled
+    try:
+        yield
+    finally:
+        _use_kernels = previous
+
+
+@dataclass(frozen=True)
+class PairLayout:
+    """Where every (received row, local expert) pair sits in expert-major order.
+
+    Attributes:
+        num_rows: N.
+        num_topk: K.
+        pos_NK: int64 ``[N, K]``, expert-major row of pair (n, k); P where ``recv_topk_idx`` is -1.
+        row_P: int64 ``[P]``, received row of each expert-major row; N for alignment padding.
+        pair_P: int64 ``[P]``, flat pair slot ``n*K + k`` of each expert-major row; Q for padding.
+        tokens_per_expert: CPU int64 ``[L]``, rows of each local expert (aligned).
+        has_padding: whether any expert-major row is alignment padding.
+    """
+
+    num_rows: int
+    num_topk: int
+    pos_NK: torch.Tensor
+    row_P: torch.Tensor
+    pair_P: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    has_padding: bool
+
+    @property
+    def num_pair_rows(self) -> int:
+        return self.row_P.numel()
+
+
+def _aligned(counts: torch.Tensor, alignment: int) -> torch.Tensor:
+    return (counts + alignment - 1) // alignment * alignment
+
+
+def pair_layout(
+    recv_topk_idx_NK: torch.Tensor,
+    num_local_experts: int,
+    alignment: int = 1,
+    tokens_per_expert: Sequence[int] | torch.Tensor | None = None,
+) -> PairLayout:
+    """Expert-major placement of the pairs; within an expert by received row, then k.
+
+    Args:
+        recv_topk_idx_NK: ``[N, K]`` int64 local expert ids in ``[0, L)``, -1 = no pair.
+        num_local_experts: L.
+        alignment: pad each expert's rows to a multiple of this.
+        tokens_per_expert: the per-expert pair counts when the caller already has them on the host
+            (the dispatch returns them; aligned or not, they are rounded up here); without them they
+            are read from the device (one host sync).
+    """
+    if recv_topk_idx_NK.dim() != 2:
+        raise ValueError(f"recv_topk_idx must be [N, K], got shape {tuple(recv_topk_idx_NK.shape)}")
+    if alignment < 1:
+        raise ValueError(f"alignment must be >= 1, got {alignment}")
+    n, k = recv_topk_idx_NK.shape
+    q = n * k
+    device = recv_topk_idx_NK.device
+    idx_Q = recv_topk_idx_NK.reshape(-1).to(torch.int64)
+    valid_Q = idx_Q >= 0
+    expert_Q = idx_Q.clamp_min(0)
+    counts_L = torch.zeros(num_local_experts, dtype=torch.int64, device=device).scatter_add_(0, expert_Q, valid_Q.long())
+    aligned_L = _aligned(counts_L, alignment)
+    if tokens_per_expert is None:
+        host_L = aligned_L.cpu()
+    else:
+        host_L = _aligned(torch.as_tensor(tokens_per_expert, dtype=torch.int64).cpu(), alignment)
+        if host_L.shape != (num_local_experts,):
+            raise ValueError(
+                f"tokens_per_expert must have {num_local_experts} entries (one per local expert), got {tuple(host_L.shape)}"
+            )
+    total = int(host_L.sum())
+    # Pairs sorted expert-major; slots without a pair sort last (key L*Q).
+    slot_Q = torch.arange(q, device=device)
+    key_Q = torch.where(valid_Q, expert_Q * q + slot_Q, torch.full_like(slot_Q, num_local_experts * q))
+    order_Q = torch.argsort(key_Q)
+    expert_sorted = expert_Q[order_Q]
+    start_L = torch.cumsum(aligned_L, 0) - aligned_L
+    first_L = torch.cumsum(counts_L, 0) - counts_L
+    pos_sorted = start_L[expert_sorted] + slot_Q - first_L[expert_sorted]
+    pos_sorted = torch.where(valid_Q[order_Q], pos_sorted, torch.full_like(pos_sorted, total))
+    pos_Q = torch.empty_like(pos_sorted).scatter_(0, order_Q, pos_sorted)
+    # Inverse maps; slots without a pair all write the same sentinel into the spare entry P.
+    row_Q = torch.where(valid_Q, slot_Q // max(k, 1), torch.full_like(slot_Q, n))
+    pair_Q = torch.where(valid_Q, slot_Q, torch.full_like(slot_Q, q))
+    row_P = torch.full((total + 1,), n, dtype=torch.int64, device=device).scatter_(0, pos_Q, row_Q)[:total]
+    pair_P = torch.full((total + 1,), q, dtype=torch.int64, device=device).scatter_(0, pos_Q, pair_Q)[:total]
+    has_padding = alignment > 1 and total > 0
+    return PairLayout(n, k, pos_Q.view(n, k), row_P, pair_P, host_L, has_padding)
+
+
+def _gather_rows(x_NH: torch.Tensor, layout: PairLayout) -> torch.Tensor:
+    """``x[row_P]``, zero rows for padding (no boolean indexing, no host sync)."""
+    p = layout.num_pair_rows
+    if x_NH.shape[0] == 0 or p == 0:
+        return x_NH.new_zeros((p, x_NH.shape[1]))
+    rows = x_NH.index_select(0, layout.row_P.clamp_max(x_NH.shape[0] - 1))
+    if layout.has_padding:
+        rows = rows.masked_fill((layout.row_P >= layout.num_rows).unsqueeze(1), 0)
+    return rows
+
+
+def _sum_pairs_ops(y_PH: torch.Tensor, pos_NK: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    n, k = pos_NK.shape
+    out = torch.zeros((n, y_PH.shape[1]), dtype=acc, device=y_PH.device)
+    p = y_PH.shape[0]
+    if p == 0 or n == 0:
+        return out.to(y_PH.dtype)
+    for j in range(k):
+        pos = pos_NK[:, j]
+        rows = y_PH.index_select(0, pos.clamp_max(p - 1))
+        out.add_(rows.masked_fill((pos >= p).unsqueeze(1), 0))
+    return out.to(y_PH.dtype)
+
+
+def _sum_pairs(y_PH: torch.Tensor, layout: PairLayout) -> torch.Tensor:
+    """``out[n] = sum_k y[pos[n, k]]`` over the pairs of row n, FP32 (FP64 for FP64) accumulation."""
+    acc = torch.float64 if y_PH.dtype == torch.float64 else torch.float32
+    if _use_kernels and y_PH.is_cuda and acc == torch.float32 and _ext.is_available() and hasattr(_ext.load(), "sum_pairs"):
+        return _ext.load().sum_pairs(y_PH, layout.pos_NK)
+    return _sum_pairs_ops(y_PH, layout.pos_NK, acc)
+
+
+class _PermuteFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_NH, layout: PairLayout):
+        ctx.layout = layout
+        return _gather_rows(x_NH, layout)
+
+    @staticmethod
+    def backward(ctx, grad_PH):
+        return _sum_pairs(grad_PH.contiguous(), ctx.layout), None
+
+
+class _UnpermuteFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y_PH, layout: PairLayout):
+        ctx.layout = layout
+        return _sum_pairs(y_PH.contiguous(), layout)
+
+    @staticmethod
+    def backward(ctx, grad_NH):
+        return _gather_rows(grad_NH.contiguous(), ctx.layout), None
+
+
+def permute_to_experts(
+    x_NH: torch.Tensor,
+    recv_topk_idx_NK: torch.Tensor,
+    recv_topk_weights_NK: torch.Tensor,
+    num_local_experts: int,
+    alignment: int = 1,
+    tokens_per_expert: Sequence[int] | torch.Tensor | None = None,
+):
+    """Received rows → expert-major pair rows (differentiable w.r.t. rows and weights).
+
+    Returns ``(x_PH, tokens_per_expert_L (CPU int64, aligned), probs_P, layout)``; padding rows are
+    zero with probability 0.  Pass the dispatch's per-expert counts (``tokens_per_expert_list``) as
+    ``tokens_per_expert`` to avoid the one host sync.
+    """
+    if recv_topk_weights_NK.shape != recv_topk_idx_NK.shape:
+        raise ValueError(
+            f"recv_topk_weights shape {tuple(recv_topk_weights_NK.shape)} != recv_topk_idx shape "
+            f"{tuple(recv_topk_idx_NK.shape)}"
+        )
+    layout = pair_layout(recv_topk_idx_NK, num_local_experts, alignment, tokens_per_expert)
+    x_PH = _PermuteFn.apply(x_NH, layout)
+    q = recv_topk_weights_NK.numel()
+    if q == 0 or layout.num_pair_rows == 0:
+        probs_P = recv_topk_weights_NK.new_zeros(layout.num_pair_rows) + 0 * recv_topk_weights_NK.sum()
+    else:
+        probs_P = recv_topk_weights_NK.reshape(-1).index_select(0, layout.pair_P.clamp_max(q - 1))
+        if layout.has_padding:
+            probs_P = probs_P.masked_fill(layout.pair_P >= q, 0)
+    return x_PH, layout.tokens_per_expert, probs_P, layout
+
+
+def unpermute_from_experts(y_PH: torch.Tensor, layout: PairLayout) -> torch.Tensor:
+    """Expert-major pair rows → one summed row per received row ``[N, H]`` (differentiable)."""
+    if y_PH.shape[0] != layout.num_pair_rows:
+        raise ValueError(f"expected {layout.num_pair_rows} expert-major rows, got {y_PH.shape[0]}")
+    return _UnpermuteFn.apply(y_PH, layout)
