@@ -92,6 +92,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_ds_moe_") as tmp:
         for label, impl, sets in RUNS:
             results[label] = _run(label, impl, sets, args, nproc, tmp)
+            r = results[label]
+            if r is not None:  # one line per run as it finishes (each run starts its own ranks)
+                print(f"{label}: {r['tokens_per_s']:.0f} tokens/s, {r['step_ms']:.1f} ms/step", flush=True)
     print(f"\nDeepSpeed MoE training, {machine}, EP {nproc}, mean over steps {args.warmup + 1}-{args.steps}")
     base = (results.get("deepspeed cf=1.0") or {}).get("tokens_per_s")
     print(f"{'implementation':<20} {'tokens/s':>12} {'ms/step':>10} {'vs cf=1.0':>10} {'final loss':>11}")

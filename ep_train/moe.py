@@ -17,11 +17,13 @@ from torch import nn
 from .dispatcher import MoEDispatcher
 
 __all__ = [
+    "ChunkedExperts",
     "TopKRouter",
     "GroupedExperts",
     "MoELayer",
     "grouped_matmul",
     "grouped_mlp",
+    "grouped_weight_grad",
     "use_grouped_mm",
     "dense_moe_reference",
 ]
@@ -53,6 +55,115 @@ def grouped_matmul(x_PD: torch.Tensor, w_LDF: torch.Tensor, tokens_per_expert_L)
         return torch._grouped_mm(x_PD, w_LDF, offs=offs)
     parts = torch.split(x_PD, counts)
     return torch.cat([part @ w_LDF[e] for e, part in enumerate(parts)], dim=0)
+
+
+def grouped_weight_grad(x_PD: torch.Tensor, dy_PF: torch.Tensor, tokens_per_expert_L) -> torch.Tensor:
+    """``[L, D, F]``: for each expert l, ``x_l^T dy_l`` over its rows (zeros for an expert without rows)."""
+    counts = (
+        tokens_per_expert_L.tolist() if isinstance(tokens_per_expert_L, torch.Tensor) else list(tokens_per_expert_L)
+    )
+    if use_grouped_mm(x_PD, dy_PF) and x_PD.shape[0] > 0:
+        offs = torch.tensor(counts, device=x_PD.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        return torch._grouped_mm(x_PD.t(), dy_PF, offs=offs)
+    out = x_PD.new_zeros((len(counts), x_PD.shape[1], dy_PF.shape[1]))
+    for e, (a, b) in enumerate(zip(torch.split(x_PD, counts), torch.split(dy_PF, counts))):
+        if a.shape[0]:
+            out[e] = a.t() @ b
+    return out
+
+
+class _WeightsFn(torch.autograd.Function):
+    """Passes the weights through; its backward adds the weight gradients of all chunks at once."""
+
+    @staticmethod
+    def forward(ctx, w1, w2, scope: ChunkedExperts):
+        ctx.scope = scope
+        ctx.set_materialize_grads(False)
+        return w1.view_as(w1), w2.view_as(w2)
+
+    @staticmethod
+    def backward(ctx, grad_w1, grad_w2):
+        dw1, dw2 = ctx.scope._weight_grads()
+        if dw1 is None:
+            return grad_w1, grad_w2, None
+        grad_w1 = dw1 if grad_w1 is None else grad_w1 + dw1
+        grad_w2 = dw2 if grad_w2 is None else grad_w2 + dw2
+        return grad_w1, grad_w2, None
+
+
+class _ChunkFn(torch.autograd.Function):
+    """One chunk of ``fc2(act(fc1(x)) * prob)``; backward returns the input and prob gradients only."""
+
+    @staticmethod
+    def forward(ctx, x_PD, probs_P, w1, w2, counts: list[int], scope: ChunkedExperts):
+        h_PN = grouped_matmul(x_PD, w1, counts)
+        a_PF = (scope.activation(h_PN) * probs_P.unsqueeze(-1)).to(h_PN.dtype)
+        ctx.save_for_backward(x_PD, h_PN, probs_P, w1, w2)
+        ctx.counts, ctx.scope = counts, scope
+        return grouped_matmul(a_PF, w2, counts)
+
+    @staticmethod
+    def backward(ctx, dy_PD):
+        x_PD, h_PN, probs_P, w1, w2 = ctx.saved_tensors
+        counts = ctx.counts
+        dy_PD = dy_PD.contiguous()
+        da_PF = grouped_matmul(dy_PD, w2.transpose(1, 2), counts)
+        with torch.enable_grad():  # the activation's own derivative, whatever function it is
+            h = h_PN.detach().requires_grad_()
+            p = probs_P.detach().requires_grad_()
+            a_PF = (ctx.scope.activation(h) * p.unsqueeze(-1)).to(h_PN.dtype)
+            dh_PN, dprobs_P = torch.autograd.grad(a_PF, (h, p), da_PF)
+        dx_PD = grouped_matmul(dh_PN, w1.transpose(1, 2), counts)
+        ctx.scope._parts.append((x_PD, dh_PN, a_PF.detach(), dy_PD, counts))
+        return dx_PD, dprobs_P, None, None, None, None
+
+
+class ChunkedExperts:
+    """A stacked expert MLP ``fc2(act(fc1(x)) * prob)`` called once per chunk of rows, whose weight
+    gradients are computed once for all chunks.
+
+    Each call's backward computes only its input and probability gradients and keeps its inputs and
+    output gradients; when autograd reaches the weights, one grouped GEMM per layer computes the
+    weight gradients of every chunk together (rows regrouped expert-major).  Calling the experts per
+    chunk the plain way would write and accumulate a full ``[L, D, N]`` + ``[L, F, D]`` gradient per
+    chunk, which costs more than the overlap gains.  Use one object per forward pass.
+
+    Args:
+        weight1: ``[L, D, N]`` (N = F, or 2F for a gated unit).  weight2: ``[L, F, D]``.
+        activation: ``[P, N] → [P, F]`` (e.g. SwiGLU over the two halves).
+    """
+
+    def __init__(self, weight1: torch.Tensor, weight2: torch.Tensor, activation):
+        self.activation = activation
+        self._parts: list[tuple] = []
+        self._w1, self._w2 = _WeightsFn.apply(weight1, weight2, self)
+
+    def __call__(self, x_PD: torch.Tensor, tokens_per_expert_L, probs_P: torch.Tensor) -> torch.Tensor:
+        counts = (
+            tokens_per_expert_L.tolist() if isinstance(tokens_per_expert_L, torch.Tensor) else list(tokens_per_expert_L)
+        )
+        return _ChunkFn.apply(x_PD, probs_P, self._w1, self._w2, counts, self)
+
+    def _weight_grads(self):
+        """Weight gradients of every chunk whose backward has run (None if none has)."""
+        if not self._parts:
+            return None, None
+        parts, self._parts = self._parts, []
+        num_experts = len(parts[0][4])
+        # Rows of all chunks, regrouped by expert (chunk order kept within an expert).
+        expert_P = torch.cat([
+            torch.repeat_interleave(torch.arange(num_experts), torch.tensor(c, dtype=torch.int64)) for *_, c in parts
+        ]).to(parts[0][0].device)  # fmt: skip
+        order = torch.argsort(expert_P, stable=True)
+        totals = [sum(c[e] for *_, c in parts) for e in range(num_experts)]
+
+        def rows(i: int) -> torch.Tensor:
+            cat = torch.cat([part[i] for part in parts]) if len(parts) > 1 else parts[0][i]
+            return cat.index_select(0, order)
+
+        dw1 = grouped_weight_grad(rows(0), rows(1), totals)
+        dw2 = grouped_weight_grad(rows(2), rows(3), totals)
+        return dw1, dw2
 
 
 def grouped_mlp(x_PD, tokens_per_expert_L, w1_LD2F, w2_LFD) -> torch.Tensor:

@@ -18,19 +18,28 @@ E, F = 8, 3
 DT = torch.float64
 
 
-def _buffer(R, hidden, max_tokens):
+def _buffer(R, hidden, max_tokens, backend="auto"):
     nvl = Buffer.get_dispatch_config(R).get_nvl_buffer_size_hint(hidden * 8, R)
     rdma = Buffer.get_low_latency_rdma_size_hint(max_tokens, max(hidden, 16) * 4, R, E)
-    return Buffer(dist.group.WORLD, num_nvl_bytes=nvl, num_rdma_bytes=rdma, low_latency_mode=True, timeout_s=60)
+    return Buffer(dist.group.WORLD, num_nvl_bytes=nvl, num_rdma_bytes=rdma, low_latency_mode=True, timeout_s=60,
+                  backend=backend)  # fmt: skip
 
 
-def _model(R, T, H, K, kind, seed):
+def _device(rank: int) -> torch.device:
+    """This rank's device: its GPU under NCCL, else the CPU (gloo)."""
+    return torch.device("cuda", rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _model(R, T, H, K, kind, seed, device=torch.device("cpu")):
     g = rank_generator(seed, 999)
     w1, w2 = torch.randn(E, H, 2 * F, generator=g, dtype=DT), torch.randn(E, F, H, generator=g, dtype=DT)
     routes = [make_routing(kind, T, E, K, R, seed, r) for r in range(R)]
     xs = [torch.randn(T, H, generator=rank_generator(seed, r, 3), dtype=DT) for r in range(R)]
     grads = [torch.randn(T, H, generator=rank_generator(seed, r, 4), dtype=DT) for r in range(R)]
-    return w1, w2, [i for i, _ in routes], [w.double() for _, w in routes], xs, grads
+    idxs, ws = [i for i, _ in routes], [w.double() for _, w in routes]
+    return tuple(
+        [t.to(device) for t in v] if isinstance(v, list) else v.to(device) for v in (w1, w2, idxs, ws, xs, grads)
+    )
 
 
 def _layer(dispatcher, idx, lw1, lw2):
@@ -41,12 +50,12 @@ def _layer(dispatcher, idx, lw1, lw2):
     return run
 
 
-def _grads_body(rank, R, seed, kind, K):
+def _grads_body(rank, R, seed, kind, K, backend="auto"):
     T, H = 5, 4
     L = E // R
-    w1, w2, idxs, ws, xs, gouts = _model(R, T, H, K, kind, seed)
+    w1, w2, idxs, ws, xs, gouts = _model(R, T, H, K, kind, seed, _device(rank))
     # Checkpoint replay also dispatches the K gate weights as a row: size the buffer for both.
-    disp = MoEDispatcher(_buffer(R, max(H, K), T), E, expert_alignment=2)
+    disp = MoEDispatcher(_buffer(R, max(H, K), T, backend), E, expert_alignment=2)
     lw1 = w1[rank * L : (rank + 1) * L].clone().requires_grad_()
     lw2 = w2[rank * L : (rank + 1) * L].clone().requires_grad_()
     layer = _layer(disp, idxs[rank], lw1, lw2)
@@ -83,10 +92,10 @@ def _grads_body(rank, R, seed, kind, K):
     assert ok, tag
 
 
-def _low_latency_body(rank, R, seed, kind, K):
+def _low_latency_body(rank, R, seed, kind, K, backend="auto"):
     T, H, M = 4, 3, 6
-    _, _, idxs, ws, xs, gouts = _model(R, T, H, K, kind, seed)
-    buf = _buffer(R, H, M)
+    _, _, idxs, ws, xs, gouts = _model(R, T, H, K, kind, seed, _device(rank))
+    buf = _buffer(R, H, M, backend)
     idx = idxs[rank]
 
     def ll(x, w):
@@ -95,7 +104,7 @@ def _low_latency_body(rank, R, seed, kind, K):
 
     x, w = xs[rank].clone().requires_grad_(), ws[rank].clone().requires_grad_()
     y = ll(x, w)
-    want = torch.zeros(T, H, dtype=DT)
+    want = torch.zeros(T, H, dtype=DT, device=x.device)
     for t in range(T):
         for k in range(K):
             if idx[t, k] >= 0:

@@ -19,7 +19,7 @@ import torch
 from megatron.core.transformer.module import MegatronModule
 from torch.nn import Parameter
 
-from ..moe import grouped_matmul
+from ..moe import ChunkedExperts, grouped_matmul
 
 __all__ = ["GroupedGemmMLP", "grouped_matmul"]
 
@@ -82,16 +82,33 @@ class GroupedGemmMLP(MegatronModule):
             return act(a) * b
         return act(h_PN)
 
-    def forward(self, permuted_local_hidden_states: torch.Tensor, tokens_per_expert: torch.Tensor,
-                permuted_probs: torch.Tensor, **unused):  # fmt: skip
-        """``x [P, H]`` (expert-major), ``tokens_per_expert [L]``, ``probs [P]`` → ``(y [P, H], None)``."""
-        x_PH, probs_P = permuted_local_hidden_states, permuted_probs
+    def _inputs(self, x_PH: torch.Tensor, tokens_per_expert, probs_P: torch.Tensor):
         if self.config.moe_apply_probs_on_input:
             x_PH = (probs_P.unsqueeze(-1) * x_PH).to(x_PH.dtype)
             probs_P = torch.ones_like(probs_P)
-        counts = [int(c) for c in tokens_per_expert.tolist()]
+        counts = [int(c) for c in (tokens_per_expert.tolist() if torch.is_tensor(tokens_per_expert) else tokens_per_expert)]
         if sum(counts) != x_PH.shape[0]:
             raise ValueError(f"tokens_per_expert sums to {sum(counts)}, but there are {x_PH.shape[0]} rows")
+        return x_PH, counts, probs_P
+
+    def for_chunks(self):
+        """The experts as the chunked pipeline calls them, one forward pass's chunks at a time.
+
+        Same math as ``forward``; the weight gradients of all chunks are computed together (see
+        :class:`ep_train.moe.ChunkedExperts`), not once per chunk.
+        """
+        scope = ChunkedExperts(self.weight1, self.weight2, self._activation)
+
+        def run(x_PH: torch.Tensor, tokens_per_expert, probs_P: torch.Tensor, **unused):
+            x_PH, counts, probs_P = self._inputs(x_PH, tokens_per_expert, probs_P)
+            return scope(x_PH, counts, probs_P), None
+
+        return run
+
+    def forward(self, permuted_local_hidden_states: torch.Tensor, tokens_per_expert: torch.Tensor,
+                permuted_probs: torch.Tensor, **unused):  # fmt: skip
+        """``x [P, H]`` (expert-major), ``tokens_per_expert [L]``, ``probs [P]`` → ``(y [P, H], None)``."""
+        x_PH, counts, probs_P = self._inputs(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
         h_PN = grouped_matmul(x_PH, self.weight1, counts)
         a_PF = self._activation(h_PN)
         a_PF = (a_PF * probs_P.unsqueeze(-1)).to(a_PF.dtype)

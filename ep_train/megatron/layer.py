@@ -92,7 +92,9 @@ class EPMoELayer(MoELayer):
         num_chunks = self._num_chunks
         if num_chunks == 1:
             return super().routed_experts_compute(hidden_states, probs)
-        output = self.token_dispatcher.chunked_dispatch_experts_combine(hidden_states, probs, self.experts, num_chunks)
+        # Experts that can run per chunk with one weight-gradient GEMM per layer say so (for_chunks).
+        experts = self.experts.for_chunks() if hasattr(self.experts, "for_chunks") else self.experts
+        output = self.token_dispatcher.chunked_dispatch_experts_combine(hidden_states, probs, experts, num_chunks)
         return output, None
 
     def combine(self, output: torch.Tensor):
