@@ -12,6 +12,7 @@ M ``num_max_dispatch_tokens_per_rank``.  ``-1`` in a ``topk_idx`` means "no expe
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,6 +40,20 @@ topk_idx_t = torch.int64
 
 _DTYPE_CODES = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3, torch.float64: 4, torch.float8_e4m3fn: 5}
 _OP_DISPATCH, _OP_CACHED, _OP_COMBINE, _OP_LL_DISPATCH, _OP_LL_COMBINE = 1, 2, 3, 4, 5
+
+
+@dataclass(frozen=True)
+class _Routing:
+    """The routing arguments of one ``Buffer.dispatch`` call, as the caller passed them."""
+
+    num_tokens_per_rank: torch.Tensor | None
+    is_token_in_rank: torch.Tensor | None
+    num_tokens_per_expert: torch.Tensor | None
+    topk_idx: torch.Tensor | None
+    topk_weights: torch.Tensor | None
+    expert_alignment: int
+    num_worst_tokens: int
+    config: Config
 
 
 def _tensors_in(obj: Any) -> list[torch.Tensor]:
@@ -376,10 +391,12 @@ class Buffer:
         if num_tokens_per_rdma_rank is not None:
             raise ValueError("num_tokens_per_rdma_rank must be None: this buffer spans one NVLink domain")
         self._check_nvl_bytes(hidden, x_TH.element_size(), config, "dispatch")
+        routing = _Routing(num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
+                           expert_alignment, num_worst_tokens, config)  # fmt: skip
         if handle is not None:
-            args = self._cached_dispatch_args(x_TH, scales_TS, handle, locals())
+            args = self._cached_dispatch_args(x_TH, scales_TS, handle, routing)
         else:
-            args = self._dispatch_args(x_TH, scales_TS, locals())
+            args = self._dispatch_args(x_TH, scales_TS, routing)
         inputs = [t for t in (x_TH, scales_TS, args.topk_idx_TK, args.topk_weights_TK) if t is not None]
         res, event = self._run(
             lambda: self._backend.dispatch(args),
@@ -399,30 +416,30 @@ class Buffer:
             event,
         )
 
-    def _dispatch_args(self, x_TH, scales_TS, a: dict) -> DispatchArgs:
+    def _dispatch_args(self, x_TH, scales_TS, a: _Routing) -> DispatchArgs:
         T, R = x_TH.shape[0], self.group_size
-        if a["num_tokens_per_rank"] is None or a["is_token_in_rank"] is None:
+        if a.num_tokens_per_rank is None or a.is_token_in_rank is None:
             raise ValueError(
                 "dispatch without a handle needs num_tokens_per_rank and is_token_in_rank (from get_dispatch_layout)"
             )
-        topk_idx, topk_weights = a["topk_idx"], a["topk_weights"]
+        topk_idx, topk_weights = a.topk_idx, a.topk_weights
         if isinstance(topk_idx, torch.Tensor) and topk_idx.dim() >= 1 and topk_idx.shape[0] != T:
             raise ValueError(f"x has {T} rows but topk_idx has {topk_idx.shape[0]}: one routing row per token")
-        per_expert = a["num_tokens_per_expert"]
+        per_expert = a.num_tokens_per_expert
         if per_expert is None and topk_idx is not None:
             raise ValueError("dispatch with topk_idx needs num_tokens_per_expert (from get_dispatch_layout)")
         num_experts = per_expert.shape[0] if isinstance(per_expert, torch.Tensor) else R
         num_experts = self._check_num_experts(num_experts)
         per_rank = check_tensor(
-            "num_tokens_per_rank", a["num_tokens_per_rank"], dtypes=torch.int32, ndim=1, device=self.device, shape=(R,)
+            "num_tokens_per_rank", a.num_tokens_per_rank, dtypes=torch.int32, ndim=1, device=self.device, shape=(R,)
         )
         in_rank = check_tensor(
-            "is_token_in_rank", a["is_token_in_rank"], dtypes=torch.bool, ndim=2, device=self.device, shape=(T, R)
+            "is_token_in_rank", a.is_token_in_rank, dtypes=torch.bool, ndim=2, device=self.device, shape=(T, R)
         )
         if per_expert is not None:
             check_tensor("num_tokens_per_expert", per_expert, dtypes=torch.int32, ndim=1, device=self.device)
         if topk_idx is not None:
-            sync_free = a["num_worst_tokens"] > 0
+            sync_free = a.num_worst_tokens > 0
             topk_idx = self._check_topk_idx(topk_idx, num_experts, T, sync_free)
             if topk_weights is not None:
                 self._check_topk_weights(topk_weights, tuple(topk_idx.shape))
@@ -442,16 +459,16 @@ class Buffer:
             in_rank,
             None,
             num_experts,
-            a["expert_alignment"],
-            a["num_worst_tokens"],
-            a["config"] or self._dispatch_config,
+            a.expert_alignment,
+            a.num_worst_tokens,
+            a.config,
         )
 
-    def _cached_dispatch_args(self, x_TH, scales_TS, handle, a: dict) -> DispatchArgs:
+    def _cached_dispatch_args(self, x_TH, scales_TS, handle, a: _Routing) -> DispatchArgs:
         if not isinstance(handle, DispatchHandle):
             raise TypeError(f"handle must be a DispatchHandle from dispatch(), got {type(handle).__name__}")
         for name in ("num_tokens_per_rank", "is_token_in_rank", "num_tokens_per_expert", "topk_idx", "topk_weights"):
-            if a[name] is not None:
+            if getattr(a, name) is not None:
                 raise ValueError(f"cached dispatch (handle given) takes no {name}: the routing comes from handle")
         if handle.rank != self.rank or handle.num_ranks != self.group_size:
             raise ValueError(
@@ -463,9 +480,9 @@ class Buffer:
                 f"x must have shape ({handle.num_tokens}, {handle.hidden}) of the cached handle "
                 f"(tokens, hidden), got {tuple(x_TH.shape)}"
             )
-        if a["num_worst_tokens"] not in (0, handle.num_recv_rows):
+        if a.num_worst_tokens not in (0, handle.num_recv_rows):
             raise ValueError(
-                f"num_worst_tokens={a['num_worst_tokens']} differs from the cached handle's {handle.num_recv_rows} rows"
+                f"num_worst_tokens={a.num_worst_tokens} differs from the cached handle's {handle.num_recv_rows} rows"
             )
         dtype = torch.float8_e4m3fn if scales_TS is not None else x_TH.dtype
         info = self._next_info(_OP_CACHED, handle.hidden, handle.num_experts, 0, dtype)
@@ -481,8 +498,8 @@ class Buffer:
             handle,
             handle.num_experts,
             handle.expert_alignment,
-            handle.num_recv_rows if a["num_worst_tokens"] else 0,
-            a["config"] or self._dispatch_config,
+            handle.num_recv_rows if a.num_worst_tokens else 0,
+            a.config,
         )
 
     # ------------------------------------------------------------------ combine
