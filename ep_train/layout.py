@@ -14,9 +14,18 @@ Intranode (NVLink) buffer, per rank::
 The control part is sized for MAX_RANKS x MAX_CHANNELS whatever the call, so it never moves.
 
 A ring row holds one token: ``hidden_bytes`` of payload, FP8 scales, its top-k ids and weights and
-its source index.  Low-latency buffer, per rank: two identical halves used on alternating calls;
-each half has a send area, a receive area of ``num_experts x max_tokens`` slots and one signal
-word per expert.
+its source index.
+
+Low-latency buffer (``num_rdma_bytes``), per rank; mirrors ``csrc/include/ep_train/low_latency_layout.cuh``::
+
+    [control: status, LL sequence, finish counters, acks int64[MAX_RANKS],
+              header slots [2 halves][MAX_RANKS sources] of 128 bytes (call header + stamp)]
+    [half 0][half 1], each:
+        [counts:   int32 [E] = [L][R], rows source s put into local expert l]
+        [dispatch: [L][R][M] slots: 16-byte header (token, top-k column, weight) + BF16-sized row]
+        [combine:  [M][MAX_TOPK] BF16 rows, one per (token, top-k column) of the owner]
+
+Calls alternate between the halves, so a call may still be received while the next one is sent.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ __all__ = [
     "intranode_control_bytes",
     "intranode_buffer_bytes",
     "low_latency_dispatch_row_bytes",
+    "low_latency_combine_row_bytes",
     "low_latency_buffer_bytes",
 ]
 
@@ -83,17 +93,25 @@ def intranode_buffer_bytes(hidden_bytes: int, num_ranks: int, num_channels: int,
     return intranode_control_bytes(num_ranks, num_channels) + align_up(rings)
 
 
+LOW_LATENCY_CONTROL_BYTES = 2 * ALIGN_BYTES + 2 * MAX_RANKS * ALIGN_BYTES  # see the module docstring
+
+
 def low_latency_dispatch_row_bytes(hidden: int) -> int:
-    """One slot: a 16-byte header (source token index) and a BF16 row (FP8 rows + scales fit in it)."""
+    """One dispatch slot: a 16-byte header and a BF16 row (FP8 rows + their scales fit in it)."""
     return 16 + align_up(hidden * 2, 16)
+
+
+def low_latency_combine_row_bytes(hidden: int) -> int:
+    """One combine slot: a BF16 row."""
+    return align_up(hidden * 2, 16)
 
 
 def low_latency_buffer_bytes(
     num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int
 ) -> int:
-    """Bytes of the low-latency buffer (both halves)."""
-    row = low_latency_dispatch_row_bytes(hidden)
-    send = align_up(num_max_dispatch_tokens_per_rank * row)
-    recv = align_up(num_experts * num_max_dispatch_tokens_per_rank * row)
-    signals = align_up(num_experts * 8)
-    return 2 * (send + recv + signals)
+    """Bytes of the low-latency buffer (control + both halves)."""
+    M = num_max_dispatch_tokens_per_rank
+    counts = align_up(num_experts * 4)
+    dispatch = align_up(num_experts * M * low_latency_dispatch_row_bytes(hidden))
+    combine = align_up(M * MAX_TOPK * low_latency_combine_row_bytes(hidden))
+    return LOW_LATENCY_CONTROL_BYTES + 2 * (counts + dispatch + combine)

@@ -60,14 +60,19 @@ class _LowLatencyCombineFn(torch.autograd.Function):
         grad_slots, _, _, _, _ = buffer.low_latency_dispatch(
             grad_TH.contiguous(), topk_idx_TK, h.num_max_dispatch_tokens_per_rank, h.num_experts, use_fp8=False
         )
+        # Unused slots hold whatever the buffer had (the CUDA kernels do not clear them): mask, not
+        # multiply, so that stale NaN/Inf there cannot leak into the gradients.
+        valid = h.recv_topk_pos_LS >= 0
+        zero = torch.zeros((), dtype=grad_slots.dtype, device=grad_slots.device)
+        grad_slots = torch.where(valid.unsqueeze(-1), grad_slots, zero)
         weights_LS = h.recv_topk_weights_LS.to(grad_slots.dtype)
         grad_x = grad_slots * weights_LS.unsqueeze(-1) if ctx.needs_input_grad[0] else None
         grad_w = None
         if ctx.needs_input_grad[1]:
             acc = torch.float64 if x_LSH.dtype == torch.float64 else torch.float32
-            grad_w_LS = (grad_slots.to(acc) * x_LSH.to(acc)).sum(dim=-1)
+            x_valid = torch.where(valid.unsqueeze(-1), x_LSH.to(acc), torch.zeros((), dtype=acc, device=x_LSH.device))
+            grad_w_LS = (grad_slots.to(acc) * x_valid).sum(dim=-1)
             k = topk_idx_TK.shape[1]
-            valid = h.recv_topk_pos_LS >= 0
             onehot = torch.nn.functional.one_hot(h.recv_topk_pos_LS.clamp_min(0).long(), k).to(acc)
             rows = (onehot * (grad_w_LS * valid).unsqueeze(-1)).to(grad_slots.dtype).contiguous()
             ones = torch.ones(topk_idx_TK.shape, dtype=torch.float32, device=topk_idx_TK.device)

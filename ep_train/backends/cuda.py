@@ -8,8 +8,11 @@ every peer's buffer; the kernels then write straight into peers' memory.  Normal
 ``timeout_s``, ranks that disagree on a call, ``num_worst_tokens`` too small) are written to a
 pinned mailbox and raised here: after a host sync, and at the start of every later call.
 
-Low-latency dispatch/combine are not implemented by these kernels yet: they are delegated to an
-internal :class:`TorchBackend` over the same group (same semantics, NCCL transfers).
+Low-latency dispatch/combine use a second IPC-shared buffer of ``num_rdma_bytes`` (created when
+``low_latency_mode`` or ``num_rdma_bytes > 0``) and one kernel launch per call, or two with
+``return_recv_hook`` (the call sends, the hook receives); no host sync, so both are capturable in a
+CUDA graph.  Senders write rows straight into the receiver's slots and stamp them with the call's
+sequence number; the receiver compares every sender's call header (mismatch → RankMismatchError).
 
 Shape legend: T local tokens, H hidden, S ``ceil(H/128)`` FP8 scales, K top-k, R ranks,
 E experts, L = E/R local experts, N received rows, C channels (``num_sms / 2``).
@@ -17,13 +20,16 @@ E experts, L = E/R local experts, N received rows, C channels (``num_sms / 2``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 
 from .. import _ext
 from ..config import Config
 from ..errors import CommError, CommTimeoutError, RankMismatchError
-from ..handle import DispatchHandle
+from ..handle import DispatchHandle, LowLatencyHandle
+from ..layout import FP8_BLOCK, MAX_EXPERTS
 from .base import (
     Backend,
     CallInfo,
@@ -36,7 +42,7 @@ from .base import (
     LowLatencyDispatchArgs,
     LowLatencyDispatchResult,
 )
-from .torch_backend import TorchBackend
+from .torch_backend import OP_NAMES
 
 __all__ = ["CudaBackend"]
 
@@ -48,10 +54,15 @@ _WAIT_SITES = {
     3: "dispatch: rows from the source",
     4: "combine: free ring slots at the destination",
     5: "combine: rows from the source",
+    8: "low-latency send: the receiver still reads this buffer half (more than two calls in flight?)",
+    9: "low_latency_dispatch: rows from the source",
+    10: "low_latency_combine: rows from the expert rank",
 }
 _HEADER_FIELDS = ("op", "call number", "hidden", "num_experts", "num_topk", "dtype", "extra",
                   "config (channels, ring, chunk)")  # fmt: skip
 SUPPORTED_RANKS = (2, 4, 8)
+_LL_SEND, _LL_RECV, _LL_BOTH = 1, 2, 3  # LowLatencyPhase of csrc/low_latency_runtime.hpp
+_LL_MAX_HIDDEN = 16384  # FP8 scales of a 32-entry round must fit in shared memory
 
 
 class CudaBackend(Backend):
@@ -76,9 +87,22 @@ class CudaBackend(Backend):
         handles: list[bytes | None] = [None] * num_ranks
         dist.all_gather_object(handles, self._rt.ipc_handle(), group=group)
         self._rt.open_peers(handles)
+        self._ll = None
+        self._ll_calls = 0  # host mirror of the device sequence (eager calls only) for handle.buffer_half
+        use_ll = bool(low_latency_mode) or num_rdma_bytes > 0
+        if use_ll:
+            self._ll = self._C.LowLatencyRuntime(rank, num_ranks, int(num_rdma_bytes), self.timeout_s)
+        ll_info: list[tuple[bytes, int] | None] = [None] * num_ranks
+        dist.all_gather_object(ll_info, (self._ll.ipc_handle(), int(num_rdma_bytes)) if use_ll else None, group=group)
+        sizes = {None if i is None else i[1] for i in ll_info}
+        if len(sizes) != 1:
+            raise ValueError(
+                f"every rank must create its Buffer with the same num_rdma_bytes and low_latency_mode, got "
+                f"{[None if i is None else i[1] for i in ll_info]} (None: no low-latency buffer)"
+            )
+        if use_ll:
+            self._ll.open_peers([i[0] for i in ll_info])
         dist.barrier(group=group)  # every rank mapped every buffer before any kernel writes into it
-        # Low-latency calls: see the module docstring.
-        self._low_latency = TorchBackend(group, rank, num_ranks, timeout_s)
 
     # ------------------------------------------------------------------ failures
     def _raise_if_failed(self, code: int | None = None) -> None:
@@ -238,16 +262,150 @@ class CudaBackend(Backend):
                         cfg.num_max_nvl_chunked_recv_tokens)  # fmt: skip
         return CombineResult(combined_TH, combined_w)
 
-    # ------------------------------------------------------------------ low latency (delegated)
-    def low_latency_dispatch(self, args: LowLatencyDispatchArgs) -> LowLatencyDispatchResult:
+    # ------------------------------------------------------------------ low latency
+    def _raise_if_ll_failed(self) -> None:
+        """Raise what a low-latency kernel reported (then anything the normal kernels reported)."""
+        if self._ll is not None and self._ll.error_code() != 0:
+            code, rank, what, channel, peer, expected, seen = self._ll.error_fields()
+            if code == _ERR_MISMATCH:
+                field = _HEADER_FIELDS[channel] if 0 <= channel < len(_HEADER_FIELDS) else f"field {channel}"
+                ours, theirs = expected, seen
+                if channel == 0:
+                    ours, theirs = OP_NAMES.get(ours, ours), OP_NAMES.get(theirs, theirs)
+                elif channel == 6:  # Buffer packs M * 2 + use_fp8 here
+                    field = "(num_max_dispatch_tokens_per_rank, use_fp8)"
+                    ours, theirs = (ours // 2, bool(ours % 2)), (theirs // 2, bool(theirs % 2))
+                raise RankMismatchError(
+                    f"rank {rank}: ranks disagree on a low-latency call: {field} is {ours} on rank {rank} but "
+                    f"{theirs} on rank {peer}"
+                )
+            if code == _ERR_TIMEOUT:
+                where = _WAIT_SITES.get(what, "a peer")
+                raise CommTimeoutError(
+                    f"rank {rank}: timed out after {self.timeout_s:g} s waiting for rank {peer} in {where}: expected "
+                    f"sequence >= {expected}, saw {seen} (a rank skipped this call, called another op, or died)"
+                )
+            if code == _ERR_CAPACITY:
+                raise CommError(
+                    f"rank {rank}: more than num_max_dispatch_tokens_per_rank={expected} rows from rank {peer} for "
+                    f"expert {channel} (does a token list the same expert twice?)"
+                )
+            raise CommError(f"rank {rank}: low-latency kernel error code {code}")
         self._raise_if_failed()
-        return self._low_latency.low_latency_dispatch(args)
+
+    def _ll_runtime(self, max_tokens: int, hidden: int, num_experts: int, hidden_multiple: int):
+        """The low-latency runtime, after the shape checks of the kernels (hidden_multiple: see bindings)."""
+        if self._ll is None:
+            raise ValueError("low-latency calls need Buffer(..., low_latency_mode=True) and num_rdma_bytes > 0")
+        if hidden % hidden_multiple or hidden > _LL_MAX_HIDDEN:
+            raise ValueError(
+                f"backend='cuda' takes a hidden size that is a multiple of {hidden_multiple} and <= {_LL_MAX_HIDDEN} "
+                f"for this low-latency call, got {hidden}"
+            )
+        if num_experts > MAX_EXPERTS:
+            raise ValueError(f"backend='cuda' low-latency calls take num_experts <= {MAX_EXPERTS}, got {num_experts}")
+        need = self._C.low_latency_bytes(max_tokens, hidden, self.num_ranks, num_experts)
+        if self._ll.num_bytes() < need:
+            raise ValueError(
+                f"num_rdma_bytes={self._ll.num_bytes()} is too small for low-latency calls with "
+                f"num_max_dispatch_tokens_per_rank={max_tokens}, hidden {hidden}, {num_experts} experts: needs >= "
+                f"{need} (Buffer.get_low_latency_rdma_size_hint)"
+            )
+        return self._ll
+
+    def _ll_hook(self, launch) -> Callable[[], None]:
+        """The receive half of a call: waits (on the device) for the send, then launches on the current stream."""
+        sent = torch.cuda.Event()
+        sent.record()  # current stream = the comm stream the send ran on
+
+        def hook() -> None:
+            torch.cuda.current_stream().wait_event(sent)
+            self._raise_if_ll_failed()
+            launch(_LL_RECV)
+
+        return hook
+
+    def low_latency_dispatch(self, args: LowLatencyDispatchArgs) -> LowLatencyDispatchResult:
+        self._raise_if_ll_failed()
+        x_TH, E, M = args.x_TH, args.num_experts, args.num_max_dispatch_tokens_per_rank
+        R, (T, H), dev = self.num_ranks, x_TH.shape, x_TH.device
+        L, S = E // R, (H + FP8_BLOCK - 1) // FP8_BLOCK
+        ll = self._ll_runtime(M, H, E, FP8_BLOCK if args.use_fp8 else 8)
+        if args.use_fp8:
+            recv_x = torch.empty((L, R * M, H), dtype=torch.float8_e4m3fn, device=dev)
+            recv_scales = torch.empty((L, R * M, S), dtype=torch.float32, device=dev)
+        else:
+            recv_x, recv_scales = torch.empty((L, R * M, H), dtype=x_TH.dtype, device=dev), None
+        i32 = dict(dtype=torch.int32, device=dev)
+        src_info_LS, topk_pos_LS = torch.empty((L, R * M), **i32), torch.empty((L, R * M), **i32)
+        weights_LS = torch.empty((L, R * M), dtype=torch.float32, device=dev)
+        range_LR = torch.empty((L, R), dtype=torch.int64, device=dev)
+        count_L = torch.empty(L, **i32)
+        call_seq = torch.empty(1, dtype=torch.int64, device=dev)
+        header = args.info.as_list() + [0]
+        weights = args.topk_weights_TK
+        if weights is not None and weights.dtype != torch.float32:
+            raise TypeError(f"backend='cuda' takes float32 topk_weights, got {weights.dtype}")
+
+        def launch(phases: int) -> None:
+            self._C.low_latency_dispatch(ll, x_TH, args.topk_idx_TK, weights, M, E, args.use_fp8, args.round_scale,
+                                         recv_x, recv_scales, src_info_LS, topk_pos_LS, weights_LS, range_LR, count_L,
+                                         args.cumulative_local_expert_recv_stats_L, call_seq, header,
+                                         phases)  # fmt: skip
+
+        launch(_LL_SEND if args.return_recv_hook else _LL_BOTH)
+        self._ll_calls += 1
+        handle = LowLatencyHandle(
+            rank=self.rank,
+            num_ranks=R,
+            num_experts=E,
+            hidden=H,
+            num_max_dispatch_tokens_per_rank=M,
+            num_tokens=T,
+            recv_src_info_LS=src_info_LS,
+            recv_topk_pos_LS=topk_pos_LS,
+            recv_topk_weights_LS=weights_LS,
+            recv_layout_range_LR=range_LR,
+            recv_count_L=count_L,
+            topk_idx_TK=args.topk_idx_TK,
+            buffer_half=self._ll_calls & 1,
+            extras={"call_seq": call_seq},
+        )
+        hook = self._ll_hook(launch) if args.return_recv_hook else None
+        return LowLatencyDispatchResult(recv_x, recv_scales, count_L, handle, hook)
 
     def low_latency_combine(self, args: LowLatencyCombineArgs) -> LowLatencyCombineResult:
-        self._raise_if_failed()
-        return self._low_latency.low_latency_combine(args)
+        self._raise_if_ll_failed()
+        h, x_LSH = args.handle, args.x_LSH
+        if "call_seq" not in h.extras:
+            raise ValueError("this handle was not made by the cuda backend (create it with the same Buffer)")
+        if args.topk_weights_TK.dtype != torch.float32:
+            raise TypeError(f"backend='cuda' combines float32 topk_weights, got {args.topk_weights_TK.dtype}")
+        ll = self._ll_runtime(h.num_max_dispatch_tokens_per_rank, h.hidden, h.num_experts, 1)
+        out = args.out_TH
+        target = out if out is not None and out.is_contiguous() else None
+        if target is None:
+            target = torch.empty((h.num_tokens, h.hidden), dtype=x_LSH.dtype, device=x_LSH.device)
+        call_seq = torch.empty(1, dtype=torch.int64, device=x_LSH.device)
+        header = args.info.as_list() + [0]
+
+        def launch(phases: int) -> None:
+            self._C.low_latency_combine(ll, x_LSH, h.recv_src_info_LS, h.recv_topk_pos_LS, h.recv_layout_range_LR,
+                                        args.topk_idx_TK, args.topk_weights_TK, target,
+                                        h.num_max_dispatch_tokens_per_rank, h.num_experts, call_seq, header,
+                                        phases)  # fmt: skip
+            if out is not None and target is not out and phases & _LL_RECV:
+                out.copy_(target)
+
+        launch(_LL_SEND if args.return_recv_hook else _LL_BOTH)
+        self._ll_calls += 1
+        hook = self._ll_hook(launch) if args.return_recv_hook else None
+        return LowLatencyCombineResult(out if out is not None else target, hook)
 
     def destroy(self) -> None:
         if self._rt is not None:
             self._rt.destroy()
             self._rt = None
+        if self._ll is not None:
+            self._ll.destroy()
+            self._ll = None

@@ -9,11 +9,14 @@
 #include <string>
 #include <vector>
 
+#include "low_latency_runtime.hpp"
 #include "runtime.hpp"
 
 namespace py = pybind11;
 using ep_train::IntranodeLayout;
 using ep_train::IntranodeRuntime;
+using ep_train::LowLatencyLayout;
+using ep_train::LowLatencyRuntime;
 using OptTensor = std::optional<torch::Tensor>;
 
 namespace {
@@ -216,6 +219,140 @@ torch::Tensor sum_pairs(const torch::Tensor& y, const torch::Tensor& pos) {
     return out;
 }
 
+// ---------------------------------------------------------------- low latency
+// hidden_multiple: 128 for FP8 dispatch (one scale per 128 channels), 8 for BF16 dispatch (16-byte
+// vectors), 1 for combine.
+LowLatencyLayout make_low_latency_layout(const LowLatencyRuntime& rt, int64_t max_tokens, int64_t hidden,
+                                         int64_t num_experts, int64_t hidden_multiple) {
+    const int R = rt.context().num_ranks;
+    TORCH_CHECK(num_experts % R == 0 && num_experts <= ep_train::kMaxExperts, "num_experts must be a multiple of ",
+                R, " and <= ", ep_train::kMaxExperts, ", got ", num_experts);
+    TORCH_CHECK(hidden >= 1 && hidden % hidden_multiple == 0 && hidden <= 16384, "this low-latency call takes hidden % ",
+                hidden_multiple, " == 0 and hidden <= 16384, got ", hidden);
+    LowLatencyLayout layout(static_cast<int>(max_tokens), static_cast<int>(hidden), R, static_cast<int>(num_experts));
+    TORCH_CHECK(layout.total_bytes() <= rt.num_bytes(), "num_rdma_bytes=", rt.num_bytes(),
+                " is too small for this low-latency call: it needs ", layout.total_bytes(),
+                " (Buffer.get_low_latency_rdma_size_hint)");
+    return layout;
+}
+
+void low_latency_dispatch(LowLatencyRuntime& rt, const torch::Tensor& x, const torch::Tensor& topk_idx,
+                          const OptTensor& topk_weights, int64_t max_tokens, int64_t num_experts, bool use_fp8,
+                          bool round_scale, torch::Tensor& recv_x, const OptTensor& recv_scales,
+                          torch::Tensor& recv_src_info, torch::Tensor& recv_topk_pos, torch::Tensor& recv_topk_weights,
+                          torch::Tensor& recv_layout_range, torch::Tensor& recv_count, const OptTensor& stats,
+                          torch::Tensor& call_seq, const std::vector<int64_t>& info, int64_t phases) {
+    auto ctx = rt.context();
+    check(x, "x", torch::kBFloat16, 2);
+    check(topk_idx, "topk_idx", torch::kInt64, 2);
+    TORCH_CHECK(topk_idx.size(0) == x.size(0) && x.size(0) <= max_tokens, "topk_idx/x rows must match, <= M");
+    TORCH_CHECK(topk_idx.size(1) >= 1 && topk_idx.size(1) <= ep_train::kMaxTopk, "top-k must be in 1..",
+                ep_train::kMaxTopk);
+    if (topk_weights) check(*topk_weights, "topk_weights", torch::kFloat32, 2);
+    TORCH_CHECK(recv_x.is_contiguous() && recv_x.dim() == 3 && recv_x.element_size() == (use_fp8 ? 1 : 2),
+                "recv_x must be a contiguous [L, R*M, H] tensor of the sent dtype");
+    TORCH_CHECK(!use_fp8 || recv_scales, "FP8 dispatch needs recv_scales");
+    check(recv_src_info, "recv_src_info", torch::kInt32, 2);
+    check(recv_topk_pos, "recv_topk_pos", torch::kInt32, 2);
+    check(recv_topk_weights, "recv_topk_weights", torch::kFloat32, 2);
+    check(recv_layout_range, "recv_layout_range", torch::kInt64, 2);
+    check(recv_count, "recv_count", torch::kInt32, 1);
+    check(call_seq, "call_seq", torch::kInt64, 1);
+    if (stats) check(*stats, "cumulative_local_expert_recv_stats", torch::kInt32, 1);
+    ep_train::LowLatencyDispatchParams p{};
+    p.x = x.data_ptr();
+    p.topk_idx = topk_idx.data_ptr<int64_t>();
+    p.topk_weights = ptr_or_null<const float>(topk_weights);
+    p.recv_x = recv_x.data_ptr();
+    p.recv_scales = ptr_or_null<float>(recv_scales);
+    p.recv_src_info = recv_src_info.data_ptr<int>();
+    p.recv_topk_pos = recv_topk_pos.data_ptr<int>();
+    p.recv_topk_weights = recv_topk_weights.data_ptr<float>();
+    p.recv_layout_range = recv_layout_range.data_ptr<int64_t>();
+    p.recv_count = recv_count.data_ptr<int>();
+    p.cumulative_stats = ptr_or_null<int>(stats);
+    p.call_seq = call_seq.data_ptr<int64_t>();
+    p.num_tokens = x.size(0);
+    p.num_topk = topk_idx.size(1);
+    p.num_experts = num_experts;
+    p.use_fp8 = use_fp8;
+    p.round_scale = round_scale;
+    fill_info(p.info, info);
+    p.layout = make_low_latency_layout(rt, max_tokens, x.size(1), num_experts, use_fp8 ? 128 : 8);
+    c10::cuda::CUDAGuard guard(x.device());
+    ep_train::launch_low_latency_dispatch(p, ctx, static_cast<int>(phases), rt.num_sms(), stream());
+}
+
+void low_latency_combine(LowLatencyRuntime& rt, const torch::Tensor& x, const torch::Tensor& recv_src_info,
+                         const torch::Tensor& recv_topk_pos, const torch::Tensor& recv_layout_range,
+                         const torch::Tensor& topk_idx, const torch::Tensor& topk_weights, torch::Tensor& out,
+                         int64_t max_tokens, int64_t num_experts, torch::Tensor& call_seq,
+                         const std::vector<int64_t>& info, int64_t phases) {
+    auto ctx = rt.context();
+    check(x, "x", torch::kBFloat16, 3);
+    check(recv_src_info, "recv_src_info", torch::kInt32, 2);
+    check(recv_topk_pos, "recv_topk_pos", torch::kInt32, 2);
+    check(recv_layout_range, "recv_layout_range", torch::kInt64, 2);
+    check(topk_idx, "topk_idx", torch::kInt64, 2);
+    check(topk_weights, "topk_weights", torch::kFloat32, 2);
+    check(out, "out", torch::kBFloat16, 2);
+    check(call_seq, "call_seq", torch::kInt64, 1);
+    TORCH_CHECK(topk_idx.size(1) >= 1 && topk_idx.size(1) <= ep_train::kMaxTopk, "top-k must be in 1..",
+                ep_train::kMaxTopk);
+    TORCH_CHECK(out.size(0) == topk_idx.size(0) && out.size(0) <= max_tokens && out.size(1) == x.size(2),
+                "out must be [T, H] with T <= M");
+    ep_train::LowLatencyCombineParams p{};
+    p.x = x.data_ptr();
+    p.recv_src_info = recv_src_info.data_ptr<int>();
+    p.recv_topk_pos = recv_topk_pos.data_ptr<int>();
+    p.recv_layout_range = recv_layout_range.data_ptr<int64_t>();
+    p.topk_idx = topk_idx.data_ptr<int64_t>();
+    p.topk_weights = topk_weights.data_ptr<float>();
+    p.out = out.data_ptr();
+    p.call_seq = call_seq.data_ptr<int64_t>();
+    p.num_tokens = topk_idx.size(0);
+    p.num_topk = topk_idx.size(1);
+    p.num_experts = num_experts;
+    fill_info(p.info, info);
+    p.layout = make_low_latency_layout(rt, max_tokens, x.size(2), num_experts, 1);
+    TORCH_CHECK(x.size(0) == p.layout.num_local_experts && x.size(1) == ctx.num_ranks * max_tokens,
+                "x must be [L, R*M, H]");
+    c10::cuda::CUDAGuard guard(x.device());
+    ep_train::launch_low_latency_combine(p, ctx, static_cast<int>(phases), rt.num_sms(), stream());
+}
+
+// dst = src, row by row, on num_sms blocks: 16-byte warp copies or bulk copies (see copy_rows.cu).
+void copy_rows(torch::Tensor& dst, const torch::Tensor& src, int64_t num_sms, bool use_bulk) {
+    TORCH_CHECK(dst.is_cuda() && src.is_cuda() && dst.is_contiguous() && src.is_contiguous() && src.dim() == 2,
+                "dst and src must be contiguous 2-D CUDA tensors");
+    TORCH_CHECK(dst.sizes() == src.sizes() && dst.scalar_type() == src.scalar_type(), "dst and src must match");
+    TORCH_CHECK(num_sms >= 1, "num_sms must be >= 1, got ", num_sms);
+    c10::cuda::CUDAGuard guard(src.device());
+    ep_train::launch_copy_rows(dst.data_ptr(), src.data_ptr(), src.size(0), src.size(1) * src.element_size(),
+                               static_cast<int>(num_sms), use_bulk, stream());
+}
+
+// The PeerBuffer methods of a runtime class (constructor: rank, num_ranks, bytes, timeout_s).
+template <typename Runtime>
+py::class_<Runtime>& bind_peer_buffer(py::class_<Runtime>& cls) {
+    cls.def(py::init<int, int, int64_t, double>())
+        .def("ipc_handle", [](const Runtime& rt) { return py::bytes(rt.ipc_handle()); })
+        .def("open_peers",
+             [](Runtime& rt, const std::vector<py::bytes>& handles) {
+                 std::vector<std::string> hs;
+                 for (const auto& h : handles) hs.push_back(std::string(h));
+                 rt.open_peers(hs);
+             })
+        .def("destroy", [](Runtime& rt) { rt.destroy(); })
+        .def("error_code", [](const Runtime& rt) { return rt.error_code(); })
+        .def("error_fields", [](const Runtime& rt) {
+            long long f[7];
+            rt.error_fields(f);
+            return std::vector<long long>(f, f + 7);
+        });
+    return cls;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -226,23 +363,8 @@ PYBIND11_MODULE(_C, m) {
     m.def("buffer_bytes", [](int64_t hidden_bytes, int num_ranks, int num_channels, int ring_tokens) {
         return IntranodeLayout(hidden_bytes, num_ranks, num_channels, ring_tokens).total_bytes();
     });
-    py::class_<IntranodeRuntime>(m, "IntranodeRuntime")
-        .def(py::init<int, int, int64_t, double>())
-        .def("ipc_handle", [](const IntranodeRuntime& rt) { return py::bytes(rt.ipc_handle()); })
-        .def("open_peers",
-             [](IntranodeRuntime& rt, const std::vector<py::bytes>& handles) {
-                 std::vector<std::string> hs;
-                 for (const auto& h : handles) hs.push_back(std::string(h));
-                 rt.open_peers(hs);
-             })
-        .def("destroy", &IntranodeRuntime::destroy)
-        .def("error_code", &IntranodeRuntime::error_code)
-        .def("error_fields",
-             [](const IntranodeRuntime& rt) {
-                 long long f[7];
-                 rt.error_fields(f);
-                 return std::vector<long long>(f, f + 7);
-             })
+    py::class_<IntranodeRuntime> intranode(m, "IntranodeRuntime");
+    bind_peer_buffer(intranode)
         .def("num_nvl_bytes", &IntranodeRuntime::num_nvl_bytes)
         .def("wait_recv", &wait_recv);
     m.def("get_dispatch_layout", &get_dispatch_layout);
@@ -251,4 +373,13 @@ PYBIND11_MODULE(_C, m) {
     m.def("dispatch", &dispatch);
     m.def("combine", &combine);
     m.def("sum_pairs", &sum_pairs);
+    m.def("copy_rows", &copy_rows);
+    m.def("low_latency_bytes", [](int64_t max_tokens, int64_t hidden, int num_ranks, int64_t num_experts) {
+        return LowLatencyLayout(max_tokens, hidden, num_ranks, num_experts).total_bytes();
+    });
+    py::class_<LowLatencyRuntime> low_latency(m, "LowLatencyRuntime");
+    bind_peer_buffer(low_latency)
+        .def("num_bytes", [](const LowLatencyRuntime& rt) { return rt.num_bytes(); });
+    m.def("low_latency_dispatch", &low_latency_dispatch);
+    m.def("low_latency_combine", &low_latency_combine);
 }

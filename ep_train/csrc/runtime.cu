@@ -1,5 +1,5 @@
-// Host side of the intranode backend: NVLink buffer + CUDA IPC, the pinned error mailbox, the one
-// host sync of a layout-free dispatch, and turning kernel-reported failures into messages.
+// Host side of the intranode backend: the NVLink buffer (a PeerBuffer) and the one host sync of a
+// layout-free dispatch.
 #include "runtime.hpp"
 
 #include <algorithm>
@@ -12,101 +12,24 @@
 
 namespace ep_train {
 
-void check_cuda(cudaError_t err, const char* what) {
-    if (err != cudaSuccess) {
-        std::ostringstream os;
-        os << "CUDA error in " << what << ": " << cudaGetErrorName(err) << " (" << cudaGetErrorString(err) << ")";
-        throw std::runtime_error(os.str());
-    }
-}
-
 IntranodeRuntime::IntranodeRuntime(int rank, int num_ranks, int64_t num_nvl_bytes, double timeout_s)
-    : rank_(rank), num_ranks_(num_ranks) {
-    if (num_ranks != 2 && num_ranks != 4 && num_ranks != 8)
-        throw std::invalid_argument("the cuda backend supports 2, 4 or 8 ranks on one node, got " + std::to_string(num_ranks));
-    if (rank < 0 || rank >= num_ranks) throw std::invalid_argument("rank out of range");
-    check_cuda(cudaGetDevice(&device_), "cudaGetDevice");
-    int clock_khz = 0;
-    check_cuda(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, device_), "cudaDeviceGetAttribute(clock rate)");
-    // NOTES: clock64 counts SM cycles; the peak clock makes the bound at least timeout_s long.
-    timeout_cycles_ = static_cast<long long>(timeout_s * 1e3 * static_cast<double>(clock_khz));
-    num_nvl_bytes_ = std::max<int64_t>(num_nvl_bytes, IntranodeLayout::control_bytes());
-    check_cuda(cudaMalloc(&local_, num_nvl_bytes_), "cudaMalloc(NVLink buffer)");
-    check_cuda(cudaMemset(local_, 0, num_nvl_bytes_), "cudaMemset(NVLink buffer)");
-    check_cuda(cudaHostAlloc(reinterpret_cast<void**>(&mailbox_), sizeof(HostMailbox), cudaHostAllocMapped),
-               "cudaHostAlloc(mailbox)");
-    std::memset(static_cast<void*>(mailbox_), 0, sizeof(HostMailbox));
-    check_cuda(cudaHostGetDevicePointer(reinterpret_cast<void**>(&mailbox_dev_), mailbox_, 0),
-               "cudaHostGetDevicePointer(mailbox)");
-    check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize after buffer setup");
-    peers_.base[rank_] = local_;
-}
+    : PeerBuffer(rank, num_ranks, std::max<int64_t>(num_nvl_bytes, IntranodeLayout::control_bytes()), timeout_s,
+                 "NVLink buffer") {}
 
-IntranodeRuntime::~IntranodeRuntime() {
-    try {
-        destroy();
-    } catch (...) {
-    }
-}
-
-std::string IntranodeRuntime::ipc_handle() const {
-    cudaIpcMemHandle_t h;
-    check_cuda(cudaIpcGetMemHandle(&h, local_), "cudaIpcGetMemHandle");
-    return std::string(reinterpret_cast<const char*>(&h), sizeof(h));
-}
-
-void IntranodeRuntime::open_peers(const std::vector<std::string>& handles) {
-    if (static_cast<int>(handles.size()) != num_ranks_) throw std::invalid_argument("open_peers: one handle per rank");
-    for (int r = 0; r < num_ranks_; ++r) {
-        if (r == rank_) continue;
-        if (handles[r].size() != sizeof(cudaIpcMemHandle_t)) throw std::invalid_argument("open_peers: bad handle size");
-        cudaIpcMemHandle_t h;
-        std::memcpy(&h, handles[r].data(), sizeof(h));
-        check_cuda(cudaIpcOpenMemHandle(&peers_.base[r], h, cudaIpcMemLazyEnablePeerAccess),
-                   "cudaIpcOpenMemHandle (is every rank on this node, with peer access over NVLink?)");
-    }
-    opened_ = true;
-}
-
-void IntranodeRuntime::destroy() {
-    if (local_ == nullptr) return;
-    cudaDeviceSynchronize();
-    for (int r = 0; r < num_ranks_; ++r)
-        if (r != rank_ && peers_.base[r] != nullptr) cudaIpcCloseMemHandle(peers_.base[r]);
-    cudaFree(local_);
-    cudaFreeHost(mailbox_);
-    local_ = nullptr;
-    mailbox_ = mailbox_dev_ = nullptr;
-    peers_ = PeerPtrs{};
-    opened_ = false;
-}
-
-RankContext IntranodeRuntime::context() const {
-    if (!opened_) throw std::runtime_error("the NVLink buffer is not open (destroyed?)");
-    RankContext ctx{};
-    ctx.rank = rank_;
-    ctx.num_ranks = num_ranks_;
-    ctx.peers = peers_;
-    ctx.err.status = IntranodeLayout::status(local_);
-    ctx.err.mailbox = mailbox_dev_;
-    ctx.err.rank = rank_;
-    ctx.err.timeout_cycles = timeout_cycles_;
-    return ctx;
-}
-
-void IntranodeRuntime::clear_recv_ready() { mailbox_->recv_ready = 0; }
+void IntranodeRuntime::clear_recv_ready() { mailbox().recv_ready = 0; }
 
 int IntranodeRuntime::wait_recv(cudaStream_t stream, double timeout_s, int num_local_experts, int* num_recv_tokens,
                                 std::vector<int>* per_expert) {
+    HostMailbox& box = mailbox();
     const auto start = std::chrono::steady_clock::now();
     for (long iter = 0;; ++iter) {
-        if (mailbox_->recv_ready) break;
-        if (mailbox_->code != 0) return mailbox_->code;
+        if (box.recv_ready) break;
+        if (box.code != 0) return box.code;
         if ((iter & 255) == 255) {
             cudaError_t q = cudaStreamQuery(stream);
             if (q != cudaSuccess && q != cudaErrorNotReady) check_cuda(q, "stream of the notify kernel");
-            if (q == cudaSuccess && !mailbox_->recv_ready) {
-                if (mailbox_->code != 0) return mailbox_->code;
+            if (q == cudaSuccess && !box.recv_ready) {
+                if (box.code != 0) return box.code;
                 throw std::runtime_error("notify finished without reporting receive counts");
             }
             const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -115,24 +38,9 @@ int IntranodeRuntime::wait_recv(cudaStream_t stream, double timeout_s, int num_l
         }
     }
     std::atomic_thread_fence(std::memory_order_acquire);
-    *num_recv_tokens = mailbox_->num_recv_tokens;
-    per_expert->assign(mailbox_->num_recv_tokens_per_expert, mailbox_->num_recv_tokens_per_expert + num_local_experts);
+    *num_recv_tokens = box.num_recv_tokens;
+    per_expert->assign(box.num_recv_tokens_per_expert, box.num_recv_tokens_per_expert + num_local_experts);
     return 0;
-}
-
-int IntranodeRuntime::error_code() const { return mailbox_ == nullptr ? 0 : mailbox_->code; }
-
-void IntranodeRuntime::error_fields(long long out[7]) const {
-    for (int i = 0; i < 7; ++i) out[i] = 0;
-    if (mailbox_ == nullptr || mailbox_->code == 0) return;
-    const HostMailbox& m = *mailbox_;
-    out[0] = m.code;
-    out[1] = m.rank;
-    out[2] = m.what;
-    out[3] = m.channel;
-    out[4] = m.peer;
-    out[5] = m.expected;
-    out[6] = m.seen;
 }
 
 }  // namespace ep_train

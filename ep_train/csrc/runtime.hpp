@@ -10,26 +10,17 @@
 
 #include "ep_train/buffer_layout.cuh"
 #include "ep_train/types.cuh"
+#include "peer_buffer.hpp"
 
 namespace ep_train {
 
-// Throws std::runtime_error naming the CUDA error and the call.
-void check_cuda(cudaError_t err, const char* what);
-
-class IntranodeRuntime {
+// The NVLink buffer of the normal kernels and the one host sync of a layout-free dispatch.
+class IntranodeRuntime : public PeerBuffer {
    public:
     IntranodeRuntime(int rank, int num_ranks, int64_t num_nvl_bytes, double timeout_s);
-    ~IntranodeRuntime();
-    IntranodeRuntime(const IntranodeRuntime&) = delete;
-    IntranodeRuntime& operator=(const IntranodeRuntime&) = delete;
 
-    std::string ipc_handle() const;                          // bytes of this rank's cudaIpcMemHandle_t
-    void open_peers(const std::vector<std::string>& handles);  // every rank's handle, in rank order
-    void destroy();                                          // close peers, free memory (idempotent)
-
-    RankContext context() const;
-    int64_t num_nvl_bytes() const { return num_nvl_bytes_; }
-    bool is_open() const { return opened_; }
+    RankContext context() const { return PeerBuffer::context(IntranodeLayout::status(local())); }
+    int64_t num_nvl_bytes() const { return num_bytes(); }
 
     // Host sync of a layout-free dispatch: clear before notify, then wait for the counts.
     void clear_recv_ready();
@@ -37,19 +28,6 @@ class IntranodeRuntime {
     // when the host itself waited longer than timeout_s.
     int wait_recv(cudaStream_t stream, double timeout_s, int num_local_experts, int* num_recv_tokens,
                   std::vector<int>* per_expert);
-    int error_code() const;  // ErrorCode reported by a kernel, 0 if none
-    // code, rank, what, channel, peer, expected, seen of the first kernel-reported failure.
-    void error_fields(long long out[7]) const;
-
-   private:
-    int rank_, num_ranks_, device_;
-    int64_t num_nvl_bytes_;
-    long long timeout_cycles_;
-    void* local_ = nullptr;
-    PeerPtrs peers_{};
-    HostMailbox* mailbox_ = nullptr;  // host pointer
-    HostMailbox* mailbox_dev_ = nullptr;
-    bool opened_ = false;
 };
 
 // ---------------------------------------------------------------- kernels (launch on `stream`)
@@ -61,6 +39,11 @@ void launch_get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num
 // y/out are BF16 (bf16=true) or FP32, hidden % (16 bytes / element size) == 0; num_topk <= 32.
 void launch_sum_pairs(const void* y, const int64_t* pos, void* out, bool bf16, int64_t num_rows, int num_topk,
                       int64_t num_pair_rows, int hidden, cudaStream_t stream);
+
+// dst[i] = src[i] for num_rows rows of row_bytes on num_sms blocks: 16-byte warp copies, or bulk
+// copies through shared memory (row_bytes % 16 == 0, at most 24 KB).
+void launch_copy_rows(void* dst, const void* src, int64_t num_rows, int64_t row_bytes, int num_sms, bool use_bulk,
+                      cudaStream_t stream);
 
 struct NotifyParams {
     const bool* is_token_in_rank;      // [T, R]

@@ -1,6 +1,7 @@
 // combine: the reverse of dispatch.  Every rank sends each received row back to its source rank
 // through the same ring protocol; the source sums, per token, the rows of all ranks in FP32 in a
-// fixed rank order (deterministic), adds up to two biases and writes BF16 once.
+// fixed rank order (deterministic), adds up to two biases and writes BF16 once.  A rank's rows for
+// its own tokens skip the ring: the reducing warps read them straight from x.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -22,12 +23,18 @@ constexpr int kCombineWarps = 24;
 constexpr int kCombineThreads = kCombineWarps * 32;
 constexpr int kCopyUnroll = 8;  // 8 x 16 B per lane in flight: 4 KB per warp toward NVLink latency
 
-// Sender side of one (channel, destination) pair: rows [recv_chan_start[dst][c], ..[c + 1]) of x
-// are exactly the rows of dst's channel c, in dst's token order.  Chunks of chunk_tokens rows go
-// into consecutive ring slots (one warp per row), then one thread publishes the tail.
+// Warps of a sending block per other rank (8 ranks: 3 of the 24 warps stay idle).
 template <int kNumRanks>
-__device__ void combine_send(const CombineParams& p, const RankContext& ctx, int channel, int dst, int warp_in_group) {
-    constexpr int kWarpsPerRank = kCombineWarps / kNumRanks;
+constexpr int kSendWarpsPerRank = kCombineWarps / (kNumRanks - 1);
+
+// Sender side of one (channel, destination) pair, dst another rank: rows [recv_chan_start[dst][c],
+// ..[c + 1]) of x are exactly the rows of dst's channel c, in dst's token order.  Chunks of
+// chunk_tokens rows go into consecutive ring slots (one warp per row), then one thread publishes
+// the tail.
+template <int kNumRanks>
+__device__ void combine_send(const CombineParams& p, const RankContext& ctx, int channel, int dst, int group,
+                             int warp_in_group) {
+    constexpr int kWarpsPerRank = kSendWarpsPerRank<kNumRanks>;
     const int lane = lane_id(), me = ctx.rank, C = p.layout.num_channels, ring = p.layout.ring_tokens;
     void* peer = ctx.peers.base[dst];
     char* ring_base = p.layout.ring(peer, channel, me);
@@ -54,16 +61,18 @@ __device__ void combine_send(const CombineParams& p, const RankContext& ctx, int
             if (p.topk_weights != nullptr && lane < p.num_topk)
                 reinterpret_cast<float*>(row + p.layout.weights_offset)[lane] = p.topk_weights[src_row * p.num_topk + lane];
         }
-        ptx::bar_sync(1 + dst, kWarpsPerRank * 32);
+        ptx::bar_sync(1 + group, kWarpsPerRank * 32);
         if (warp_in_group == 0 && lane == 0 && ok) ptx::st_release_sys(tail_ptr, tail + n);
         tail += n;
     }
 }
 
-// Reduce one token: rows[r] is rank r's ring row (null when the token did not go there).
+// Reduce one token: rows[r] is rank r's row (null when the token did not go there): a ring row,
+// or for the own rank `me` row own_x_row of x (its weights in topk_weights, not after the row).
 // NOTES: FP32 sum starting from +0 in rank order, then bias0, then bias1 - the reference's order.
 template <int kNumRanks>
-__device__ void reduce_token(const CombineParams& p, const char* const (&rows)[kNumRanks], int64_t token) {
+__device__ void reduce_token(const CombineParams& p, const char* const (&rows)[kNumRanks], int me, int64_t own_x_row,
+                             int64_t token) {
     const int lane = lane_id();
     __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.combined_x) + token * p.hidden;
     const auto* b0 = static_cast<const __nv_bfloat16*>(p.bias0);
@@ -99,7 +108,8 @@ __device__ void reduce_token(const CombineParams& p, const char* const (&rows)[k
 #pragma unroll
         for (int r = 0; r < kNumRanks; ++r)
             if (rows[r] != nullptr)
-                w += __int_as_float(ptx::ld_cg(reinterpret_cast<const int*>(rows[r] + p.layout.weights_offset) + lane));
+                w += r == me ? p.topk_weights[own_x_row * p.num_topk + lane]
+                             : __int_as_float(ptx::ld_cg(reinterpret_cast<const int*>(rows[r] + p.layout.weights_offset) + lane));
         p.combined_topk_weights[token * p.num_topk + lane] = w;
     }
 }
@@ -119,6 +129,7 @@ __device__ void combine_recv(const CombineParams& p, const RankContext& ctx, int
     const int t_begin = channel_token_begin(p.num_tokens, C, channel);
     const int t_end = channel_token_begin(p.num_tokens, C, channel + 1);
     const int window = min(32, ring - p.chunk_tokens + 1);
+    const int64_t own_start = p.recv_chan_start[me * (C + 1) + channel];
     if (threadIdx.x < kNumRanks) s_head[threadIdx.x] = 0;
     if (threadIdx.x == 0) s_failed = 0;
 
@@ -134,7 +145,7 @@ __device__ void combine_recv(const CombineParams& p, const RankContext& ctx, int
             }
             if (lane < kNumRanks) {
                 s_mask[lane] = mine;
-                if (mine != 0) {
+                if (mine != 0 && lane != me) {
                     int64_t v = wait_at_least(IntranodeLayout::tail(own, channel, lane), s_head[lane] + __popc(mine),
                                               ctx.err, kWaitCombineTail, channel, lane);
                     if (v < 0) s_failed = 1;
@@ -145,40 +156,53 @@ __device__ void combine_recv(const CombineParams& p, const RankContext& ctx, int
         if (s_failed) return;
         for (int i = warp; i < n; i += kCombineWarps) {
             const char* rows[kNumRanks];
+            int64_t own_x_row = -1;
 #pragma unroll
             for (int r = 0; r < kNumRanks; ++r) {
                 const uint32_t m = s_mask[r];
                 rows[r] = nullptr;
                 if ((m >> i) & 1u) {
-                    const int64_t slot = (s_head[r] + __popc(m & ((1u << i) - 1u))) % ring;
-                    rows[r] = p.layout.ring(own, channel, r) + slot * p.layout.row_bytes;
+                    const int64_t k = s_head[r] + __popc(m & ((1u << i) - 1u));  // row of r's channel
+                    if (r == me) {
+                        own_x_row = own_start + k;
+                        rows[r] = static_cast<const char*>(p.x) + own_x_row * p.hidden * 2;
+                    } else {
+                        rows[r] = p.layout.ring(own, channel, r) + (k % ring) * p.layout.row_bytes;
+                    }
                 }
             }
-            reduce_token<kNumRanks>(p, rows, cursor + i);
+            reduce_token<kNumRanks>(p, rows, me, own_x_row, cursor + i);
         }
         __syncthreads();
         if (threadIdx.x < kNumRanks && s_mask[threadIdx.x] != 0) {
             s_head[threadIdx.x] += __popc(s_mask[threadIdx.x]);
-            ptx::st_relaxed_sys(IntranodeLayout::head(own, channel, threadIdx.x), s_head[threadIdx.x]);
+            if (threadIdx.x != me)
+                ptx::st_relaxed_sys(IntranodeLayout::head(own, channel, threadIdx.x), s_head[threadIdx.x]);
         }
     }
     __syncthreads();
-    if (threadIdx.x < kNumRanks && s_head[threadIdx.x] > 0) {
+    if (threadIdx.x < kNumRanks && threadIdx.x != me && s_head[threadIdx.x] > 0) {
         ptx::st_relaxed_sys(IntranodeLayout::tail(own, channel, threadIdx.x), 0);
         ptx::st_relaxed_sys(IntranodeLayout::head(own, channel, threadIdx.x), 0);
     }
 }
 
-// Grid: 2 x C blocks of kCombineThreads; block 2c sends channel c (warp group g serves rank g),
-// block 2c + 1 receives and reduces channel c of the local tokens (all warps together).
+// Grid: 2 x C blocks of kCombineThreads; block 2c sends channel c (warp group g serves the g-th
+// other rank), block 2c + 1 receives and reduces channel c of the local tokens (all warps together).
 template <int kNumRanks>
 __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(const __grid_constant__ CombineParams p,
                                                                      const __grid_constant__ RankContext ctx) {
     if (has_failed(ctx.err)) return;
-    constexpr int kWarpsPerRank = kCombineWarps / kNumRanks;
     const int channel = blockIdx.x / 2, warp = threadIdx.x / 32;
-    if (blockIdx.x % 2 == 0) combine_send<kNumRanks>(p, ctx, channel, warp / kWarpsPerRank, warp % kWarpsPerRank);
-    else combine_recv<kNumRanks>(p, ctx, channel);
+    if (blockIdx.x % 2 == 0) {
+        constexpr int kWarpsPerRank = kSendWarpsPerRank<kNumRanks>;
+        const int group = warp / kWarpsPerRank;
+        if (group >= kNumRanks - 1) return;
+        const int dst = group < ctx.rank ? group : group + 1;
+        combine_send<kNumRanks>(p, ctx, channel, dst, group, warp % kWarpsPerRank);
+    } else {
+        combine_recv<kNumRanks>(p, ctx, channel);
+    }
 }
 
 }  // namespace

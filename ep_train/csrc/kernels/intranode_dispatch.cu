@@ -1,6 +1,8 @@
 // dispatch: move token rows to every rank that holds one of their experts, through per-(channel,
 // source) rings in the receiver's NVLink buffer.  Rows land in recv_x ordered by source rank,
-// then source token index; send_pos records where (layout-free mode).
+// then source token index; send_pos records where (layout-free mode).  Rows a rank keeps for
+// itself skip the ring: its sender writes them straight into recv_x, so the receiving warps only
+// serve the other ranks.
 #include <cuda_runtime.h>
 
 #include <stdexcept>
@@ -20,10 +22,31 @@ constexpr int kDispatchWarps = 24;  // divisible by 2, 4 and 8 ranks: 12, 6 or 3
 constexpr int kDispatchThreads = kDispatchWarps * 32;
 constexpr int kCopyUnroll = 8;  // 8 x 16 B per lane in flight: 4 KB per warp toward NVLink latency
 
+// One token's row and metadata, written where a receiver would write them (out: row of recv_x).
+template <int kNumRanks>
+__device__ __forceinline__ void write_own_row(const DispatchParams& p, int token, int64_t out, int me) {
+    const int lane = lane_id();
+    warp_copy<kCopyUnroll, false>(static_cast<char*>(p.recv_x) + out * p.payload_bytes,
+                                  static_cast<const char*>(p.x) + int64_t(token) * p.payload_bytes, p.payload_bytes);
+    for (int i = lane; i < p.num_scales; i += 32)
+        p.recv_x_scales[out * p.num_scales + i] = p.x_scales[int64_t(token) * p.num_scales + i];
+    if (p.recv_topk_idx != nullptr && p.topk_idx != nullptr && lane < p.num_topk) {
+        const int64_t e = p.topk_idx[int64_t(token) * p.num_topk + lane];
+        const int64_t local = e - int64_t(me) * p.num_local_experts;
+        const bool is_local = e >= 0 && local >= 0 && local < p.num_local_experts;
+        p.recv_topk_idx[out * p.num_topk + lane] = is_local ? local : -1;
+        if (p.recv_topk_weights != nullptr)
+            p.recv_topk_weights[out * p.num_topk + lane] =
+                is_local && p.topk_weights != nullptr ? p.topk_weights[int64_t(token) * p.num_topk + lane] : 0.0f;
+    }
+    if (lane == 0 && p.recv_src_idx != nullptr) p.recv_src_idx[out] = token;
+}
+
 // Sender side of one (channel, destination) pair, run by the destination's group of warps.
 // Rounds: the group looks at the next 32 tokens of the channel, keeps the first chunk_tokens that
 // go to `dst`, copies each kept token (one warp per row) into consecutive ring slots, then one
-// thread publishes the new tail with release semantics.
+// thread publishes the new tail with release semantics.  For dst == own rank the rows go straight
+// to recv_x (no ring, no tail): row k of the channel lands at recv_chan_start[me][channel] + k.
 // NOTES: every warp of the group runs the same rounds, so the named barrier never deadlocks,
 // also after a failed wait (then copies are skipped and the loop just runs out).
 template <int kNumRanks>
@@ -39,6 +62,8 @@ __device__ void dispatch_send(const DispatchParams& p, const RankContext& ctx, i
     const int64_t row_bytes = p.layout.row_bytes;
     const int pos_base = p.send_pos ? p.send_chan_base[dst * C + channel] : 0;
     const int L = p.num_local_experts;
+    const bool own = dst == me;
+    const int64_t own_start = p.recv_chan_start[me * (C + 1) + channel];
     int64_t tail = 0, head = 0;
     bool ok = true;
 
@@ -55,6 +80,16 @@ __device__ void dispatch_send(const DispatchParams& p, const RankContext& ctx, i
             advance = last + 1;
         }
         if (n > 0) {
+            if (own) {
+                for (int j = warp_in_group; j < n; j += kWarpsPerRank) {
+                    const int token = cursor + nth_set_bit(mask, j);
+                    write_own_row<kNumRanks>(p, token, own_start + tail + j, me);
+                    if (lane == 0 && p.send_pos) p.send_pos[int64_t(token) * kNumRanks + dst] = pos_base + int(tail + j);
+                }
+                tail += n;
+                cursor += advance;
+                continue;
+            }
             if (ok && tail + n - head > ring) {  // wait until the receiver freed enough slots
                 int64_t h = 0;
                 if (lane == 0) h = wait_at_least(head_ptr, tail + n - ring, ctx.err, kWaitDispatchSpace, channel, dst);
@@ -90,14 +125,18 @@ __device__ void dispatch_send(const DispatchParams& p, const RankContext& ctx, i
     }
 }
 
+// Warps of a receiving block per other rank (8 ranks: 3 of the 24 warps stay idle).
+template <int kNumRanks>
+constexpr int kRecvWarpsPerRank = kDispatchWarps / (kNumRanks - 1);
+
 // Receiver side of one (channel, source) pair, run by the source's group of warps: one thread
 // waits for the tail, the group copies ring rows [head, tail) into recv_x (one warp per row),
 // then the head is advanced so the sender may reuse the slots.  At the end the counters are zeroed
 // for the next call (the sender touches neither after its final tail).
 template <int kNumRanks>
-__device__ void dispatch_recv(const DispatchParams& p, const RankContext& ctx, int channel, int src, int warp_in_group,
-                              int64_t* s_tail) {
-    constexpr int kWarpsPerRank = kDispatchWarps / kNumRanks;
+__device__ void dispatch_recv(const DispatchParams& p, const RankContext& ctx, int channel, int src, int group,
+                              int warp_in_group, int64_t* s_tail) {
+    constexpr int kWarpsPerRank = kRecvWarpsPerRank<kNumRanks>;
     const int lane = lane_id(), me = ctx.rank, C = p.layout.num_channels, ring = p.layout.ring_tokens;
     void* own = ctx.peers.base[me];
     const char* ring_base = p.layout.ring(own, channel, src);
@@ -115,7 +154,7 @@ __device__ void dispatch_recv(const DispatchParams& p, const RankContext& ctx, i
             int64_t t = wait_at_least(tail_ptr, head + 1, ctx.err, kWaitDispatchTail, channel, src);
             *s_tail = t < 0 ? -1 : min(t, int64_t(count));
         }
-        ptx::bar_sync(1 + src, kWarpsPerRank * 32);
+        ptx::bar_sync(1 + group, kWarpsPerRank * 32);
         const int64_t tail = *s_tail;
         if (tail < 0) {
             ok = false;
@@ -138,7 +177,7 @@ __device__ void dispatch_recv(const DispatchParams& p, const RankContext& ctx, i
             if (lane == 0 && p.recv_src_idx != nullptr)
                 p.recv_src_idx[out] = ptx::ld_cg(reinterpret_cast<const int*>(row + p.layout.src_idx_offset));
         }
-        ptx::bar_sync(1 + src, kWarpsPerRank * 32);
+        ptx::bar_sync(1 + group, kWarpsPerRank * 32);
         head = tail;
         if (leader) ptx::st_relaxed_sys(head_ptr, head);
     }
@@ -149,18 +188,24 @@ __device__ void dispatch_recv(const DispatchParams& p, const RankContext& ctx, i
 }
 
 // Grid: 2 x C blocks of kDispatchThreads; block 2c sends channel c, block 2c + 1 receives it.
-// Warps are split into kNumRanks groups, group g serves peer g (the own rank included: its rows
-// go through its own ring like any other).
+// Sending warps are split into kNumRanks groups, group g serves rank g (the own rank's group
+// writes recv_x directly); receiving warps into kNumRanks - 1 groups, one per other rank.
 template <int kNumRanks>
 __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(const __grid_constant__ DispatchParams p,
                                                                        const __grid_constant__ RankContext ctx) {
     __shared__ int64_t s_tail[kNumRanks];
     if (has_failed(ctx.err)) return;
-    constexpr int kWarpsPerRank = kDispatchWarps / kNumRanks;
     const int channel = blockIdx.x / 2, warp = threadIdx.x / 32;
-    const int peer = warp / kWarpsPerRank, warp_in_group = warp % kWarpsPerRank;
-    if (blockIdx.x % 2 == 0) dispatch_send<kNumRanks>(p, ctx, channel, peer, warp_in_group);
-    else dispatch_recv<kNumRanks>(p, ctx, channel, peer, warp_in_group, &s_tail[peer]);
+    if (blockIdx.x % 2 == 0) {
+        constexpr int kWarpsPerRank = kDispatchWarps / kNumRanks;
+        dispatch_send<kNumRanks>(p, ctx, channel, warp / kWarpsPerRank, warp % kWarpsPerRank);
+    } else {
+        constexpr int kWarpsPerRank = kRecvWarpsPerRank<kNumRanks>;
+        const int group = warp / kWarpsPerRank;
+        if (group >= kNumRanks - 1) return;
+        const int src = group < ctx.rank ? group : group + 1;
+        dispatch_recv<kNumRanks>(p, ctx, channel, src, group, warp % kWarpsPerRank, &s_tail[src]);
+    }
 }
 
 }  // namespace

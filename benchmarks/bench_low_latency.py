@@ -1,0 +1,131 @@
+"""Low-latency dispatch/combine latency: the cuda backend's kernels beside the torch backend (NCCL).
+
+Low-latency case (DESIGN.md §4): hidden 7168, top-8 of 256 experts, random top-k, 128 tokens per
+rank (also 1, 32 and 256), num_max_dispatch_tokens_per_rank = tokens, on every GPU of this node
+(2, 4 or 8).  Ours: median CUDA-event time of one call replayed as a CUDA graph (dispatch BF16,
+dispatch FP8, combine), and of the send and the receive (hook) halves of an eager hook-mode call.
+The torch backend syncs with the host, so it cannot be captured: it is timed eagerly.  Logical
+bandwidth = bytes of the rows rank 0 receives, in BF16 (FP8: x (1 + 4/128) / 2).  Never asserts.
+
+    python benchmarks/bench_low_latency.py [--tokens 1 32 128 256] [--iters 50]
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import torch
+import torch.distributed as dist
+from _common import run_on_gpus, standard_parser
+
+from ep_train import Buffer
+
+
+def _median_us(fn, iters: int) -> float:
+    """Median CUDA-event time of fn(); every launch is queued before the first one starts."""
+    fn()
+    torch.cuda.synchronize()
+    dist.barrier()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    torch.cuda._sleep(int(2e8))
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) * 1e3 for s, e in events)
+    return times[len(times) // 2]
+
+
+def _graph_of(fn) -> torch.cuda.CUDAGraph:
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def _hook_us(buf: Buffer, call, iters: int) -> tuple[float, float]:
+    """Median (send, receive) times of hook-mode calls: events around the call and around its hook."""
+    call()[-1]()
+    torch.cuda.synchronize()
+    dist.barrier()
+    marks = [[torch.cuda.Event(enable_timing=True) for _ in range(3)] for _ in range(iters)]
+    torch.cuda._sleep(int(2e8))
+    for a, b, c in marks:
+        a.record()
+        hook = call()[-1]
+        b.record()
+        hook()
+        c.record()
+    torch.cuda.synchronize()
+    send = sorted(a.elapsed_time(b) * 1e3 for a, b, _ in marks)
+    recv = sorted(b.elapsed_time(c) * 1e3 for _, b, c in marks)
+    return send[iters // 2], recv[iters // 2]
+
+
+def _row(name: str, us: float, nbytes: float) -> str:
+    return f"{name:<44} {us:9.1f} us {nbytes / us / 1e3:8.1f} GB/s"
+
+
+def _measure(cuda: Buffer, ref: Buffer, T: int, args, rank: int) -> list[str]:
+    H, K, E, M = args.hidden, args.topk, args.experts, T
+    gen = torch.Generator(device="cuda").manual_seed(rank + 17 * T)
+    x = torch.randn((T, H), device="cuda", generator=gen).to(torch.bfloat16)
+    idx = torch.rand((T, E), device="cuda", generator=gen).topk(K, dim=1).indices
+    w = torch.rand((T, K), device="cuda", generator=gen)
+    _, count, handle, _, _ = cuda.low_latency_dispatch(x, idx, M, E, use_fp8=False)
+    rows = count.sum().reshape(1).long()
+    dist.broadcast(rows, 0)
+    nbytes = int(rows) * H * 2
+    y = torch.randn((E // cuda.group_size, cuda.group_size * M, H), device="cuda").to(torch.bfloat16)
+    lines = []
+    for fp8, name in ((False, "BF16"), (True, "FP8")):
+        scale = (1 + 4 / 128) / 2 if fp8 else 1.0
+        graph = _graph_of(lambda fp8=fp8: cuda.low_latency_dispatch(x, idx, M, E, use_fp8=fp8))
+        t = _median_us(graph.replay, args.iters)
+        lines.append(_row(f"T={T} cuda dispatch {name} (graph)", t, nbytes * scale))
+        hooked = lambda fp8=fp8: cuda.low_latency_dispatch(x, idx, M, E, use_fp8=fp8, return_recv_hook=True)  # noqa: E731
+        send, recv = _hook_us(cuda, hooked, args.iters)
+        lines.append(_row(f"T={T} cuda dispatch {name} hook: send", send, nbytes * scale))
+        lines.append(_row(f"T={T} cuda dispatch {name} hook: receive", recv, nbytes * scale))
+        t = _median_us(lambda fp8=fp8: ref.low_latency_dispatch(x, idx, M, E, use_fp8=fp8), args.iters)
+        lines.append(_row(f"T={T} torch dispatch {name} (eager)", t, nbytes * scale))
+    graph = _graph_of(lambda: cuda.low_latency_combine(y, idx, w, handle))
+    lines.append(_row(f"T={T} cuda combine (graph)", _median_us(graph.replay, args.iters), nbytes))
+    send, recv = _hook_us(cuda, lambda: cuda.low_latency_combine(y, idx, w, handle, return_recv_hook=True), args.iters)
+    lines.append(_row(f"T={T} cuda combine hook: send", send, nbytes))
+    lines.append(_row(f"T={T} cuda combine hook: receive", recv, nbytes))
+    _, _, ref_handle, _, _ = ref.low_latency_dispatch(x, idx, M, E, use_fp8=False)
+    t = _median_us(lambda: ref.low_latency_combine(y, idx, w, ref_handle), args.iters)
+    lines.append(_row(f"T={T} torch combine (eager)", t, nbytes))
+    lines.append(f"T={T}: rank 0 receives {int(rows)} rows")
+    return lines
+
+
+def _worker(rank: int, world: int, args) -> None:
+    rdma = Buffer.get_low_latency_rdma_size_hint(max(args.tokens), args.hidden, world, args.experts)
+    cuda = Buffer(None, 0, rdma, low_latency_mode=True, backend="cuda", timeout_s=60.0)
+    ref = Buffer(None, 0, rdma, low_latency_mode=True, backend="torch")
+    lines = []
+    for T in args.tokens:
+        lines += _measure(cuda, ref, T, args, rank)
+    if rank == 0:
+        head = f"{world} x {torch.cuda.get_device_name()}, {datetime.date.today()}, H={args.hidden} top-{args.topk} "
+        print(f"\n{head}E={args.experts}, num_rdma_bytes={rdma / 2**20:.0f} MiB")
+        print("\n".join(lines), flush=True)
+    torch.cuda.synchronize()
+    dist.barrier()
+    cuda.destroy()
+
+
+def main() -> None:
+    run_on_gpus(_worker, standard_parser(__doc__, tokens=[128, 1, 32, 256], iters=50).parse_args())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+// Byte layout of the low-latency buffer (the IPC-shared `num_rdma_bytes` region): the single source of
+// truth for offsets on host and device.  Mirrors ep_train/layout.py (low_latency_* functions);
+// tests/gpu/test_low_latency_gpu.py compares both.
+//
+// Per rank:
+//   [control: status int32, LL sequence int64, finish counters int32[2 phases][2 halves],
+//             acks int64[kMaxRanks] (ack[s]: last sequence whose receive rank s finished here),
+//             header slots [2 halves][kMaxRanks sources] (call header + stamp)]
+//   [half 0][half 1], each:
+//     [counts:   int32 [L][R]          rows source s put into local expert l (dispatch)]
+//     [dispatch: [L][R][M] slots       16-byte slot header + a BF16-sized payload]
+//     [combine:  [M][kMaxTopk] rows    one BF16 row per (token, top-k column) of the owner]
+// NOTES: the control part never moves, whatever the call's shape, so a header written by a rank
+// that disagrees on the shape is still read where it is expected and reported as a mismatch.
+#pragma once
+
+#include <cstdint>
+
+#include "ep_train/buffer_layout.cuh"
+
+namespace ep_train {
+
+// What a failing low-latency wait or check was about (continues WaitSite of types.cuh).
+enum LowLatencySite : int {
+    kWaitLowLatencyAck = 8,        // sender: the receiver still reads this half (more than two calls in flight)
+    kWaitLowLatencyDispatch = 9,   // dispatch receiver: the stamp of a source's rows
+    kWaitLowLatencyCombine = 10,   // combine receiver: the stamp of an expert rank's rows
+    kCheckLowLatencySlots = 11,    // a source puts more than M rows into one expert (duplicate expert ids)
+};
+
+// Slot header of a dispatched row: which token and top-k column it is, and its gate weight.
+struct LowLatencySlotHeader {
+    int src_token;
+    int topk_pos;
+    float weight;
+    int pad;
+};
+
+struct LowLatencyLayout {
+    static constexpr int64_t kStatusOffset = 0;
+    static constexpr int64_t kSeqOffset = 8;
+    static constexpr int64_t kDoneOffset = 16;  // int32 [2 phases (send, recv)][2 halves]
+    static constexpr int64_t kAckOffset = kAlignBytes;
+    static constexpr int64_t kHeaderSlotBytes = kAlignBytes;  // int64 info[kInfoWords], int64 stamp
+    static constexpr int64_t kHeaderStampWord = kInfoWords;
+    static constexpr int64_t kHeadersOffset = 2 * kAlignBytes;
+    static constexpr int64_t kControlBytes = kHeadersOffset + 2 * kMaxRanks * kHeaderSlotBytes;
+
+    int num_ranks = 0;
+    int num_local_experts = 0;
+    int max_tokens = 0;  // M
+    int hidden = 0;
+    int64_t dispatch_row_bytes = 0;
+    int64_t combine_row_bytes = 0;
+    int64_t counts_bytes = 0;
+    int64_t dispatch_bytes = 0;
+    int64_t combine_bytes = 0;
+
+    LowLatencyLayout() = default;
+
+    EP_HOST_DEVICE LowLatencyLayout(int max_tokens_, int hidden_, int num_ranks_, int num_experts)
+        : num_ranks(num_ranks_), num_local_experts(num_experts / num_ranks_), max_tokens(max_tokens_), hidden(hidden_) {
+        dispatch_row_bytes = int64_t(sizeof(LowLatencySlotHeader)) + align_up(int64_t(hidden) * 2, 16);
+        combine_row_bytes = align_up(int64_t(hidden) * 2, 16);
+        counts_bytes = align_up(int64_t(num_experts) * 4);
+        dispatch_bytes = align_up(int64_t(num_experts) * max_tokens * dispatch_row_bytes);
+        combine_bytes = align_up(int64_t(max_tokens) * kMaxTopk * combine_row_bytes);
+    }
+
+    EP_HOST_DEVICE static constexpr int64_t control_bytes() { return kControlBytes; }
+    EP_HOST_DEVICE int64_t half_bytes() const { return counts_bytes + dispatch_bytes + combine_bytes; }
+    EP_HOST_DEVICE int64_t total_bytes() const { return control_bytes() + 2 * half_bytes(); }
+
+    // ---- control (shape-independent)
+    EP_HOST_DEVICE static int* status(void* base) {
+        return reinterpret_cast<int*>(static_cast<char*>(base) + kStatusOffset);
+    }
+    EP_HOST_DEVICE static int64_t* seq(void* base) {
+        return reinterpret_cast<int64_t*>(static_cast<char*>(base) + kSeqOffset);
+    }
+    EP_HOST_DEVICE static int* done(void* base, int phase, int half) {
+        return reinterpret_cast<int*>(static_cast<char*>(base) + kDoneOffset) + phase * 2 + half;
+    }
+    EP_HOST_DEVICE static int64_t* ack(void* base, int src) {
+        return reinterpret_cast<int64_t*>(static_cast<char*>(base) + kAckOffset) + src;
+    }
+    EP_HOST_DEVICE static int64_t* header(void* base, int half, int src) {
+        return reinterpret_cast<int64_t*>(static_cast<char*>(base) + kHeadersOffset +
+                                          (int64_t(half) * kMaxRanks + src) * kHeaderSlotBytes);
+    }
+
+    // ---- one half (shape-dependent)
+    EP_HOST_DEVICE char* half_base(void* base, int half) const {
+        return static_cast<char*>(base) + control_bytes() + half * half_bytes();
+    }
+    EP_HOST_DEVICE int* count(void* base, int half, int local_expert, int src) const {
+        return reinterpret_cast<int*>(half_base(base, half)) + local_expert * num_ranks + src;
+    }
+    EP_HOST_DEVICE char* dispatch_slot(void* base, int half, int local_expert, int src, int j) const {
+        return half_base(base, half) + counts_bytes +
+               ((int64_t(local_expert) * num_ranks + src) * max_tokens + j) * dispatch_row_bytes;
+    }
+    EP_HOST_DEVICE char* combine_slot(void* base, int half, int row) const {
+        return half_base(base, half) + counts_bytes + dispatch_bytes + int64_t(row) * combine_row_bytes;
+    }
+};
+
+}  // namespace ep_train

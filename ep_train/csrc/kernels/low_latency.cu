@@ -1,0 +1,479 @@
+// Low-latency dispatch/combine over CUDA IPC (one NVLink node): fixed-shape, expert-major slots,
+// no host sync, CUDA-graph capturable.
+//
+// Protocol of one operation (a dispatch or a combine), sequence number n = own LL counter + 1,
+// buffer half h = n & 1:
+//   send:    wait until every destination acknowledged receive n - 2 (it no longer reads half h),
+//            write every row straight into the destination's half h through the IPC pointer
+//            (16-byte stores), then the last block to finish writes the per-expert counts and the
+//            call header into each destination's header slot [h][me] and releases the stamp n.
+//   receive: wait for the stamp n of every source, compare the call headers, move the rows out of
+//            half h (dispatch: pack into recv_x; combine: weighted FP32 sum per token), then the
+//            last block to finish acknowledges n to every source.
+// NOTES: stamps and acks only grow, so nothing is ever cleaned; the ack makes a third call wait
+// instead of overwriting a half that is still being read (at most two calls in flight).
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+
+#include "ep_train/buffer_layout.cuh"
+#include "ep_train/low_latency_layout.cuh"
+#include "ep_train/ptx.cuh"
+#include "ep_train/timeout.cuh"
+#include "ep_train/warp.cuh"
+#include "low_latency_runtime.hpp"
+#include "runtime.hpp"
+
+namespace ep_train {
+
+namespace {
+
+constexpr int kThreads = 1024;
+constexpr int kWarps = kThreads / kWarpSize;
+constexpr int kRoundPairs = 32;  // (token, top-k) entries a send block handles per round: one per lane of warp 0
+constexpr int kCopyUnroll = 4;
+constexpr int kSendPhase = 0, kRecvPhase = 1;  // finish counters of LowLatencyLayout::done
+// FP8 arithmetic of ep_train/fp8.py as torch runs it on CUDA.  NOTES: torch divides by a Python
+// scalar as a multiplication by its float reciprocal, so scale = amax * (1 / 448), not amax / 448.
+constexpr float kFp8Max = 448.0f;
+constexpr float kInvFp8Max = 1.0f / 448.0f;
+constexpr float kAmaxFloor = 1e-4f;
+
+struct alignas(16) Bf16x8 {
+    __nv_bfloat162 v[4];
+};
+
+__device__ __forceinline__ uint16_t fp8x2_e4m3(float lo, float hi) {
+    uint16_t r;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// Every thread of the block gets the same answer (safe to return on before a __syncthreads).
+__device__ __forceinline__ bool block_failed(const ErrorSink& err, int* s_flag) {
+    __syncthreads();
+    if (threadIdx.x == 0) *s_flag = has_failed(err);
+    __syncthreads();
+    return *s_flag != 0;
+}
+
+// True in exactly one block: the last of the grid to get here.  Every block's earlier global and
+// peer writes are visible (system scope) to that block afterwards; the counter is reset for the next
+// launch of the same phase and half.
+__device__ __forceinline__ bool block_is_last(int* counter, int* s_flag) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence_system();
+        const int prev = atomicAdd(counter, 1);
+        *s_flag = prev == static_cast<int>(gridDim.x) - 1;
+        if (*s_flag) {
+            *counter = 0;
+            __threadfence_system();
+        }
+    }
+    __syncthreads();
+    return *s_flag != 0;
+}
+
+// Sequence number of this call (send phase: own counter + 1) and the ack wait for its half.
+__device__ __forceinline__ int64_t begin_send(const RankContext& ctx, int64_t* s_seq) {
+    if (threadIdx.x == 0) *s_seq = ptx::ld_volatile(LowLatencyLayout::seq(ctx.peers.base[ctx.rank])) + 1;
+    __syncthreads();
+    const int64_t seq = *s_seq;
+    if (threadIdx.x < ctx.num_ranks && seq > 2)
+        wait_at_least(LowLatencyLayout::ack(ctx.peers.base[ctx.rank], threadIdx.x), seq - 2, ctx.err,
+                      kWaitLowLatencyAck, -1, threadIdx.x);
+    return seq;
+}
+
+// Last block of a send phase: header words into every destination's slot [half][me], then the stamp.
+__device__ void publish(const RankContext& ctx, const int64_t* info, int64_t seq, int64_t* call_seq) {
+    const int half = static_cast<int>(seq & 1), me = ctx.rank;
+    for (int i = threadIdx.x; i < ctx.num_ranks * kInfoWords; i += blockDim.x)
+        LowLatencyLayout::header(ctx.peers.base[i / kInfoWords], half, me)[i % kInfoWords] = info[i % kInfoWords];
+    if (threadIdx.x == 0) {
+        *LowLatencyLayout::seq(ctx.peers.base[me]) = seq;
+        *call_seq = seq;
+    }
+    __syncthreads();
+    if (threadIdx.x < ctx.num_ranks) {
+        ptx::fence_acq_rel_sys();
+        ptx::st_release_sys(LowLatencyLayout::header(ctx.peers.base[threadIdx.x], half, me) +
+                                LowLatencyLayout::kHeaderStampWord,
+                            seq);
+    }
+}
+
+// Receive phase start: wait for every source's stamp and compare its call header with ours.
+__device__ void wait_sources(const RankContext& ctx, const int64_t* info, int64_t seq, int site) {
+    const int s = threadIdx.x;
+    if (s >= ctx.num_ranks) return;
+    const int64_t* slot = LowLatencyLayout::header(ctx.peers.base[ctx.rank], static_cast<int>(seq & 1), s);
+    if (wait_at_least(slot + LowLatencyLayout::kHeaderStampWord, seq, ctx.err, site, -1, s) < 0) return;
+    for (int w = 0; w < kInfoWords; ++w) {
+        const int64_t theirs = ptx::ld_volatile(slot + w);
+        if (theirs != info[w]) {
+            report_error(ctx.err, kErrMismatch, kCheckCallHeader, w, s, info[w], theirs);
+            return;
+        }
+    }
+}
+
+// Last block of a receive phase: tell every source that this half is free again.
+__device__ void acknowledge(const RankContext& ctx, int64_t seq) {
+    if (threadIdx.x < ctx.num_ranks) {
+        ptx::fence_acq_rel_sys();
+        ptx::st_release_sys(LowLatencyLayout::ack(ctx.peers.base[threadIdx.x], ctx.rank), seq);
+    }
+}
+
+// Which local experts this block serves in a receive-side loop, and which share of their rows.
+struct ExpertShare {
+    int first, step, sub, num_subs;
+};
+__device__ __forceinline__ ExpertShare expert_share(int num_local_experts) {
+    const int G = gridDim.x, b = blockIdx.x;
+    if (G < num_local_experts) return {b, G, 0, 1};
+    const int per = G / num_local_experts;
+    return {b < per * num_local_experts ? b / per : num_local_experts, num_local_experts, b % per, per};
+}
+
+// FP8 scales (and their reciprocals) of tokens [t_first, t_first + n) into shared memory: one warp
+// per (token, 128-channel block), 4 channels per lane.
+__device__ void fp8_scales(const LowLatencyDispatchParams& p, int t_first, int n, float* s_scale, float* s_inv) {
+    const int S = p.layout.hidden / kFp8Block, lane = lane_id();
+    for (int item = threadIdx.x / kWarpSize; item < n * S; item += kWarps) {
+        const int tl = item / S, sb = item % S;
+        const auto* src = reinterpret_cast<const uint2*>(static_cast<const char*>(p.x) +
+                                                         (int64_t(t_first + tl) * p.layout.hidden + sb * kFp8Block) * 2);
+        const uint2 raw = src[lane];
+        const auto* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+        const float2 a = __bfloat1622float2(h[0]), b = __bfloat1622float2(h[1]);
+        float amax = fmaxf(fmaxf(fabsf(a.x), fabsf(a.y)), fmaxf(fabsf(b.x), fabsf(b.y)));
+        for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+        if (lane == 0) {
+            float scale = __fmul_rn(fmaxf(amax, kAmaxFloor), kInvFp8Max);
+            if (p.round_scale) scale = exp2f(ceilf(log2f(scale)));
+            s_scale[tl * S + sb] = scale;
+            s_inv[tl * S + sb] = __fdiv_rn(1.0f, scale);
+        }
+    }
+}
+
+// 16 channels of token row `src` (BF16) times inv, as 16 e4m3 bytes.
+__device__ __forceinline__ int4 cast_16(const char* src, float inv) {
+    const int4 raw[2] = {ptx::ld_nc_v4(reinterpret_cast<const int4*>(src)),
+                         ptx::ld_nc_v4(reinterpret_cast<const int4*>(src) + 1)};
+    const auto* h = reinterpret_cast<const __nv_bfloat162*>(raw);
+    uint32_t out[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        float2 f0 = __bfloat1622float2(h[2 * i]), f1 = __bfloat1622float2(h[2 * i + 1]);
+        auto q = [inv](float v) { return fminf(fmaxf(__fmul_rn(v, inv), -kFp8Max), kFp8Max); };
+        out[i] = uint32_t(fp8x2_e4m3(q(f0.x), q(f0.y))) | (uint32_t(fp8x2_e4m3(q(f1.x), q(f1.y))) << 16);
+    }
+    return make_int4(int(out[0]), int(out[1]), int(out[2]), int(out[3]));
+}
+
+struct SendShared {
+    int hist[kMaxExperts];    // entries before the current round, per global expert
+    char* dst[kRoundPairs];   // payload of the destination slot of each entry of the round (null: none)
+    int token[kRoundPairs];
+    int64_t seq;
+    int flag;
+};
+
+// Dispatch send.  Grid: every block takes a contiguous range of the T*K (token, top-k) entries, in
+// rounds of 32.  Warp 0 gives each entry its slot j = number of earlier entries (row-major) with
+// the same expert, so slots within (expert, source) are in token order, then top-k order (the
+// reference layout); all threads then cast (FP8) and copy the rows of the round.
+__device__ void dispatch_send(const LowLatencyDispatchParams& p, const RankContext& ctx, SendShared& sh,
+                              float* s_scale, float* s_inv) {
+    const int K = p.num_topk, E = p.num_experts, L = p.layout.num_local_experts, M = p.layout.max_tokens;
+    const int H = p.layout.hidden, S = H / kFp8Block, me = ctx.rank, lane = lane_id();
+    const int64_t seq = begin_send(ctx, &sh.seq);
+    const int half = static_cast<int>(seq & 1);
+    const int num_entries = p.num_tokens * K;
+    const int per = (num_entries + gridDim.x - 1) / gridDim.x;
+    const int i0 = min(num_entries, per * static_cast<int>(blockIdx.x)), i1 = min(num_entries, i0 + per);
+    for (int e = threadIdx.x; e < E; e += blockDim.x) sh.hist[e] = 0;
+    __syncthreads();
+    for (int i = threadIdx.x; i < i0; i += blockDim.x) {
+        const int64_t e = p.topk_idx[i];
+        if (e >= 0 && e < E) atomicAdd(&sh.hist[e], 1);
+    }
+    if (block_failed(ctx.err, &sh.flag)) return;
+
+    for (int r0 = i0; r0 < i1; r0 += kRoundPairs) {
+        const int n = min(kRoundPairs, i1 - r0), t_first = r0 / K;
+        if (threadIdx.x < kWarpSize) {
+            const int i = r0 + lane;
+            const int64_t e64 = lane < n ? p.topk_idx[i] : -1;
+            const int e = e64 >= 0 && e64 < E ? static_cast<int>(e64) : -1;
+            const uint32_t peers = __match_any_sync(0xffffffffu, e);
+            const int j = e < 0 ? 0 : sh.hist[e] + __popc(peers & ((1u << lane) - 1u));
+            __syncwarp();
+            if (e >= 0 && lane == __ffs(peers) - 1) sh.hist[e] += __popc(peers);
+            char* row = nullptr;
+            if (e >= 0 && j >= M) {
+                report_error(ctx.err, kErrCapacity, kCheckLowLatencySlots, e, me, M, j + 1);
+            } else if (e >= 0) {
+                row = p.layout.dispatch_slot(ctx.peers.base[e / L], half, e % L, me, j);
+                const float w = p.topk_weights != nullptr ? p.topk_weights[i] : 0.0f;
+                ptx::st_na_v4(reinterpret_cast<int4*>(row), make_int4(i / K, i % K, __float_as_int(w), 0));
+                row += sizeof(LowLatencySlotHeader);
+            }
+            if (lane < n) {
+                sh.dst[lane] = row;
+                sh.token[lane] = i / K;
+            }
+        }
+        if (p.use_fp8) fp8_scales(p, t_first, (r0 + n - 1) / K - t_first + 1, s_scale, s_inv);
+        __syncthreads();
+        if (p.use_fp8) {
+            const int chunks = H / 16;  // 16 channels -> 16 bytes
+            for (int it = threadIdx.x; it < n * chunks; it += blockDim.x) {
+                const int q = it / chunks, c = it % chunks;
+                char* dst = sh.dst[q];
+                if (dst == nullptr) continue;
+                const int t = sh.token[q];
+                const char* src = static_cast<const char*>(p.x) + (int64_t(t) * H + c * 16) * 2;
+                const float inv = s_inv[(t - t_first) * S + c * 16 / kFp8Block];
+                ptx::st_na_v4(reinterpret_cast<int4*>(dst) + c, cast_16(src, inv));
+            }
+            for (int it = threadIdx.x; it < n * S; it += blockDim.x) {
+                const int q = it / S, sb = it % S;
+                if (sh.dst[q] != nullptr)
+                    reinterpret_cast<float*>(sh.dst[q] + H)[sb] = s_scale[(sh.token[q] - t_first) * S + sb];
+            }
+        } else {
+            const int chunks = H / 8;  // 8 channels -> 16 bytes
+            for (int it = threadIdx.x; it < n * chunks; it += blockDim.x) {
+                const int q = it / chunks, c = it % chunks;
+                if (sh.dst[q] == nullptr) continue;
+                const auto* src = reinterpret_cast<const int4*>(static_cast<const char*>(p.x) + int64_t(sh.token[q]) * H * 2);
+                ptx::st_na_v4(reinterpret_cast<int4*>(sh.dst[q]) + c, ptx::ld_nc_v4(src + c));
+            }
+        }
+        __syncthreads();
+    }
+
+    if (!block_is_last(LowLatencyLayout::done(ctx.peers.base[me], kSendPhase, half), &sh.flag)) return;
+    // Counts per (destination expert, me): finish the histogram over the entries after this block's range.
+    for (int i = i1 + static_cast<int>(threadIdx.x); i < num_entries; i += blockDim.x) {
+        const int64_t e = p.topk_idx[i];
+        if (e >= 0 && e < E) atomicAdd(&sh.hist[e], 1);
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < E; e += blockDim.x)
+        *p.layout.count(ctx.peers.base[e / L], half, e % L, me) = min(sh.hist[e], M);
+    publish(ctx, p.info, seq, p.call_seq);
+}
+
+struct RecvShared {
+    int count[kMaxRanks];
+    int offset[kMaxRanks + 1];
+    int64_t seq;
+    int flag;
+};
+
+// Dispatch receive.  Grid: blocks share the local experts (several blocks per expert when there
+// are more blocks than experts); a warp moves one slot at a time from the source-major staging
+// area [l][s][j] into recv_x[l][offset(l, s) + j], offsets = prefix of the counts over sources.
+__device__ void dispatch_recv(const LowLatencyDispatchParams& p, const RankContext& ctx, RecvShared& sh, int64_t seq) {
+    const int R = ctx.num_ranks, L = p.layout.num_local_experts, M = p.layout.max_tokens, H = p.layout.hidden;
+    const int S = H / kFp8Block, RM = R * M, warp = threadIdx.x / kWarpSize, lane = lane_id();
+    const int half = static_cast<int>(seq & 1);
+    void* own = ctx.peers.base[ctx.rank];
+    wait_sources(ctx, p.info, seq, kWaitLowLatencyDispatch);
+    if (block_failed(ctx.err, &sh.flag)) return;
+
+    const ExpertShare share = expert_share(L);
+    const int64_t payload = p.use_fp8 ? H : int64_t(H) * 2;
+    for (int l = share.first; l < L; l += share.step) {
+        if (threadIdx.x == 0) {
+            int acc = 0;
+            for (int s = 0; s < R; ++s) {
+                sh.count[s] = min(max(ptx::ld_volatile(p.layout.count(own, half, l, s)), 0), M);
+                sh.offset[s] = acc;
+                acc += sh.count[s];
+            }
+            sh.offset[R] = acc;
+        }
+        __syncthreads();
+        const int total = sh.offset[R];
+        if (share.sub == 0 && static_cast<int>(threadIdx.x) < R) {
+            const int s = threadIdx.x;
+            p.recv_layout_range[l * R + s] = (int64_t(sh.offset[s]) << 32) | sh.count[s];
+            if (s == 0) {
+                p.recv_count[l] = total;
+                if (p.cumulative_stats != nullptr) p.cumulative_stats[l] += total;
+            }
+        }
+        for (int j = total + share.sub * kThreads + threadIdx.x; j < RM; j += share.num_subs * kThreads) {
+            p.recv_src_info[int64_t(l) * RM + j] = -1;
+            p.recv_topk_pos[int64_t(l) * RM + j] = -1;
+            p.recv_topk_weights[int64_t(l) * RM + j] = 0.0f;
+        }
+        for (int j = share.sub * kWarps + warp; j < total; j += share.num_subs * kWarps) {
+            int s = 0;
+            while (j >= sh.offset[s + 1]) ++s;
+            const char* slot = p.layout.dispatch_slot(own, half, l, s, j - sh.offset[s]);
+            const int64_t out = int64_t(l) * RM + j;
+            if (lane == 0) {
+                const int4 hdr = ptx::ld_cg_v4(reinterpret_cast<const int4*>(slot));
+                p.recv_src_info[out] = hdr.x;
+                p.recv_topk_pos[out] = hdr.y;
+                p.recv_topk_weights[out] = __int_as_float(hdr.z);
+            }
+            slot += sizeof(LowLatencySlotHeader);
+            warp_copy<kCopyUnroll, true>(static_cast<char*>(p.recv_x) + out * payload, slot, payload);
+            if (p.use_fp8)
+                for (int i = lane; i < S; i += kWarpSize)
+                    reinterpret_cast<int*>(p.recv_scales)[out * S + i] = ptx::ld_cg(reinterpret_cast<const int*>(slot + H) + i);
+        }
+        __syncthreads();
+    }
+    if (block_is_last(LowLatencyLayout::done(own, kRecvPhase, half), &sh.flag)) acknowledge(ctx, seq);
+}
+
+// Grid: one block per SM (all co-resident: the fused send + receive waits inside one launch).
+__global__ void __launch_bounds__(kThreads, 1)
+    low_latency_dispatch_kernel(const __grid_constant__ LowLatencyDispatchParams p,
+                                const __grid_constant__ RankContext ctx, int phases) {
+    __shared__ SendShared send_sh;
+    __shared__ RecvShared recv_sh;
+    extern __shared__ float s_fp8[];  // [32 tokens][S] scales, then [32][S] reciprocals
+    if (has_failed(ctx.err)) return;
+    int64_t seq;
+    if (phases & kPhaseSend) {
+        dispatch_send(p, ctx, send_sh, s_fp8, s_fp8 + kRoundPairs * (p.layout.hidden / kFp8Block));
+        if (block_failed(ctx.err, &send_sh.flag)) return;
+        seq = send_sh.seq;
+    } else {
+        seq = ptx::ld_volatile(p.call_seq);
+    }
+    if (phases & kPhaseRecv) dispatch_recv(p, ctx, recv_sh, seq);
+}
+
+// Combine send.  Grid as the dispatch receive: a warp sends one filled slot (l, j) of x back to its
+// source rank s, into row (token * K + top-k column) of s's combine area.
+__device__ void combine_send(const LowLatencyCombineParams& p, const RankContext& ctx, RecvShared& sh) {
+    const int R = ctx.num_ranks, L = p.layout.num_local_experts, M = p.layout.max_tokens, K = p.num_topk;
+    const int RM = R * M, warp = threadIdx.x / kWarpSize;
+    const int64_t seq = begin_send(ctx, &sh.seq), row_bytes = int64_t(p.layout.hidden) * 2;
+    const int half = static_cast<int>(seq & 1);
+    if (block_failed(ctx.err, &sh.flag)) return;
+    const ExpertShare share = expert_share(L);
+    for (int l = share.first; l < L; l += share.step) {
+        if (threadIdx.x == 0) {
+            int64_t end = 0;
+            for (int s = 0; s < R; ++s) {
+                const int64_t range = p.recv_layout_range[l * R + s];
+                sh.offset[s] = static_cast<int>(range >> 32);
+                sh.count[s] = static_cast<int>(range & 0xffffffff);
+                end = max(end, (range >> 32) + (range & 0xffffffff));
+            }
+            sh.offset[R] = static_cast<int>(min(end, int64_t(RM)));
+        }
+        __syncthreads();
+        for (int j = share.sub * kWarps + warp; j < sh.offset[R]; j += share.num_subs * kWarps) {
+            int s = 0;
+            while (s < R && !(j >= sh.offset[s] && j < sh.offset[s] + sh.count[s])) ++s;
+            const int t = p.recv_src_info[int64_t(l) * RM + j], k = p.recv_topk_pos[int64_t(l) * RM + j];
+            if (s == R || t < 0 || t >= M || k < 0 || k >= K) continue;
+            char* dst = p.layout.combine_slot(ctx.peers.base[s], half, t * K + k);
+            warp_copy<kCopyUnroll, false>(dst, static_cast<const char*>(p.x) + (int64_t(l) * RM + j) * row_bytes,
+                                          row_bytes);
+        }
+        __syncthreads();
+    }
+    if (block_is_last(LowLatencyLayout::done(ctx.peers.base[ctx.rank], kSendPhase, half), &sh.flag))
+        publish(ctx, p.info, seq, p.call_seq);
+}
+
+// Rows of hidden % 8 != 0 (e.g. the top-k-wide rows of the weight gradient): one channel per thread.
+__device__ void combine_reduce_scalar(const LowLatencyCombineParams& p, void* own, int half) {
+    const int K = p.num_topk, H = p.layout.hidden;
+    const int64_t items = int64_t(p.num_tokens) * H;
+    for (int64_t it = blockIdx.x * int64_t(kThreads) + threadIdx.x; it < items; it += int64_t(gridDim.x) * kThreads) {
+        const int t = static_cast<int>(it / H), c = static_cast<int>(it % H);
+        float acc = 0.0f;
+        for (int k = 0; k < K; ++k) {
+            const int64_t e = p.topk_idx[int64_t(t) * K + k];
+            if (e < 0 || e >= p.num_experts) continue;
+            const auto* row = reinterpret_cast<const unsigned short*>(p.layout.combine_slot(own, half, t * K + k));
+            const unsigned short bits = __ldcg(row + c);
+            acc = __fadd_rn(acc, __fmul_rn(__bfloat162float(__ushort_as_bfloat16(bits)), p.topk_weights[int64_t(t) * K + k]));
+        }
+        static_cast<__nv_bfloat16*>(p.out)[it] = __float2bfloat16_rn(acc);
+    }
+}
+
+// Combine receive.  Grid-strided over (token, 8-channel chunk): out = sum over k ascending of
+// w[t, k] * row(t, k), FP32 products and sums rounded one by one (as the reference), BF16 once.
+__device__ void combine_recv(const LowLatencyCombineParams& p, const RankContext& ctx, RecvShared& sh, int64_t seq) {
+    const int K = p.num_topk, H = p.layout.hidden, chunks = H / 8;
+    const int half = static_cast<int>(seq & 1);
+    void* own = ctx.peers.base[ctx.rank];
+    wait_sources(ctx, p.info, seq, kWaitLowLatencyCombine);
+    if (block_failed(ctx.err, &sh.flag)) return;
+    const int64_t items = H % 8 == 0 ? int64_t(p.num_tokens) * chunks : 0;
+    if (H % 8 != 0) combine_reduce_scalar(p, own, half);
+    for (int64_t it = blockIdx.x * int64_t(kThreads) + threadIdx.x; it < items; it += int64_t(gridDim.x) * kThreads) {
+        const int t = static_cast<int>(it / chunks), c = static_cast<int>(it % chunks);
+        float acc[8] = {};
+        for (int k = 0; k < K; ++k) {
+            const int64_t e = p.topk_idx[int64_t(t) * K + k];
+            if (e < 0 || e >= p.num_experts) continue;
+            const float w = p.topk_weights[int64_t(t) * K + k];
+            const int4 raw = ptx::ld_cg_v4(reinterpret_cast<const int4*>(p.layout.combine_slot(own, half, t * K + k)) + c);
+            const auto* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const float2 f = __bfloat1622float2(h[i]);
+                acc[2 * i] = __fadd_rn(acc[2 * i], __fmul_rn(f.x, w));
+                acc[2 * i + 1] = __fadd_rn(acc[2 * i + 1], __fmul_rn(f.y, w));
+            }
+        }
+        Bf16x8 o;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) o.v[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
+        reinterpret_cast<Bf16x8*>(static_cast<char*>(p.out) + int64_t(t) * H * 2)[c] = o;
+    }
+    if (block_is_last(LowLatencyLayout::done(own, kRecvPhase, half), &sh.flag)) acknowledge(ctx, seq);
+}
+
+__global__ void __launch_bounds__(kThreads, 1)
+    low_latency_combine_kernel(const __grid_constant__ LowLatencyCombineParams p,
+                               const __grid_constant__ RankContext ctx, int phases) {
+    __shared__ RecvShared sh;
+    if (has_failed(ctx.err)) return;
+    int64_t seq;
+    if (phases & kPhaseSend) {
+        combine_send(p, ctx, sh);
+        if (block_failed(ctx.err, &sh.flag)) return;
+        seq = sh.seq;
+    } else {
+        seq = ptx::ld_volatile(p.call_seq);
+    }
+    if (phases & kPhaseRecv) combine_recv(p, ctx, sh, seq);
+}
+
+}  // namespace
+
+void launch_low_latency_dispatch(const LowLatencyDispatchParams& p, const RankContext& ctx, int phases, int num_sms,
+                                 cudaStream_t stream) {
+    const size_t smem = p.use_fp8 ? 2 * kRoundPairs * (p.layout.hidden / kFp8Block) * sizeof(float) : 0;
+    low_latency_dispatch_kernel<<<num_sms, kThreads, smem, stream>>>(p, ctx, phases);
+    check_cuda(cudaGetLastError(), "low_latency_dispatch launch");
+}
+
+void launch_low_latency_combine(const LowLatencyCombineParams& p, const RankContext& ctx, int phases, int num_sms,
+                                cudaStream_t stream) {
+    low_latency_combine_kernel<<<num_sms, kThreads, 0, stream>>>(p, ctx, phases);
+    check_cuda(cudaGetLastError(), "low_latency_combine launch");
+}
+
+}  // namespace ep_train

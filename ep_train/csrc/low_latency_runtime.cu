@@ -1,0 +1,15 @@
+// Host side of the low-latency kernels: the IPC-shared low-latency buffer (a PeerBuffer).
+#include "low_latency_runtime.hpp"
+
+#include <algorithm>
+
+namespace ep_train {
+
+LowLatencyRuntime::LowLatencyRuntime(int rank, int num_ranks, int64_t num_bytes, double timeout_s)
+    : PeerBuffer(rank, num_ranks, std::max<int64_t>(num_bytes, LowLatencyLayout::control_bytes()), timeout_s,
+                 "low-latency buffer") {
+    check_cuda(cudaDeviceGetAttribute(&num_sms_, cudaDevAttrMultiProcessorCount, device()),
+               "cudaDeviceGetAttribute(SM count)");
+}
+
+}  // namespace ep_train

@@ -1,0 +1,70 @@
+// Host side of the low-latency (single-node, CUDA IPC) kernels: the IPC-shared low-latency buffer
+// and the kernel launchers.  No torch headers: raw pointers only.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "ep_train/buffer_layout.cuh"
+#include "ep_train/low_latency_layout.cuh"
+#include "ep_train/types.cuh"
+#include "peer_buffer.hpp"
+
+namespace ep_train {
+
+// The low-latency buffer: its own PeerBuffer, so normal and low-latency calls never share memory.
+class LowLatencyRuntime : public PeerBuffer {
+   public:
+    LowLatencyRuntime(int rank, int num_ranks, int64_t num_bytes, double timeout_s);
+
+    RankContext context() const { return PeerBuffer::context(LowLatencyLayout::status(local())); }
+    int num_sms() const { return num_sms_; }
+
+   private:
+    int num_sms_ = 0;
+};
+
+// Phases of one low-latency kernel launch: send only (hook mode), receive only (the hook), or both.
+enum LowLatencyPhase : int { kPhaseSend = 1, kPhaseRecv = 2, kPhaseBoth = 3 };
+
+struct LowLatencyDispatchParams {
+    const void* x;              // [T, H] BF16
+    const int64_t* topk_idx;    // [T, K], -1 = none
+    const float* topk_weights;  // [T, K] or null
+    void* recv_x;               // [L, R*M, H] BF16 or e4m3
+    float* recv_scales;         // [L, R*M, S] (FP8) or null
+    int* recv_src_info;         // [L, R*M]
+    int* recv_topk_pos;         // [L, R*M]
+    float* recv_topk_weights;   // [L, R*M]
+    int64_t* recv_layout_range;  // [L, R]
+    int* recv_count;             // [L]
+    int* cumulative_stats;       // [L] or null
+    int64_t* call_seq;           // [1]: the send phase stores this call's sequence, the receive reads it
+    int num_tokens, num_topk, num_experts;
+    bool use_fp8, round_scale;
+    int64_t info[kInfoWords];
+    LowLatencyLayout layout;
+};
+void launch_low_latency_dispatch(const LowLatencyDispatchParams& p, const RankContext& ctx, int phases, int num_sms,
+                                 cudaStream_t stream);
+
+struct LowLatencyCombineParams {
+    const void* x;                     // [L, R*M, H] BF16 expert outputs
+    const int* recv_src_info;          // [L, R*M] of the dispatch handle
+    const int* recv_topk_pos;          // [L, R*M]
+    const int64_t* recv_layout_range;  // [L, R]
+    const int64_t* topk_idx;           // [T, K]
+    const float* topk_weights;         // [T, K]
+    void* out;                         // [T, H] BF16
+    int64_t* call_seq;                 // [1]
+    int num_tokens, num_topk, num_experts;
+    int64_t info[kInfoWords];
+    LowLatencyLayout layout;
+};
+void launch_low_latency_combine(const LowLatencyCombineParams& p, const RankContext& ctx, int phases, int num_sms,
+                                cudaStream_t stream);
+
+}  // namespace ep_train

@@ -1,0 +1,286 @@
+"""The cuda backend's low-latency kernels against the torch backend on 2, 4 or 8 GPUs of one node.
+
+Dispatch is a permutation into fixed slots, so recv_x (BF16, or FP8 + scales: the kernel must quantise
+exactly like ``ep_train.fp8`` on CUDA), the counts and every handle tensor must be bitwise equal.
+Combine sums w[t, k] * row in FP32 in ascending k: bitwise equal to that loop computed here, and
+within one BF16 rounding of the torch backend (whose FP32 reduction order differs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from ep_train import Buffer, _ext, layout
+from ep_train.errors import CommError, CommTimeoutError, RankMismatchError
+from ep_train.fp8 import dequantize_fp8, quantize_fp8
+from ep_train.testing import run_distributed
+
+from ._scenarios import assert_bitwise, assert_close_bf16, routing
+
+pytestmark = pytest.mark.gpu
+
+M_MAX, H_MAX, E = 64, 7168, 32  # buffers are sized for the largest case of every worker
+
+
+def _buffers(world: int, timeout_s: float = 20.0) -> tuple[Buffer, Buffer]:
+    rdma = Buffer.get_low_latency_rdma_size_hint(M_MAX, H_MAX, world, E)
+    cuda = Buffer(None, 0, rdma, low_latency_mode=True, backend="cuda", timeout_s=timeout_s)
+    return cuda, Buffer(None, 0, rdma, low_latency_mode=True, backend="torch")
+
+
+def _expert_out(recv_x, rank: int, world: int) -> torch.Tensor:
+    """Local expert l returns its rows times (global expert id + 1), in BF16."""
+    dense = dequantize_fp8(*recv_x, torch.float32) if isinstance(recv_x, tuple) else recv_x.float()
+    L = E // world
+    scale = (torch.arange(L, device=dense.device) + rank * L + 1).float().view(-1, 1, 1)
+    return (dense * scale).to(torch.bfloat16)
+
+
+def _ascending_combine(x, idx, w, fp8: bool, round_scale: bool) -> torch.Tensor:
+    """What combine must return for _expert_out: FP32 sum over k ascending of w * row, one rounding per op."""
+    dense = dequantize_fp8(*quantize_fp8(x, round_scale=round_scale), torch.float32) if fp8 else x.float()
+    acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for k in range(idx.shape[1]):
+        e = idx[:, k]
+        row = (dense * (e.clamp_min(0) + 1).float().unsqueeze(1)).to(torch.bfloat16).float()
+        acc = acc + torch.where((e >= 0).unsqueeze(1), w[:, k : k + 1] * row, torch.zeros_like(row))
+    return acc.to(torch.bfloat16)
+
+
+def _compare_dispatch(tag: str, got, ref) -> None:
+    (gx, gcount, gh), (rx, rcount, rh) = got, ref
+    assert_bitwise(f"{tag} recv_count", gcount, rcount)
+    gx, gs = gx if isinstance(gx, tuple) else (gx, None)
+    rx, rs = rx if isinstance(rx, tuple) else (rx, None)
+    for l, n in enumerate(rcount.tolist()):  # noqa: E741 - l is the local expert
+        assert_bitwise(f"{tag} recv_x expert {l}", gx[l, :n], rx[l, :n])
+        if rs is not None:
+            assert_bitwise(f"{tag} recv_x scales expert {l}", gs[l, :n], rs[l, :n])
+    for name in ("recv_src_info_LS", "recv_topk_pos_LS", "recv_topk_weights_LS", "recv_layout_range_LR"):
+        assert_bitwise(f"{tag} handle.{name}", getattr(gh, name), getattr(rh, name))
+
+
+def _run_case(cuda: Buffer, ref: Buffer, rank: int, world: int, c: dict, gen: torch.Generator) -> None:
+    tag = "[" + " ".join(f"{k}={v}" for k, v in c.items()) + "]"
+    T, H, K, M = c["T"], c["H"], c["K"], c["M"]
+    x = torch.randn((T, H), generator=gen).to(torch.bfloat16).cuda()
+    idx = routing(c["kind"], T, K, E, rank, gen)
+    w = torch.rand((T, K), generator=gen).cuda()
+    stats_c = torch.full((E // world,), 3, dtype=torch.int32, device="cuda")
+    stats_r = stats_c.clone()
+    kw = dict(use_fp8=c["fp8"], round_scale=c["round_scale"], topk_weights=w if c["weights"] else None)
+    rx, rcount, rh, _, rhook = ref.low_latency_dispatch(x, idx, M, E, cumulative_local_expert_recv_stats=stats_r,
+                                                        **kw)  # fmt: skip
+    if rhook is not None:
+        rhook()
+    gx, gcount, gh, _, ghook = cuda.low_latency_dispatch(x, idx, M, E, cumulative_local_expert_recv_stats=stats_c,
+                                                         return_recv_hook=c["hook"], **kw)  # fmt: skip
+    assert (ghook is not None) == c["hook"], tag
+    if ghook is not None:
+        ghook()
+    torch.cuda.synchronize()
+    _compare_dispatch(tag, (gx, gcount, gh), (rx, rcount, rh))
+    assert_bitwise(f"{tag} cumulative stats", stats_c, stats_r)
+
+    y = _expert_out(rx, rank, world)
+    out = torch.full((T, H), float("nan"), dtype=torch.bfloat16, device="cuda") if c["out"] else None
+    got, _, chook = cuda.low_latency_combine(y, idx, w, gh, return_recv_hook=c["hook"], out=out)
+    if chook is not None:
+        chook()
+    want, _, _ = ref.low_latency_combine(y, idx, w, rh)
+    torch.cuda.synchronize()
+    if out is not None:
+        assert got.data_ptr() == out.data_ptr(), f"{tag}: combine must write into out"
+    assert_bitwise(f"{tag} combine vs ascending-k FP32", got, _ascending_combine(x, idx, w, c["fp8"], c["round_scale"]))
+    assert_close_bf16(f"{tag} combine vs torch backend", got, want)
+
+
+def suite_matches_torch(rank: int, world: int) -> None:
+    cuda, ref = _buffers(world)
+    gen = torch.Generator().manual_seed(1234 + rank)
+    pick = torch.Generator().manual_seed(99)  # the same case list on every rank
+    cases = []
+    for i in range(24):
+        H = (2048, 4096, 7168)[i % 3]
+        M = (16, 64)[i % 2]
+        fp8 = i % 4 >= 2
+        cases.append({
+            "H": H, "M": M, "K": 1 + i % 9, "fp8": fp8, "round_scale": fp8 and i % 8 >= 4,
+            "kind": ("random", "random", "one_expert", "none")[i % 4] if i % 5 else "random",
+            "hook": bool(torch.randint(2, (1,), generator=pick)), "weights": i % 3 != 1, "out": i % 5 == 2,
+            # tokens differ per rank, from 0 to M
+            "T": int(torch.randint(0 if i % 6 == 0 else 1, M + 1, (world,), generator=pick)[rank]),
+        })  # fmt: skip
+    for c in cases:
+        _run_case(cuda, ref, rank, world, c, gen)
+    torch.cuda.synchronize()
+    dist.barrier()
+    cuda.destroy()
+
+
+def suite_two_in_flight(rank: int, world: int) -> None:
+    """Two dispatches sent before either is received (the two buffer halves), then both combines."""
+    cuda, ref = _buffers(world)
+    gen = torch.Generator().manual_seed(5 + rank)
+    T, H, K, M = 48, 4096, 6, 64
+    calls = []  # (x, topk_idx, use_fp8) of the two calls
+    for fp8 in (False, True):
+        calls.append(
+            (torch.randn((T, H), generator=gen).to(torch.bfloat16).cuda(), routing("random", T, K, E, rank, gen), fp8)
+        )
+    w = torch.rand((T, K), generator=gen).cuda()
+    refs = [ref.low_latency_dispatch(x, i, M, E, use_fp8=f, topk_weights=w) for x, i, f in calls]
+    sent = [
+        cuda.low_latency_dispatch(x, i, M, E, use_fp8=f, topk_weights=w, return_recv_hook=True) for x, i, f in calls
+    ]
+    for s in sent:
+        s[4]()  # both halves hold a call before the first receive
+    torch.cuda.synchronize()
+    for n in range(2):
+        _compare_dispatch(f"in flight #{n}", sent[n][:3], refs[n][:3])
+    combined = []
+    for n, (_, i, _) in enumerate(calls):
+        y = _expert_out(refs[n][0], rank, world)
+        combined.append(cuda.low_latency_combine(y, i, w, sent[n][2], return_recv_hook=True))
+    for c in combined:
+        c[2]()
+    torch.cuda.synchronize()
+    for n, (x, i, f) in enumerate(calls):
+        assert_bitwise(f"in flight combine #{n}", combined[n][0], _ascending_combine(x, i, w, f, False))
+
+    # Rows K channels wide (what the weight gradient of the autograd pair sends): the unvectorised path.
+    h, idx = sent[0][2], calls[0][1]
+    code_LS = (h.recv_src_info_LS * 16 + h.recv_topk_pos_LS).clamp_min(0).float()
+    rows = code_LS.unsqueeze(-1).expand(-1, -1, K).to(torch.bfloat16).contiguous()
+    got = cuda.low_latency_combine(rows, idx, w, dataclasses.replace(h, hidden=K))[0]
+    acc = torch.zeros((T, K), dtype=torch.float32, device="cuda")
+    for k in range(K):
+        val = (torch.arange(T, device="cuda") * 16 + k).float().to(torch.bfloat16).float().unsqueeze(1).expand(T, K)
+        acc = acc + torch.where((idx[:, k] >= 0).unsqueeze(1), w[:, k : k + 1] * val, torch.zeros_like(val))
+    torch.cuda.synchronize()
+    assert_bitwise("combine of K-wide rows", got, acc.to(torch.bfloat16))
+    dist.barrier()
+    cuda.destroy()
+
+
+def suite_graph(rank: int, world: int) -> None:
+    """dispatch (FP8, hook inside the graph) + combine captured once, replayed on changing x and routing."""
+    cuda, ref = _buffers(world)
+    gen = torch.Generator().manual_seed(77 + rank)
+    T, H, K, M = 40 + rank, 7168, 8, 64
+    x = torch.randn((T, H), generator=gen).to(torch.bfloat16).cuda()
+    idx = routing("random", T, K, E, rank, gen)
+    w = torch.rand((T, K), generator=gen).cuda()
+    static_y = torch.zeros((E // world, world * M, H), dtype=torch.bfloat16, device="cuda")
+
+    def step():
+        recv, count, handle, _, hook = cuda.low_latency_dispatch(x, idx, M, E, use_fp8=True, topk_weights=w,
+                                                                 return_recv_hook=True)  # fmt: skip
+        hook()
+        combined, _, _ = cuda.low_latency_combine(static_y, idx, w, handle)
+        return recv, count, handle, combined
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_recv, g_count, g_handle, g_combined = step()
+    for it in range(12):
+        x.copy_(torch.randn((T, H), generator=gen).to(torch.bfloat16))
+        idx.copy_(routing("random" if it % 3 else "one_expert", T, K, E, rank, gen))
+        w.copy_(torch.rand((T, K), generator=gen))
+        r = ref.low_latency_dispatch(x, idx, M, E, use_fp8=True, topk_weights=w)
+        static_y.copy_(_expert_out(r[0], rank, world))
+        graph.replay()
+        torch.cuda.synchronize()
+        _compare_dispatch(f"graph replay {it}", (g_recv, g_count, g_handle), r[:3])
+        assert_bitwise(f"graph replay {it} combine", g_combined, _ascending_combine(x, idx, w, True, False))
+    dist.barrier()
+    cuda.destroy()
+
+
+def _expect_error(kind, fn, *words) -> None:
+    try:
+        fn()
+        torch.cuda.synchronize()
+        fn()  # the failure is raised at the latest by the next call
+    except kind as exc:
+        for word in words:
+            assert word in str(exc), f"{word!r} not in {exc}"
+    else:
+        raise AssertionError(f"no {kind.__name__}")
+
+
+def suite_failures(rank: int, world: int) -> None:
+    """Ranks that disagree raise RankMismatchError; a rank that skips a call makes its peers time out."""
+    T, H, K = 16, 2048, 2
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.randn((T, H), generator=gen).to(torch.bfloat16).cuda()
+    idx = routing("random", T, K, E, rank, gen)
+    odd = rank == world - 1
+    cuda, _ = _buffers(world, timeout_s=5.0)
+    M = 2 * T if odd else T
+    _expect_error(RankMismatchError, lambda: cuda.low_latency_dispatch(x, idx, M, E, use_fp8=False),
+                  "num_max_dispatch_tokens_per_rank")  # fmt: skip
+    try:
+        cuda.low_latency_dispatch(x, idx, T, E)
+    except CommError:
+        pass
+    else:
+        raise AssertionError("a failed buffer must refuse later calls")
+    torch.cuda.synchronize()
+    dist.barrier()
+    cuda.destroy()
+
+    cuda, _ = _buffers(world, timeout_s=5.0)
+    recv, _, handle, _, _ = cuda.low_latency_dispatch(x, idx, T, E, use_fp8=False)
+    y = _expert_out(recv, rank, world)
+    w = torch.rand((T, K), generator=gen).cuda()
+    if odd:
+        _expect_error(RankMismatchError, lambda: cuda.low_latency_combine(y, idx, w, handle), "op is")
+    else:
+        _expect_error(RankMismatchError, lambda: cuda.low_latency_dispatch(x, idx, T, E, use_fp8=False), "op is")
+    torch.cuda.synchronize()
+    dist.barrier()
+    cuda.destroy()
+
+    cuda, _ = _buffers(world, timeout_s=3.0)
+    if rank == 0:
+        _expect_error(CommTimeoutError, lambda: cuda.low_latency_dispatch(x, idx, T, E), "timed out")
+    torch.cuda.synchronize()
+    dist.barrier()
+    cuda.destroy()
+
+
+@pytest.mark.parametrize("num_ranks", [2, 4, 8])
+@pytest.mark.parametrize("hidden", [128, 2048, 7168])
+@pytest.mark.parametrize("max_tokens,num_experts", [(1, 8), (128, 256), (256, 64)])
+def test_layout_matches_kernels(num_ranks, hidden, max_tokens, num_experts):
+    if not _ext.is_available():
+        pytest.skip(str(_ext.unavailable_reason()))
+    got = _ext.load().low_latency_bytes(max_tokens, hidden, num_ranks, num_experts)
+    assert got == layout.low_latency_buffer_bytes(max_tokens, hidden, num_ranks, num_experts)
+
+
+def test_dispatch_combine_match_torch(num_gpus):
+    """BF16/FP8 (+ round_scale), hidden 2048/4096/7168, top-k 1..9, -1 entries, T from 0 to M, hooks, out=."""
+    run_distributed(suite_matches_torch, num_gpus, backend="nccl", timeout_s=300)
+
+
+def test_two_calls_in_flight(num_gpus):
+    run_distributed(suite_two_in_flight, num_gpus, backend="nccl", timeout_s=300)
+
+
+def test_graph_replay_on_changing_data(num_gpus):
+    run_distributed(suite_graph, num_gpus, backend="nccl", timeout_s=300)
+
+
+def test_mismatched_calls_raise(num_gpus):
+    run_distributed(suite_failures, num_gpus, backend="nccl", timeout_s=300)
