@@ -10,14 +10,11 @@ of a cached-handle dispatch or a combine.  Never asserts on time.
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import os
-import socket
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _common import run_on_gpus, standard_parser
 
 from ep_train import Buffer, Config
 from ep_train.fp8 import quantize_fp8
@@ -52,11 +49,7 @@ def _row(name: str, us: float, nbytes: float) -> str:
     return f"{name:<34} {us:9.1f} us {nbytes / us / 1e3:8.1f} GB/s"
 
 
-def _worker(rank: int, world: int, port: int, args) -> None:
-    os.environ.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"})
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            device_id=torch.device("cuda", rank))  # fmt: skip
+def _worker(rank: int, world: int, args) -> None:
     T, H, K, E = args.tokens, args.hidden, args.topk, args.experts
     gen = torch.Generator(device="cuda").manual_seed(rank)
     x = torch.randn((T, H), device="cuda", generator=gen).to(torch.bfloat16)
@@ -105,23 +98,10 @@ def _worker(rank: int, world: int, port: int, args) -> None:
     torch.cuda.synchronize()
     dist.barrier()
     cuda.destroy()
-    dist.destroy_process_group()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--hidden", type=int, default=7168)
-    parser.add_argument("--topk", type=int, default=8)
-    parser.add_argument("--experts", type=int, default=256)
-    parser.add_argument("--iters", type=int, default=30)
-    parser.add_argument("--world", type=int, default=0, help="GPUs to use (default: all, 2/4/8)")
-    args = parser.parse_args()
-    world = args.world or max(n for n in (2, 4, 8) if n <= torch.cuda.device_count())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(world, port, args), nprocs=world, join=True)
+    run_on_gpus(_worker, standard_parser(__doc__, tokens=4096, iters=30).parse_args())
 
 
 if __name__ == "__main__":

@@ -21,14 +21,13 @@ the kernels need two ranks), so the rows compare what each dispatcher adds aroun
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import socket
 import statistics
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from ep_train.testing import run_distributed
 
 
 def _have_te() -> bool:
@@ -80,14 +79,10 @@ def _time_fwd_bwd(layer, x: torch.Tensor, grad: torch.Tensor, iters: int, warmup
     return statistics.median(times)
 
 
-def _worker(rank: int, world: int, port: int, args) -> None:
-    os.environ.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
-                       "EP_TRAIN_QUIET": "1"})  # fmt: skip
+def _worker(rank: int, world: int, args) -> None:
+    os.environ["EP_TRAIN_QUIET"] = "1"
     if world == 1:
         os.environ["EP_TRAIN_BACKEND"] = "torch"
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(minutes=10), device_id=torch.device("cuda", rank))  # fmt: skip
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
@@ -128,7 +123,6 @@ def _worker(rank: int, world: int, port: int, args) -> None:
         for label, ms, comm, experts in rows:
             print(f"  {label:<30} {ms:8.2f} ms  x{base / ms:5.2f} vs alltoall   comm={comm:<8} experts={experts}")
     parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
 
 
 def main() -> None:
@@ -148,10 +142,7 @@ def main() -> None:
     world = args.gpus or max((n for n in (2, 4, 8) if n <= count), default=0)
     if world < 1 or world > count:
         raise SystemExit(f"bench_moe_layer: --gpus {args.gpus or world} needs that many GPUs, this node has {count}")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(world, port, args), nprocs=world, join=True)
+    run_distributed(_worker, world, args, backend="nccl", timeout_s=900)
 
 
 if __name__ == "__main__":

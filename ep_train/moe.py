@@ -66,7 +66,7 @@ def grouped_weight_grad(x_PD: torch.Tensor, dy_PF: torch.Tensor, tokens_per_expe
         offs = torch.tensor(counts, device=x_PD.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         return torch._grouped_mm(x_PD.t(), dy_PF, offs=offs)
     out = x_PD.new_zeros((len(counts), x_PD.shape[1], dy_PF.shape[1]))
-    for e, (a, b) in enumerate(zip(torch.split(x_PD, counts), torch.split(dy_PF, counts))):
+    for e, (a, b) in enumerate(zip(torch.split(x_PD, counts), torch.split(dy_PF, counts), strict=True)):
         if a.shape[0]:
             out[e] = a.t() @ b
     return out

@@ -99,7 +99,9 @@ def pair_layout(
     idx_Q = recv_topk_idx_NK.reshape(-1).to(torch.int64)
     valid_Q = idx_Q >= 0
     expert_Q = idx_Q.clamp_min(0)
-    counts_L = torch.zeros(num_local_experts, dtype=torch.int64, device=device).scatter_add_(0, expert_Q, valid_Q.long())
+    counts_L = torch.zeros(num_local_experts, dtype=torch.int64, device=device).scatter_add_(
+        0, expert_Q, valid_Q.long()
+    )
     aligned_L = _aligned(counts_L, alignment)
     if tokens_per_expert is None:
         host_L = aligned_L.cpu()
@@ -107,7 +109,8 @@ def pair_layout(
         host_L = _aligned(torch.as_tensor(tokens_per_expert, dtype=torch.int64).cpu(), alignment)
         if host_L.shape != (num_local_experts,):
             raise ValueError(
-                f"tokens_per_expert must have {num_local_experts} entries (one per local expert), got {tuple(host_L.shape)}"
+                f"tokens_per_expert must have {num_local_experts} entries (one per local expert), "
+                f"got {tuple(host_L.shape)}"
             )
     total = int(host_L.sum())
     # Pairs sorted expert-major; slots without a pair sort last (key L*Q).
@@ -156,7 +159,13 @@ def _sum_pairs_ops(y_PH: torch.Tensor, pos_NK: torch.Tensor, acc: torch.dtype) -
 def _sum_pairs(y_PH: torch.Tensor, layout: PairLayout) -> torch.Tensor:
     """``out[n] = sum_k y[pos[n, k]]`` over the pairs of row n, FP32 (FP64 for FP64) accumulation."""
     acc = torch.float64 if y_PH.dtype == torch.float64 else torch.float32
-    if _use_kernels and y_PH.is_cuda and acc == torch.float32 and _ext.is_available() and hasattr(_ext.load(), "sum_pairs"):
+    if (
+        _use_kernels
+        and y_PH.is_cuda
+        and acc == torch.float32
+        and _ext.is_available()
+        and hasattr(_ext.load(), "sum_pairs")
+    ):
         return _ext.load().sum_pairs(y_PH, layout.pos_NK)
     return _sum_pairs_ops(y_PH, layout.pos_NK, acc)
 

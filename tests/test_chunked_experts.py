@@ -30,7 +30,7 @@ def test_gradients_equal_plain_autograd():
     w1.register_post_accumulate_grad_hook(lambda p: accumulated.append(p.grad.clone()))
 
     experts = ChunkedExperts(w1, w2, _swiglu)
-    ys = [experts(x, c, p) for x, c, p in zip(xs, chunks, ps)]
+    ys = [experts(x, c, p) for x, c, p in zip(xs, chunks, ps, strict=True)]
     extra = (w2 * 0.5).sum()  # the weights also used outside the chunks
     torch.autograd.backward([*ys, extra], [*grads, torch.tensor(1.0, dtype=torch.float64)])
     got = [w1.grad, w2.grad, *(x.grad for x in xs), *(p.grad for p in ps)]
@@ -40,11 +40,11 @@ def test_gradients_equal_plain_autograd():
     saved = [t.grad.clone() for t in params]
     for t in params:
         t.grad = None
-    ys_ref = [_plain(x, c, p, w1, w2) for x, c, p in zip(xs, chunks, ps)]
+    ys_ref = [_plain(x, c, p, w1, w2) for x, c, p in zip(xs, chunks, ps, strict=True)]
     torch.autograd.backward([*ys_ref, (w2 * 0.5).sum()], [*grads, torch.tensor(1.0, dtype=torch.float64)])
-    for y, y_ref in zip(ys, ys_ref):
+    for y, y_ref in zip(ys, ys_ref, strict=True):
         assert torch.equal(y, y_ref)
-    for a, t in zip(saved, params):
+    for a, t in zip(saved, params, strict=True):
         torch.testing.assert_close(a, t.grad, rtol=1e-12, atol=1e-12)
     assert got[0] is not None
 

@@ -229,7 +229,11 @@ class EPTokenDispatcher(MoETokenDispatcher):
         self._shared_experts_launch()
         weights_TK = probs.to(self._weight_dtype(buffer, probs.dtype))
         out = self._dispatch(buffer, hidden_states, mb.topk_idx_TK, weights_TK)
-        mb.handle, mb.recv_topk_idx_NK, mb.tokens_per_expert_list = out.handle, out.recv_topk_idx, out.tokens_per_expert_list
+        mb.handle, mb.recv_topk_idx_NK, mb.tokens_per_expert_list = (
+            out.handle,
+            out.recv_topk_idx,
+            out.tokens_per_expert_list,
+        )
         self._push("dispatch_postprocess", mb)
         return out.recv_x, out.recv_topk_weights
 

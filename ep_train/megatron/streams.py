@@ -59,4 +59,3 @@ class CommLane:
         for t in tensors:
             if t is not None and t.is_cuda:
                 t.record_stream(current)
-

@@ -24,3 +24,15 @@ def num_gpus(request):
     if reason:
         pytest.skip(reason)
     return request.param
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """The built extension ``ep_train._C`` on a machine with a CUDA device (one GPU is enough)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from ep_train import _ext
+
+    if not _ext.is_available():
+        pytest.skip(f"ep_train._C: {_ext.unavailable_reason()}")
+    return _ext.load()

@@ -75,7 +75,7 @@ def _kernels_vs_torch_body(rank, world, seed, kind, K, backends=("cuda", "torch"
         results.append((out.detach(), xb.grad, wb.grad, lw1.grad, lw2.grad))
         buf.destroy()
     tag = f"[rank {rank} seed {seed} kind {kind} K {K}]"
-    for name, a, b in zip(("output", "grad x", "grad topk_weights", "grad w1", "grad w2"), *results):
+    for name, a, b in zip(("output", "grad x", "grad topk_weights", "grad w1", "grad w2"), *results, strict=True):
         scale = b.float().abs().max().clamp_min(1e-6)
         err = (a.float() - b.float()).abs().max() / scale
         assert err <= 1e-2, f"{name} {tag}: max error {err:.3g} of the largest value"

@@ -39,18 +39,18 @@ def test_chunked_experts_bf16_match_plain_autograd(cuda):
     assert use_grouped_mm(xs[0], w1)
 
     experts = ChunkedExperts(w1, w2, _swiglu)
-    ys = [experts(x, c, p.bfloat16()) for x, c, p in zip(xs, chunks, ps)]
+    ys = [experts(x, c, p.bfloat16()) for x, c, p in zip(xs, chunks, ps, strict=True)]
     torch.autograd.backward(ys, grads)
     params = [w1, w2, *xs, *ps]
     got = [t.grad.clone() for t in params]
     for t in params:
         t.grad = None
     ys_ref = [grouped_matmul((_swiglu(grouped_matmul(x, w1, c)) * p.bfloat16()[:, None]), w2, c)
-              for x, c, p in zip(xs, chunks, ps)]  # fmt: skip
+              for x, c, p in zip(xs, chunks, ps, strict=True)]  # fmt: skip
     torch.autograd.backward(ys_ref, grads)
-    for y, y_ref in zip(ys, ys_ref):
+    for y, y_ref in zip(ys, ys_ref, strict=True):
         assert torch.equal(y, y_ref)
-    for name, a, t in zip(["w1", "w2", "x0", "x1", "p0", "p1"], got, params):
+    for name, a, t in zip(["w1", "w2", "x0", "x1", "p0", "p1"], got, params, strict=True):
         assert _rel(a, t.grad) <= 2e-2, f"grad {name}: {_rel(a, t.grad):.3g}"
 
 
@@ -60,6 +60,6 @@ def test_grouped_weight_grad_bf16(cuda):
     dy = torch.randn(sum(counts), 128, device=cuda).bfloat16()
     out = grouped_weight_grad(x, dy, counts)
     assert out.shape == (4, 256, 128) and not out[1].any()
-    ref = [a.float().t() @ b.float() for a, b in zip(torch.split(x, counts), torch.split(dy, counts))]
+    ref = [a.float().t() @ b.float() for a, b in zip(torch.split(x, counts), torch.split(dy, counts), strict=True)]
     for e in (0, 2, 3):
         assert _rel(out[e], ref[e]) <= 1e-2

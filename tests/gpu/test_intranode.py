@@ -2,30 +2,31 @@
 
 import pytest
 
+from ep_train.testing import run_distributed
+
 from . import _scenarios
-from ._dist import run_distributed
 
 pytestmark = pytest.mark.gpu
 
 
 def test_dispatch_combine_variants(num_gpus):
     """BF16/FP8, top-k 1..9, hidden 2000..7168, skewed and -1 routing, cached handle, configs."""
-    run_distributed(_scenarios.suite_dispatch_combine, num_gpus)
+    run_distributed(_scenarios.suite_dispatch_combine, num_gpus, backend="nccl", timeout_s=300)
 
 
 def test_no_topk(num_gpus):
-    run_distributed(_scenarios.suite_no_topk_and_empty, num_gpus)
+    run_distributed(_scenarios.suite_no_topk_and_empty, num_gpus, backend="nccl", timeout_s=300)
 
 
 def test_skewed_and_empty_ranks(num_gpus):
     """All tokens to one expert, no expert at all, a rank with no tokens."""
-    run_distributed(_scenarios.suite_skewed_and_empty, num_gpus)
+    run_distributed(_scenarios.suite_skewed_and_empty, num_gpus, backend="nccl", timeout_s=300)
 
 
 def test_worst_tokens_graph_and_events(num_gpus):
     """num_worst_tokens (sync-free), CUDA-graph capture and replay, async_finish/previous_event."""
-    run_distributed(_scenarios.suite_worst_graph_async, num_gpus)
+    run_distributed(_scenarios.suite_worst_graph_async, num_gpus, backend="nccl", timeout_s=300)
 
 
 def test_mismatched_calls_raise(num_gpus):
-    run_distributed(_scenarios.suite_failures, num_gpus)
+    run_distributed(_scenarios.suite_failures, num_gpus, backend="nccl", timeout_s=300)

@@ -11,17 +11,6 @@ from ep_train.permute import _sum_pairs_ops, pair_layout, permute_to_experts, un
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(scope="module")
-def kernels():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    from ep_train import _ext
-
-    if not _ext.is_available():
-        pytest.skip(f"ep_train._C: {_ext.unavailable_reason()}")
-    return _ext.load()
-
-
 def _routing(kind: str, n: int, k: int, num_local: int, gen: torch.Generator) -> torch.Tensor:
     if kind == "random":
         scores = torch.rand(n, num_local + k, generator=gen)
