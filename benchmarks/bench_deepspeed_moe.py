@@ -41,7 +41,7 @@ def _shape(args) -> list[str]:
             f"model.num_attention_heads={args.hidden // 128}", f"model.moe_ffn_hidden_size={args.ffn}",
             f"model.num_experts={args.experts}", f"model.top_k={args.topk}", f"model.seq_length={args.seq}",
             f"model.vocab_size={args.vocab}", f"train.micro_batch_size={args.micro_batch}",
-            "train.dtype=bf16", "train.device=cuda"]  # fmt: skip
+            f"train.lr={args.lr}", "train.dtype=bf16", "train.device=cuda"]  # fmt: skip
 
 
 def _run(label: str, impl: str, sets: list[str], args, nproc: int, tmp: str) -> dict | None:
@@ -78,6 +78,14 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=3e-4, help="learning rate of the GPU shape (stable losses)")
+    parser.add_argument(
+        "--runs",
+        nargs="*",
+        default=[label for label, _, _ in RUNS],
+        choices=[r[0] for r in RUNS],
+        help="which rows to run (default: all)",
+    )
     args = parser.parse_args()
     if args.device == "cuda":
         import torch
@@ -91,6 +99,8 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench_ds_moe_") as tmp:
         for label, impl, sets in RUNS:
+            if label not in args.runs:
+                continue
             results[label] = _run(label, impl, sets, args, nproc, tmp)
             r = results[label]
             if r is not None:  # one line per run as it finishes (each run starts its own ranks)

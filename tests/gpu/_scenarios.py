@@ -147,6 +147,9 @@ CASES = [  # (tag, T base, hidden, K, E, routing, expert_alignment, config)
     ("h2048-k1", 700, 2048, 1, 16, "random", 1, Config(2, 8, 16)),
     ("h4096-k9-align4", 513, 4096, 9, 64, "random", 4, Config(64, 4, 32)),
     ("h2000-k4", 300, 2000, 4, 32, "random", 1, Config(12, 6, 64)),
+    # Training shapes with the default configs: every ring wraps many times.
+    ("h2048-k2-t4096", 4096, 2048, 2, 16, "random", 1, None),
+    ("h7168-k8-t4096", 4096, 7168, 8, 256, "random", 1, None),
 ]
 
 
