@@ -116,7 +116,7 @@ def _low_latency_body(rank, R, seed, kind, K, backend="auto"):
 CASES = [("uniform", 2), ("masked", 3), ("one_expert", 1), ("empty_rank", 2), ("dropped_rows", 8)]
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size", [2, 4, 8])
 def test_dispatch_combine_gradients_match_dense_reference(world_size):
     seed = random.randrange(1 << 30)
     kind, K = random.Random(seed).choice(CASES)

@@ -114,6 +114,6 @@ def _low_latency_body(rank, world_size, seed):
         _case(rank, world_size, c)
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size", [2, 4, 8])  # 8: the EP8 code paths, on gloo
 def test_low_latency_matches_reference(world_size):
     run_distributed(_low_latency_body, world_size, random.randrange(1 << 30), timeout_s=400)
