@@ -142,6 +142,11 @@ class ChunkedExperts:
         counts = (
             tokens_per_expert_L.tolist() if isinstance(tokens_per_expert_L, torch.Tensor) else list(tokens_per_expert_L)
         )
+        if len(counts) != self._w1.shape[0] or sum(counts) != x_PD.shape[0]:
+            raise ValueError(
+                f"tokens_per_expert must have {self._w1.shape[0]} entries summing to the {x_PD.shape[0]} rows of x, "
+                f"got {len(counts)} entries summing to {sum(counts)}"
+            )
         return _ChunkFn.apply(x_PD, probs_P, self._w1, self._w2, counts, self)
 
     def _weight_grads(self):

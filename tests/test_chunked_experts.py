@@ -3,6 +3,7 @@ gradients of plain per-chunk autograd (float64), through the parameters' normal 
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ep_train.moe import ChunkedExperts, grouped_matmul, grouped_weight_grad
@@ -57,3 +58,10 @@ def test_grouped_weight_grad_loop_reference():
     assert out.shape == (3, 4, 3) and torch.equal(out[1], torch.zeros(4, 3))
     torch.testing.assert_close(out[0], x[:2].t() @ dy[:2])
     torch.testing.assert_close(out[2], x[2:].t() @ dy[2:])
+
+
+def test_bad_counts_name_the_argument():
+    w1, w2 = torch.randn(L, D, 2 * F), torch.randn(L, F, D)
+    experts = ChunkedExperts(w1, w2, _swiglu)
+    with pytest.raises(ValueError, match="tokens_per_expert must have 4 entries summing to the 5 rows"):
+        experts(torch.randn(5, D), [1, 1, 1], torch.rand(5))
