@@ -11,6 +11,7 @@ M ``num_max_dispatch_tokens_per_rank``.  ``-1`` in a ``topk_idx`` means "no expe
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -119,6 +120,8 @@ class Buffer:
             self.set_num_sms(num_sms)
         self._seq = 0
         self._failure: str | None = None
+        # (weak reference, version, num_experts) of the last topk_idx whose values were checked.
+        self._checked_topk: tuple | None = None
         #: optional :class:`ep_train.profiling.CommTimer` that times every communication call.
         self.timer = None
         self._comm_stream = None
@@ -242,7 +245,11 @@ class Buffer:
         if not 1 <= t.shape[1] <= layout.MAX_TOPK:
             raise ValueError(f"topk_idx must have 1..{layout.MAX_TOPK} columns (top-k), got {t.shape[1]}")
         if self.check_values and not (sync_free and self.device.type == "cuda") and not self._capturing():
-            check_topk_idx_values("topk_idx", t, num_experts)
+            # get_dispatch_layout and dispatch usually see the same tensor: check its values once.
+            seen = self._checked_topk
+            if seen is None or seen[0]() is not t or seen[1:] != (t._version, num_experts):
+                check_topk_idx_values("topk_idx", t, num_experts)
+                self._checked_topk = (weakref.ref(t), t._version, num_experts)
         return t
 
     def _check_topk_weights(self, topk_weights: Any, shape: tuple[int | None, ...]) -> torch.Tensor:

@@ -451,3 +451,16 @@ def _two_rank_body(rank, world_size):
 def test_errors_that_need_two_ranks():
     for seen, _ in run_distributed(_two_rank_body, 2, timeout_s=120):
         assert [m.split("num_experts=")[1].split()[0] for m in seen] == ["5", "3", "7"], seen
+
+
+def test_topk_values_rechecked_after_an_in_place_change(ctx):
+    """The layout call and the dispatch share one value check, unless the tensor changed in between."""
+    idx = ctx.idx.clone()
+    per_rank, _, per_expert, in_rank, _ = ctx.buf.get_dispatch_layout(idx, E)
+    idx[1, 1] = E  # after the layout checked it
+    with raises_naming(ValueError, "topk_idx", f"num_experts={E}", str(E)):
+        ctx.buf.dispatch(ctx.x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                         num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=ctx.w)  # fmt: skip
+    idx[1, 1] = -2
+    with raises_naming(ValueError, "topk_idx", "-2"):
+        ctx.buf.get_dispatch_layout(idx, E)
