@@ -77,7 +77,9 @@ class LowLatencyHandle:
         recv_layout_range_LR: int64 ``[L, R]``, ``(offset << 32) | count`` of each source's rows
             inside the local expert's slots.
         recv_count_L: int32, rows received per local expert.
-        buffer_half: which half of the double-buffered low-latency area the call used.
+        buffer_half: which half of the double-buffered low-latency area the call used, or -1 when
+            the device picks it as the call runs (CUDA kernels: from a device-side call counter, so
+            the replays of a captured graph alternate halves like eager calls).
     """
 
     rank: int

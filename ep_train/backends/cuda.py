@@ -88,7 +88,6 @@ class CudaBackend(Backend):
         dist.all_gather_object(handles, self._rt.ipc_handle(), group=group)
         self._rt.open_peers(handles)
         self._ll = None
-        self._ll_calls = 0  # host mirror of the device sequence (eager calls only) for handle.buffer_half
         use_ll = bool(low_latency_mode) or num_rdma_bytes > 0
         if use_ll:
             self._ll = self._C.LowLatencyRuntime(rank, num_ranks, int(num_rdma_bytes), self.timeout_s)
@@ -354,7 +353,6 @@ class CudaBackend(Backend):
                                          phases)  # fmt: skip
 
         launch(_LL_SEND if args.return_recv_hook else _LL_BOTH)
-        self._ll_calls += 1
         handle = LowLatencyHandle(
             rank=self.rank,
             num_ranks=R,
@@ -368,7 +366,7 @@ class CudaBackend(Backend):
             recv_layout_range_LR=range_LR,
             recv_count_L=count_L,
             topk_idx_TK=args.topk_idx_TK,
-            buffer_half=self._ll_calls & 1,
+            buffer_half=-1,
             extras={"call_seq": call_seq},
         )
         hook = self._ll_hook(launch) if args.return_recv_hook else None
@@ -398,7 +396,6 @@ class CudaBackend(Backend):
                 out.copy_(target)
 
         launch(_LL_SEND if args.return_recv_hook else _LL_BOTH)
-        self._ll_calls += 1
         hook = self._ll_hook(launch) if args.return_recv_hook else None
         return LowLatencyCombineResult(out if out is not None else target, hook)
 
