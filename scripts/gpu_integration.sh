@@ -29,6 +29,9 @@ if want megatron; then
     stamp megatron-tests
     timeout 150 python benchmarks/bench_moe_layer.py 2>&1 | tee "$OUT/bench_moe_layer.log" | tail -15
     stamp bench-moe-layer
+    # With shared experts (DeepSeek-V3's 2048): each dispatcher overlaps them its own way.
+    timeout 150 python benchmarks/bench_moe_layer.py --shared 2048 --chunks 2>&1 | tee "$OUT/bench_moe_layer_shared.log" | tail -8
+    stamp bench-moe-layer-shared
 fi
 n=$(python -c "import torch; print(torch.cuda.device_count())")
 want train && for d in deepep alltoall; do
