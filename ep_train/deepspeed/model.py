@@ -24,7 +24,7 @@ __all__ = ["IMPLS", "ModelConfig", "MoEConfig", "MoELM", "SwiGLU"]
 IMPLS = ("deepspeed", "ep_train", "ep_train_grouped")
 
 
-@dataclass(frozen=True)
+@dataclass
 class ModelConfig:
     num_layers: int = 2
     hidden_size: int = 64
@@ -36,7 +36,7 @@ class ModelConfig:
     vocab_size: int = 512
 
 
-@dataclass(frozen=True)
+@dataclass
 class MoEConfig:
     impl: str = "ep_train"
     ep_size: int = 2

@@ -5,7 +5,9 @@
 Started plainly, it launches ``launch.nproc`` local ranks through ``torch.distributed.run``; under
 ``torchrun`` or the ``deepspeed`` launcher it runs as one rank.  Rank 0 prints one line per step
 (step, loss, step time, tokens/s, expert load) and a summary; ``--jsonl`` also writes them as JSON
-lines.  ``train.device: cpu`` runs on gloo with DeepSpeed's CPU accelerator.
+lines.  ``train.device: cpu`` runs on gloo with DeepSpeed's CPU accelerator.  The recipe is read
+like the training entry's (``ep_train.train.recipe``): an unknown key or a bad value exits with
+status 2 and a message naming it.
 """
 
 from __future__ import annotations
@@ -17,48 +19,80 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 
-import yaml
+from ..train.recipe import LaunchSection, RecipeError, load_sections
+from .model import IMPLS, ModelConfig, MoEConfig
 
-__all__ = ["load_recipe", "main"]
-
-_SECTIONS = ("model", "moe", "train", "deepspeed", "launch", "log")
-
-
-def _parse_value(raw: str):
-    value = yaml.safe_load(raw) if raw != "" else ""
-    if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    return value
+__all__ = ["DeepSpeedRecipe", "load_recipe", "main"]
 
 
-def load_recipe(path: str, overrides: list[str] = ()) -> dict:
-    """Read a recipe YAML and apply ``section.key=value`` overrides (values parsed as YAML)."""
-    with open(path) as f:
-        recipe = yaml.safe_load(f) or {}
-    unknown = set(recipe) - set(_SECTIONS) - {"name"}
-    if unknown:
-        raise ValueError(f"{path}: unknown recipe sections {sorted(unknown)}; expected {_SECTIONS}")
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        parts = key.split(".")
-        if not sep or len(parts) != 2 or parts[0] not in _SECTIONS:
-            raise ValueError(f"--set expects section.key=value with a section in {_SECTIONS}, got {item!r}")
-        recipe.setdefault(parts[0], {})[parts[1]] = _parse_value(raw)
-    config = recipe.setdefault("deepspeed", {}).get("config")
+@dataclass
+class TrainSection:
+    steps: int = 30
+    micro_batch_size: int = 4
+    lr: float = 3e-3
+    dtype: str = "fp32"  # fp32 | bf16 (DeepSpeed's CPU accelerator has no fp16)
+    device: str = "cpu"  # cpu | cuda
+    seed: int = 1
+
+
+@dataclass
+class DeepSpeedSection:
+    config: str = ""  # DeepSpeed JSON, relative to the recipe file
+    zero_stage: int | None = None  # overrides the JSON's zero_optimization.stage
+
+
+@dataclass
+class LogSection:
+    every: int = 1
+
+
+@dataclass
+class DeepSpeedRecipe:
+    """The sections of a DeepSpeed recipe (``recipes/deepspeed_moe.yaml``)."""
+
+    name: str = "deepspeed_moe"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    launch: LaunchSection = field(default_factory=LaunchSection)
+    log: LogSection = field(default_factory=LogSection)
+
+
+def _validate(r: DeepSpeedRecipe) -> None:
+    choices = {"train.dtype": (r.train.dtype, ("fp32", "bf16")), "train.device": (r.train.device, ("cpu", "cuda")),
+               "moe.impl": (r.moe.impl, IMPLS)}  # fmt: skip
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise RecipeError(f"{key} must be one of {allowed}, got {value!r}")
+    positive = {"train.steps": r.train.steps, "train.micro_batch_size": r.train.micro_batch_size,
+                "train.lr": r.train.lr, "launch.nproc": r.launch.nproc, "log.every": r.log.every,
+                "moe.ep_size": r.moe.ep_size}  # fmt: skip
+    for key, value in positive.items():
+        if value <= 0:
+            raise RecipeError(f"{key} must be > 0, got {value}")
+    if r.deepspeed.zero_stage not in (None, 0, 1, 2, 3):
+        raise RecipeError(f"deepspeed.zero_stage must be 0, 1, 2, 3 or null, got {r.deepspeed.zero_stage!r}")
+
+
+def load_recipe(path: str, overrides: list[str] = ()) -> DeepSpeedRecipe:
+    """Read a recipe YAML and apply ``section.key=value`` overrides; bad keys and values raise
+    :class:`~ep_train.train.recipe.RecipeError` naming them."""
+    recipe = load_sections(DeepSpeedRecipe(), path, list(overrides))
+    config = recipe.deepspeed.config
     if config and not os.path.isabs(config):
-        recipe["deepspeed"]["config"] = os.path.join(os.path.dirname(os.path.abspath(path)), config)
+        recipe.deepspeed.config = os.path.join(os.path.dirname(os.path.abspath(path)), config)
+    _validate(recipe)
     return recipe
 
 
-def _launch(args: argparse.Namespace, recipe: dict) -> int:
+def _launch(recipe: DeepSpeedRecipe) -> int:
     """Start ``launch.nproc`` ranks of this module through torchrun and wait for them."""
-    nproc = int(recipe.get("launch", {}).get("nproc", 1))
+    nproc = recipe.launch.nproc
     env = dict(os.environ)
-    if recipe.get("train", {}).get("device", "cpu") == "cpu":
+    if recipe.train.device == "cpu":
         env.setdefault("DS_ACCELERATOR", "cpu")
         env.setdefault("OMP_NUM_THREADS", "1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -66,36 +100,21 @@ def _launch(args: argparse.Namespace, recipe: dict) -> int:
     return subprocess.call(cmd, env=env)
 
 
-def _model_configs(recipe: dict, impl: str | None):
-    from .model import ModelConfig, MoEConfig
-
-    model = ModelConfig(**recipe.get("model", {}))
-    moe_section = dict(recipe.get("moe", {}))
-    if impl is not None:
-        moe_section["impl"] = impl
-    return model, MoEConfig(**moe_section)
-
-
-def _ds_config(recipe: dict, world: int) -> dict:
-    train, section = recipe.get("train", {}), recipe.get("deepspeed", {})
+def _ds_config(recipe: DeepSpeedRecipe, world: int) -> dict:
     config = {}
-    if section.get("config"):
-        with open(section["config"]) as f:
+    if recipe.deepspeed.config:
+        with open(recipe.deepspeed.config) as f:
             config = json.load(f)
     config = copy.deepcopy(config)
-    config["train_micro_batch_size_per_gpu"] = int(train.get("micro_batch_size", 4))
+    config["train_micro_batch_size_per_gpu"] = recipe.train.micro_batch_size
     config.setdefault("gradient_accumulation_steps", 1)
     config["train_batch_size"] = (
         config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] * world
     )
-    if "zero_stage" in section:
-        config.setdefault("zero_optimization", {})["stage"] = int(section["zero_stage"])
-    if "lr" in train:
-        config.setdefault("optimizer", {"type": "AdamW", "params": {}}).setdefault("params", {})["lr"] = train["lr"]
-    dtype = train.get("dtype", "fp32")
-    if dtype not in ("fp32", "bf16"):
-        raise ValueError(f"train.dtype must be fp32 or bf16 (DeepSpeed's CPU path has no fp16), got {dtype!r}")
-    config["bf16"] = {"enabled": dtype == "bf16"}
+    if recipe.deepspeed.zero_stage is not None:
+        config.setdefault("zero_optimization", {})["stage"] = recipe.deepspeed.zero_stage
+    config.setdefault("optimizer", {"type": "AdamW", "params": {}}).setdefault("params", {})["lr"] = recipe.train.lr
+    config["bf16"] = {"enabled": recipe.train.dtype == "bf16"}
     config.pop("fp16", None)
     return config
 
@@ -112,7 +131,7 @@ def _synthetic_batch(step: int, rank: int, batch: int, seq: int, vocab: int, dev
     return torch.cat(tokens, dim=1).to(device)
 
 
-def _train(args: argparse.Namespace, recipe: dict) -> None:
+def _train(args: argparse.Namespace, recipe: DeepSpeedRecipe) -> None:
     import deepspeed
     import torch
     import torch.distributed as dist
@@ -120,8 +139,7 @@ def _train(args: argparse.Namespace, recipe: dict) -> None:
     from . import use_ep_train
     from .model import MoELM
 
-    train = recipe.get("train", {})
-    device_kind = train.get("device", "cpu")
+    device_kind = recipe.train.device
     deepspeed.init_distributed(dist_backend="gloo" if device_kind == "cpu" else "nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
     if device_kind == "cuda":
@@ -129,15 +147,15 @@ def _train(args: argparse.Namespace, recipe: dict) -> None:
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")
-    model_cfg, moe_cfg = _model_configs(recipe, args.impl)
-    torch.manual_seed(int(train.get("seed", 1)))
+    model_cfg, moe_cfg = recipe.model, recipe.moe
+    torch.manual_seed(recipe.train.seed)
     model = MoELM(model_cfg, moe_cfg)
     if moe_cfg.impl == "ep_train":
         use_ep_train(model, drop_tokens=moe_cfg.drop_tokens, backend=moe_cfg.backend, num_sms=moe_cfg.num_sms,
                      expert_alignment=moe_cfg.expert_alignment)  # fmt: skip
     config = _ds_config(recipe, world)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=config)
-    steps = int(train.get("steps", 10))
+    steps = recipe.train.steps
     batch = config["train_micro_batch_size_per_gpu"]
     tokens_per_step = batch * model_cfg.seq_length * config["gradient_accumulation_steps"] * world
     history = []
@@ -161,7 +179,7 @@ def _train(args: argparse.Namespace, recipe: dict) -> None:
                "tokens_per_s": tokens_per_step / dt, "tokens_per_expert_min": int(load.min()),
                "tokens_per_expert_max": int(load.max()), "impl": moe_cfg.impl, "world": world}  # fmt: skip
         history.append(row)
-        if rank == 0 and (step % int(recipe.get("log", {}).get("every", 1)) == 0 or step == steps):
+        if rank == 0 and (step % recipe.log.every == 0 or step == steps):
             print(f"step {step:5d} | loss {row['loss']:8.4f} | aux {row['aux_loss']:6.3f} | {dt * 1e3:8.1f} ms | "
                   f"{row['tokens_per_s']:10.0f} tok/s | experts {row['tokens_per_expert_min']}-"
                   f"{row['tokens_per_expert_max']} tok | {moe_cfg.impl}", flush=True)  # fmt: skip
@@ -191,9 +209,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="MoE implementation (default: the recipe's moe.impl)")  # fmt: skip
     parser.add_argument("--jsonl", default="", help="also append one JSON line per logged step to this file")
     args = parser.parse_args(argv)
-    recipe = load_recipe(args.recipe, args.set)
+    try:
+        recipe = load_recipe(args.recipe, args.set)
+    except RecipeError as exc:
+        print(f"ep_train.deepspeed.run: bad recipe: {exc}", file=sys.stderr)
+        return 2
+    if args.impl is not None:
+        recipe.moe.impl = args.impl
     if "LOCAL_RANK" not in os.environ:
-        return _launch(args, recipe)
+        return _launch(recipe)
     _train(args, recipe)
     return 0
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["Recipe", "RecipeError", "load_recipe", "DISPATCHERS", "default_recipe_path"]
+__all__ = ["Recipe", "RecipeError", "load_recipe", "load_sections", "DISPATCHERS", "default_recipe_path"]
 
 DISPATCHERS = ("deepep", "alltoall", "allgather", "flex")
 
@@ -130,6 +130,10 @@ def _coerce(key: str, raw: Any, current: Any) -> Any:
             raw = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
             raise RecipeError(f"{key}: cannot parse {raw!r}: {exc}") from exc
+    if current is None:  # optional field (None = unset): a plain YAML scalar or null
+        if raw is not None and not isinstance(raw, (bool, int, float, str)):
+            raise RecipeError(f"{key}: expected a number, text or null, got {raw!r}")
+        return raw
     if isinstance(current, bool):
         if not isinstance(raw, bool):
             raise RecipeError(f"{key} must be true or false, got {raw!r}")
@@ -139,6 +143,11 @@ def _coerce(key: str, raw: Any, current: Any) -> Any:
             raise RecipeError(f"{key} must be an integer, got {raw!r}")
         return raw
     if isinstance(current, float):
+        if isinstance(raw, str):  # YAML 1.1 reads "1e-3" (no dot) as text
+            try:
+                raw = float(raw)
+            except ValueError:
+                pass
         if isinstance(raw, bool) or not isinstance(raw, (int, float)):
             raise RecipeError(f"{key} must be a number, got {raw!r}")
         return float(raw)
@@ -147,15 +156,16 @@ def _coerce(key: str, raw: Any, current: Any) -> Any:
     raise RecipeError(f"{key}: unsupported value {raw!r}")
 
 
-def _apply(recipe: Recipe, key: str, raw: Any) -> None:
+def _apply(recipe: Any, key: str, raw: Any) -> None:
     parts = key.split(".")
+    sections = _sections(recipe)
     if len(parts) == 1:
         if parts[0] != "name":
-            raise RecipeError(f"unknown recipe key {key!r} (sections: {', '.join(_sections())})")
+            raise RecipeError(f"unknown recipe key {key!r} (sections: {', '.join(sections)})")
         recipe.name = str(raw)
         return
-    if len(parts) != 2 or parts[0] not in _sections():
-        raise RecipeError(f"unknown recipe key {key!r} (sections: {', '.join(_sections())})")
+    if len(parts) != 2 or parts[0] not in sections:
+        raise RecipeError(f"unknown recipe key {key!r} (sections: {', '.join(sections)})")
     section = getattr(recipe, parts[0])
     names = [f.name for f in dataclasses.fields(section)]
     if parts[1] not in names:
@@ -163,20 +173,20 @@ def _apply(recipe: Recipe, key: str, raw: Any) -> None:
     setattr(section, parts[1], _coerce(key, raw, getattr(section, parts[1])))
 
 
-def _sections() -> list[str]:
-    return [f.name for f in dataclasses.fields(Recipe) if f.name != "name"]
+def _sections(recipe: Any) -> list[str]:
+    return [f.name for f in dataclasses.fields(recipe) if f.name != "name"]
 
 
-def load_recipe(path: str | None = None, overrides: list[str] | None = None) -> Recipe:
-    """Read a recipe YAML (default: the embedded tiny CPU recipe) and apply ``key=value`` overrides."""
-    path = path or default_recipe_path()
+def load_sections(recipe: Any, path: str, overrides: list[str] | None = None) -> Any:
+    """Fill ``recipe`` (a dataclass of ``name`` and section dataclasses) from a YAML file, then apply
+    ``section.key=value`` overrides; values take the type of each field's default, and unknown or
+    malformed keys raise :class:`RecipeError` naming them.  Returns ``recipe``."""
     if not os.path.exists(path):
         raise RecipeError(f"--recipe: file {path!r} does not exist")
     with open(path) as f:
         data = yaml.safe_load(f) or {}
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
-    recipe = Recipe()
     for top, value in data.items():
         if top == "name":
             recipe.name = str(value)
@@ -190,6 +200,12 @@ def load_recipe(path: str | None = None, overrides: list[str] | None = None) -> 
             raise RecipeError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
         _apply(recipe, key.strip(), raw.strip())
+    return recipe
+
+
+def load_recipe(path: str | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe YAML (default: the embedded tiny CPU recipe) and apply ``key=value`` overrides."""
+    recipe = load_sections(Recipe(), path or default_recipe_path(), overrides)
     recipe.validate()
     return recipe
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
@@ -111,8 +112,18 @@ def test_ep1_matches_deepspeed_in_one_process(dtype):
 
 def test_recipe_loads_with_overrides():
     path = os.path.join(ROOT, "recipes", "deepspeed_moe.yaml")
-    recipe = load_recipe(path, ["train.steps=3", "moe.impl=deepspeed", "train.lr=1e-3"])
-    assert recipe["train"]["steps"] == 3 and recipe["moe"]["impl"] == "deepspeed" and recipe["train"]["lr"] == 1e-3
-    assert os.path.isfile(recipe["deepspeed"]["config"])
-    with pytest.raises(ValueError, match="section.key=value"):
-        load_recipe(path, ["steps=3"])
+    recipe = load_recipe(path, ["train.steps=3", "moe.impl=deepspeed", "train.lr=1e-3", "moe.num_sms=20"])
+    assert recipe.train.steps == 3 and recipe.moe.impl == "deepspeed" and recipe.train.lr == 1e-3
+    assert recipe.moe.num_sms == 20 and recipe.deepspeed.zero_stage is None
+    assert os.path.isfile(recipe.deepspeed.config)
+    for item, words in [
+        ("steps=3", "unknown recipe key 'steps'"),
+        ("model.hidden=8", "unknown recipe key 'model.hidden'; model has: num_layers"),
+        ("train.steps=many", "train.steps must be an integer, got 'many'"),
+        ("train.dtype=fp16", "train.dtype must be one of ('fp32', 'bf16'), got 'fp16'"),
+        ("moe.impl=tutel", "moe.impl must be one of"),
+        ("deepspeed.zero_stage=4", "deepspeed.zero_stage must be 0, 1, 2, 3 or null, got 4"),
+        ("launch.nproc=0", "launch.nproc must be > 0, got 0"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(words)):
+            load_recipe(path, [item])

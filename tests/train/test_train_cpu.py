@@ -73,3 +73,11 @@ def test_bad_config_fails_at_start_naming_the_key(override, key):
 def test_world_size_must_fit_parallel_sizes():
     proc = _train("--set", "launch.nproc=3", check=False)
     assert proc.returncode == 2 and "world size 3" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_overrides_take_the_field_types():
+    from ep_train.train.recipe import load_recipe
+
+    r = load_recipe(None, ["train.lr=1e-3", "train.steps=7", "moe.dispatcher=alltoall"])
+    assert r.train.lr == 1e-3 and isinstance(r.train.lr, float) and r.train.steps == 7
+    assert r.moe.dispatcher == "alltoall"
