@@ -591,6 +591,33 @@ class Buffer:
                 f"{self.group_size} ranks: needs >= {need} (Buffer.get_low_latency_rdma_size_hint)"
             )
 
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        """Ready the low-latency area for calls of this shape (DeepEP's method, same arguments).
+
+        Checks the shape against ``num_rdma_bytes``.  No memory needs clearing: low-latency calls
+        have their own area (normal calls never write into it) and their completion signals are
+        call numbers that only grow, so stale signals never match a later call.
+        """
+        self._check_usable()
+        M = check_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, 1)
+        hidden = check_int("hidden", hidden, 1)
+        self._check_low_latency(M, hidden, self._check_num_experts(num_experts))
+
+    def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
+        """``[L, R*M, H]`` BF16 tensor for the expert outputs of ``handle``'s combine (DeepEP's method).
+
+        The CUDA kernels read the expert outputs straight from any tensor and write them into the
+        peers' slots (no local send buffer to copy into), so every combine is already zero-copy;
+        this returns a fresh tensor of the right shape for code written against DeepEP.
+        """
+        self._check_usable()
+        if not isinstance(handle, LowLatencyHandle):
+            raise TypeError(
+                f"handle must be a LowLatencyHandle from low_latency_dispatch(), got {type(handle).__name__}"
+            )
+        L, S = handle.num_local_experts, self.group_size * handle.num_max_dispatch_tokens_per_rank
+        return torch.empty((L, S, handle.hidden), dtype=torch.bfloat16, device=self.device)
+
     def low_latency_dispatch(
         self,
         x: torch.Tensor,
@@ -686,6 +713,8 @@ class Buffer:
             x: ``[L, R*M, H]`` expert outputs in the slots ``low_latency_dispatch`` filled.
             topk_idx, topk_weights: ``[T, K]`` of the dispatch (int64 / float32); -1 entries add nothing.
             handle: the dispatch's handle.  ``out``: optional ``[T, H]`` result tensor.
+            zero_copy: accepted for DeepEP code; every combine reads ``x`` in place (see
+                :meth:`get_next_low_latency_combine_buffer`).
 
         Returns:
             ``(combined_x [T, H], event, hook)``.

@@ -117,3 +117,33 @@ def _low_latency_body(rank, world_size, seed):
 @pytest.mark.parametrize("world_size", [2, 4, 8])  # 8: the EP8 code paths, on gloo
 def test_low_latency_matches_reference(world_size):
     run_distributed(_low_latency_body, world_size, random.randrange(1 << 30), timeout_s=400)
+
+
+def _deepep_helpers_body(rank, world_size):
+    H = 64
+    rdma = Buffer.get_low_latency_rdma_size_hint(M, H, world_size, E)
+    buf = Buffer(dist.group.WORLD, num_rdma_bytes=rdma, low_latency_mode=True, timeout_s=30)
+    buf.clean_low_latency_buffer(M, H, E)
+    try:
+        buf.clean_low_latency_buffer(2 * M, 4 * H, E)
+    except ValueError as exc:
+        assert "num_rdma_bytes" in str(exc), str(exc)
+    else:
+        raise AssertionError("a shape larger than num_rdma_bytes allows was accepted")
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.randn(M - rank, H, generator=gen).bfloat16()
+    idx = torch.stack([torch.randperm(E, generator=gen)[:3] for _ in range(M - rank)])
+    w = torch.rand(idx.shape, generator=gen)
+    recv, _, handle, _, _ = buf.low_latency_dispatch(x, idx, M, E, use_fp8=False)
+    y = buf.get_next_low_latency_combine_buffer(handle)
+    assert y.shape == recv.shape and y.dtype == torch.bfloat16
+    y.copy_(recv * 2)
+    plain, _, _ = buf.low_latency_combine(recv * 2, idx, w, handle)
+    zero, _, _ = buf.low_latency_combine(y, idx, w, handle, zero_copy=True)
+    assert torch.equal(plain, zero)
+    buf.destroy()
+
+
+def test_deepep_low_latency_helpers():
+    """clean_low_latency_buffer checks the shape; the combine buffer helper gives the slots' shape."""
+    run_distributed(_deepep_helpers_body, 2, timeout_s=120)
