@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
@@ -24,7 +25,13 @@ def standard_parser(doc: str, *, tokens: int | list[int], iters: int) -> argpars
     return parser
 
 
+def launch(worker, world: int, args: argparse.Namespace) -> None:
+    """``worker(rank, world, args)`` on GPUs 0..world-1, one process each (NCCL)."""
+    # The ranks inherit this: no NVLink multicast objects (NCCL, torch symmetric memory, NVSHMEM).
+    os.environ.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"})
+    run_distributed(worker, world, args, backend="nccl", timeout_s=900)
+
+
 def run_on_gpus(worker, args: argparse.Namespace) -> None:
     """``worker(rank, world, args)`` on ``args.world`` GPUs (default: the largest of 2/4/8 present)."""
-    world = args.world or max(n for n in (2, 4, 8) if n <= torch.cuda.device_count())
-    run_distributed(worker, world, args, backend="nccl", timeout_s=900)
+    launch(worker, args.world or max(n for n in (2, 4, 8) if n <= torch.cuda.device_count()), args)

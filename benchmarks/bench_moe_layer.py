@@ -26,8 +26,7 @@ import statistics
 
 import torch
 import torch.distributed as dist
-
-from ep_train.testing import run_distributed
+from _common import launch
 
 
 def _have_te() -> bool:
@@ -142,7 +141,7 @@ def main() -> None:
     world = args.gpus or max((n for n in (2, 4, 8) if n <= count), default=0)
     if world < 1 or world > count:
         raise SystemExit(f"bench_moe_layer: --gpus {args.gpus or world} needs that many GPUs, this node has {count}")
-    run_distributed(_worker, world, args, backend="nccl", timeout_s=900)
+    launch(_worker, world, args)
 
 
 if __name__ == "__main__":

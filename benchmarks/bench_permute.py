@@ -50,18 +50,15 @@ def main() -> None:
     counts = torch.bincount(idx[idx >= 0], minlength=num_local).tolist()
     grad = torch.randn(n, args.hidden, device="cuda", dtype=torch.bfloat16)
 
-    def ours():
-        x_PH, _, probs_P, layout = ep_permute.permute_to_experts(x, idx, w, num_local, 1, counts)
+    def ours(sum_kernel: bool = True):
+        x_PH, _, probs_P, layout = ep_permute.permute_to_experts(x, idx, w, num_local, 1, counts,
+                                                                 sum_kernel=sum_kernel)  # fmt: skip
         y = (x_PH * probs_P.unsqueeze(1)).to(x_PH.dtype)
         ep_permute.unpermute_from_experts(y, layout).backward(grad)
 
     rows = []
     rows.append(("ep_train (sum_pairs kernel)", _time(ours, args.iters)))
-    from ep_train import _ext
-
-    if _ext.is_available():
-        with ep_permute.kernels_enabled(False):
-            rows.append(("ep_train (op-by-op path)", _time(ours, args.iters)))
+    rows.append(("ep_train (op-by-op path)", _time(lambda: ours(False), args.iters)))
     try:
         from megatron.core.transformer.moe.moe_utils import permute, unpermute
     except ImportError:

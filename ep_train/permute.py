@@ -18,28 +18,14 @@ alignment padding), Q = N*K pair slots.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from . import _ext
 
-__all__ = ["PairLayout", "kernels_enabled", "pair_layout", "permute_to_experts", "unpermute_from_experts"]
-
-_use_kernels = True
-
-
-@contextlib.contextmanager
-def kernels_enabled(enabled: bool) -> Iterator[None]:
-    """Within the block, use (or not) the CUDA pair-sum kernel where it is built (for comparisons)."""
-    global _use_kernels
-    previous, _use_kernels = _use_kernels, enabled
-    try:
-        yield
-    finally:
-        _use_kernels = previous
+__all__ = ["PairLayout", "pair_layout", "permute_to_experts", "unpermute_from_experts"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +40,8 @@ class PairLayout:
         pair_P: int64 ``[P]``, flat pair slot ``n*K + k`` of each expert-major row; Q for padding.
         tokens_per_expert: CPU int64 ``[L]``, rows of each local expert (aligned).
         has_padding: whether any expert-major row is alignment padding.
+        sum_kernel: sum pairs with ep_train's CUDA kernel where it is built (False: the op-by-op
+            path, same bits; for comparisons).
     """
 
     num_rows: int
@@ -63,6 +51,7 @@ class PairLayout:
     pair_P: torch.Tensor
     tokens_per_expert: torch.Tensor
     has_padding: bool
+    sum_kernel: bool = True
 
     @property
     def num_pair_rows(self) -> int:
@@ -78,6 +67,8 @@ def pair_layout(
     num_local_experts: int,
     alignment: int = 1,
     tokens_per_expert: Sequence[int] | torch.Tensor | None = None,
+    *,
+    sum_kernel: bool = True,
 ) -> PairLayout:
     """Expert-major placement of the pairs; within an expert by received row, then k.
 
@@ -129,7 +120,7 @@ def pair_layout(
     row_P = torch.full((total + 1,), n, dtype=torch.int64, device=device).scatter_(0, pos_Q, row_Q)[:total]
     pair_P = torch.full((total + 1,), q, dtype=torch.int64, device=device).scatter_(0, pos_Q, pair_Q)[:total]
     has_padding = alignment > 1 and total > 0
-    return PairLayout(n, k, pos_Q.view(n, k), row_P, pair_P, host_L, has_padding)
+    return PairLayout(n, k, pos_Q.view(n, k), row_P, pair_P, host_L, has_padding, sum_kernel)
 
 
 def _gather_rows(x_NH: torch.Tensor, layout: PairLayout) -> torch.Tensor:
@@ -160,7 +151,7 @@ def _sum_pairs(y_PH: torch.Tensor, layout: PairLayout) -> torch.Tensor:
     """``out[n] = sum_k y[pos[n, k]]`` over the pairs of row n, FP32 (FP64 for FP64) accumulation."""
     acc = torch.float64 if y_PH.dtype == torch.float64 else torch.float32
     if (
-        _use_kernels
+        layout.sum_kernel
         and y_PH.is_cuda
         and acc == torch.float32
         and _ext.is_available()
@@ -199,19 +190,21 @@ def permute_to_experts(
     num_local_experts: int,
     alignment: int = 1,
     tokens_per_expert: Sequence[int] | torch.Tensor | None = None,
+    *,
+    sum_kernel: bool = True,
 ):
     """Received rows → expert-major pair rows (differentiable w.r.t. rows and weights).
 
     Returns ``(x_PH, tokens_per_expert_L (CPU int64, aligned), probs_P, layout)``; padding rows are
     zero with probability 0.  Pass the dispatch's per-expert counts (``tokens_per_expert_list``) as
-    ``tokens_per_expert`` to avoid the one host sync.
+    ``tokens_per_expert`` to avoid the one host sync.  ``sum_kernel``: see :class:`PairLayout`.
     """
     if recv_topk_weights_NK.shape != recv_topk_idx_NK.shape:
         raise ValueError(
             f"recv_topk_weights shape {tuple(recv_topk_weights_NK.shape)} != recv_topk_idx shape "
             f"{tuple(recv_topk_idx_NK.shape)}"
         )
-    layout = pair_layout(recv_topk_idx_NK, num_local_experts, alignment, tokens_per_expert)
+    layout = pair_layout(recv_topk_idx_NK, num_local_experts, alignment, tokens_per_expert, sum_kernel=sum_kernel)
     x_PH = _PermuteFn.apply(x_NH, layout)
     q = recv_topk_weights_NK.numel()
     if q == 0 or layout.num_pair_rows == 0:

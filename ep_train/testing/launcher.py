@@ -2,8 +2,7 @@
 
 ``run_distributed(fn, world_size, *args)`` starts ``world_size`` fresh processes: nothing of the test
 process (CUDA state, threads, globals) is inherited.  Each rank sets one intra-op thread,
-joins a process group (gloo on CPU; NCCL with GPU ``rank``, NVLink multicast off in the rank's
-environment) through a ``FileStore`` in a temporary
+joins a process group (gloo on CPU; NCCL with GPU ``rank``) through a ``FileStore`` in a temporary
 directory, calls ``fn(rank, world_size, *args, **kwargs)`` and sends back its return value or its
 formatted traceback.  The parent waits up to ``timeout_s``; ranks still running then are killed and
 named.  Any failure raises ``DistributedTestError`` (an ``AssertionError``) holding every failing
@@ -38,9 +37,6 @@ __all__ = ["run_distributed", "DistributedTestError"]
 #: after one rank fails, how long the others get to finish (they often fail too, with the cause).
 FAILURE_GRACE_S = 20.0
 
-#: environment of every NCCL rank: no NVLink multicast objects (NCCL, torch symmetric memory, NVSHMEM).
-NCCL_RANK_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-
 
 class DistributedTestError(AssertionError):
     """One or more ranks failed or hung; the message holds each failing rank's traceback."""
@@ -50,7 +46,6 @@ def _child(rank, world_size, backend, store_path, fn, args, kwargs, results) -> 
     torch.set_num_threads(1)
     try:
         if backend == "nccl":
-            os.environ.update(NCCL_RANK_ENV)  # this rank's own process
             torch.cuda.set_device(rank)
         store = dist.FileStore(store_path, world_size)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)

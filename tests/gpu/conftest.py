@@ -1,5 +1,11 @@
+import os
+
 import pytest
 import torch
+
+# Every GPU rank these tests start inherits this: no NVLink multicast objects (NCCL, torch
+# symmetric memory, NVSHMEM).  Set before the first launch starts the rank server.
+os.environ.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"})
 
 
 def pytest_configure(config):
