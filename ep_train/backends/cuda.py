@@ -105,19 +105,36 @@ class CudaBackend(Backend):
 
     # ------------------------------------------------------------------ failures
     def _raise_if_failed(self, code: int | None = None) -> None:
+        """Raise what a normal kernel reported (``code``: what the host sync returned, if any)."""
         code = self._rt.error_code() if code is None else code
-        if code == 0:
-            return
         if code == _ERR_HOST_TIMEOUT:
             raise CommTimeoutError(
                 f"rank {self.rank}: the host waited more than {self.timeout_s:g} s for the receive counts of "
                 "dispatch (notify did not finish: a rank skipped this call, called another op, or died)"
             )
-        code, rank, what, channel, peer, expected, seen = self._rt.error_fields()
+        if code != 0:
+            self._raise_reported(self._rt, low_latency=False)
+
+    def _raise_if_ll_failed(self) -> None:
+        """Raise what a low-latency kernel reported (then anything the normal kernels reported)."""
+        if self._ll is not None and self._ll.error_code() != 0:
+            self._raise_reported(self._ll, low_latency=True)
+        self._raise_if_failed()
+
+    def _raise_reported(self, runtime, low_latency: bool) -> None:
+        """The first failure a runtime's kernels wrote to its mailbox, as an exception."""
+        code, rank, what, channel, peer, expected, seen = runtime.error_fields()
         if code == _ERR_MISMATCH:
             field = _HEADER_FIELDS[channel] if 0 <= channel < len(_HEADER_FIELDS) else f"field {channel}"
+            ours, theirs = expected, seen
+            if channel == 0:
+                ours, theirs = OP_NAMES.get(ours, ours), OP_NAMES.get(theirs, theirs)
+            elif low_latency and channel == 6:  # Buffer packs M * 2 + use_fp8 here
+                field = "(num_max_dispatch_tokens_per_rank, use_fp8)"
+                ours, theirs = (ours // 2, bool(ours % 2)), (theirs // 2, bool(theirs % 2))
+            call = "a low-latency call" if low_latency else "a call"
             raise RankMismatchError(
-                f"rank {rank}: ranks disagree on a call: {field} is {expected} on rank {rank} but {seen} on rank {peer}"
+                f"rank {rank}: ranks disagree on {call}: {field} is {ours} on rank {rank} but {theirs} on rank {peer}"
             )
         if code == _ERR_TIMEOUT:
             where = _WAIT_SITES.get(what, "a peer") + ("" if channel < 0 else f" (channel {channel})")
@@ -125,12 +142,17 @@ class CudaBackend(Backend):
                 f"rank {rank}: timed out after {self.timeout_s:g} s waiting for rank {peer} in {where}: expected "
                 f"counter >= {expected}, saw {seen} (a rank skipped this call, called another op, or died)"
             )
+        if code == _ERR_CAPACITY and low_latency:
+            raise CommError(
+                f"rank {rank}: more than num_max_dispatch_tokens_per_rank={expected} rows from rank {peer} for "
+                f"expert {channel} (does a token list the same expert twice?)"
+            )
         if code == _ERR_CAPACITY:
             raise CommError(
                 f"rank {rank}: num_worst_tokens={expected} is smaller than the {seen} rows rank {peer} receives; "
                 "raise it (tokens are never dropped)"
             )
-        raise CommError(f"rank {rank}: kernel error code {code}")
+        raise CommError(f"rank {rank}: {'low-latency ' if low_latency else ''}kernel error code {code}")
 
     def _channels(self, config: Config) -> int:
         channels = config.num_sms // 2
@@ -262,37 +284,7 @@ class CudaBackend(Backend):
         return CombineResult(combined_TH, combined_w)
 
     # ------------------------------------------------------------------ low latency
-    def _raise_if_ll_failed(self) -> None:
-        """Raise what a low-latency kernel reported (then anything the normal kernels reported)."""
-        if self._ll is not None and self._ll.error_code() != 0:
-            code, rank, what, channel, peer, expected, seen = self._ll.error_fields()
-            if code == _ERR_MISMATCH:
-                field = _HEADER_FIELDS[channel] if 0 <= channel < len(_HEADER_FIELDS) else f"field {channel}"
-                ours, theirs = expected, seen
-                if channel == 0:
-                    ours, theirs = OP_NAMES.get(ours, ours), OP_NAMES.get(theirs, theirs)
-                elif channel == 6:  # Buffer packs M * 2 + use_fp8 here
-                    field = "(num_max_dispatch_tokens_per_rank, use_fp8)"
-                    ours, theirs = (ours // 2, bool(ours % 2)), (theirs // 2, bool(theirs % 2))
-                raise RankMismatchError(
-                    f"rank {rank}: ranks disagree on a low-latency call: {field} is {ours} on rank {rank} but "
-                    f"{theirs} on rank {peer}"
-                )
-            if code == _ERR_TIMEOUT:
-                where = _WAIT_SITES.get(what, "a peer")
-                raise CommTimeoutError(
-                    f"rank {rank}: timed out after {self.timeout_s:g} s waiting for rank {peer} in {where}: expected "
-                    f"sequence >= {expected}, saw {seen} (a rank skipped this call, called another op, or died)"
-                )
-            if code == _ERR_CAPACITY:
-                raise CommError(
-                    f"rank {rank}: more than num_max_dispatch_tokens_per_rank={expected} rows from rank {peer} for "
-                    f"expert {channel} (does a token list the same expert twice?)"
-                )
-            raise CommError(f"rank {rank}: low-latency kernel error code {code}")
-        self._raise_if_failed()
-
-    def _ll_runtime(self, max_tokens: int, hidden: int, num_experts: int, hidden_multiple: int):
+    def _ll_runtime(self, hidden: int, num_experts: int, hidden_multiple: int):
         """The low-latency runtime, after the shape checks of the kernels (hidden_multiple: see bindings)."""
         if self._ll is None:
             raise ValueError("low-latency calls need Buffer(..., low_latency_mode=True) and num_rdma_bytes > 0")
@@ -303,13 +295,8 @@ class CudaBackend(Backend):
             )
         if num_experts > MAX_EXPERTS:
             raise ValueError(f"backend='cuda' low-latency calls take num_experts <= {MAX_EXPERTS}, got {num_experts}")
-        need = self._C.low_latency_bytes(max_tokens, hidden, self.num_ranks, num_experts)
-        if self._ll.num_bytes() < need:
-            raise ValueError(
-                f"num_rdma_bytes={self._ll.num_bytes()} is too small for low-latency calls with "
-                f"num_max_dispatch_tokens_per_rank={max_tokens}, hidden {hidden}, {num_experts} experts: needs >= "
-                f"{need} (Buffer.get_low_latency_rdma_size_hint)"
-            )
+        # NOTES: Buffer checked num_rdma_bytes against layout.low_latency_buffer_bytes, the mirror of
+        # LowLatencyLayout that a GPU test compares with the kernels' own size.
         return self._ll
 
     def _ll_hook(self, launch) -> Callable[[], None]:
@@ -329,7 +316,7 @@ class CudaBackend(Backend):
         x_TH, E, M = args.x_TH, args.num_experts, args.num_max_dispatch_tokens_per_rank
         R, (T, H), dev = self.num_ranks, x_TH.shape, x_TH.device
         L, S = E // R, (H + FP8_BLOCK - 1) // FP8_BLOCK
-        ll = self._ll_runtime(M, H, E, FP8_BLOCK if args.use_fp8 else 8)
+        ll = self._ll_runtime(H, E, FP8_BLOCK if args.use_fp8 else 8)
         if args.use_fp8:
             recv_x = torch.empty((L, R * M, H), dtype=torch.float8_e4m3fn, device=dev)
             recv_scales = torch.empty((L, R * M, S), dtype=torch.float32, device=dev)
@@ -379,7 +366,7 @@ class CudaBackend(Backend):
             raise ValueError("this handle was not made by the cuda backend (create it with the same Buffer)")
         if args.topk_weights_TK.dtype != torch.float32:
             raise TypeError(f"backend='cuda' combines float32 topk_weights, got {args.topk_weights_TK.dtype}")
-        ll = self._ll_runtime(h.num_max_dispatch_tokens_per_rank, h.hidden, h.num_experts, 1)
+        ll = self._ll_runtime(h.hidden, h.num_experts, 1)
         out = args.out_TH
         target = out if out is not None and out.is_contiguous() else None
         if target is None:

@@ -1,0 +1,45 @@
+"""How the cuda backend words what its kernels report (mailbox fields → exceptions).  The kernels
+only run on GPUs; the wording is checked here on fields as the kernels write them."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from ep_train.backends.cuda import CudaBackend
+from ep_train.errors import CommError, CommTimeoutError, RankMismatchError
+
+
+class _Runtime:
+    def __init__(self, *fields):
+        self.fields = list(fields)  # code, rank, what, channel, peer, expected, seen
+
+    def error_fields(self):
+        return self.fields
+
+
+def _raise(fields, low_latency):
+    CudaBackend._raise_reported(SimpleNamespace(timeout_s=5.0), _Runtime(*fields), low_latency)
+
+
+@pytest.mark.parametrize(
+    "fields,low_latency,exc,words",
+    [
+        ((2, 0, 6, 2, 1, 7168, 4096), False, RankMismatchError, ["hidden is 7168 on rank 0 but 4096 on rank 1"]),
+        ((2, 1, 6, 0, 0, 4, 5), True, RankMismatchError, ["low-latency call", "op is low_latency_dispatch"]),
+        ((2, 0, 6, 6, 1, 2 * 64 + 1, 2 * 128), True, RankMismatchError,
+         ["(num_max_dispatch_tokens_per_rank, use_fp8) is (64, True) on rank 0 but (128, False) on rank 1"]),
+        ((1, 0, 3, 5, 1, 10, 4), False, CommTimeoutError,
+         ["timed out after 5 s waiting for rank 1", "dispatch: rows from the source (channel 5)", ">= 10, saw 4"]),
+        ((1, 1, 9, -1, 0, 3, 2), True, CommTimeoutError, ["low_latency_dispatch: rows from the source: expected"]),
+        ((3, 0, 7, 2, 1, 100, 140), False, CommError, ["num_worst_tokens=100 is smaller than the 140 rows rank 1"]),
+        ((3, 0, 11, 5, 1, 64, 65), True, CommError, ["num_max_dispatch_tokens_per_rank=64 rows from rank 1 for expert 5"]),
+        ((9, 0, 0, 0, 0, 0, 0), True, CommError, ["low-latency kernel error code 9"]),
+    ],
+)  # fmt: skip
+def test_reported_failures_become_named_exceptions(fields, low_latency, exc, words):
+    with pytest.raises(exc) as info:
+        _raise(fields, low_latency)
+    for word in words:
+        assert word in str(info.value), f"{word!r} not in: {info.value}"
