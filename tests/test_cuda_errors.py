@@ -34,7 +34,8 @@ def _raise(fields, low_latency):
          ["timed out after 5 s waiting for rank 1", "dispatch: rows from the source (channel 5)", ">= 10, saw 4"]),
         ((1, 1, 9, -1, 0, 3, 2), True, CommTimeoutError, ["low_latency_dispatch: rows from the source: expected"]),
         ((3, 0, 7, 2, 1, 100, 140), False, CommError, ["num_worst_tokens=100 is smaller than the 140 rows rank 1"]),
-        ((3, 0, 11, 5, 1, 64, 65), True, CommError, ["num_max_dispatch_tokens_per_rank=64 rows from rank 1 for expert 5"]),
+        ((3, 0, 11, 5, 1, 64, 65), True, CommError,
+         ["num_max_dispatch_tokens_per_rank=64 rows from rank 1 for expert 5"]),
         ((9, 0, 0, 0, 0, 0, 0), True, CommError, ["low-latency kernel error code 9"]),
     ],
 )  # fmt: skip
