@@ -150,13 +150,8 @@ def _sum_pairs_ops(y_PH: torch.Tensor, pos_NK: torch.Tensor, acc: torch.dtype) -
 def _sum_pairs(y_PH: torch.Tensor, layout: PairLayout) -> torch.Tensor:
     """``out[n] = sum_k y[pos[n, k]]`` over the pairs of row n, FP32 (FP64 for FP64) accumulation."""
     acc = torch.float64 if y_PH.dtype == torch.float64 else torch.float32
-    if (
-        layout.sum_kernel
-        and y_PH.is_cuda
-        and acc == torch.float32
-        and _ext.is_available()
-        and hasattr(_ext.load(), "sum_pairs")
-    ):
+    kernel_rows = y_PH.dtype in (torch.bfloat16, torch.float32) and y_PH.shape[1] * y_PH.element_size() % 16 == 0
+    if layout.sum_kernel and y_PH.is_cuda and kernel_rows and _ext.is_available():
         return _ext.load().sum_pairs(y_PH, layout.pos_NK)
     return _sum_pairs_ops(y_PH, layout.pos_NK, acc)
 

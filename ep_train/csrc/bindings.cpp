@@ -200,22 +200,13 @@ torch::Tensor sum_pairs(const torch::Tensor& y, const torch::Tensor& pos) {
                 "y must be bfloat16 or float32, got ", y.scalar_type());
     check(pos, "pos", torch::kInt64, 2);
     TORCH_CHECK(pos.size(1) <= 32, "pos must have at most 32 columns (top-k), got ", pos.size(1));
-    const bool bf16 = y.scalar_type() == torch::kBFloat16;
-    const int64_t hidden = y.size(1);
+    TORCH_CHECK(y.size(1) * y.element_size() % 16 == 0, "y rows must be a multiple of 16 bytes, got ", y.size(1),
+                " elements");
     c10::cuda::CUDAGuard guard(y.device());
-    if (hidden % (bf16 ? 8 : 4) != 0 || y.size(0) == 0) {  // unaligned rows: the op-by-op path's math
-        auto out = torch::zeros({pos.size(0), hidden}, y.options().dtype(torch::kFloat32));
-        for (int64_t k = 0; k < pos.size(1); ++k) {
-            if (y.size(0) == 0) break;
-            auto p = pos.select(1, k);
-            auto rows = y.index_select(0, p.clamp_max(y.size(0) - 1));
-            out.add_(rows.masked_fill((p >= y.size(0)).unsqueeze(1), 0));
-        }
-        return out.to(y.scalar_type());
-    }
-    auto out = torch::empty({pos.size(0), hidden}, y.options());
-    ep_train::launch_sum_pairs(y.data_ptr(), pos.data_ptr<int64_t>(), out.data_ptr(), bf16, pos.size(0),
-                               static_cast<int>(pos.size(1)), y.size(0), static_cast<int>(hidden), stream());
+    auto out = torch::empty({pos.size(0), y.size(1)}, y.options());
+    ep_train::launch_sum_pairs(y.data_ptr(), pos.data_ptr<int64_t>(), out.data_ptr(),
+                               y.scalar_type() == torch::kBFloat16, pos.size(0), static_cast<int>(pos.size(1)),
+                               y.size(0), static_cast<int>(y.size(1)), stream());
     return out;
 }
 
