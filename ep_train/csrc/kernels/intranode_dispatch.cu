@@ -22,8 +22,13 @@ constexpr int kDispatchWarps = 24;  // divisible by 2, 4 and 8 ranks: 12, 6 or 3
 constexpr int kDispatchThreads = kDispatchWarps * 32;
 constexpr int kCopyUnroll = 8;  // 8 x 16 B per lane in flight: 4 KB per warp toward NVLink latency
 
+// Local id of global expert e on `rank` (L experts per rank), -1 when e lives elsewhere or is -1.
+__device__ __forceinline__ int local_expert(int64_t e, int rank, int L) {
+    const int64_t local = e - int64_t(rank) * L;
+    return e >= 0 && local >= 0 && local < L ? static_cast<int>(local) : -1;
+}
+
 // One token's row and metadata, written where a receiver would write them (out: row of recv_x).
-template <int kNumRanks>
 __device__ __forceinline__ void write_own_row(const DispatchParams& p, int token, int64_t out, int me) {
     const int lane = lane_id();
     warp_copy<kCopyUnroll, false>(static_cast<char*>(p.recv_x) + out * p.payload_bytes,
@@ -31,13 +36,11 @@ __device__ __forceinline__ void write_own_row(const DispatchParams& p, int token
     for (int i = lane; i < p.num_scales; i += 32)
         p.recv_x_scales[out * p.num_scales + i] = p.x_scales[int64_t(token) * p.num_scales + i];
     if (p.recv_topk_idx != nullptr && p.topk_idx != nullptr && lane < p.num_topk) {
-        const int64_t e = p.topk_idx[int64_t(token) * p.num_topk + lane];
-        const int64_t local = e - int64_t(me) * p.num_local_experts;
-        const bool is_local = e >= 0 && local >= 0 && local < p.num_local_experts;
-        p.recv_topk_idx[out * p.num_topk + lane] = is_local ? local : -1;
+        const int local = local_expert(p.topk_idx[int64_t(token) * p.num_topk + lane], me, p.num_local_experts);
+        p.recv_topk_idx[out * p.num_topk + lane] = local;
         if (p.recv_topk_weights != nullptr)
             p.recv_topk_weights[out * p.num_topk + lane] =
-                is_local && p.topk_weights != nullptr ? p.topk_weights[int64_t(token) * p.num_topk + lane] : 0.0f;
+                local >= 0 && p.topk_weights != nullptr ? p.topk_weights[int64_t(token) * p.num_topk + lane] : 0.0f;
     }
     if (lane == 0 && p.recv_src_idx != nullptr) p.recv_src_idx[out] = token;
 }
@@ -83,7 +86,7 @@ __device__ void dispatch_send(const DispatchParams& p, const RankContext& ctx, i
             if (own) {
                 for (int j = warp_in_group; j < n; j += kWarpsPerRank) {
                     const int token = cursor + nth_set_bit(mask, j);
-                    write_own_row<kNumRanks>(p, token, own_start + tail + j, me);
+                    write_own_row(p, token, own_start + tail + j, me);
                     if (lane == 0 && p.send_pos) p.send_pos[int64_t(token) * kNumRanks + dst] = pos_base + int(tail + j);
                 }
                 tail += n;
@@ -104,13 +107,11 @@ __device__ void dispatch_send(const DispatchParams& p, const RankContext& ctx, i
                 float* scales = reinterpret_cast<float*>(row + p.layout.scales_offset);
                 for (int i = lane; i < p.num_scales; i += 32) scales[i] = p.x_scales[int64_t(token) * p.num_scales + i];
                 if (p.topk_idx != nullptr && lane < p.num_topk) {
-                    const int64_t e = p.topk_idx[int64_t(token) * p.num_topk + lane];
-                    const int64_t local = e - int64_t(dst) * L;
-                    const bool is_local = e >= 0 && local >= 0 && local < L;
-                    reinterpret_cast<int*>(row + p.layout.topk_idx_offset)[lane] = is_local ? int(local) : -1;
+                    const int local = local_expert(p.topk_idx[int64_t(token) * p.num_topk + lane], dst, L);
+                    reinterpret_cast<int*>(row + p.layout.topk_idx_offset)[lane] = local;
                     if (p.topk_weights != nullptr)
                         reinterpret_cast<float*>(row + p.layout.weights_offset)[lane] =
-                            is_local ? p.topk_weights[int64_t(token) * p.num_topk + lane] : 0.0f;
+                            local >= 0 ? p.topk_weights[int64_t(token) * p.num_topk + lane] : 0.0f;
                 }
                 if (lane == 0) {
                     *reinterpret_cast<int*>(row + p.layout.src_idx_offset) = token;
