@@ -24,6 +24,7 @@ __all__ = [
     "grouped_matmul",
     "grouped_mlp",
     "grouped_weight_grad",
+    "row_counts",
     "use_grouped_mm",
     "dense_moe_reference",
 ]
@@ -41,15 +42,20 @@ def use_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
     )
 
 
+def row_counts(tokens_per_expert_L) -> list[int]:
+    """Per-expert row counts as Python ints, from a list or an int tensor (a CPU tensor: no sync)."""
+    if isinstance(tokens_per_expert_L, torch.Tensor):
+        return [int(c) for c in tokens_per_expert_L.tolist()]
+    return [int(c) for c in tokens_per_expert_L]
+
+
 def grouped_matmul(x_PD: torch.Tensor, w_LDF: torch.Tensor, tokens_per_expert_L) -> torch.Tensor:
     """``[P, D] x [L, D, F] → [P, F]``: the rows of expert l (contiguous, counts given) times ``w[l]``.
 
     ``tokens_per_expert_L`` is a list or an int tensor.  Every expert takes part in the graph even
     with no rows, so each weight gets a gradient.
     """
-    counts = (
-        tokens_per_expert_L.tolist() if isinstance(tokens_per_expert_L, torch.Tensor) else list(tokens_per_expert_L)
-    )
+    counts = row_counts(tokens_per_expert_L)
     if use_grouped_mm(x_PD, w_LDF):
         offs = torch.tensor(counts, device=x_PD.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         return torch._grouped_mm(x_PD, w_LDF, offs=offs)
@@ -59,9 +65,7 @@ def grouped_matmul(x_PD: torch.Tensor, w_LDF: torch.Tensor, tokens_per_expert_L)
 
 def grouped_weight_grad(x_PD: torch.Tensor, dy_PF: torch.Tensor, tokens_per_expert_L) -> torch.Tensor:
     """``[L, D, F]``: for each expert l, ``x_l^T dy_l`` over its rows (zeros for an expert without rows)."""
-    counts = (
-        tokens_per_expert_L.tolist() if isinstance(tokens_per_expert_L, torch.Tensor) else list(tokens_per_expert_L)
-    )
+    counts = row_counts(tokens_per_expert_L)
     if use_grouped_mm(x_PD, dy_PF) and x_PD.shape[0] > 0:
         offs = torch.tensor(counts, device=x_PD.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         return torch._grouped_mm(x_PD.t(), dy_PF, offs=offs)
@@ -139,9 +143,7 @@ class ChunkedExperts:
         self._w1, self._w2 = _WeightsFn.apply(weight1, weight2, self)
 
     def __call__(self, x_PD: torch.Tensor, tokens_per_expert_L, probs_P: torch.Tensor) -> torch.Tensor:
-        counts = (
-            tokens_per_expert_L.tolist() if isinstance(tokens_per_expert_L, torch.Tensor) else list(tokens_per_expert_L)
-        )
+        counts = row_counts(tokens_per_expert_L)
         if len(counts) != self._w1.shape[0] or sum(counts) != x_PD.shape[0]:
             raise ValueError(
                 f"tokens_per_expert must have {self._w1.shape[0]} entries summing to the {x_PD.shape[0]} rows of x, "

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from ..moe import grouped_mlp
+from ..moe import grouped_mlp, row_counts
 
 __all__ = ["GroupedMLPExperts", "run_experts", "tag_expert_params"]
 
@@ -68,7 +68,7 @@ def run_experts(experts: nn.Module, x_PD: torch.Tensor, tokens_per_expert_L: tor
         raise TypeError(
             f"experts must be GroupedMLPExperts or deepspeed.moe.experts.Experts, got {type(experts).__name__}"
         )
-    counts = [int(c) for c in tokens_per_expert_L.tolist()]
+    counts = row_counts(tokens_per_expert_L)
     if len(counts) != len(modules):
         raise ValueError(f"got row counts for {len(counts)} local experts, the layer has {len(modules)}")
     outs = []

@@ -19,7 +19,7 @@ import torch
 from megatron.core.transformer.module import MegatronModule
 from torch.nn import Parameter
 
-from ..moe import ChunkedExperts, grouped_matmul
+from ..moe import ChunkedExperts, grouped_matmul, row_counts
 
 __all__ = ["GroupedGemmMLP", "grouped_matmul"]
 
@@ -86,9 +86,7 @@ class GroupedGemmMLP(MegatronModule):
         if self.config.moe_apply_probs_on_input:
             x_PH = (probs_P.unsqueeze(-1) * x_PH).to(x_PH.dtype)
             probs_P = torch.ones_like(probs_P)
-        counts = [
-            int(c) for c in (tokens_per_expert.tolist() if torch.is_tensor(tokens_per_expert) else tokens_per_expert)
-        ]
+        counts = row_counts(tokens_per_expert)
         if sum(counts) != x_PH.shape[0]:
             raise ValueError(f"tokens_per_expert sums to {sum(counts)}, but there are {x_PH.shape[0]} rows")
         return x_PH, counts, probs_P
