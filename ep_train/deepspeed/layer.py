@@ -13,58 +13,17 @@ L local experts, P expert-major rows.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-import torch.distributed as dist
 from deepspeed.moe.sharded_moe import FIRST_ALLTOALL_TIMER, MOE_TIMER, SECOND_ALLTOALL_TIMER, MOELayer
 from deepspeed.utils import groups
 from deepspeed.utils.bwc import bwc_tensor_model_parallel_world_size
 
-from ..buffer import Buffer
-from ..config import get_combine_config, get_dispatch_config
+from ..buffer_pool import BufferPool
 from ..dispatcher import MoEDispatcher
 from ..permute import permute_to_experts, unpermute_from_experts
 from .experts import run_experts
 
 __all__ = ["BufferPool", "EPMOELayer"]
-
-
-@dataclass
-class _Entry:
-    buffer: Buffer
-    hidden_bytes: int
-
-
-class BufferPool:
-    """One :class:`ep_train.Buffer` per expert-parallel group, shared by the MoE layers of a model.
-
-    On the CUDA backend a Buffer owns NVLink memory, so layers share one.  The pool is owned by
-    whoever installs the layers (:func:`ep_train.deepspeed.use_ep_train` makes one per call).
-
-    Args:
-        backend: Buffer backend, ``"auto"`` (CUDA kernels on NCCL groups where built, else torch
-            collectives), ``"torch"`` or ``"cuda"``.
-        num_sms: SMs of the buffers' default configs (None: the measured default).
-    """
-
-    def __init__(self, *, backend: str = "auto", num_sms: int | None = None):
-        self.backend = backend
-        self.num_sms = num_sms
-        self._entries: dict[int, _Entry] = {}
-
-    def get(self, group: dist.ProcessGroup, hidden: int, element_size: int) -> Buffer:
-        """The buffer of ``group`` for rows of ``hidden`` elements (made on first use, collectively)."""
-        hidden_bytes = hidden * max(element_size, 2)
-        entry = self._entries.get(id(group))
-        if entry is not None and entry.buffer.group is group and entry.hidden_bytes >= hidden_bytes:
-            return entry.buffer
-        size = dist.get_world_size(group)
-        configs = (get_dispatch_config(size), get_combine_config(size))
-        nvl_bytes = max(c.get_nvl_buffer_size_hint(hidden_bytes, size) for c in configs)
-        buffer = Buffer(group, num_nvl_bytes=nvl_bytes, backend=self.backend, num_sms=self.num_sms)
-        self._entries[id(group)] = _Entry(buffer, hidden_bytes)
-        return buffer
 
 
 class EPMOELayer(MOELayer):

@@ -18,7 +18,7 @@ from ._version import MEGATRON_CORE_TESTED, megatron_core_version, require_megat
 
 MEGATRON_CORE_VERSION = require_megatron_core()
 
-from .buffers import BufferPool  # noqa: E402
+from ..buffer_pool import BufferPool  # noqa: E402
 from .config import check_config, make_config  # noqa: E402
 from .dispatcher import EPTokenDispatcher, routing_map_to_topk  # noqa: E402
 from .experts import GroupedGemmMLP  # noqa: E402

@@ -38,9 +38,9 @@ import torch
 
 from ..autograd.normal import combine as ep_combine
 from ..autograd.normal import dispatch as ep_dispatch
+from ..buffer_pool import BufferPool
 from ..permute import PairLayout, permute_to_experts, unpermute_from_experts
 from ._megatron import MoETokenDispatcher
-from .buffers import BufferPool
 from .options import EPOptions
 from .streams import CommLane
 

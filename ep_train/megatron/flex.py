@@ -20,7 +20,7 @@ import torch
 
 from ..autograd.normal import combine as ep_combine
 from ..autograd.normal import dispatch as ep_dispatch
-from .buffers import BufferPool
+from ..buffer_pool import BufferPool
 
 __all__ = ["FlexBackend", "install_flex_backend"]
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
+from ..buffer_pool import BufferPool
 from ._megatron import MoELayer, get_default_pg_collection
-from .buffers import BufferPool
 from .options import EPOptions
 from .registry import get_token_dispatcher
 

@@ -16,8 +16,8 @@ import dataclasses
 import functools
 from typing import Any
 
+from ..buffer_pool import BufferPool
 from ._megatron import MoELayer
-from .buffers import BufferPool
 from .experts import GroupedGemmMLP
 from .layer import EPMoELayer
 from .options import EPOptions

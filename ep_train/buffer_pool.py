@@ -2,8 +2,8 @@
 
 Every MoE layer of a model talks over the same expert-parallel group, so they share one
 ``ep_train.Buffer`` per group (on the CUDA backend a Buffer owns NVLink memory; one per layer
-would waste gigabytes).  The pool is owned by whoever builds the layers (the layer spec made by
-``ep_train.megatron.moe_layer_spec`` or the flex backend), never by a module global.
+would waste gigabytes).  The pool is owned by whoever builds the layers (the Megatron layer spec
+or flex backend, ``ep_train.deepspeed.use_ep_train``), never by a module global.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from ..buffer import Buffer
-from ..config import Config, get_combine_config, get_dispatch_config
+from .buffer import Buffer
+from .config import Config, get_combine_config, get_dispatch_config
 
 __all__ = ["BufferPool"]
 
