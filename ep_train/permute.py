@@ -130,7 +130,7 @@ def _gather_rows(x_NH: torch.Tensor, layout: PairLayout) -> torch.Tensor:
         return x_NH.new_zeros((p, x_NH.shape[1]))
     rows = x_NH.index_select(0, layout.row_P.clamp_max(x_NH.shape[0] - 1))
     if layout.has_padding:
-        rows = rows.masked_fill((layout.row_P >= layout.num_rows).unsqueeze(1), 0)
+        rows.masked_fill_((layout.row_P >= layout.num_rows).unsqueeze(1), 0)
     return rows
 
 
@@ -143,7 +143,7 @@ def _sum_pairs_ops(y_PH: torch.Tensor, pos_NK: torch.Tensor, acc: torch.dtype) -
     for j in range(k):
         pos = pos_NK[:, j]
         rows = y_PH.index_select(0, pos.clamp_max(p - 1))
-        out.add_(rows.masked_fill((pos >= p).unsqueeze(1), 0))
+        out.add_(rows.masked_fill_((pos >= p).unsqueeze(1), 0))
     return out.to(y_PH.dtype)
 
 
