@@ -71,7 +71,12 @@ def _cases(big: bool):
     return cases
 
 
-def test_megatron_layer_parity_fp32_torch_backend(world):
+@pytest.mark.parametrize(
+    "dtype,ep_backend,rel_tol",
+    [(torch.float32, "torch", 1e-6), (torch.bfloat16, "auto", 2e-2)],
+    ids=["fp32-torch-backend", "bf16-auto-backend"],
+)
+def test_megatron_layer_parity(world, dtype, ep_backend, rel_tol):
     from _megatron_harness import layer_parity
 
     from ep_train.testing import run_distributed
@@ -79,17 +84,5 @@ def test_megatron_layer_parity_fp32_torch_backend(world):
     _env()
     seed = random.randrange(1 << 16)
     counts = run_distributed(layer_parity, world, _cases(big=True), ["deepep", "flex"], seed, backend="nccl",
-                             timeout_s=300, dtype=torch.float32, ep_backend="torch", rel_tol=1e-6)  # fmt: skip
-    assert counts[0] > 0, f"seed {seed}"
-
-
-def test_megatron_layer_parity_bf16_auto_backend(world):
-    from _megatron_harness import layer_parity
-
-    from ep_train.testing import run_distributed
-
-    _env()
-    seed = random.randrange(1 << 16)
-    counts = run_distributed(layer_parity, world, _cases(big=True), ["deepep", "flex"], seed, backend="nccl",
-                             timeout_s=300, dtype=torch.bfloat16, ep_backend="auto", rel_tol=2e-2)  # fmt: skip
+                             timeout_s=300, dtype=dtype, ep_backend=ep_backend, rel_tol=rel_tol)  # fmt: skip
     assert counts[0] > 0, f"seed {seed}"
