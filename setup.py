@@ -13,6 +13,17 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def _shared_libstdcxx() -> list[str]:
+    """Link flags that make the extension use the process's shared libstdc++.
+
+    A compiler built to link its standard library statically (GCC configured with
+    ``--with-static-standard-libraries``) puts a second libstdc++ into ``_C``; that copy's locale is
+    never set up, and the first error message that formats a number crashes the process.  Naming
+    the shared library ahead of the driver's own ``-lstdc++`` keeps the archive out.
+    """
+    return ["-Wl,--push-state,--no-as-needed", "-l:libstdc++.so.6", "-Wl,--pop-state"]
+
+
 def cuda_extensions():
     """``(ext_modules, cmdclass)`` for ``ep_train._C``, or empty when this machine cannot build it."""
     if os.environ.get("EP_TRAIN_NO_CUDA_BUILD", "") not in ("", "0"):
@@ -40,6 +51,7 @@ def cuda_extensions():
         sources=sources,
         include_dirs=include_dirs,
         extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc},
+        extra_link_args=_shared_libstdcxx(),
     )
     print(f"ep_train: building ep_train._C with CUDA {torch.version.cuda} from {len(sources)} files", file=sys.stderr)
     return [ext], {"build_ext": BuildExtension}
