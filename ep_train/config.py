@@ -64,8 +64,9 @@ class Config:
 
 
 # Measured on H200 (standard case, 2026-11-28, benchmarks/RESULTS.md), 24 SMs: EP2 dispatch is best
-# with a send chunk of 16 (362 GB/s BF16), EP4 with 8 (375 GB/s BF16); combine with 8 on both; a
-# 512-row ring gains nothing.  8 ranks are not measured yet and use the EP4 values.
+# with a send chunk of 16 or more (453 GB/s BF16; 8 leaves half the sending warps idle), EP4 with 8
+# (375 GB/s BF16, earlier kernels); combine with 8 on both; a 512-row ring gains nothing.  8 ranks
+# are not measured yet and use the EP4 values.
 _DISPATCH_DEFAULTS = {
     2: Config(24, 16, 256),
     4: Config(24, 8, 256),

@@ -18,9 +18,21 @@ namespace ep_train {
 
 namespace {
 
-constexpr int kDispatchWarps = 24;  // divisible by 2, 4 and 8 ranks: 12, 6 or 3 warps per peer
+constexpr int kDispatchWarps = 24;
 constexpr int kDispatchThreads = kDispatchWarps * 32;
 constexpr int kCopyUnroll = 8;  // 8 x 16 B per lane in flight: 4 KB per warp toward NVLink latency
+
+// Sending warps for the own rank's rows and for each other rank's.  The own rows are a local copy
+// (no ring, no NVLink round trip), so that group is the small one: with equal groups at 2 ranks it
+// finished early and idled while the other group was still writing over NVLink.
+template <int kNumRanks>
+constexpr int kOwnSendWarps = kNumRanks == 2 ? 8 : 3;
+template <int kNumRanks>
+constexpr int kPeerSendWarps = (kDispatchWarps - kOwnSendWarps<kNumRanks>) / (kNumRanks - 1);
+static_assert(kOwnSendWarps<2> + kPeerSendWarps<2> == kDispatchWarps &&
+                  kOwnSendWarps<4> + 3 * kPeerSendWarps<4> == kDispatchWarps &&
+                  kOwnSendWarps<8> + 7 * kPeerSendWarps<8> == kDispatchWarps,
+              "every sending warp serves one destination");
 
 // Local id of global expert e on `rank` (L experts per rank), -1 when e lives elsewhere or is -1.
 __device__ __forceinline__ int local_expert(int64_t e, int rank, int L) {
@@ -45,7 +57,7 @@ __device__ __forceinline__ void write_own_row(const DispatchParams& p, int token
     if (lane == 0 && p.recv_src_idx != nullptr) p.recv_src_idx[out] = token;
 }
 
-// Sender side of one (channel, destination) pair, run by the destination's group of warps.
+// Sender side of one (channel, destination) pair, run by the destination's group of group_warps warps.
 // Rounds: the group looks at the next 32 tokens of the channel, keeps the first chunk_tokens that
 // go to `dst`, copies each kept token (one warp per row) into consecutive ring slots, then one
 // thread publishes the new tail with release semantics.  For dst == own rank the rows go straight
@@ -53,8 +65,8 @@ __device__ __forceinline__ void write_own_row(const DispatchParams& p, int token
 // NOTES: every warp of the group runs the same rounds, so the named barrier never deadlocks,
 // also after a failed wait (then copies are skipped and the loop just runs out).
 template <int kNumRanks>
-__device__ void dispatch_send(const DispatchParams& p, const RankContext& ctx, int channel, int dst, int warp_in_group) {
-    constexpr int kWarpsPerRank = kDispatchWarps / kNumRanks;
+__device__ void dispatch_send(const DispatchParams& p, const RankContext& ctx, int channel, int dst, int warp_in_group,
+                              int group_warps) {
     const int lane = lane_id(), me = ctx.rank, C = p.layout.num_channels, ring = p.layout.ring_tokens;
     const int t_begin = channel_token_begin(p.num_tokens, C, channel);
     const int t_end = channel_token_begin(p.num_tokens, C, channel + 1);
@@ -84,7 +96,7 @@ __device__ void dispatch_send(const DispatchParams& p, const RankContext& ctx, i
         }
         if (n > 0) {
             if (own) {
-                for (int j = warp_in_group; j < n; j += kWarpsPerRank) {
+                for (int j = warp_in_group; j < n; j += group_warps) {
                     const int token = cursor + nth_set_bit(mask, j);
                     write_own_row(p, token, own_start + tail + j, me);
                     if (lane == 0 && p.send_pos) p.send_pos[int64_t(token) * kNumRanks + dst] = pos_base + int(tail + j);
@@ -99,7 +111,7 @@ __device__ void dispatch_send(const DispatchParams& p, const RankContext& ctx, i
                 head = __shfl_sync(0xffffffffu, h, 0);
                 ok = head >= 0;
             }
-            for (int j = warp_in_group; ok && j < n; j += kWarpsPerRank) {
+            for (int j = warp_in_group; ok && j < n; j += group_warps) {
                 const int token = cursor + nth_set_bit(mask, j);
                 char* row = ring_base + ((tail + j) % ring) * row_bytes;
                 warp_copy<kCopyUnroll, false>(row, static_cast<const char*>(p.x) + int64_t(token) * p.payload_bytes,
@@ -118,7 +130,7 @@ __device__ void dispatch_send(const DispatchParams& p, const RankContext& ctx, i
                     if (p.send_pos) p.send_pos[int64_t(token) * kNumRanks + dst] = pos_base + int(tail + j);
                 }
             }
-            ptx::bar_sync(1 + dst, kWarpsPerRank * 32);
+            ptx::bar_sync(1 + dst, group_warps * 32);
             if (warp_in_group == 0 && lane == 0 && ok) ptx::st_release_sys(tail_ptr, tail + n);
             tail += n;
         }
@@ -189,8 +201,9 @@ __device__ void dispatch_recv(const DispatchParams& p, const RankContext& ctx, i
 }
 
 // Grid: 2 x C blocks of kDispatchThreads; block 2c sends channel c, block 2c + 1 receives it.
-// Sending warps are split into kNumRanks groups, group g serves rank g (the own rank's group
-// writes recv_x directly); receiving warps into kNumRanks - 1 groups, one per other rank.
+// Sending warps: the first kOwnSendWarps write the own rank's rows straight into recv_x, the rest
+// form one group of kPeerSendWarps per other rank in rank order; receiving warps form kNumRanks - 1
+// groups, one per other rank.
 template <int kNumRanks>
 __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(const __grid_constant__ DispatchParams p,
                                                                        const __grid_constant__ RankContext ctx) {
@@ -198,8 +211,14 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(const __g
     if (has_failed(ctx.err)) return;
     const int channel = blockIdx.x / 2, warp = threadIdx.x / 32;
     if (blockIdx.x % 2 == 0) {
-        constexpr int kWarpsPerRank = kDispatchWarps / kNumRanks;
-        dispatch_send<kNumRanks>(p, ctx, channel, warp / kWarpsPerRank, warp % kWarpsPerRank);
+        constexpr int kOwn = kOwnSendWarps<kNumRanks>, kPeer = kPeerSendWarps<kNumRanks>;
+        if (warp < kOwn) {
+            dispatch_send<kNumRanks>(p, ctx, channel, ctx.rank, warp, kOwn);
+        } else {
+            const int group = (warp - kOwn) / kPeer;
+            const int dst = group < ctx.rank ? group : group + 1;
+            dispatch_send<kNumRanks>(p, ctx, channel, dst, (warp - kOwn) % kPeer, kPeer);
+        }
     } else {
         constexpr int kWarpsPerRank = kRecvWarpsPerRank<kNumRanks>;
         const int group = warp / kWarpsPerRank;
