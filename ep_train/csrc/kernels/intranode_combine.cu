@@ -67,31 +67,54 @@ __device__ void combine_send(const CombineParams& p, const RankContext& ctx, int
     }
 }
 
+// 16-byte vectors a lane reduces per step: the loads of kReduceUnroll x (ranks holding the token)
+// vectors are issued before the first sum.  At 2 ranks a lane otherwise has at most two loads in
+// flight and the reducing SMs wait on memory; at 4 and 8 ranks a token's rows come from more ranks
+// already, and a larger step spills registers under the 768-thread bound.
+template <int kNumRanks>
+constexpr int kReduceUnroll = kNumRanks <= 2 ? 4 : 1;
+
+// Vectors i, i + 32, ..., i + 32 (kU - 1) of one token's output (8 BF16 each).
+// NOTES: FP32 sum starting from +0 in rank order, then bias0, then bias1 - the reference's order.
+template <int kNumRanks, int kU>
+__device__ __forceinline__ void reduce_vectors(const char* const (&rows)[kNumRanks], const int4* b0, const int4* b1,
+                                               int4* out, int i) {
+    int4 v[kU][kNumRanks];
+#pragma unroll
+    for (int u = 0; u < kU; ++u)
+#pragma unroll
+        for (int r = 0; r < kNumRanks; ++r)
+            if (rows[r] != nullptr) v[u][r] = ptx::ld_cg_v4(reinterpret_cast<const int4*>(rows[r]) + i + u * kWarpSize);
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+        float acc[8] = {};
+#pragma unroll
+        for (int r = 0; r < kNumRanks; ++r)
+            if (rows[r] != nullptr) add_bf16x8(acc, v[u][r]);
+        if (b0 != nullptr) add_bf16x8(acc, ptx::ld_nc_v4(b0 + i + u * kWarpSize));
+        if (b1 != nullptr) add_bf16x8(acc, ptx::ld_nc_v4(b1 + i + u * kWarpSize));
+        ptx::st_na_v4(out + i + u * kWarpSize, pack_bf16x8(acc));
+    }
+}
+
 // Reduce one token: rows[r] is rank r's row (null when the token did not go there): a ring row,
 // or for the own rank `me` row own_x_row of x (its weights in topk_weights, not after the row).
-// NOTES: FP32 sum starting from +0 in rank order, then bias0, then bias1 - the reference's order.
 template <int kNumRanks>
 __device__ void reduce_token(const CombineParams& p, const char* const (&rows)[kNumRanks], int me, int64_t own_x_row,
                              int64_t token) {
+    constexpr int kU = kReduceUnroll<kNumRanks>;
     const int lane = lane_id();
     __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.combined_x) + token * p.hidden;
     const auto* b0 = static_cast<const __nv_bfloat16*>(p.bias0);
     const auto* b1 = static_cast<const __nv_bfloat16*>(p.bias1);
     if (p.hidden % 8 == 0) {
         const int n = p.hidden / 8;
-        for (int i = lane; i < n; i += 32) {
-            float acc[8] = {};
-            int4 v[kNumRanks];
-#pragma unroll
-            for (int r = 0; r < kNumRanks; ++r)
-                if (rows[r] != nullptr) v[r] = ptx::ld_cg_v4(reinterpret_cast<const int4*>(rows[r]) + i);
-#pragma unroll
-            for (int r = 0; r < kNumRanks; ++r)
-                if (rows[r] != nullptr) add_bf16x8(acc, v[r]);
-            if (b0 != nullptr) add_bf16x8(acc, ptx::ld_nc_v4(reinterpret_cast<const int4*>(b0 + token * p.hidden) + i));
-            if (b1 != nullptr) add_bf16x8(acc, ptx::ld_nc_v4(reinterpret_cast<const int4*>(b1 + token * p.hidden) + i));
-            ptx::st_na_v4(reinterpret_cast<int4*>(out) + i, pack_bf16x8(acc));
-        }
+        const int4* b0v = b0 != nullptr ? reinterpret_cast<const int4*>(b0 + token * p.hidden) : nullptr;
+        const int4* b1v = b1 != nullptr ? reinterpret_cast<const int4*>(b1 + token * p.hidden) : nullptr;
+        int4* outv = reinterpret_cast<int4*>(out);
+        int i = lane;
+        for (; i + (kU - 1) * kWarpSize < n; i += kU * kWarpSize) reduce_vectors<kNumRanks, kU>(rows, b0v, b1v, outv, i);
+        for (; i < n; i += kWarpSize) reduce_vectors<kNumRanks, 1>(rows, b0v, b1v, outv, i);
     } else {
         for (int i = lane; i < p.hidden; i += 32) {
             float acc = 0.0f;
