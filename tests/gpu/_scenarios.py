@@ -152,12 +152,19 @@ CASES = [  # (tag, T base, hidden, K, E, routing, expert_alignment, config)
     ("h2048-k2-t4096", 4096, 2048, 2, 16, "random", 1, None),
     ("h7168-k8-t4096", 4096, 7168, 8, 256, "random", 1, None),
 ]
+# Few tokens and tiny rings (every ring wraps, FP8 and non-128 hidden included): fast enough to run
+# under compute-sanitizer (scripts/sanitize.sh).
+SMALL_CASES = [
+    ("small-h7168-k8", 40, 7168, 8, 256, "random", 1, Config(4, 2, 8)),
+    ("small-h2000-k3", 33, 2000, 3, 16, "random", 1, Config(2, 1, 2)),
+    ("small-h4096-k9-align4", 50, 4096, 9, 64, "random", 4, Config(6, 3, 16)),
+]
 
 
-def suite_dispatch_combine(rank: int, world: int) -> None:
+def suite_dispatch_combine(rank: int, world: int, cases: list | None = None) -> None:
     cuda, ref = make_buffers(world)
     gen = torch.Generator().manual_seed(1234 + rank)
-    for tag, T0, H, K, E, kind, align, cfg in CASES:
+    for tag, T0, H, K, E, kind, align, cfg in CASES if cases is None else cases:
         print(f"rank {rank}: case {tag}", flush=True)
         T = T0 + 37 * rank  # ranks hold different token counts
         x = torch.randn((T, H), generator=gen).to(torch.bfloat16).cuda()

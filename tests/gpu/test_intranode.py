@@ -14,6 +14,11 @@ def test_dispatch_combine_variants(num_gpus):
     run_distributed(_scenarios.suite_dispatch_combine, num_gpus, backend="nccl", timeout_s=300)
 
 
+def test_small_cases(num_gpus):
+    """The same checks on a few tokens with tiny rings (the cases scripts/sanitize.sh runs)."""
+    run_distributed(_scenarios.suite_dispatch_combine, num_gpus, _scenarios.SMALL_CASES, backend="nccl", timeout_s=300)
+
+
 def test_no_topk(num_gpus):
     run_distributed(_scenarios.suite_no_topk_and_empty, num_gpus, backend="nccl", timeout_s=300)
 
