@@ -36,7 +36,9 @@ def cuda_extensions():
     if torch.version.cuda is None or CUDA_HOME is None:
         return [], {}
     csrc = os.path.join("ep_train", "csrc")
-    sources = sorted(glob.glob(os.path.join(csrc, "*.cpp")) + glob.glob(os.path.join(csrc, "**", "*.cu"), recursive=True))
+    sources = sorted(
+        glob.glob(os.path.join(csrc, "*.cpp")) + glob.glob(os.path.join(csrc, "**", "*.cu"), recursive=True)
+    )
     if not any(s.endswith(".cpp") for s in sources):
         return [], {}
     include_dirs = [

@@ -50,26 +50,21 @@ __device__ __forceinline__ uint16_t fp8x2_e4m3(float lo, float hi) {
     return r;
 }
 
-// Every thread of the block gets the same answer (safe to return on before a __syncthreads).
-__device__ __forceinline__ bool block_failed(const ErrorSink& err, int* s_flag) {
-    __syncthreads();
-    if (threadIdx.x == 0) *s_flag = has_failed(err);
-    __syncthreads();
-    return *s_flag != 0;
-}
-
-// True in exactly one block: the last of the grid to get here.  Every block's earlier global and
-// peer writes are visible (system scope) to that block afterwards; the counter is reset for the next
-// launch of the same phase and half.
+// True in exactly one block: the last of the grid to get here.  Every block's earlier memory
+// operations are ordered before that block's later ones; the counter is reset for the next launch
+// of the same phase and half.  kPeerWrites: the blocks wrote peer memory that must be visible
+// (system scope) before the last block releases to a peer; without it (receive phases: reads of
+// the own buffer and local writes only) a GPU-scope fence orders them.
+template <bool kPeerWrites>
 __device__ __forceinline__ bool block_is_last(int* counter, int* s_flag) {
     __syncthreads();
     if (threadIdx.x == 0) {
-        __threadfence_system();
+        if (kPeerWrites) __threadfence_system(); else __threadfence();
         const int prev = atomicAdd(counter, 1);
         *s_flag = prev == static_cast<int>(gridDim.x) - 1;
         if (*s_flag) {
             *counter = 0;
-            __threadfence_system();
+            if (kPeerWrites) __threadfence_system(); else __threadfence();
         }
     }
     __syncthreads();
@@ -77,13 +72,21 @@ __device__ __forceinline__ bool block_is_last(int* counter, int* s_flag) {
 }
 
 // Sequence number of this call (send phase: own counter + 1) and the ack wait for its half.
-__device__ __forceinline__ int64_t begin_send(const RankContext& ctx, int64_t* s_seq) {
-    if (threadIdx.x == 0) *s_seq = ptx::ld_volatile(LowLatencyLayout::seq(ctx.peers.base[ctx.rank])) + 1;
+// *s_flag becomes 1 when the buffer has failed or an ack wait fails; the caller reads it after its
+// next __syncthreads.  NOTES: the status word and the counter are read in one round trip (this
+// replaces a separate status check at kernel start).
+__device__ __forceinline__ int64_t begin_send(const RankContext& ctx, int64_t* s_seq, int* s_flag) {
+    if (threadIdx.x == 0) {
+        const int status = ptx::ld_volatile(ctx.err.status);
+        *s_seq = ptx::ld_volatile(LowLatencyLayout::seq(ctx.peers.base[ctx.rank])) + 1;
+        *s_flag = status != 0;
+    }
     __syncthreads();
     const int64_t seq = *s_seq;
-    if (threadIdx.x < ctx.num_ranks && seq > 2)
+    if (threadIdx.x < ctx.num_ranks && seq > 2 && *s_flag == 0 &&
         wait_at_least(LowLatencyLayout::ack(ctx.peers.base[ctx.rank], threadIdx.x), seq - 2, ctx.err,
-                      kWaitLowLatencyAck, -1, threadIdx.x);
+                      kWaitLowLatencyAck, -1, threadIdx.x) < 0)
+        *s_flag = 1;
     return seq;
 }
 
@@ -106,18 +109,34 @@ __device__ void publish(const RankContext& ctx, const int64_t* info, int64_t seq
 }
 
 // Receive phase start: wait for every source's stamp and compare its call header with ours.
-__device__ void wait_sources(const RankContext& ctx, const int64_t* info, int64_t seq, int site) {
+// Returns, in every thread of the block, whether the block must stop (a failed wait, a header
+// mismatch, or a failure reported elsewhere).  NOTES: the status word is read with the header
+// words, in the same round trip.
+__device__ bool wait_sources(const RankContext& ctx, const int64_t* info, int64_t seq, int site, int* s_flag) {
     const int s = threadIdx.x;
-    if (s >= ctx.num_ranks) return;
-    const int64_t* slot = LowLatencyLayout::header(ctx.peers.base[ctx.rank], static_cast<int>(seq & 1), s);
-    if (wait_at_least(slot + LowLatencyLayout::kHeaderStampWord, seq, ctx.err, site, -1, s) < 0) return;
-    for (int w = 0; w < kInfoWords; ++w) {
-        const int64_t theirs = ptx::ld_volatile(slot + w);
-        if (theirs != info[w]) {
-            report_error(ctx.err, kErrMismatch, kCheckCallHeader, w, s, info[w], theirs);
-            return;
+    __syncthreads();  // every thread is done with the flag's previous use (combine shares it)
+    if (s == 0) *s_flag = 0;
+    __syncthreads();
+    if (s < ctx.num_ranks) {
+        const int64_t* slot = LowLatencyLayout::header(ctx.peers.base[ctx.rank], static_cast<int>(seq & 1), s);
+        bool failed = wait_at_least(slot + LowLatencyLayout::kHeaderStampWord, seq, ctx.err, site, -1, s) < 0;
+        if (!failed) {
+            int64_t theirs[kInfoWords];
+#pragma unroll
+            for (int w = 0; w < kInfoWords; ++w) theirs[w] = ptx::ld_volatile(slot + w);
+            failed = has_failed(ctx.err);
+#pragma unroll
+            for (int w = 0; w < kInfoWords; ++w) {
+                if (!failed && theirs[w] != info[w]) {
+                    report_error(ctx.err, kErrMismatch, kCheckCallHeader, w, s, info[w], theirs[w]);
+                    failed = true;
+                }
+            }
         }
+        if (failed) *s_flag = 1;
     }
+    __syncthreads();
+    return *s_flag != 0;
 }
 
 // Last block of a receive phase: tell every source that this half is free again.
@@ -178,6 +197,7 @@ __device__ __forceinline__ int4 cast_16(const char* src, float inv) {
 
 struct SendShared {
     int hist[kMaxExperts];    // entries before the current round, per global expert
+    int total[kMaxExperts];   // all entries, per global expert
     char* dst[kRoundPairs];   // payload of the destination slot of each entry of the round (null: none)
     int token[kRoundPairs];
     int64_t seq;
@@ -187,23 +207,33 @@ struct SendShared {
 // Dispatch send.  Grid: every block takes a contiguous range of the T*K (token, top-k) entries, in
 // rounds of 32.  Warp 0 gives each entry its slot j = number of earlier entries (row-major) with
 // the same expert, so slots within (expert, source) are in token order, then top-k order (the
-// reference layout); all threads then cast (FP8) and copy the rows of the round.
+// reference layout); all threads then cast (FP8) and copy the rows of the round.  Every block
+// counts all entries up front and writes its share of the per-expert counts, so the last block
+// only publishes the headers and the stamp.
 __device__ void dispatch_send(const LowLatencyDispatchParams& p, const RankContext& ctx, SendShared& sh,
                               float* s_scale, float* s_inv) {
     const int K = p.num_topk, E = p.num_experts, L = p.layout.num_local_experts, M = p.layout.max_tokens;
     const int H = p.layout.hidden, S = H / kFp8Block, me = ctx.rank, lane = lane_id();
-    const int64_t seq = begin_send(ctx, &sh.seq);
+    const int64_t seq = begin_send(ctx, &sh.seq, &sh.flag);
     const int half = static_cast<int>(seq & 1);
     const int num_entries = p.num_tokens * K;
     const int per = (num_entries + gridDim.x - 1) / gridDim.x;
     const int i0 = min(num_entries, per * static_cast<int>(blockIdx.x)), i1 = min(num_entries, i0 + per);
-    for (int e = threadIdx.x; e < E; e += blockDim.x) sh.hist[e] = 0;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) sh.hist[e] = sh.total[e] = 0;
     __syncthreads();
-    for (int i = threadIdx.x; i < i0; i += blockDim.x) {
+    for (int i = threadIdx.x; i < num_entries; i += blockDim.x) {
         const int64_t e = p.topk_idx[i];
-        if (e >= 0 && e < E) atomicAdd(&sh.hist[e], 1);
+        if (e >= 0 && e < E) {
+            if (i < i0) atomicAdd(&sh.hist[e], 1);
+            atomicAdd(&sh.total[e], 1);
+        }
     }
-    if (block_failed(ctx.err, &sh.flag)) return;
+    __syncthreads();
+    if (sh.flag) return;
+    // Counts per (destination expert, me); the half is free (acknowledged), and the stamp comes after
+    // every block's fence.
+    for (int e = blockIdx.x + static_cast<int>(threadIdx.x) * gridDim.x; e < E; e += gridDim.x * blockDim.x)
+        *p.layout.count(ctx.peers.base[e / L], half, e % L, me) = min(sh.total[e], M);
 
     for (int r0 = i0; r0 < i1; r0 += kRoundPairs) {
         const int n = min(kRoundPairs, i1 - r0), t_first = r0 / K;
@@ -259,16 +289,8 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, const RankConte
         __syncthreads();
     }
 
-    if (!block_is_last(LowLatencyLayout::done(ctx.peers.base[me], kSendPhase, half), &sh.flag)) return;
-    // Counts per (destination expert, me): finish the histogram over the entries after this block's range.
-    for (int i = i1 + static_cast<int>(threadIdx.x); i < num_entries; i += blockDim.x) {
-        const int64_t e = p.topk_idx[i];
-        if (e >= 0 && e < E) atomicAdd(&sh.hist[e], 1);
-    }
-    __syncthreads();
-    for (int e = threadIdx.x; e < E; e += blockDim.x)
-        *p.layout.count(ctx.peers.base[e / L], half, e % L, me) = min(sh.hist[e], M);
-    publish(ctx, p.info, seq, p.call_seq);
+    if (block_is_last<true>(LowLatencyLayout::done(ctx.peers.base[me], kSendPhase, half), &sh.flag))
+        publish(ctx, p.info, seq, p.call_seq);
 }
 
 struct RecvShared {
@@ -286,8 +308,7 @@ __device__ void dispatch_recv(const LowLatencyDispatchParams& p, const RankConte
     const int S = H / kFp8Block, RM = R * M, warp = threadIdx.x / kWarpSize, lane = lane_id();
     const int half = static_cast<int>(seq & 1);
     void* own = ctx.peers.base[ctx.rank];
-    wait_sources(ctx, p.info, seq, kWaitLowLatencyDispatch);
-    if (block_failed(ctx.err, &sh.flag)) return;
+    if (wait_sources(ctx, p.info, seq, kWaitLowLatencyDispatch, &sh.flag)) return;
 
     const ExpertShare share = expert_share(L);
     const int64_t payload = p.use_fp8 ? H : int64_t(H) * 2;
@@ -335,7 +356,7 @@ __device__ void dispatch_recv(const LowLatencyDispatchParams& p, const RankConte
         }
         __syncthreads();
     }
-    if (block_is_last(LowLatencyLayout::done(own, kRecvPhase, half), &sh.flag)) acknowledge(ctx, seq);
+    if (block_is_last<false>(LowLatencyLayout::done(own, kRecvPhase, half), &sh.flag)) acknowledge(ctx, seq);
 }
 
 // Grid: one block per SM (all co-resident: the fused send + receive waits inside one launch).
@@ -345,13 +366,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     __shared__ SendShared send_sh;
     __shared__ RecvShared recv_sh;
     extern __shared__ float s_fp8[];  // [32 tokens][S] scales, then [32][S] reciprocals
-    if (has_failed(ctx.err)) return;
     int64_t seq;
+    // NOTES: no status check between the phases: a failure stops the receive phase at its first wait.
     if (phases & kPhaseSend) {
         dispatch_send(p, ctx, send_sh, s_fp8, s_fp8 + kRoundPairs * (p.layout.hidden / kFp8Block));
-        if (block_failed(ctx.err, &send_sh.flag)) return;
         seq = send_sh.seq;
     } else {
+        if (has_failed(ctx.err)) return;
         seq = ptx::ld_volatile(p.call_seq);
     }
     if (phases & kPhaseRecv) dispatch_recv(p, ctx, recv_sh, seq);
@@ -362,9 +383,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 __device__ void combine_send(const LowLatencyCombineParams& p, const RankContext& ctx, RecvShared& sh) {
     const int R = ctx.num_ranks, L = p.layout.num_local_experts, M = p.layout.max_tokens, K = p.num_topk;
     const int RM = R * M, warp = threadIdx.x / kWarpSize;
-    const int64_t seq = begin_send(ctx, &sh.seq), row_bytes = int64_t(p.layout.hidden) * 2;
+    const int64_t seq = begin_send(ctx, &sh.seq, &sh.flag), row_bytes = int64_t(p.layout.hidden) * 2;
     const int half = static_cast<int>(seq & 1);
-    if (block_failed(ctx.err, &sh.flag)) return;
+    __syncthreads();
+    if (sh.flag) return;
     const ExpertShare share = expert_share(L);
     for (int l = share.first; l < L; l += share.step) {
         if (threadIdx.x == 0) {
@@ -389,7 +411,7 @@ __device__ void combine_send(const LowLatencyCombineParams& p, const RankContext
         }
         __syncthreads();
     }
-    if (block_is_last(LowLatencyLayout::done(ctx.peers.base[ctx.rank], kSendPhase, half), &sh.flag))
+    if (block_is_last<true>(LowLatencyLayout::done(ctx.peers.base[ctx.rank], kSendPhase, half), &sh.flag))
         publish(ctx, p.info, seq, p.call_seq);
 }
 
@@ -417,8 +439,7 @@ __device__ void combine_recv(const LowLatencyCombineParams& p, const RankContext
     const int K = p.num_topk, H = p.layout.hidden, chunks = H / 8;
     const int half = static_cast<int>(seq & 1);
     void* own = ctx.peers.base[ctx.rank];
-    wait_sources(ctx, p.info, seq, kWaitLowLatencyCombine);
-    if (block_failed(ctx.err, &sh.flag)) return;
+    if (wait_sources(ctx, p.info, seq, kWaitLowLatencyCombine, &sh.flag)) return;
     const int64_t items = H % 8 == 0 ? int64_t(p.num_tokens) * chunks : 0;
     if (H % 8 != 0) combine_reduce_scalar(p, own, half);
     for (int64_t it = blockIdx.x * int64_t(kThreads) + threadIdx.x; it < items; it += int64_t(gridDim.x) * kThreads) {
@@ -442,20 +463,19 @@ __device__ void combine_recv(const LowLatencyCombineParams& p, const RankContext
         for (int i = 0; i < 4; ++i) o.v[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
         reinterpret_cast<Bf16x8*>(static_cast<char*>(p.out) + int64_t(t) * H * 2)[c] = o;
     }
-    if (block_is_last(LowLatencyLayout::done(own, kRecvPhase, half), &sh.flag)) acknowledge(ctx, seq);
+    if (block_is_last<false>(LowLatencyLayout::done(own, kRecvPhase, half), &sh.flag)) acknowledge(ctx, seq);
 }
 
 __global__ void __launch_bounds__(kThreads, 1)
     low_latency_combine_kernel(const __grid_constant__ LowLatencyCombineParams p,
                                const __grid_constant__ RankContext ctx, int phases) {
     __shared__ RecvShared sh;
-    if (has_failed(ctx.err)) return;
     int64_t seq;
-    if (phases & kPhaseSend) {
+    if (phases & kPhaseSend) {  // a failure stops the receive phase at its first wait (see dispatch)
         combine_send(p, ctx, sh);
-        if (block_failed(ctx.err, &sh.flag)) return;
         seq = sh.seq;
     } else {
+        if (has_failed(ctx.err)) return;
         seq = ptx::ld_volatile(p.call_seq);
     }
     if (phases & kPhaseRecv) combine_recv(p, ctx, sh, seq);
