@@ -33,6 +33,7 @@ constexpr int kThreads = 1024;
 constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kRoundPairs = 32;  // (token, top-k) entries a send block handles per round: one per lane of warp 0
 constexpr int kCopyUnroll = 4;
+constexpr int kCombineGroup = 4;  // top-k entries of a token whose loads a combine lane has in flight together
 constexpr int kSendPhase = 0, kRecvPhase = 1;  // finish counters of LowLatencyLayout::done
 // FP8 arithmetic of ep_train/fp8.py as torch runs it on CUDA.  NOTES: torch divides by a Python
 // scalar as a multiplication by its float reciprocal, so scale = amax * (1 / 448), not amax / 448.
@@ -314,9 +315,15 @@ __device__ void dispatch_recv(const LowLatencyDispatchParams& p, const RankConte
     const int64_t payload = p.use_fp8 ? H : int64_t(H) * 2;
     for (int l = share.first; l < L; l += share.step) {
         if (threadIdx.x == 0) {
+            int count[kMaxRanks];
+#pragma unroll
+            for (int s = 0; s < kMaxRanks; ++s)  // all loads in flight before the first use
+                count[s] = s < R ? ptx::ld_volatile(p.layout.count(own, half, l, s)) : 0;
             int acc = 0;
-            for (int s = 0; s < R; ++s) {
-                sh.count[s] = min(max(ptx::ld_volatile(p.layout.count(own, half, l, s)), 0), M);
+#pragma unroll
+            for (int s = 0; s < kMaxRanks; ++s) {
+                if (s >= R) break;
+                sh.count[s] = min(max(count[s], 0), M);
                 sh.offset[s] = acc;
                 acc += sh.count[s];
             }
@@ -390,9 +397,14 @@ __device__ void combine_send(const LowLatencyCombineParams& p, const RankContext
     const ExpertShare share = expert_share(L);
     for (int l = share.first; l < L; l += share.step) {
         if (threadIdx.x == 0) {
+            int64_t ranges[kMaxRanks];
+#pragma unroll
+            for (int s = 0; s < kMaxRanks; ++s) ranges[s] = s < R ? p.recv_layout_range[l * R + s] : 0;
             int64_t end = 0;
-            for (int s = 0; s < R; ++s) {
-                const int64_t range = p.recv_layout_range[l * R + s];
+#pragma unroll
+            for (int s = 0; s < kMaxRanks; ++s) {
+                if (s >= R) break;
+                const int64_t range = ranges[s];
                 sh.offset[s] = static_cast<int>(range >> 32);
                 sh.count[s] = static_cast<int>(range & 0xffffffff);
                 end = max(end, (range >> 32) + (range & 0xffffffff));
@@ -435,6 +447,9 @@ __device__ void combine_reduce_scalar(const LowLatencyCombineParams& p, void* ow
 
 // Combine receive.  Grid-strided over (token, 8-channel chunk): out = sum over k ascending of
 // w[t, k] * row(t, k), FP32 products and sums rounded one by one (as the reference), BF16 once.
+// A lane takes the top-k entries kCombineGroup at a time: the ids and weights of the group are
+// loaded together, then the group's row chunks, so a token costs two round trips per group
+// instead of two per entry.
 __device__ void combine_recv(const LowLatencyCombineParams& p, const RankContext& ctx, RecvShared& sh, int64_t seq) {
     const int K = p.num_topk, H = p.layout.hidden, chunks = H / 8;
     const int half = static_cast<int>(seq & 1);
@@ -445,17 +460,31 @@ __device__ void combine_recv(const LowLatencyCombineParams& p, const RankContext
     for (int64_t it = blockIdx.x * int64_t(kThreads) + threadIdx.x; it < items; it += int64_t(gridDim.x) * kThreads) {
         const int t = static_cast<int>(it / chunks), c = static_cast<int>(it % chunks);
         float acc[8] = {};
-        for (int k = 0; k < K; ++k) {
-            const int64_t e = p.topk_idx[int64_t(t) * K + k];
-            if (e < 0 || e >= p.num_experts) continue;
-            const float w = p.topk_weights[int64_t(t) * K + k];
-            const int4 raw = ptx::ld_cg_v4(reinterpret_cast<const int4*>(p.layout.combine_slot(own, half, t * K + k)) + c);
-            const auto* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+        for (int k0 = 0; k0 < K; k0 += kCombineGroup) {
+            bool valid[kCombineGroup];
+            float w[kCombineGroup];
+            int4 raw[kCombineGroup];
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const float2 f = __bfloat1622float2(h[i]);
-                acc[2 * i] = __fadd_rn(acc[2 * i], __fmul_rn(f.x, w));
-                acc[2 * i + 1] = __fadd_rn(acc[2 * i + 1], __fmul_rn(f.y, w));
+            for (int u = 0; u < kCombineGroup; ++u) {
+                const int k = k0 + u;
+                const int64_t e = k < K ? p.topk_idx[int64_t(t) * K + k] : -1;
+                w[u] = k < K ? p.topk_weights[int64_t(t) * K + k] : 0.0f;
+                valid[u] = e >= 0 && e < p.num_experts;
+            }
+#pragma unroll
+            for (int u = 0; u < kCombineGroup; ++u)
+                if (valid[u])
+                    raw[u] = ptx::ld_cg_v4(reinterpret_cast<const int4*>(p.layout.combine_slot(own, half, t * K + k0 + u)) + c);
+#pragma unroll
+            for (int u = 0; u < kCombineGroup; ++u) {
+                if (!valid[u]) continue;
+                const auto* h = reinterpret_cast<const __nv_bfloat162*>(&raw[u]);
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const float2 f = __bfloat1622float2(h[i]);
+                    acc[2 * i] = __fadd_rn(acc[2 * i], __fmul_rn(f.x, w[u]));
+                    acc[2 * i + 1] = __fadd_rn(acc[2 * i + 1], __fmul_rn(f.y, w[u]));
+                }
             }
         }
         Bf16x8 o;
