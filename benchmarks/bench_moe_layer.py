@@ -10,9 +10,13 @@ node (EP = GPU count).  Rows, in the same process on the same machine:
 - ``deepep chunks=N``: ep_train's dispatcher, N = 1 (no overlap) and the pipelined chunk counts.
 
 Median CUDA-event time of forward+backward over ``--iters`` iterations after warm-up, with and
-without shared experts overlapped when ``--shared`` is given.  Never asserts on time.
+without shared experts overlapped when ``--shared`` is given.  ``--profile N`` adds, per row, one
+more forward+backward under torch.profiler and prints rank 0's GPU time by kernel family (expert
+GEMMs, ep_train kernels, NCCL, permutation ops, the rest) and its N longest kernels.  Never asserts
+on time.
 
     python benchmarks/bench_moe_layer.py [--tokens 4096] [--iters 20] [--chunks 2 4] [--shared 2048] [--gpus N]
+                                         [--profile 12]
 
 ``--gpus 1`` runs EP1 on one GPU: no tokens cross GPUs (ep_train's Buffer uses its torch backend,
 the kernels need two ranks), so the rows compare what each dispatcher adds around the experts.
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 
 import torch
@@ -78,6 +83,52 @@ def _time_fwd_bwd(layer, x: torch.Tensor, grad: torch.Tensor, iters: int, warmup
     return statistics.median(times)
 
 
+# Kernel families of the profile, first match wins (names as the CUDA profiler reports them).
+_FAMILIES = [
+    ("expert GEMMs", re.compile(r"gemm|cutlass|xmma|nvjet|grouped_mm|wgmma", re.I)),
+    (
+        "permutation (index/sort/scatter/pair sum)",
+        re.compile(r"sum_pairs|index|gather|scatter|sort|cumsum|nonzero|masked", re.I),
+    ),
+    ("ep_train dispatch/combine kernels", re.compile(r"ep_train")),
+    ("NCCL", re.compile(r"nccl", re.I)),
+]
+
+
+def _profile_fwd_bwd(layer, x: torch.Tensor, grad: torch.Tensor) -> list[tuple[str, float, int]]:
+    """``(kernel name, GPU ms, launches)`` of one forward + backward."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    dist.barrier()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        out, _ = layer(x)
+        out.backward(grad)
+        torch.cuda.synchronize()
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
+    rows = []
+    for e in prof.key_averages():
+        if e.device_type != DeviceType.CUDA:
+            continue
+        us = getattr(e, "self_device_time_total", None)
+        rows.append((e.key, (us if us is not None else e.self_cuda_time_total) / 1e3, e.count))
+    return rows
+
+
+def _profile_lines(label: str, kernels: list[tuple[str, float, int]], top: int) -> list[str]:
+    """The families' totals and the ``top`` longest kernels of one row."""
+    totals = {name: 0.0 for name, _ in _FAMILIES} | {"other": 0.0}
+    for name, ms, _ in kernels:
+        family = next((f for f, pattern in _FAMILIES if pattern.search(name)), "other")
+        totals[family] += ms
+    lines = [f"  {label}: {sum(totals.values()):.2f} ms of kernels (streams overlap: may exceed the wall time)"]
+    lines += [f"    {family:<42} {ms:8.2f} ms" for family, ms in totals.items()]
+    for name, ms, count in sorted(kernels, key=lambda k: -k[1])[:top]:
+        lines.append(f"      {ms:8.2f} ms  x{count:<4} {name[:110]}")
+    return lines
+
+
 def _worker(rank: int, world: int, args) -> None:
     os.environ["EP_TRAIN_QUIET"] = "1"
     if world == 1:
@@ -97,12 +148,17 @@ def _worker(rank: int, world: int, args) -> None:
     if world > 1:  # Megatron's flex dispatcher refuses EP1
         variants.append(("flex", "flex (ep_train backend)", 1))
     variants += [("deepep", f"deepep chunks={c}" + (" (no overlap)" if c == 1 else ""), c) for c in [1, *args.chunks]]
-    rows = []
+    rows, profiles = [], []
     for dispatcher, label, chunks in variants:
         backend = install_flex_backend() if dispatcher == "flex" else None
         try:
             layer, experts = _build(args, dispatcher, chunks, world)
             ms = _time_fwd_bwd(layer, x, grad, args.iters, args.warmup)
+            if args.profile:
+                try:
+                    profiles += _profile_lines(label, _profile_fwd_bwd(layer, x, grad), args.profile)
+                except RuntimeError as exc:  # no CUPTI on this machine: keep the timings
+                    profiles.append(f"  {label}: profiler unavailable ({exc})")
             buf = getattr(layer.token_dispatcher, "buffer", None)
             comm = buf.backend_name if buf is not None else ("nccl a2a" if dispatcher == "alltoall" else "ep_train")
             if backend is not None and backend.buffers._entries:
@@ -121,6 +177,9 @@ def _worker(rank: int, world: int, args) -> None:
         base = rows[0][1]
         for label, ms, comm, experts in rows:
             print(f"  {label:<30} {ms:8.2f} ms  x{base / ms:5.2f} vs alltoall   comm={comm:<8} experts={experts}")
+        if profiles:
+            print("Profile (rank 0, one forward + backward per row):")
+            print("\n".join(profiles))
     parallel_state.destroy_model_parallel()
 
 
@@ -136,6 +195,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--gpus", type=int, default=0, help="EP size (default: the largest of 2/4/8 this node has)")
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="profile each row, print its N longest kernels")
     args = p.parse_args()
     count = torch.cuda.device_count()
     world = args.gpus or max((n for n in (2, 4, 8) if n <= count), default=0)

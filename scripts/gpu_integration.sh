@@ -27,7 +27,7 @@ stamp build
 if want megatron; then
     timeout 200 python -m pytest -q tests/gpu/test_megatron_gpu.py 2>&1 | tee "$OUT/megatron_tests.log" | tail -15
     stamp megatron-tests
-    timeout 150 python benchmarks/bench_moe_layer.py 2>&1 | tee "$OUT/bench_moe_layer.log" | tail -15
+    timeout 180 python benchmarks/bench_moe_layer.py --profile 10 2>&1 | tee "$OUT/bench_moe_layer.log" | tail -80
     stamp bench-moe-layer
     # With shared experts (DeepSeek-V3's 2048): each dispatcher overlaps them its own way.
     timeout 150 python benchmarks/bench_moe_layer.py --shared 2048 --chunks 2>&1 | tee "$OUT/bench_moe_layer_shared.log" | tail -8
