@@ -4,9 +4,10 @@
 // Protocol of one operation (a dispatch or a combine), sequence number n = own LL counter + 1,
 // buffer half h = n & 1:
 //   send:    wait until every destination acknowledged receive n - 2 (it no longer reads half h),
-//            write every row straight into the destination's half h through the IPC pointer
-//            (16-byte stores), then the last block to finish writes the per-expert counts and the
-//            call header into each destination's header slot [h][me] and releases the stamp n.
+//            write every row (dispatch: and its share of the per-expert counts) straight into
+//            the destination's half h through the IPC pointer (16-byte stores), fence; the last
+//            block to finish writes the call header into each destination's header slot [h][me]
+//            and releases the stamp n.
 //   receive: wait for the stamp n of every source, compare the call headers, move the rows out of
 //            half h (dispatch: pack into recv_x; combine: weighted FP32 sum per token), then the
 //            last block to finish acknowledges n to every source.
