@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one script run on a GPU machine: build ep_train._C, run the GPU tests, run the benchmarks
-# (permutation on one GPU; intranode with two or more).  Logs go under $OUT (or ./gpu_logs).
+# (permutation on one GPU; intranode and low-latency with two or more).  Logs go under $OUT (or
+# ./gpu_logs).  compute-sanitizer runs separately: scripts/sanitize.sh.
 # Usage: bash scripts/gpu_check.sh [--no-bench]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,5 +24,7 @@ if [ "${1:-}" != "--no-bench" ]; then
     if [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
         timeout 150 python benchmarks/bench_intranode.py 2>&1 | tee "$OUT/bench.log" | tail -30
         echo "bench: exit ${PIPESTATUS[0]} after $(( $(date +%s) - start )) s"
+        timeout 120 python benchmarks/bench_low_latency.py 2>&1 | tee "$OUT/bench_low_latency.log" | grep -v -i warn | tail -50
+        echo "bench_low_latency: exit ${PIPESTATUS[0]} after $(( $(date +%s) - start )) s"
     fi
 fi
