@@ -49,10 +49,12 @@ IntranodeLayout make_layout(const IntranodeRuntime& rt, int64_t hidden, int num_
     return layout;
 }
 
-cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+cudaStream_t stream() {
+    return c10::cuda::getCurrentCUDAStream().stream();
+}
 
-void get_dispatch_layout(const torch::Tensor& topk_idx, int64_t num_experts, int64_t num_ranks,
-                         torch::Tensor& per_rank, torch::Tensor& per_expert, torch::Tensor& in_rank) {
+void get_dispatch_layout(const torch::Tensor& topk_idx, int64_t num_experts, int64_t num_ranks, torch::Tensor& per_rank,
+                         torch::Tensor& per_expert, torch::Tensor& in_rank) {
     check(topk_idx, "topk_idx", torch::kInt64, 2);
     check(per_rank, "num_tokens_per_rank", torch::kInt32, 1);
     check(per_expert, "num_tokens_per_expert", torch::kInt32, 1);
@@ -216,10 +218,10 @@ torch::Tensor sum_pairs(const torch::Tensor& y, const torch::Tensor& pos) {
 LowLatencyLayout make_low_latency_layout(const LowLatencyRuntime& rt, int64_t max_tokens, int64_t hidden,
                                          int64_t num_experts, int64_t hidden_multiple) {
     const int R = rt.context().num_ranks;
-    TORCH_CHECK(num_experts % R == 0 && num_experts <= ep_train::kMaxExperts, "num_experts must be a multiple of ",
-                R, " and <= ", ep_train::kMaxExperts, ", got ", num_experts);
-    TORCH_CHECK(hidden >= 1 && hidden % hidden_multiple == 0 && hidden <= 16384, "this low-latency call takes hidden % ",
-                hidden_multiple, " == 0 and hidden <= 16384, got ", hidden);
+    TORCH_CHECK(num_experts % R == 0 && num_experts <= ep_train::kMaxExperts, "num_experts must be a multiple of ", R,
+                " and <= ", ep_train::kMaxExperts, ", got ", num_experts);
+    TORCH_CHECK(hidden >= 1 && hidden % hidden_multiple == 0 && hidden <= 16384,
+                "this low-latency call takes hidden % ", hidden_multiple, " == 0 and hidden <= 16384, got ", hidden);
     LowLatencyLayout layout(static_cast<int>(max_tokens), static_cast<int>(hidden), R, static_cast<int>(num_experts));
     TORCH_CHECK(layout.total_bytes() <= rt.num_bytes(), "num_rdma_bytes=", rt.num_bytes(),
                 " is too small for this low-latency call: it needs ", layout.total_bytes(),
@@ -355,9 +357,7 @@ PYBIND11_MODULE(_C, m) {
         return IntranodeLayout(hidden_bytes, num_ranks, num_channels, ring_tokens).total_bytes();
     });
     py::class_<IntranodeRuntime> intranode(m, "IntranodeRuntime");
-    bind_peer_buffer(intranode)
-        .def("num_nvl_bytes", &IntranodeRuntime::num_nvl_bytes)
-        .def("wait_recv", &wait_recv);
+    bind_peer_buffer(intranode).def("num_nvl_bytes", &IntranodeRuntime::num_nvl_bytes).def("wait_recv", &wait_recv);
     m.def("get_dispatch_layout", &get_dispatch_layout);
     m.def("notify", &notify);
     m.def("prepare", &prepare);
@@ -369,8 +369,7 @@ PYBIND11_MODULE(_C, m) {
         return LowLatencyLayout(max_tokens, hidden, num_ranks, num_experts).total_bytes();
     });
     py::class_<LowLatencyRuntime> low_latency(m, "LowLatencyRuntime");
-    bind_peer_buffer(low_latency)
-        .def("num_bytes", [](const LowLatencyRuntime& rt) { return rt.num_bytes(); });
+    bind_peer_buffer(low_latency).def("num_bytes", [](const LowLatencyRuntime& rt) { return rt.num_bytes(); });
     m.def("low_latency_dispatch", &low_latency_dispatch);
     m.def("low_latency_combine", &low_latency_combine);
 }

@@ -1,7 +1,7 @@
 // Host side of the low-latency kernels: the IPC-shared low-latency buffer (a PeerBuffer).
-#include "low_latency_runtime.hpp"
-
 #include <algorithm>
+
+#include "low_latency_runtime.hpp"
 
 namespace ep_train {
 

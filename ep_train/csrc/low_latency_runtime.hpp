@@ -17,13 +17,13 @@ namespace ep_train {
 
 // The low-latency buffer: its own PeerBuffer, so normal and low-latency calls never share memory.
 class LowLatencyRuntime : public PeerBuffer {
-   public:
+  public:
     LowLatencyRuntime(int rank, int num_ranks, int64_t num_bytes, double timeout_s);
 
     RankContext context() const { return PeerBuffer::context(LowLatencyLayout::status(local())); }
     int num_sms() const { return num_sms_; }
 
-   private:
+  private:
     int num_sms_ = 0;
 };
 
@@ -31,14 +31,14 @@ class LowLatencyRuntime : public PeerBuffer {
 enum LowLatencyPhase : int { kPhaseSend = 1, kPhaseRecv = 2, kPhaseBoth = 3 };
 
 struct LowLatencyDispatchParams {
-    const void* x;              // [T, H] BF16
-    const int64_t* topk_idx;    // [T, K], -1 = none
-    const float* topk_weights;  // [T, K] or null
-    void* recv_x;               // [L, R*M, H] BF16 or e4m3
-    float* recv_scales;         // [L, R*M, S] (FP8) or null
-    int* recv_src_info;         // [L, R*M]
-    int* recv_topk_pos;         // [L, R*M]
-    float* recv_topk_weights;   // [L, R*M]
+    const void* x;               // [T, H] BF16
+    const int64_t* topk_idx;     // [T, K], -1 = none
+    const float* topk_weights;   // [T, K] or null
+    void* recv_x;                // [L, R*M, H] BF16 or e4m3
+    float* recv_scales;          // [L, R*M, S] (FP8) or null
+    int* recv_src_info;          // [L, R*M]
+    int* recv_topk_pos;          // [L, R*M]
+    float* recv_topk_weights;    // [L, R*M]
     int64_t* recv_layout_range;  // [L, R]
     int* recv_count;             // [L]
     int* cumulative_stats;       // [L] or null

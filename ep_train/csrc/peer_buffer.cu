@@ -1,9 +1,9 @@
 // PeerBuffer: cudaMalloc + CUDA IPC handles, the pinned error mailbox, bounded-wait cycle budget.
-#include "peer_buffer.hpp"
-
 #include <cstring>
 #include <sstream>
 #include <stdexcept>
+
+#include "peer_buffer.hpp"
 
 namespace ep_train {
 
@@ -89,7 +89,9 @@ RankContext PeerBuffer::context(int* status) const {
     return ctx;
 }
 
-int PeerBuffer::error_code() const { return mailbox_ == nullptr ? 0 : mailbox_->code; }
+int PeerBuffer::error_code() const {
+    return mailbox_ == nullptr ? 0 : mailbox_->code;
+}
 
 void PeerBuffer::error_fields(long long out[7]) const {
     for (int i = 0; i < 7; ++i) out[i] = 0;

@@ -17,7 +17,7 @@ namespace ep_train {
 void check_cuda(cudaError_t err, const char* what);
 
 class PeerBuffer {
-   public:
+  public:
     // `name` words messages ("NVLink buffer", "low-latency buffer").  2, 4 or 8 ranks.
     PeerBuffer(int rank, int num_ranks, int64_t num_bytes, double timeout_s, const char* name);
     ~PeerBuffer();
@@ -41,7 +41,7 @@ class PeerBuffer {
     // code, rank, what, channel, peer, expected, seen of the first kernel-reported failure.
     void error_fields(long long out[7]) const;
 
-   private:
+  private:
     int rank_, num_ranks_, device_ = 0;
     int64_t num_bytes_;
     long long timeout_cycles_ = 0;

@@ -1,7 +1,5 @@
 // Host side of the intranode backend: the NVLink buffer (a PeerBuffer) and the one host sync of a
 // layout-free dispatch.
-#include "runtime.hpp"
-
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -10,13 +8,17 @@
 #include <stdexcept>
 #include <thread>
 
+#include "runtime.hpp"
+
 namespace ep_train {
 
 IntranodeRuntime::IntranodeRuntime(int rank, int num_ranks, int64_t num_nvl_bytes, double timeout_s)
     : PeerBuffer(rank, num_ranks, std::max<int64_t>(num_nvl_bytes, IntranodeLayout::control_bytes()), timeout_s,
                  "NVLink buffer") {}
 
-void IntranodeRuntime::clear_recv_ready() { mailbox().recv_ready = 0; }
+void IntranodeRuntime::clear_recv_ready() {
+    mailbox().recv_ready = 0;
+}
 
 int IntranodeRuntime::wait_recv(cudaStream_t stream, double timeout_s, int num_local_experts, int* num_recv_tokens,
                                 std::vector<int>* per_expert) {

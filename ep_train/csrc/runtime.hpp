@@ -16,7 +16,7 @@ namespace ep_train {
 
 // The NVLink buffer of the normal kernels and the one host sync of a layout-free dispatch.
 class IntranodeRuntime : public PeerBuffer {
-   public:
+  public:
     IntranodeRuntime(int rank, int num_ranks, int64_t num_nvl_bytes, double timeout_s);
 
     RankContext context() const { return PeerBuffer::context(IntranodeLayout::status(local())); }
@@ -31,9 +31,9 @@ class IntranodeRuntime : public PeerBuffer {
 };
 
 // ---------------------------------------------------------------- kernels (launch on `stream`)
-void launch_get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_experts,
-                                int num_ranks, int* num_tokens_per_rank, int* num_tokens_per_expert,
-                                bool* is_token_in_rank, cudaStream_t stream);
+void launch_get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_experts, int num_ranks,
+                                int* num_tokens_per_rank, int* num_tokens_per_expert, bool* is_token_in_rank,
+                                cudaStream_t stream);
 
 // out[n] = sum of y[pos[n, k]] over k with pos in [0, num_pair_rows); FP32 accumulation, ascending k.
 // y/out are BF16 (bf16=true) or FP32, hidden % (16 bytes / element size) == 0; num_topk <= 32.
@@ -81,8 +81,8 @@ struct DispatchParams {
     int64_t* recv_topk_idx;
     float* recv_topk_weights;
     int* recv_src_idx;
-    int* send_pos;              // [T, R] or null (cached mode)
-    const int* send_chan_base;  // [R, C] (with send_pos)
+    int* send_pos;               // [T, R] or null (cached mode)
+    const int* send_chan_base;   // [R, C] (with send_pos)
     const int* recv_chan_start;  // [R, C + 1]
     int num_tokens, num_scales, num_topk, num_local_experts, chunk_tokens;
     int64_t payload_bytes;  // bytes of one x row

@@ -16,8 +16,8 @@ constexpr int kPrepareThreads = 256;
 
 // Grid: one block; thread i computes entry i of recv_chan_start [R, C + 1], then all threads
 // take part in the barrier.
-__global__ void __launch_bounds__(kPrepareThreads, 1) prepare_kernel(const __grid_constant__ PrepareParams p,
-                                                                     const __grid_constant__ RankContext ctx) {
+__global__ void __launch_bounds__(kPrepareThreads, 1)
+    prepare_kernel(const __grid_constant__ PrepareParams p, const __grid_constant__ RankContext ctx) {
     __shared__ int64_t s_seq;
     if (has_failed(ctx.err)) return;
     const int R = ctx.num_ranks, C = p.num_channels, me = ctx.rank;
@@ -28,8 +28,10 @@ __global__ void __launch_bounds__(kPrepareThreads, 1) prepare_kernel(const __gri
         const int first_token = channel_token_begin(p.num_tokens_per_source[s], C, c);
         while (lo < hi) {  // first row of block s whose source token >= first_token
             const int mid = (lo + hi) / 2;
-            if (p.recv_src_idx[mid] < first_token) lo = mid + 1;
-            else hi = mid;
+            if (p.recv_src_idx[mid] < first_token)
+                lo = mid + 1;
+            else
+                hi = mid;
         }
         p.recv_chan_start[i] = lo;
     }

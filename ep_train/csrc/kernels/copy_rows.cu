@@ -18,8 +18,8 @@ constexpr int kLsuWarps = 24;
 constexpr int kBulkStages = 8;
 constexpr int kBulkMaxRowBytes = 24 * 1024;  // 8 stages x 24 KB = 192 KB of shared memory
 
-__global__ void __launch_bounds__(kLsuWarps * 32) copy_rows_lsu(char* dst, const char* src, int64_t num_rows,
-                                                                 int64_t row_bytes) {
+__global__ void __launch_bounds__(kLsuWarps * 32)
+    copy_rows_lsu(char* dst, const char* src, int64_t num_rows, int64_t row_bytes) {
     const int warp = threadIdx.x / kWarpSize;
     for (int64_t r = int64_t(blockIdx.x) * kLsuWarps + warp; r < num_rows; r += int64_t(gridDim.x) * kLsuWarps)
         warp_copy<8, false>(dst + r * row_bytes, src + r * row_bytes, row_bytes);
@@ -67,7 +67,7 @@ void launch_copy_rows(void* dst, const void* src, int64_t num_rows, int64_t row_
         check_cuda(cudaFuncSetAttribute(copy_rows_bulk, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
                    "copy_rows shared memory");
         copy_rows_bulk<<<num_sms, 32, smem, stream>>>(static_cast<char*>(dst), static_cast<const char*>(src), num_rows,
-                                                       static_cast<int>(row_bytes));
+                                                      static_cast<int>(row_bytes));
     } else {
         copy_rows_lsu<<<num_sms, kLsuWarps * 32, 0, stream>>>(static_cast<char*>(dst), static_cast<const char*>(src),
                                                               num_rows, row_bytes);

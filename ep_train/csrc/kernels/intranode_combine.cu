@@ -59,7 +59,8 @@ __device__ void combine_send(const CombineParams& p, const RankContext& ctx, int
             const int64_t src_row = first + j;
             warp_copy<kCopyUnroll, false>(row, static_cast<const char*>(p.x) + src_row * payload, payload);
             if (p.topk_weights != nullptr && lane < p.num_topk)
-                reinterpret_cast<float*>(row + p.layout.weights_offset)[lane] = p.topk_weights[src_row * p.num_topk + lane];
+                reinterpret_cast<float*>(row + p.layout.weights_offset)[lane] =
+                    p.topk_weights[src_row * p.num_topk + lane];
         }
         ptx::bar_sync(1 + group, kWarpsPerRank * 32);
         if (warp_in_group == 0 && lane == 0 && ok) ptx::st_release_sys(tail_ptr, tail + n);
@@ -113,14 +114,16 @@ __device__ void reduce_token(const CombineParams& p, const char* const (&rows)[k
         const int4* b1v = b1 != nullptr ? reinterpret_cast<const int4*>(b1 + token * p.hidden) : nullptr;
         int4* outv = reinterpret_cast<int4*>(out);
         int i = lane;
-        for (; i + (kU - 1) * kWarpSize < n; i += kU * kWarpSize) reduce_vectors<kNumRanks, kU>(rows, b0v, b1v, outv, i);
+        for (; i + (kU - 1) * kWarpSize < n; i += kU * kWarpSize)
+            reduce_vectors<kNumRanks, kU>(rows, b0v, b1v, outv, i);
         for (; i < n; i += kWarpSize) reduce_vectors<kNumRanks, 1>(rows, b0v, b1v, outv, i);
     } else {
         for (int i = lane; i < p.hidden; i += 32) {
             float acc = 0.0f;
 #pragma unroll
             for (int r = 0; r < kNumRanks; ++r)
-                if (rows[r] != nullptr) acc += __bfloat162float(reinterpret_cast<const volatile __nv_bfloat16*>(rows[r])[i]);
+                if (rows[r] != nullptr)
+                    acc += __bfloat162float(reinterpret_cast<const volatile __nv_bfloat16*>(rows[r])[i]);
             if (b0 != nullptr) acc += __bfloat162float(b0[token * p.hidden + i]);
             if (b1 != nullptr) acc += __bfloat162float(b1[token * p.hidden + i]);
             out[i] = __float2bfloat16_rn(acc);
@@ -132,7 +135,8 @@ __device__ void reduce_token(const CombineParams& p, const char* const (&rows)[k
         for (int r = 0; r < kNumRanks; ++r)
             if (rows[r] != nullptr)
                 w += r == me ? p.topk_weights[own_x_row * p.num_topk + lane]
-                             : __int_as_float(ptx::ld_cg(reinterpret_cast<const int*>(rows[r] + p.layout.weights_offset) + lane));
+                             : __int_as_float(
+                                   ptx::ld_cg(reinterpret_cast<const int*>(rows[r] + p.layout.weights_offset) + lane));
         p.combined_topk_weights[token * p.num_topk + lane] = w;
     }
 }
@@ -163,7 +167,8 @@ __device__ void combine_recv(const CombineParams& p, const RankContext& ctx, int
             uint32_t mine = 0;
 #pragma unroll
             for (int r = 0; r < kNumRanks; ++r) {
-                const uint32_t m = __ballot_sync(0xffffffffu, lane < n && p.is_token_in_rank[int64_t(t) * kNumRanks + r]);
+                const uint32_t m =
+                    __ballot_sync(0xffffffffu, lane < n && p.is_token_in_rank[int64_t(t) * kNumRanks + r]);
                 if (lane == r) mine = m;
             }
             if (lane < kNumRanks) {
@@ -213,8 +218,8 @@ __device__ void combine_recv(const CombineParams& p, const RankContext& ctx, int
 // Grid: 2 x C blocks of kCombineThreads; block 2c sends channel c (warp group g serves the g-th
 // other rank), block 2c + 1 receives and reduces channel c of the local tokens (all warps together).
 template <int kNumRanks>
-__global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(const __grid_constant__ CombineParams p,
-                                                                     const __grid_constant__ RankContext ctx) {
+__global__ void __launch_bounds__(kCombineThreads, 1)
+    combine_kernel(const __grid_constant__ CombineParams p, const __grid_constant__ RankContext ctx) {
     if (has_failed(ctx.err)) return;
     const int channel = blockIdx.x / 2, warp = threadIdx.x / 32;
     if (blockIdx.x % 2 == 0) {
@@ -232,10 +237,17 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(const __gri
 
 void launch_combine(const CombineParams& p, const RankContext& ctx, int num_sms, cudaStream_t stream) {
     switch (ctx.num_ranks) {
-        case 2: combine_kernel<2><<<num_sms, kCombineThreads, 0, stream>>>(p, ctx); break;
-        case 4: combine_kernel<4><<<num_sms, kCombineThreads, 0, stream>>>(p, ctx); break;
-        case 8: combine_kernel<8><<<num_sms, kCombineThreads, 0, stream>>>(p, ctx); break;
-        default: throw std::invalid_argument("combine supports 2, 4 or 8 ranks");
+        case 2:
+            combine_kernel<2><<<num_sms, kCombineThreads, 0, stream>>>(p, ctx);
+            break;
+        case 4:
+            combine_kernel<4><<<num_sms, kCombineThreads, 0, stream>>>(p, ctx);
+            break;
+        case 8:
+            combine_kernel<8><<<num_sms, kCombineThreads, 0, stream>>>(p, ctx);
+            break;
+        default:
+            throw std::invalid_argument("combine supports 2, 4 or 8 ranks");
     }
     check_cuda(cudaGetLastError(), "combine launch");
 }

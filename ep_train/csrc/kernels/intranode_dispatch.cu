@@ -99,7 +99,8 @@ __device__ void dispatch_send(const DispatchParams& p, const RankContext& ctx, i
                 for (int j = warp_in_group; j < n; j += group_warps) {
                     const int token = cursor + nth_set_bit(mask, j);
                     write_own_row(p, token, own_start + tail + j, me);
-                    if (lane == 0 && p.send_pos) p.send_pos[int64_t(token) * kNumRanks + dst] = pos_base + int(tail + j);
+                    if (lane == 0 && p.send_pos)
+                        p.send_pos[int64_t(token) * kNumRanks + dst] = pos_base + int(tail + j);
                 }
                 tail += n;
                 cursor += advance;
@@ -205,8 +206,8 @@ __device__ void dispatch_recv(const DispatchParams& p, const RankContext& ctx, i
 // form one group of kPeerSendWarps per other rank in rank order; receiving warps form kNumRanks - 1
 // groups, one per other rank.
 template <int kNumRanks>
-__global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(const __grid_constant__ DispatchParams p,
-                                                                       const __grid_constant__ RankContext ctx) {
+__global__ void __launch_bounds__(kDispatchThreads, 1)
+    dispatch_kernel(const __grid_constant__ DispatchParams p, const __grid_constant__ RankContext ctx) {
     __shared__ int64_t s_tail[kNumRanks];
     if (has_failed(ctx.err)) return;
     const int channel = blockIdx.x / 2, warp = threadIdx.x / 32;
@@ -232,10 +233,17 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(const __g
 
 void launch_dispatch(const DispatchParams& p, const RankContext& ctx, int num_sms, cudaStream_t stream) {
     switch (ctx.num_ranks) {
-        case 2: dispatch_kernel<2><<<num_sms, kDispatchThreads, 0, stream>>>(p, ctx); break;
-        case 4: dispatch_kernel<4><<<num_sms, kDispatchThreads, 0, stream>>>(p, ctx); break;
-        case 8: dispatch_kernel<8><<<num_sms, kDispatchThreads, 0, stream>>>(p, ctx); break;
-        default: throw std::invalid_argument("dispatch supports 2, 4 or 8 ranks");
+        case 2:
+            dispatch_kernel<2><<<num_sms, kDispatchThreads, 0, stream>>>(p, ctx);
+            break;
+        case 4:
+            dispatch_kernel<4><<<num_sms, kDispatchThreads, 0, stream>>>(p, ctx);
+            break;
+        case 8:
+            dispatch_kernel<8><<<num_sms, kDispatchThreads, 0, stream>>>(p, ctx);
+            break;
+        default:
+            throw std::invalid_argument("dispatch supports 2, 4 or 8 ranks");
     }
     check_cuda(cudaGetLastError(), "dispatch launch");
 }

@@ -23,8 +23,8 @@ __device__ __forceinline__ const int* slot_ints(void* base, int parity, int src,
 // Grid: one block of kNotifyThreads.  Warps first count local tokens per (rank, channel) with
 // ballots, then all threads write the counts into every peer's notify slot, pass the barrier,
 // and finally threads < R (or < L) each build one row of the outputs.
-__global__ void __launch_bounds__(kNotifyThreads, 1) notify_kernel(const __grid_constant__ NotifyParams p,
-                                                                   const __grid_constant__ RankContext ctx) {
+__global__ void __launch_bounds__(kNotifyThreads, 1)
+    notify_kernel(const __grid_constant__ NotifyParams p, const __grid_constant__ RankContext ctx) {
     __shared__ int s_chan[kMaxRanks][kMaxChannels];
     __shared__ int s_row[kMaxRanks];
     __shared__ int s_matrix[kMaxRanks][kMaxRanks];
@@ -34,7 +34,8 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_kernel(const __grid_
     const int L = p.num_experts / R;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, num_warps = blockDim.x / 32;
 
-    for (int i = threadIdx.x; i < kMaxRanks * kMaxChannels; i += blockDim.x) s_chan[i / kMaxChannels][i % kMaxChannels] = 0;
+    for (int i = threadIdx.x; i < kMaxRanks * kMaxChannels; i += blockDim.x)
+        s_chan[i / kMaxChannels][i % kMaxChannels] = 0;
     __syncthreads();
     for (int c = warp; c < C; c += num_warps) {
         const int b = channel_token_begin(p.num_tokens, C, c), e = channel_token_begin(p.num_tokens, C, c + 1);

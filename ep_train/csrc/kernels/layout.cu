@@ -13,9 +13,9 @@ constexpr int kLayoutThreads = 256;
 
 // Grid: one thread per token, kLayoutThreads tokens per block.  Each block histograms its tokens
 // in shared memory and adds the non-zero bins to the (zeroed) global counts.
-__global__ void __launch_bounds__(kLayoutThreads) get_dispatch_layout_kernel(
-    const int64_t* topk_idx, int num_tokens, int num_topk, int num_experts, int num_ranks,
-    int* num_tokens_per_rank, int* num_tokens_per_expert, bool* is_token_in_rank) {
+__global__ void __launch_bounds__(kLayoutThreads)
+    get_dispatch_layout_kernel(const int64_t* topk_idx, int num_tokens, int num_topk, int num_experts, int num_ranks,
+                               int* num_tokens_per_rank, int* num_tokens_per_expert, bool* is_token_in_rank) {
     __shared__ int s_expert[kMaxExperts];
     __shared__ int s_rank[kMaxRanks];
     for (int i = threadIdx.x; i < num_experts; i += blockDim.x) s_expert[i] = 0;
@@ -48,9 +48,9 @@ __global__ void __launch_bounds__(kLayoutThreads) get_dispatch_layout_kernel(
 
 }  // namespace
 
-void launch_get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_experts,
-                                int num_ranks, int* num_tokens_per_rank, int* num_tokens_per_expert,
-                                bool* is_token_in_rank, cudaStream_t stream) {
+void launch_get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_experts, int num_ranks,
+                                int* num_tokens_per_rank, int* num_tokens_per_expert, bool* is_token_in_rank,
+                                cudaStream_t stream) {
     check_cuda(cudaMemsetAsync(num_tokens_per_rank, 0, sizeof(int) * num_ranks, stream), "memset layout counts");
     check_cuda(cudaMemsetAsync(num_tokens_per_expert, 0, sizeof(int) * num_experts, stream), "memset layout counts");
     if (num_tokens == 0) return;

@@ -61,12 +61,18 @@ template <bool kPeerWrites>
 __device__ __forceinline__ bool block_is_last(int* counter, int* s_flag) {
     __syncthreads();
     if (threadIdx.x == 0) {
-        if (kPeerWrites) __threadfence_system(); else __threadfence();
+        if (kPeerWrites)
+            __threadfence_system();
+        else
+            __threadfence();
         const int prev = atomicAdd(counter, 1);
         *s_flag = prev == static_cast<int>(gridDim.x) - 1;
         if (*s_flag) {
             *counter = 0;
-            if (kPeerWrites) __threadfence_system(); else __threadfence();
+            if (kPeerWrites)
+                __threadfence_system();
+            else
+                __threadfence();
         }
     }
     __syncthreads();
@@ -104,9 +110,8 @@ __device__ void publish(const RankContext& ctx, const int64_t* info, int64_t seq
     __syncthreads();
     if (threadIdx.x < ctx.num_ranks) {
         ptx::fence_acq_rel_sys();
-        ptx::st_release_sys(LowLatencyLayout::header(ctx.peers.base[threadIdx.x], half, me) +
-                                LowLatencyLayout::kHeaderStampWord,
-                            seq);
+        ptx::st_release_sys(
+            LowLatencyLayout::header(ctx.peers.base[threadIdx.x], half, me) + LowLatencyLayout::kHeaderStampWord, seq);
     }
 }
 
@@ -166,8 +171,8 @@ __device__ void fp8_scales(const LowLatencyDispatchParams& p, int t_first, int n
     const int S = p.layout.hidden / kFp8Block, lane = lane_id();
     for (int item = threadIdx.x / kWarpSize; item < n * S; item += kWarps) {
         const int tl = item / S, sb = item % S;
-        const auto* src = reinterpret_cast<const uint2*>(static_cast<const char*>(p.x) +
-                                                         (int64_t(t_first + tl) * p.layout.hidden + sb * kFp8Block) * 2);
+        const auto* src = reinterpret_cast<const uint2*>(
+            static_cast<const char*>(p.x) + (int64_t(t_first + tl) * p.layout.hidden + sb * kFp8Block) * 2);
         const uint2 raw = src[lane];
         const auto* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
         const float2 a = __bfloat1622float2(h[0]), b = __bfloat1622float2(h[1]);
@@ -198,9 +203,9 @@ __device__ __forceinline__ int4 cast_16(const char* src, float inv) {
 }
 
 struct SendShared {
-    int hist[kMaxExperts];    // entries before the current round, per global expert
-    int total[kMaxExperts];   // all entries, per global expert
-    char* dst[kRoundPairs];   // payload of the destination slot of each entry of the round (null: none)
+    int hist[kMaxExperts];   // entries before the current round, per global expert
+    int total[kMaxExperts];  // all entries, per global expert
+    char* dst[kRoundPairs];  // payload of the destination slot of each entry of the round (null: none)
     int token[kRoundPairs];
     int64_t seq;
     int flag;
@@ -212,8 +217,8 @@ struct SendShared {
 // reference layout); all threads then cast (FP8) and copy the rows of the round.  Every block
 // counts all entries up front and writes its share of the per-expert counts, so the last block
 // only publishes the headers and the stamp.
-__device__ void dispatch_send(const LowLatencyDispatchParams& p, const RankContext& ctx, SendShared& sh,
-                              float* s_scale, float* s_inv) {
+__device__ void dispatch_send(const LowLatencyDispatchParams& p, const RankContext& ctx, SendShared& sh, float* s_scale,
+                              float* s_inv) {
     const int K = p.num_topk, E = p.num_experts, L = p.layout.num_local_experts, M = p.layout.max_tokens;
     const int H = p.layout.hidden, S = H / kFp8Block, me = ctx.rank, lane = lane_id();
     const int64_t seq = begin_send(ctx, &sh.seq, &sh.flag);
@@ -284,7 +289,8 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, const RankConte
             for (int it = threadIdx.x; it < n * chunks; it += blockDim.x) {
                 const int q = it / chunks, c = it % chunks;
                 if (sh.dst[q] == nullptr) continue;
-                const auto* src = reinterpret_cast<const int4*>(static_cast<const char*>(p.x) + int64_t(sh.token[q]) * H * 2);
+                const auto* src =
+                    reinterpret_cast<const int4*>(static_cast<const char*>(p.x) + int64_t(sh.token[q]) * H * 2);
                 ptx::st_na_v4(reinterpret_cast<int4*>(sh.dst[q]) + c, ptx::ld_nc_v4(src + c));
             }
         }
@@ -360,7 +366,8 @@ __device__ void dispatch_recv(const LowLatencyDispatchParams& p, const RankConte
             warp_copy<kCopyUnroll, true>(static_cast<char*>(p.recv_x) + out * payload, slot, payload);
             if (p.use_fp8)
                 for (int i = lane; i < S; i += kWarpSize)
-                    reinterpret_cast<int*>(p.recv_scales)[out * S + i] = ptx::ld_cg(reinterpret_cast<const int*>(slot + H) + i);
+                    reinterpret_cast<int*>(p.recv_scales)[out * S + i] =
+                        ptx::ld_cg(reinterpret_cast<const int*>(slot + H) + i);
         }
         __syncthreads();
     }
@@ -440,7 +447,8 @@ __device__ void combine_reduce_scalar(const LowLatencyCombineParams& p, void* ow
             if (e < 0 || e >= p.num_experts) continue;
             const auto* row = reinterpret_cast<const unsigned short*>(p.layout.combine_slot(own, half, t * K + k));
             const unsigned short bits = __ldcg(row + c);
-            acc = __fadd_rn(acc, __fmul_rn(__bfloat162float(__ushort_as_bfloat16(bits)), p.topk_weights[int64_t(t) * K + k]));
+            acc = __fadd_rn(
+                acc, __fmul_rn(__bfloat162float(__ushort_as_bfloat16(bits)), p.topk_weights[int64_t(t) * K + k]));
         }
         static_cast<__nv_bfloat16*>(p.out)[it] = __float2bfloat16_rn(acc);
     }
@@ -475,7 +483,8 @@ __device__ void combine_recv(const LowLatencyCombineParams& p, const RankContext
 #pragma unroll
             for (int u = 0; u < kCombineGroup; ++u)
                 if (valid[u])
-                    raw[u] = ptx::ld_cg_v4(reinterpret_cast<const int4*>(p.layout.combine_slot(own, half, t * K + k0 + u)) + c);
+                    raw[u] = ptx::ld_cg_v4(
+                        reinterpret_cast<const int4*>(p.layout.combine_slot(own, half, t * K + k0 + u)) + c);
 #pragma unroll
             for (int u = 0; u < kCombineGroup; ++u) {
                 if (!valid[u]) continue;

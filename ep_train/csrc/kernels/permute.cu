@@ -35,14 +35,15 @@ struct Vec<float> {
         acc[3] += __int_as_float(v.w);
     }
     __device__ static int4 pack(const float (&acc)[4]) {
-        return make_int4(__float_as_int(acc[0]), __float_as_int(acc[1]), __float_as_int(acc[2]), __float_as_int(acc[3]));
+        return make_int4(__float_as_int(acc[0]), __float_as_int(acc[1]), __float_as_int(acc[2]),
+                         __float_as_int(acc[3]));
     }
 };
 
 template <typename T>
-__global__ void __launch_bounds__(kSumThreads) sum_pairs_kernel(const T* __restrict__ y, const int64_t* __restrict__ pos,
-                                                                 T* __restrict__ out, int num_topk, int64_t num_pair_rows,
-                                                                 int hidden) {
+__global__ void __launch_bounds__(kSumThreads)
+    sum_pairs_kernel(const T* __restrict__ y, const int64_t* __restrict__ pos, T* __restrict__ out, int num_topk,
+                     int64_t num_pair_rows, int hidden) {
     __shared__ int64_t s_rows[kMaxPairs];
     __shared__ int s_count;
     const int64_t n = blockIdx.x;
@@ -78,12 +79,12 @@ void launch_sum_pairs(const void* y, const int64_t* pos, void* out, bool bf16, i
     if (num_rows == 0) return;
     if (num_topk > kMaxPairs) throw std::runtime_error("sum_pairs: num_topk must be <= 32");
     if (bf16)
-        sum_pairs_kernel<__nv_bfloat16><<<num_rows, kSumThreads, 0, stream>>>(
-            static_cast<const __nv_bfloat16*>(y), pos, static_cast<__nv_bfloat16*>(out), num_topk, num_pair_rows, hidden);
+        sum_pairs_kernel<__nv_bfloat16><<<num_rows, kSumThreads, 0, stream>>>(static_cast<const __nv_bfloat16*>(y), pos,
+                                                                              static_cast<__nv_bfloat16*>(out),
+                                                                              num_topk, num_pair_rows, hidden);
     else
-        sum_pairs_kernel<float><<<num_rows, kSumThreads, 0, stream>>>(static_cast<const float*>(y), pos,
-                                                                    static_cast<float*>(out), num_topk, num_pair_rows,
-                                                                    hidden);
+        sum_pairs_kernel<float><<<num_rows, kSumThreads, 0, stream>>>(
+            static_cast<const float*>(y), pos, static_cast<float*>(out), num_topk, num_pair_rows, hidden);
     check_cuda(cudaGetLastError(), "sum_pairs launch");
 }
 

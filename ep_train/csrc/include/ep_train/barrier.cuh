@@ -33,8 +33,8 @@ __device__ __forceinline__ bool barrier_finish(const RankContext& ctx, const int
     const int parity = static_cast<int>(seq & 1);
     for (int i = threadIdx.x; i < ctx.num_ranks * kInfoWords; i += blockDim.x) {
         int peer = i / kInfoWords, w = i % kInfoWords;
-        auto* slot = reinterpret_cast<int64_t*>(
-            IntranodeLayout::notify_slot(ctx.peers.base[peer], parity, ctx.rank) + NotifySlot::kInfo);
+        auto* slot = reinterpret_cast<int64_t*>(IntranodeLayout::notify_slot(ctx.peers.base[peer], parity, ctx.rank) +
+                                                NotifySlot::kInfo);
         slot[w] = info[w];
     }
     __syncthreads();

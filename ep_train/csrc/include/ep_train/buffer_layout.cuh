@@ -20,8 +20,12 @@ constexpr int kMaxExperts = 1024;  // bound of the per-expert counts a notify sl
 constexpr int kMaxChannels = 64;   // num_sms / 2 <= 64 (H100/H200 have 132 SMs)
 constexpr int kInfoWords = 8;      // int64 words of the call header every rank compares
 
-EP_HOST_DEVICE constexpr int64_t align_up(int64_t v, int64_t a = kAlignBytes) { return (v + a - 1) / a * a; }
-EP_HOST_DEVICE constexpr int num_fp8_scales(int hidden) { return (hidden + kFp8Block - 1) / kFp8Block; }
+EP_HOST_DEVICE constexpr int64_t align_up(int64_t v, int64_t a = kAlignBytes) {
+    return (v + a - 1) / a * a;
+}
+EP_HOST_DEVICE constexpr int num_fp8_scales(int hidden) {
+    return (hidden + kFp8Block - 1) / kFp8Block;
+}
 
 // Tokens [begin, end) of channel c when T tokens are cut into C contiguous ranges.
 // NOTES: notify, prepare, dispatch and combine must all use this one formula.
@@ -33,10 +37,10 @@ EP_HOST_DEVICE int channel_token_begin(int num_tokens, int num_channels, int c) 
 
 // One notify slot: what source rank s tells rank d before a dispatch (or any barrier).
 struct NotifySlot {
-    static constexpr int64_t kInfo = 0;                                     // int64[kInfoWords]
-    static constexpr int64_t kCountRow = kInfo + kInfoWords * 8;            // int32[kMaxRanks]: s -> each rank
-    static constexpr int64_t kNumTokens = kCountRow + kMaxRanks * 4;        // int32 (+12 pad): T of s
-    static constexpr int64_t kExpertCounts = kNumTokens + 16;               // int32[kMaxExperts]: d's experts
+    static constexpr int64_t kInfo = 0;                                         // int64[kInfoWords]
+    static constexpr int64_t kCountRow = kInfo + kInfoWords * 8;                // int32[kMaxRanks]: s -> each rank
+    static constexpr int64_t kNumTokens = kCountRow + kMaxRanks * 4;            // int32 (+12 pad): T of s
+    static constexpr int64_t kExpertCounts = kNumTokens + 16;                   // int32[kMaxExperts]: d's experts
     static constexpr int64_t kChannelCounts = kExpertCounts + kMaxExperts * 4;  // int32[kMaxChannels]
     static constexpr int64_t kBytes = (kChannelCounts + kMaxChannels * 4 + kAlignBytes - 1) / kAlignBytes * kAlignBytes;
 };

@@ -23,8 +23,7 @@ __device__ __forceinline__ void fence_barrier_init() {
 
 // This thread's arrival, announcing `bytes` of copies that will complete on the barrier.
 __device__ __forceinline__ void arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes)
-                 : "memory");
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
 }
 
 // Spin until the barrier's phase with parity `parity` has completed.
@@ -42,11 +41,10 @@ __device__ __forceinline__ void wait_parity(uint64_t* bar, uint32_t parity) {
 
 // Global -> shared, completing `bytes` on `bar`.
 __device__ __forceinline__ void load(void* smem_dst, const void* global_src, uint32_t bytes, uint64_t* bar) {
-    asm volatile(
-        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-            smem_addr(smem_dst)),
-        "l"(global_src), "r"(bytes), "r"(smem_addr(bar))
-        : "memory");
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                     smem_addr(smem_dst)),
+                 "l"(global_src), "r"(bytes), "r"(smem_addr(bar))
+                 : "memory");
 }
 
 // Shared -> global (local or a peer's memory mapped into this process), in the current bulk group.
@@ -56,7 +54,9 @@ __device__ __forceinline__ void store(void* global_dst, const void* smem_src, ui
                  : "memory");
 }
 
-__device__ __forceinline__ void commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void commit() {
+    asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+}
 
 // Wait until at most kPending of this thread's bulk groups still read shared memory.
 template <int kPending>

@@ -22,10 +22,10 @@ namespace ep_train {
 
 // What a failing low-latency wait or check was about (continues WaitSite of types.cuh).
 enum LowLatencySite : int {
-    kWaitLowLatencyAck = 8,        // sender: the receiver still reads this half (more than two calls in flight)
-    kWaitLowLatencyDispatch = 9,   // dispatch receiver: the stamp of a source's rows
-    kWaitLowLatencyCombine = 10,   // combine receiver: the stamp of an expert rank's rows
-    kCheckLowLatencySlots = 11,    // a source puts more than M rows into one expert (duplicate expert ids)
+    kWaitLowLatencyAck = 8,       // sender: the receiver still reads this half (more than two calls in flight)
+    kWaitLowLatencyDispatch = 9,  // dispatch receiver: the stamp of a source's rows
+    kWaitLowLatencyCombine = 10,  // combine receiver: the stamp of an expert rank's rows
+    kCheckLowLatencySlots = 11,   // a source puts more than M rows into one expert (duplicate expert ids)
 };
 
 // Slot header of a dispatched row: which token and top-k column it is, and its gate weight.

@@ -10,10 +10,12 @@
 
 namespace ep_train {
 
-__device__ __forceinline__ bool has_failed(const ErrorSink& e) { return ptx::ld_volatile(e.status) != 0; }
+__device__ __forceinline__ bool has_failed(const ErrorSink& e) {
+    return ptx::ld_volatile(e.status) != 0;
+}
 
 static __device__ __noinline__ void report_error(const ErrorSink& e, int code, int what, int channel, int peer,
-                                          long long expected, long long seen) {
+                                                 long long expected, long long seen) {
     if (atomicCAS(e.status, 0, code) != 0) return;  // first failure wins
     HostMailbox* m = e.mailbox;
     m->rank = e.rank;
@@ -30,7 +32,7 @@ static __device__ __noinline__ void report_error(const ErrorSink& e, int code, i
 // Spin until *p >= target (acquire, system scope) and return *p.  Returns -1, after reporting, on timeout or
 // when another thread already failed.
 __device__ __forceinline__ int64_t wait_at_least(const int64_t* p, int64_t target, const ErrorSink& e, int what,
-                                              int channel, int peer) {
+                                                 int channel, int peer) {
     int64_t v = ptx::ld_acquire_sys(p);
     if (v >= target) return v;
     const long long start = clock64();

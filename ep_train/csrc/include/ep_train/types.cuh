@@ -16,8 +16,8 @@ enum WaitSite : int {
     kWaitDispatchTail = 3,   // dispatch receiver: rows from a peer
     kWaitCombineSpace = 4,
     kWaitCombineTail = 5,
-    kCheckCallHeader = 6,    // mismatch: `channel` holds the header field index
-    kCheckCapacity = 7,      // num_worst_tokens too small: `peer` is the rank that receives too much
+    kCheckCallHeader = 6,  // mismatch: `channel` holds the header field index
+    kCheckCapacity = 7,    // num_worst_tokens too small: `peer` is the rank that receives too much
 };
 
 // Pinned, host-mapped; written by kernels, read by the host after syncs and before calls.

@@ -9,10 +9,14 @@ namespace ep_train {
 
 constexpr int kWarpSize = 32;
 
-__device__ __forceinline__ int lane_id() { return threadIdx.x % kWarpSize; }
+__device__ __forceinline__ int lane_id() {
+    return threadIdx.x % kWarpSize;
+}
 
 // Position of the (n+1)-th set bit of mask (n counted from 0); mask must have more than n bits.
-__device__ __forceinline__ int nth_set_bit(uint32_t mask, int n) { return __fns(mask, 0, n + 1); }
+__device__ __forceinline__ int nth_set_bit(uint32_t mask, int n) {
+    return __fns(mask, 0, n + 1);
+}
 
 // Warp copies `num_bytes` from a read-only source to dst.  16-byte path when both are 16-byte
 // aligned and num_bytes % 16 == 0, else 2-byte elements (hidden sizes that are not a multiple of 8).
@@ -29,7 +33,8 @@ __device__ __forceinline__ void warp_copy(void* dst, const void* src, int64_t nu
         for (; i + (kUnroll - 1) * kWarpSize < n; i += kUnroll * kWarpSize) {
             int4 v[kUnroll];
 #pragma unroll
-            for (int u = 0; u < kUnroll; ++u) v[u] = kSrcIsRing ? ptx::ld_cg_v4(s + i + u * kWarpSize) : ptx::ld_nc_v4(s + i + u * kWarpSize);
+            for (int u = 0; u < kUnroll; ++u)
+                v[u] = kSrcIsRing ? ptx::ld_cg_v4(s + i + u * kWarpSize) : ptx::ld_nc_v4(s + i + u * kWarpSize);
 #pragma unroll
             for (int u = 0; u < kUnroll; ++u) ptx::st_na_v4(d + i + u * kWarpSize, v[u]);
         }
@@ -38,7 +43,8 @@ __device__ __forceinline__ void warp_copy(void* dst, const void* src, int64_t nu
         const volatile uint16_t* s = static_cast<const uint16_t*>(src);
         uint16_t* d = static_cast<uint16_t*>(dst);
         for (int64_t i = lane; i < num_bytes / 2; i += kWarpSize) d[i] = s[i];
-        if ((num_bytes & 1) && lane == 0) static_cast<char*>(dst)[num_bytes - 1] = static_cast<const volatile char*>(src)[num_bytes - 1];
+        if ((num_bytes & 1) && lane == 0)
+            static_cast<char*>(dst)[num_bytes - 1] = static_cast<const volatile char*>(src)[num_bytes - 1];
     }
 }
 
