@@ -6,7 +6,9 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "ep_train/types.cuh"
@@ -15,6 +17,21 @@ namespace ep_train {
 
 // Throws std::runtime_error naming the CUDA error and the call.
 void check_cuda(cudaError_t err, const char* what);
+
+// f(std::integral_constant<int, R>{}) for R = num_ranks: kernels are templates on the rank count.
+// Throws std::invalid_argument naming `what` for any count but 2, 4 or 8.
+template <typename F>
+void with_num_ranks(int num_ranks, const char* what, F&& f) {
+    switch (num_ranks) {
+        case 2:
+            return f(std::integral_constant<int, 2>{});
+        case 4:
+            return f(std::integral_constant<int, 4>{});
+        case 8:
+            return f(std::integral_constant<int, 8>{});
+    }
+    throw std::invalid_argument(std::string(what) + " supports 2, 4 or 8 ranks, got " + std::to_string(num_ranks));
+}
 
 class PeerBuffer {
   public:

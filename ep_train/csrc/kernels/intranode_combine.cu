@@ -5,7 +5,6 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#include <stdexcept>
 
 #include "ep_train/barrier.cuh"
 #include "ep_train/buffer_layout.cuh"
@@ -236,19 +235,9 @@ __global__ void __launch_bounds__(kCombineThreads, 1)
 }  // namespace
 
 void launch_combine(const CombineParams& p, const RankContext& ctx, int num_sms, cudaStream_t stream) {
-    switch (ctx.num_ranks) {
-        case 2:
-            combine_kernel<2><<<num_sms, kCombineThreads, 0, stream>>>(p, ctx);
-            break;
-        case 4:
-            combine_kernel<4><<<num_sms, kCombineThreads, 0, stream>>>(p, ctx);
-            break;
-        case 8:
-            combine_kernel<8><<<num_sms, kCombineThreads, 0, stream>>>(p, ctx);
-            break;
-        default:
-            throw std::invalid_argument("combine supports 2, 4 or 8 ranks");
-    }
+    with_num_ranks(ctx.num_ranks, "combine", [&](auto ranks) {
+        combine_kernel<decltype(ranks)::value><<<num_sms, kCombineThreads, 0, stream>>>(p, ctx);
+    });
     check_cuda(cudaGetLastError(), "combine launch");
 }
 

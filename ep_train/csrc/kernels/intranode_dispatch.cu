@@ -5,7 +5,6 @@
 // serve the other ranks.
 #include <cuda_runtime.h>
 
-#include <stdexcept>
 
 #include "ep_train/barrier.cuh"
 #include "ep_train/buffer_layout.cuh"
@@ -232,19 +231,9 @@ __global__ void __launch_bounds__(kDispatchThreads, 1)
 }  // namespace
 
 void launch_dispatch(const DispatchParams& p, const RankContext& ctx, int num_sms, cudaStream_t stream) {
-    switch (ctx.num_ranks) {
-        case 2:
-            dispatch_kernel<2><<<num_sms, kDispatchThreads, 0, stream>>>(p, ctx);
-            break;
-        case 4:
-            dispatch_kernel<4><<<num_sms, kDispatchThreads, 0, stream>>>(p, ctx);
-            break;
-        case 8:
-            dispatch_kernel<8><<<num_sms, kDispatchThreads, 0, stream>>>(p, ctx);
-            break;
-        default:
-            throw std::invalid_argument("dispatch supports 2, 4 or 8 ranks");
-    }
+    with_num_ranks(ctx.num_ranks, "dispatch", [&](auto ranks) {
+        dispatch_kernel<decltype(ranks)::value><<<num_sms, kDispatchThreads, 0, stream>>>(p, ctx);
+    });
     check_cuda(cudaGetLastError(), "dispatch launch");
 }
 
