@@ -1,10 +1,13 @@
 """Worker bodies of the GPU tests: the cuda backend against the torch backend, same inputs, same GPUs.
 
 Dispatch is a permutation, so every dispatch output must be bitwise equal; combine sums in FP32 in
-rank order on both sides and must agree within one BF16 rounding.
+rank order on both sides and must agree within one BF16 rounding.  Inputs come from a fresh seed
+every run (``run_seeded``), named in the failure.
 """
 
 from __future__ import annotations
+
+import random
 
 import pytest
 import torch
@@ -13,8 +16,23 @@ import torch.distributed as dist
 from ep_train import Buffer, Config
 from ep_train.errors import CommError, CommTimeoutError, RankMismatchError
 from ep_train.fp8 import quantize_fp8
+from ep_train.testing import run_distributed
 
 MAX_HIDDEN = 7168
+
+
+def run_seeded(suite, num_gpus: int, *args) -> None:
+    """``suite(rank, world, seed, *args)`` on ``num_gpus`` NCCL ranks with a fresh seed, named on failure."""
+    seed = random.randrange(1 << 30)
+    try:
+        run_distributed(suite, num_gpus, seed, *args, backend="nccl", timeout_s=300)
+    except Exception as exc:
+        raise AssertionError(f"{suite.__name__} failed with seed {seed} (pass it to reproduce)") from exc
+
+
+def rank_generator(seed: int, rank: int) -> torch.Generator:
+    """This rank's stream of the run's inputs."""
+    return torch.Generator().manual_seed(seed * 16 + rank)
 
 
 def make_buffers(world: int, timeout_s: float = 20.0) -> tuple[Buffer, Buffer]:
@@ -161,9 +179,9 @@ SMALL_CASES = [
 ]
 
 
-def suite_dispatch_combine(rank: int, world: int, cases: list | None = None) -> None:
+def suite_dispatch_combine(rank: int, world: int, seed: int, cases: list | None = None) -> None:
     cuda, ref = make_buffers(world)
-    gen = torch.Generator().manual_seed(1234 + rank)
+    gen = rank_generator(seed, rank)
     for tag, T0, H, K, E, kind, align, cfg in CASES if cases is None else cases:
         print(f"rank {rank}: case {tag}", flush=True)
         T = T0 + 37 * rank  # ranks hold different token counts
@@ -202,9 +220,9 @@ def suite_dispatch_combine(rank: int, world: int, cases: list | None = None) -> 
     cuda.destroy()
 
 
-def suite_no_topk_and_empty(rank: int, world: int) -> None:
+def suite_no_topk_and_empty(rank: int, world: int, seed: int) -> None:
     cuda, ref = make_buffers(world)
-    gen = torch.Generator().manual_seed(99 + rank)
+    gen = rank_generator(seed, rank)
     T, H = 300 + 11 * rank, 2048
     x = torch.randn((T, H), generator=gen).to(torch.bfloat16).cuda()
     in_rank = (torch.rand((T, world), generator=gen) < 0.5).cuda()
@@ -244,10 +262,10 @@ def _roundtrip(tag: str, cuda: Buffer, x, idx, E: int, world: int) -> tuple:
     return out, in_rank
 
 
-def suite_skewed_and_empty(rank: int, world: int) -> None:
+def suite_skewed_and_empty(rank: int, world: int, seed: int) -> None:
     """Routings where a rank receives or holds nothing (checked without the torch backend)."""
     cuda, _ = make_buffers(world)
-    gen = torch.Generator().manual_seed(5 + rank)
+    gen = rank_generator(seed, rank)
     H, K, E = 2048, 2, 16
     T = 400 + 37 * rank
     x = torch.randn((T, H), generator=gen).to(torch.bfloat16).cuda()
@@ -272,9 +290,9 @@ def suite_skewed_and_empty(rank: int, world: int) -> None:
     cuda.destroy()
 
 
-def suite_worst_graph_async(rank: int, world: int) -> None:
+def suite_worst_graph_async(rank: int, world: int, seed: int) -> None:
     cuda, ref = make_buffers(world)
-    gen = torch.Generator().manual_seed(7 + rank)
+    gen = rank_generator(seed, rank)
     T, H, K, E = 512 + 5 * rank, 4096, 8, 64
     worst = (T + 5 * world) * world
     x = torch.randn((T, H), generator=gen).to(torch.bfloat16).cuda()
@@ -330,11 +348,11 @@ def suite_worst_graph_async(rank: int, world: int) -> None:
     cuda.destroy()
 
 
-def suite_failures(rank: int, world: int) -> None:
+def suite_failures(rank: int, world: int, seed: int) -> None:
     """Mismatched calls end in errors on every rank, never in a hang."""
     cuda, _ = make_buffers(world, timeout_s=5.0)
     T, E = 128, 16
-    idx = routing("random", T, 2, E, rank, torch.Generator().manual_seed(rank))
+    idx = routing("random", T, 2, E, rank, rank_generator(seed, rank))
     H = 2048 if rank == 0 else 4096  # ranks disagree on hidden
     x = torch.randn((T, H), device="cuda").to(torch.bfloat16)
     per_rank, _, per_expert, in_rank, _ = cuda.get_dispatch_layout(idx, E)

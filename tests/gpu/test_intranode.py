@@ -2,8 +2,6 @@
 
 import pytest
 
-from ep_train.testing import run_distributed
-
 from . import _scenarios
 
 pytestmark = pytest.mark.gpu
@@ -11,27 +9,27 @@ pytestmark = pytest.mark.gpu
 
 def test_dispatch_combine_variants(num_gpus):
     """BF16/FP8, top-k 1..9, hidden 2000..7168, skewed and -1 routing, cached handle, configs."""
-    run_distributed(_scenarios.suite_dispatch_combine, num_gpus, backend="nccl", timeout_s=300)
+    _scenarios.run_seeded(_scenarios.suite_dispatch_combine, num_gpus)
 
 
 def test_small_cases(num_gpus):
     """The same checks on a few tokens with tiny rings (the cases scripts/sanitize.sh runs)."""
-    run_distributed(_scenarios.suite_dispatch_combine, num_gpus, _scenarios.SMALL_CASES, backend="nccl", timeout_s=300)
+    _scenarios.run_seeded(_scenarios.suite_dispatch_combine, num_gpus, _scenarios.SMALL_CASES)
 
 
 def test_no_topk(num_gpus):
-    run_distributed(_scenarios.suite_no_topk_and_empty, num_gpus, backend="nccl", timeout_s=300)
+    _scenarios.run_seeded(_scenarios.suite_no_topk_and_empty, num_gpus)
 
 
 def test_skewed_and_empty_ranks(num_gpus):
     """All tokens to one expert, no expert at all, a rank with no tokens."""
-    run_distributed(_scenarios.suite_skewed_and_empty, num_gpus, backend="nccl", timeout_s=300)
+    _scenarios.run_seeded(_scenarios.suite_skewed_and_empty, num_gpus)
 
 
 def test_worst_tokens_graph_and_events(num_gpus):
     """num_worst_tokens (sync-free), CUDA-graph capture and replay, async_finish/previous_event."""
-    run_distributed(_scenarios.suite_worst_graph_async, num_gpus, backend="nccl", timeout_s=300)
+    _scenarios.run_seeded(_scenarios.suite_worst_graph_async, num_gpus)
 
 
 def test_mismatched_calls_raise(num_gpus):
-    run_distributed(_scenarios.suite_failures, num_gpus, backend="nccl", timeout_s=300)
+    _scenarios.run_seeded(_scenarios.suite_failures, num_gpus)

@@ -17,9 +17,8 @@ import torch.distributed as dist
 from ep_train import Buffer, _ext, layout
 from ep_train.errors import CommError, CommTimeoutError, RankMismatchError
 from ep_train.fp8 import dequantize_fp8, quantize_fp8
-from ep_train.testing import run_distributed
 
-from ._scenarios import assert_bitwise, assert_close_bf16, routing
+from ._scenarios import assert_bitwise, assert_close_bf16, rank_generator, routing, run_seeded
 
 pytestmark = pytest.mark.gpu
 
@@ -99,10 +98,10 @@ def _run_case(cuda: Buffer, ref: Buffer, rank: int, world: int, c: dict, gen: to
     assert_close_bf16(f"{tag} combine vs torch backend", got, want)
 
 
-def suite_matches_torch(rank: int, world: int) -> None:
+def suite_matches_torch(rank: int, world: int, seed: int) -> None:
     cuda, ref = _buffers(world)
-    gen = torch.Generator().manual_seed(1234 + rank)
-    pick = torch.Generator().manual_seed(99)  # the same case list on every rank
+    gen = rank_generator(seed, rank)
+    pick = torch.Generator().manual_seed(seed)  # the same case list on every rank
     cases = []
     for i in range(24):
         H = (2048, 4096, 7168)[i % 3]
@@ -122,10 +121,10 @@ def suite_matches_torch(rank: int, world: int) -> None:
     cuda.destroy()
 
 
-def suite_two_in_flight(rank: int, world: int) -> None:
+def suite_two_in_flight(rank: int, world: int, seed: int) -> None:
     """Two dispatches sent before either is received (the two buffer halves), then both combines."""
     cuda, ref = _buffers(world)
-    gen = torch.Generator().manual_seed(5 + rank)
+    gen = rank_generator(seed, rank)
     T, H, K, M = 48, 4096, 6, 64
     calls = []  # (x, topk_idx, use_fp8) of the two calls
     for fp8 in (False, True):
@@ -167,10 +166,10 @@ def suite_two_in_flight(rank: int, world: int) -> None:
     cuda.destroy()
 
 
-def suite_graph(rank: int, world: int) -> None:
+def suite_graph(rank: int, world: int, seed: int) -> None:
     """dispatch (FP8, hook inside the graph) + combine captured once, replayed on changing x and routing."""
     cuda, ref = _buffers(world)
-    gen = torch.Generator().manual_seed(77 + rank)
+    gen = rank_generator(seed, rank)
     T, H, K, M = 40 + rank, 7168, 8, 64
     x = torch.randn((T, H), generator=gen).to(torch.bfloat16).cuda()
     idx = routing("random", T, K, E, rank, gen)
@@ -218,10 +217,10 @@ def _expect_error(kind, fn, *words) -> None:
         raise AssertionError(f"no {kind.__name__}")
 
 
-def suite_failures(rank: int, world: int) -> None:
+def suite_failures(rank: int, world: int, seed: int) -> None:
     """Ranks that disagree raise RankMismatchError; a rank that skips a call makes its peers time out."""
     T, H, K = 16, 2048, 2
-    gen = torch.Generator().manual_seed(rank)
+    gen = rank_generator(seed, rank)
     x = torch.randn((T, H), generator=gen).to(torch.bfloat16).cuda()
     idx = routing("random", T, K, E, rank, gen)
     odd = rank == world - 1
@@ -267,16 +266,16 @@ def test_layout_matches_kernels(num_ranks, hidden, max_tokens, num_experts):
 
 def test_dispatch_combine_match_torch(num_gpus):
     """BF16/FP8 (+ round_scale), hidden 2048/4096/7168, top-k 1..9, -1 entries, T from 0 to M, hooks, out=."""
-    run_distributed(suite_matches_torch, num_gpus, backend="nccl", timeout_s=300)
+    run_seeded(suite_matches_torch, num_gpus)
 
 
 def test_two_calls_in_flight(num_gpus):
-    run_distributed(suite_two_in_flight, num_gpus, backend="nccl", timeout_s=300)
+    run_seeded(suite_two_in_flight, num_gpus)
 
 
 def test_graph_replay_on_changing_data(num_gpus):
-    run_distributed(suite_graph, num_gpus, backend="nccl", timeout_s=300)
+    run_seeded(suite_graph, num_gpus)
 
 
 def test_mismatched_calls_raise(num_gpus):
-    run_distributed(suite_failures, num_gpus, backend="nccl", timeout_s=300)
+    run_seeded(suite_failures, num_gpus)
