@@ -18,7 +18,11 @@ def available_backends() -> dict[str, str]:
     """Backend name → one line on its state."""
     report = {"torch": "available (torch.distributed collectives: gloo on CPU, NCCL on CUDA)"}
     reason = _ext.unavailable_reason()
-    report["cuda"] = "available (NVLink kernels)" if reason is None else f"unavailable: {reason}"
+    report["cuda"] = (
+        "available (NVLink kernels for one node; low-latency peers through CUDA IPC, not NVSHMEM)"
+        if reason is None
+        else f"unavailable: {reason}"
+    )
     return report
 
 
