@@ -8,6 +8,7 @@ P expert-major rows.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -49,6 +50,16 @@ def row_counts(tokens_per_expert_L) -> list[int]:
     return [int(c) for c in tokens_per_expert_L]
 
 
+def _on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on ``device``; to a GPU through pinned memory, so without a host sync."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
+def _group_offsets(counts: list[int], device: torch.device) -> torch.Tensor:
+    """``torch._grouped_mm``'s ``offs``: the int32 end row of every expert's group."""
+    return _on_device(torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int32), device)
+
+
 def grouped_matmul(x_PD: torch.Tensor, w_LDF: torch.Tensor, tokens_per_expert_L) -> torch.Tensor:
     """``[P, D] x [L, D, F] → [P, F]``: the rows of expert l (contiguous, counts given) times ``w[l]``.
 
@@ -57,8 +68,7 @@ def grouped_matmul(x_PD: torch.Tensor, w_LDF: torch.Tensor, tokens_per_expert_L)
     """
     counts = row_counts(tokens_per_expert_L)
     if use_grouped_mm(x_PD, w_LDF):
-        offs = torch.tensor(counts, device=x_PD.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        return torch._grouped_mm(x_PD, w_LDF, offs=offs)
+        return torch._grouped_mm(x_PD, w_LDF, offs=_group_offsets(counts, x_PD.device))
     parts = torch.split(x_PD, counts)
     return torch.cat([part @ w_LDF[e] for e, part in enumerate(parts)], dim=0)
 
@@ -67,8 +77,7 @@ def grouped_weight_grad(x_PD: torch.Tensor, dy_PF: torch.Tensor, tokens_per_expe
     """``[L, D, F]``: for each expert l, ``x_l^T dy_l`` over its rows (zeros for an expert without rows)."""
     counts = row_counts(tokens_per_expert_L)
     if use_grouped_mm(x_PD, dy_PF) and x_PD.shape[0] > 0:
-        offs = torch.tensor(counts, device=x_PD.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        return torch._grouped_mm(x_PD.t(), dy_PF, offs=offs)
+        return torch._grouped_mm(x_PD.t(), dy_PF, offs=_group_offsets(counts, x_PD.device))
     out = x_PD.new_zeros((len(counts), x_PD.shape[1], dy_PF.shape[1]))
     for e, (a, b) in enumerate(zip(torch.split(x_PD, counts), torch.split(dy_PF, counts), strict=True)):
         if a.shape[0]:
@@ -158,10 +167,8 @@ class ChunkedExperts:
         parts, self._parts = self._parts, []
         num_experts = len(parts[0][4])
         # Rows of all chunks, regrouped by expert (chunk order kept within an expert).
-        expert_P = torch.cat([
-            torch.repeat_interleave(torch.arange(num_experts), torch.tensor(c, dtype=torch.int64)) for *_, c in parts
-        ]).to(parts[0][0].device)  # fmt: skip
-        order = torch.argsort(expert_P, stable=True)
+        expert_P = torch.cat([torch.repeat_interleave(torch.arange(num_experts), torch.tensor(c)) for *_, c in parts])
+        order = torch.argsort(_on_device(expert_P, parts[0][0].device), stable=True)
         totals = [sum(c[e] for *_, c in parts) for e in range(num_experts)]
 
         def rows(i: int) -> torch.Tensor:

@@ -63,3 +63,24 @@ def test_grouped_weight_grad_bf16(cuda):
     ref = [a.float().t() @ b.float() for a, b in zip(torch.split(x, counts), torch.split(dy, counts), strict=True)]
     for e in (0, 2, 3):
         assert _rel(out[e], ref[e]) <= 1e-2
+
+
+def test_grouped_experts_make_no_host_sync(cuda):
+    """Forward and backward of the grouped-GEMM experts (plain and chunked) never wait for the GPU:
+    the group offsets go to the device through pinned memory."""
+    counts = [32, 0, 16, 48, 8, 0, 24, 16]
+    w1 = (torch.randn(L, D, 2 * F, device=cuda) / D**0.5).bfloat16().requires_grad_()
+    w2 = (torch.randn(L, F, D, device=cuda) / F**0.5).bfloat16().requires_grad_()
+    x = torch.randn(sum(counts), D, device=cuda).bfloat16().requires_grad_()
+    p = torch.rand(sum(counts), device=cuda).bfloat16().requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = grouped_matmul(_swiglu(grouped_matmul(x, w1, counts)) * p[:, None], w2, counts)
+        experts = ChunkedExperts(w1, w2, _swiglu)
+        y_chunks = torch.cat([experts(x[:96], counts[:4] + [0] * 4, p[:96]),
+                              experts(x[96:], [0] * 4 + counts[4:], p[96:])])  # fmt: skip
+        (y.float().sum() + y_chunks.float().sum()).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert w1.grad is not None and x.grad is not None and p.grad is not None
