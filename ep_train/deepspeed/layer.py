@@ -86,7 +86,7 @@ class EPMOELayer(MOELayer):
                 "the expert-parallel group is not set: build the model, call use_ep_train() and then "
                 "deepspeed.initialize() (or MoE.set_deepspeed_parallelism()) before the first forward"
             )
-        size = max(x_SD.element_size(), torch.tensor([], dtype=self.combine_dtype or x_SD.dtype).element_size())
+        size = max(x_SD.element_size(), (self.combine_dtype or x_SD.dtype).itemsize)
         buffer = self.buffers.get(self.ep_group, x_SD.shape[-1], size)
         return MoEDispatcher(buffer, self.num_experts, expert_alignment=self.expert_alignment)
 
