@@ -329,15 +329,12 @@ class CudaBackend(Backend):
         count_L = torch.empty(L, **i32)
         call_seq = torch.empty(1, dtype=torch.int64, device=dev)
         header = args.info.as_list() + [0]
-        weights = args.topk_weights_TK
-        if weights is not None and weights.dtype != torch.float32:
-            raise TypeError(f"backend='cuda' takes float32 topk_weights, got {weights.dtype}")
 
         def launch(phases: int) -> None:
-            self._C.low_latency_dispatch(ll, x_TH, args.topk_idx_TK, weights, M, E, args.use_fp8, args.round_scale,
-                                         recv_x, recv_scales, src_info_LS, topk_pos_LS, weights_LS, range_LR, count_L,
-                                         args.cumulative_local_expert_recv_stats_L, call_seq, header,
-                                         phases)  # fmt: skip
+            self._C.low_latency_dispatch(ll, x_TH, args.topk_idx_TK, args.topk_weights_TK, M, E, args.use_fp8,
+                                         args.round_scale, recv_x, recv_scales, src_info_LS, topk_pos_LS, weights_LS,
+                                         range_LR, count_L, args.cumulative_local_expert_recv_stats_L, call_seq,
+                                         header, phases)  # fmt: skip
 
         launch(_LL_SEND if args.return_recv_hook else _LL_BOTH)
         handle = LowLatencyHandle(
@@ -364,8 +361,6 @@ class CudaBackend(Backend):
         h, x_LSH = args.handle, args.x_LSH
         if "call_seq" not in h.extras:
             raise ValueError("this handle was not made by the cuda backend (create it with the same Buffer)")
-        if args.topk_weights_TK.dtype != torch.float32:
-            raise TypeError(f"backend='cuda' combines float32 topk_weights, got {args.topk_weights_TK.dtype}")
         ll = self._ll_runtime(h.hidden, h.num_experts, 1)
         out = args.out_TH
         target = out if out is not None and out.is_contiguous() else None
