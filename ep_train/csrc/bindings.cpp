@@ -213,6 +213,12 @@ torch::Tensor sum_pairs(const torch::Tensor& y, const torch::Tensor& pos) {
 }
 
 // ---------------------------------------------------------------- low latency
+void check_low_latency_topk(const torch::Tensor& topk_idx) {
+    check(topk_idx, "topk_idx", torch::kInt64, 2);
+    TORCH_CHECK(topk_idx.size(1) >= 1 && topk_idx.size(1) <= ep_train::kMaxTopk, "topk_idx must have 1..",
+                ep_train::kMaxTopk, " columns (top-k), got ", topk_idx.size(1));
+}
+
 // hidden_multiple: 128 for FP8 dispatch (one scale per 128 channels), 8 for BF16 dispatch (16-byte
 // vectors), 1 for combine.
 LowLatencyLayout make_low_latency_layout(const LowLatencyRuntime& rt, int64_t max_tokens, int64_t hidden,
@@ -237,10 +243,10 @@ void low_latency_dispatch(LowLatencyRuntime& rt, const torch::Tensor& x, const t
                           torch::Tensor& call_seq, const std::vector<int64_t>& info, int64_t phases) {
     auto ctx = rt.context();
     check(x, "x", torch::kBFloat16, 2);
-    check(topk_idx, "topk_idx", torch::kInt64, 2);
-    TORCH_CHECK(topk_idx.size(0) == x.size(0) && x.size(0) <= max_tokens, "topk_idx/x rows must match, <= M");
-    TORCH_CHECK(topk_idx.size(1) >= 1 && topk_idx.size(1) <= ep_train::kMaxTopk, "top-k must be in 1..",
-                ep_train::kMaxTopk);
+    check_low_latency_topk(topk_idx);
+    TORCH_CHECK(topk_idx.size(0) == x.size(0) && x.size(0) <= max_tokens,
+                "x and topk_idx must have the same rows, at most ", max_tokens, ", got ", x.size(0), " and ",
+                topk_idx.size(0));
     if (topk_weights) check(*topk_weights, "topk_weights", torch::kFloat32, 2);
     TORCH_CHECK(recv_x.is_contiguous() && recv_x.dim() == 3 && recv_x.element_size() == (use_fp8 ? 1 : 2),
                 "recv_x must be a contiguous [L, R*M, H] tensor of the sent dtype");
@@ -286,12 +292,10 @@ void low_latency_combine(LowLatencyRuntime& rt, const torch::Tensor& x, const to
     check(recv_src_info, "recv_src_info", torch::kInt32, 2);
     check(recv_topk_pos, "recv_topk_pos", torch::kInt32, 2);
     check(recv_layout_range, "recv_layout_range", torch::kInt64, 2);
-    check(topk_idx, "topk_idx", torch::kInt64, 2);
+    check_low_latency_topk(topk_idx);
     check(topk_weights, "topk_weights", torch::kFloat32, 2);
     check(out, "out", torch::kBFloat16, 2);
     check(call_seq, "call_seq", torch::kInt64, 1);
-    TORCH_CHECK(topk_idx.size(1) >= 1 && topk_idx.size(1) <= ep_train::kMaxTopk, "top-k must be in 1..",
-                ep_train::kMaxTopk);
     TORCH_CHECK(out.size(0) == topk_idx.size(0) && out.size(0) <= max_tokens && out.size(1) == x.size(2),
                 "out must be [T, H] with T <= M");
     ep_train::LowLatencyCombineParams p{};

@@ -5,8 +5,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <string>
-#include <vector>
 
 #include "ep_train/buffer_layout.cuh"
 #include "ep_train/low_latency_layout.cuh"

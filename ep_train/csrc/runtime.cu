@@ -3,8 +3,6 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <cstring>
-#include <sstream>
 #include <stdexcept>
 #include <thread>
 
