@@ -6,6 +6,7 @@ import argparse
 import os
 
 import torch
+import torch.distributed as dist
 
 from ep_train.testing import run_distributed
 
@@ -35,3 +36,25 @@ def launch(worker, world: int, args: argparse.Namespace) -> None:
 def run_on_gpus(worker, args: argparse.Namespace) -> None:
     """``worker(rank, world, args)`` on ``args.world`` GPUs (default: the largest of 2/4/8 present)."""
     launch(worker, args.world or max(n for n in (2, 4, 8) if n <= torch.cuda.device_count()), args)
+
+
+def median_us(fn, iters: int) -> float:
+    """Median CUDA-event time of ``fn()`` in µs over ``iters`` calls, after one warm-up call and a
+    barrier; every launch is queued behind a sleep kernel before the first one starts."""
+    fn()
+    torch.cuda.synchronize()
+    dist.barrier()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    torch.cuda._sleep(int(2e8))
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) * 1e3 for s, e in events)
+    return times[len(times) // 2]
+
+
+def bandwidth_row(name: str, us: float, nbytes: float) -> str:
+    """One result line: name, µs, and logical GB/s of ``nbytes``."""
+    return f"{name:<44} {us:9.1f} us {nbytes / us / 1e3:8.1f} GB/s"

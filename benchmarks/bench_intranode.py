@@ -14,7 +14,7 @@ import datetime
 
 import torch
 import torch.distributed as dist
-from _common import run_on_gpus, standard_parser
+from _common import bandwidth_row, median_us, run_on_gpus, standard_parser
 
 from ep_train import Buffer, Config
 from ep_train.fp8 import quantize_fp8
@@ -29,26 +29,6 @@ SWEEP = [  # (num_sms, send chunk, ring rows)
     (64, 8, 256),
     (64, 16, 512),
 ]
-
-
-def _median_us(fn, iters: int) -> float:
-    """Median CUDA-event time of fn(); the GPU is kept busy while the launches are queued."""
-    fn()
-    torch.cuda.synchronize()
-    dist.barrier()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-    torch.cuda._sleep(int(2e8))  # queue every launch before the first one starts
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    times = sorted(s.elapsed_time(e) * 1e3 for s, e in events)
-    return times[len(times) // 2]
-
-
-def _row(name: str, us: float, nbytes: float) -> str:
-    return f"{name:<34} {us:9.1f} us {nbytes / us / 1e3:8.1f} GB/s"
 
 
 def _worker(rank: int, world: int, args) -> None:
@@ -71,12 +51,12 @@ def _worker(rank: int, world: int, args) -> None:
         rows = torch.tensor([recv_x.shape[0]], device="cuda")
         dist.broadcast(rows, 0)
         nbytes = int(rows) * H * 2
-        t_bf16 = _median_us(lambda: buf.dispatch(x, handle=handle, config=config), args.iters)
-        t_fp8 = _median_us(lambda: buf.dispatch(x_fp8, handle=handle, config=config), args.iters)
-        t_comb = _median_us(lambda: buf.combine(recv_x, handle, config=config), args.iters)
-        lines.append(_row(f"{name} dispatch BF16", t_bf16, nbytes))
-        lines.append(_row(f"{name} dispatch FP8", t_fp8, nbytes * (1 + 4 / 128) / 2))
-        lines.append(_row(f"{name} combine", t_comb, nbytes))
+        t_bf16 = median_us(lambda: buf.dispatch(x, handle=handle, config=config), args.iters)
+        t_fp8 = median_us(lambda: buf.dispatch(x_fp8, handle=handle, config=config), args.iters)
+        t_comb = median_us(lambda: buf.combine(recv_x, handle, config=config), args.iters)
+        lines.append(bandwidth_row(f"{name} dispatch BF16", t_bf16, nbytes))
+        lines.append(bandwidth_row(f"{name} dispatch FP8", t_fp8, nbytes * (1 + 4 / 128) / 2))
+        lines.append(bandwidth_row(f"{name} combine", t_comb, nbytes))
 
     for sms, chunk, ring in SWEEP:
         measure(cuda, f"cuda sms={sms} chunk={chunk} ring={ring}", Config(sms, chunk, ring))
@@ -90,8 +70,8 @@ def _worker(rank: int, world: int, args) -> None:
     recv = torch.empty((sum(recv_splits), H), device="cuda", dtype=torch.bfloat16)
     rows0 = torch.tensor([sum(recv_splits)], device="cuda")
     dist.broadcast(rows0, 0)
-    t = _median_us(lambda: dist.all_to_all_single(recv, send, recv_splits, send_splits), args.iters)
-    lines.append(_row("NCCL all_to_all_single (rows only)", t, int(rows0) * H * 2))
+    t = median_us(lambda: dist.all_to_all_single(recv, send, recv_splits, send_splits), args.iters)
+    lines.append(bandwidth_row("NCCL all_to_all_single (rows only)", t, int(rows0) * H * 2))
     if rank == 0:
         name = torch.cuda.get_device_name()
         head = f"{world} x {name}, {datetime.date.today()}, T={T} H={H} top-{K} E={E}"

@@ -16,25 +16,9 @@ import datetime
 
 import torch
 import torch.distributed as dist
-from _common import run_on_gpus, standard_parser
+from _common import bandwidth_row, median_us, run_on_gpus, standard_parser
 
 from ep_train import Buffer
-
-
-def _median_us(fn, iters: int) -> float:
-    """Median CUDA-event time of fn(); every launch is queued before the first one starts."""
-    fn()
-    torch.cuda.synchronize()
-    dist.barrier()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-    torch.cuda._sleep(int(2e8))
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    times = sorted(s.elapsed_time(e) * 1e3 for s, e in events)
-    return times[len(times) // 2]
 
 
 def _graph_of(fn) -> torch.cuda.CUDAGraph:
@@ -68,10 +52,6 @@ def _hook_us(buf: Buffer, call, iters: int) -> tuple[float, float]:
     return send[iters // 2], recv[iters // 2]
 
 
-def _row(name: str, us: float, nbytes: float) -> str:
-    return f"{name:<44} {us:9.1f} us {nbytes / us / 1e3:8.1f} GB/s"
-
-
 def _measure(cuda: Buffer, ref: Buffer, T: int, args, rank: int) -> list[str]:
     H, K, E, M = args.hidden, args.topk, args.experts, T
     gen = torch.Generator(device="cuda").manual_seed(rank + 17 * T)
@@ -87,22 +67,22 @@ def _measure(cuda: Buffer, ref: Buffer, T: int, args, rank: int) -> list[str]:
     for fp8, name in ((False, "BF16"), (True, "FP8")):
         scale = (1 + 4 / 128) / 2 if fp8 else 1.0
         graph = _graph_of(lambda fp8=fp8: cuda.low_latency_dispatch(x, idx, M, E, use_fp8=fp8))
-        t = _median_us(graph.replay, args.iters)
-        lines.append(_row(f"T={T} cuda dispatch {name} (graph)", t, nbytes * scale))
+        t = median_us(graph.replay, args.iters)
+        lines.append(bandwidth_row(f"T={T} cuda dispatch {name} (graph)", t, nbytes * scale))
         hooked = lambda fp8=fp8: cuda.low_latency_dispatch(x, idx, M, E, use_fp8=fp8, return_recv_hook=True)  # noqa: E731
         send, recv = _hook_us(cuda, hooked, args.iters)
-        lines.append(_row(f"T={T} cuda dispatch {name} hook: send", send, nbytes * scale))
-        lines.append(_row(f"T={T} cuda dispatch {name} hook: receive", recv, nbytes * scale))
-        t = _median_us(lambda fp8=fp8: ref.low_latency_dispatch(x, idx, M, E, use_fp8=fp8), args.iters)
-        lines.append(_row(f"T={T} torch dispatch {name} (eager)", t, nbytes * scale))
+        lines.append(bandwidth_row(f"T={T} cuda dispatch {name} hook: send", send, nbytes * scale))
+        lines.append(bandwidth_row(f"T={T} cuda dispatch {name} hook: receive", recv, nbytes * scale))
+        t = median_us(lambda fp8=fp8: ref.low_latency_dispatch(x, idx, M, E, use_fp8=fp8), args.iters)
+        lines.append(bandwidth_row(f"T={T} torch dispatch {name} (eager)", t, nbytes * scale))
     graph = _graph_of(lambda: cuda.low_latency_combine(y, idx, w, handle))
-    lines.append(_row(f"T={T} cuda combine (graph)", _median_us(graph.replay, args.iters), nbytes))
+    lines.append(bandwidth_row(f"T={T} cuda combine (graph)", median_us(graph.replay, args.iters), nbytes))
     send, recv = _hook_us(cuda, lambda: cuda.low_latency_combine(y, idx, w, handle, return_recv_hook=True), args.iters)
-    lines.append(_row(f"T={T} cuda combine hook: send", send, nbytes))
-    lines.append(_row(f"T={T} cuda combine hook: receive", recv, nbytes))
+    lines.append(bandwidth_row(f"T={T} cuda combine hook: send", send, nbytes))
+    lines.append(bandwidth_row(f"T={T} cuda combine hook: receive", recv, nbytes))
     _, _, ref_handle, _, _ = ref.low_latency_dispatch(x, idx, M, E, use_fp8=False)
-    t = _median_us(lambda: ref.low_latency_combine(y, idx, w, ref_handle), args.iters)
-    lines.append(_row(f"T={T} torch combine (eager)", t, nbytes))
+    t = median_us(lambda: ref.low_latency_combine(y, idx, w, ref_handle), args.iters)
+    lines.append(bandwidth_row(f"T={T} torch combine (eager)", t, nbytes))
     lines.append(f"T={T}: rank 0 receives {int(rows)} rows")
     return lines
 
