@@ -22,7 +22,9 @@ Low-latency buffer (``num_rdma_bytes``), per rank; mirrors ``csrc/include/ep_tra
               header slots [2 halves][MAX_RANKS sources] of 128 bytes (call header + stamp)]
     [half 0][half 1], each:
         [counts:   int32 [E] = [L][R], rows source s put into local expert l]
-        [dispatch: [L][R][M] slots: 16-byte header (token, top-k column, weight) + BF16-sized row]
+        [slots:    [L][R][M] 16-byte dispatch slot headers (token, top-k column, weight)]
+        [tokens:   [R][M] rows: token t of source s once, however many local experts it has here
+                   (a BF16 row, or an FP8 row + its scales)]
         [combine:  [M][MAX_TOPK] BF16 rows, one per (token, top-k column) of the owner]
 
 Calls alternate between the halves, so a call may still be received while the next one is sent.
@@ -42,7 +44,7 @@ __all__ = [
     "intranode_row_bytes",
     "intranode_control_bytes",
     "intranode_buffer_bytes",
-    "low_latency_dispatch_row_bytes",
+    "low_latency_token_row_bytes",
     "low_latency_combine_row_bytes",
     "low_latency_buffer_bytes",
 ]
@@ -96,9 +98,12 @@ def intranode_buffer_bytes(hidden_bytes: int, num_ranks: int, num_channels: int,
 LOW_LATENCY_CONTROL_BYTES = 2 * ALIGN_BYTES + 2 * MAX_RANKS * ALIGN_BYTES  # see the module docstring
 
 
-def low_latency_dispatch_row_bytes(hidden: int) -> int:
-    """One dispatch slot: a 16-byte header and a BF16 row (FP8 rows + their scales fit in it)."""
-    return 16 + align_up(hidden * 2, 16)
+LOW_LATENCY_SLOT_BYTES = 16  # a dispatch slot header: token, top-k column, gate weight, padding
+
+
+def low_latency_token_row_bytes(hidden: int) -> int:
+    """One dispatched token: a BF16 row (an FP8 row and its scales fit in it)."""
+    return align_up(hidden * 2, 16)
 
 
 def low_latency_combine_row_bytes(hidden: int) -> int:
@@ -112,6 +117,7 @@ def low_latency_buffer_bytes(
     """Bytes of the low-latency buffer (control + both halves)."""
     M = num_max_dispatch_tokens_per_rank
     counts = align_up(num_experts * 4)
-    dispatch = align_up(num_experts * M * low_latency_dispatch_row_bytes(hidden))
+    slots = align_up(num_experts * M * LOW_LATENCY_SLOT_BYTES)
+    tokens = align_up(num_ranks * M * low_latency_token_row_bytes(hidden))
     combine = align_up(M * MAX_TOPK * low_latency_combine_row_bytes(hidden))
-    return LOW_LATENCY_CONTROL_BYTES + 2 * (counts + dispatch + combine)
+    return LOW_LATENCY_CONTROL_BYTES + 2 * (counts + slots + tokens + combine)

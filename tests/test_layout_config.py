@@ -66,8 +66,10 @@ def test_low_latency_size_hint_is_monotone():
     assert Buffer.get_low_latency_rdma_size_hint(128, 4096, 8, 64) > base
     assert Buffer.get_low_latency_rdma_size_hint(64, 7168, 8, 64) > base
     assert Buffer.get_low_latency_rdma_size_hint(64, 4096, 8, 256) > base
-    # A slot holds a BF16 row (FP8 rows and their scales fit in it) and a header.
-    assert layout.low_latency_dispatch_row_bytes(7168) >= 7168 * 2 + 4
+    # A token row holds a BF16 row; FP8 rows and their scales fit in it.
+    for hidden in (128, 2048, 7168):
+        row = layout.low_latency_token_row_bytes(hidden)
+        assert row % 16 == 0 and row >= hidden * 2 and row >= hidden + 4 * layout.num_fp8_scales(hidden)
 
 
 def test_layout_helpers():

@@ -4,10 +4,11 @@
 // Protocol of one operation (a dispatch or a combine), sequence number n = own LL counter + 1,
 // buffer half h = n & 1:
 //   send:    wait until every destination acknowledged receive n - 2 (it no longer reads half h),
-//            write every row (dispatch: and its share of the per-expert counts) straight into
-//            the destination's half h through the IPC pointer (16-byte stores), fence; the last
-//            block to finish writes the call header into each destination's header slot [h][me]
-//            and releases the stamp n.
+//            write straight into the destination's half h through the IPC pointer (16-byte
+//            stores) - dispatch: each token's row once per destination rank, a slot header per
+//            (token, expert) and the block's share of the per-expert counts; combine: every row -
+//            fence; the last block to finish writes the call header into each destination's
+//            header slot [h][me] and releases the stamp n.
 //   receive: wait for the stamp n of every source, compare the call headers, move the rows out of
 //            half h (dispatch: pack into recv_x; combine: weighted FP32 sum per token), then the
 //            last block to finish acknowledges n to every source.
@@ -32,7 +33,8 @@ namespace {
 
 constexpr int kThreads = 1024;
 constexpr int kWarps = kThreads / kWarpSize;
-constexpr int kRoundPairs = 32;  // (token, top-k) entries a send block handles per round: one per lane of warp 0
+constexpr int kRoundPairs = 32;   // (token, top-k) entries warp 0 gives slots per round: one per lane
+constexpr int kRoundTokens = 32;  // tokens whose rows a send block writes per round
 constexpr int kCopyUnroll = 4;
 constexpr int kCombineGroup = 4;  // top-k entries of a token whose loads a combine lane has in flight together
 constexpr int kSendPhase = 0, kRecvPhase = 1;  // finish counters of LowLatencyLayout::done
@@ -203,29 +205,33 @@ __device__ __forceinline__ int4 cast_16(const char* src, float inv) {
 }
 
 struct SendShared {
-    int hist[kMaxExperts];   // entries before the current round, per global expert
-    int total[kMaxExperts];  // all entries, per global expert
-    char* dst[kRoundPairs];  // payload of the destination slot of each entry of the round (null: none)
-    int token[kRoundPairs];
+    int hist[kMaxExperts];    // entries before the current round, per global expert
+    int total[kMaxExperts];   // all entries, per global expert
+    int ranks[kRoundTokens];  // per token of the round: bit r set when rank r holds one of its experts
     int64_t seq;
     int flag;
 };
 
-// Dispatch send.  Grid: every block takes a contiguous range of the T*K (token, top-k) entries, in
-// rounds of 32.  Warp 0 gives each entry its slot j = number of earlier entries (row-major) with
-// the same expert, so slots within (expert, source) are in token order, then top-k order (the
-// reference layout); all threads then cast (FP8) and copy the rows of the round.  Every block
-// counts all entries up front and writes its share of the per-expert counts, so the last block
-// only publishes the headers and the stamp.
+// Dispatch send.  Grid: every block takes a contiguous range of tokens, hence of the T*K (token,
+// top-k) entries.
+// - Slots: in rounds of 32 entries warp 0 gives each entry its slot j = number of earlier entries
+//   (row-major) with the same expert, so slots within (expert, source) are in token order, then
+//   top-k order (the reference layout), and writes the slot header (token, top-k column, weight).
+// - Rows: in rounds of 32 tokens every token's row goes once to each rank that holds one of its
+//   experts, into that rank's token area [me][token] (FP8: cast once per token); the receiver
+//   copies it into each of its slots.  NVLink carries a token once per rank, not once per expert.
+// - Every block counts all entries up front and writes its share of the per-expert counts, so the
+//   last block only publishes the headers and the stamp.
 __device__ void dispatch_send(const LowLatencyDispatchParams& p, const RankContext& ctx, SendShared& sh, float* s_scale,
                               float* s_inv) {
     const int K = p.num_topk, E = p.num_experts, L = p.layout.num_local_experts, M = p.layout.max_tokens;
-    const int H = p.layout.hidden, S = H / kFp8Block, me = ctx.rank, lane = lane_id();
+    const int H = p.layout.hidden, S = H / kFp8Block, R = ctx.num_ranks, me = ctx.rank, lane = lane_id();
     const int64_t seq = begin_send(ctx, &sh.seq, &sh.flag);
     const int half = static_cast<int>(seq & 1);
-    const int num_entries = p.num_tokens * K;
-    const int per = (num_entries + gridDim.x - 1) / gridDim.x;
-    const int i0 = min(num_entries, per * static_cast<int>(blockIdx.x)), i1 = min(num_entries, i0 + per);
+    const int T = p.num_tokens, num_entries = T * K;
+    const int per = (T + gridDim.x - 1) / gridDim.x;
+    const int t0 = min(T, per * static_cast<int>(blockIdx.x)), t1 = min(T, t0 + per);
+    const int i0 = t0 * K, i1 = t1 * K;
     for (int e = threadIdx.x; e < E; e += blockDim.x) sh.hist[e] = sh.total[e] = 0;
     __syncthreads();
     for (int i = threadIdx.x; i < num_entries; i += blockDim.x) {
@@ -242,56 +248,70 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, const RankConte
     for (int e = blockIdx.x + static_cast<int>(threadIdx.x) * gridDim.x; e < E; e += gridDim.x * blockDim.x)
         *p.layout.count(ctx.peers.base[e / L], half, e % L, me) = min(sh.total[e], M);
 
-    for (int r0 = i0; r0 < i1; r0 += kRoundPairs) {
-        const int n = min(kRoundPairs, i1 - r0), t_first = r0 / K;
-        if (threadIdx.x < kWarpSize) {
+    if (threadIdx.x < kWarpSize) {  // slot headers; the other warps go on to the rows
+        for (int r0 = i0; r0 < i1; r0 += kRoundPairs) {
             const int i = r0 + lane;
-            const int64_t e64 = lane < n ? p.topk_idx[i] : -1;
+            const int64_t e64 = i < i1 ? p.topk_idx[i] : -1;
             const int e = e64 >= 0 && e64 < E ? static_cast<int>(e64) : -1;
             const uint32_t peers = __match_any_sync(0xffffffffu, e);
             const int j = e < 0 ? 0 : sh.hist[e] + __popc(peers & ((1u << lane) - 1u));
             __syncwarp();
             if (e >= 0 && lane == __ffs(peers) - 1) sh.hist[e] += __popc(peers);
-            char* row = nullptr;
+            __syncwarp();
             if (e >= 0 && j >= M) {
                 report_error(ctx.err, kErrCapacity, kCheckLowLatencySlots, e, me, M, j + 1);
             } else if (e >= 0) {
-                row = p.layout.dispatch_slot(ctx.peers.base[e / L], half, e % L, me, j);
                 const float w = p.topk_weights != nullptr ? p.topk_weights[i] : 0.0f;
-                ptx::st_na_v4(reinterpret_cast<int4*>(row), make_int4(i / K, i % K, __float_as_int(w), 0));
-                row += sizeof(LowLatencySlotHeader);
-            }
-            if (lane < n) {
-                sh.dst[lane] = row;
-                sh.token[lane] = i / K;
+                ptx::st_na_v4(
+                    reinterpret_cast<int4*>(p.layout.dispatch_slot(ctx.peers.base[e / L], half, e % L, me, j)),
+                    make_int4(i / K, i % K, __float_as_int(w), 0));
             }
         }
-        if (p.use_fp8) fp8_scales(p, t_first, (r0 + n - 1) / K - t_first + 1, s_scale, s_inv);
+    }
+
+    for (int q0 = t0; q0 < t1; q0 += kRoundTokens) {
+        const int n = min(kRoundTokens, t1 - q0);
+        if (threadIdx.x < n) {
+            int ranks = 0;
+            for (int k = 0; k < K; ++k) {
+                const int64_t e = p.topk_idx[int64_t(q0 + threadIdx.x) * K + k];
+                if (e >= 0 && e < E) ranks |= 1 << (e / L);
+            }
+            sh.ranks[threadIdx.x] = ranks;
+        }
+        if (p.use_fp8) fp8_scales(p, q0, n, s_scale, s_inv);
         __syncthreads();
         if (p.use_fp8) {
             const int chunks = H / 16;  // 16 channels -> 16 bytes
             for (int it = threadIdx.x; it < n * chunks; it += blockDim.x) {
-                const int q = it / chunks, c = it % chunks;
-                char* dst = sh.dst[q];
-                if (dst == nullptr) continue;
-                const int t = sh.token[q];
-                const char* src = static_cast<const char*>(p.x) + (int64_t(t) * H + c * 16) * 2;
-                const float inv = s_inv[(t - t_first) * S + c * 16 / kFp8Block];
-                ptx::st_na_v4(reinterpret_cast<int4*>(dst) + c, cast_16(src, inv));
+                const int q = it / chunks, c = it % chunks, ranks = sh.ranks[q];
+                if (ranks == 0) continue;
+                const char* src = static_cast<const char*>(p.x) + (int64_t(q0 + q) * H + c * 16) * 2;
+                const int4 v = cast_16(src, s_inv[q * S + c * 16 / kFp8Block]);
+                for (int r = 0; r < R; ++r)
+                    if ((ranks >> r) & 1)
+                        ptx::st_na_v4(
+                            reinterpret_cast<int4*>(p.layout.token_row(ctx.peers.base[r], half, me, q0 + q)) + c, v);
             }
             for (int it = threadIdx.x; it < n * S; it += blockDim.x) {
-                const int q = it / S, sb = it % S;
-                if (sh.dst[q] != nullptr)
-                    reinterpret_cast<float*>(sh.dst[q] + H)[sb] = s_scale[(sh.token[q] - t_first) * S + sb];
+                const int q = it / S, sb = it % S, ranks = sh.ranks[q];
+                for (int r = 0; r < R; ++r)
+                    if ((ranks >> r) & 1)
+                        reinterpret_cast<float*>(p.layout.token_row(ctx.peers.base[r], half, me, q0 + q) + H)[sb] =
+                            s_scale[q * S + sb];
             }
         } else {
             const int chunks = H / 8;  // 8 channels -> 16 bytes
             for (int it = threadIdx.x; it < n * chunks; it += blockDim.x) {
-                const int q = it / chunks, c = it % chunks;
-                if (sh.dst[q] == nullptr) continue;
+                const int q = it / chunks, c = it % chunks, ranks = sh.ranks[q];
+                if (ranks == 0) continue;
                 const auto* src =
-                    reinterpret_cast<const int4*>(static_cast<const char*>(p.x) + int64_t(sh.token[q]) * H * 2);
-                ptx::st_na_v4(reinterpret_cast<int4*>(sh.dst[q]) + c, ptx::ld_nc_v4(src + c));
+                    reinterpret_cast<const int4*>(static_cast<const char*>(p.x) + int64_t(q0 + q) * H * 2);
+                const int4 v = ptx::ld_nc_v4(src + c);
+                for (int r = 0; r < R; ++r)
+                    if ((ranks >> r) & 1)
+                        ptx::st_na_v4(
+                            reinterpret_cast<int4*>(p.layout.token_row(ctx.peers.base[r], half, me, q0 + q)) + c, v);
             }
         }
         __syncthreads();
@@ -354,20 +374,21 @@ __device__ void dispatch_recv(const LowLatencyDispatchParams& p, const RankConte
         for (int j = share.sub * kWarps + warp; j < total; j += share.num_subs * kWarps) {
             int s = 0;
             while (j >= sh.offset[s + 1]) ++s;
-            const char* slot = p.layout.dispatch_slot(own, half, l, s, j - sh.offset[s]);
+            // Every lane reads the slot header (one broadcast load): its token names the row to copy.
+            const int4 hdr =
+                ptx::ld_cg_v4(reinterpret_cast<const int4*>(p.layout.dispatch_slot(own, half, l, s, j - sh.offset[s])));
             const int64_t out = int64_t(l) * RM + j;
             if (lane == 0) {
-                const int4 hdr = ptx::ld_cg_v4(reinterpret_cast<const int4*>(slot));
                 p.recv_src_info[out] = hdr.x;
                 p.recv_topk_pos[out] = hdr.y;
                 p.recv_topk_weights[out] = __int_as_float(hdr.z);
             }
-            slot += sizeof(LowLatencySlotHeader);
-            warp_copy<kCopyUnroll, true>(static_cast<char*>(p.recv_x) + out * payload, slot, payload);
+            const char* row = p.layout.token_row(own, half, s, hdr.x);
+            warp_copy<kCopyUnroll, true>(static_cast<char*>(p.recv_x) + out * payload, row, payload);
             if (p.use_fp8)
                 for (int i = lane; i < S; i += kWarpSize)
                     reinterpret_cast<int*>(p.recv_scales)[out * S + i] =
-                        ptx::ld_cg(reinterpret_cast<const int*>(slot + H) + i);
+                        ptx::ld_cg(reinterpret_cast<const int*>(row + H) + i);
         }
         __syncthreads();
     }
@@ -384,7 +405,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     int64_t seq;
     // NOTES: no status check between the phases: a failure stops the receive phase at its first wait.
     if (phases & kPhaseSend) {
-        dispatch_send(p, ctx, send_sh, s_fp8, s_fp8 + kRoundPairs * (p.layout.hidden / kFp8Block));
+        dispatch_send(p, ctx, send_sh, s_fp8, s_fp8 + kRoundTokens * (p.layout.hidden / kFp8Block));
         seq = send_sh.seq;
     } else {
         if (has_failed(ctx.err)) return;
@@ -524,7 +545,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 void launch_low_latency_dispatch(const LowLatencyDispatchParams& p, const RankContext& ctx, int phases, int num_sms,
                                  cudaStream_t stream) {
-    const size_t smem = p.use_fp8 ? 2 * kRoundPairs * (p.layout.hidden / kFp8Block) * sizeof(float) : 0;
+    const size_t smem = p.use_fp8 ? 2 * kRoundTokens * (p.layout.hidden / kFp8Block) * sizeof(float) : 0;
     low_latency_dispatch_kernel<<<num_sms, kThreads, smem, stream>>>(p, ctx, phases);
     check_cuda(cudaGetLastError(), "low_latency_dispatch launch");
 }

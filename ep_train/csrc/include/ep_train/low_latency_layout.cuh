@@ -8,7 +8,9 @@
 //             header slots [2 halves][kMaxRanks sources] (call header + stamp)]
 //   [half 0][half 1], each:
 //     [counts:   int32 [L][R]          rows source s put into local expert l (dispatch)]
-//     [dispatch: [L][R][M] slots       16-byte slot header + a BF16-sized payload]
+//     [slots:    [L][R][M] x 16 bytes  dispatch slot headers: token, top-k column, gate weight]
+//     [tokens:   [R][M] rows           token t of source s, once however many local experts it
+//                                      has here: a BF16 row, or an FP8 row + its scales]
 //     [combine:  [M][kMaxTopk] rows    one BF16 row per (token, top-k column) of the owner]
 // NOTES: the control part never moves, whatever the call's shape, so a header written by a rank
 // that disagrees on the shape is still read where it is expected and reported as a mismatch.
@@ -50,25 +52,27 @@ struct LowLatencyLayout {
     int num_local_experts = 0;
     int max_tokens = 0;  // M
     int hidden = 0;
-    int64_t dispatch_row_bytes = 0;
+    int64_t token_row_bytes = 0;
     int64_t combine_row_bytes = 0;
     int64_t counts_bytes = 0;
-    int64_t dispatch_bytes = 0;
+    int64_t slots_bytes = 0;
+    int64_t tokens_bytes = 0;
     int64_t combine_bytes = 0;
 
     LowLatencyLayout() = default;
 
     EP_HOST_DEVICE LowLatencyLayout(int max_tokens_, int hidden_, int num_ranks_, int num_experts)
         : num_ranks(num_ranks_), num_local_experts(num_experts / num_ranks_), max_tokens(max_tokens_), hidden(hidden_) {
-        dispatch_row_bytes = int64_t(sizeof(LowLatencySlotHeader)) + align_up(int64_t(hidden) * 2, 16);
+        token_row_bytes = align_up(int64_t(hidden) * 2, 16);
         combine_row_bytes = align_up(int64_t(hidden) * 2, 16);
         counts_bytes = align_up(int64_t(num_experts) * 4);
-        dispatch_bytes = align_up(int64_t(num_experts) * max_tokens * dispatch_row_bytes);
+        slots_bytes = align_up(int64_t(num_experts) * max_tokens * int64_t(sizeof(LowLatencySlotHeader)));
+        tokens_bytes = align_up(int64_t(num_ranks) * max_tokens * token_row_bytes);
         combine_bytes = align_up(int64_t(max_tokens) * kMaxTopk * combine_row_bytes);
     }
 
     EP_HOST_DEVICE static constexpr int64_t control_bytes() { return kControlBytes; }
-    EP_HOST_DEVICE int64_t half_bytes() const { return counts_bytes + dispatch_bytes + combine_bytes; }
+    EP_HOST_DEVICE int64_t half_bytes() const { return counts_bytes + slots_bytes + tokens_bytes + combine_bytes; }
     EP_HOST_DEVICE int64_t total_bytes() const { return control_bytes() + 2 * half_bytes(); }
 
     // ---- control (shape-independent)
@@ -96,12 +100,16 @@ struct LowLatencyLayout {
     EP_HOST_DEVICE int* count(void* base, int half, int local_expert, int src) const {
         return reinterpret_cast<int*>(half_base(base, half)) + local_expert * num_ranks + src;
     }
-    EP_HOST_DEVICE char* dispatch_slot(void* base, int half, int local_expert, int src, int j) const {
-        return half_base(base, half) + counts_bytes +
-               ((int64_t(local_expert) * num_ranks + src) * max_tokens + j) * dispatch_row_bytes;
+    EP_HOST_DEVICE LowLatencySlotHeader* dispatch_slot(void* base, int half, int local_expert, int src, int j) const {
+        return reinterpret_cast<LowLatencySlotHeader*>(half_base(base, half) + counts_bytes) +
+               (int64_t(local_expert) * num_ranks + src) * max_tokens + j;
+    }
+    EP_HOST_DEVICE char* token_row(void* base, int half, int src, int token) const {
+        return half_base(base, half) + counts_bytes + slots_bytes +
+               (int64_t(src) * max_tokens + token) * token_row_bytes;
     }
     EP_HOST_DEVICE char* combine_slot(void* base, int half, int row) const {
-        return half_base(base, half) + counts_bytes + dispatch_bytes + int64_t(row) * combine_row_bytes;
+        return half_base(base, half) + counts_bytes + slots_bytes + tokens_bytes + int64_t(row) * combine_row_bytes;
     }
 };
 
