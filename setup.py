@@ -24,6 +24,24 @@ def _shared_libstdcxx() -> list[str]:
     return ["-Wl,--push-state,--no-as-needed", "-l:libstdc++.so.6", "-Wl,--pop-state"]
 
 
+def nvshmem_include_dir() -> str | None:
+    """The include/ of NVSHMEM's pip wheel (nvidia-nvshmem-cu12/-cu13) or of ``$NVSHMEM_HOME``, if present.
+
+    Only the host headers are used (the library itself is loaded at run time), so ``_C`` builds and
+    imports without NVSHMEM too; it then offers CUDA IPC peers only.
+    """
+    import importlib.util
+
+    roots = [os.environ["NVSHMEM_HOME"]] if os.environ.get("NVSHMEM_HOME") else []
+    spec = importlib.util.find_spec("nvidia")
+    if spec is not None and spec.submodule_search_locations:
+        roots += [os.path.join(p, "nvshmem") for p in spec.submodule_search_locations]
+    for root in roots:
+        if os.path.isfile(os.path.join(root, "include", "nvshmem.h")):
+            return os.path.join(root, "include")
+    return None
+
+
 def cuda_extensions():
     """``(ext_modules, cmdclass)`` for ``ep_train._C``, or empty when this machine cannot build it."""
     if os.environ.get("EP_TRAIN_NO_CUDA_BUILD", "") not in ("", "0"):
@@ -46,16 +64,22 @@ def cuda_extensions():
         os.path.join(ROOT, csrc, "include"),
         os.path.join(CUDA_HOME, "include", "cccl"),
     ]
+    cxx = ["-O3", "-std=c++17"]
+    nvshmem_include = nvshmem_include_dir()
+    if nvshmem_include is not None:
+        include_dirs.append(nvshmem_include)
+        cxx.append("-DEP_TRAIN_WITH_NVSHMEM")
     # NOTES: no --use_fast_math: combine must round like the FP32 reference (no flush-to-zero).
     nvcc = ["-O3", "-std=c++17", "-gencode", "arch=compute_90,code=sm_90", "-lineinfo"]
     ext = CUDAExtension(
         name="ep_train._C",
         sources=sources,
         include_dirs=include_dirs,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc},
-        extra_link_args=_shared_libstdcxx(),
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=[*_shared_libstdcxx(), "-ldl"],
     )
-    print(f"ep_train: building ep_train._C with CUDA {torch.version.cuda} from {len(sources)} files", file=sys.stderr)
+    print(f"ep_train: building ep_train._C with CUDA {torch.version.cuda} from {len(sources)} files, NVSHMEM headers: "
+          f"{nvshmem_include or 'not found (CUDA IPC peers only)'}", file=sys.stderr)  # fmt: skip
     return [ext], {"build_ext": BuildExtension}
 
 

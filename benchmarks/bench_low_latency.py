@@ -6,6 +6,7 @@ rank (also 1, 32 and 256), num_max_dispatch_tokens_per_rank = tokens, on every G
 dispatch FP8, combine), and of the send and the receive (hook) halves of an eager hook-mode call.
 The torch backend syncs with the host, so it cannot be captured: it is timed eagerly.  Logical
 bandwidth = bytes of the rows rank 0 receives, in BF16 (FP8: x (1 + 4/128) / 2).  Never asserts.
+The header names the low-latency buffer's memory (NVSHMEM or CUDA IPC; ``EP_TRAIN_LL_TRANSPORT``).
 
     python benchmarks/bench_low_latency.py [--tokens 1 32 128 256] [--iters 50]
 """
@@ -96,7 +97,8 @@ def _worker(rank: int, world: int, args) -> None:
         lines += _measure(cuda, ref, T, args, rank)
     if rank == 0:
         head = f"{world} x {torch.cuda.get_device_name()}, {datetime.date.today()}, H={args.hidden} top-{args.topk} "
-        print(f"\n{head}E={args.experts}, num_rdma_bytes={rdma / 2**20:.0f} MiB")
+        print(f"\n{head}E={args.experts}, num_rdma_bytes={rdma / 2**20:.0f} MiB, "
+              f"low-latency buffer: {cuda.low_latency_transport}")  # fmt: skip
         print("\n".join(lines), flush=True)
     torch.cuda.synchronize()
     dist.barrier()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["default_timeout_s", "forced_backend", "quiet_import"]
+__all__ = ["default_timeout_s", "forced_backend", "low_latency_transport", "nvshmem_home", "quiet_import"]
 
 
 def _float(name: str, default: float) -> float:
@@ -41,3 +41,25 @@ def forced_backend() -> str | None:
 def quiet_import() -> bool:
     """``EP_TRAIN_QUIET=1`` silences the one-line backend report at import."""
     return os.environ.get("EP_TRAIN_QUIET", "") not in ("", "0")
+
+
+LOW_LATENCY_TRANSPORTS = ("auto", "nvshmem", "ipc")
+
+
+def low_latency_transport() -> str:
+    """Memory of the cuda backend's low-latency buffer (``EP_TRAIN_LL_TRANSPORT``).
+
+    ``auto`` (default): NVSHMEM symmetric memory where every rank can use it, else CUDA IPC with a
+    message; ``nvshmem``: NVSHMEM or an error; ``ipc``: CUDA IPC.
+    """
+    raw = os.environ.get("EP_TRAIN_LL_TRANSPORT", "").strip().lower() or "auto"
+    if raw not in LOW_LATENCY_TRANSPORTS:
+        raise ValueError(
+            f"environment variable EP_TRAIN_LL_TRANSPORT must be one of {LOW_LATENCY_TRANSPORTS}, got {raw!r}"
+        )
+    return raw
+
+
+def nvshmem_home() -> str | None:
+    """An NVSHMEM installation to use instead of the pip wheel's (``NVSHMEM_HOME``, NVSHMEM's own name)."""
+    return os.environ.get("NVSHMEM_HOME") or None

@@ -151,6 +151,11 @@ class Buffer:
         return self._backend.name
 
     @property
+    def low_latency_transport(self) -> str | None:
+        """Memory of the low-latency buffer: ``"nvshmem"`` or ``"ipc"`` (cuda backend), else None."""
+        return getattr(self._backend, "low_latency_transport", None)
+
+    @property
     def _weight_dtypes(self) -> tuple[torch.dtype, ...]:
         """float32 gate weights; float64 too where the backend moves float64 rows (gradcheck)."""
         return (torch.float32, torch.float64) if torch.float64 in self.supported_dtypes else (torch.float32,)

@@ -26,5 +26,8 @@ if [ "${1:-}" != "--no-bench" ]; then
         echo "bench: exit ${PIPESTATUS[0]} after $(( $(date +%s) - start )) s"
         timeout 120 python benchmarks/bench_low_latency.py 2>&1 | tee "$OUT/bench_low_latency.log" | grep -v -i warn | tail -50
         echo "bench_low_latency: exit ${PIPESTATUS[0]} after $(( $(date +%s) - start )) s"
+        # The same kernels on CUDA IPC memory instead of NVSHMEM's (same machine, same run).
+        EP_TRAIN_LL_TRANSPORT=ipc timeout 60 python benchmarks/bench_low_latency.py --tokens 128 1 2>&1 \
+            | tee "$OUT/bench_low_latency_ipc.log" | grep -v -i warn | tail -28
     fi
 fi

@@ -18,11 +18,14 @@ def available_backends() -> dict[str, str]:
     """Backend name → one line on its state."""
     report = {"torch": "available (torch.distributed collectives: gloo on CPU, NCCL on CUDA)"}
     reason = _ext.unavailable_reason()
-    report["cuda"] = (
-        "available (NVLink kernels for one node; low-latency peers through CUDA IPC, not NVSHMEM)"
-        if reason is None
-        else f"unavailable: {reason}"
-    )
+    if reason is None:
+        from .. import nvshmem
+
+        why_not = nvshmem.unavailable_reason(load=False)
+        peers = "NVSHMEM symmetric memory" if why_not is None else f"CUDA IPC (NVSHMEM: {why_not})"
+        report["cuda"] = f"available (NVLink kernels for one node; low-latency buffer: {peers})"
+    else:
+        report["cuda"] = f"unavailable: {reason}"
     return report
 
 

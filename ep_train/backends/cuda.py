@@ -8,8 +8,9 @@ every peer's buffer; the kernels then write straight into peers' memory.  Normal
 ``timeout_s``, ranks that disagree on a call, ``num_worst_tokens`` too small) are written to a
 pinned mailbox and raised here: after a host sync, and at the start of every later call.
 
-Low-latency dispatch/combine use a second IPC-shared buffer of ``num_rdma_bytes`` (created when
-``low_latency_mode`` or ``num_rdma_bytes > 0``) and one kernel launch per call, or two with
+Low-latency dispatch/combine use a second buffer of ``num_rdma_bytes`` (created when
+``low_latency_mode`` or ``num_rdma_bytes > 0``): NVSHMEM symmetric memory where every rank can use
+it, else CUDA IPC (``EP_TRAIN_LL_TRANSPORT``, see ``ep_train.nvshmem``); one kernel launch per call, or two with
 ``return_recv_hook`` (the call sends, the hook receives); no host sync, so both are capturable in a
 CUDA graph.  Senders write rows straight into the receiver's slots and stamp them with the call's
 sequence number; the receiver compares every sender's call header (mismatch → RankMismatchError).
@@ -20,12 +21,13 @@ E experts, L = E/R local experts, N received rows, C channels (``num_sms / 2``).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
-from .. import _ext
+from .. import _env, _ext, nvshmem
 from ..config import Config
 from ..errors import CommError, CommTimeoutError, RankMismatchError
 from ..handle import DispatchHandle, LowLatencyHandle
@@ -88,20 +90,41 @@ class CudaBackend(Backend):
         dist.all_gather_object(handles, self._rt.ipc_handle(), group=group)
         self._rt.open_peers(handles)
         self._ll = None
+        self._ll_block = None
+        self.low_latency_transport: str | None = None
         use_ll = bool(low_latency_mode) or num_rdma_bytes > 0
-        if use_ll:
-            self._ll = self._C.LowLatencyRuntime(rank, num_ranks, int(num_rdma_bytes), self.timeout_s)
-        ll_info: list[tuple[bytes, int] | None] = [None] * num_ranks
-        dist.all_gather_object(ll_info, (self._ll.ipc_handle(), int(num_rdma_bytes)) if use_ll else None, group=group)
-        sizes = {None if i is None else i[1] for i in ll_info}
-        if len(sizes) != 1:
+        want = _env.low_latency_transport()
+        ll_info: list[tuple[int, str] | None] = [None] * num_ranks
+        dist.all_gather_object(ll_info, (int(num_rdma_bytes), want) if use_ll else None, group=group)
+        if len(set(ll_info)) != 1:
             raise ValueError(
-                f"every rank must create its Buffer with the same num_rdma_bytes and low_latency_mode, got "
-                f"{[None if i is None else i[1] for i in ll_info]} (None: no low-latency buffer)"
+                "every rank must create its Buffer with the same num_rdma_bytes and low_latency_mode (and the same "
+                f"EP_TRAIN_LL_TRANSPORT), got {ll_info} (None: no low-latency buffer)"
             )
         if use_ll:
-            self._ll.open_peers([i[0] for i in ll_info])
+            self._open_low_latency(int(num_rdma_bytes), want)
         dist.barrier(group=group)  # every rank mapped every buffer before any kernel writes into it
+
+    def _open_low_latency(self, num_rdma_bytes: int, want: str) -> None:
+        """The low-latency buffer (collective): NVSHMEM symmetric memory, else CUDA IPC (see ep_train.nvshmem)."""
+        num_bytes = max(num_rdma_bytes, self._C.low_latency_control_bytes())
+        heap = nvshmem.heap_for(self.group) if want != "ipc" else "EP_TRAIN_LL_TRANSPORT=ipc"
+        if isinstance(heap, nvshmem.SymmetricHeap):
+            self._ll_block = heap.alloc(self.group, num_bytes)
+            self._ll = self._C.LowLatencyRuntime(self.rank, self.num_ranks, num_bytes, self.timeout_s,
+                                                 self._ll_block.ptr)  # fmt: skip
+            self._ll.set_peer_pointers(self._ll_block.peer_ptrs)
+            self.low_latency_transport = "nvshmem"
+            return
+        if want == "nvshmem":
+            raise RuntimeError(f"EP_TRAIN_LL_TRANSPORT=nvshmem, but NVSHMEM is unavailable: {heap}")
+        if want == "auto" and self.rank == 0 and not _env.quiet_import():
+            print(f"ep_train: low-latency buffer over CUDA IPC (NVSHMEM unavailable: {heap})", file=sys.stderr)
+        self._ll = self._C.LowLatencyRuntime(self.rank, self.num_ranks, num_bytes, self.timeout_s)
+        handles: list[bytes | None] = [None] * self.num_ranks
+        dist.all_gather_object(handles, self._ll.ipc_handle(), group=self.group)
+        self._ll.open_peers(handles)
+        self.low_latency_transport = "ipc"
 
     # ------------------------------------------------------------------ failures
     def _raise_if_failed(self, code: int | None = None) -> None:
@@ -388,3 +411,6 @@ class CudaBackend(Backend):
         if self._ll is not None:
             self._ll.destroy()
             self._ll = None
+        if self._ll_block is not None:
+            nvshmem.SymmetricHeap.release(self._ll_block)
+            self._ll_block = None

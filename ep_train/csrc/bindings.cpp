@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "low_latency_runtime.hpp"
+#include "nvshmem_host.hpp"
 #include "runtime.hpp"
 
 namespace py = pybind11;
@@ -350,6 +351,25 @@ py::class_<Runtime>& bind_peer_buffer(py::class_<Runtime>& cls) {
     return cls;
 }
 
+void bind_nvshmem(py::module_ m) {
+    namespace nv = ep_train::nvshmem;
+    m.def("compiled", &nv::compiled);
+    m.def("load", &nv::load, py::arg("path"));
+    m.def("loaded", &nv::loaded);
+    m.def("version", &nv::version);
+    m.def("unique_id", []() { return py::bytes(nv::unique_id()); });
+    m.def(
+        "init", [](int rank, int num_ranks, const py::bytes& uid) { nv::init(rank, num_ranks, std::string(uid)); },
+        py::arg("rank"), py::arg("num_ranks"), py::arg("uid"));
+    m.def("initialized", &nv::initialized);
+    m.def("my_pe", &nv::my_pe);
+    m.def("n_pes", &nv::n_pes);
+    m.def("malloc", [](int64_t num_bytes) { return reinterpret_cast<uintptr_t>(nv::malloc(num_bytes)); });
+    m.def("peer_ptr", [](uintptr_t local, int pe) {
+        return reinterpret_cast<uintptr_t>(nv::peer_ptr(reinterpret_cast<void*>(local), pe));
+    });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -373,7 +393,20 @@ PYBIND11_MODULE(_C, m) {
         return LowLatencyLayout(max_tokens, hidden, num_ranks, num_experts).total_bytes();
     });
     py::class_<LowLatencyRuntime> low_latency(m, "LowLatencyRuntime");
-    bind_peer_buffer(low_latency).def("num_bytes", [](const LowLatencyRuntime& rt) { return rt.num_bytes(); });
+    bind_peer_buffer(low_latency)
+        .def(py::init([](int rank, int num_ranks, int64_t num_bytes, double timeout_s, uintptr_t external) {
+                 TORCH_CHECK(external != 0, "external memory must not be null");
+                 TORCH_CHECK(num_bytes >= LowLatencyLayout::control_bytes(), "adopted low-latency memory of ",
+                             num_bytes, " bytes is below the control block (", LowLatencyLayout::control_bytes(),
+                             " bytes)");
+                 return new LowLatencyRuntime(rank, num_ranks, num_bytes, timeout_s, reinterpret_cast<void*>(external));
+             }),
+             py::arg("rank"), py::arg("num_ranks"), py::arg("num_bytes"), py::arg("timeout_s"), py::arg("external"))
+        .def("set_peer_pointers", &LowLatencyRuntime::set_peer_pointers)
+        .def("is_adopted", &LowLatencyRuntime::is_adopted)
+        .def("num_bytes", [](const LowLatencyRuntime& rt) { return rt.num_bytes(); });
+    m.def("low_latency_control_bytes", []() { return LowLatencyLayout::control_bytes(); });
+    bind_nvshmem(m.def_submodule("nvshmem", "NVSHMEM's host library, loaded at run time (see nvshmem_host.hpp)"));
     m.def("low_latency_dispatch", &low_latency_dispatch);
     m.def("low_latency_combine", &low_latency_combine);
 }

@@ -1,5 +1,6 @@
-// Host side of the low-latency (single-node, CUDA IPC) kernels: the IPC-shared low-latency buffer
-// and the kernel launchers.  No torch headers: raw pointers only.
+// Host side of the low-latency (single-node) kernels: the low-latency buffer (CUDA IPC, or an
+// adopted NVSHMEM symmetric allocation) and the kernel launchers.  No torch headers: raw pointers
+// only.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -16,7 +17,8 @@ namespace ep_train {
 // The low-latency buffer: its own PeerBuffer, so normal and low-latency calls never share memory.
 class LowLatencyRuntime : public PeerBuffer {
   public:
-    LowLatencyRuntime(int rank, int num_ranks, int64_t num_bytes, double timeout_s);
+    // external: memory to adopt (see PeerBuffer), e.g. from nvshmem::malloc; null = cudaMalloc.
+    LowLatencyRuntime(int rank, int num_ranks, int64_t num_bytes, double timeout_s, void* external = nullptr);
 
     RankContext context() const { return PeerBuffer::context(LowLatencyLayout::status(local())); }
     int num_sms() const { return num_sms_; }

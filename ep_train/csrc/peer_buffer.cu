@@ -1,4 +1,5 @@
-// PeerBuffer: cudaMalloc + CUDA IPC handles, the pinned error mailbox, bounded-wait cycle budget.
+// PeerBuffer: cudaMalloc + CUDA IPC handles (or adopted memory and peer pointers), the pinned error
+// mailbox, bounded-wait cycle budget.
 #include <cstring>
 #include <sstream>
 #include <stdexcept>
@@ -15,8 +16,8 @@ void check_cuda(cudaError_t err, const char* what) {
     }
 }
 
-PeerBuffer::PeerBuffer(int rank, int num_ranks, int64_t num_bytes, double timeout_s, const char* name)
-    : rank_(rank), num_ranks_(num_ranks), num_bytes_(num_bytes), name_(name) {
+PeerBuffer::PeerBuffer(int rank, int num_ranks, int64_t num_bytes, double timeout_s, const char* name, void* external)
+    : rank_(rank), num_ranks_(num_ranks), num_bytes_(num_bytes), name_(name), owns_memory_(external == nullptr) {
     if (num_ranks != 2 && num_ranks != 4 && num_ranks != 8)
         throw std::invalid_argument(std::string(name) + ": 2, 4 or 8 ranks on one node, got " +
                                     std::to_string(num_ranks));
@@ -26,7 +27,10 @@ PeerBuffer::PeerBuffer(int rank, int num_ranks, int64_t num_bytes, double timeou
     check_cuda(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, device_), "cudaDeviceGetAttribute(clock rate)");
     // NOTES: clock64 counts SM cycles; the peak clock makes the bound at least timeout_s long.
     timeout_cycles_ = static_cast<long long>(timeout_s * 1e3 * static_cast<double>(clock_khz));
-    check_cuda(cudaMalloc(&local_, num_bytes_), name);
+    if (owns_memory_)
+        check_cuda(cudaMalloc(&local_, num_bytes_), name);
+    else
+        local_ = external;
     check_cuda(cudaMemset(local_, 0, num_bytes_), name);
     check_cuda(cudaHostAlloc(reinterpret_cast<void**>(&mailbox_), sizeof(HostMailbox), cudaHostAllocMapped),
                "cudaHostAlloc(error mailbox)");
@@ -51,6 +55,8 @@ std::string PeerBuffer::ipc_handle() const {
 }
 
 void PeerBuffer::open_peers(const std::vector<std::string>& handles) {
+    if (!owns_memory_)
+        throw std::logic_error(std::string("the ") + name_ + " adopts its memory: use set_peer_pointers");
     if (static_cast<int>(handles.size()) != num_ranks_) throw std::invalid_argument("open_peers: one handle per rank");
     for (int r = 0; r < num_ranks_; ++r) {
         if (r == rank_) continue;
@@ -63,12 +69,31 @@ void PeerBuffer::open_peers(const std::vector<std::string>& handles) {
     opened_ = true;
 }
 
+void PeerBuffer::set_peer_pointers(const std::vector<uintptr_t>& ptrs) {
+    if (owns_memory_) throw std::logic_error(std::string("the ") + name_ + " owns its memory: use open_peers");
+    if (static_cast<int>(ptrs.size()) != num_ranks_)
+        throw std::invalid_argument("set_peer_pointers: " + std::to_string(num_ranks_) + " pointers expected, got " +
+                                    std::to_string(ptrs.size()));
+    if (ptrs[rank_] != reinterpret_cast<uintptr_t>(local_))
+        throw std::invalid_argument("set_peer_pointers: entry " + std::to_string(rank_) +
+                                    " must be this rank's buffer");
+    for (int r = 0; r < num_ranks_; ++r) {
+        if (ptrs[r] == 0)
+            throw std::invalid_argument("set_peer_pointers: rank " + std::to_string(r) +
+                                        " is not reachable by loads and stores (another node?)");
+        peers_.base[r] = reinterpret_cast<void*>(ptrs[r]);
+    }
+    opened_ = true;
+}
+
 void PeerBuffer::destroy() {
     if (local_ == nullptr) return;
     cudaDeviceSynchronize();
-    for (int r = 0; r < num_ranks_; ++r)
-        if (r != rank_ && peers_.base[r] != nullptr) cudaIpcCloseMemHandle(peers_.base[r]);
-    cudaFree(local_);
+    if (owns_memory_) {
+        for (int r = 0; r < num_ranks_; ++r)
+            if (r != rank_ && peers_.base[r] != nullptr) cudaIpcCloseMemHandle(peers_.base[r]);
+        cudaFree(local_);
+    }
     cudaFreeHost(mailbox_);
     local_ = nullptr;
     mailbox_ = mailbox_dev_ = nullptr;

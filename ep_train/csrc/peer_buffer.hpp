@@ -1,6 +1,7 @@
-// One rank's device buffer shared with the other ranks of the node through CUDA IPC, plus the
-// pinned, host-mapped error mailbox its kernels report to.  The intranode and low-latency
-// runtimes each own one.  No torch headers.
+// One rank's device buffer shared with the other ranks of the node, plus the pinned, host-mapped
+// error mailbox its kernels report to.  The memory is either its own (cudaMalloc, peers through
+// CUDA IPC handles) or adopted (an NVSHMEM symmetric allocation whose peer pointers the caller
+// hands over).  The intranode and low-latency runtimes each own one.  No torch headers.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -35,15 +36,21 @@ void with_num_ranks(int num_ranks, const char* what, F&& f) {
 
 class PeerBuffer {
   public:
-    // `name` words messages ("NVLink buffer", "low-latency buffer").  2, 4 or 8 ranks.
-    PeerBuffer(int rank, int num_ranks, int64_t num_bytes, double timeout_s, const char* name);
+    // `name` words messages ("NVLink buffer", "low-latency buffer").  2, 4 or 8 ranks.  With
+    // `external` (device memory of at least num_bytes that outlives this object) the buffer adopts
+    // it instead of allocating, and its peers come from set_peer_pointers, not IPC handles.
+    PeerBuffer(int rank, int num_ranks, int64_t num_bytes, double timeout_s, const char* name,
+               void* external = nullptr);
     ~PeerBuffer();
     PeerBuffer(const PeerBuffer&) = delete;
     PeerBuffer& operator=(const PeerBuffer&) = delete;
 
     std::string ipc_handle() const;                            // bytes of this rank's cudaIpcMemHandle_t
     void open_peers(const std::vector<std::string>& handles);  // every rank's handle, in rank order
-    void destroy();                                            // close peers, free memory (idempotent)
+    // Adopted memory: every rank's address of the buffer as mapped in this process, in rank order.
+    void set_peer_pointers(const std::vector<uintptr_t>& ptrs);
+    void destroy();  // close peers, free own memory (idempotent)
+    bool is_adopted() const { return !owns_memory_; }
     bool is_open() const { return opened_; }
 
     // Pointers and error sink for kernels; `status` is the status word inside this rank's buffer.
@@ -68,6 +75,7 @@ class PeerBuffer {
     HostMailbox* mailbox_ = nullptr;  // host pointer
     HostMailbox* mailbox_dev_ = nullptr;
     bool opened_ = false;
+    bool owns_memory_ = true;
 };
 
 }  // namespace ep_train

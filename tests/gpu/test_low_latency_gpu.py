@@ -9,6 +9,7 @@ within one BF16 rounding of the torch backend (whose FP32 reduction order differ
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -25,10 +26,26 @@ pytestmark = pytest.mark.gpu
 M_MAX, H_MAX, E = 64, 7168, 32  # buffers are sized for the largest case of every worker
 
 
-def _buffers(world: int, timeout_s: float = 20.0) -> tuple[Buffer, Buffer]:
+def _buffers(world: int, timeout_s: float = 20.0, transport: str = "auto") -> tuple[Buffer, Buffer]:
+    """The cuda Buffer under test (its low-latency memory from ``transport``) and the torch reference."""
+    os.environ["EP_TRAIN_LL_TRANSPORT"] = transport  # this rank's process only
     rdma = Buffer.get_low_latency_rdma_size_hint(M_MAX, H_MAX, world, E)
     cuda = Buffer(None, 0, rdma, low_latency_mode=True, backend="cuda", timeout_s=timeout_s)
+    if transport != "auto":
+        assert cuda.low_latency_transport == transport, cuda.low_latency_transport
     return cuda, Buffer(None, 0, rdma, low_latency_mode=True, backend="torch")
+
+
+@pytest.fixture(params=["nvshmem", "ipc"])
+def transport(request):
+    """Both memories of the low-latency buffer; NVSHMEM where this machine has it."""
+    if request.param == "nvshmem" and _ext.is_available():
+        from ep_train import nvshmem
+
+        reason = nvshmem.unavailable_reason(load=False)
+        if reason is not None:
+            pytest.skip(f"NVSHMEM: {reason}")
+    return request.param
 
 
 def _expert_out(recv_x, rank: int, world: int) -> torch.Tensor:
@@ -98,8 +115,8 @@ def _run_case(cuda: Buffer, ref: Buffer, rank: int, world: int, c: dict, gen: to
     assert_close_bf16(f"{tag} combine vs torch backend", got, want)
 
 
-def suite_matches_torch(rank: int, world: int, seed: int) -> None:
-    cuda, ref = _buffers(world)
+def suite_matches_torch(rank: int, world: int, seed: int, transport: str = "auto") -> None:
+    cuda, ref = _buffers(world, transport=transport)
     gen = rank_generator(seed, rank)
     pick = torch.Generator().manual_seed(seed)  # the same case list on every rank
     cases = []
@@ -121,9 +138,9 @@ def suite_matches_torch(rank: int, world: int, seed: int) -> None:
     cuda.destroy()
 
 
-def suite_two_in_flight(rank: int, world: int, seed: int) -> None:
+def suite_two_in_flight(rank: int, world: int, seed: int, transport: str = "auto") -> None:
     """Two dispatches sent before either is received (the two buffer halves), then both combines."""
-    cuda, ref = _buffers(world)
+    cuda, ref = _buffers(world, transport=transport)
     gen = rank_generator(seed, rank)
     T, H, K, M = 48, 4096, 6, 64
     calls = []  # (x, topk_idx, use_fp8) of the two calls
@@ -166,9 +183,9 @@ def suite_two_in_flight(rank: int, world: int, seed: int) -> None:
     cuda.destroy()
 
 
-def suite_graph(rank: int, world: int, seed: int) -> None:
+def suite_graph(rank: int, world: int, seed: int, transport: str = "auto") -> None:
     """dispatch (FP8, hook inside the graph) + combine captured once, replayed on changing x and routing."""
-    cuda, ref = _buffers(world)
+    cuda, ref = _buffers(world, transport=transport)
     gen = rank_generator(seed, rank)
     T, H, K, M = 40 + rank, 7168, 8, 64
     x = torch.randn((T, H), generator=gen).to(torch.bfloat16).cuda()
@@ -217,14 +234,14 @@ def _expect_error(kind, fn, *words) -> None:
         raise AssertionError(f"no {kind.__name__}")
 
 
-def suite_failures(rank: int, world: int, seed: int) -> None:
+def suite_failures(rank: int, world: int, seed: int, transport: str = "auto") -> None:
     """Ranks that disagree raise RankMismatchError; a rank that skips a call makes its peers time out."""
     T, H, K = 16, 2048, 2
     gen = rank_generator(seed, rank)
     x = torch.randn((T, H), generator=gen).to(torch.bfloat16).cuda()
     idx = routing("random", T, K, E, rank, gen)
     odd = rank == world - 1
-    cuda, _ = _buffers(world, timeout_s=5.0)
+    cuda, _ = _buffers(world, timeout_s=5.0, transport=transport)
     M = 2 * T if odd else T
     _expect_error(RankMismatchError, lambda: cuda.low_latency_dispatch(x, idx, M, E, use_fp8=False),
                   "num_max_dispatch_tokens_per_rank")  # fmt: skip
@@ -234,7 +251,7 @@ def suite_failures(rank: int, world: int, seed: int) -> None:
     dist.barrier()
     cuda.destroy()
 
-    cuda, _ = _buffers(world, timeout_s=5.0)
+    cuda, _ = _buffers(world, timeout_s=5.0, transport=transport)
     recv, _, handle, _, _ = cuda.low_latency_dispatch(x, idx, T, E, use_fp8=False)
     y = _expert_out(recv, rank, world)
     w = torch.rand((T, K), generator=gen).cuda()
@@ -246,7 +263,7 @@ def suite_failures(rank: int, world: int, seed: int) -> None:
     dist.barrier()
     cuda.destroy()
 
-    cuda, _ = _buffers(world, timeout_s=3.0)
+    cuda, _ = _buffers(world, timeout_s=3.0, transport=transport)
     if rank == 0:
         _expect_error(CommTimeoutError, lambda: cuda.low_latency_dispatch(x, idx, T, E), "timed out")
     torch.cuda.synchronize()
@@ -264,18 +281,44 @@ def test_layout_matches_kernels(num_ranks, hidden, max_tokens, num_experts):
     assert got == layout.low_latency_buffer_bytes(max_tokens, hidden, num_ranks, num_experts)
 
 
-def test_dispatch_combine_match_torch(num_gpus):
+def test_dispatch_combine_match_torch(num_gpus, transport):
     """BF16/FP8 (+ round_scale), hidden 2048/4096/7168, top-k 1..9, -1 entries, T from 0 to M, hooks, out=."""
-    run_seeded(suite_matches_torch, num_gpus)
+    run_seeded(suite_matches_torch, num_gpus, transport)
 
 
-def test_two_calls_in_flight(num_gpus):
-    run_seeded(suite_two_in_flight, num_gpus)
+def test_two_calls_in_flight(num_gpus, transport):
+    run_seeded(suite_two_in_flight, num_gpus, transport)
 
 
-def test_graph_replay_on_changing_data(num_gpus):
-    run_seeded(suite_graph, num_gpus)
+def test_graph_replay_on_changing_data(num_gpus, transport):
+    run_seeded(suite_graph, num_gpus, transport)
 
 
-def test_mismatched_calls_raise(num_gpus):
-    run_seeded(suite_failures, num_gpus)
+def test_mismatched_calls_raise(num_gpus, transport):
+    """Also, with NVSHMEM, three buffers one after another: each reuses the block the last one freed."""
+    run_seeded(suite_failures, num_gpus, transport)
+
+
+def suite_transport_choice(rank: int, world: int, seed: int) -> None:
+    """``auto`` takes NVSHMEM where it is usable, and a new group of the same ranks shares its job."""
+    from ep_train import nvshmem
+
+    cuda, _ = _buffers(world)
+    want = "nvshmem" if nvshmem.unavailable_reason() is None else "ipc"
+    assert cuda.low_latency_transport == want, (cuda.low_latency_transport, nvshmem.unavailable_reason())
+    cuda.destroy()
+    if want == "nvshmem":
+        # The job's PEs are the world group; a new group of the same ranks reuses the job, and the
+        # next buffer reuses the freed block (same address).
+        block = nvshmem.heap_for(dist.group.WORLD).blocks[0]
+        other = dist.new_group(list(range(world)))
+        rdma = Buffer.get_low_latency_rdma_size_hint(M_MAX, H_MAX, world, E)
+        again = Buffer(other, 0, rdma, low_latency_mode=True, backend="cuda")
+        assert again.low_latency_transport == "nvshmem" and block.in_use
+        again.destroy()
+        assert not block.in_use
+    dist.barrier()
+
+
+def test_transport_choice(num_gpus):
+    run_seeded(suite_transport_choice, num_gpus)
