@@ -11,9 +11,10 @@ node (EP = GPU count).  Rows, in the same process on the same machine:
 
 Median CUDA-event time of forward+backward over ``--iters`` iterations after warm-up, with and
 without shared experts overlapped when ``--shared`` is given.  ``--profile N`` adds, per row, one
-more forward+backward under torch.profiler and prints rank 0's GPU time by kernel family (expert
-GEMMs, ep_train kernels, NCCL, permutation ops, the rest) and its N longest kernels.  Never asserts
-on time.
+more forward+backward under torch.profiler and prints every rank's GPU time by kernel family
+(expert GEMMs, ep_train kernels, NCCL, permutation ops, the rest) and rank 0's N longest kernels.
+"host" is the median time the host takes to issue one forward+backward: close to the GPU time
+means the layer is host-bound.  Never asserts on time.
 
     python benchmarks/bench_moe_layer.py [--tokens 4096] [--iters 20] [--chunks 2 4] [--shared 2048] [--gpus N]
                                          [--profile 12]
@@ -28,6 +29,7 @@ import argparse
 import os
 import re
 import statistics
+import time
 
 import torch
 import torch.distributed as dist
@@ -65,22 +67,28 @@ def _build(args, dispatcher: str, chunks: int, world: int):
     return layer.cuda(), ("TEGroupedMLP" if te else "GroupedGemmMLP")
 
 
-def _time_fwd_bwd(layer, x: torch.Tensor, grad: torch.Tensor, iters: int, warmup: int) -> float:
-    """Median ms of forward + backward; every rank runs the same count (collectives inside)."""
-    times = []
+def _time_fwd_bwd(layer, x: torch.Tensor, grad: torch.Tensor, iters: int, warmup: int) -> tuple[float, float]:
+    """Median ms of forward + backward on the GPU, and of the host's time to issue it (equal: host-bound).
+
+    Every rank runs the same count (collectives inside).
+    """
+    times, host = [], []
     for i in range(warmup + iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         dist.barrier()
         start.record()
+        t0 = time.perf_counter()
         out, _ = layer(x)
         out.backward(grad)
         end.record()
+        t1 = time.perf_counter()
         torch.cuda.synchronize()
         if i >= warmup:
             times.append(start.elapsed_time(end))
+            host.append((t1 - t0) * 1e3)
         layer.zero_grad(set_to_none=True)
         x.grad = None
-    return statistics.median(times)
+    return statistics.median(times), statistics.median(host)
 
 
 # Kernel families of the profile, first match wins (names as the CUDA profiler reports them).
@@ -116,15 +124,27 @@ def _profile_fwd_bwd(layer, x: torch.Tensor, grad: torch.Tensor) -> list[tuple[s
     return rows
 
 
-def _profile_lines(label: str, kernels: list[tuple[str, float, int]], top: int) -> list[str]:
-    """The families' totals and the ``top`` longest kernels of one row."""
+def _family_totals(kernels: list[tuple[str, float, int]]) -> dict[str, float]:
     totals = {name: 0.0 for name, _ in _FAMILIES} | {"other": 0.0}
     for name, ms, _ in kernels:
         family = next((f for f, pattern in _FAMILIES if pattern.search(name)), "other")
         totals[family] += ms
-    lines = [f"  {label}: {sum(totals.values()):.2f} ms of kernels (streams overlap: may exceed the wall time)"]
-    lines += [f"    {family:<42} {ms:8.2f} ms" for family, ms in totals.items()]
-    for name, ms, count in sorted(kernels, key=lambda k: -k[1])[:top]:
+    return totals
+
+
+def _profile_lines(label: str, per_rank: list[list[tuple[str, float, int]]], top: int) -> list[str]:
+    """Every rank's family totals (one column per rank) and rank 0's ``top`` longest kernels.
+
+    The ep_train kernels that wait for peers (notify, prepare) count their waiting: a rank that
+    waits long there is ahead of the others.
+    """
+    totals = [_family_totals(k) for k in per_rank]
+    ranks = "".join(f"  rank {r:>2}" for r in range(len(per_rank)))
+    lines = [f"  {label}: GPU ms of kernels per rank (streams overlap: may exceed the wall time)",
+             f"    {'':<42}{ranks}"]  # fmt: skip
+    lines += [f"    {family:<42}" + "".join(f"{t[family]:9.2f}" for t in totals) for family in totals[0]]
+    lines.append(f"    {'all':<42}" + "".join(f"{sum(t.values()):9.2f}" for t in totals))
+    for name, ms, count in sorted(per_rank[0], key=lambda k: -k[1])[:top]:
         lines.append(f"      {ms:8.2f} ms  x{count:<4} {name[:110]}")
     return lines
 
@@ -144,26 +164,34 @@ def _worker(rank: int, world: int, args) -> None:
     x = torch.randn(args.tokens, 1, args.hidden, device="cuda", dtype=torch.bfloat16, generator=gen)
     grad = torch.randn_like(x) * 1e-2
     x.requires_grad_(True)
-    variants = [("alltoall", "alltoall", 1)]
-    if world > 1:  # Megatron's flex dispatcher refuses EP1
+    variants = [("alltoall", "alltoall", 1)]  # always: the baseline of the ratios
+    if world > 1 and "flex" in args.dispatchers:  # Megatron's flex dispatcher refuses EP1
         variants.append(("flex", "flex (ep_train backend)", 1))
-    variants += [("deepep", f"deepep chunks={c}" + (" (no overlap)" if c == 1 else ""), c) for c in [1, *args.chunks]]
+    if "deepep" in args.dispatchers:
+        for c in [1, *args.chunks]:
+            variants.append(("deepep", f"deepep chunks={c}" + (" (no overlap)" if c == 1 else ""), c))
     rows, profiles = [], []
     for dispatcher, label, chunks in variants:
         backend = install_flex_backend() if dispatcher == "flex" else None
         try:
             layer, experts = _build(args, dispatcher, chunks, world)
-            ms = _time_fwd_bwd(layer, x, grad, args.iters, args.warmup)
+            ms, host_ms = _time_fwd_bwd(layer, x, grad, args.iters, args.warmup)
             if args.profile:
                 try:
-                    profiles += _profile_lines(label, _profile_fwd_bwd(layer, x, grad), args.profile)
+                    mine = _profile_fwd_bwd(layer, x, grad)
                 except RuntimeError as exc:  # no CUPTI on this machine: keep the timings
-                    profiles.append(f"  {label}: profiler unavailable ({exc})")
+                    mine = str(exc)
+                per_rank = [None] * world
+                dist.all_gather_object(per_rank, mine)
+                if any(isinstance(k, str) for k in per_rank):
+                    profiles.append(f"  {label}: profiler unavailable ({mine})")
+                else:
+                    profiles += _profile_lines(label, per_rank, args.profile)
             buf = getattr(layer.token_dispatcher, "buffer", None)
             comm = buf.backend_name if buf is not None else ("nccl a2a" if dispatcher == "alltoall" else "ep_train")
             if backend is not None and backend.buffers._entries:
                 comm = next(iter(backend.buffers._entries.values())).buffer.backend_name
-            rows.append((label, ms, comm, experts))
+            rows.append((label, ms, host_ms, comm, experts))
         finally:
             if backend is not None:
                 backend.uninstall()
@@ -175,10 +203,11 @@ def _worker(rank: int, world: int, args) -> None:
               f"top-{args.topk} of {args.experts} experts, ffn {args.ffn}, shared {args.shared or 0}, "
               "BF16")  # fmt: skip
         base = rows[0][1]
-        for label, ms, comm, experts in rows:
-            print(f"  {label:<30} {ms:8.2f} ms  x{base / ms:5.2f} vs alltoall   comm={comm:<8} experts={experts}")
+        for label, ms, host_ms, comm, experts in rows:
+            print(f"  {label:<30} {ms:8.2f} ms  x{base / ms:5.2f} vs alltoall   host {host_ms:6.2f} ms   "
+                  f"comm={comm:<8} experts={experts}")  # fmt: skip
         if profiles:
-            print("Profile (rank 0, one forward + backward per row):")
+            print("Profile (one forward + backward per row):")
             print("\n".join(profiles))
     parallel_state.destroy_model_parallel()
 
@@ -192,6 +221,8 @@ def main() -> None:
     p.add_argument("--topk", type=int, default=8)
     p.add_argument("--shared", type=int, default=0, help="shared-expert FFN size (0: none)")
     p.add_argument("--chunks", type=int, nargs="*", default=[2, 4], help="chunk counts of the overlapped runs")
+    p.add_argument("--dispatchers", nargs="*", default=["flex", "deepep"], choices=["flex", "deepep"],
+                   help="rows besides alltoall (always run: the baseline)")  # fmt: skip
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--gpus", type=int, default=0, help="EP size (default: the largest of 2/4/8 this node has)")
