@@ -55,6 +55,7 @@ class _Routing:
     expert_alignment: int
     num_worst_tokens: int
     config: Config
+    previous_event: EventOverlap | None = None
 
 
 def _tensors_in(obj: Any) -> list[torch.Tensor]:
@@ -245,7 +246,15 @@ class Buffer:
             )
         return num_experts
 
-    def _check_topk_idx(self, topk_idx: Any, num_experts: int, rows: int | None, sync_free: bool) -> torch.Tensor:
+    def _check_topk_idx(
+        self,
+        topk_idx: Any,
+        num_experts: int,
+        rows: int | None,
+        sync_free: bool,
+        previous_event: EventOverlap | None = None,
+    ) -> torch.Tensor:
+        """Shape and dtype; on the syncing paths also the values (after ``previous_event``: see NOTES)."""
         t = check_tensor("topk_idx", topk_idx, dtypes=topk_idx_t, ndim=2, device=self.device, shape=(rows, None))
         if not 1 <= t.shape[1] <= layout.MAX_TOPK:
             raise ValueError(f"topk_idx must have 1..{layout.MAX_TOPK} columns (top-k), got {t.shape[1]}")
@@ -253,6 +262,12 @@ class Buffer:
             # get_dispatch_layout and dispatch usually see the same tensor: check its values once.
             seen = self._checked_topk
             if seen is None or seen[0]() is not t or seen[1:] != (t._version, num_experts):
+                # NOTES: with previous_event the caller says the inputs are ready at that event, not on
+                # the current stream (often the comm stream itself, entered before the producer ran):
+                # the check reads the values only once it has completed.  The check syncs the host
+                # anyway, so waiting for the event first costs nothing extra.
+                if previous_event is not None and previous_event.event is not None:
+                    previous_event.event.synchronize()
                 check_topk_idx_values("topk_idx", t, num_experts)
                 self._checked_topk = (weakref.ref(t), t._version, num_experts)
         return t
@@ -345,7 +360,7 @@ class Buffer:
         """
         self._check_usable()
         num_experts = self._check_num_experts(num_experts)
-        topk_idx = self._check_topk_idx(topk_idx, num_experts, None, sync_free=False)
+        topk_idx = self._check_topk_idx(topk_idx, num_experts, None, sync_free=False, previous_event=previous_event)
         fn = lambda: self._backend.get_dispatch_layout(topk_idx, num_experts)  # noqa: E731
         (per_rank, per_expert, in_rank), event = self._run(
             fn, [topk_idx], previous_event, async_finish, allocate_on_comm_stream, "layout"
@@ -404,7 +419,7 @@ class Buffer:
             raise ValueError("num_tokens_per_rdma_rank must be None: this buffer spans one NVLink domain")
         self._check_nvl_bytes(hidden, x_TH.element_size(), config, "dispatch")
         routing = _Routing(num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
-                           expert_alignment, num_worst_tokens, config)  # fmt: skip
+                           expert_alignment, num_worst_tokens, config, previous_event)  # fmt: skip
         if handle is not None:
             args = self._cached_dispatch_args(x_TH, scales_TS, handle, routing)
         else:
@@ -452,7 +467,7 @@ class Buffer:
             check_tensor("num_tokens_per_expert", per_expert, dtypes=torch.int32, ndim=1, device=self.device)
         if topk_idx is not None:
             sync_free = a.num_worst_tokens > 0
-            topk_idx = self._check_topk_idx(topk_idx, num_experts, T, sync_free)
+            topk_idx = self._check_topk_idx(topk_idx, num_experts, T, sync_free, a.previous_event)
             if topk_weights is not None:
                 self._check_topk_weights(topk_weights, tuple(topk_idx.shape))
         elif topk_weights is not None:

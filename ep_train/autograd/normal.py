@@ -96,6 +96,11 @@ def _zero_padding_rows(rows: torch.Tensor, handle: DispatchHandle) -> torch.Tens
 class _DispatchFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TH, topk_weights_TK, buffer: Buffer, topk_idx_TK, opts: _DispatchOpts, out: dict):
+        # NOTES: the inputs are ready at previous_event, which need not be on the current stream (a
+        # pipeline issues this op inside the comm stream): the work done here before the Buffer's
+        # calls (FP8 quantisation, the weight rows of a replay) must wait for it too.
+        if opts.previous_event is not None and opts.previous_event.event is not None:
+            torch.cuda.current_stream().wait_event(opts.previous_event.event)
         x_in = quantize_fp8(x_TH) if opts.fp8 else x_TH
         entry = replay.next_replay("normal")
         if entry is None:
@@ -134,6 +139,8 @@ class _DispatchFn(torch.autograd.Function):
             recv_w = _payload_as_rows(recv_w_payload, topk_idx_TK.shape[1], topk_weights_TK.dtype)
             recv_w = torch.where(recv_idx >= 0, recv_w, torch.zeros_like(recv_w))
         if opts.fp8:
+            if event is not None and event.event is not None:  # async_finish: rows exist once the comm stream is there
+                torch.cuda.current_stream().wait_event(event.event)
             recv_x = dequantize_fp8(recv_x[0], recv_x[1], x_TH.dtype)
         ctx.buffer, ctx.handle = buffer, handle
         ctx.save_for_backward(recv_idx)

@@ -384,3 +384,66 @@ def suite_failures(rank: int, world: int, seed: int) -> None:
     torch.cuda.synchronize()
     dist.barrier()
     cuda.destroy()
+
+
+def suite_inputs_ready_at_previous_event(rank: int, world: int, seed: int) -> None:
+    """Layout and dispatch issued inside the comm stream before the producer of topk_idx has run.
+
+    The caller passes previous_event (how Megatron's chunked pipeline issues them): the host-side
+    value check must read topk_idx after that event, not the stale memory (out of range here) it
+    holds while the compute stream is still busy.  Every result must match the torch backend.
+    """
+    cuda, ref = make_buffers(world)
+    gen = rank_generator(seed, rank)
+    T, H, K, E = 256, 2048, 4, 32
+    x = torch.randn((T, H), generator=gen).to(torch.bfloat16).cuda()
+    want_idx = routing("random", T, K, E, rank, gen).cuda()
+    idx = torch.full((T, K), 1 << 40, dtype=torch.int64, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)  # the compute stream is busy for a while (~0.1 s) ...
+    idx.copy_(want_idx)  # ... before it produces topk_idx
+    ready = Buffer.capture()
+    with torch.cuda.stream(cuda.get_comm_stream()):
+        per_rank, _, per_expert, in_rank, ev = cuda.get_dispatch_layout(idx, E, previous_event=ready,
+                                                                         async_finish=True)  # fmt: skip
+        recv = cuda.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                             num_tokens_per_expert=per_expert, topk_idx=idx, previous_event=ev,
+                             async_finish=True)  # fmt: skip
+    recv[5].current_stream_wait()
+    ref_rank, ref_expert, ref_in_rank = layout_of(ref, want_idx, E)
+    want = ref.dispatch(x, num_tokens_per_rank=ref_rank, is_token_in_rank=ref_in_rank,
+                        num_tokens_per_expert=ref_expert, topk_idx=want_idx)  # fmt: skip
+    torch.cuda.synchronize()
+    compare_dispatch("dispatch after previous_event", recv, want, cuda=cuda)
+    dist.barrier()
+    cuda.destroy()
+
+
+def suite_autograd_fp8_after_previous_event(rank: int, world: int, seed: int) -> None:
+    """ep_train.autograd.dispatch with fp8=True issued inside the comm stream before x exists.
+
+    The FP8 quantisation runs before the Buffer's own wait: it must wait for previous_event too,
+    and the dequantisation for the async result.  recv_x must equal a plain synchronous call's.
+    """
+    from ep_train.autograd import dispatch as ep_dispatch
+
+    cuda, _ = make_buffers(world)
+    gen = rank_generator(seed, rank)
+    T, H, K, E = 256, 2048, 4, 32
+    x_ready = torch.randn((T, H), generator=gen).to(torch.bfloat16).cuda()
+    idx = routing("random", T, K, E, rank, gen).cuda()
+    w = torch.rand((T, K), generator=gen).cuda()
+    want = ep_dispatch(cuda, x_ready, idx, w, E, fp8=True)
+    x = torch.zeros_like(x_ready)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)  # the compute stream is busy for a while before x exists
+    x.copy_(x_ready)
+    ready = Buffer.capture()
+    with torch.cuda.stream(cuda.get_comm_stream()):
+        got = ep_dispatch(cuda, x, idx, w, E, fp8=True, previous_event=ready, async_finish=True)
+    got.event.current_stream_wait()
+    torch.cuda.synchronize()
+    assert_bitwise("FP8 recv_x after previous_event", got.recv_x, want.recv_x)
+    assert_bitwise("recv_topk_idx after previous_event", got.recv_topk_idx, want.recv_topk_idx)
+    dist.barrier()
+    cuda.destroy()

@@ -33,3 +33,12 @@ def test_worst_tokens_graph_and_events(num_gpus):
 
 def test_mismatched_calls_raise(num_gpus):
     _scenarios.run_seeded(_scenarios.suite_failures, num_gpus)
+
+
+def test_inputs_ready_at_previous_event(num_gpus):
+    """Calls issued on the comm stream with previous_event read their inputs after it (no false errors)."""
+    _scenarios.run_seeded(_scenarios.suite_inputs_ready_at_previous_event, num_gpus)
+
+
+def test_autograd_fp8_dispatch_waits_for_previous_event(num_gpus):
+    _scenarios.run_seeded(_scenarios.suite_autograd_fp8_after_previous_event, num_gpus)
