@@ -14,7 +14,9 @@ without shared experts overlapped when ``--shared`` is given.  ``--profile N`` a
 more forward+backward under torch.profiler and prints every rank's GPU time by kernel family
 (expert GEMMs, ep_train kernels, NCCL, permutation ops, the rest) and rank 0's N longest kernels.
 "host" is the median time the host takes to issue one forward+backward: close to the GPU time
-means the layer is host-bound.  Never asserts on time.
+means the layer is host-bound.  "back-to-back" is the mean time of ``--iters`` forward+backward
+passes issued with no barrier or sync in between (the host runs ahead, as in a model of many
+layers), with its own ratio to alltoall.  Never asserts on time.
 
     python benchmarks/bench_moe_layer.py [--tokens 4096] [--iters 20] [--chunks 2 4] [--shared 2048] [--gpus N]
                                          [--profile 12]
@@ -89,6 +91,26 @@ def _time_fwd_bwd(layer, x: torch.Tensor, grad: torch.Tensor, iters: int, warmup
         layer.zero_grad(set_to_none=True)
         x.grad = None
     return statistics.median(times), statistics.median(host)
+
+
+def _time_back_to_back(layer, x: torch.Tensor, grad: torch.Tensor, iters: int) -> float:
+    """Mean ms of ``iters`` forward + backward passes issued one after another with no sync between.
+
+    The host runs ahead as it does in a training step of many layers (it still waits wherever a
+    dispatcher syncs), so host time between kernels is hidden unless the layer is host-bound.
+    """
+    dist.barrier()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        out, _ = layer(x)
+        out.backward(grad)
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
 
 
 # Kernel families of the profile, first match wins (names as the CUDA profiler reports them).
@@ -176,6 +198,7 @@ def _worker(rank: int, world: int, args) -> None:
         try:
             layer, experts = _build(args, dispatcher, chunks, world)
             ms, host_ms = _time_fwd_bwd(layer, x, grad, args.iters, args.warmup)
+            chained_ms = _time_back_to_back(layer, x, grad, args.iters)
             if args.profile:
                 try:
                     mine = _profile_fwd_bwd(layer, x, grad)
@@ -191,7 +214,7 @@ def _worker(rank: int, world: int, args) -> None:
             comm = buf.backend_name if buf is not None else ("nccl a2a" if dispatcher == "alltoall" else "ep_train")
             if backend is not None and backend.buffers._entries:
                 comm = next(iter(backend.buffers._entries.values())).buffer.backend_name
-            rows.append((label, ms, host_ms, comm, experts))
+            rows.append((label, ms, host_ms, chained_ms, comm, experts))
         finally:
             if backend is not None:
                 backend.uninstall()
@@ -202,10 +225,11 @@ def _worker(rank: int, world: int, args) -> None:
         print(f"MoE layer fwd+bwd | {world}x {name} | EP {world} | {args.tokens} tokens/rank, hidden {args.hidden}, "
               f"top-{args.topk} of {args.experts} experts, ffn {args.ffn}, shared {args.shared or 0}, "
               "BF16")  # fmt: skip
-        base = rows[0][1]
-        for label, ms, host_ms, comm, experts in rows:
+        base, chained_base = rows[0][1], rows[0][3]
+        for label, ms, host_ms, chained_ms, comm, experts in rows:
             print(f"  {label:<30} {ms:8.2f} ms  x{base / ms:5.2f} vs alltoall   host {host_ms:6.2f} ms   "
-                  f"comm={comm:<8} experts={experts}")  # fmt: skip
+                  f"back-to-back {chained_ms:6.2f} ms x{chained_base / chained_ms:5.2f}   comm={comm:<8} "
+                  f"experts={experts}")  # fmt: skip
         if profiles:
             print("Profile (one forward + backward per row):")
             print("\n".join(profiles))
