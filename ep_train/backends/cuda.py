@@ -10,9 +10,9 @@ pinned mailbox and raised here: after a host sync, and at the start of every lat
 
 Low-latency dispatch/combine use a second buffer of ``num_rdma_bytes`` (created when
 ``low_latency_mode`` or ``num_rdma_bytes > 0``): NVSHMEM symmetric memory where every rank can use
-it, else CUDA IPC (``EP_TRAIN_LL_TRANSPORT``, see ``ep_train.nvshmem``); one kernel launch per call, or two with
-``return_recv_hook`` (the call sends, the hook receives); no host sync, so both are capturable in a
-CUDA graph.  Senders write rows straight into the receiver's slots and stamp them with the call's
+it, else CUDA IPC (``EP_TRAIN_LL_TRANSPORT``, see ``ep_train.nvshmem``).  One kernel launch per
+call, or two with ``return_recv_hook`` (the call sends, the hook receives); no host sync, so both
+are capturable in a CUDA graph.  Senders write rows straight into the receiver's slots and stamp them with the call's
 sequence number; the receiver compares every sender's call header (mismatch → RankMismatchError).
 
 Shape legend: T local tokens, H hidden, S ``ceil(H/128)`` FP8 scales, K top-k, R ranks,
