@@ -70,7 +70,7 @@ def _mismatched_sizes(rank: int, world: int) -> str:
     raise AssertionError("no ValueError")
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, 8])
 def test_blocks_are_reused_only_when_free_on_every_rank(world):
     mallocs = run_distributed(_reuse, world)
     assert mallocs == [[1 << 20, 1 << 19, 1 << 20]] * world
