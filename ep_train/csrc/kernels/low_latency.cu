@@ -1,10 +1,10 @@
-// Low-latency dispatch/combine over CUDA IPC (one NVLink node): fixed-shape, expert-major slots,
-// no host sync, CUDA-graph capturable.
+// Low-latency dispatch/combine over peer pointers (one NVLink node; the buffer is NVSHMEM symmetric
+// memory or CUDA IPC memory): fixed-shape, expert-major slots, no host sync, CUDA-graph capturable.
 //
 // Protocol of one operation (a dispatch or a combine), sequence number n = own LL counter + 1,
 // buffer half h = n & 1:
 //   send:    wait until every destination acknowledged receive n - 2 (it no longer reads half h),
-//            write straight into the destination's half h through the IPC pointer (16-byte
+//            write straight into the destination's half h through the peer pointer (16-byte
 //            stores) - dispatch: each token's row once per destination rank, a slot header per
 //            (token, expert) and the block's share of the per-expert counts; combine: every row -
 //            fence; the last block to finish writes the call header into each destination's

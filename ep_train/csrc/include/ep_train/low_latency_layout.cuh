@@ -1,4 +1,4 @@
-// Byte layout of the low-latency buffer (the IPC-shared `num_rdma_bytes` region): the single source of
+// Byte layout of the low-latency buffer (the `num_rdma_bytes` region every peer maps): the single source of
 // truth for offsets on host and device.  Mirrors ep_train/layout.py (low_latency_* functions);
 // tests/gpu/test_low_latency_gpu.py compares both.
 //
