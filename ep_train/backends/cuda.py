@@ -108,23 +108,39 @@ class CudaBackend(Backend):
     def _open_low_latency(self, num_rdma_bytes: int, want: str) -> None:
         """The low-latency buffer (collective): NVSHMEM symmetric memory, else CUDA IPC (see ep_train.nvshmem)."""
         num_bytes = max(num_rdma_bytes, self._C.low_latency_control_bytes())
-        heap = nvshmem.heap_for(self.group) if want != "ipc" else "EP_TRAIN_LL_TRANSPORT=ipc"
-        if isinstance(heap, nvshmem.SymmetricHeap):
-            self._ll_block = heap.alloc(self.group, num_bytes)
-            self._ll = self._C.LowLatencyRuntime(self.rank, self.num_ranks, num_bytes, self.timeout_s,
-                                                 self._ll_block.ptr)  # fmt: skip
-            self._ll.set_peer_pointers(self._ll_block.peer_ptrs)
-            self.low_latency_transport = "nvshmem"
-            return
+        why_not = "EP_TRAIN_LL_TRANSPORT=ipc"
+        if want != "ipc":
+            heap = nvshmem.heap_for(self.group)
+            why_not = heap if isinstance(heap, str) else self._open_nvshmem(heap, num_bytes)
+            if why_not is None:
+                return
         if want == "nvshmem":
-            raise RuntimeError(f"EP_TRAIN_LL_TRANSPORT=nvshmem, but NVSHMEM is unavailable: {heap}")
+            raise RuntimeError(f"EP_TRAIN_LL_TRANSPORT=nvshmem, but NVSHMEM is unavailable: {why_not}")
         if want == "auto" and self.rank == 0 and not _env.quiet_import():
-            print(f"ep_train: low-latency buffer over CUDA IPC (NVSHMEM unavailable: {heap})", file=sys.stderr)
+            print(f"ep_train: low-latency buffer over CUDA IPC (NVSHMEM unavailable: {why_not})", file=sys.stderr)
         self._ll = self._C.LowLatencyRuntime(self.rank, self.num_ranks, num_bytes, self.timeout_s)
         handles: list[bytes | None] = [None] * self.num_ranks
         dist.all_gather_object(handles, self._ll.ipc_handle(), group=self.group)
         self._ll.open_peers(handles)
         self.low_latency_transport = "ipc"
+
+    def _open_nvshmem(self, heap: nvshmem.SymmetricHeap, num_bytes: int) -> str | None:
+        """The low-latency buffer in a block of ``heap`` (collective); None, or why not on some rank."""
+        try:
+            block, failure = heap.alloc(self.group, num_bytes), None
+        except RuntimeError as exc:  # e.g. the symmetric heap is too small (NVSHMEM_SYMMETRIC_SIZE)
+            block, failure = None, str(exc)
+        failures: list[str | None] = [None] * self.num_ranks
+        dist.all_gather_object(failures, failure, group=self.group)
+        if any(failures):
+            if block is not None:
+                heap.release(block)
+            return "; ".join(f"rank {r}: {why}" for r, why in enumerate(failures) if why)
+        self._ll_block = block
+        self._ll = self._C.LowLatencyRuntime(self.rank, self.num_ranks, num_bytes, self.timeout_s, block.ptr)
+        self._ll.set_peer_pointers(block.peer_ptrs)
+        self.low_latency_transport = "nvshmem"
+        return None
 
     # ------------------------------------------------------------------ failures
     def _raise_if_failed(self, code: int | None = None) -> None:
