@@ -356,14 +356,10 @@ void bind_nvshmem(py::module_ m) {
     m.def("compiled", &nv::compiled);
     m.def("load", &nv::load, py::arg("path"));
     m.def("loaded", &nv::loaded);
-    m.def("version", &nv::version);
     m.def("unique_id", []() { return py::bytes(nv::unique_id()); });
     m.def(
         "init", [](int rank, int num_ranks, const py::bytes& uid) { nv::init(rank, num_ranks, std::string(uid)); },
         py::arg("rank"), py::arg("num_ranks"), py::arg("uid"));
-    m.def("initialized", &nv::initialized);
-    m.def("my_pe", &nv::my_pe);
-    m.def("n_pes", &nv::n_pes);
     m.def("malloc", [](int64_t num_bytes) { return reinterpret_cast<uintptr_t>(nv::malloc(num_bytes)); });
     m.def("peer_ptr", [](uintptr_t local, int pe) {
         return reinterpret_cast<uintptr_t>(nv::peer_ptr(reinterpret_cast<void*>(local), pe));
@@ -396,9 +392,6 @@ PYBIND11_MODULE(_C, m) {
     bind_peer_buffer(low_latency)
         .def(py::init([](int rank, int num_ranks, int64_t num_bytes, double timeout_s, uintptr_t external) {
                  TORCH_CHECK(external != 0, "external memory must not be null");
-                 TORCH_CHECK(num_bytes >= LowLatencyLayout::control_bytes(), "adopted low-latency memory of ",
-                             num_bytes, " bytes is below the control block (", LowLatencyLayout::control_bytes(),
-                             " bytes)");
                  return new LowLatencyRuntime(rank, num_ranks, num_bytes, timeout_s, reinterpret_cast<void*>(external));
              }),
              py::arg("rank"), py::arg("num_ranks"), py::arg("num_bytes"), py::arg("timeout_s"), py::arg("external"))

@@ -28,7 +28,6 @@ struct Api {
     decltype(&::nvshmemx_set_attr_uniqueid_args) set_attr_uniqueid_args = nullptr;
     decltype(&::nvshmemx_hostlib_init_attr) hostlib_init_attr = nullptr;
     decltype(&::nvshmemx_init_status) init_status = nullptr;
-    decltype(&::nvshmemx_vendor_get_version_info) vendor_get_version_info = nullptr;
     decltype(&::nvshmem_my_pe) my_pe = nullptr;
     decltype(&::nvshmem_n_pes) n_pes = nullptr;
     decltype(&::nvshmem_malloc) malloc = nullptr;
@@ -76,7 +75,6 @@ std::string load(const std::string& path) {
     find(handle, "nvshmemx_set_attr_uniqueid_args", a.set_attr_uniqueid_args, missing);
     find(handle, "nvshmemx_hostlib_init_attr", a.hostlib_init_attr, missing);
     find(handle, "nvshmemx_init_status", a.init_status, missing);
-    find(handle, "nvshmemx_vendor_get_version_info", a.vendor_get_version_info, missing);
     find(handle, "nvshmem_my_pe", a.my_pe, missing);
     find(handle, "nvshmem_n_pes", a.n_pes, missing);
     find(handle, "nvshmem_malloc", a.malloc, missing);
@@ -91,13 +89,6 @@ std::string load(const std::string& path) {
 
 bool loaded() {
     return api.handle != nullptr;
-}
-
-std::string version() {
-    const Api& a = need_loaded("version");
-    int major = 0, minor = 0, patch = 0;
-    a.vendor_get_version_info(&major, &minor, &patch);
-    return std::to_string(major) + "." + std::to_string(minor) + "." + std::to_string(patch);
 }
 
 std::string unique_id() {
@@ -136,18 +127,6 @@ void init(int rank, int num_ranks, const std::string& uid_bytes) {
     g_initialized = true;
 }
 
-bool initialized() {
-    return g_initialized;
-}
-
-int my_pe() {
-    return need_initialized("my_pe").my_pe();
-}
-
-int n_pes() {
-    return need_initialized("n_pes").n_pes();
-}
-
 void* malloc(int64_t num_bytes) {
     const Api& a = need_initialized("malloc");
     if (num_bytes <= 0)
@@ -184,22 +163,10 @@ std::string load(const std::string&) {
 bool loaded() {
     return false;
 }
-std::string version() {
-    unavailable();
-}
 std::string unique_id() {
     unavailable();
 }
 void init(int, int, const std::string&) {
-    unavailable();
-}
-bool initialized() {
-    return false;
-}
-int my_pe() {
-    unavailable();
-}
-int n_pes() {
     unavailable();
 }
 void* malloc(int64_t) {

@@ -15,15 +15,10 @@ bool compiled();
 // Loads the host library at `path` (libnvshmem_host.so.3).  Returns "" on success, else why not.
 std::string load(const std::string& path);
 bool loaded();
-// "major.minor.patch" of the loaded library.
-std::string version();
 // 128 opaque bytes; rank 0 of the group creates them, every rank passes them to init.
 std::string unique_id();
 // Collective over the num_ranks processes that share `uid`.  Throws std::runtime_error on failure.
 void init(int rank, int num_ranks, const std::string& uid);
-bool initialized();
-int my_pe();
-int n_pes();
 // Collective: every PE asks for the same size.  Zero-filled.  Throws when the heap is exhausted.
 void* malloc(int64_t num_bytes);
 // The address of `local` (a symmetric allocation) in PE `pe`'s memory, mapped into this process;
