@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from . import _env, _ext
 
-__all__ = ["Block", "SymmetricHeap", "heap_for", "library_path", "unavailable_reason"]
+__all__ = ["Block", "SymmetricHeap", "gather_failures", "heap_for", "library_path", "unavailable_reason"]
 
 
 def library_path() -> str | None:
@@ -49,8 +49,16 @@ def library_path() -> str | None:
     return None
 
 
-def _load() -> str | None:
-    """Load the host library into ``_C``; None when usable, else why not."""
+_NO_HEADERS = "ep_train._C was built without NVSHMEM headers (install nvidia-nvshmem-cu13 and rebuild)"
+_NO_LIBRARY = "libnvshmem_host.so.3 not found (pip install nvidia-nvshmem-cu13, or set NVSHMEM_HOME)"
+
+
+def unavailable_reason(load: bool = True) -> str | None:
+    """None when this process can use NVSHMEM, else a sentence saying why not.
+
+    ``load=True`` loads the host library into ``_C`` (once); ``load=False`` only looks (extension
+    built with the headers, library present) and loads nothing.
+    """
     reason = _ext.unavailable_reason()
     if reason is not None:
         return reason
@@ -58,27 +66,20 @@ def _load() -> str | None:
     if nv.loaded():
         return None
     if not nv.compiled():
-        return "ep_train._C was built without NVSHMEM headers (install nvidia-nvshmem-cu13 and rebuild)"
+        return _NO_HEADERS
     path = library_path()
     if path is None:
-        return "libnvshmem_host.so.3 not found (pip install nvidia-nvshmem-cu13, or set NVSHMEM_HOME)"
-    failure = nv.load(path)
-    return failure or None
+        return _NO_LIBRARY
+    return (nv.load(path) or None) if load else None
 
 
-def unavailable_reason(load: bool = True) -> str | None:
-    """None when this process can use NVSHMEM, else a sentence saying why not.
-
-    ``load=False`` only looks (extension built with the headers, library present) and loads nothing.
-    """
-    if load:
-        return _load()
-    reason = _ext.unavailable_reason()
-    if reason is None and not _ext.load().nvshmem.compiled():
-        reason = "ep_train._C was built without NVSHMEM headers (install nvidia-nvshmem-cu13 and rebuild)"
-    if reason is None and library_path() is None:
-        reason = "libnvshmem_host.so.3 not found (pip install nvidia-nvshmem-cu13, or set NVSHMEM_HOME)"
-    return reason
+def gather_failures(group: dist.ProcessGroup, failure: str | None) -> str | None:
+    """Collective: None when no rank of ``group`` failed, else every failing rank's sentence."""
+    failures: list[str | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(failures, failure, group=group)
+    members = dist.get_process_group_ranks(group)
+    failed = [f"rank {members[r]}: {why}" for r, why in enumerate(failures) if why is not None]
+    return "; ".join(failed) or None
 
 
 @dataclass
@@ -144,11 +145,9 @@ def heap_for(group: dist.ProcessGroup) -> SymmetricHeap | str:
     reason = unavailable_reason()
     if reason is None and _heap is not None and _heap.global_ranks != members:
         reason = f"this process's NVSHMEM job already belongs to the group of ranks {list(_heap.global_ranks)}"
-    reasons: list[str | None] = [None] * len(members)
-    dist.all_gather_object(reasons, reason, group=group)
-    failed = [(members[r], why) for r, why in enumerate(reasons) if why is not None]
-    if failed:
-        return "; ".join(f"rank {r}: {why}" for r, why in failed)
+    failed = gather_failures(group, reason)
+    if failed is not None:
+        return failed
     if _heap is not None:
         return _heap
     nv = _ext.load().nvshmem

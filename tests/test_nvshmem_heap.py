@@ -96,3 +96,16 @@ def test_without_the_extension_nvshmem_says_why():
     if reason is None:
         pytest.skip("this machine can use NVSHMEM")
     assert "ep_train._C" in reason or "NVSHMEM" in reason or "nvshmem" in reason
+
+
+def _failures(rank: int, world: int) -> tuple:
+    group = dist.group.WORLD
+    none = nvshmem.gather_failures(group, None)
+    one = nvshmem.gather_failures(group, "heap too small" if rank == world - 1 else None)
+    return none, one
+
+
+def test_one_rank_failing_is_reported_on_every_rank():
+    for none, one in run_distributed(_failures, 3):
+        assert none is None
+        assert one == "rank 2: heap too small"

@@ -12,8 +12,9 @@ Low-latency dispatch/combine use a second buffer of ``num_rdma_bytes`` (created 
 ``low_latency_mode`` or ``num_rdma_bytes > 0``): NVSHMEM symmetric memory where every rank can use
 it, else CUDA IPC (``EP_TRAIN_LL_TRANSPORT``, see ``ep_train.nvshmem``).  One kernel launch per
 call, or two with ``return_recv_hook`` (the call sends, the hook receives); no host sync, so both
-are capturable in a CUDA graph.  Senders write rows straight into the receiver's slots and stamp them with the call's
-sequence number; the receiver compares every sender's call header (mismatch → RankMismatchError).
+are capturable in a CUDA graph.  Senders write rows straight into the receiver's slots and stamp
+them with the call's sequence number; the receiver compares every sender's call header (mismatch →
+RankMismatchError).
 
 Shape legend: T local tokens, H hidden, S ``ceil(H/128)`` FP8 scales, K top-k, R ranks,
 E experts, L = E/R local experts, N received rows, C channels (``num_sms / 2``).
@@ -130,12 +131,11 @@ class CudaBackend(Backend):
             block, failure = heap.alloc(self.group, num_bytes), None
         except RuntimeError as exc:  # e.g. the symmetric heap is too small (NVSHMEM_SYMMETRIC_SIZE)
             block, failure = None, str(exc)
-        failures: list[str | None] = [None] * self.num_ranks
-        dist.all_gather_object(failures, failure, group=self.group)
-        if any(failures):
+        failed = nvshmem.gather_failures(self.group, failure)
+        if failed is not None:
             if block is not None:
                 heap.release(block)
-            return "; ".join(f"rank {r}: {why}" for r, why in enumerate(failures) if why)
+            return failed
         self._ll_block = block
         self._ll = self._C.LowLatencyRuntime(self.rank, self.num_ranks, num_bytes, self.timeout_s, block.ptr)
         self._ll.set_peer_pointers(block.peer_ptrs)
