@@ -56,3 +56,23 @@ def _exit_on_rank_one(rank, world_size):
 
 def test_may_exit_allows_ranks_to_die():
     assert run_distributed(_exit_on_rank_one, 2, may_exit=[1], timeout_s=60) == ["alive", None]
+
+
+_PENDING = []
+
+
+def _leave_before_the_peer_reads(rank, world_size):
+    if rank == 0:
+        # NOTES: the send is kept (not waited for) and rank 0 returns while rank 1 has not yet received;
+        # a rank that tore down its process group now would break rank 1's receive.
+        _PENDING.append(dist.isend(torch.arange(4, dtype=torch.float32), dst=1))
+        return "sent"
+    time.sleep(1.0)
+    got = torch.zeros(4)
+    dist.recv(got, src=0)
+    return got.tolist()
+
+
+def test_a_finished_rank_stays_until_its_peers_finish():
+    """A rank that is done keeps its process group until every rank is done (bounded by EXIT_WAIT_S)."""
+    assert run_distributed(_leave_before_the_peer_reads, 2, timeout_s=60) == ["sent", [0.0, 1.0, 2.0, 3.0]]

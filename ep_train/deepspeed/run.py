@@ -192,6 +192,9 @@ def _train(args: argparse.Namespace, recipe: DeepSpeedRecipe) -> None:
         first, final = history[0]["loss"], history[-1]["loss"]
         print(f"summary | impl {moe_cfg.impl} | ranks {world} | first loss {first:.4f} | final loss {final:.4f} | "
               f"mean tokens/s (after step 1) {mean:.0f}", flush=True)  # fmt: skip
+    # NOTES: every rank leaves together, so none closes its connections while a peer still uses them.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _sync(device) -> None:

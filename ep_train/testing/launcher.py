@@ -4,9 +4,11 @@
 process (CUDA state, threads, globals) is inherited.  Each rank sets one intra-op thread,
 joins a process group (gloo on CPU; NCCL with GPU ``rank``) through a ``FileStore`` in a temporary
 directory, calls ``fn(rank, world_size, *args, **kwargs)`` and sends back its return value or its
-formatted traceback.  The parent waits up to ``timeout_s``; ranks still running then are killed and
-named.  Any failure raises ``DistributedTestError`` (an ``AssertionError``) holding every failing
-rank's traceback, so pytest shows what each rank saw.
+formatted traceback, then waits (bounded) until every rank has finished before it leaves the group,
+so a rank done early never closes a connection a peer is still using.  The parent waits up to
+``timeout_s``; ranks still running then are killed and named.  Any failure raises
+``DistributedTestError`` (an ``AssertionError``) holding every failing rank's traceback, so pytest
+shows what each rank saw.
 
 ``fn`` must be picklable: a module-level function of an importable module (tests define them at
 module level).  Return plain Python values or small CPU tensors; they are pickled by value.
@@ -36,14 +38,31 @@ __all__ = ["run_distributed", "DistributedTestError"]
 
 #: after one rank fails, how long the others get to finish (they often fail too, with the cause).
 FAILURE_GRACE_S = 20.0
+#: how long a finished rank waits for the others to finish before it tears down its process group.
+EXIT_WAIT_S = 15.0
+_EXIT_KEY = "ep_train/launcher/finished"
 
 
 class DistributedTestError(AssertionError):
     """One or more ranks failed or hung; the message holds each failing rank's traceback."""
 
 
-def _child(rank, world_size, backend, store_path, fn, args, kwargs, results) -> None:
+def _wait_for_peers(store, world_size: int, bound_s: float) -> None:
+    """Count this rank as finished and wait (at most ``bound_s``) until every rank is.
+
+    A rank that returns early must not tear down its sockets while a peer is still connecting to it:
+    gloo's ``new_group`` completes on one side before the other, and the late side then fails with
+    "Connection closed by peer".
+    """
+    store.add(_EXIT_KEY, 1)
+    deadline = time.monotonic() + bound_s
+    while store.add(_EXIT_KEY, 0) < world_size and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _child(rank, world_size, backend, store_path, fn, args, kwargs, results, exit_wait_s) -> None:
     torch.set_num_threads(1)
+    store = None
     try:
         if backend == "nccl":
             torch.cuda.set_device(rank)
@@ -56,6 +75,11 @@ def _child(rank, world_size, backend, store_path, fn, args, kwargs, results) -> 
     except BaseException:  # noqa: BLE001 - every failure goes back to the parent
         results.put((rank, False, traceback.format_exc()))
     finally:
+        if store is not None and exit_wait_s > 0:
+            try:
+                _wait_for_peers(store, world_size, exit_wait_s)
+            except Exception:  # noqa: BLE001 - the result is already sent; leaving is all that is left
+                pass
         if dist.is_initialized():
             try:
                 dist.destroy_process_group()
@@ -125,6 +149,8 @@ def run_distributed(
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     may_exit = set(may_exit)
+    # NOTES: ranks killed on purpose never count themselves finished; the others then leave at once.
+    exit_wait_s = 0.0 if may_exit else EXIT_WAIT_S
     ctx = _context(start_method)
     results = ctx.Queue()
     start = time.monotonic()
@@ -133,7 +159,7 @@ def run_distributed(
         procs = [
             ctx.Process(
                 target=_child,
-                args=(r, world_size, backend, store_path, fn, args, kwargs, results),
+                args=(r, world_size, backend, store_path, fn, args, kwargs, results, exit_wait_s),
                 name=f"ep_train-rank{r}",
             )  # fmt: skip
             for r in range(world_size)

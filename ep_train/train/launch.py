@@ -22,6 +22,8 @@ def run_rank(recipe, resume: bool, stop_at: int | None = None) -> None:
     if torch.cuda.is_available() and backend_for(recipe) == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", dist.get_rank() % torch.cuda.device_count())))
     train(recipe, resume=resume, stop_at=stop_at)
+    # NOTES: every rank leaves together, so none closes its connections while a peer still uses them.
+    dist.barrier()
 
 
 def spawned(rank: int, world: int, store_path: str, recipe, resume: bool, stop_at: int | None = None) -> None:
