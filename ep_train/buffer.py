@@ -278,6 +278,12 @@ class Buffer:
             "topk_weights", topk_weights, dtypes=self._weight_dtypes, ndim=2, device=self.device, shape=shape
         )
 
+    @staticmethod
+    def _check_previous_event(previous_event: Any) -> None:
+        """Checked before anything else, so a bad argument never costs the ranks' call numbers."""
+        if previous_event is not None and not isinstance(previous_event, EventOverlap):
+            raise TypeError(f"previous_event must be an EventOverlap or None, got {type(previous_event).__name__}")
+
     def _capturing(self) -> bool:
         return self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
@@ -300,8 +306,6 @@ class Buffer:
         name: str,
     ) -> tuple[Any, EventOverlap]:
         """Run ``fn`` on the comm stream after ``previous_event`` (or the current stream)."""
-        if previous_event is not None and not isinstance(previous_event, EventOverlap):
-            raise TypeError(f"previous_event must be an EventOverlap or None, got {type(previous_event).__name__}")
         if self.timer is not None:
             inner, timer = fn, self.timer
 
@@ -359,6 +363,7 @@ class Buffer:
             once per rank however many of its experts live there.
         """
         self._check_usable()
+        self._check_previous_event(previous_event)
         num_experts = self._check_num_experts(num_experts)
         topk_idx = self._check_topk_idx(topk_idx, num_experts, None, sync_free=False, previous_event=previous_event)
         fn = lambda: self._backend.get_dispatch_layout(topk_idx, num_experts)  # noqa: E731
@@ -408,6 +413,7 @@ class Buffer:
             (0..L-1) when expert k of that token lives here, else -1 (weight 0).
         """
         self._check_usable()
+        self._check_previous_event(previous_event)
         config = self._dispatch_config if config is None else config
         if not isinstance(config, Config):
             raise TypeError(f"config must be an ep_train.Config or None, got {type(config).__name__}")
@@ -512,7 +518,7 @@ class Buffer:
                 f"num_worst_tokens={a.num_worst_tokens} differs from the cached handle's {handle.num_recv_rows} rows"
             )
         dtype = torch.float8_e4m3fn if scales_TS is not None else x_TH.dtype
-        info = self._next_info(_OP_CACHED, handle.hidden, handle.num_experts, 0, dtype)
+        info = self._next_info(_OP_CACHED, handle.hidden, handle.num_experts, 0, dtype, extra=handle.dispatch_seq)
         return DispatchArgs(
             info,
             x_TH,
@@ -556,6 +562,7 @@ class Buffer:
             ``(combined_x [T, H] in x's dtype, combined_topk_weights [T, K] float32 or None, event)``.
         """
         self._check_usable()
+        self._check_previous_event(previous_event)
         config = self._combine_config if config is None else config
         if not isinstance(config, Config):
             raise TypeError(f"config must be an ep_train.Config or None, got {type(config).__name__}")
@@ -586,7 +593,9 @@ class Buffer:
                 f"bias[{i}]", b, dtypes=x_NH.dtype, ndim=2, device=self.device, shape=(handle.num_tokens, hidden)
             )
         num_topk = 0 if topk_weights is None else topk_weights.shape[1]
-        info = self._next_info(_OP_COMBINE, hidden, handle.num_experts, num_topk, x_NH.dtype)
+        # NOTES: the handle's dispatch call number travels in the header: ranks combining the rows of
+        # different dispatches raise RankMismatchError instead of exchanging rows of other sizes.
+        info = self._next_info(_OP_COMBINE, hidden, handle.num_experts, num_topk, x_NH.dtype, extra=handle.dispatch_seq)
         args = CombineArgs(info, x_NH, handle, topk_weights, biases, config)
         inputs = [x_NH, *biases] + ([topk_weights] if topk_weights is not None else [])
         res, event = self._run(

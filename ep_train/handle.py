@@ -33,6 +33,8 @@ class DispatchHandle:
         num_recv_tokens_per_expert_L: int32 on the device, (token, local expert) pairs received,
             rounded up to ``expert_alignment``.
         expert_alignment: the alignment the counts above were rounded to.
+        dispatch_seq: call number (on its buffer) of the dispatch that made the handle; combine and
+            cached dispatch send it in their call header, so ranks using different handles disagree.
         extras: backend-private tensors (e.g. the CUDA kernels' channel prefix matrices).
     """
 
@@ -49,6 +51,7 @@ class DispatchHandle:
     recv_src_idx_N: torch.Tensor
     num_recv_tokens_per_expert_L: torch.Tensor
     expert_alignment: int = 1
+    dispatch_seq: int = 0
     extras: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property

@@ -22,11 +22,11 @@ def _buffer(timeout_s: float) -> Buffer:
     return Buffer(dist.group.WORLD, num_nvl_bytes=nvl, num_rdma_bytes=rdma, low_latency_mode=True, timeout_s=timeout_s)
 
 
-def _dispatch(buf, rank, R, hidden=H, num_experts=E, dtype=torch.bfloat16, num_topk=2):
+def _dispatch(buf, rank, R, hidden=H, num_experts=E, dtype=torch.bfloat16, num_topk=2, **extra):
     idx, w = make_routing("uniform", T, num_experts, num_topk, R, 7, rank)
     per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, num_experts)
     return buf.dispatch(torch.randn(T, hidden).to(dtype), num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
-                        num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w)  # fmt: skip
+                        num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w, **extra)  # fmt: skip
 
 
 def _ll_dispatch(buf, rank, R, max_tokens=M):
@@ -37,6 +37,12 @@ def _ll_dispatch(buf, rank, R, max_tokens=M):
 def _combine_or_dispatch(buf, rank, R, odd):
     recv_x, _, _, _, handle, _ = _dispatch(buf, rank, R)
     return buf.combine(recv_x, handle) if odd else _dispatch(buf, rank, R)
+
+
+def _combine_other_handle(buf, rank, R, odd):
+    first, second = _dispatch(buf, rank, R), _dispatch(buf, rank, R)
+    recv_x, _, _, _, handle, _ = first if odd else second
+    return buf.combine(recv_x, handle)
 
 
 # What the last rank does differently, and the words every rank's message must contain.
@@ -50,6 +56,7 @@ SCENARIOS = {
                       ["num_max_dispatch_tokens_per_rank", "16", "32"]),
     "ll_vs_dispatch": (lambda b, r, R, odd: _ll_dispatch(b, r, R) if odd else _dispatch(b, r, R),
                        ["op is", "low_latency_dispatch"]),
+    "handle": (_combine_other_handle, ["the handle (the call number of its dispatch) is", "combine call #2"]),
 }  # fmt: skip
 
 
@@ -117,3 +124,63 @@ def test_dead_peer_raises_instead_of_hanging():
     kind, msg, elapsed = run_distributed(_dead_peer_body, 2, timeout_s=90, may_exit=[1])[0]
     assert elapsed < 20 + 5, f"{kind} after {elapsed:.1f} s"
     assert "rank 0" in msg, msg
+
+
+def _bad_layout_body(rank, world_size, what):
+    """The last rank passes layout arguments that are not those of its topk_idx."""
+    buf = _buffer(30)
+    idx, w = make_routing("uniform", T, E, 2, world_size, 7, rank)
+    per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
+    if rank == world_size - 1:
+        if what == "num_tokens_per_rank":
+            per_rank = per_rank + torch.tensor([1] + [0] * (world_size - 1), dtype=torch.int32)
+        elif what == "is_token_in_rank":  # token 0 sent to the ranks it does not go to
+            in_rank = in_rank.clone()
+            in_rank[0] = ~in_rank[0] if not in_rank[0].all() else torch.arange(world_size) == 0
+            per_rank = in_rank.sum(dim=0, dtype=torch.int32)
+        else:  # num_tokens_per_expert: one token moved between experts, negative counts
+            per_expert = per_expert + torch.tensor([-5, 5] + [0] * (E - 2), dtype=torch.int32)
+    x = torch.randn(T, H).bfloat16()
+    try:
+        buf.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                     topk_idx=idx, topk_weights=w)  # fmt: skip
+        msg = "no error"
+    except ValueError as exc:
+        msg = str(exc)
+    # Every rank stopped at the same call: the next one pairs up and moves every token.
+    recv_x, _, _, _, handle, _ = _dispatch(buf, rank, world_size)
+    return msg, handle.num_recv_tokens
+
+
+@pytest.mark.parametrize("what", ["num_tokens_per_rank", "is_token_in_rank", "num_tokens_per_expert"])
+def test_a_rank_with_a_bad_layout_stops_every_rank(what):
+    """A layout that does not match topk_idx would make the peers exchange wrong sizes or drop tokens."""
+    out = run_distributed(_bad_layout_body, 2, what, timeout_s=120)
+    own, peer = out[1][0], out[0][0]
+    assert f"rank 1: {what}" in own, own
+    assert "rank 0:" in peer and "rank 1 passed layout arguments" in peer, peer
+    assert all(n > 0 for _, n in out)
+
+
+def _bad_event_body(rank, world_size):
+    buf = _buffer(30)
+    if rank == 0:
+        try:
+            buf.get_dispatch_layout(torch.zeros(T, 2, dtype=torch.int64), E, previous_event="not an event")
+        except TypeError:
+            pass
+        try:
+            _dispatch(buf, rank, world_size, previous_event="not an event")
+        except TypeError as exc:
+            msg = str(exc)
+    else:
+        msg = None
+    recv_x, _, _, _, handle, _ = _dispatch(buf, rank, world_size)  # still paired with rank 1's first call
+    out, _, _ = buf.combine(recv_x, handle)
+    return msg, tuple(out.shape)
+
+
+def test_a_bad_previous_event_costs_no_call_number():
+    out = run_distributed(_bad_event_body, 2, timeout_s=120)
+    assert "previous_event" in out[0][0] and "str" in out[0][0], out[0][0]
+    assert [shape for _, shape in out] == [(T, H), (T, H)]

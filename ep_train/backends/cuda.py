@@ -171,6 +171,8 @@ class CudaBackend(Backend):
             elif low_latency and channel == 6:  # Buffer packs M * 2 + use_fp8 here
                 field = "(num_max_dispatch_tokens_per_rank, use_fp8)"
                 ours, theirs = (ours // 2, bool(ours % 2)), (theirs // 2, bool(theirs % 2))
+            elif channel == 6:  # Buffer sends a combine's or cached dispatch's handle identity here
+                field = "the handle (the call number of its dispatch)"
             call = "a low-latency call" if low_latency else "a call"
             raise RankMismatchError(
                 f"rank {rank}: ranks disagree on {call}: {field} is {ours} on rank {rank} but {theirs} on rank {peer}"
@@ -286,6 +288,7 @@ class CudaBackend(Backend):
             recv_src_idx_N=recv_src_idx_N,
             num_recv_tokens_per_expert_L=per_expert_L,
             expert_alignment=args.expert_alignment,
+            dispatch_seq=args.info.seq,
             extras={"num_tokens_R": num_tokens_R, "num_recv_tokens_t": num_recv_t, "per_expert_list": per_expert_list},
         )
         return DispatchResult(recv_x, recv_scales, recv_topk_idx, recv_topk_weights, list(per_expert_list), handle)

@@ -118,6 +118,8 @@ class TorchBackend(Backend):
                 elif name == "extra" and info.op in (4, 5):  # Buffer packs M * 2 + use_fp8 here
                     name = "(num_max_dispatch_tokens_per_rank, use_fp8)"
                     ours, theirs = (ours // 2, bool(ours % 2)), (theirs // 2, bool(theirs % 2))
+                elif name == "extra" and info.op in (2, 3):  # Buffer sends the handle's dispatch seq here
+                    name = "the handle (the call number of its dispatch)"
                 raise RankMismatchError(
                     f"rank {self.rank}: ranks disagree on {OP_NAMES.get(info.op, info.op)} call #{info.seq}: "
                     f"{name} is {ours} on rank {self.rank} but {theirs} on rank {peer}"
@@ -150,18 +152,24 @@ class TorchBackend(Backend):
         num_tokens_per_expert_E = args.num_tokens_per_expert_E
         if num_tokens_per_expert_E is None:
             num_tokens_per_expert_E = torch.zeros(E, dtype=torch.int32, device=self._device)
-        counts = torch.cat([args.num_tokens_per_rank_R.long(), num_tokens_per_expert_E.long()])
+        problem = self._layout_problem(args, num_tokens_per_expert_E)
+        # NOTES: every rank's verdict on its own layout arguments travels with its counts, so a bad
+        # layout on one rank stops every rank before the exchange it would have corrupted.
+        counts = torch.cat([args.num_tokens_per_rank_R.long(), num_tokens_per_expert_E.long(),
+                            torch.tensor([int(problem is not None)], device=self._device)])  # fmt: skip
         table = self._all_gather(counts, "the count exchange", args.info).cpu()
+        if problem is not None:
+            raise ValueError(f"rank {me}: {problem}")
+        bad = [r for r in range(R) if table[r, -1]]
+        if bad:
+            raise ValueError(
+                f"rank {me}: dispatch call #{args.info.seq} stopped on every rank: rank {bad[0]} passed layout "
+                "arguments that do not match its topk_idx (its own error says which)"
+            )
         count_matrix_RR = table[:, :R]  # [src, dst]
-        expert_counts_RE = table[:, R:]
+        expert_counts_RE = table[:, R:-1]
         self._check_capacity(count_matrix_RR, args.num_worst_tokens)
         is_in_TR = args.is_token_in_rank_TR
-        sent_R = is_in_TR.sum(dim=0).cpu()
-        if not torch.equal(sent_R, count_matrix_RR[me]):
-            raise ValueError(
-                f"rank {me}: num_tokens_per_rank {count_matrix_RR[me].tolist()} does not match "
-                f"is_token_in_rank (column sums {sent_R.tolist()}); pass the layout of the same topk_idx"
-            )
         dst_S, tok_S = is_in_TR.t().nonzero(as_tuple=True)  # rows ordered by destination, then token
         columns = [args.x_TH.index_select(0, tok_S)]
         if args.x_scales_TS is not None:
@@ -213,9 +221,41 @@ class TorchBackend(Backend):
             recv_src_idx_N=recv_src_idx_N,
             num_recv_tokens_per_expert_L=per_expert_L.to(self._device, torch.int32),
             expert_alignment=args.expert_alignment,
+            dispatch_seq=args.info.seq,
             extras={"count_matrix": count_matrix_RR.tolist(), "send_token_idx_S": tok_S},
         )
         return DispatchResult(recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert_L.tolist(), handle)
+
+    def _layout_problem(self, args: DispatchArgs, per_expert_E: torch.Tensor) -> str | None:
+        """What is wrong with this rank's layout arguments (None: they are those of its topk_idx).
+
+        The reference path checks them whole: wrong counts would make the peers' exchange sizes
+        disagree, and a wrong ``is_token_in_rank`` would drop or duplicate tokens.
+        """
+        per_rank_R, in_TR = args.num_tokens_per_rank_R, args.is_token_in_rank_TR
+        sent_R = in_TR.sum(dim=0).to(per_rank_R.dtype)
+        if not torch.equal(sent_R, per_rank_R):
+            return (
+                f"num_tokens_per_rank {per_rank_R.tolist()} does not match is_token_in_rank (column sums "
+                f"{sent_R.tolist()}); pass the layout of the same topk_idx"
+            )
+        if args.topk_idx_TK is None:
+            return None
+        want_R, want_E, want_TR = self.get_dispatch_layout(args.topk_idx_TK, args.num_experts)
+        if not torch.equal(in_TR, want_TR):
+            t = int((in_TR != want_TR).any(dim=1).nonzero()[0])
+            return (
+                f"is_token_in_rank row {t} is {in_TR[t].tolist()} but topk_idx row {t} "
+                f"{args.topk_idx_TK[t].tolist()} goes to ranks {want_TR[t].nonzero().flatten().tolist()}; "
+                "pass the layout of the same topk_idx"
+            )
+        if not torch.equal(per_expert_E.to(want_E.dtype), want_E):
+            e = int((per_expert_E.to(want_E.dtype) != want_E).nonzero()[0])
+            return (
+                f"num_tokens_per_expert[{e}] is {int(per_expert_E[e])} but topk_idx sends {int(want_E[e])} tokens "
+                "to that expert; pass the layout of the same topk_idx"
+            )
+        return None
 
     def _check_capacity(self, count_matrix_RR: torch.Tensor, num_worst_tokens: int) -> None:
         if num_worst_tokens <= 0:
@@ -346,6 +386,10 @@ class TorchBackend(Backend):
         work_box: dict[str, object] = {}
 
         def receive() -> None:
+            if "recv" not in work_box:
+                raise RuntimeError(
+                    f"rank {me}: the receive hook of low_latency_dispatch call #{args.info.seq} was already called"
+                )
             recv_packed = work_box.pop("recv")
             self._wait(work_box.pop("work"), "low_latency_dispatch", args.info)
             cols = _unpack(recv_packed, spec)
@@ -412,8 +456,11 @@ class TorchBackend(Backend):
             acc_dtype = torch.float64 if args.x_LSH.dtype == torch.float64 else torch.float32
             per_k = torch.zeros((T, K, h.hidden), dtype=acc_dtype, device=dev)
             tok_P, k_P = ex["send_tok_P"], ex["send_k_P"]
+            e_P = args.topk_idx_TK[tok_P, k_P]
+            keep_P = (e_P >= 0) & (e_P < h.num_experts)  # as the kernels: -1 entries of this call add nothing
+            tok_P, k_P = tok_P[keep_P], k_P[keep_P]
             weights_P = args.topk_weights_TK[tok_P, k_P].to(acc_dtype)
-            per_k[tok_P, k_P] = recv_rows.to(acc_dtype) * weights_P.unsqueeze(1)
+            per_k[tok_P, k_P] = recv_rows[keep_P].to(acc_dtype) * weights_P.unsqueeze(1)
             combined = per_k.sum(dim=1).to(args.x_LSH.dtype)
             if out is None:
                 out = combined
