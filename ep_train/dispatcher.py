@@ -25,6 +25,7 @@ from .buffer import Buffer
 from .config import Config
 from .handle import DispatchHandle
 from .permute import PairLayout, permute_to_experts, unpermute_from_experts
+from .validate import check_int
 
 __all__ = ["MoEDispatcher", "MoEHandle", "PairLayout", "permute_to_experts", "unpermute_from_experts"]
 
@@ -65,8 +66,11 @@ class MoEDispatcher:
     ):
         if not isinstance(buffer, Buffer):
             raise TypeError(f"buffer must be an ep_train.Buffer, got {type(buffer).__name__}")
+        num_experts = check_int("num_experts", num_experts, 1)
         if num_experts % buffer.group_size != 0:
             raise ValueError(f"num_experts={num_experts} must be divisible by the EP size {buffer.group_size}")
+        expert_alignment = check_int("expert_alignment", expert_alignment, 1)
+        num_worst_tokens = check_int("num_worst_tokens", num_worst_tokens, 0)
         self.buffer = buffer
         self.num_experts = num_experts
         self.num_local_experts = num_experts // buffer.group_size
@@ -100,5 +104,7 @@ class MoEDispatcher:
 
     def combine(self, y_PD: torch.Tensor, handle: MoEHandle) -> torch.Tensor:
         """Expert outputs ``[P, D]`` (already multiplied by probs) → ``[T, D]`` on the source ranks."""
+        if not isinstance(handle, MoEHandle):
+            raise TypeError(f"handle must be the MoEHandle of MoEDispatcher.dispatch, got {type(handle).__name__}")
         y_ND = unpermute_from_experts(y_PD, handle.layout)
         return ep_combine(self.buffer, y_ND, handle.dispatch, config=self.combine_config)

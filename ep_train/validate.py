@@ -55,13 +55,20 @@ def check_tensor(
 
 
 def check_topk_idx_values(name: str, topk_idx: torch.Tensor, num_experts: int) -> None:
-    """Every entry in [-1, num_experts).  One host sync on CUDA."""
+    """Every entry in [-1, num_experts) and no expert twice in a row.  One host sync on CUDA."""
     if topk_idx.numel() == 0:
         return
-    lo, hi = torch.stack(torch.aminmax(topk_idx)).tolist()
+    lo, hi = torch.aminmax(topk_idx)
+    sorted_TK = topk_idx.sort(dim=1).values
+    repeats_TK = (sorted_TK[:, 1:] == sorted_TK[:, :-1]) & (sorted_TK[:, 1:] >= 0)
+    lo, hi, num_repeats = torch.stack([lo.long(), hi.long(), repeats_TK.sum()]).tolist()
     if lo < -1 or hi >= num_experts:
         bad = lo if lo < -1 else hi
         raise ValueError(f"{name} entries must be in [-1, num_experts={num_experts}), found {bad}")
+    if num_repeats:
+        t = int(repeats_TK.any(dim=1).nonzero()[0])
+        e = int(sorted_TK[t, 1:][repeats_TK[t]][0])
+        raise ValueError(f"{name} row {t} lists expert {e} more than once: {topk_idx[t].tolist()}")
 
 
 def split_fp8(

@@ -16,7 +16,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ep_train import Buffer, Config, get_combine_config, get_dispatch_config
+import ep_train.autograd as ep_autograd
+from ep_train import Buffer, Config, MoEDispatcher, get_combine_config, get_dispatch_config
 from ep_train.fp8 import quantize_fp8
 from ep_train.testing import make_routing, run_distributed
 
@@ -104,6 +105,74 @@ CASES = [
         ValueError,
         ["topk_idx", "columns"],
     ),
+    (
+        "topk_idx-repeats-an-expert",
+        lambda c: _dispatch(c, topk_idx=torch.where(c.idx == 3, 0, c.idx)),
+        ValueError,
+        ["topk_idx row 2", "expert 0 more than once", "[0, 0]"],
+    ),
+    (
+        "ll-topk_idx-repeats-an-expert",
+        lambda c: c.buf.low_latency_dispatch(c.x, torch.where(c.idx == 1, 0, c.idx), M, E, use_fp8=False),
+        ValueError,
+        ["topk_idx row 0", "expert 0 more than once"],
+    ),
+    (
+        "num_tokens_per_rank-vs-is_token_in_rank",
+        lambda c: _dispatch(c, num_tokens_per_rank=c.lay["num_tokens_per_rank"] + 1),
+        ValueError,
+        ["num_tokens_per_rank [6]", "column sums [5]"],
+    ),
+    (
+        "is_token_in_rank-not-of-topk_idx",
+        lambda c: _dispatch(
+            c, num_tokens_per_rank=c.lay["num_tokens_per_rank"] + 1, is_token_in_rank=torch.ones(T, 1, dtype=torch.bool)
+        ),
+        ValueError,
+        ["is_token_in_rank row 3", "[True]", "[-1, -1]", "ranks []"],
+    ),  # fmt: skip
+    (
+        "num_tokens_per_expert-not-of-topk_idx",
+        lambda c: _dispatch(
+            c, num_tokens_per_expert=c.lay["num_tokens_per_expert"] + torch.tensor([-2, 2, 0, 0], dtype=torch.int32)
+        ),
+        ValueError,
+        ["num_tokens_per_expert[0] is 1", "sends 3 tokens"],
+    ),
+    (
+        "previous_event-type-layout",
+        lambda c: c.buf.get_dispatch_layout(c.idx, E, previous_event="event"),
+        TypeError,
+        ["previous_event", "str"],
+    ),
+    (
+        "autograd-dispatch-topk_weights-missing",
+        lambda c: ep_autograd.dispatch(c.buf, c.x, c.idx, None, E),
+        TypeError,
+        ["topk_weights", "NoneType"],
+    ),
+    (
+        "autograd-combine-handle-missing",
+        lambda c: ep_autograd.combine(c.buf, c.recv_x, None),
+        TypeError,
+        ["handle", "DispatchHandle", "NoneType"],
+    ),
+    ("moe-dispatcher-num_experts", lambda c: MoEDispatcher(c.buf, 4.0), TypeError, ["num_experts", "float", "4.0"]),
+    (
+        "moe-dispatcher-combine-handle",
+        lambda c: MoEDispatcher(c.buf, E).combine(c.recv_x, c.handle),
+        TypeError,
+        ["handle", "MoEHandle", "DispatchHandle"],
+    ),
+    (
+        "ll-dispatch-hook-called-twice",
+        lambda c: [
+            hook()
+            for hook in [c.buf.low_latency_dispatch(c.x, c.idx, M, E, use_fp8=False, return_recv_hook=True)[4]] * 2
+        ],
+        RuntimeError,
+        ["receive hook", "already called"],
+    ),  # fmt: skip
     ("topk_weights-dtype", lambda c: _dispatch(c, topk_weights=c.w.half()), TypeError, ["topk_weights", "float32"]),
     (
         "topk_weights-shape",

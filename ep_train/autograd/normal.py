@@ -218,6 +218,11 @@ def dispatch(
         previous_event / async_finish: see :class:`ep_train.Buffer`; with ``async_finish`` wait on
             ``event`` before using the outputs, and run independent compute in between.
     """
+    if not isinstance(topk_weights, torch.Tensor):
+        raise TypeError(
+            f"topk_weights must be a [T, K] float tensor (the gate weights, differentiable), got "
+            f"{type(topk_weights).__name__}"
+        )
     opts = _DispatchOpts(num_experts, expert_alignment, num_worst_tokens, fp8, config, previous_event, async_finish)
     out: dict = {}
     recv_x, recv_idx, recv_w = _DispatchFn.apply(x, topk_weights, buffer, topk_idx, opts, out)
@@ -247,6 +252,8 @@ def combine(
     Returns:
         ``combined_x [T, H]``; with ``async_finish=True`` the pair ``(combined_x, event)``.
     """
+    if not isinstance(handle, DispatchHandle):
+        raise TypeError(f"handle must be the DispatchHandle of a dispatch, got {type(handle).__name__}")
     biases = (bias,) if isinstance(bias, torch.Tensor) else tuple(bias or ())
     if len(biases) > 2:
         raise ValueError(f"bias must be a tensor or a pair of tensors, got {len(biases)} tensors")
