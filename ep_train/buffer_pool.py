@@ -12,10 +12,16 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from .backends import BACKEND_NAMES
 from .buffer import Buffer
 from .config import Config, get_combine_config, get_dispatch_config
 
 __all__ = ["BufferPool"]
+
+
+def _check_num_sms(num_sms) -> None:
+    if isinstance(num_sms, bool) or not isinstance(num_sms, int) or num_sms < 2 or num_sms % 2:
+        raise ValueError(f"num_sms must be an even int >= 2 or None, got {num_sms!r}")
 
 
 @dataclass
@@ -35,6 +41,14 @@ class BufferPool:
 
     def __init__(self, *, backend: str = "auto", num_sms: int | None = None,
                  dispatch_config: Config | None = None, combine_config: Config | None = None):  # fmt: skip
+        # NOTES: checked here, where the user passed them, not at the first forward that makes a buffer.
+        if backend not in BACKEND_NAMES:
+            raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+        if num_sms is not None:
+            _check_num_sms(num_sms)
+        for name, config in (("dispatch_config", dispatch_config), ("combine_config", combine_config)):
+            if config is not None and not isinstance(config, Config):
+                raise TypeError(f"{name} must be an ep_train.Config or None, got {type(config).__name__}")
         self.backend = backend
         self.num_sms = num_sms
         self.dispatch_config = dispatch_config
@@ -43,6 +57,7 @@ class BufferPool:
 
     def set_num_sms(self, num_sms: int) -> None:
         """SMs of the buffers' default configs, for existing and future buffers."""
+        _check_num_sms(num_sms)
         self.num_sms = num_sms
         for entry in self._entries.values():
             entry.buffer.set_num_sms(num_sms)

@@ -88,6 +88,14 @@ def pair_layout(
     q = n * k
     device = recv_topk_idx_NK.device
     idx_Q = recv_topk_idx_NK.reshape(-1).to(torch.int64)
+    on_host = device.type == "cpu"  # NOTES: the value checks below are free there; on a GPU they would sync
+    if on_host and q:
+        lo, hi = (int(v) for v in torch.aminmax(idx_Q))
+        if lo < -1 or hi >= num_local_experts:
+            raise ValueError(
+                f"recv_topk_idx entries must be local expert ids in [-1, num_local_experts={num_local_experts}), "
+                f"found {lo if lo < -1 else hi}"
+            )
     valid_Q = idx_Q >= 0
     expert_Q = idx_Q.clamp_min(0)
     counts_L = torch.zeros(num_local_experts, dtype=torch.int64, device=device).scatter_add_(
@@ -102,6 +110,12 @@ def pair_layout(
             raise ValueError(
                 f"tokens_per_expert must have {num_local_experts} entries (one per local expert), "
                 f"got {tuple(host_L.shape)}"
+            )
+        if on_host and not torch.equal(host_L, aligned_L):
+            e = int((host_L != aligned_L).nonzero()[0])
+            raise ValueError(
+                f"tokens_per_expert[{e}] is {int(host_L[e])} (aligned to {alignment}) but recv_topk_idx has "
+                f"{int(counts_L[e])} pairs for that expert ({int(aligned_L[e])} aligned)"
             )
     total = int(host_L.sum())
     # Pairs sorted expert-major; slots without a pair sort last (key L*Q).

@@ -6,6 +6,8 @@ same values in the same order (ascending k, FP32).
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -109,3 +111,15 @@ def test_shape_errors_name_the_argument():
     _, _, _, layout = permute_to_experts(torch.randn(4, 3), torch.tensor([[0, 1]] * 4), torch.rand(4, 2), 2)
     with pytest.raises(ValueError, match="expected 8 expert-major rows, got 7"):
         unpermute_from_experts(torch.randn(7, 3), layout)
+
+
+def test_host_values_are_checked_against_the_pairs():
+    """On CPU (free there) wrong counts or ids raise instead of dropping pairs or indexing out of range."""
+    idx = torch.tensor([[0, 1], [1, -1], [1, 0]])
+    with pytest.raises(ValueError, match=re.escape("tokens_per_expert[1] is 2 (aligned to 1) but recv_topk_idx has 3")):
+        pair_layout(idx, 2, 1, [2, 2])
+    with pytest.raises(ValueError, match=re.escape("num_local_experts=2), found 5")):
+        pair_layout(torch.tensor([[0, 5]]), 2)
+    with pytest.raises(ValueError, match="found -3"):
+        pair_layout(torch.tensor([[0, -3]]), 2)
+    assert pair_layout(idx, 2, 4, [2, 3]).tokens_per_expert.tolist() == [4, 4]

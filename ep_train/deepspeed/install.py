@@ -8,6 +8,7 @@ from deepspeed.moe.sharded_moe import MOELayer
 from deepspeed.runtime.engine import DeepSpeedEngine
 from torch import nn
 
+from ..validate import check_int
 from .experts import GroupedMLPExperts
 from .layer import BufferPool, EPMOELayer
 
@@ -39,6 +40,7 @@ def use_ep_train(model: nn.Module, *, drop_tokens: bool | None = False, backend:
         raise TypeError("use_ep_train() must run before deepspeed.initialize(): pass the model, not the engine")
     if drop_tokens is not None and not isinstance(drop_tokens, bool):
         raise TypeError(f"drop_tokens must be True, False or None, got {drop_tokens!r}")
+    check_int("expert_alignment", expert_alignment, 1)
     pool = BufferPool(backend=backend, num_sms=num_sms)
     replaced = []
     for name, module in model.named_modules():

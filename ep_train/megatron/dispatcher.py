@@ -49,12 +49,24 @@ __all__ = ["EPTokenDispatcher", "routing_map_to_topk"]
 ExpertsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, Any]]
 
 
-def routing_map_to_topk(routing_map_TE: torch.Tensor, num_topk: int) -> torch.Tensor:
-    """Selected experts of each token as ``[T, K]`` int64, ascending, padded with -1 (no host sync).
+def routing_map_to_topk(routing_map_TE: torch.Tensor, num_topk: int, check: bool | None = None) -> torch.Tensor:
+    """Selected experts of each token as ``[T, K]`` int64, ascending, padded with -1.
 
     Args:
         routing_map_TE: ``[T, E]`` bool, token t goes to expert e.  At most ``num_topk`` per row.
+        check: raise if a row selects more than ``num_topk`` experts (they would not all fit).  None:
+            where that is free, on CPU; on CUDA it costs a host sync, so it runs only when asked.
     """
+    if check is None:
+        check = not routing_map_TE.is_cuda
+    if check and routing_map_TE.numel():
+        per_token_T = routing_map_TE.sum(dim=1)
+        worst = int(per_token_T.argmax())
+        if int(per_token_T[worst]) > num_topk:
+            raise ValueError(
+                f"routing_map row {worst} selects {int(per_token_T[worst])} experts, more than "
+                f"num_topk={num_topk}: experts past the top-k would be dropped"
+            )
     num_experts = routing_map_TE.shape[1]
     k = min(num_topk, num_experts)
     # Score E - e for selected experts, 0 otherwise: topk keeps ascending expert ids first.

@@ -65,6 +65,10 @@ def test_use_ep_train_drop_tokens_modes_and_errors():
         epds.use_ep_train(TwoLayer(), expert_alignment=0)
     with pytest.raises(TypeError, match="combine_dtype"):
         epds.use_ep_train(TwoLayer(), combine_dtype=torch.int32)
+    with pytest.raises(ValueError, match=re.escape("backend must be one of ('auto', 'torch', 'cuda'), got 'foo'")):
+        epds.use_ep_train(TwoLayer(), backend="foo")
+    with pytest.raises(ValueError, match="num_sms must be an even int >= 2 or None, got 3"):
+        epds.use_ep_train(TwoLayer(), num_sms=3)
 
 
 def test_dropin_moe_argument_checks():
@@ -124,6 +128,17 @@ def test_recipe_loads_with_overrides():
         ("moe.impl=tutel", "moe.impl must be one of"),
         ("deepspeed.zero_stage=4", "deepspeed.zero_stage must be 0, 1, 2, 3 or null, got 4"),
         ("launch.nproc=0", "launch.nproc must be > 0, got 0"),
+        ("model.num_experts=3", "moe.ep_size=2 must divide model.num_experts=3"),
+        ("model.top_k=9", "model.top_k=9 exceeds model.num_experts=4"),
+        ("model.hidden_size=0", "model.hidden_size must be > 0, got 0"),
+        ("model.hidden_size=66", "model.hidden_size=66 must be divisible by model.num_attention_heads=4"),
+        ("moe.backend=foo", "moe.backend must be one of ('auto', 'torch', 'cuda'), got 'foo'"),
+        ("moe.num_sms=3", "moe.num_sms must be an even integer >= 2 or null, got 3"),
+        ("moe.num_sms=abc", "moe.num_sms must be an even integer >= 2 or null, got 'abc'"),
+        ("moe.expert_alignment=0", "moe.expert_alignment must be > 0, got 0"),
+        ("moe.capacity_factor=-1", "moe.capacity_factor must be > 0, got -1.0"),
+        ("moe.aux_loss_coeff=.nan", "moe.aux_loss_coeff must be a finite number >= 0, got nan"),
+        ("deepspeed.config=missing.json", "deepspeed.config: file"),
     ]:
         with pytest.raises(ValueError, match=re.escape(words)):
             load_recipe(path, [item])

@@ -33,6 +33,13 @@ def test_routing_map_to_topk_k_larger_than_experts():
     assert epm.routing_map_to_topk(routing, 3).tolist() == [[0, -1, -1], [0, 1, -1]]
 
 
+def test_routing_map_to_topk_refuses_more_than_k_experts():
+    routing = torch.tensor([[True, True, False, False], [True, True, True, False]])
+    with pytest.raises(ValueError, match="routing_map row 1 selects 3 experts, more than num_topk=2"):
+        epm.routing_map_to_topk(routing, 2)
+    assert epm.routing_map_to_topk(routing, 2, check=False).tolist() == [[0, 1], [0, 1]]  # unchecked: the first 2
+
+
 def test_registry():
     assert "deepep" in epm.registered_token_dispatchers()
     assert epm.get_token_dispatcher("deepep") is epm.EPTokenDispatcher
