@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 
+from ..backends import BACKEND_NAMES
 from ..train.recipe import LaunchSection, RecipeError, load_sections
 from .model import IMPLS, ModelConfig, MoEConfig
 
@@ -67,14 +70,37 @@ def _validate(r: DeepSpeedRecipe) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise RecipeError(f"{key} must be one of {allowed}, got {value!r}")
+    m, moe = r.model, r.moe
     positive = {"train.steps": r.train.steps, "train.micro_batch_size": r.train.micro_batch_size,
                 "train.lr": r.train.lr, "launch.nproc": r.launch.nproc, "log.every": r.log.every,
-                "moe.ep_size": r.moe.ep_size}  # fmt: skip
+                "moe.ep_size": moe.ep_size, "moe.expert_alignment": moe.expert_alignment,
+                "moe.capacity_factor": moe.capacity_factor}  # fmt: skip
+    positive.update({f"model.{f.name}": getattr(m, f.name) for f in dataclasses.fields(m)})
     for key, value in positive.items():
-        if value <= 0:
+        if not value > 0:  # NaN fails too
             raise RecipeError(f"{key} must be > 0, got {value}")
+    if moe.min_capacity < 0:
+        raise RecipeError(f"moe.min_capacity must be >= 0, got {moe.min_capacity}")
+    if not 0 <= moe.aux_loss_coeff < math.inf:
+        raise RecipeError(f"moe.aux_loss_coeff must be a finite number >= 0, got {moe.aux_loss_coeff}")
+    if m.hidden_size % m.num_attention_heads:
+        raise RecipeError(
+            f"model.hidden_size={m.hidden_size} must be divisible by model.num_attention_heads={m.num_attention_heads}"
+        )
+    if m.top_k > m.num_experts:
+        raise RecipeError(f"model.top_k={m.top_k} exceeds model.num_experts={m.num_experts}")
+    if m.num_experts % moe.ep_size:
+        raise RecipeError(f"moe.ep_size={moe.ep_size} must divide model.num_experts={m.num_experts}")
+    if moe.backend not in BACKEND_NAMES:
+        raise RecipeError(f"moe.backend must be one of {BACKEND_NAMES}, got {moe.backend!r}")
+    if moe.num_sms is not None and (
+        isinstance(moe.num_sms, bool) or not isinstance(moe.num_sms, int) or moe.num_sms < 2 or moe.num_sms % 2
+    ):
+        raise RecipeError(f"moe.num_sms must be an even integer >= 2 or null, got {moe.num_sms!r}")
     if r.deepspeed.zero_stage not in (None, 0, 1, 2, 3):
         raise RecipeError(f"deepspeed.zero_stage must be 0, 1, 2, 3 or null, got {r.deepspeed.zero_stage!r}")
+    if r.deepspeed.config and not os.path.exists(r.deepspeed.config):
+        raise RecipeError(f"deepspeed.config: file {r.deepspeed.config!r} does not exist")
 
 
 def load_recipe(path: str, overrides: list[str] = ()) -> DeepSpeedRecipe:

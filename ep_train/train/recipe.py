@@ -8,6 +8,7 @@ model exists.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,8 @@ import yaml
 __all__ = ["Recipe", "RecipeError", "load_recipe", "load_sections", "DISPATCHERS", "default_recipe_path"]
 
 DISPATCHERS = ("deepep", "alltoall", "allgather", "flex")
+#: token id types of a raw ``.bin`` dataset (``data.dtype``).
+DATA_DTYPES = ("uint16", "uint32", "int32", "int64")
 
 
 class RecipeError(ValueError):
@@ -250,6 +253,22 @@ def _validate(r: Recipe, world_size: int | None, device: str | None) -> None:
         raise RecipeError(f"moe.num_sms must be an even number >= 2, got {r.moe.num_sms}")
     for key in ("steps", "micro_batch_size", "global_batch_size", "lr"):
         _positive(f"train.{key}", getattr(t, key))
+    numbers = {f"train.{k}": getattr(t, k) for k in ("lr", "min_lr", "weight_decay", "adam_beta1", "adam_beta2",
+                                                     "clip_grad")}  # fmt: skip
+    numbers["moe.aux_loss_coeff"] = r.moe.aux_loss_coeff
+    for key, value in numbers.items():
+        if not math.isfinite(value):
+            raise RecipeError(f"{key} must be a finite number, got {value}")
+    if not 0 <= t.min_lr <= t.lr:
+        raise RecipeError(f"train.min_lr must be in [0, train.lr={t.lr}], got {t.min_lr}")
+    for key in ("weight_decay", "clip_grad"):
+        if getattr(t, key) < 0:
+            raise RecipeError(f"train.{key} must be >= 0, got {getattr(t, key)}")
+    for key in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(t, key) < 1:
+            raise RecipeError(f"train.{key} must be in [0, 1), got {getattr(t, key)}")
+    if r.moe.aux_loss_coeff < 0:
+        raise RecipeError(f"moe.aux_loss_coeff must be >= 0, got {r.moe.aux_loss_coeff}")
     if t.warmup_steps < 0 or t.warmup_steps > t.steps:
         raise RecipeError(f"train.warmup_steps must be in [0, train.steps={t.steps}], got {t.warmup_steps}")
     if t.dtype not in ("auto", "bf16", "fp32"):
@@ -258,6 +277,8 @@ def _validate(r: Recipe, world_size: int | None, device: str | None) -> None:
         raise RecipeError(f"train.device must be auto, cpu or cuda, got {t.device!r}")
     if r.data.kind not in ("synthetic", "memmap"):
         raise RecipeError(f"data.kind must be synthetic or memmap, got {r.data.kind!r}")
+    if r.data.dtype not in DATA_DTYPES:
+        raise RecipeError(f"data.dtype must be one of {DATA_DTYPES}, got {r.data.dtype!r}")
     if r.data.kind == "memmap" and not os.path.exists(r.data.path):
         raise RecipeError(f"data.path: dataset file {r.data.path!r} does not exist (make one: see README)")
     if r.checkpoint.every < 0:

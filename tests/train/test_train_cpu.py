@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -81,3 +82,23 @@ def test_overrides_take_the_field_types():
     r = load_recipe(None, ["train.lr=1e-3", "train.steps=7", "moe.dispatcher=alltoall"])
     assert r.train.lr == 1e-3 and isinstance(r.train.lr, float) and r.train.steps == 7
     assert r.moe.dispatcher == "alltoall"
+
+
+@pytest.mark.parametrize(
+    "item, words",
+    [
+        ("train.min_lr=-1", "train.min_lr must be in [0, train.lr="),
+        ("train.min_lr=1", "train.min_lr must be in [0, train.lr="),
+        ("train.lr=.nan", "train.lr must be a finite number, got nan"),
+        ("train.lr=.inf", "train.lr must be a finite number, got inf"),
+        ("train.adam_beta1=5", "train.adam_beta1 must be in [0, 1), got 5.0"),
+        ("train.weight_decay=-3", "train.weight_decay must be >= 0, got -3.0"),
+        ("moe.aux_loss_coeff=-1", "moe.aux_loss_coeff must be >= 0, got -1.0"),
+        ("data.dtype=float99", "data.dtype must be one of ('uint16', 'uint32', 'int32', 'int64'), got 'float99'"),
+    ],
+)
+def test_bad_training_values_are_named(item, words):
+    from ep_train.train.recipe import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError, match=re.escape(words)):
+        load_recipe(None, [item])
