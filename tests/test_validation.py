@@ -8,6 +8,7 @@ on 2 ranks through the launcher.  Each case is one pytest id: a failure names th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import tempfile
 from types import SimpleNamespace
@@ -511,14 +512,21 @@ def _two_rank_body(rank, world_size):
     with raises_naming(ValueError, "num_worst_tokens=1", "rows rank"):
         buf.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
                      topk_idx=idx, topk_weights=w, num_worst_tokens=1)  # fmt: skip
-    # A handle of another rank is refused.
-    _, _, _, _, handle, _ = buf.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
-                                         num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w)  # fmt: skip
-    return seen, handle.num_recv_rows
+    # A handle of another rank is refused, by combine and by a cached dispatch, before any exchange.
+    lay = {"num_tokens_per_rank": per_rank, "is_token_in_rank": in_rank, "num_tokens_per_expert": per_expert}
+    recv_x, _, _, _, handle, _ = buf.dispatch(x, topk_idx=idx, topk_weights=w, **lay)
+    foreign = dataclasses.replace(handle, rank=1 - rank)
+    with raises_naming(ValueError, f"handle belongs to rank {1 - rank} of 2", f"this buffer is rank {rank} of 2"):
+        buf.combine(recv_x, foreign)
+    with raises_naming(ValueError, f"handle belongs to rank {1 - rank} of 2"):
+        buf.dispatch(x, handle=foreign)
+    out, _, _ = buf.combine(recv_x, handle)  # the refusals cost no call number: the ranks are still in step
+    assert out.shape == x.shape
+    return seen
 
 
 def test_errors_that_need_two_ranks():
-    for seen, _ in run_distributed(_two_rank_body, 2, timeout_s=120):
+    for seen in run_distributed(_two_rank_body, 2, timeout_s=120):
         assert [m.split("num_experts=")[1].split()[0] for m in seen] == ["5", "3", "7"], seen
 
 

@@ -43,6 +43,8 @@ def _cases_ep2():
         dict(SHAPE, ep=1, experts=4, k=2, dtype="fp32"),
         dict(SHAPE, ep=1, experts=4, k=2, dtype="bf16"),
         dict(SHAPE, ep=2, experts=4, k=2, dtype="bf16", combine_dtype=torch.float32),
+        dict(SHAPE, ep=2, experts=4, k=2, dtype="fp32", first_experts=True),  # rank 1 receives nothing
+        dict(SHAPE, ep=2, experts=4, k=1, dtype="fp32", first_experts=True, drop=True),  # expert 0 over capacity
     ]
     return cases
 
@@ -56,7 +58,8 @@ def test_parity_ep4_and_ep2_dp2():
     """Four ranks: EP 4, and EP 2 × expert-data-parallel 2."""
     cases = [dict(SHAPE, ep=4, experts=4, k=k, dtype=d) for k, d in ((1, "fp32"), (2, "fp32"), (2, "bf16"))]
     cases += [dict(SHAPE, ep=4, experts=8, k=3, dtype="fp32"), dict(SHAPE, ep=2, experts=4, k=2, dtype="fp32"),
-              dict(SHAPE, ep=4, experts=4, k=2, dtype="fp32", drop=True)]  # fmt: skip
+              dict(SHAPE, ep=4, experts=4, k=2, dtype="fp32", drop=True),
+              dict(SHAPE, ep=4, experts=8, k=2, dtype="fp32", first_experts=True)]  # fmt: skip
     _check(cases, run_distributed(harness.parity_cases, 4, cases, timeout_s=600))
 
 

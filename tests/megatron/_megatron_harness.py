@@ -28,6 +28,9 @@ class Case:
     hidden: int = 16
     ffn: int = 8
     capacity_factor: float | None = None
+    #: every token's top-k are experts 0..K-1 (all on rank 0): those experts get every token and
+    #: the other ranks receive nothing.
+    first_experts: bool = False
     extra: dict = field(default_factory=dict, hash=False, compare=False)
 
     @property
@@ -40,7 +43,8 @@ class Case:
 
     def tag(self) -> str:
         return (f"[topk {self.topk} E {self.num_experts} shared {self.shared}/{self.shared_overlap} chunks "
-                f"{self.chunks} experts {self.experts} cap {self.capacity_factor}]")  # fmt: skip
+                f"{self.chunks} experts {self.experts} cap {self.capacity_factor} "
+                f"first experts {self.first_experts}]")  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -156,6 +160,8 @@ def layer_parity(rank: int, world: int, cases: list[Case], candidates: list[str]
             grad_out = torch.randn(S, B, case.hidden, generator=gen).to(device, dtype)
             torch.manual_seed(seed + i)
             ref_layer = build_moe_layer(case, "alltoall", world, **dtype_kwargs)
+            if case.first_experts:
+                _route_to_first_experts(ref_layer, x, case.topk)
             state = ref_layer.state_dict()
             expected = run_layer(ref_layer, x, grad_out)
             for name in candidates:
@@ -169,6 +175,19 @@ def layer_parity(rank: int, world: int, cases: list[Case], candidates: list[str]
                 compare(actual, expected, exact, f"rank {rank} {name} {case.tag()}", rel_tol)
                 checked += 1
     return checked
+
+
+def _route_to_first_experts(layer, x, topk: int) -> None:
+    """Feature 0 of every token is 3 and the router reads only it for experts 0..K-1 (descending
+    weights): every token picks those experts, whatever its other features."""
+    with torch.no_grad():
+        x[..., 0] = 3.0
+        w = layer.router.weight
+        w.mul_(0.01)
+        w[:topk] = 0.0
+        w[:topk, 0] = torch.arange(topk, 0, -1, dtype=w.dtype, device=w.device) + 5.0
+        logits = x.reshape(-1, x.shape[-1]).to(w.dtype) @ w.t()
+        assert (logits.topk(topk, dim=1).indices.sort(dim=1).values == torch.arange(topk, device=w.device)).all()
 
 
 @contextlib.contextmanager

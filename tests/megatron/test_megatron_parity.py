@@ -37,6 +37,8 @@ def test_moe_layer_parity_ep2():
         Case(topk=2, experts="grouped_gemm"),
         Case(topk=8, experts="grouped_gemm", chunks=2),
         Case(topk=2, capacity_factor=1.0),  # dropped tokens: fewer than K experts, -1 padding
+        Case(topk=2, first_experts=True),  # experts 0 and 1 get every token, rank 1 receives nothing
+        Case(topk=1, first_experts=True, chunks=2, shared=True, experts="grouped_gemm"),
     ]
     counts = run_distributed(layer_parity, 2, cases, ["deepep", "flex"], _seed(), timeout_s=TIMEOUT_S)
     assert counts[0] == counts[1] >= 2 * len(cases) - 3
@@ -49,6 +51,7 @@ def test_moe_layer_parity_ep4():
         Case(topk=8, shared=True),
         Case(topk=2, shared=True, shared_overlap=True, chunks=2),
         Case(topk=8, chunks=3, experts="grouped_gemm"),
+        Case(topk=2, first_experts=True),  # ranks 1..3 receive nothing
     ]
     counts = run_distributed(layer_parity, 4, cases, ["deepep", "flex"], _seed(), timeout_s=TIMEOUT_S)
     assert all(c == counts[0] >= 2 * len(cases) - 1 for c in counts)
