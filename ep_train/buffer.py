@@ -740,7 +740,9 @@ class Buffer:
 
         Args:
             x: ``[L, R*M, H]`` expert outputs in the slots ``low_latency_dispatch`` filled.
-            topk_idx, topk_weights: ``[T, K]`` of the dispatch (int64 / float32); -1 entries add nothing.
+            topk_idx, topk_weights: ``[T, K]`` (int64 / float32); ``topk_idx`` must be the dispatch's
+                (checked on CPU; on CUDA, where checking would sync, other values give undefined
+                sums); its -1 entries add nothing.
             handle: the dispatch's handle.  ``out``: optional ``[T, H]`` result tensor.
             zero_copy: accepted for DeepEP code; every combine reads ``x`` in place (see
                 :meth:`get_next_low_latency_combine_buffer`).
@@ -761,6 +763,12 @@ class Buffer:
         )
         T, K = handle.topk_idx_TK.shape
         topk_idx = check_tensor("topk_idx", topk_idx, dtypes=topk_idx_t, ndim=2, device=self.device, shape=(T, K))
+        if self.device.type == "cpu" and not torch.equal(topk_idx, handle.topk_idx_TK):  # free on CPU only
+            t = int((topk_idx != handle.topk_idx_TK).any(dim=1).nonzero()[0])
+            raise ValueError(
+                f"topk_idx must be the dispatch's (the handle's): row {t} is {topk_idx[t].tolist()}, the dispatch "
+                f"sent {handle.topk_idx_TK[t].tolist()}"
+            )
         self._check_topk_weights(topk_weights, (T, K))
         if out is not None:
             check_tensor("out", out, dtypes=x_LSH.dtype, ndim=2, device=self.device, shape=(T, handle.hidden))

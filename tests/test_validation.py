@@ -398,6 +398,12 @@ CASES = [
         ["use_logfmt"],
     ),
     (
+        "ll-combine-topk_idx-not-the-dispatch's",
+        lambda c: c.buf.low_latency_combine(c.ll_x, torch.where(c.idx == 2, -1, c.idx), c.w, c.ll_handle),
+        ValueError,
+        ["topk_idx must be the dispatch's", "row 1 is [-1, -1]", "sent [2, -1]"],
+    ),
+    (
         "ll-combine-out-shape",
         lambda c: c.buf.low_latency_combine(c.ll_x, c.idx, c.w, c.ll_handle, out=c.x[:2]),
         ValueError,

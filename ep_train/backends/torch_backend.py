@@ -456,11 +456,8 @@ class TorchBackend(Backend):
             acc_dtype = torch.float64 if args.x_LSH.dtype == torch.float64 else torch.float32
             per_k = torch.zeros((T, K, h.hidden), dtype=acc_dtype, device=dev)
             tok_P, k_P = ex["send_tok_P"], ex["send_k_P"]
-            e_P = args.topk_idx_TK[tok_P, k_P]
-            keep_P = (e_P >= 0) & (e_P < h.num_experts)  # as the kernels: -1 entries of this call add nothing
-            tok_P, k_P = tok_P[keep_P], k_P[keep_P]
             weights_P = args.topk_weights_TK[tok_P, k_P].to(acc_dtype)
-            per_k[tok_P, k_P] = recv_rows[keep_P].to(acc_dtype) * weights_P.unsqueeze(1)
+            per_k[tok_P, k_P] = recv_rows.to(acc_dtype) * weights_P.unsqueeze(1)
             combined = per_k.sum(dim=1).to(args.x_LSH.dtype)
             if out is None:
                 out = combined
