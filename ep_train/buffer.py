@@ -741,8 +741,8 @@ class Buffer:
         Args:
             x: ``[L, R*M, H]`` expert outputs in the slots ``low_latency_dispatch`` filled.
             topk_idx, topk_weights: ``[T, K]`` (int64 / float32); ``topk_idx`` must be the dispatch's
-                (checked on CPU; on CUDA, where checking would sync, other values give undefined
-                sums); its -1 entries add nothing.
+                (on CPU a different one raises once the call is done; on CUDA, where checking would
+                sync, it is not checked).
             handle: the dispatch's handle.  ``out``: optional ``[T, H]`` result tensor.
             zero_copy: accepted for DeepEP code; every combine reads ``x`` in place (see
                 :meth:`get_next_low_latency_combine_buffer`).
@@ -763,12 +763,9 @@ class Buffer:
         )
         T, K = handle.topk_idx_TK.shape
         topk_idx = check_tensor("topk_idx", topk_idx, dtypes=topk_idx_t, ndim=2, device=self.device, shape=(T, K))
-        if self.device.type == "cpu" and not torch.equal(topk_idx, handle.topk_idx_TK):  # free on CPU only
-            t = int((topk_idx != handle.topk_idx_TK).any(dim=1).nonzero()[0])
-            raise ValueError(
-                f"topk_idx must be the dispatch's (the handle's): row {t} is {topk_idx[t].tolist()}, the dispatch "
-                f"sent {handle.topk_idx_TK[t].tolist()}"
-            )
+        # NOTES: checked where it is free (CPU) and raised only after the call, so the peers, whose
+        # rows follow the handle, are not left waiting for this rank.
+        foreign_idx = self.device.type == "cpu" and not torch.equal(topk_idx, handle.topk_idx_TK)
         self._check_topk_weights(topk_weights, (T, K))
         if out is not None:
             check_tensor("out", out, dtypes=x_LSH.dtype, ndim=2, device=self.device, shape=(T, handle.hidden))
@@ -782,4 +779,10 @@ class Buffer:
             False,
             "low_latency_combine",
         )
+        if foreign_idx:
+            t = int((topk_idx != handle.topk_idx_TK).any(dim=1).nonzero()[0])
+            raise ValueError(
+                f"topk_idx must be the dispatch's (the handle's): row {t} is {topk_idx[t].tolist()}, the dispatch "
+                f"sent {handle.topk_idx_TK[t].tolist()}"
+            )
         return res.combined_x_TH, event, res.hook

@@ -76,3 +76,18 @@ def _leave_before_the_peer_reads(rank, world_size):
 def test_a_finished_rank_stays_until_its_peers_finish():
     """A rank that is done keeps its process group until every rank is done (bounded by EXIT_WAIT_S)."""
     assert run_distributed(_leave_before_the_peer_reads, 2, timeout_s=60) == ["sent", [0.0, 1.0, 2.0, 3.0]]
+
+
+def _fail_while_peer_waits(rank, world_size):
+    if rank == 0:
+        raise RuntimeError("rank zero fails at once")
+    dist.all_reduce(torch.zeros(1))  # blocked on rank 0 until it is gone
+    return "unreachable"
+
+
+def test_a_failed_rank_leaves_at_once():
+    """A failing rank does not wait for peers that are blocked on it."""
+    start = time.monotonic()
+    with pytest.raises(DistributedTestError, match="rank zero fails at once"):
+        run_distributed(_fail_while_peer_waits, 2, timeout_s=60)
+    assert time.monotonic() - start < 10, "the failing rank waited for its blocked peer"

@@ -16,10 +16,11 @@ from ep_train.testing import make_routing, run_distributed
 T, E, H, M = 8, 8, 256, 16
 
 
-def _buffer(timeout_s: float) -> Buffer:
+def _buffer(timeout_s: float, **kwargs) -> Buffer:
     nvl = Buffer.get_dispatch_config(4).get_nvl_buffer_size_hint(1024 * 4, 4)
     rdma = Buffer.get_low_latency_rdma_size_hint(2 * M, 1024, 4, 2 * E)
-    return Buffer(dist.group.WORLD, num_nvl_bytes=nvl, num_rdma_bytes=rdma, low_latency_mode=True, timeout_s=timeout_s)
+    return Buffer(dist.group.WORLD, num_nvl_bytes=nvl, num_rdma_bytes=rdma, low_latency_mode=True, timeout_s=timeout_s,
+                  **kwargs)  # fmt: skip
 
 
 def _dispatch(buf, rank, R, hidden=H, num_experts=E, dtype=torch.bfloat16, num_topk=2, **extra):
@@ -128,11 +129,14 @@ def test_dead_peer_raises_instead_of_hanging():
 
 def _bad_layout_body(rank, world_size, what):
     """The last rank passes layout arguments that are not those of its topk_idx."""
-    buf = _buffer(30)
+    buf = _buffer(30, check_values=what != "topk_idx")
     idx, w = make_routing("uniform", T, E, 2, world_size, 7, rank)
     per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
     if rank == world_size - 1:
-        if what == "num_tokens_per_rank":
+        if what == "topk_idx":  # an id past num_experts on the last rank's own experts, its value check off
+            idx = torch.where(idx == E - 1, E, idx)
+            idx[0, 0] = E
+        elif what == "num_tokens_per_rank":
             per_rank = per_rank + torch.tensor([1] + [0] * (world_size - 1), dtype=torch.int32)
         elif what == "is_token_in_rank":  # token 0 sent to the ranks it does not go to
             in_rank = in_rank.clone()
@@ -152,7 +156,7 @@ def _bad_layout_body(rank, world_size, what):
     return msg, handle.num_recv_tokens
 
 
-@pytest.mark.parametrize("what", ["num_tokens_per_rank", "is_token_in_rank", "num_tokens_per_expert"])
+@pytest.mark.parametrize("what", ["num_tokens_per_rank", "is_token_in_rank", "num_tokens_per_expert", "topk_idx"])
 def test_a_rank_with_a_bad_layout_stops_every_rank(what):
     """A layout that does not match topk_idx would make the peers exchange wrong sizes or drop tokens."""
     out = run_distributed(_bad_layout_body, 2, what, timeout_s=120)
@@ -184,3 +188,22 @@ def test_a_bad_previous_event_costs_no_call_number():
     out = run_distributed(_bad_event_body, 2, timeout_s=120)
     assert "previous_event" in out[0][0] and "str" in out[0][0], out[0][0]
     assert [shape for _, shape in out] == [(T, H), (T, H)]
+
+
+def _foreign_ll_combine_body(rank, world_size):
+    buf = _buffer(30)
+    idx, w = make_routing("uniform", T, E, 2, world_size, 7, rank)
+    recv, _, handle, _, _ = buf.low_latency_dispatch(torch.randn(T, H).bfloat16(), idx, M, E, use_fp8=False)
+    start = time.monotonic()
+    try:
+        out, _, _ = buf.low_latency_combine(recv, torch.full_like(idx, -1) if rank == 1 else idx, w, handle)
+        result = tuple(out.shape)
+    except ValueError as exc:
+        result = str(exc)
+    return result, time.monotonic() - start
+
+
+def test_a_foreign_low_latency_combine_topk_idx_raises_without_stalling_the_peers():
+    out = run_distributed(_foreign_ll_combine_body, 2, timeout_s=120)
+    assert out[0][0] == (T, H) and out[0][1] < 10, out[0]
+    assert "topk_idx must be the dispatch's" in out[1][0], out[1]

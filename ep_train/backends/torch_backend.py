@@ -241,7 +241,12 @@ class TorchBackend(Backend):
             )
         if args.topk_idx_TK is None:
             return None
-        want_R, want_E, want_TR = self.get_dispatch_layout(args.topk_idx_TK, args.num_experts)
+        idx_TK, E = args.topk_idx_TK, args.num_experts
+        bad_TK = (idx_TK < -1) | (idx_TK >= E)
+        if bad_TK.any():  # reaches here only when the Buffer's value check is off
+            t = int(bad_TK.any(dim=1).nonzero()[0])
+            return f"topk_idx row {t} is {idx_TK[t].tolist()}: entries must be in [-1, num_experts={E})"
+        want_R, want_E, want_TR = self.get_dispatch_layout(idx_TK, E)
         if not torch.equal(in_TR, want_TR):
             t = int((in_TR != want_TR).any(dim=1).nonzero()[0])
             return (

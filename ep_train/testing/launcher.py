@@ -48,13 +48,12 @@ class DistributedTestError(AssertionError):
 
 
 def _wait_for_peers(store, world_size: int, bound_s: float) -> None:
-    """Count this rank as finished and wait (at most ``bound_s``) until every rank is.
+    """Wait (at most ``bound_s``) until every rank counts itself finished.
 
     A rank that returns early must not tear down its sockets while a peer is still connecting to it:
     gloo's ``new_group`` completes on one side before the other, and the late side then fails with
     "Connection closed by peer".
     """
-    store.add(_EXIT_KEY, 1)
     deadline = time.monotonic() + bound_s
     while store.add(_EXIT_KEY, 0) < world_size and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -62,7 +61,7 @@ def _wait_for_peers(store, world_size: int, bound_s: float) -> None:
 
 def _child(rank, world_size, backend, store_path, fn, args, kwargs, results, exit_wait_s) -> None:
     torch.set_num_threads(1)
-    store = None
+    store, ok = None, False
     try:
         if backend == "nccl":
             torch.cuda.set_device(rank)
@@ -72,12 +71,17 @@ def _child(rank, world_size, backend, store_path, fn, args, kwargs, results, exi
         # NOTES: pickled by value here; torch's queue pickler would share tensor memory, which breaks
         # when this process exits before the parent reads it.
         results.put((rank, True, pickle.dumps(value)))
+        ok = True
     except BaseException:  # noqa: BLE001 - every failure goes back to the parent
         results.put((rank, False, traceback.format_exc()))
     finally:
         if store is not None and exit_wait_s > 0:
+            # NOTES: a failed rank counts itself finished but leaves at once: its peers are often
+            # blocked on it and fail only once it is gone.
             try:
-                _wait_for_peers(store, world_size, exit_wait_s)
+                store.add(_EXIT_KEY, 1)
+                if ok:
+                    _wait_for_peers(store, world_size, exit_wait_s)
             except Exception:  # noqa: BLE001 - the result is already sent; leaving is all that is left
                 pass
         if dist.is_initialized():

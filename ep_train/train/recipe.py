@@ -259,8 +259,8 @@ def _validate(r: Recipe, world_size: int | None, device: str | None) -> None:
     for key, value in numbers.items():
         if not math.isfinite(value):
             raise RecipeError(f"{key} must be a finite number, got {value}")
-    if not 0 <= t.min_lr <= t.lr:
-        raise RecipeError(f"train.min_lr must be in [0, train.lr={t.lr}], got {t.min_lr}")
+    if t.min_lr < 0:
+        raise RecipeError(f"train.min_lr must be >= 0, got {t.min_lr}")
     for key in ("weight_decay", "clip_grad"):
         if getattr(t, key) < 0:
             raise RecipeError(f"train.{key} must be >= 0, got {getattr(t, key)}")
