@@ -495,6 +495,7 @@ class Buffer:
             a.expert_alignment,
             a.num_worst_tokens,
             a.config,
+            self.check_values,
         )
 
     def _cached_dispatch_args(self, x_TH, scales_TS, handle, a: _Routing) -> DispatchArgs:

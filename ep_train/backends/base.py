@@ -63,6 +63,9 @@ class DispatchArgs:
     expert_alignment: int
     num_worst_tokens: int
     config: Config
+    #: also check the layout arguments against topk_idx where that is a backend's own work (the
+    #: Buffer's ``check_values``).
+    check_layout: bool = True
 
 
 @dataclass
