@@ -32,7 +32,7 @@ from .config import Config, get_combine_config, get_dispatch_config
 from .errors import CommError
 from .event import EventOverlap, capture
 from .handle import DispatchHandle, LowLatencyHandle
-from .validate import check_int, check_tensor, check_topk_idx_values, split_fp8
+from .validate import check_int, check_num_sms, check_tensor, check_topk_idx_values, split_fp8
 
 __all__ = ["Buffer", "topk_idx_t"]
 
@@ -172,8 +172,7 @@ class Buffer:
 
     def set_num_sms(self, num_sms: int) -> None:
         """SMs used by this buffer's default dispatch/combine configs (even; affects no other buffer)."""
-        if isinstance(num_sms, bool) or not isinstance(num_sms, int) or num_sms < 2 or num_sms % 2:
-            raise ValueError(f"num_sms must be an even int >= 2, got {num_sms!r}")
+        check_num_sms("num_sms", num_sms)
         d, c = self._dispatch_config, self._combine_config
         self._dispatch_config = Config(
             num_sms,

@@ -15,15 +15,9 @@ import torch.distributed as dist
 from .backends import BACKEND_NAMES
 from .buffer import Buffer
 from .config import Config, get_combine_config, get_dispatch_config
+from .validate import check_num_sms
 
 __all__ = ["BufferPool"]
-
-
-def _check_num_sms(num_sms, none_ok: bool) -> None:
-    if num_sms is None and none_ok:
-        return
-    if isinstance(num_sms, bool) or not isinstance(num_sms, int) or num_sms < 2 or num_sms % 2:
-        raise ValueError(f"num_sms must be an even int >= 2{' or None' if none_ok else ''}, got {num_sms!r}")
 
 
 @dataclass
@@ -46,7 +40,7 @@ class BufferPool:
         # NOTES: checked here, where the user passed them, not at the first forward that makes a buffer.
         if backend not in BACKEND_NAMES:
             raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
-        _check_num_sms(num_sms, none_ok=True)
+        check_num_sms("num_sms", num_sms, none_ok=True)
         for name, config in (("dispatch_config", dispatch_config), ("combine_config", combine_config)):
             if config is not None and not isinstance(config, Config):
                 raise TypeError(f"{name} must be an ep_train.Config or None, got {type(config).__name__}")
@@ -58,7 +52,7 @@ class BufferPool:
 
     def set_num_sms(self, num_sms: int) -> None:
         """SMs of the buffers' default configs, for existing and future buffers."""
-        _check_num_sms(num_sms, none_ok=False)
+        check_num_sms("num_sms", num_sms)
         self.num_sms = num_sms
         for entry in self._entries.values():
             entry.buffer.set_num_sms(num_sms)

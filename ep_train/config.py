@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import layout
+from .validate import check_num_sms
 
 __all__ = ["Config", "get_dispatch_config", "get_combine_config"]
 
@@ -26,8 +27,7 @@ class Config:
     num_max_rdma_chunked_recv_tokens: int = 128
 
     def __post_init__(self) -> None:
-        if not isinstance(self.num_sms, int) or self.num_sms < 2 or self.num_sms % 2 != 0:
-            raise ValueError(f"Config.num_sms must be an even int >= 2, got {self.num_sms!r}")
+        check_num_sms("Config.num_sms", self.num_sms)
         send, recv = self.num_max_nvl_chunked_send_tokens, self.num_max_nvl_chunked_recv_tokens
         if send < 1:
             raise ValueError(f"Config.num_max_nvl_chunked_send_tokens must be >= 1, got {send}")

@@ -24,6 +24,15 @@ def check_int(name: str, value: Any, minimum: int) -> int:
     return value
 
 
+def check_num_sms(name: str, value: Any, none_ok: bool = False) -> Any:
+    """SMs of the kernels: an even int >= 2 (two per channel), or None where ``none_ok``."""
+    if value is None and none_ok:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2 or value % 2:
+        raise ValueError(f"{name} must be an even int >= 2{' or None' if none_ok else ''}, got {value!r}")
+    return value
+
+
 def check_tensor(
     name: str,
     t: Any,
@@ -54,8 +63,11 @@ def check_tensor(
     return t
 
 
-def check_topk_idx_values(name: str, topk_idx: torch.Tensor, num_experts: int) -> None:
-    """Every entry in [-1, num_experts) and no expert twice in a row.  One host sync on CUDA."""
+def check_topk_idx_values(name: str, topk_idx: torch.Tensor, num_experts: int, count_name: str = "num_experts") -> None:
+    """Every entry in [-1, num_experts) and no expert twice in a row.  One host sync on CUDA.
+
+    ``count_name`` names ``num_experts`` in the message (e.g. ``num_local_experts`` for local ids).
+    """
     if topk_idx.numel() == 0:
         return
     lo, hi = torch.aminmax(topk_idx)
@@ -64,7 +76,7 @@ def check_topk_idx_values(name: str, topk_idx: torch.Tensor, num_experts: int) -
     lo, hi, num_repeats = torch.stack([lo.long(), hi.long(), repeats_TK.sum()]).tolist()
     if lo < -1 or hi >= num_experts:
         bad = lo if lo < -1 else hi
-        raise ValueError(f"{name} entries must be in [-1, num_experts={num_experts}), found {bad}")
+        raise ValueError(f"{name} entries must be in [-1, {count_name}={num_experts}), found {bad}")
     if num_repeats:
         t = int(repeats_TK.any(dim=1).nonzero()[0])
         e = int(sorted_TK[t, 1:][repeats_TK[t]][0])

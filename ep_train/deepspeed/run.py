@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from ..backends import BACKEND_NAMES
 from ..train.recipe import LaunchSection, RecipeError, load_sections
+from ..validate import check_num_sms
 from .model import IMPLS, ModelConfig, MoEConfig
 
 __all__ = ["DeepSpeedRecipe", "load_recipe", "main"]
@@ -93,10 +94,10 @@ def _validate(r: DeepSpeedRecipe) -> None:
         raise RecipeError(f"moe.ep_size={moe.ep_size} must divide model.num_experts={m.num_experts}")
     if moe.backend not in BACKEND_NAMES:
         raise RecipeError(f"moe.backend must be one of {BACKEND_NAMES}, got {moe.backend!r}")
-    if moe.num_sms is not None and (
-        isinstance(moe.num_sms, bool) or not isinstance(moe.num_sms, int) or moe.num_sms < 2 or moe.num_sms % 2
-    ):
-        raise RecipeError(f"moe.num_sms must be an even integer >= 2 or null, got {moe.num_sms!r}")
+    try:
+        check_num_sms("moe.num_sms", moe.num_sms, none_ok=True)
+    except ValueError:
+        raise RecipeError(f"moe.num_sms must be an even integer >= 2 or null, got {moe.num_sms!r}") from None
     if r.deepspeed.zero_stage not in (None, 0, 1, 2, 3):
         raise RecipeError(f"deepspeed.zero_stage must be 0, 1, 2, 3 or null, got {r.deepspeed.zero_stage!r}")
     if r.deepspeed.config and not os.path.exists(r.deepspeed.config):

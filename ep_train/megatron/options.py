@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import Config
+from ..validate import check_num_sms
 
 __all__ = ["EPOptions"]
 
@@ -44,10 +45,7 @@ class EPOptions:
                 raise ValueError(f"EPOptions.{name} must be an int >= 1, got {value!r}")
         if self.backend not in ("auto", "torch", "cuda"):
             raise ValueError(f"EPOptions.backend must be 'auto', 'torch' or 'cuda', got {self.backend!r}")
-        if self.num_sms is not None and (
-            isinstance(self.num_sms, bool) or not isinstance(self.num_sms, int) or self.num_sms < 2 or self.num_sms % 2
-        ):
-            raise ValueError(f"EPOptions.num_sms must be an even int >= 2 or None, got {self.num_sms!r}")
+        check_num_sms("EPOptions.num_sms", self.num_sms, none_ok=True)
         for name in ("dispatch_config", "combine_config"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Config):
