@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _ext
+from .validate import check_topk_idx_values
 
 __all__ = ["PairLayout", "pair_layout", "permute_to_experts", "unpermute_from_experts"]
 
@@ -89,13 +90,8 @@ def pair_layout(
     device = recv_topk_idx_NK.device
     idx_Q = recv_topk_idx_NK.reshape(-1).to(torch.int64)
     on_host = device.type == "cpu"  # NOTES: the value checks below are free there; on a GPU they would sync
-    if on_host and q:
-        lo, hi = (int(v) for v in torch.aminmax(idx_Q))
-        if lo < -1 or hi >= num_local_experts:
-            raise ValueError(
-                f"recv_topk_idx entries must be local expert ids in [-1, num_local_experts={num_local_experts}), "
-                f"found {lo if lo < -1 else hi}"
-            )
+    if on_host:
+        check_topk_idx_values("recv_topk_idx", recv_topk_idx_NK, num_local_experts, "num_local_experts")
     valid_Q = idx_Q >= 0
     expert_Q = idx_Q.clamp_min(0)
     counts_L = torch.zeros(num_local_experts, dtype=torch.int64, device=device).scatter_add_(
