@@ -396,7 +396,6 @@ PYBIND11_MODULE(_C, m) {
              }),
              py::arg("rank"), py::arg("num_ranks"), py::arg("num_bytes"), py::arg("timeout_s"), py::arg("external"))
         .def("set_peer_pointers", &LowLatencyRuntime::set_peer_pointers)
-        .def("is_adopted", &LowLatencyRuntime::is_adopted)
         .def("num_bytes", [](const LowLatencyRuntime& rt) { return rt.num_bytes(); });
     m.def("low_latency_control_bytes", []() { return LowLatencyLayout::control_bytes(); });
     bind_nvshmem(m.def_submodule("nvshmem", "NVSHMEM's host library, loaded at run time (see nvshmem_host.hpp)"));

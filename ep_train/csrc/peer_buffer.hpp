@@ -50,7 +50,6 @@ class PeerBuffer {
     // Adopted memory: every rank's address of the buffer as mapped in this process, in rank order.
     void set_peer_pointers(const std::vector<uintptr_t>& ptrs);
     void destroy();  // close peers, free own memory (idempotent)
-    bool is_adopted() const { return !owns_memory_; }
     bool is_open() const { return opened_; }
 
     // Pointers and error sink for kernels; `status` is the status word inside this rank's buffer.
