@@ -101,7 +101,8 @@ class SymmetricHeap:
     blocks: list[Block] = field(default_factory=list)
 
     def alloc(self, group: dist.ProcessGroup, num_bytes: int) -> Block:
-        """Collective over ``group``: a zero-filled block of at least ``num_bytes`` on every rank.
+        """Collective over ``group``: a block of at least ``num_bytes`` on every rank (its contents are
+        unspecified: the low-latency buffer that adopts it zero-fills it).
 
         Reuses the smallest block that is large enough and free on every rank, else allocates.
         """

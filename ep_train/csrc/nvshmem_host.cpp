@@ -135,10 +135,6 @@ void* malloc(int64_t num_bytes) {
     if (p == nullptr)
         throw std::runtime_error("nvshmem_malloc(" + std::to_string(num_bytes) +
                                  " bytes) failed: the symmetric heap is too small (NVSHMEM_SYMMETRIC_SIZE)");
-    cudaError_t err = cudaMemset(p, 0, static_cast<size_t>(num_bytes));
-    if (err == cudaSuccess) err = cudaDeviceSynchronize();
-    if (err != cudaSuccess)
-        throw std::runtime_error(std::string("cudaMemset of NVSHMEM memory: ") + cudaGetErrorName(err));
     return p;
 }
 

@@ -19,7 +19,8 @@ bool loaded();
 std::string unique_id();
 // Collective over the num_ranks processes that share `uid`.  Throws std::runtime_error on failure.
 void init(int rank, int num_ranks, const std::string& uid);
-// Collective: every PE asks for the same size.  Zero-filled.  Throws when the heap is exhausted.
+// Collective: every PE asks for the same size.  Not cleared (the PeerBuffer that adopts it zero-fills
+// it).  Throws when the heap is exhausted.
 void* malloc(int64_t num_bytes);
 // The address of `local` (a symmetric allocation) in PE `pe`'s memory, mapped into this process;
 // nullptr when `pe` is not reachable by loads and stores (another node).

@@ -32,6 +32,8 @@ PeerBuffer::PeerBuffer(int rank, int num_ranks, int64_t num_bytes, double timeou
     else
         local_ = external;
     check_cuda(cudaMemset(local_, 0, num_bytes_), name);
+    // NOTES: finished before the caller tells the peers the buffer is ready (cudaMemset may return early).
+    check_cuda(cudaDeviceSynchronize(), name);
     check_cuda(cudaHostAlloc(reinterpret_cast<void**>(&mailbox_), sizeof(HostMailbox), cudaHostAllocMapped),
                "cudaHostAlloc(error mailbox)");
     std::memset(static_cast<void*>(mailbox_), 0, sizeof(HostMailbox));
