@@ -206,8 +206,9 @@ def _worker(rank: int, world: int, args) -> None:
                     mine = str(exc)
                 per_rank = [None] * world
                 dist.all_gather_object(per_rank, mine)
-                if any(isinstance(k, str) for k in per_rank):
-                    profiles.append(f"  {label}: profiler unavailable ({mine})")
+                failed = [k for k in per_rank if isinstance(k, str)]
+                if failed:
+                    profiles.append(f"  {label}: profiler unavailable ({failed[0]})")
                 else:
                     profiles += _profile_lines(label, per_rank, args.profile)
             buf = getattr(layer.token_dispatcher, "buffer", None)
