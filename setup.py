@@ -32,11 +32,10 @@ def nvshmem_include_dir() -> str | None:
     """
     import importlib.util
 
-    roots = [os.environ["NVSHMEM_HOME"]] if os.environ.get("NVSHMEM_HOME") else []
-    spec = importlib.util.find_spec("nvidia")
-    if spec is not None and spec.submodule_search_locations:
-        roots += [os.path.join(p, "nvshmem") for p in spec.submodule_search_locations]
-    for root in roots:
+    spec = importlib.util.spec_from_file_location("_ep_train_env", os.path.join(ROOT, "ep_train", "_env.py"))
+    env = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(env)
+    for root in env.nvshmem_roots():
         if os.path.isfile(os.path.join(root, "include", "nvshmem.h")):
             return os.path.join(root, "include")
     return None

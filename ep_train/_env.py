@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["default_timeout_s", "forced_backend", "low_latency_transport", "nvshmem_home", "quiet_import"]
+__all__ = ["default_timeout_s", "forced_backend", "low_latency_transport", "nvshmem_roots", "quiet_import"]
 
 
 def _float(name: str, default: float) -> float:
@@ -60,6 +60,17 @@ def low_latency_transport() -> str:
     return raw
 
 
-def nvshmem_home() -> str | None:
-    """An NVSHMEM installation to use instead of the pip wheel's (``NVSHMEM_HOME``, NVSHMEM's own name)."""
-    return os.environ.get("NVSHMEM_HOME") or None
+def nvshmem_roots() -> list[str]:
+    """Where an NVSHMEM installation may be, in order: ``$NVSHMEM_HOME`` (NVSHMEM's own name), then
+    the ``nvidia/nvshmem`` folder of the pip wheel (nvidia-nvshmem-cu12/-cu13).
+
+    setup.py loads this file by path (it imports nothing of ep_train), so the build finds the same
+    headers that the run time finds the library in.
+    """
+    import importlib.util
+
+    roots = [os.environ["NVSHMEM_HOME"]] if os.environ.get("NVSHMEM_HOME") else []
+    spec = importlib.util.find_spec("nvidia")
+    if spec is not None and spec.submodule_search_locations:
+        roots += [os.path.join(p, "nvshmem") for p in spec.submodule_search_locations]
+    return roots

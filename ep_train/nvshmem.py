@@ -21,7 +21,6 @@ same group reuses a block that is free on every rank.  The process's exit releas
 from __future__ import annotations
 
 import glob
-import importlib.util
 import os
 from dataclasses import dataclass, field
 
@@ -34,14 +33,7 @@ __all__ = ["Block", "SymmetricHeap", "gather_failures", "heap_for", "library_pat
 
 def library_path() -> str | None:
     """``libnvshmem_host.so.3`` of ``$NVSHMEM_HOME`` or of the pip wheel, or None."""
-    roots = []
-    home = _env.nvshmem_home()
-    if home:
-        roots.append(home)
-    spec = importlib.util.find_spec("nvidia")
-    if spec is not None and spec.submodule_search_locations:
-        roots += [os.path.join(p, "nvshmem") for p in spec.submodule_search_locations]
-    for root in roots:
+    for root in _env.nvshmem_roots():
         found = sorted(glob.glob(os.path.join(root, "lib", "libnvshmem_host.so*")))
         if found:
             versioned = [f for f in found if f.endswith(".so.3")]
