@@ -19,7 +19,7 @@ passes issued with no barrier or sync in between (the host runs ahead, as in a m
 layers), with its own ratio to alltoall.  Never asserts on time.
 
     python benchmarks/bench_moe_layer.py [--tokens 4096] [--iters 20] [--chunks 2 4] [--shared 2048] [--gpus N]
-                                         [--profile 12]
+                                         [--profile 12 [--trace-dir DIR]]
 
 ``--gpus 1`` runs EP1 on one GPU: no tokens cross GPUs (ep_train's Buffer uses its torch backend,
 the kernels need two ranks), so the rows compare what each dispatcher adds around the experts.
@@ -28,8 +28,10 @@ the kernels need two ranks), so the rows compare what each dispatcher adds aroun
 from __future__ import annotations
 
 import argparse
+import gzip
 import os
 import re
+import shutil
 import statistics
 import time
 
@@ -125,18 +127,29 @@ _FAMILIES = [
 ]
 
 
-def _profile_fwd_bwd(layer, x: torch.Tensor, grad: torch.Tensor) -> list[tuple[str, float, int]]:
-    """``(kernel name, GPU ms, launches)`` of one forward + backward."""
+def _profile_fwd_bwd(
+    layer, x: torch.Tensor, grad: torch.Tensor, trace: str | None = None
+) -> list[tuple[str, float, int]]:
+    """``(kernel name, GPU ms, launches)`` of one forward + backward.
+
+    ``trace``: also write its timeline (host calls and GPU kernels) there as a gzipped Chrome trace.
+    """
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if trace else [])
     dist.barrier()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=activities) as prof:
         out, _ = layer(x)
         out.backward(grad)
         torch.cuda.synchronize()
     layer.zero_grad(set_to_none=True)
     x.grad = None
+    if trace:
+        prof.export_chrome_trace(trace)
+        with open(trace, "rb") as src, gzip.open(trace + ".gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.remove(trace)
     rows = []
     for e in prof.key_averages():
         if e.device_type != DeviceType.CUDA:
@@ -200,8 +213,13 @@ def _worker(rank: int, world: int, args) -> None:
             ms, host_ms = _time_fwd_bwd(layer, x, grad, args.iters, args.warmup)
             chained_ms = _time_back_to_back(layer, x, grad, args.iters)
             if args.profile:
+                trace = None
+                if args.trace_dir:
+                    os.makedirs(args.trace_dir, exist_ok=True)
+                    slug = re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
+                    trace = os.path.join(args.trace_dir, f"{slug}.rank{rank}.json")
                 try:
-                    mine = _profile_fwd_bwd(layer, x, grad)
+                    mine = _profile_fwd_bwd(layer, x, grad, trace)
                 except RuntimeError as exc:  # no CUPTI on this machine: keep the timings
                     mine = str(exc)
                 per_rank = [None] * world
@@ -252,6 +270,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--gpus", type=int, default=0, help="EP size (default: the largest of 2/4/8 this node has)")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="profile each row, print its N longest kernels")
+    p.add_argument("--trace-dir", default="", help="with --profile: write each row's timeline per rank there "
+                   "(gzipped Chrome trace, host and GPU)")  # fmt: skip
     args = p.parse_args()
     count = torch.cuda.device_count()
     world = args.gpus or max((n for n in (2, 4, 8) if n <= count), default=0)
