@@ -252,15 +252,16 @@ class Buffer:
         rows: int | None,
         sync_free: bool,
         previous_event: EventOverlap | None = None,
+        values: bool = True,
     ) -> torch.Tensor:
-        """Shape and dtype; on the syncing paths also the values (after ``previous_event``: see NOTES)."""
+        """Shape and dtype; on the syncing paths also the values unless ``values`` is False (after
+        ``previous_event``: see NOTES)."""
         t = check_tensor("topk_idx", topk_idx, dtypes=topk_idx_t, ndim=2, device=self.device, shape=(rows, None))
         if not 1 <= t.shape[1] <= layout.MAX_TOPK:
             raise ValueError(f"topk_idx must have 1..{layout.MAX_TOPK} columns (top-k), got {t.shape[1]}")
-        if self.check_values and not (sync_free and self.device.type == "cuda") and not self._capturing():
+        if values and self.check_values and not (sync_free and self.device.type == "cuda") and not self._capturing():
             # get_dispatch_layout and dispatch usually see the same tensor: check its values once.
-            seen = self._checked_topk
-            if seen is None or seen[0]() is not t or seen[1:] != (t._version, num_experts):
+            if not self._topk_values_checked(t, num_experts):
                 # NOTES: with previous_event the caller says the inputs are ready at that event, not on
                 # the current stream (often the comm stream itself, entered before the producer ran):
                 # the check reads the values only once it has completed.  The check syncs the host
@@ -270,6 +271,11 @@ class Buffer:
                 check_topk_idx_values("topk_idx", t, num_experts)
                 self._checked_topk = (weakref.ref(t), t._version, num_experts)
         return t
+
+    def _topk_values_checked(self, t: torch.Tensor, num_experts: int) -> bool:
+        """Whether these values of ``t`` passed the value check already (unchanged since)."""
+        seen = self._checked_topk
+        return seen is not None and seen[0]() is t and seen[1:] == (t._version, num_experts)
 
     def _check_topk_weights(self, topk_weights: Any, shape: tuple[int | None, ...]) -> torch.Tensor:
         """Gate weights: float32 (float64 too where the backend moves it), 2-D, of ``shape``."""
@@ -472,7 +478,8 @@ class Buffer:
             check_tensor("num_tokens_per_expert", per_expert, dtypes=torch.int32, ndim=1, device=self.device)
         if topk_idx is not None:
             sync_free = a.num_worst_tokens > 0
-            topk_idx = self._check_topk_idx(topk_idx, num_experts, T, sync_free, a.previous_event)
+            topk_idx = self._check_topk_idx(topk_idx, num_experts, T, sync_free, a.previous_event,
+                                            values=not self._backend.checks_topk_values)  # fmt: skip
             if topk_weights is not None:
                 self._check_topk_weights(topk_weights, tuple(topk_idx.shape))
         elif topk_weights is not None:
@@ -495,6 +502,7 @@ class Buffer:
             a.num_worst_tokens,
             a.config,
             self.check_values,
+            topk_idx is not None and self._topk_values_checked(topk_idx, num_experts),
         )
 
     def _cached_dispatch_args(self, x_TH, scales_TS, handle, a: _Routing) -> DispatchArgs:

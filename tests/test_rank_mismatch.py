@@ -127,13 +127,13 @@ def test_dead_peer_raises_instead_of_hanging():
     assert "rank 0" in msg, msg
 
 
-def _bad_layout_body(rank, world_size, what):
+def _bad_layout_body(rank, world_size, what, check_values):
     """The last rank passes layout arguments that are not those of its topk_idx."""
-    buf = _buffer(30, check_values=what != "topk_idx")
+    buf = _buffer(30, check_values=check_values)
     idx, w = make_routing("uniform", T, E, 2, world_size, 7, rank)
     per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
     if rank == world_size - 1:
-        if what == "topk_idx":  # an id past num_experts on the last rank's own experts, its value check off
+        if what == "topk_idx":  # an id past num_experts on the last rank's own experts
             idx = torch.where(idx == E - 1, E, idx)
             idx[0, 0] = E
         elif what == "num_tokens_per_rank":
@@ -156,10 +156,17 @@ def _bad_layout_body(rank, world_size, what):
     return msg, handle.num_recv_tokens
 
 
-@pytest.mark.parametrize("what", ["num_tokens_per_rank", "is_token_in_rank", "num_tokens_per_expert", "topk_idx"])
-def test_a_rank_with_a_bad_layout_stops_every_rank(what):
-    """A layout that does not match topk_idx would make the peers exchange wrong sizes or drop tokens."""
-    out = run_distributed(_bad_layout_body, 2, what, timeout_s=120)
+@pytest.mark.parametrize(
+    "what,check_values",
+    [("num_tokens_per_rank", True), ("is_token_in_rank", True), ("num_tokens_per_expert", True),
+     ("topk_idx", False), ("topk_idx", True)],
+)  # fmt: skip
+def test_a_rank_with_a_bad_layout_stops_every_rank(what, check_values):
+    """A layout that does not match topk_idx would make the peers exchange wrong sizes or drop tokens.
+
+    Bad topk_idx values raise on every rank whether the Buffer's ``check_values`` is on or off.
+    """
+    out = run_distributed(_bad_layout_body, 2, what, check_values, timeout_s=120)
     own, peer = out[1][0], out[0][0]
     assert f"rank 1: {what}" in own, own
     assert "rank 0:" in peer and "rank 1 passed layout arguments" in peer, peer

@@ -547,3 +547,27 @@ def test_topk_values_rechecked_after_an_in_place_change(ctx):
     idx[1, 1] = -2
     with raises_naming(ValueError, "topk_idx", "-2"):
         ctx.buf.get_dispatch_layout(idx, E)
+
+
+def test_topk_values_checked_once_per_layout_and_dispatch(ctx, monkeypatch):
+    """get_dispatch_layout checks the values; the dispatch of the same tensor does not check them again."""
+    import ep_train.backends.torch_backend as torch_backend
+    import ep_train.buffer as buffer_module
+    from ep_train.validate import check_topk_idx_values
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[0])
+        return check_topk_idx_values(*args, **kwargs)
+
+    monkeypatch.setattr(buffer_module, "check_topk_idx_values", counted)
+    monkeypatch.setattr(torch_backend, "check_topk_idx_values", counted)
+    idx = ctx.idx.clone()
+    per_rank, _, per_expert, in_rank, _ = ctx.buf.get_dispatch_layout(idx, E)
+    ctx.buf.dispatch(ctx.x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                     num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=ctx.w)  # fmt: skip
+    assert calls == ["topk_idx"], calls
+    ctx.buf.dispatch(ctx.x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                     num_tokens_per_expert=per_expert, topk_idx=idx.clone(), topk_weights=ctx.w)  # fmt: skip
+    assert calls == ["topk_idx"] * 2, calls  # a new tensor: checked once, by the backend's verdict

@@ -66,6 +66,8 @@ class DispatchArgs:
     #: also check the layout arguments against topk_idx where that is a backend's own work (the
     #: Buffer's ``check_values``).
     check_layout: bool = True
+    #: the Buffer has already checked these ``topk_idx`` values (e.g. in get_dispatch_layout).
+    topk_values_checked: bool = False
 
 
 @dataclass
@@ -141,6 +143,10 @@ class Backend(ABC):
 
     #: dtypes ``dispatch``/``combine`` accept for unquantised rows.
     supported_dtypes: tuple[torch.dtype, ...] = (torch.bfloat16,)
+
+    #: ``dispatch`` checks the ``topk_idx`` values itself, in a verdict every rank hears, so the
+    #: Buffer leaves that check to it (a local error would leave the peers waiting).
+    checks_topk_values: bool = False
 
     @abstractmethod
     def get_dispatch_layout(

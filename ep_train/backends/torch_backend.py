@@ -69,6 +69,7 @@ def _align(counts: torch.Tensor, alignment: int) -> torch.Tensor:
 class TorchBackend(Backend):
     name = "torch"
     supported_dtypes = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+    checks_topk_values = True  # in the count exchange's verdict (_layout_problem)
 
     def __init__(self, group: dist.ProcessGroup, rank: int, num_ranks: int, timeout_s: float):
         self.group = group
@@ -244,12 +245,13 @@ class TorchBackend(Backend):
         if args.topk_idx_TK is None:
             return None
         idx_TK, E = args.topk_idx_TK, args.num_experts
-        # NOTES: again here, as a verdict every rank hears: the Buffer skips its own check where it
-        # would sync (num_worst_tokens on CUDA) or when check_values is off.
-        try:
-            check_topk_idx_values("topk_idx", idx_TK, E)
-        except ValueError as exc:
-            return str(exc)
+        # NOTES: here, as a verdict every rank hears (checks_topk_values: the Buffer leaves it to us),
+        # unless the Buffer checked these values already (get_dispatch_layout of the same tensor).
+        if not args.topk_values_checked:
+            try:
+                check_topk_idx_values("topk_idx", idx_TK, E)
+            except ValueError as exc:
+                return str(exc)
         if not args.check_layout:
             return None
         want_R, want_E, want_TR = self.get_dispatch_layout(idx_TK, E)
