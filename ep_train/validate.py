@@ -10,6 +10,7 @@ import torch
 
 __all__ = [
     "check_int",
+    "check_num_sms",
     "check_tensor",
     "check_topk_idx_values",
     "split_fp8",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..backends import BACKEND_NAMES
 from ..config import Config
 from ..validate import check_num_sms
 
@@ -43,8 +44,8 @@ class EPOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"EPOptions.{name} must be an int >= 1, got {value!r}")
-        if self.backend not in ("auto", "torch", "cuda"):
-            raise ValueError(f"EPOptions.backend must be 'auto', 'torch' or 'cuda', got {self.backend!r}")
+        if self.backend not in BACKEND_NAMES:
+            raise ValueError(f"EPOptions.backend must be one of {BACKEND_NAMES}, got {self.backend!r}")
         check_num_sms("EPOptions.num_sms", self.num_sms, none_ok=True)
         for name in ("dispatch_config", "combine_config"):
             value = getattr(self, name)

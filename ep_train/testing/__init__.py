@@ -19,7 +19,14 @@ from .reference import (
     expected_low_latency,
     expected_low_latency_combine,
 )
-from .routing import ROUTING_KINDS, make_all_routings, make_routing, rank_generator, tokens_per_rank
+from .routing import (
+    ROUTING_KINDS,
+    make_all_routings,
+    make_routing,
+    rank_generator,
+    route_to_first_experts,
+    tokens_per_rank,
+)
 
 __all__ = [
     "DistributedTestError",
@@ -38,6 +45,7 @@ __all__ = [
     "make_routing",
     "random_rows",
     "rank_generator",
+    "route_to_first_experts",
     "row_origin",
     "run_distributed",
     "structured_rows",

@@ -19,7 +19,14 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ROUTING_KINDS", "make_routing", "make_all_routings", "rank_generator", "tokens_per_rank"]
+__all__ = [
+    "ROUTING_KINDS",
+    "make_routing",
+    "make_all_routings",
+    "rank_generator",
+    "route_to_first_experts",
+    "tokens_per_rank",
+]
 
 ROUTING_KINDS = ("uniform", "one_expert", "empty_rank", "masked", "dropped_rows", "one_rank")
 
@@ -88,3 +95,21 @@ def make_all_routings(kind: str, num_tokens: int | list[int], num_experts: int, 
     counts = num_tokens if isinstance(num_tokens, list) else [num_tokens] * num_ranks
     routes = [make_routing(kind, counts[r], num_experts, num_topk, num_ranks, seed, r) for r in range(num_ranks)]
     return [i for i, _ in routes], [w for _, w in routes]
+
+
+def route_to_first_experts(gate_weight_EH: torch.Tensor, x: torch.Tensor, num_topk: int) -> None:
+    """Steer a linear gate (in place) so every token of ``x`` picks experts 0..K-1.
+
+    Feature 0 of every token becomes 3 and the gate reads only it for experts 0..K-1 (descending
+    weights): those experts get every token, whatever its other features, and ranks holding none of
+    them receive nothing.  For the frameworks' own routers, which the seeded routings above bypass.
+    """
+    w = gate_weight_EH
+    with torch.no_grad():
+        x[..., 0] = 3.0
+        w.mul_(0.01)
+        w[:num_topk] = 0.0
+        w[:num_topk, 0] = torch.arange(num_topk, 0, -1, dtype=w.dtype, device=w.device) + 5.0
+        logits = x.reshape(-1, x.shape[-1]).float() @ w.float().t()
+        first = logits.topk(num_topk, dim=1).indices.sort(dim=1).values
+        assert (first == torch.arange(num_topk, device=w.device)).all(), "the gate does not pick experts 0..K-1"

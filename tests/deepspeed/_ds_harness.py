@@ -13,6 +13,8 @@ import os
 import torch
 from torch import nn
 
+from ep_train.testing import route_to_first_experts
+
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -98,7 +100,8 @@ def parity_cases(rank: int, world: int, cases: list[dict], env: dict | None = No
         x = torch.randn(case["batch"], case["seq"], case["hidden"], generator=gen).to(device, dtype)
         grad = torch.randn(x.shape, generator=gen).to(device)
         if case.get("first_experts"):
-            _route_to_first_experts((ref, ours), x, case["k"])
+            for moe in (ref, ours):
+                route_to_first_experts(moe.deepspeed_moe.gate.wg.weight, x, case["k"])
         used = None
         if case.get("used_token"):
             used = (torch.rand(case["batch"] * case["seq"], generator=gen) > 0.3).float().to(device)
@@ -112,20 +115,6 @@ def parity_cases(rank: int, world: int, cases: list[dict], env: dict | None = No
         "backend": _backend_name(ours),
         })  # fmt: skip
     return results
-
-
-def _route_to_first_experts(layers, x, k: int) -> None:
-    """Feature 0 of every token is 3 and the gates read only it for experts 0..k-1 (descending):
-    those experts get every token, and ranks holding none of them receive nothing."""
-    with torch.no_grad():
-        x[..., 0] = 3.0
-        for moe in layers:
-            w = moe.deepspeed_moe.gate.wg.weight
-            w.mul_(0.01)
-            w[:k] = 0.0
-            w[:k, 0] = torch.arange(k, 0, -1, dtype=w.dtype, device=w.device) + 5.0
-        logits = x.reshape(-1, x.shape[-1]).float() @ w.float().t()
-        assert (logits.topk(k, dim=1).indices.sort(dim=1).values == torch.arange(k, device=w.device)).all()
 
 
 def _backend_name(moe) -> str:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ep_train.testing import route_to_first_experts
+
 FP32_REL_TOL = 1e-6
 
 
@@ -161,7 +163,7 @@ def layer_parity(rank: int, world: int, cases: list[Case], candidates: list[str]
             torch.manual_seed(seed + i)
             ref_layer = build_moe_layer(case, "alltoall", world, **dtype_kwargs)
             if case.first_experts:
-                _route_to_first_experts(ref_layer, x, case.topk)
+                route_to_first_experts(ref_layer.router.weight, x, case.topk)
             state = ref_layer.state_dict()
             expected = run_layer(ref_layer, x, grad_out)
             for name in candidates:
@@ -175,19 +177,6 @@ def layer_parity(rank: int, world: int, cases: list[Case], candidates: list[str]
                 compare(actual, expected, exact, f"rank {rank} {name} {case.tag()}", rel_tol)
                 checked += 1
     return checked
-
-
-def _route_to_first_experts(layer, x, topk: int) -> None:
-    """Feature 0 of every token is 3 and the router reads only it for experts 0..K-1 (descending
-    weights): every token picks those experts, whatever its other features."""
-    with torch.no_grad():
-        x[..., 0] = 3.0
-        w = layer.router.weight
-        w.mul_(0.01)
-        w[:topk] = 0.0
-        w[:topk, 0] = torch.arange(topk, 0, -1, dtype=w.dtype, device=w.device) + 5.0
-        logits = x.reshape(-1, x.shape[-1]).to(w.dtype) @ w.t()
-        assert (logits.topk(topk, dim=1).indices.sort(dim=1).values == torch.arange(topk, device=w.device)).all()
 
 
 @contextlib.contextmanager
