@@ -33,10 +33,14 @@ class BufferPool:
         backend: the Buffer backend (``"auto"``, ``"torch"`` or ``"cuda"``).
         num_sms: SMs of every buffer's default dispatch/combine configs (None: the measured default).
         dispatch_config, combine_config: configs the buffer memory is sized for (None: defaults).
+        check_values: the buffers' ``check_values``: check ``topk_idx`` ranges on the host, a stream
+            sync per dispatch on CUDA.  The framework adapters turn it off: they build ``topk_idx``
+            themselves from their router's top-k, in range by construction.
     """
 
     def __init__(self, *, backend: str = "auto", num_sms: int | None = None,
-                 dispatch_config: Config | None = None, combine_config: Config | None = None):  # fmt: skip
+                 dispatch_config: Config | None = None, combine_config: Config | None = None,
+                 check_values: bool = True):  # fmt: skip
         # NOTES: checked here, where the user passed them, not at the first forward that makes a buffer.
         if backend not in BACKEND_NAMES:
             raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
@@ -48,6 +52,7 @@ class BufferPool:
         self.num_sms = num_sms
         self.dispatch_config = dispatch_config
         self.combine_config = combine_config
+        self.check_values = bool(check_values)
         self._entries: dict[int, _Entry] = {}
 
     def set_num_sms(self, num_sms: int) -> None:
@@ -76,7 +81,7 @@ class BufferPool:
             return entry.buffer
         group_size = dist.get_world_size(group)
         buffer = Buffer(group, num_nvl_bytes=self._nvl_bytes(group_size, hidden_bytes), backend=self.backend,
-                        num_sms=self.num_sms)  # fmt: skip
+                        num_sms=self.num_sms, check_values=self.check_values)  # fmt: skip
         self._entries[id(group)] = _Entry(buffer, hidden_bytes)
         return buffer
 

@@ -571,3 +571,29 @@ def test_topk_values_checked_once_per_layout_and_dispatch(ctx, monkeypatch):
     ctx.buf.dispatch(ctx.x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
                      num_tokens_per_expert=per_expert, topk_idx=idx.clone(), topk_weights=ctx.w)  # fmt: skip
     assert calls == ["topk_idx"] * 2, calls  # a new tensor: checked once, by the backend's verdict
+
+
+@pytest.mark.parametrize("check_values", [True, False])
+def test_buffer_pool_passes_check_values(group, monkeypatch, check_values):
+    """A BufferPool's check_values reaches its buffers: off, the Buffer runs no value check of its own.
+
+    (The torch backend still checks in its collective verdict: its exchange needs valid values, and
+    the check costs it nothing extra.  The CUDA backend leaves the check to the Buffer.)
+    """
+    import ep_train.backends.torch_backend as torch_backend
+    import ep_train.buffer as buffer_module
+    from ep_train.buffer_pool import BufferPool
+
+    calls = []
+    monkeypatch.setattr(buffer_module, "check_topk_idx_values", lambda *a, **k: calls.append("buffer"))
+    monkeypatch.setattr(torch_backend, "check_topk_idx_values", lambda *a, **k: calls.append("backend"))
+    buf = BufferPool(backend="torch", check_values=check_values).get(group, H)
+    try:
+        assert buf.check_values is check_values
+        idx = torch.tensor([[0, 1], [2, -1], [3, 0], [-1, -1], [1, 2], [0, 3]])
+        per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
+        buf.dispatch(torch.randn(T, H).bfloat16(), num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                     num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=torch.rand(T, K))  # fmt: skip
+        assert calls == (["buffer"] if check_values else ["backend"]), calls
+    finally:
+        buf.destroy()

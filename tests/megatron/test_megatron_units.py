@@ -143,6 +143,7 @@ def test_spec_rewrite_layer_and_block():
     assert len(moe) == 1 and not _find(spec, lambda n: _builds(n, MoELayer))
     params = moe[0].params if hasattr(moe[0], "params") else moe[0].keywords
     assert params["ep_options"] is options and isinstance(params["ep_buffers"], epm.BufferPool)
+    assert params["ep_buffers"].check_values is False, "topk_idx from routing_map_to_topk needs no host check"
     experts = _find(spec, lambda n: getattr(n, "experts", None) is not None)[0].experts
     assert experts is epm.GroupedGemmMLP or experts.module is epm.GroupedGemmMLP
     with pytest.raises(ValueError, match="no MoELayer"):
@@ -191,7 +192,7 @@ def test_flex_backend_install_and_restore():
         assert token_dispatcher.fused_dispatch == backend.fused_dispatch
         assert fused_a2a.set_deepep_num_sms == backend.set_deepep_num_sms
         backend.set_deepep_num_sms(16)
-        assert backend.buffers.num_sms == 16
+        assert backend.buffers.num_sms == 16 and backend.buffers.check_values is False
         with pytest.raises(RuntimeError, match="already installed"):
             backend.install()
     finally:
