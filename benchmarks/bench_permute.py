@@ -1,10 +1,12 @@
 """Expert-major permutation on one GPU: ep_train's ``permute_to_experts``/``unpermute_from_experts``
-(CUDA pair-sum kernel, and the op-by-op path) beside Megatron-Core's ``permute``/``unpermute`` (the
-unfused path its alltoall dispatcher runs without TransformerEngine), same routing, same rows.
+(CUDA pair-layout and pair-sum kernels, and the op-by-op path) beside Megatron-Core's
+``permute``/``unpermute`` (the unfused path its alltoall dispatcher runs without
+TransformerEngine), same routing, same rows.
 
 Standard case: the rows one EP2 rank receives in the DESIGN.md §4 case — about 8192 rows, hidden
 7168, top-8 of 256 experts (128 local), BF16.  Times forward+backward (permute, scale by probs,
-unpermute) and reports median CUDA-event ms over ``--iters``.  Never asserts on time.
+unpermute) and reports median CUDA-event ms over ``--iters``; then ``pair_layout`` alone, kernel
+against torch ops: GPU ms and the host's time to issue it.  Never asserts on time.
 
     python benchmarks/bench_permute.py [--rows 8192] [--hidden 7168] [--topk 8] [--experts 128]
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 
 import torch
 
@@ -50,14 +53,14 @@ def main() -> None:
     counts = torch.bincount(idx[idx >= 0], minlength=num_local).tolist()
     grad = torch.randn(n, args.hidden, device="cuda", dtype=torch.bfloat16)
 
-    def ours(sum_kernel: bool = True):
+    def ours(kernels: bool = True):
         x_PH, _, probs_P, layout = ep_permute.permute_to_experts(x, idx, w, num_local, 1, counts,
-                                                                 sum_kernel=sum_kernel)  # fmt: skip
+                                                                 sum_kernel=kernels, layout_kernel=kernels)  # fmt: skip
         y = (x_PH * probs_P.unsqueeze(1)).to(x_PH.dtype)
         ep_permute.unpermute_from_experts(y, layout).backward(grad)
 
     rows = []
-    rows.append(("ep_train (sum_pairs kernel)", _time(ours, args.iters)))
+    rows.append(("ep_train (pair layout and pair sum kernels)", _time(ours, args.iters)))
     rows.append(("ep_train (op-by-op path)", _time(lambda: ours(False), args.iters)))
     try:
         from megatron.core.transformer.moe.moe_utils import permute, unpermute
@@ -80,7 +83,22 @@ def main() -> None:
     print(f"permute+unpermute fwd+bwd | {torch.cuda.get_device_name(0)} | {n} rows, hidden {args.hidden}, "
           f"top-{k}, {num_local} local experts, {sum(counts)} pairs, BF16")  # fmt: skip
     for label, ms in rows:
-        print(f"  {label:<34} {ms:8.3f} ms")
+        print(f"  {label:<44} {ms:8.3f} ms")
+
+    def layout_only(kernel: bool) -> tuple[float, float]:
+        """Median host µs to issue one ``pair_layout`` (what a host-bound forward waits for), and its GPU ms."""
+        host = []
+        for _ in range(args.iters):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            ep_permute.pair_layout(idx, num_local, 1, counts, layout_kernel=kernel)
+            host.append((time.perf_counter() - t0) * 1e6)
+        gpu = _time(lambda: ep_permute.pair_layout(idx, num_local, 1, counts, layout_kernel=kernel), args.iters)
+        return statistics.median(host), gpu
+
+    for kernel, label in ((True, "pair_layout, kernel"), (False, "pair_layout, torch ops")):
+        host_us, gpu_ms = layout_only(kernel)
+        print(f"  {label:<44} {gpu_ms:8.3f} ms GPU, host {host_us:7.1f} us to issue")
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 
 After a dispatch each received row carries up to K (row, local expert) pairs.  A grouped GEMM wants
 one row per pair, grouped by expert, each expert's group padded to ``alignment``.  ``pair_layout``
-places the pairs with a handful of device ops (one argsort, scatters, cumsums); the only host value
-it needs is the total row count P, which the dispatch already returned (its per-expert counts), so
-the whole path has no host sync.
+places the pairs with one ep_train kernel on CUDA (three launches, where the extension is built) or
+with a handful of torch ops (one argsort, scatters, cumsums; the CPU path and the kernel's
+reference); the only host value it needs is the total row count P, which the dispatch already
+returned (its per-expert counts), so the whole path has no host sync.
 
 ``permute_to_experts`` gathers rows into that order; ``unpermute_from_experts`` sums each received
 row's pairs back into one row, FP32 accumulation, pairs added in ascending k (for Megatron's
@@ -63,6 +64,47 @@ def _aligned(counts: torch.Tensor, alignment: int) -> torch.Tensor:
     return (counts + alignment - 1) // alignment * alignment
 
 
+# The kernel keeps a [32 warps][L] count table in 48 KB of shared memory.
+_KERNEL_MAX_LOCAL_EXPERTS = 384
+
+
+def _layout_kernel_takes(device: torch.device, num_local_experts: int) -> bool:
+    return device.type == "cuda" and 1 <= num_local_experts <= _KERNEL_MAX_LOCAL_EXPERTS and _ext.is_available()
+
+
+def _count_pairs(idx_Q: torch.Tensor, num_local_experts: int) -> torch.Tensor:
+    """Pairs per local expert, on ``idx_Q``'s device."""
+    counts_L = torch.zeros(num_local_experts, dtype=torch.int64, device=idx_Q.device)
+    return counts_L.scatter_add_(0, idx_Q.clamp_min(0), (idx_Q >= 0).long())
+
+
+def _place_pairs_ops(
+    idx_Q: torch.Tensor, n: int, k: int, counts_L: torch.Tensor, alignment: int, total: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(pos_NK, row_P, pair_P)`` with torch ops (the CPU path, and the reference of the CUDA kernel)."""
+    q, num_local_experts = n * k, counts_L.numel()
+    device = idx_Q.device
+    valid_Q = idx_Q >= 0
+    expert_Q = idx_Q.clamp_min(0)
+    aligned_L = _aligned(counts_L, alignment)
+    # Pairs sorted expert-major; slots without a pair sort last (key L*Q).
+    slot_Q = torch.arange(q, device=device)
+    key_Q = torch.where(valid_Q, expert_Q * q + slot_Q, torch.full_like(slot_Q, num_local_experts * q))
+    order_Q = torch.argsort(key_Q)
+    expert_sorted = expert_Q[order_Q]
+    start_L = torch.cumsum(aligned_L, 0) - aligned_L
+    first_L = torch.cumsum(counts_L, 0) - counts_L
+    pos_sorted = start_L[expert_sorted] + slot_Q - first_L[expert_sorted]
+    pos_sorted = torch.where(valid_Q[order_Q], pos_sorted, torch.full_like(pos_sorted, total))
+    pos_Q = torch.empty_like(pos_sorted).scatter_(0, order_Q, pos_sorted)
+    # Inverse maps; slots without a pair all write the same sentinel into the spare entry P.
+    row_Q = torch.where(valid_Q, slot_Q // max(k, 1), torch.full_like(slot_Q, n))
+    pair_Q = torch.where(valid_Q, slot_Q, torch.full_like(slot_Q, q))
+    row_P = torch.full((total + 1,), n, dtype=torch.int64, device=device).scatter_(0, pos_Q, row_Q)[:total]
+    pair_P = torch.full((total + 1,), q, dtype=torch.int64, device=device).scatter_(0, pos_Q, pair_Q)[:total]
+    return pos_Q.view(n, k), row_P, pair_P
+
+
 def pair_layout(
     recv_topk_idx_NK: torch.Tensor,
     num_local_experts: int,
@@ -70,6 +112,7 @@ def pair_layout(
     tokens_per_expert: Sequence[int] | torch.Tensor | None = None,
     *,
     sum_kernel: bool = True,
+    layout_kernel: bool = True,
 ) -> PairLayout:
     """Expert-major placement of the pairs; within an expert by received row, then k.
 
@@ -80,24 +123,25 @@ def pair_layout(
         tokens_per_expert: the per-expert pair counts when the caller already has them on the host
             (the dispatch returns them; aligned or not, they are rounded up here); without them they
             are read from the device (one host sync).
+        sum_kernel: see :class:`PairLayout`.
+        layout_kernel: on CUDA, place the pairs with ep_train's kernel where it is built (three
+            launches; False: the op-by-op path, same numbers; for comparisons).
     """
     if recv_topk_idx_NK.dim() != 2:
         raise ValueError(f"recv_topk_idx must be [N, K], got shape {tuple(recv_topk_idx_NK.shape)}")
     if alignment < 1:
         raise ValueError(f"alignment must be >= 1, got {alignment}")
     n, k = recv_topk_idx_NK.shape
-    q = n * k
     device = recv_topk_idx_NK.device
     idx_Q = recv_topk_idx_NK.reshape(-1).to(torch.int64)
     on_host = device.type == "cpu"  # NOTES: the value checks below are free there; on a GPU they would sync
     if on_host:
         check_topk_idx_values("recv_topk_idx", recv_topk_idx_NK, num_local_experts, "num_local_experts")
-    valid_Q = idx_Q >= 0
-    expert_Q = idx_Q.clamp_min(0)
-    counts_L = torch.zeros(num_local_experts, dtype=torch.int64, device=device).scatter_add_(
-        0, expert_Q, valid_Q.long()
-    )
-    aligned_L = _aligned(counts_L, alignment)
+    kernel = layout_kernel and _layout_kernel_takes(device, num_local_experts)
+    counts_L = aligned_L = None
+    if tokens_per_expert is None or on_host or not kernel:  # the kernel counts for itself
+        counts_L = _count_pairs(idx_Q, num_local_experts)
+        aligned_L = _aligned(counts_L, alignment)
     if tokens_per_expert is None:
         host_L = aligned_L.cpu()
     else:
@@ -114,23 +158,12 @@ def pair_layout(
                 f"{int(counts_L[e])} pairs for that expert ({int(aligned_L[e])} aligned)"
             )
     total = int(host_L.sum())
-    # Pairs sorted expert-major; slots without a pair sort last (key L*Q).
-    slot_Q = torch.arange(q, device=device)
-    key_Q = torch.where(valid_Q, expert_Q * q + slot_Q, torch.full_like(slot_Q, num_local_experts * q))
-    order_Q = torch.argsort(key_Q)
-    expert_sorted = expert_Q[order_Q]
-    start_L = torch.cumsum(aligned_L, 0) - aligned_L
-    first_L = torch.cumsum(counts_L, 0) - counts_L
-    pos_sorted = start_L[expert_sorted] + slot_Q - first_L[expert_sorted]
-    pos_sorted = torch.where(valid_Q[order_Q], pos_sorted, torch.full_like(pos_sorted, total))
-    pos_Q = torch.empty_like(pos_sorted).scatter_(0, order_Q, pos_sorted)
-    # Inverse maps; slots without a pair all write the same sentinel into the spare entry P.
-    row_Q = torch.where(valid_Q, slot_Q // max(k, 1), torch.full_like(slot_Q, n))
-    pair_Q = torch.where(valid_Q, slot_Q, torch.full_like(slot_Q, q))
-    row_P = torch.full((total + 1,), n, dtype=torch.int64, device=device).scatter_(0, pos_Q, row_Q)[:total]
-    pair_P = torch.full((total + 1,), q, dtype=torch.int64, device=device).scatter_(0, pos_Q, pair_Q)[:total]
+    if kernel:
+        pos_NK, row_P, pair_P = _ext.load().pair_layout(idx_Q.view(n, k), num_local_experts, alignment, total)
+    else:
+        pos_NK, row_P, pair_P = _place_pairs_ops(idx_Q, n, k, counts_L, alignment, total)
     has_padding = alignment > 1 and total > 0
-    return PairLayout(n, k, pos_Q.view(n, k), row_P, pair_P, host_L, has_padding, sum_kernel)
+    return PairLayout(n, k, pos_NK, row_P, pair_P, host_L, has_padding, sum_kernel)
 
 
 def _gather_rows(x_NH: torch.Tensor, layout: PairLayout) -> torch.Tensor:
@@ -197,19 +230,24 @@ def permute_to_experts(
     tokens_per_expert: Sequence[int] | torch.Tensor | None = None,
     *,
     sum_kernel: bool = True,
+    layout_kernel: bool = True,
 ):
     """Received rows → expert-major pair rows (differentiable w.r.t. rows and weights).
 
     Returns ``(x_PH, tokens_per_expert_L (CPU int64, aligned), probs_P, layout)``; padding rows are
     zero with probability 0.  Pass the dispatch's per-expert counts (``tokens_per_expert_list``) as
-    ``tokens_per_expert`` to avoid the one host sync.  ``sum_kernel``: see :class:`PairLayout`.
+    ``tokens_per_expert`` to avoid the one host sync.  ``sum_kernel``, ``layout_kernel``: see
+    :class:`PairLayout` and :func:`pair_layout`.
     """
     if recv_topk_weights_NK.shape != recv_topk_idx_NK.shape:
         raise ValueError(
             f"recv_topk_weights shape {tuple(recv_topk_weights_NK.shape)} != recv_topk_idx shape "
             f"{tuple(recv_topk_idx_NK.shape)}"
         )
-    layout = pair_layout(recv_topk_idx_NK, num_local_experts, alignment, tokens_per_expert, sum_kernel=sum_kernel)
+    layout = pair_layout(
+        recv_topk_idx_NK, num_local_experts, alignment, tokens_per_expert, sum_kernel=sum_kernel,
+        layout_kernel=layout_kernel,
+    )  # fmt: skip
     x_PH = _PermuteFn.apply(x_NH, layout)
     q = recv_topk_weights_NK.numel()
     if q == 0 or layout.num_pair_rows == 0:

@@ -196,6 +196,28 @@ void combine(IntranodeRuntime& rt, const torch::Tensor& x, const OptTensor& topk
     ep_train::launch_combine(p, ctx, num_sms, stream());
 }
 
+// (pos [N, K], row_P [P], pair_P [P]) int64: where each pair of idx [N, K] sits in expert-major
+// order (see permute.cu and ep_train/permute.py); P = num_pair_rows, the aligned total.
+std::vector<torch::Tensor> pair_layout(const torch::Tensor& idx, int64_t num_local, int64_t alignment,
+                                       int64_t num_pair_rows) {
+    check(idx, "recv_topk_idx", torch::kInt64, 2);
+    TORCH_CHECK(num_local >= 1 && num_local <= 384, "num_local_experts must be in [1, 384], got ", num_local);
+    TORCH_CHECK(alignment >= 1, "alignment must be >= 1, got ", alignment);
+    TORCH_CHECK(num_pair_rows >= 0, "num_pair_rows must be >= 0, got ", num_pair_rows);
+    c10::cuda::CUDAGuard guard(idx.device());
+    const int64_t n = idx.size(0), k = idx.size(1), blocks = (n * k + 1023) / 1024;
+    auto opts = idx.options();
+    auto pos = torch::empty({n, k}, opts);
+    auto row_P = torch::empty({num_pair_rows}, opts);
+    auto pair_P = torch::empty({num_pair_rows}, opts);
+    auto scratch = torch::empty({std::max<int64_t>(blocks * num_local, 1)}, opts.dtype(torch::kInt32));
+    ep_train::launch_pair_layout(idx.data_ptr<int64_t>(), n, static_cast<int>(k), static_cast<int>(num_local),
+                                 static_cast<int>(alignment), num_pair_rows, scratch.data_ptr<int>(),
+                                 pos.data_ptr<int64_t>(), row_P.data_ptr<int64_t>(), pair_P.data_ptr<int64_t>(),
+                                 stream());
+    return {pos, row_P, pair_P};
+}
+
 // out [N, H] in y's dtype = per row the FP32 sum of its pairs' rows of y [P, H] (see permute.cu).
 torch::Tensor sum_pairs(const torch::Tensor& y, const torch::Tensor& pos) {
     TORCH_CHECK(y.is_cuda() && y.is_contiguous() && y.dim() == 2, "y must be a contiguous 2-D CUDA tensor");
@@ -384,6 +406,7 @@ PYBIND11_MODULE(_C, m) {
     m.def("dispatch", &dispatch);
     m.def("combine", &combine);
     m.def("sum_pairs", &sum_pairs);
+    m.def("pair_layout", &pair_layout);
     m.def("copy_rows", &copy_rows);
     m.def("low_latency_bytes", [](int64_t max_tokens, int64_t hidden, int num_ranks, int64_t num_experts) {
         return LowLatencyLayout(max_tokens, hidden, num_ranks, num_experts).total_bytes();

@@ -40,6 +40,15 @@ void launch_get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num
 void launch_sum_pairs(const void* y, const int64_t* pos, void* out, bool bf16, int64_t num_rows, int num_topk,
                       int64_t num_pair_rows, int hidden, cudaStream_t stream);
 
+// The expert-major layout of the pairs of idx [num_rows, num_topk] (local expert ids, anything
+// outside [0, num_local) = no pair), as ep_train/permute.py's op-by-op path: pos [num_rows *
+// num_topk] (num_pair_rows where no pair), row_P / pair_P [num_pair_rows] (num_rows / num_rows *
+// num_topk for padding).  scratch: int32 [ceil(num_rows * num_topk / 1024) * num_local].
+// num_local <= 384; num_pair_rows = the sum of the aligned per-expert counts.
+void launch_pair_layout(const int64_t* idx, int64_t num_rows, int num_topk, int num_local, int alignment,
+                        int64_t num_pair_rows, int* scratch, int64_t* pos, int64_t* row_P, int64_t* pair_P,
+                        cudaStream_t stream);
+
 // dst[i] = src[i] for num_rows rows of row_bytes on num_sms blocks: 16-byte warp copies, or bulk
 // copies through shared memory (row_bytes % 16 == 0, at most 24 KB).
 void launch_copy_rows(void* dst, const void* src, int64_t num_rows, int64_t row_bytes, int num_sms, bool use_bulk,

@@ -1,12 +1,21 @@
-"""The CUDA pair-sum kernel (``ep_train._C.sum_pairs``) and the whole expert-major permutation on
-one GPU, against the op-by-op path (bitwise: same values added in the same order) and the CPU."""
+"""The CUDA pair-layout and pair-sum kernels (``ep_train._C.pair_layout``, ``sum_pairs``) and the
+whole expert-major permutation on one GPU, against the op-by-op path (the same integers; bitwise
+sums: same values added in the same order) and the CPU."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ep_train.permute import _sum_pairs, _sum_pairs_ops, pair_layout, permute_to_experts, unpermute_from_experts
+from ep_train.permute import (
+    _count_pairs,
+    _place_pairs_ops,
+    _sum_pairs,
+    _sum_pairs_ops,
+    pair_layout,
+    permute_to_experts,
+    unpermute_from_experts,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -20,7 +29,46 @@ def _routing(kind: str, n: int, k: int, num_local: int, gen: torch.Generator) ->
         idx = torch.full((n, k), -1)
         idx[:, k - 1] = 0
         return idx
+    if kind == "first_experts":  # every row picks the same experts 0..k-1 (those that exist)
+        idx = torch.arange(k).expand(n, k).clone()
+        return torch.where(idx < num_local, idx, torch.full_like(idx, -1))
     return torch.full((n, k), -1)  # "none"
+
+
+def _aligned_total(idx: torch.Tensor, num_local: int, alignment: int) -> int:
+    counts = torch.bincount(idx[idx >= 0].cpu(), minlength=num_local)
+    return int(((counts + alignment - 1) // alignment * alignment).sum())
+
+
+@pytest.mark.parametrize("kind", ["random", "one_expert", "first_experts", "none"])
+@pytest.mark.parametrize("num_local,alignment", [(1, 1), (16, 4), (64, 1), (128, 8), (384, 16)])
+@pytest.mark.parametrize("n,k", [(0, 8), (1, 1), (1024, 1), (4099, 8), (301, 9)])
+def test_pair_layout_kernel_is_the_op_path(kernels, kind, num_local, alignment, n, k):
+    gen = torch.Generator().manual_seed(n * 31 + k * 7 + num_local)
+    idx = _routing(kind, n, k, num_local, gen).cuda()
+    total = _aligned_total(idx, num_local, alignment)
+    pos, row_P, pair_P = kernels.pair_layout(idx, num_local, alignment, total)
+    idx_Q = idx.reshape(-1)
+    ref = _place_pairs_ops(idx_Q, n, k, _count_pairs(idx_Q, num_local), alignment, total)
+    assert torch.equal(pos, ref[0]) and torch.equal(row_P, ref[1]) and torch.equal(pair_P, ref[2])
+    # and through pair_layout, with the dispatch's counts (the path that runs the kernel)
+    counts = torch.bincount(idx[idx >= 0].cpu(), minlength=num_local).tolist()
+    layout = pair_layout(idx, num_local, alignment, counts)
+    assert torch.equal(layout.pos_NK, pos) and torch.equal(layout.row_P, row_P) and torch.equal(layout.pair_P, pair_P)
+
+
+def test_pair_layout_kernel_stays_in_bounds_when_counts_disagree(kernels):
+    gen = torch.Generator().manual_seed(5)
+    idx = _routing("random", 999, 8, 32, gen).cuda()
+    total = _aligned_total(idx, 32, 1)
+    short = total // 2  # counts from somewhere else that undercount: rows past them are never written
+    pos, row_P, pair_P = kernels.pair_layout(idx, 32, 1, short)
+    torch.cuda.synchronize()
+    assert row_P.numel() == short and int(pos.max()) <= short and int(pos.min()) >= 0
+    with pytest.raises(RuntimeError, match="num_local_experts must be in"):
+        kernels.pair_layout(idx, 385, 1, total)
+    with pytest.raises(RuntimeError, match="recv_topk_idx"):
+        kernels.pair_layout(idx.int(), 32, 1, total)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -2,9 +2,16 @@
 // FP32 accumulation, pairs added in ascending k starting from 0.0f -- the exact order of the
 // op-by-op path in ep_train/permute.py, so both give the same bits.  One block per row; each thread
 // owns 16-byte column chunks and reads every pair's chunk once.
+//
+// pair_layout: the expert-major place of every (received row, top-k column) pair -- the same
+// numbers as the op-by-op path of ep_train/permute.py (pairs of an expert in ascending slot
+// n * K + k, each expert's rows padded to the alignment) in three launches instead of ~25 ops:
+// per block of 1024 slots the pairs per expert, then one block turns those into each block's first
+// row per expert (and writes the padding rows), then every block places its slots.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <stdexcept>
 
 #include "ep_train/vec.cuh"
@@ -72,6 +79,97 @@ __global__ void __launch_bounds__(kSumThreads)
     }
 }
 
+constexpr int kPlaceThreads = 1024;  // slots per block in the pair layout launches
+constexpr int kPlaceWarps = kPlaceThreads / 32;
+constexpr int kMaxPlaceExperts = 384;  // the [warp][expert] table stays within 48 KB of shared memory
+
+__device__ __forceinline__ int local_expert(const int64_t* idx, int64_t q, int64_t num_slots, int num_local) {
+    const int64_t e = q < num_slots ? idx[q] : -1;
+    return e >= 0 && e < num_local ? static_cast<int>(e) : -1;
+}
+
+// counts[b][l] = pairs of local expert l among slots [b * 1024, (b + 1) * 1024).
+__global__ void __launch_bounds__(kPlaceThreads)
+    pair_count_kernel(const int64_t* __restrict__ idx, int64_t num_slots, int num_local, int* __restrict__ counts) {
+    extern __shared__ int s_count[];  // [L]
+    for (int l = threadIdx.x; l < num_local; l += kPlaceThreads) s_count[l] = 0;
+    __syncthreads();
+    const int e = local_expert(idx, int64_t(blockIdx.x) * kPlaceThreads + threadIdx.x, num_slots, num_local);
+    if (e >= 0) atomicAdd(&s_count[e], 1);
+    __syncthreads();
+    for (int l = threadIdx.x; l < num_local; l += kPlaceThreads)
+        counts[int64_t(blockIdx.x) * num_local + l] = s_count[l];
+}
+
+// One block.  counts[b][l] becomes the first expert-major row of block b's pairs of expert l;
+// expert l's rows start at the sum of the aligned pair counts of the experts before it.  Padding
+// rows (after an expert's pairs, up to its aligned count) get row num_rows and pair num_slots.
+// Rows at or past num_pair_rows (the host's total, from the dispatch's counts) are never written.
+__global__ void __launch_bounds__(kPlaceThreads)
+    pair_scan_kernel(int* __restrict__ counts, int num_blocks, int num_local, int alignment, int64_t num_rows,
+                     int64_t num_slots, int64_t num_pair_rows, int64_t* __restrict__ row_P,
+                     int64_t* __restrict__ pair_P) {
+    extern __shared__ int64_t s_start[];  // [L + 1]
+    for (int l = threadIdx.x; l < num_local; l += kPlaceThreads) {
+        int64_t total = 0;
+        for (int b = 0; b < num_blocks; ++b) total += counts[int64_t(b) * num_local + l];
+        s_start[l + 1] = total;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {  // L is at most a few hundred: a serial prefix is cheapest
+        s_start[0] = 0;
+        for (int l = 0; l < num_local; ++l) {
+            const int64_t aligned = (s_start[l + 1] + alignment - 1) / alignment * alignment;
+            s_start[l + 1] = s_start[l] + aligned;
+        }
+    }
+    __syncthreads();
+    for (int l = threadIdx.x; l < num_local; l += kPlaceThreads) {
+        int64_t row = s_start[l];
+        for (int b = 0; b < num_blocks; ++b) {
+            const int c = counts[int64_t(b) * num_local + l];
+            counts[int64_t(b) * num_local + l] = static_cast<int>(row);
+            row += c;
+        }
+        for (int64_t pad = row; pad < s_start[l + 1] && pad < num_pair_rows; ++pad) {
+            row_P[pad] = num_rows;
+            pair_P[pad] = num_slots;
+        }
+    }
+}
+
+// Slot q = n * K + k of block b: its pair goes to row first[b][l] + (pairs of expert l before it in
+// this block); pos[q] = num_pair_rows where there is no pair.  Ranks within a warp come from
+// __match_any_sync, across warps from a [warp][expert] count table in shared memory.
+__global__ void __launch_bounds__(kPlaceThreads)
+    pair_place_kernel(const int64_t* __restrict__ idx, int64_t num_slots, int num_topk, int num_local,
+                      const int* __restrict__ first, int64_t num_pair_rows, int64_t* __restrict__ pos,
+                      int64_t* __restrict__ row_P, int64_t* __restrict__ pair_P) {
+    extern __shared__ int s_warp_count[];  // [kPlaceWarps][L]
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int i = threadIdx.x; i < kPlaceWarps * num_local; i += kPlaceThreads) s_warp_count[i] = 0;
+    __syncthreads();
+    const int64_t q = int64_t(blockIdx.x) * kPlaceThreads + threadIdx.x;
+    const int e = local_expert(idx, q, num_slots, num_local);
+    const unsigned same = __match_any_sync(0xffffffffu, e);
+    const int rank_in_warp = __popc(same & ((1u << lane) - 1u));
+    if (e >= 0 && rank_in_warp == 0) s_warp_count[warp * num_local + e] = __popc(same);
+    __syncthreads();
+    if (q >= num_slots) return;
+    if (e < 0) {
+        pos[q] = num_pair_rows;
+        return;
+    }
+    int64_t row = first[int64_t(blockIdx.x) * num_local + e] + rank_in_warp;
+    for (int w = 0; w < warp; ++w) row += s_warp_count[w * num_local + e];
+    if (row >= num_pair_rows) {  // counts that disagree with the host's total: no write out of bounds
+        pos[q] = num_pair_rows;
+        return;
+    }
+    pos[q] = row;
+    row_P[row] = q / num_topk;
+    pair_P[row] = q;
+}
 }  // namespace
 
 void launch_sum_pairs(const void* y, const int64_t* pos, void* out, bool bf16, int64_t num_rows, int num_topk,
@@ -86,6 +184,32 @@ void launch_sum_pairs(const void* y, const int64_t* pos, void* out, bool bf16, i
         sum_pairs_kernel<float><<<num_rows, kSumThreads, 0, stream>>>(
             static_cast<const float*>(y), pos, static_cast<float*>(out), num_topk, num_pair_rows, hidden);
     check_cuda(cudaGetLastError(), "sum_pairs launch");
+}
+
+void launch_pair_layout(const int64_t* idx, int64_t num_rows, int num_topk, int num_local, int alignment,
+                        int64_t num_pair_rows, int* scratch, int64_t* pos, int64_t* row_P, int64_t* pair_P,
+                        cudaStream_t stream) {
+    const int64_t num_slots = num_rows * num_topk;
+    if (num_slots == 0 && num_pair_rows == 0) return;
+    if (num_local < 1 || num_local > kMaxPlaceExperts || alignment < 1)
+        throw std::runtime_error("pair_layout: num_local must be in [1, 384] and alignment >= 1");
+    if (num_pair_rows > INT32_MAX) throw std::runtime_error("pair_layout: more than 2^31 - 1 expert-major rows");
+    const int64_t blocks = (num_slots + kPlaceThreads - 1) / kPlaceThreads;
+    if (blocks > INT32_MAX) throw std::runtime_error("pair_layout: too many pair slots");
+    const int num_blocks = static_cast<int>(blocks);
+    if (num_blocks > 0) {
+        pair_count_kernel<<<num_blocks, kPlaceThreads, num_local * sizeof(int), stream>>>(idx, num_slots, num_local,
+                                                                                          scratch);
+        check_cuda(cudaGetLastError(), "pair_count launch");
+    }
+    pair_scan_kernel<<<1, kPlaceThreads, (num_local + 1) * sizeof(int64_t), stream>>>(
+        scratch, num_blocks, num_local, alignment, num_rows, num_slots, num_pair_rows, row_P, pair_P);
+    check_cuda(cudaGetLastError(), "pair_scan launch");
+    if (num_blocks > 0) {
+        pair_place_kernel<<<num_blocks, kPlaceThreads, kPlaceWarps * num_local * sizeof(int), stream>>>(
+            idx, num_slots, num_topk, num_local, scratch, num_pair_rows, pos, row_P, pair_P);
+        check_cuda(cudaGetLastError(), "pair_place launch");
+    }
 }
 
 }  // namespace ep_train
