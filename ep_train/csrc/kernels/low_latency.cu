@@ -100,11 +100,21 @@ __device__ __forceinline__ int64_t begin_send(const RankContext& ctx, int64_t* s
     return seq;
 }
 
-// Last block of a send phase: header words into every destination's slot [half][me], then the stamp.
-__device__ void publish(const RankContext& ctx, const int64_t* info, int64_t seq, int64_t* call_seq) {
+// Block 0 of a send phase, once the acks have freed this half: the call header words into every
+// destination's slot [half][me].  NOTES: written here rather than by the last block, they are
+// ordered before the stamp by block 0's fence and counter increment in block_is_last (as its rows
+// are), so publishing the stamp does not wait for a second round of peer stores.
+__device__ __forceinline__ void write_headers(const RankContext& ctx, const int64_t* info, int64_t seq) {
+    if (blockIdx.x != 0) return;
     const int half = static_cast<int>(seq & 1), me = ctx.rank;
     for (int i = threadIdx.x; i < ctx.num_ranks * kInfoWords; i += blockDim.x)
         LowLatencyLayout::header(ctx.peers.base[i / kInfoWords], half, me)[i % kInfoWords] = info[i % kInfoWords];
+}
+
+// Last block of a send phase: the stamp into every destination's slot [half][me] (the header words
+// are there already: write_headers).
+__device__ void publish(const RankContext& ctx, int64_t seq, int64_t* call_seq) {
+    const int half = static_cast<int>(seq & 1), me = ctx.rank;
     if (threadIdx.x == 0) {
         *LowLatencyLayout::seq(ctx.peers.base[me]) = seq;
         *call_seq = seq;
@@ -243,6 +253,7 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, const RankConte
     }
     __syncthreads();
     if (sh.flag) return;
+    write_headers(ctx, p.info, seq);
     // Counts per (destination expert, me); the half is free (acknowledged), and the stamp comes after
     // every block's fence.
     for (int e = blockIdx.x + static_cast<int>(threadIdx.x) * gridDim.x; e < E; e += gridDim.x * blockDim.x)
@@ -318,7 +329,7 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, const RankConte
     }
 
     if (block_is_last<true>(LowLatencyLayout::done(ctx.peers.base[me], kSendPhase, half), &sh.flag))
-        publish(ctx, p.info, seq, p.call_seq);
+        publish(ctx, seq, p.call_seq);
 }
 
 struct RecvShared {
@@ -423,6 +434,7 @@ __device__ void combine_send(const LowLatencyCombineParams& p, const RankContext
     const int half = static_cast<int>(seq & 1);
     __syncthreads();
     if (sh.flag) return;
+    write_headers(ctx, p.info, seq);
     const ExpertShare share = expert_share(L);
     for (int l = share.first; l < L; l += share.step) {
         if (threadIdx.x == 0) {
@@ -453,7 +465,7 @@ __device__ void combine_send(const LowLatencyCombineParams& p, const RankContext
         __syncthreads();
     }
     if (block_is_last<true>(LowLatencyLayout::done(ctx.peers.base[ctx.rank], kSendPhase, half), &sh.flag))
-        publish(ctx, p.info, seq, p.call_seq);
+        publish(ctx, seq, p.call_seq);
 }
 
 // Rows of hidden % 8 != 0 (e.g. the top-k-wide rows of the weight gradient): one channel per thread.
