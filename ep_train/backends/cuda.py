@@ -12,9 +12,9 @@ Low-latency dispatch/combine use a second buffer of ``num_rdma_bytes`` (created 
 ``low_latency_mode`` or ``num_rdma_bytes > 0``): NVSHMEM symmetric memory where every rank can use
 it, else CUDA IPC (``EP_TRAIN_LL_TRANSPORT``, see ``ep_train.nvshmem``).  One kernel launch per
 call, or two with ``return_recv_hook`` (the call sends, the hook receives); no host sync, so both
-are capturable in a CUDA graph.  Senders write rows straight into the receiver's slots and stamp
-them with the call's sequence number; the receiver compares every sender's call header (mismatch →
-RankMismatchError).
+are capturable in a CUDA graph.  Senders write rows straight into the receiver's slots and each of
+their blocks then counts itself arrived there; the receiver waits for all of them and compares
+every sender's call header (mismatch → RankMismatchError).
 
 Shape legend: T local tokens, H hidden, S ``ceil(H/128)`` FP8 scales, K top-k, R ranks,
 E experts, L = E/R local experts, N received rows, C channels (``num_sms / 2``).
@@ -173,6 +173,8 @@ class CudaBackend(Backend):
                 ours, theirs = (ours // 2, bool(ours % 2)), (theirs // 2, bool(theirs % 2))
             elif channel == 6:  # Buffer sends a combine's or cached dispatch's handle identity here
                 field = "the handle (the call number of its dispatch)"
+            elif low_latency and channel == len(_HEADER_FIELDS):  # the grid word after the header
+                field = "the low-latency kernels' grid size (SMs; every rank must run the same)"
             call = "a low-latency call" if low_latency else "a call"
             raise RankMismatchError(
                 f"rank {rank}: ranks disagree on {call}: {field} is {ours} on rank {rank} but {theirs} on rank {peer}"

@@ -4,15 +4,16 @@
 // Protocol of one operation (a dispatch or a combine), sequence number n = own LL counter + 1,
 // buffer half h = n & 1:
 //   send:    wait until every destination acknowledged receive n - 2 (it no longer reads half h),
-//            write straight into the destination's half h through the peer pointer (16-byte
-//            stores) - dispatch: each token's row once per destination rank, a slot header per
-//            (token, expert) and the block's share of the per-expert counts; combine: every row -
-//            fence; the last block to finish writes the call header into each destination's
-//            header slot [h][me] and releases the stamp n.
-//   receive: wait for the stamp n of every source, compare the call headers, move the rows out of
-//            half h (dispatch: pack into recv_x; combine: weighted FP32 sum per token), then the
-//            last block to finish acknowledges n to every source.
-// NOTES: stamps and acks only grow, so nothing is ever cleaned; the ack makes a third call wait
+//            block 0 writes the call header into each destination's header slot [h][me]; every
+//            block writes straight into the destination's half h through the peer pointer
+//            (16-byte stores) - dispatch: each token's row once per destination rank, a slot
+//            header per (token, expert) and the block's share of the per-expert counts; combine:
+//            every row - then fences and adds one arrival to that slot.
+//   receive: wait until every block of every source has arrived for n (G blocks per call, G the
+//            grid every rank runs), compare the call headers, move the rows out of half h
+//            (dispatch: pack into recv_x; combine: weighted FP32 sum per token), then the last
+//            block to finish acknowledges n to every source.
+// NOTES: arrivals and acks only grow, so nothing is ever cleaned; the ack makes a third call wait
 // instead of overwriting a half that is still being read (at most two calls in flight).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -100,37 +101,48 @@ __device__ __forceinline__ int64_t begin_send(const RankContext& ctx, int64_t* s
     return seq;
 }
 
-// Block 0 of a send phase, once the acks have freed this half: the call header words into every
-// destination's slot [half][me].  NOTES: written here rather than by the last block, they are
-// ordered before the stamp by block 0's fence and counter increment in block_is_last (as its rows
-// are), so publishing the stamp does not wait for a second round of peer stores.
+// Block 0 of a send phase, once the acks have freed this half: the call header words and the grid
+// size into every destination's slot [half][me].  They are ordered before block 0's arrival
+// (signal_arrival) as its rows are, so a receiver that has seen every block arrive reads them.
 __device__ __forceinline__ void write_headers(const RankContext& ctx, const int64_t* info, int64_t seq) {
     if (blockIdx.x != 0) return;
     const int half = static_cast<int>(seq & 1), me = ctx.rank;
     for (int i = threadIdx.x; i < ctx.num_ranks * kInfoWords; i += blockDim.x)
         LowLatencyLayout::header(ctx.peers.base[i / kInfoWords], half, me)[i % kInfoWords] = info[i % kInfoWords];
+    if (threadIdx.x < ctx.num_ranks)
+        LowLatencyLayout::header(ctx.peers.base[threadIdx.x], half, me)[LowLatencyLayout::kHeaderGridWord] = gridDim.x;
 }
 
-// Last block of a send phase: the stamp into every destination's slot [half][me] (the header words
-// are there already: write_headers).
-__device__ void publish(const RankContext& ctx, int64_t seq, int64_t* call_seq) {
-    const int half = static_cast<int>(seq & 1), me = ctx.rank;
-    if (threadIdx.x == 0) {
-        *LowLatencyLayout::seq(ctx.peers.base[me]) = seq;
-        *call_seq = seq;
-    }
+// Every block of a send phase, after its last peer write: one arrival in every destination's slot
+// [half][me].  NOTES: this replaces a last-block stamp (counter, fence, then stamp): the receiver
+// waits for all the source's blocks itself, so no block waits for the others before signalling.
+// The fence in each signalling thread orders the whole block's writes (bar.sync, then fence).
+__device__ __forceinline__ void signal_arrival(const RankContext& ctx, int64_t seq) {
     __syncthreads();
     if (threadIdx.x < ctx.num_ranks) {
         ptx::fence_acq_rel_sys();
-        ptx::st_release_sys(
-            LowLatencyLayout::header(ctx.peers.base[threadIdx.x], half, me) + LowLatencyLayout::kHeaderStampWord, seq);
+        ptx::red_add_release_sys(
+            LowLatencyLayout::header(ctx.peers.base[threadIdx.x], static_cast<int>(seq & 1), ctx.rank) +
+                LowLatencyLayout::kHeaderArrivalsWord,
+            1);
     }
 }
 
-// Receive phase start: wait for every source's stamp and compare its call header with ours.
-// Returns, in every thread of the block, whether the block must stop (a failed wait, a header
-// mismatch, or a failure reported elsewhere).  NOTES: the status word is read with the header
-// words, in the same round trip.
+// Last block of a send phase (local bookkeeping only): this call's sequence number, for the next
+// send and for the hook's receive.
+__device__ __forceinline__ void record_seq(const RankContext& ctx, int64_t seq, int64_t* call_seq) {
+    if (threadIdx.x == 0) {
+        *LowLatencyLayout::seq(ctx.peers.base[ctx.rank]) = seq;
+        *call_seq = seq;
+    }
+}
+
+// Receive phase start: wait until every block of every source has arrived for this call, then
+// compare its call header with ours.  Every rank runs the same grid (the runtime's SM count), so
+// call seq on half seq & 1 is complete at gridDim.x * ((seq + 1) / 2) arrivals; a source whose grid
+// size differs is reported as a header mismatch rather than read early.  Returns, in every thread
+// of the block, whether the block must stop (a failed wait, a mismatch, or a failure elsewhere).
+// NOTES: the status word is read with the header words, in the same round trip.
 __device__ bool wait_sources(const RankContext& ctx, const int64_t* info, int64_t seq, int site, int* s_flag) {
     const int s = threadIdx.x;
     __syncthreads();  // every thread is done with the flag's previous use (combine shares it)
@@ -138,11 +150,13 @@ __device__ bool wait_sources(const RankContext& ctx, const int64_t* info, int64_
     __syncthreads();
     if (s < ctx.num_ranks) {
         const int64_t* slot = LowLatencyLayout::header(ctx.peers.base[ctx.rank], static_cast<int>(seq & 1), s);
-        bool failed = wait_at_least(slot + LowLatencyLayout::kHeaderStampWord, seq, ctx.err, site, -1, s) < 0;
+        const int64_t grid = gridDim.x, target = grid * ((seq + 1) / 2);
+        bool failed = wait_at_least(slot + LowLatencyLayout::kHeaderArrivalsWord, target, ctx.err, site, -1, s) < 0;
         if (!failed) {
-            int64_t theirs[kInfoWords];
+            int64_t theirs[kInfoWords + 1];
 #pragma unroll
             for (int w = 0; w < kInfoWords; ++w) theirs[w] = ptx::ld_volatile(slot + w);
+            theirs[kInfoWords] = ptx::ld_volatile(slot + LowLatencyLayout::kHeaderGridWord);
             failed = has_failed(ctx.err);
 #pragma unroll
             for (int w = 0; w < kInfoWords; ++w) {
@@ -150,6 +164,10 @@ __device__ bool wait_sources(const RankContext& ctx, const int64_t* info, int64_
                     report_error(ctx.err, kErrMismatch, kCheckCallHeader, w, s, info[w], theirs[w]);
                     failed = true;
                 }
+            }
+            if (!failed && theirs[kInfoWords] != grid) {
+                report_error(ctx.err, kErrMismatch, kCheckCallHeader, kInfoWords, s, grid, theirs[kInfoWords]);
+                failed = true;
             }
         }
         if (failed) *s_flag = 1;
@@ -230,8 +248,8 @@ struct SendShared {
 // - Rows: in rounds of 32 tokens every token's row goes once to each rank that holds one of its
 //   experts, into that rank's token area [me][token] (FP8: cast once per token); the receiver
 //   copies it into each of its slots.  NVLink carries a token once per rank, not once per expert.
-// - Every block counts all entries up front and writes its share of the per-expert counts, so the
-//   last block only publishes the headers and the stamp.
+// - Every block counts all entries up front and writes its share of the per-expert counts, then
+//   signals its own arrival: no block waits for the others.
 __device__ void dispatch_send(const LowLatencyDispatchParams& p, const RankContext& ctx, SendShared& sh, float* s_scale,
                               float* s_inv) {
     const int K = p.num_topk, E = p.num_experts, L = p.layout.num_local_experts, M = p.layout.max_tokens;
@@ -254,8 +272,8 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, const RankConte
     __syncthreads();
     if (sh.flag) return;
     write_headers(ctx, p.info, seq);
-    // Counts per (destination expert, me); the half is free (acknowledged), and the stamp comes after
-    // every block's fence.
+    // Counts per (destination expert, me); the half is free (acknowledged), and each block's arrival
+    // comes after its fence.
     for (int e = blockIdx.x + static_cast<int>(threadIdx.x) * gridDim.x; e < E; e += gridDim.x * blockDim.x)
         *p.layout.count(ctx.peers.base[e / L], half, e % L, me) = min(sh.total[e], M);
 
@@ -328,8 +346,9 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, const RankConte
         __syncthreads();
     }
 
-    if (block_is_last<true>(LowLatencyLayout::done(ctx.peers.base[me], kSendPhase, half), &sh.flag))
-        publish(ctx, seq, p.call_seq);
+    signal_arrival(ctx, seq);
+    if (block_is_last<false>(LowLatencyLayout::done(ctx.peers.base[me], kSendPhase, half), &sh.flag))
+        record_seq(ctx, seq, p.call_seq);
 }
 
 struct RecvShared {
@@ -464,8 +483,9 @@ __device__ void combine_send(const LowLatencyCombineParams& p, const RankContext
         }
         __syncthreads();
     }
-    if (block_is_last<true>(LowLatencyLayout::done(ctx.peers.base[ctx.rank], kSendPhase, half), &sh.flag))
-        publish(ctx, seq, p.call_seq);
+    signal_arrival(ctx, seq);
+    if (block_is_last<false>(LowLatencyLayout::done(ctx.peers.base[ctx.rank], kSendPhase, half), &sh.flag))
+        record_seq(ctx, seq, p.call_seq);
 }
 
 // Rows of hidden % 8 != 0 (e.g. the top-k-wide rows of the weight gradient): one channel per thread.

@@ -5,7 +5,7 @@
 // Per rank:
 //   [control: status int32, LL sequence int64, finish counters int32[2 phases][2 halves],
 //             acks int64[kMaxRanks] (ack[s]: last sequence whose receive rank s finished here),
-//             header slots [2 halves][kMaxRanks sources] (call header + stamp)]
+//             header slots [2 halves][kMaxRanks sources] (call header, arrivals, grid size)]
 //   [half 0][half 1], each:
 //     [counts:   int32 [L][R]          rows source s put into local expert l (dispatch)]
 //     [slots:    [L][R][M] x 16 bytes  dispatch slot headers: token, top-k column, gate weight]
@@ -25,8 +25,8 @@ namespace ep_train {
 // What a failing low-latency wait or check was about (continues WaitSite of types.cuh).
 enum LowLatencySite : int {
     kWaitLowLatencyAck = 8,       // sender: the receiver still reads this half (more than two calls in flight)
-    kWaitLowLatencyDispatch = 9,  // dispatch receiver: the stamp of a source's rows
-    kWaitLowLatencyCombine = 10,  // combine receiver: the stamp of an expert rank's rows
+    kWaitLowLatencyDispatch = 9,  // dispatch receiver: every block of a source has sent its rows
+    kWaitLowLatencyCombine = 10,  // combine receiver: every block of an expert rank has sent its rows
     kCheckLowLatencySlots = 11,   // a source puts more than M rows into one expert (duplicate expert ids)
 };
 
@@ -43,8 +43,11 @@ struct LowLatencyLayout {
     static constexpr int64_t kSeqOffset = 8;
     static constexpr int64_t kDoneOffset = 16;  // int32 [2 phases (send, recv)][2 halves]
     static constexpr int64_t kAckOffset = kAlignBytes;
-    static constexpr int64_t kHeaderSlotBytes = kAlignBytes;  // int64 info[kInfoWords], int64 stamp
-    static constexpr int64_t kHeaderStampWord = kInfoWords;
+    // int64 info[kInfoWords], then arrivals (blocks of the source that finished sending into this
+    // half, counted over every call: kGridWord blocks per call) and the source's grid size.
+    static constexpr int64_t kHeaderSlotBytes = kAlignBytes;
+    static constexpr int64_t kHeaderArrivalsWord = kInfoWords;
+    static constexpr int64_t kHeaderGridWord = kInfoWords + 1;
     static constexpr int64_t kHeadersOffset = 2 * kAlignBytes;
     static constexpr int64_t kControlBytes = kHeadersOffset + 2 * kMaxRanks * kHeaderSlotBytes;
 

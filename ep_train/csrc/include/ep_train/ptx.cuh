@@ -29,6 +29,11 @@ __device__ __forceinline__ void st_release_sys(int64_t* p, int64_t v) {
     asm volatile("st.release.sys.global.s64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
+// Release add at system scope (no result): a counter that a peer reads with ld_acquire_sys.
+__device__ __forceinline__ void red_add_release_sys(int64_t* p, int64_t v) {
+    asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
 __device__ __forceinline__ void st_relaxed_sys(int64_t* p, int64_t v) {
     asm volatile("st.relaxed.sys.global.s64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
