@@ -132,10 +132,18 @@ def compare(actual: dict, expected: dict, exact: bool, tag: str, rel_tol: float 
                 raise AssertionError(
                     f"{tag} {key}: not bitwise equal, {int((diff > 0).sum())} differ, max {diff.max()}"
                 )
-        else:
-            scale = e.abs().max().item()
-            err = (a - e).abs().max().item() if e.numel() else 0.0
-            assert err <= rel_tol * max(scale, 1e-30), f"{tag} {key}: max error {err:.3g} vs scale {scale:.3g}"
+        elif e.numel():
+            # NOTES: relative to the reference's norm, with a per-element bound 8x looser than that:
+            # reassociated FP32 sums (a chunked weight gradient adds one GEMM per chunk, cuBLAS picks
+            # its blocking per shape) move single entries by a few ulps of the largest value, while a
+            # lost, doubled or misrouted row moves the norm by far more than rel_tol.
+            diff, scale = (a - e).double(), e.double()
+            rel = (diff.norm() / scale.norm().clamp_min(1e-30)).item()
+            err, big = diff.abs().max().item(), scale.abs().max().item()
+            assert rel <= rel_tol and err <= 8 * rel_tol * max(big, 1e-30), (
+                f"{tag} {key}: relative error {rel:.3g} (tolerance {rel_tol:.3g}), max error {err:.3g} vs largest "
+                f"value {big:.3g}"
+            )
 
 
 def layer_parity(rank: int, world: int, cases: list[Case], candidates: list[str], seed: int, *,
