@@ -8,7 +8,11 @@ The torch backend syncs with the host, so it cannot be captured: it is timed eag
 bandwidth = bytes of the rows rank 0 receives, in BF16 (FP8: x (1 + 4/128) / 2).  Never asserts.
 The header names the low-latency buffer's memory (NVSHMEM or CUDA IPC; ``EP_TRAIN_LL_TRANSPORT``).
 
-    python benchmarks/bench_low_latency.py [--tokens 1 32 128 256] [--iters 50]
+``--trace`` adds, per size, the median time between the phase boundaries inside the fused
+kernels (global timer written by block 0, or by the last block for "acknowledges"; a negative
+"end" means block 0 finished before the last block).
+
+    python benchmarks/bench_low_latency.py [--tokens 1 32 128 256] [--iters 50] [--trace]
 """
 
 from __future__ import annotations
@@ -88,6 +92,37 @@ def _measure(cuda: Buffer, ref: Buffer, T: int, args, rank: int) -> list[str]:
     return lines
 
 
+_TRACE_PHASES = ["begin (counter, acks)", "send", "signal arrivals", "arrivals seen", "receive",
+                 "last block acknowledges", "end"]  # fmt: skip
+
+
+def _trace(cuda: Buffer, T: int, args, rank: int) -> list[list[float]]:
+    """Median ns from one phase boundary to the next (block 0, fused calls; csrc/low_latency_runtime.hpp)."""
+    from ep_train import _ext
+
+    gen = torch.Generator(device="cuda").manual_seed(2000 + rank)
+    x = torch.randn((T, args.hidden), device="cuda", generator=gen).to(torch.bfloat16)
+    idx = torch.rand((T, args.experts), device="cuda", generator=gen).topk(args.topk, dim=1).indices
+    w = torch.rand((T, args.topk), device="cuda", generator=gen)
+    trace = torch.zeros((2, _ext.load().LOW_LATENCY_TRACE_POINTS), dtype=torch.int64, device="cuda")
+    cuda._backend.set_low_latency_trace(trace)
+    samples: list[list[list[int]]] = [[], []]
+    for i in range(args.iters + 5):
+        recv, _, handle, _, _ = cuda.low_latency_dispatch(x, idx, T, args.experts, use_fp8=True, topk_weights=w)
+        y = recv[0].to(torch.bfloat16) if isinstance(recv, tuple) else recv
+        cuda.low_latency_combine(y, idx, w, handle)
+        torch.cuda.synchronize()
+        if i >= 5:
+            for op in range(2):
+                samples[op].append(trace[op].tolist())
+    cuda._backend.set_low_latency_trace(None)
+    rows = []
+    for op in range(2):
+        points = torch.tensor(samples[op], dtype=torch.float64)
+        rows.append((points[:, 1:] - points[:, :-1]).median(dim=0).values.div(1e3).tolist())
+    return rows
+
+
 def _worker(rank: int, world: int, args) -> None:
     rdma = Buffer.get_low_latency_rdma_size_hint(max(args.tokens), args.hidden, world, args.experts)
     cuda = Buffer(None, 0, rdma, low_latency_mode=True, backend="cuda", timeout_s=60.0)
@@ -95,6 +130,14 @@ def _worker(rank: int, world: int, args) -> None:
     lines = []
     for T in args.tokens:
         lines += _measure(cuda, ref, T, args, rank)
+    if args.trace:
+        for T in args.tokens:
+            per_rank = [None] * world
+            dist.all_gather_object(per_rank, _trace(cuda, T, args, rank))
+            for op, name in enumerate(("dispatch FP8", "combine")):
+                lines.append(f"T={T} {name} phases (us, median, block 0; per rank):")
+                for i, phase in enumerate(_TRACE_PHASES):
+                    lines.append(f"    {phase:<26}" + "".join(f"{r[op][i]:8.2f}" for r in per_rank))
     if rank == 0:
         head = f"{world} x {torch.cuda.get_device_name()}, {datetime.date.today()}, H={args.hidden} top-{args.topk} "
         print(f"\n{head}E={args.experts}, num_rdma_bytes={rdma / 2**20:.0f} MiB, "
@@ -106,7 +149,9 @@ def _worker(rank: int, world: int, args) -> None:
 
 
 def main() -> None:
-    run_on_gpus(_worker, standard_parser(__doc__, tokens=[128, 1, 32, 256], iters=50).parse_args())
+    p = standard_parser(__doc__, tokens=[128, 1, 32, 256], iters=50)
+    p.add_argument("--trace", action="store_true", help="also print each phase's time inside the kernels")
+    run_on_gpus(_worker, p.parse_args())
 
 
 if __name__ == "__main__":

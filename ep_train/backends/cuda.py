@@ -343,6 +343,23 @@ class CudaBackend(Backend):
         # LowLatencyLayout that a GPU test compares with the kernels' own size.
         return self._ll
 
+    def set_low_latency_trace(self, trace: torch.Tensor | None) -> None:
+        """Diagnostics: the low-latency kernels write the global timer (ns) at their phase boundaries.
+
+        Args:
+            trace: int64 CUDA tensor ``[2, _C.LOW_LATENCY_TRACE_POINTS]`` (row 0 dispatch, row 1
+                combine; points in csrc/low_latency_runtime.hpp), kept alive by the caller; None
+                stops tracing.
+        """
+        if self._ll is None:
+            raise ValueError("this Buffer has no low-latency buffer")
+        if trace is not None:
+            points = self._C.LOW_LATENCY_TRACE_POINTS
+            if trace.dtype != torch.int64 or not trace.is_cuda or tuple(trace.shape) != (2, points):
+                raise ValueError(f"trace must be an int64 CUDA tensor [2, {points}], got {trace.dtype} "
+                                 f"{tuple(trace.shape)} on {trace.device}")  # fmt: skip
+        self._ll.set_trace(0 if trace is None else trace.data_ptr())
+
     def _ll_hook(self, launch) -> Callable[[], None]:
         """The receive half of a call: waits (on the device) for the send, then launches on the current stream."""
         sent = torch.cuda.Event()

@@ -282,6 +282,7 @@ void low_latency_dispatch(LowLatencyRuntime& rt, const torch::Tensor& x, const t
     check(call_seq, "call_seq", torch::kInt64, 1);
     if (stats) check(*stats, "cumulative_local_expert_recv_stats", torch::kInt32, 1);
     ep_train::LowLatencyDispatchParams p{};
+    p.trace = rt.trace(0);
     p.x = x.data_ptr();
     p.topk_idx = topk_idx.data_ptr<int64_t>();
     p.topk_weights = ptr_or_null<const float>(topk_weights);
@@ -322,6 +323,7 @@ void low_latency_combine(LowLatencyRuntime& rt, const torch::Tensor& x, const to
     TORCH_CHECK(out.size(0) == topk_idx.size(0) && out.size(0) <= max_tokens && out.size(1) == x.size(2),
                 "out must be [T, H] with T <= M");
     ep_train::LowLatencyCombineParams p{};
+    p.trace = rt.trace(1);
     p.x = x.data_ptr();
     p.recv_src_info = recv_src_info.data_ptr<int>();
     p.recv_topk_pos = recv_topk_pos.data_ptr<int>();
@@ -419,8 +421,11 @@ PYBIND11_MODULE(_C, m) {
              }),
              py::arg("rank"), py::arg("num_ranks"), py::arg("num_bytes"), py::arg("timeout_s"), py::arg("external"))
         .def("set_peer_pointers", &LowLatencyRuntime::set_peer_pointers)
+        .def("set_trace",
+             [](LowLatencyRuntime& rt, uintptr_t trace) { rt.set_trace(reinterpret_cast<int64_t*>(trace)); })
         .def("num_bytes", [](const LowLatencyRuntime& rt) { return rt.num_bytes(); });
     m.def("low_latency_control_bytes", []() { return LowLatencyLayout::control_bytes(); });
+    m.attr("LOW_LATENCY_TRACE_POINTS") = static_cast<int>(ep_train::kTracePoints);
     bind_nvshmem(m.def_submodule("nvshmem", "NVSHMEM's host library, loaded at run time (see nvshmem_host.hpp)"));
     m.def("low_latency_dispatch", &low_latency_dispatch);
     m.def("low_latency_combine", &low_latency_combine);

@@ -14,6 +14,22 @@
 
 namespace ep_train {
 
+// Phase boundaries a traced launch records (LowLatencyRuntime::set_trace): block 0 starts, has
+// begun the send (counter and acks read), has sent its rows, has signalled its arrival to every
+// destination, has seen every source's arrivals, has received; the last block has acknowledged;
+// block 0 ends.
+enum LowLatencyTracePoint : int {
+    kTraceStart = 0,
+    kTraceBegun,
+    kTraceSent,
+    kTraceSignalled,
+    kTraceSourcesSeen,
+    kTraceReceived,
+    kTraceAcked,
+    kTraceEnd,
+    kTracePoints
+};
+
 // The low-latency buffer: its own PeerBuffer, so normal and low-latency calls never share memory.
 class LowLatencyRuntime : public PeerBuffer {
   public:
@@ -22,9 +38,14 @@ class LowLatencyRuntime : public PeerBuffer {
 
     RankContext context() const { return PeerBuffer::context(LowLatencyLayout::status(local())); }
     int num_sms() const { return num_sms_; }
+    // Device memory of int64 [2 ops (dispatch, combine)][kTracePoints] or null: the kernels write
+    // the global timer (ns) at their phase boundaries there (a diagnostic; see low_latency.cu).
+    void set_trace(int64_t* trace) { trace_ = trace; }
+    int64_t* trace(int op) const { return trace_ == nullptr ? nullptr : trace_ + op * kTracePoints; }
 
   private:
     int num_sms_ = 0;
+    int64_t* trace_ = nullptr;
 };
 
 // Phases of one low-latency kernel launch: send only (hook mode), receive only (the hook), or both.
@@ -43,6 +64,7 @@ struct LowLatencyDispatchParams {
     int* recv_count;             // [L]
     int* cumulative_stats;       // [L] or null
     int64_t* call_seq;           // [1]: the send phase stores this call's sequence, the receive reads it
+    int64_t* trace;              // [kTracePoints] or null
     int num_tokens, num_topk, num_experts;
     bool use_fp8, round_scale;
     int64_t info[kInfoWords];
@@ -60,6 +82,7 @@ struct LowLatencyCombineParams {
     const float* topk_weights;         // [T, K]
     void* out;                         // [T, H] BF16
     int64_t* call_seq;                 // [1]
+    int64_t* trace;                    // [kTracePoints] or null
     int num_tokens, num_topk, num_experts;
     int64_t info[kInfoWords];
     LowLatencyLayout layout;

@@ -55,6 +55,16 @@ __device__ __forceinline__ uint16_t fp8x2_e4m3(float lo, float hi) {
     return r;
 }
 
+// Traced launches (p.trace non-null): the global timer (ns) at a phase boundary, by thread 0 of
+// the block that passes `who`.
+__device__ __forceinline__ void trace_mark(int64_t* trace, int point, bool who) {
+    if (trace != nullptr && who && threadIdx.x == 0) {
+        int64_t now;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+        trace[point] = now;
+    }
+}
+
 // True in exactly one block: the last of the grid to get here.  Every block's earlier memory
 // operations are ordered before that block's later ones; the counter is reset for the next launch
 // of the same phase and half.  kPeerWrites: the blocks wrote peer memory that must be visible
@@ -255,6 +265,7 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, const RankConte
     const int K = p.num_topk, E = p.num_experts, L = p.layout.num_local_experts, M = p.layout.max_tokens;
     const int H = p.layout.hidden, S = H / kFp8Block, R = ctx.num_ranks, me = ctx.rank, lane = lane_id();
     const int64_t seq = begin_send(ctx, &sh.seq, &sh.flag);
+    trace_mark(p.trace, kTraceBegun, blockIdx.x == 0);
     const int half = static_cast<int>(seq & 1);
     const int T = p.num_tokens, num_entries = T * K;
     const int per = (T + gridDim.x - 1) / gridDim.x;
@@ -346,7 +357,9 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, const RankConte
         __syncthreads();
     }
 
+    trace_mark(p.trace, kTraceSent, blockIdx.x == 0);
     signal_arrival(ctx, seq);
+    trace_mark(p.trace, kTraceSignalled, blockIdx.x == 0);
     if (block_is_last<false>(LowLatencyLayout::done(ctx.peers.base[me], kSendPhase, half), &sh.flag))
         record_seq(ctx, seq, p.call_seq);
 }
@@ -367,6 +380,7 @@ __device__ void dispatch_recv(const LowLatencyDispatchParams& p, const RankConte
     const int half = static_cast<int>(seq & 1);
     void* own = ctx.peers.base[ctx.rank];
     if (wait_sources(ctx, p.info, seq, kWaitLowLatencyDispatch, &sh.flag)) return;
+    trace_mark(p.trace, kTraceSourcesSeen, blockIdx.x == 0);
 
     const ExpertShare share = expert_share(L);
     const int64_t payload = p.use_fp8 ? H : int64_t(H) * 2;
@@ -422,7 +436,11 @@ __device__ void dispatch_recv(const LowLatencyDispatchParams& p, const RankConte
         }
         __syncthreads();
     }
-    if (block_is_last<false>(LowLatencyLayout::done(own, kRecvPhase, half), &sh.flag)) acknowledge(ctx, seq);
+    trace_mark(p.trace, kTraceReceived, blockIdx.x == 0);
+    if (block_is_last<false>(LowLatencyLayout::done(own, kRecvPhase, half), &sh.flag)) {
+        acknowledge(ctx, seq);
+        trace_mark(p.trace, kTraceAcked, true);
+    }
 }
 
 // Grid: one block per SM (all co-resident: the fused send + receive waits inside one launch).
@@ -433,6 +451,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     __shared__ RecvShared recv_sh;
     extern __shared__ float s_fp8[];  // [32 tokens][S] scales, then [32][S] reciprocals
     int64_t seq;
+    trace_mark(p.trace, kTraceStart, blockIdx.x == 0);
     // NOTES: no status check between the phases: a failure stops the receive phase at its first wait.
     if (phases & kPhaseSend) {
         dispatch_send(p, ctx, send_sh, s_fp8, s_fp8 + kRoundTokens * (p.layout.hidden / kFp8Block));
@@ -442,6 +461,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         seq = ptx::ld_volatile(p.call_seq);
     }
     if (phases & kPhaseRecv) dispatch_recv(p, ctx, recv_sh, seq);
+    trace_mark(p.trace, kTraceEnd, blockIdx.x == 0);
 }
 
 // Combine send.  Grid as the dispatch receive: a warp sends one filled slot (l, j) of x back to its
@@ -450,6 +470,7 @@ __device__ void combine_send(const LowLatencyCombineParams& p, const RankContext
     const int R = ctx.num_ranks, L = p.layout.num_local_experts, M = p.layout.max_tokens, K = p.num_topk;
     const int RM = R * M, warp = threadIdx.x / kWarpSize;
     const int64_t seq = begin_send(ctx, &sh.seq, &sh.flag), row_bytes = int64_t(p.layout.hidden) * 2;
+    trace_mark(p.trace, kTraceBegun, blockIdx.x == 0);
     const int half = static_cast<int>(seq & 1);
     __syncthreads();
     if (sh.flag) return;
@@ -483,7 +504,9 @@ __device__ void combine_send(const LowLatencyCombineParams& p, const RankContext
         }
         __syncthreads();
     }
+    trace_mark(p.trace, kTraceSent, blockIdx.x == 0);
     signal_arrival(ctx, seq);
+    trace_mark(p.trace, kTraceSignalled, blockIdx.x == 0);
     if (block_is_last<false>(LowLatencyLayout::done(ctx.peers.base[ctx.rank], kSendPhase, half), &sh.flag))
         record_seq(ctx, seq, p.call_seq);
 }
@@ -517,6 +540,7 @@ __device__ void combine_recv(const LowLatencyCombineParams& p, const RankContext
     const int half = static_cast<int>(seq & 1);
     void* own = ctx.peers.base[ctx.rank];
     if (wait_sources(ctx, p.info, seq, kWaitLowLatencyCombine, &sh.flag)) return;
+    trace_mark(p.trace, kTraceSourcesSeen, blockIdx.x == 0);
     const int64_t items = H % 8 == 0 ? int64_t(p.num_tokens) * chunks : 0;
     if (H % 8 != 0) combine_reduce_scalar(p, own, half);
     for (int64_t it = blockIdx.x * int64_t(kThreads) + threadIdx.x; it < items; it += int64_t(gridDim.x) * kThreads) {
@@ -555,7 +579,11 @@ __device__ void combine_recv(const LowLatencyCombineParams& p, const RankContext
         for (int i = 0; i < 4; ++i) o.v[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
         reinterpret_cast<Bf16x8*>(static_cast<char*>(p.out) + int64_t(t) * H * 2)[c] = o;
     }
-    if (block_is_last<false>(LowLatencyLayout::done(own, kRecvPhase, half), &sh.flag)) acknowledge(ctx, seq);
+    trace_mark(p.trace, kTraceReceived, blockIdx.x == 0);
+    if (block_is_last<false>(LowLatencyLayout::done(own, kRecvPhase, half), &sh.flag)) {
+        acknowledge(ctx, seq);
+        trace_mark(p.trace, kTraceAcked, true);
+    }
 }
 
 __global__ void __launch_bounds__(kThreads, 1)
@@ -563,6 +591,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                                const __grid_constant__ RankContext ctx, int phases) {
     __shared__ RecvShared sh;
     int64_t seq;
+    trace_mark(p.trace, kTraceStart, blockIdx.x == 0);
     if (phases & kPhaseSend) {  // a failure stops the receive phase at its first wait (see dispatch)
         combine_send(p, ctx, sh);
         seq = sh.seq;
@@ -571,6 +600,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         seq = ptx::ld_volatile(p.call_seq);
     }
     if (phases & kPhaseRecv) combine_recv(p, ctx, sh, seq);
+    trace_mark(p.trace, kTraceEnd, blockIdx.x == 0);
 }
 
 }  // namespace
