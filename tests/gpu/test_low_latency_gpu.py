@@ -322,3 +322,46 @@ def suite_transport_choice(rank: int, world: int, seed: int) -> None:
 
 def test_transport_choice(num_gpus):
     run_seeded(suite_transport_choice, num_gpus)
+
+
+def suite_phase_trace(rank: int, world: int, seed: int) -> None:
+    """The diagnostic phase trace: every boundary recorded, block 0's in order, results unchanged, off again."""
+    cuda, _ = _buffers(world)
+    points = _ext.load().LOW_LATENCY_TRACE_POINTS
+    with pytest.raises(ValueError, match="trace"):
+        cuda._backend.set_low_latency_trace(torch.zeros((2, points), dtype=torch.int32, device="cuda"))
+    gen = rank_generator(seed, rank)
+    T, H, K, M = 24 + rank, 2048, 4, 32
+    x = torch.randn((T, H), generator=gen).to(torch.bfloat16).cuda()
+    idx = routing("random", T, K, E, rank, gen)
+    w = torch.rand((T, K), generator=gen).cuda()
+
+    def step():
+        recv, count, handle, _, _ = cuda.low_latency_dispatch(x, idx, M, E, use_fp8=False, topk_weights=w)
+        combined, _, _ = cuda.low_latency_combine(_expert_out(recv, rank, world), idx, w, handle)
+        torch.cuda.synchronize()
+        return recv.clone(), count.clone(), combined.clone()
+
+    plain = step()
+    trace = torch.zeros((2, points), dtype=torch.int64, device="cuda")
+    cuda._backend.set_low_latency_trace(trace)
+    traced = step()
+    cuda._backend.set_low_latency_trace(None)
+    assert_bitwise("traced recv_count", traced[1], plain[1])
+    assert_bitwise("traced combine", traced[2], plain[2])
+    for l, n in enumerate(plain[1].tolist()):  # noqa: E741 - l is the local expert; filled slots only
+        assert_bitwise(f"traced recv_x expert {l}", traced[0][l, :n], plain[0][l, :n])
+    for op, row in zip(("dispatch", "combine"), trace.tolist(), strict=True):
+        assert all(t > 0 for t in row), f"{op}: a boundary was not recorded: {row}"
+        block0 = row[:6] + row[7:]  # start .. received, end (point 6 is the last block's)
+        assert block0 == sorted(block0), f"{op}: block 0's boundaries out of order: {row}"
+        assert row[6] >= row[0], f"{op}: acknowledged before the start: {row}"
+    trace.zero_()
+    step()
+    assert int(trace.count_nonzero()) == 0, "tracing off must write nothing"
+    dist.barrier()
+    cuda.destroy()
+
+
+def test_phase_trace(num_gpus):
+    run_seeded(suite_phase_trace, num_gpus)
