@@ -30,6 +30,7 @@ experts, K top-k, N received rows, P expert-major rows.
 from __future__ import annotations
 
 import collections
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,20 +71,25 @@ def routing_map_to_topk(routing_map_TE: torch.Tensor, num_topk: int, check: bool
     num_experts = routing_map_TE.shape[1]
     k = min(num_topk, num_experts)
     # Score E - e for selected experts, 0 otherwise: topk keeps ascending expert ids first.
-    rank_E = torch.arange(num_experts, 0, -1, device=routing_map_TE.device, dtype=torch.int32)
-    scores_TE = routing_map_TE.to(torch.int32) * rank_E
+    # NOTES: few ops on purpose; on CUDA each costs host time before the dispatch can start.
+    scores_TE = torch.where(routing_map_TE, _descending_ranks(num_experts, routing_map_TE.device), 0)
     values_TK, idx_TK = torch.topk(scores_TE, k, dim=1, sorted=True)
-    idx_TK = torch.where(values_TK > 0, idx_TK, torch.full_like(idx_TK, -1))
+    idx_TK = idx_TK.masked_fill_(values_TK == 0, -1)  # int64 already
     if k < num_topk:
         idx_TK = torch.nn.functional.pad(idx_TK, (0, num_topk - k), value=-1)
-    return idx_TK.to(torch.int64)
+    return idx_TK
+
+
+@functools.lru_cache(maxsize=16)
+def _descending_ranks(num_experts: int, device: torch.device) -> torch.Tensor:
+    """``[E, E-1, ..., 1]`` int32 on ``device`` (made once per shape and device)."""
+    return torch.arange(num_experts, 0, -1, device=device, dtype=torch.int32)
 
 
 def _gather_weights(probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``probs[t, topk_idx[t, k]]`` (0 where the index is -1), differentiable w.r.t. ``probs``."""
-    valid_TK = topk_idx_TK >= 0
     w_TK = probs_TE.gather(1, topk_idx_TK.clamp(min=0)).to(dtype)
-    return torch.where(valid_TK, w_TK, torch.zeros_like(w_TK))
+    return w_TK.masked_fill(topk_idx_TK < 0, 0)
 
 
 @dataclass
