@@ -57,6 +57,18 @@ def test_moe_layer_parity_ep4():
     assert all(c == counts[0] >= 2 * len(cases) - 1 for c in counts)
 
 
+def test_moe_layer_parity_ep8():
+    """The EP8 code paths on 8 gloo ranks (one or two experts per rank)."""
+    cases = [
+        Case(topk=2),
+        Case(topk=8, num_experts=16, experts="grouped_gemm"),
+        Case(topk=2, num_experts=16, chunks=2),
+        Case(topk=2, first_experts=True),  # ranks 1..7 receive nothing
+    ]
+    counts = run_distributed(layer_parity, 8, cases, ["deepep", "flex"], _seed(), timeout_s=TIMEOUT_S)
+    assert all(c == 2 * len(cases) for c in counts), counts
+
+
 def test_gpt_training_matches_alltoall():
     """2-layer MoE GPT, 6 steps: top-2 losses are bitwise those of alltoall (and fall)."""
     losses = run_distributed(gpt_training, 2, ["alltoall", "deepep", "flex"], 6, _seed(), timeout_s=TIMEOUT_S)
