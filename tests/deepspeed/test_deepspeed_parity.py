@@ -63,6 +63,15 @@ def test_parity_ep4_and_ep2_dp2():
     _check(cases, run_distributed(harness.parity_cases, 4, cases, timeout_s=600))
 
 
+def test_parity_ep8_and_ep4_dp2():
+    """Eight ranks: the EP8 code paths (one or two experts per rank), and EP 4 × expert-data-parallel 2."""
+    cases = [dict(SHAPE, ep=8, experts=8, k=2, dtype="fp32"), dict(SHAPE, ep=8, experts=16, k=3, dtype="fp32"),
+             dict(SHAPE, ep=8, experts=8, k=1, dtype="bf16"), dict(SHAPE, ep=4, experts=8, k=2, dtype="fp32"),
+             dict(SHAPE, ep=8, experts=8, k=2, dtype="fp32", drop=True),
+             dict(SHAPE, ep=8, experts=8, k=2, dtype="fp32", first_experts=True)]  # fmt: skip
+    _check(cases, run_distributed(harness.parity_cases, 8, cases, timeout_s=600))
+
+
 def test_grouped_experts_match_swiglu_modules():
     """``ep_train.deepspeed.MoE(expert=None, ffn_hidden_size=F)`` equals DeepSpeed's MoE over SwiGLU
     modules with the same weights; its parameters carry the expert tags."""
