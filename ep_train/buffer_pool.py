@@ -34,13 +34,13 @@ class BufferPool:
         num_sms: SMs of every buffer's default dispatch/combine configs (None: the measured default).
         dispatch_config, combine_config: configs the buffer memory is sized for (None: defaults).
         check_values: the buffers' ``check_values``: check ``topk_idx`` ranges on the host, a stream
-            sync per dispatch on CUDA.  The framework adapters turn it off: they build ``topk_idx``
-            themselves from their router's top-k, in range by construction.
+            sync per dispatch on CUDA.  Off by default: the layers that share a pool (the framework
+            adapters) build ``topk_idx`` themselves from their router's top-k, in range by construction.
     """
 
     def __init__(self, *, backend: str = "auto", num_sms: int | None = None,
                  dispatch_config: Config | None = None, combine_config: Config | None = None,
-                 check_values: bool = True):  # fmt: skip
+                 check_values: bool = False):  # fmt: skip
         # NOTES: checked here, where the user passed them, not at the first forward that makes a buffer.
         if backend not in BACKEND_NAMES:
             raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")

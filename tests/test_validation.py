@@ -587,6 +587,7 @@ def test_buffer_pool_passes_check_values(group, monkeypatch, check_values):
     calls = []
     monkeypatch.setattr(buffer_module, "check_topk_idx_values", lambda *a, **k: calls.append("buffer"))
     monkeypatch.setattr(torch_backend, "check_topk_idx_values", lambda *a, **k: calls.append("backend"))
+    assert BufferPool().check_values is False  # the default: the adapters build topk_idx from a top-k
     buf = BufferPool(backend="torch", check_values=check_values).get(group, H)
     try:
         assert buf.check_values is check_values

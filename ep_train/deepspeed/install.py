@@ -41,7 +41,7 @@ def use_ep_train(model: nn.Module, *, drop_tokens: bool | None = False, backend:
     if drop_tokens is not None and not isinstance(drop_tokens, bool):
         raise TypeError(f"drop_tokens must be True, False or None, got {drop_tokens!r}")
     check_int("expert_alignment", expert_alignment, 1)
-    pool = BufferPool(backend=backend, num_sms=num_sms, check_values=False)  # topk_idx: the gate's top-k
+    pool = BufferPool(backend=backend, num_sms=num_sms)
     replaced = []
     for name, module in model.named_modules():
         if not isinstance(module, _DeepSpeedMoE):

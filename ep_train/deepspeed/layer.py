@@ -55,8 +55,7 @@ class EPMOELayer(MOELayer):
             isinstance(combine_dtype, torch.dtype) and combine_dtype.is_floating_point
         ):
             raise TypeError(f"combine_dtype must be a floating torch.dtype or None, got {combine_dtype!r}")
-        # topk_idx comes from the gate's top-k: in range by construction, no host check needed.
-        self.buffers = buffers if buffers is not None else BufferPool(check_values=False)
+        self.buffers = buffers if buffers is not None else BufferPool()
         self.expert_alignment = expert_alignment
         self.combine_dtype = combine_dtype
         self.num_experts = num_local_experts * ep_size

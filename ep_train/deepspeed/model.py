@@ -100,7 +100,7 @@ class MoELM(nn.Module):
         if moe.impl not in IMPLS:
             raise ValueError(f"moe.impl must be one of {IMPLS}, got {moe.impl!r}")
         self.config, self.moe_config = model, moe
-        pool = BufferPool(backend=moe.backend, num_sms=moe.num_sms, check_values=False)  # router top-k ids
+        pool = BufferPool(backend=moe.backend, num_sms=moe.num_sms)
         self.embed = nn.Embedding(model.vocab_size, model.hidden_size)
         self.blocks = nn.ModuleList(Block(model, moe, pool) for _ in range(model.num_layers))
         self.norm = nn.LayerNorm(model.hidden_size)

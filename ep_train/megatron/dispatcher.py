@@ -140,7 +140,6 @@ class EPTokenDispatcher(MoETokenDispatcher):
         self.buffers = buffers if buffers is not None else BufferPool(
             backend=self.options.backend, num_sms=self.options.num_sms,
             dispatch_config=self.options.dispatch_config, combine_config=self.options.combine_config,
-            check_values=False,  # topk_idx comes from routing_map_to_topk: in range by construction
         )  # fmt: skip
         self.shared_experts = None
         # Create the group's buffer now (collectively, while every rank builds its layers) so that

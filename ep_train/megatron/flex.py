@@ -36,8 +36,7 @@ class FlexBackend:
     """
 
     def __init__(self, buffers: BufferPool | None = None):
-        # Megatron's flex preprocessing builds token_indices from its router's top-k: in range.
-        self.buffers = buffers if buffers is not None else BufferPool(check_values=False)
+        self.buffers = buffers if buffers is not None else BufferPool()
         self._saved: dict[tuple[str, str], Any] | None = None
 
     # ------------------------------------------------------------------ the three hooks
@@ -103,5 +102,5 @@ def install_flex_backend(
     with ``moe_deepep_num_sms``, which overrides ``num_sms``).
     """
     if buffers is None:
-        buffers = BufferPool(backend=backend, num_sms=num_sms, check_values=False)
+        buffers = BufferPool(backend=backend, num_sms=num_sms)
     return FlexBackend(buffers).install()

@@ -90,11 +90,10 @@ def moe_layer_spec(spec: Any, *, options: EPOptions | None = None, grouped_gemm_
         ValueError: the spec contains no ``MoELayer``.
     """
     options = options if options is not None else EPOptions()
-    if buffers is None:  # check_values off: topk_idx comes from routing_map_to_topk, in range
+    if buffers is None:
         buffers = BufferPool(backend=options.backend, num_sms=options.num_sms,
                              dispatch_config=options.dispatch_config,
-                             combine_config=options.combine_config,
-                             check_values=False)  # fmt: skip
+                             combine_config=options.combine_config)  # fmt: skip
     rewriter = _Rewriter(options, buffers, grouped_gemm_experts)
     out = rewriter(spec)
     if rewriter.count == 0:
