@@ -24,8 +24,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..backends import BACKEND_NAMES
-from ..train.recipe import LaunchSection, RecipeError, load_sections
-from ..validate import check_num_sms
+from ..train.recipe import LaunchSection, RecipeError, check_num_sms_field, load_sections
 from .model import IMPLS, ModelConfig, MoEConfig
 
 __all__ = ["DeepSpeedRecipe", "load_recipe", "main"]
@@ -94,10 +93,7 @@ def _validate(r: DeepSpeedRecipe) -> None:
         raise RecipeError(f"moe.ep_size={moe.ep_size} must divide model.num_experts={m.num_experts}")
     if moe.backend not in BACKEND_NAMES:
         raise RecipeError(f"moe.backend must be one of {BACKEND_NAMES}, got {moe.backend!r}")
-    try:
-        check_num_sms("moe.num_sms", moe.num_sms, none_ok=True)
-    except ValueError:
-        raise RecipeError(f"moe.num_sms must be an even integer >= 2 or null, got {moe.num_sms!r}") from None
+    check_num_sms_field("moe.num_sms", moe.num_sms, none_ok=True)
     if r.deepspeed.zero_stage not in (None, 0, 1, 2, 3):
         raise RecipeError(f"deepspeed.zero_stage must be 0, 1, 2, 3 or null, got {r.deepspeed.zero_stage!r}")
     if r.deepspeed.config and not os.path.exists(r.deepspeed.config):

@@ -15,7 +15,10 @@ from typing import Any
 
 import yaml
 
-__all__ = ["Recipe", "RecipeError", "load_recipe", "load_sections", "DISPATCHERS", "default_recipe_path"]
+from ..validate import check_num_sms
+
+__all__ = ["Recipe", "RecipeError", "check_num_sms_field", "load_recipe", "load_sections", "DISPATCHERS",
+           "default_recipe_path"]  # fmt: skip
 
 DISPATCHERS = ("deepep", "alltoall", "allgather", "flex")
 #: token id types of a raw ``.bin`` dataset (``data.dtype``).
@@ -213,6 +216,14 @@ def load_recipe(path: str | None = None, overrides: list[str] | None = None) -> 
     return recipe
 
 
+def check_num_sms_field(key: str, value: Any, none_ok: bool = False) -> None:
+    """A recipe's SM count (``validate.check_num_sms``), reported as a RecipeError naming the field."""
+    try:
+        check_num_sms(key, value, none_ok=none_ok)
+    except ValueError:
+        raise RecipeError(f"{key} must be an even integer >= 2{' or null' if none_ok else ''}, got {value!r}") from None
+
+
 def _positive(key: str, value: int | float) -> None:
     if value <= 0:
         raise RecipeError(f"{key} must be > 0, got {value}")
@@ -249,8 +260,7 @@ def _validate(r: Recipe, world_size: int | None, device: str | None) -> None:
     if r.moe.dispatcher not in DISPATCHERS:
         raise RecipeError(f"moe.dispatcher must be one of {DISPATCHERS}, got {r.moe.dispatcher!r}")
     _positive("moe.overlap_chunks", r.moe.overlap_chunks)
-    if r.moe.num_sms < 2 or r.moe.num_sms % 2:
-        raise RecipeError(f"moe.num_sms must be an even number >= 2, got {r.moe.num_sms}")
+    check_num_sms_field("moe.num_sms", r.moe.num_sms)
     for key in ("steps", "micro_batch_size", "global_batch_size", "lr"):
         _positive(f"train.{key}", getattr(t, key))
     numbers = {f"train.{k}": getattr(t, k) for k in ("lr", "min_lr", "weight_decay", "adam_beta1", "adam_beta2",

@@ -94,6 +94,8 @@ def test_overrides_take_the_field_types():
         ("train.weight_decay=-3", "train.weight_decay must be >= 0, got -3.0"),
         ("moe.aux_loss_coeff=-1", "moe.aux_loss_coeff must be >= 0, got -1.0"),
         ("data.dtype=float99", "data.dtype must be one of ('uint16', 'uint32', 'int32', 'int64'), got 'float99'"),
+        ("moe.num_sms=23", "moe.num_sms must be an even integer >= 2, got 23"),
+        ("moe.num_sms=0", "moe.num_sms must be an even integer >= 2, got 0"),
     ],
 )
 def test_bad_training_values_are_named(item, words):
