@@ -64,12 +64,13 @@ def _aligned(counts: torch.Tensor, alignment: int) -> torch.Tensor:
     return (counts + alignment - 1) // alignment * alignment
 
 
-# The kernel keeps a [32 warps][L] count table in 48 KB of shared memory.
-_KERNEL_MAX_LOCAL_EXPERTS = 384
-
-
 def _layout_kernel_takes(device: torch.device, num_local_experts: int) -> bool:
-    return device.type == "cuda" and 1 <= num_local_experts <= _KERNEL_MAX_LOCAL_EXPERTS and _ext.is_available()
+    """The pair-layout kernel serves this layout (CUDA, built, within its local-expert limit)."""
+    return (
+        device.type == "cuda"
+        and _ext.is_available()
+        and 1 <= num_local_experts <= _ext.load().PAIR_LAYOUT_MAX_LOCAL_EXPERTS
+    )
 
 
 def _count_pairs(idx_Q: torch.Tensor, num_local_experts: int) -> torch.Tensor:

@@ -201,16 +201,18 @@ void combine(IntranodeRuntime& rt, const torch::Tensor& x, const OptTensor& topk
 std::vector<torch::Tensor> pair_layout(const torch::Tensor& idx, int64_t num_local, int64_t alignment,
                                        int64_t num_pair_rows) {
     check(idx, "recv_topk_idx", torch::kInt64, 2);
-    TORCH_CHECK(num_local >= 1 && num_local <= 384, "num_local_experts must be in [1, 384], got ", num_local);
+    TORCH_CHECK(num_local >= 1 && num_local <= ep_train::kPairLayoutMaxLocalExperts,
+                "num_local_experts must be in [1, ", ep_train::kPairLayoutMaxLocalExperts, "], got ", num_local);
     TORCH_CHECK(alignment >= 1, "alignment must be >= 1, got ", alignment);
     TORCH_CHECK(num_pair_rows >= 0, "num_pair_rows must be >= 0, got ", num_pair_rows);
     c10::cuda::CUDAGuard guard(idx.device());
-    const int64_t n = idx.size(0), k = idx.size(1), blocks = (n * k + 1023) / 1024;
+    const int64_t n = idx.size(0), k = idx.size(1);
     auto opts = idx.options();
     auto pos = torch::empty({n, k}, opts);
     auto row_P = torch::empty({num_pair_rows}, opts);
     auto pair_P = torch::empty({num_pair_rows}, opts);
-    auto scratch = torch::empty({std::max<int64_t>(blocks * num_local, 1)}, opts.dtype(torch::kInt32));
+    auto scratch = torch::empty({ep_train::pair_layout_scratch_ints(n * k, static_cast<int>(num_local))},
+                                opts.dtype(torch::kInt32));
     ep_train::launch_pair_layout(idx.data_ptr<int64_t>(), n, static_cast<int>(k), static_cast<int>(num_local),
                                  static_cast<int>(alignment), num_pair_rows, scratch.data_ptr<int>(),
                                  pos.data_ptr<int64_t>(), row_P.data_ptr<int64_t>(), pair_P.data_ptr<int64_t>(),
@@ -409,6 +411,7 @@ PYBIND11_MODULE(_C, m) {
     m.def("combine", &combine);
     m.def("sum_pairs", &sum_pairs);
     m.def("pair_layout", &pair_layout);
+    m.attr("PAIR_LAYOUT_MAX_LOCAL_EXPERTS") = ep_train::kPairLayoutMaxLocalExperts;
     m.def("copy_rows", &copy_rows);
     m.def("low_latency_bytes", [](int64_t max_tokens, int64_t hidden, int num_ranks, int64_t num_experts) {
         return LowLatencyLayout(max_tokens, hidden, num_ranks, num_experts).total_bytes();

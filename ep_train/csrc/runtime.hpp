@@ -43,8 +43,10 @@ void launch_sum_pairs(const void* y, const int64_t* pos, void* out, bool bf16, i
 // The expert-major layout of the pairs of idx [num_rows, num_topk] (local expert ids, anything
 // outside [0, num_local) = no pair), as ep_train/permute.py's op-by-op path: pos [num_rows *
 // num_topk] (num_pair_rows where no pair), row_P / pair_P [num_pair_rows] (num_rows / num_rows *
-// num_topk for padding).  scratch: int32 [ceil(num_rows * num_topk / 1024) * num_local].
-// num_local <= 384; num_pair_rows = the sum of the aligned per-expert counts.
+// num_topk for padding).  scratch: int32 [pair_layout_scratch_ints(num_rows * num_topk, num_local)].
+// num_local <= kPairLayoutMaxLocalExperts; num_pair_rows = the sum of the aligned per-expert counts.
+constexpr int kPairLayoutMaxLocalExperts = 384;  // a [32 warps][L] int table in 48 KB of shared memory
+int64_t pair_layout_scratch_ints(int64_t num_slots, int num_local);
 void launch_pair_layout(const int64_t* idx, int64_t num_rows, int num_topk, int num_local, int alignment,
                         int64_t num_pair_rows, int* scratch, int64_t* pos, int64_t* row_P, int64_t* pair_P,
                         cudaStream_t stream);

@@ -65,6 +65,7 @@ def test_pair_layout_kernel_stays_in_bounds_when_counts_disagree(kernels):
     pos, row_P, pair_P = kernels.pair_layout(idx, 32, 1, short)
     torch.cuda.synchronize()
     assert row_P.numel() == short and int(pos.max()) <= short and int(pos.min()) >= 0
+    assert kernels.PAIR_LAYOUT_MAX_LOCAL_EXPERTS == 384  # what ep_train.permute routes to the kernel
     with pytest.raises(RuntimeError, match="num_local_experts must be in"):
         kernels.pair_layout(idx, 385, 1, total)
     with pytest.raises(RuntimeError, match="recv_topk_idx"):

@@ -11,8 +11,10 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
+#include <string>
 
 #include "ep_train/vec.cuh"
 #include "runtime.hpp"
@@ -81,7 +83,6 @@ __global__ void __launch_bounds__(kSumThreads)
 
 constexpr int kPlaceThreads = 1024;  // slots per block in the pair layout launches
 constexpr int kPlaceWarps = kPlaceThreads / 32;
-constexpr int kMaxPlaceExperts = 384;  // the [warp][expert] table stays within 48 KB of shared memory
 
 __device__ __forceinline__ int local_expert(const int64_t* idx, int64_t q, int64_t num_slots, int num_local) {
     const int64_t e = q < num_slots ? idx[q] : -1;
@@ -186,13 +187,18 @@ void launch_sum_pairs(const void* y, const int64_t* pos, void* out, bool bf16, i
     check_cuda(cudaGetLastError(), "sum_pairs launch");
 }
 
+int64_t pair_layout_scratch_ints(int64_t num_slots, int num_local) {
+    return std::max<int64_t>((num_slots + kPlaceThreads - 1) / kPlaceThreads * num_local, 1);
+}
+
 void launch_pair_layout(const int64_t* idx, int64_t num_rows, int num_topk, int num_local, int alignment,
                         int64_t num_pair_rows, int* scratch, int64_t* pos, int64_t* row_P, int64_t* pair_P,
                         cudaStream_t stream) {
     const int64_t num_slots = num_rows * num_topk;
     if (num_slots == 0 && num_pair_rows == 0) return;
-    if (num_local < 1 || num_local > kMaxPlaceExperts || alignment < 1)
-        throw std::runtime_error("pair_layout: num_local must be in [1, 384] and alignment >= 1");
+    if (num_local < 1 || num_local > kPairLayoutMaxLocalExperts || alignment < 1)
+        throw std::runtime_error("pair_layout: num_local must be in [1, " + std::to_string(kPairLayoutMaxLocalExperts) +
+                                 "] and alignment >= 1");
     if (num_pair_rows > INT32_MAX) throw std::runtime_error("pair_layout: more than 2^31 - 1 expert-major rows");
     const int64_t blocks = (num_slots + kPlaceThreads - 1) / kPlaceThreads;
     if (blocks > INT32_MAX) throw std::runtime_error("pair_layout: too many pair slots");
