@@ -11,6 +11,7 @@ M ``num_max_dispatch_tokens_per_rank``.  ``-1`` in a ``topk_idx`` means "no expe
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -173,21 +174,8 @@ class Buffer:
     def set_num_sms(self, num_sms: int) -> None:
         """SMs used by this buffer's default dispatch/combine configs (even; affects no other buffer)."""
         check_num_sms("num_sms", num_sms)
-        d, c = self._dispatch_config, self._combine_config
-        self._dispatch_config = Config(
-            num_sms,
-            d.num_max_nvl_chunked_send_tokens,
-            d.num_max_nvl_chunked_recv_tokens,
-            d.num_max_rdma_chunked_send_tokens,
-            d.num_max_rdma_chunked_recv_tokens,
-        )
-        self._combine_config = Config(
-            num_sms,
-            c.num_max_nvl_chunked_send_tokens,
-            c.num_max_nvl_chunked_recv_tokens,
-            c.num_max_rdma_chunked_send_tokens,
-            c.num_max_rdma_chunked_recv_tokens,
-        )
+        self._dispatch_config = dataclasses.replace(self._dispatch_config, num_sms=num_sms)
+        self._combine_config = dataclasses.replace(self._combine_config, num_sms=num_sms)
 
     def get_comm_stream(self):
         """The CUDA stream this buffer's kernels run on (``None`` on CPU)."""

@@ -598,3 +598,12 @@ def test_buffer_pool_passes_check_values(group, monkeypatch, check_values):
         assert calls == (["buffer"] if check_values else ["backend"]), calls
     finally:
         buf.destroy()
+
+
+def test_set_num_sms_keeps_the_chunk_sizes(ctx):
+    """set_num_sms changes the SM count of both default configs and nothing else."""
+    d, c = ctx.buf._dispatch_config, ctx.buf._combine_config
+    ctx.buf.set_num_sms(12)
+    assert ctx.buf._dispatch_config == Config(12, *dataclasses.astuple(d)[1:])
+    assert ctx.buf._combine_config == Config(12, *dataclasses.astuple(c)[1:])
+    assert ctx.buf.num_sms == 12
