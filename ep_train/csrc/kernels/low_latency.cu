@@ -205,41 +205,64 @@ __device__ __forceinline__ ExpertShare expert_share(int num_local_experts) {
     return {b < per * num_local_experts ? b / per : num_local_experts, num_local_experts, b % per, per};
 }
 
-// FP8 scales (and their reciprocals) of tokens [t_first, t_first + n) into shared memory: one warp
-// per (token, 128-channel block), 4 channels per lane.
-__device__ void fp8_scales(const LowLatencyDispatchParams& p, int t_first, int n, float* s_scale, float* s_inv) {
-    const int S = p.layout.hidden / kFp8Block, lane = lane_id();
-    for (int item = threadIdx.x / kWarpSize; item < n * S; item += kWarps) {
-        const int tl = item / S, sb = item % S;
-        const auto* src = reinterpret_cast<const uint2*>(
-            static_cast<const char*>(p.x) + (int64_t(t_first + tl) * p.layout.hidden + sb * kFp8Block) * 2);
-        const uint2 raw = src[lane];
-        const auto* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-        const float2 a = __bfloat1622float2(h[0]), b = __bfloat1622float2(h[1]);
-        float amax = fmaxf(fmaxf(fabsf(a.x), fabsf(a.y)), fmaxf(fabsf(b.x), fabsf(b.y)));
-        for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-        if (lane == 0) {
-            float scale = __fmul_rn(fmaxf(amax, kAmaxFloor), kInvFp8Max);
-            if (p.round_scale) scale = exp2f(ceilf(log2f(scale)));
-            s_scale[tl * S + sb] = scale;
-            s_inv[tl * S + sb] = __fdiv_rn(1.0f, scale);
-        }
-    }
+// 8 channels (16 bytes) of a token row: thread `it` of a send round holds channels [c * 8, c * 8 + 8)
+// of token it / chunks, c = it % chunks, chunks = H / 8.
+__device__ __forceinline__ int4 load_chunk(const LowLatencyDispatchParams& p, int token, int c) {
+    return ptx::ld_nc_v4(
+        reinterpret_cast<const int4*>(static_cast<const char*>(p.x) + int64_t(token) * p.layout.hidden * 2) + c);
 }
 
-// 16 channels of token row `src` (BF16) times inv, as 16 e4m3 bytes.
-__device__ __forceinline__ int4 cast_16(const char* src, float inv) {
-    const int4 raw[2] = {ptx::ld_nc_v4(reinterpret_cast<const int4*>(src)),
-                         ptx::ld_nc_v4(reinterpret_cast<const int4*>(src) + 1)};
-    const auto* h = reinterpret_cast<const __nv_bfloat162*>(raw);
-    uint32_t out[4];
+// Tokens [q0, q0 + n) to every rank that holds one of their experts (s_ranks: bit r per token),
+// one 8-channel chunk per thread and pass.  `first` is this thread's chunk of the first pass when
+// `have_first`: the caller loaded it already (before the send began, so that the load overlapped the ack wait).
+// FP8: the 16 lanes of a 128-channel block (16-aligned: chunks is a multiple of 16) share its amax
+// by shuffles, so each lane casts its own channels from registers: x is read once.  The arithmetic
+// is ep_train/fp8.py's (see kInvFp8Max); every lane of the block computes the same scale.
+__device__ void send_rows(const LowLatencyDispatchParams& p, const RankContext& ctx, const int* s_ranks, int q0, int n,
+                          int half, int4 first, bool have_first) {
+    const int H = p.layout.hidden, chunks = H / 8, items = n * chunks, R = ctx.num_ranks, me = ctx.rank;
+    const int lane = lane_id(), warp_first = static_cast<int>(threadIdx.x) - lane;
+    for (int base = warp_first; base < items; base += blockDim.x) {  // warp-uniform: the shuffles need every lane
+        const int it = base + lane, q = it / chunks, c = it % chunks;
+        const bool valid = it < items;
+        int4 v = make_int4(0, 0, 0, 0);
+        if (valid) v = have_first && base == warp_first ? first : load_chunk(p, q0 + q, c);
+        const int ranks = valid ? s_ranks[q] : 0;
+        if (p.use_fp8) {
+            const auto* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+            float f[8];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        float2 f0 = __bfloat1622float2(h[2 * i]), f1 = __bfloat1622float2(h[2 * i + 1]);
-        auto q = [inv](float v) { return fminf(fmaxf(__fmul_rn(v, inv), -kFp8Max), kFp8Max); };
-        out[i] = uint32_t(fp8x2_e4m3(q(f0.x), q(f0.y))) | (uint32_t(fp8x2_e4m3(q(f1.x), q(f1.y))) << 16);
+            for (int i = 0; i < 4; ++i) {
+                const float2 t = __bfloat1622float2(h[i]);
+                f[2 * i] = t.x;
+                f[2 * i + 1] = t.y;
+            }
+            float amax = 0.0f;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(f[i]));
+            for (int off = 8; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+            float scale = __fmul_rn(fmaxf(amax, kAmaxFloor), kInvFp8Max);
+            if (p.round_scale) scale = exp2f(ceilf(log2f(scale)));
+            const float inv = __fdiv_rn(1.0f, scale);
+            auto cast = [inv](float a, float b) {
+                return fp8x2_e4m3(fminf(fmaxf(__fmul_rn(a, inv), -kFp8Max), kFp8Max),
+                                  fminf(fmaxf(__fmul_rn(b, inv), -kFp8Max), kFp8Max));
+            };
+            const uint2 out = make_uint2(uint32_t(cast(f[0], f[1])) | (uint32_t(cast(f[2], f[3])) << 16),
+                                         uint32_t(cast(f[4], f[5])) | (uint32_t(cast(f[6], f[7])) << 16));
+            for (int r = 0; r < R; ++r) {
+                if (!((ranks >> r) & 1)) continue;
+                char* row = p.layout.token_row(ctx.peers.base[r], half, me, q0 + q);
+                ptx::st_na_v2(reinterpret_cast<uint2*>(row) + c, out);
+                if (c % (kFp8Block / 8) == 0) reinterpret_cast<float*>(row + H)[c / (kFp8Block / 8)] = scale;
+            }
+        } else {
+            for (int r = 0; r < R; ++r)
+                if ((ranks >> r) & 1)
+                    ptx::st_na_v4(reinterpret_cast<int4*>(p.layout.token_row(ctx.peers.base[r], half, me, q0 + q)) + c,
+                                  v);
+        }
     }
-    return make_int4(int(out[0]), int(out[1]), int(out[2]), int(out[3]));
 }
 
 struct SendShared {
@@ -260,24 +283,32 @@ struct SendShared {
 //   copies it into each of its slots.  NVLink carries a token once per rank, not once per expert.
 // - Every block counts all entries up front and writes its share of the per-expert counts, then
 //   signals its own arrival: no block waits for the others.
-__device__ void dispatch_send(const LowLatencyDispatchParams& p, const RankContext& ctx, SendShared& sh, float* s_scale,
-                              float* s_inv) {
+// NOTES: the critical path of a block with one or two tokens is its chain of dependent loads, so
+// each thread loads its chunk of the first round before the ack wait, the count loop also gives
+// the first round's tokens their ranks, and the FP8 cast needs no second pass over x.
+__device__ void dispatch_send(const LowLatencyDispatchParams& p, const RankContext& ctx, SendShared& sh) {
     const int K = p.num_topk, E = p.num_experts, L = p.layout.num_local_experts, M = p.layout.max_tokens;
-    const int H = p.layout.hidden, S = H / kFp8Block, R = ctx.num_ranks, me = ctx.rank, lane = lane_id();
-    const int64_t seq = begin_send(ctx, &sh.seq, &sh.flag);
-    trace_mark(p.trace, kTraceBegun, blockIdx.x == 0);
-    const int half = static_cast<int>(seq & 1);
+    const int me = ctx.rank, lane = lane_id();
     const int T = p.num_tokens, num_entries = T * K;
     const int per = (T + gridDim.x - 1) / gridDim.x;
     const int t0 = min(T, per * static_cast<int>(blockIdx.x)), t1 = min(T, t0 + per);
     const int i0 = t0 * K, i1 = t1 * K;
+    const int n0 = min(kRoundTokens, t1 - t0), chunks = p.layout.hidden / 8;
+    int4 first = make_int4(0, 0, 0, 0);
+    if (static_cast<int>(threadIdx.x) < n0 * chunks)
+        first = load_chunk(p, t0 + static_cast<int>(threadIdx.x) / chunks, static_cast<int>(threadIdx.x) % chunks);
+    const int64_t seq = begin_send(ctx, &sh.seq, &sh.flag);
+    trace_mark(p.trace, kTraceBegun, blockIdx.x == 0);
+    const int half = static_cast<int>(seq & 1);
     for (int e = threadIdx.x; e < E; e += blockDim.x) sh.hist[e] = sh.total[e] = 0;
+    if (threadIdx.x < kRoundTokens) sh.ranks[threadIdx.x] = 0;
     __syncthreads();
     for (int i = threadIdx.x; i < num_entries; i += blockDim.x) {
         const int64_t e = p.topk_idx[i];
         if (e >= 0 && e < E) {
             if (i < i0) atomicAdd(&sh.hist[e], 1);
             atomicAdd(&sh.total[e], 1);
+            if (i >= i0 && i < i0 + n0 * K) atomicOr(&sh.ranks[(i - i0) / K], 1 << (e / L));
         }
     }
     __syncthreads();
@@ -311,50 +342,19 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, const RankConte
 
     for (int q0 = t0; q0 < t1; q0 += kRoundTokens) {
         const int n = min(kRoundTokens, t1 - q0);
-        if (threadIdx.x < n) {
-            int ranks = 0;
-            for (int k = 0; k < K; ++k) {
-                const int64_t e = p.topk_idx[int64_t(q0 + threadIdx.x) * K + k];
-                if (e >= 0 && e < E) ranks |= 1 << (e / L);
+        if (q0 != t0) {       // the first round's ranks came from the count loop
+            __syncthreads();  // the previous round is done with sh.ranks
+            if (threadIdx.x < n) {
+                int ranks = 0;
+                for (int k = 0; k < K; ++k) {
+                    const int64_t e = p.topk_idx[int64_t(q0 + threadIdx.x) * K + k];
+                    if (e >= 0 && e < E) ranks |= 1 << (e / L);
+                }
+                sh.ranks[threadIdx.x] = ranks;
             }
-            sh.ranks[threadIdx.x] = ranks;
+            __syncthreads();
         }
-        if (p.use_fp8) fp8_scales(p, q0, n, s_scale, s_inv);
-        __syncthreads();
-        if (p.use_fp8) {
-            const int chunks = H / 16;  // 16 channels -> 16 bytes
-            for (int it = threadIdx.x; it < n * chunks; it += blockDim.x) {
-                const int q = it / chunks, c = it % chunks, ranks = sh.ranks[q];
-                if (ranks == 0) continue;
-                const char* src = static_cast<const char*>(p.x) + (int64_t(q0 + q) * H + c * 16) * 2;
-                const int4 v = cast_16(src, s_inv[q * S + c * 16 / kFp8Block]);
-                for (int r = 0; r < R; ++r)
-                    if ((ranks >> r) & 1)
-                        ptx::st_na_v4(
-                            reinterpret_cast<int4*>(p.layout.token_row(ctx.peers.base[r], half, me, q0 + q)) + c, v);
-            }
-            for (int it = threadIdx.x; it < n * S; it += blockDim.x) {
-                const int q = it / S, sb = it % S, ranks = sh.ranks[q];
-                for (int r = 0; r < R; ++r)
-                    if ((ranks >> r) & 1)
-                        reinterpret_cast<float*>(p.layout.token_row(ctx.peers.base[r], half, me, q0 + q) + H)[sb] =
-                            s_scale[q * S + sb];
-            }
-        } else {
-            const int chunks = H / 8;  // 8 channels -> 16 bytes
-            for (int it = threadIdx.x; it < n * chunks; it += blockDim.x) {
-                const int q = it / chunks, c = it % chunks, ranks = sh.ranks[q];
-                if (ranks == 0) continue;
-                const auto* src =
-                    reinterpret_cast<const int4*>(static_cast<const char*>(p.x) + int64_t(q0 + q) * H * 2);
-                const int4 v = ptx::ld_nc_v4(src + c);
-                for (int r = 0; r < R; ++r)
-                    if ((ranks >> r) & 1)
-                        ptx::st_na_v4(
-                            reinterpret_cast<int4*>(p.layout.token_row(ctx.peers.base[r], half, me, q0 + q)) + c, v);
-            }
-        }
-        __syncthreads();
+        send_rows(p, ctx, sh.ranks, q0, n, half, first, q0 == t0);
     }
 
     trace_mark(p.trace, kTraceSent, blockIdx.x == 0);
@@ -449,12 +449,11 @@ __global__ void __launch_bounds__(kThreads, 1)
                                 const __grid_constant__ RankContext ctx, int phases) {
     __shared__ SendShared send_sh;
     __shared__ RecvShared recv_sh;
-    extern __shared__ float s_fp8[];  // [32 tokens][S] scales, then [32][S] reciprocals
     int64_t seq;
     trace_mark(p.trace, kTraceStart, blockIdx.x == 0);
     // NOTES: no status check between the phases: a failure stops the receive phase at its first wait.
     if (phases & kPhaseSend) {
-        dispatch_send(p, ctx, send_sh, s_fp8, s_fp8 + kRoundTokens * (p.layout.hidden / kFp8Block));
+        dispatch_send(p, ctx, send_sh);
         seq = send_sh.seq;
     } else {
         if (has_failed(ctx.err)) return;
@@ -607,8 +606,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 void launch_low_latency_dispatch(const LowLatencyDispatchParams& p, const RankContext& ctx, int phases, int num_sms,
                                  cudaStream_t stream) {
-    const size_t smem = p.use_fp8 ? 2 * kRoundTokens * (p.layout.hidden / kFp8Block) * sizeof(float) : 0;
-    low_latency_dispatch_kernel<<<num_sms, kThreads, smem, stream>>>(p, ctx, phases);
+    low_latency_dispatch_kernel<<<num_sms, kThreads, 0, stream>>>(p, ctx, phases);
     check_cuda(cudaGetLastError(), "low_latency_dispatch launch");
 }
 

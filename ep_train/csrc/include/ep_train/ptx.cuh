@@ -67,6 +67,10 @@ __device__ __forceinline__ void st_na_v4(int4* p, int4 v) {
                  : "memory");
 }
 
+__device__ __forceinline__ void st_na_v2(uint2* p, uint2 v) {
+    asm volatile("st.global.L1::no_allocate.v2.u32 [%0], {%1, %2};" ::"l"(p), "r"(v.x), "r"(v.y) : "memory");
+}
+
 // Barrier over `num_threads` threads (multiple of 32) of the block, id 1..15 (0 is __syncthreads).
 __device__ __forceinline__ void bar_sync(int id, int num_threads) {
     asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(num_threads) : "memory");
