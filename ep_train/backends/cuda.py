@@ -65,7 +65,7 @@ _HEADER_FIELDS = ("op", "call number", "hidden", "num_experts", "num_topk", "dty
                   "config (channels, ring, chunk)")  # fmt: skip
 SUPPORTED_RANKS = (2, 4, 8)
 _LL_SEND, _LL_RECV, _LL_BOTH = 1, 2, 3  # LowLatencyPhase of csrc/low_latency_runtime.hpp
-_LL_MAX_HIDDEN = 16384  # FP8 scales of a 32-entry round must fit in shared memory
+_LL_MAX_HIDDEN = 16384  # the low-latency kernels' limit (bindings.cpp checks it too)
 
 
 class CudaBackend(Backend):
