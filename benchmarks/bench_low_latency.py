@@ -9,8 +9,7 @@ bandwidth = bytes of the rows rank 0 receives, in BF16 (FP8: x (1 + 4/128) / 2).
 The header names the low-latency buffer's memory (NVSHMEM or CUDA IPC; ``EP_TRAIN_LL_TRANSPORT``).
 
 ``--trace`` adds, per size, the median time between the phase boundaries inside the fused
-kernels (global timer written by block 0, or by the last block for "acknowledges"; a negative
-"end" means block 0 finished before the last block).
+kernels (global timer written by block 0).
 
     python benchmarks/bench_low_latency.py [--tokens 1 32 128 256] [--iters 50] [--trace]
 """
@@ -93,7 +92,7 @@ def _measure(cuda: Buffer, ref: Buffer, T: int, args, rank: int) -> list[str]:
 
 
 _TRACE_PHASES = ["begin (counter, acks)", "send", "signal arrivals", "arrivals seen", "receive",
-                 "last block acknowledges", "end"]  # fmt: skip
+                 "acknowledge", "end"]  # fmt: skip
 
 
 def _trace(cuda: Buffer, T: int, args, rank: int) -> list[list[float]]:

@@ -16,8 +16,7 @@ namespace ep_train {
 
 // Phase boundaries a traced launch records (LowLatencyRuntime::set_trace): block 0 starts, has
 // begun the send (counter and acks read), has sent its rows, has signalled its arrival to every
-// destination, has seen every source's arrivals, has received; the last block has acknowledged;
-// block 0 ends.
+// destination, has seen every source's arrivals, has received, has acknowledged; block 0 ends.
 enum LowLatencyTracePoint : int {
     kTraceStart = 0,
     kTraceBegun,

@@ -38,7 +38,7 @@ constexpr int kRoundPairs = 32;   // (token, top-k) entries warp 0 gives slots p
 constexpr int kRoundTokens = 32;  // tokens whose rows a send block writes per round
 constexpr int kCopyUnroll = 4;
 constexpr int kCombineGroup = 4;  // top-k entries of a token whose loads a combine lane has in flight together
-constexpr int kSendPhase = 0, kRecvPhase = 1;  // finish counters of LowLatencyLayout::done
+constexpr int kSendPhase = 0;     // the send phase's finish counters in LowLatencyLayout::done
 // FP8 arithmetic of ep_train/fp8.py as torch runs it on CUDA.  NOTES: torch divides by a Python
 // scalar as a multiplication by its float reciprocal, so scale = amax * (1 / 448), not amax / 448.
 constexpr float kFp8Max = 448.0f;
@@ -92,10 +92,11 @@ __device__ __forceinline__ bool block_is_last(int* counter, int* s_flag) {
     return *s_flag != 0;
 }
 
-// Sequence number of this call (send phase: own counter + 1) and the ack wait for its half.
-// *s_flag becomes 1 when the buffer has failed or an ack wait fails; the caller reads it after its
-// next __syncthreads.  NOTES: the status word and the counter are read in one round trip (this
-// replaces a separate status check at kernel start).
+// Sequence number of this call (send phase: own counter + 1) and the ack wait for its half: every
+// receive block of every call up to seq - 2 has acknowledged (acknowledge; receives complete in
+// call order, and every rank runs the same grid).  *s_flag becomes 1 when the buffer has failed or
+// an ack wait fails; the caller reads it after its next __syncthreads.  NOTES: the status word and
+// the counter are read in one round trip (this replaces a separate status check at kernel start).
 __device__ __forceinline__ int64_t begin_send(const RankContext& ctx, int64_t* s_seq, int* s_flag) {
     if (threadIdx.x == 0) {
         const int status = ptx::ld_volatile(ctx.err.status);
@@ -105,8 +106,8 @@ __device__ __forceinline__ int64_t begin_send(const RankContext& ctx, int64_t* s
     __syncthreads();
     const int64_t seq = *s_seq;
     if (threadIdx.x < ctx.num_ranks && seq > 2 && *s_flag == 0 &&
-        wait_at_least(LowLatencyLayout::ack(ctx.peers.base[ctx.rank], threadIdx.x), seq - 2, ctx.err,
-                      kWaitLowLatencyAck, -1, threadIdx.x) < 0)
+        wait_at_least(LowLatencyLayout::ack(ctx.peers.base[ctx.rank], threadIdx.x), int64_t(gridDim.x) * (seq - 2),
+                      ctx.err, kWaitLowLatencyAck, -1, threadIdx.x) < 0)
         *s_flag = 1;
     return seq;
 }
@@ -186,11 +187,15 @@ __device__ bool wait_sources(const RankContext& ctx, const int64_t* info, int64_
     return *s_flag != 0;
 }
 
-// Last block of a receive phase: tell every source that this half is free again.
-__device__ void acknowledge(const RankContext& ctx, int64_t seq) {
+// Every block of a receive phase, after its last read of this half: one acknowledgement in each
+// source's ack word for this rank.  The source reuses the half (call seq + 2) once all of our
+// blocks have acknowledged call seq.  NOTES: this replaces a last-block acknowledgement (counter,
+// fence, then a store of seq): no block waits for the others before it is done.
+__device__ __forceinline__ void acknowledge(const RankContext& ctx) {
+    __syncthreads();
     if (threadIdx.x < ctx.num_ranks) {
         ptx::fence_acq_rel_sys();
-        ptx::st_release_sys(LowLatencyLayout::ack(ctx.peers.base[threadIdx.x], ctx.rank), seq);
+        ptx::red_add_release_sys(LowLatencyLayout::ack(ctx.peers.base[threadIdx.x], ctx.rank), 1);
     }
 }
 
@@ -437,10 +442,8 @@ __device__ void dispatch_recv(const LowLatencyDispatchParams& p, const RankConte
         __syncthreads();
     }
     trace_mark(p.trace, kTraceReceived, blockIdx.x == 0);
-    if (block_is_last<false>(LowLatencyLayout::done(own, kRecvPhase, half), &sh.flag)) {
-        acknowledge(ctx, seq);
-        trace_mark(p.trace, kTraceAcked, true);
-    }
+    acknowledge(ctx);
+    trace_mark(p.trace, kTraceAcked, blockIdx.x == 0);
 }
 
 // Grid: one block per SM (all co-resident: the fused send + receive waits inside one launch).
@@ -579,10 +582,8 @@ __device__ void combine_recv(const LowLatencyCombineParams& p, const RankContext
         reinterpret_cast<Bf16x8*>(static_cast<char*>(p.out) + int64_t(t) * H * 2)[c] = o;
     }
     trace_mark(p.trace, kTraceReceived, blockIdx.x == 0);
-    if (block_is_last<false>(LowLatencyLayout::done(own, kRecvPhase, half), &sh.flag)) {
-        acknowledge(ctx, seq);
-        trace_mark(p.trace, kTraceAcked, true);
-    }
+    acknowledge(ctx);
+    trace_mark(p.trace, kTraceAcked, blockIdx.x == 0);
 }
 
 __global__ void __launch_bounds__(kThreads, 1)
