@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _ext
 from .dispatcher import MoEDispatcher
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "grouped_mlp",
     "grouped_weight_grad",
     "row_counts",
+    "swiglu",
     "use_grouped_mm",
     "dense_moe_reference",
 ]
@@ -41,6 +43,49 @@ def use_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
         and x.shape[-1] % 8 == 0
         and w.shape[-1] % 8 == 0
     )
+
+
+def _swiglu_kernel_takes(h_PN: torch.Tensor) -> bool:
+    return h_PN.is_cuda and h_PN.dtype == torch.bfloat16 and h_PN.shape[-1] % 16 == 0 and _ext.is_available()
+
+
+class _SwigluFn(torch.autograd.Function):
+    """``swiglu`` on CUDA BF16: one ep_train kernel forward, one backward (csrc/kernels/swiglu.cu)."""
+
+    @staticmethod
+    def forward(ctx, h_PN, probs_P):
+        h_PN = h_PN.contiguous()
+        p = None if probs_P is None else probs_P.detach().float().contiguous()
+        ctx.save_for_backward(h_PN, p)
+        ctx.probs_dtype = None if probs_P is None else probs_P.dtype
+        return _ext.load().swiglu_forward(h_PN, p)
+
+    @staticmethod
+    def backward(ctx, grad_PF):
+        h_PN, p = ctx.saved_tensors
+        grad_h, grad_p = _ext.load().swiglu_backward(h_PN, p, grad_PF.contiguous())
+        if p is None or not ctx.needs_input_grad[1]:
+            return grad_h, None
+        return grad_h, grad_p.to(ctx.probs_dtype)
+
+
+def swiglu(h_PN: torch.Tensor, probs_P: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu(a) * b * probs`` per row for ``h = [a | b]`` (the halves of the last dim), in h's
+    dtype; differentiable w.r.t. ``h`` and ``probs``.
+
+    On CUDA BF16 (with ep_train's extension) one kernel each way: FP32 arithmetic and one rounding
+    per output, instead of an op and a rounding per factor.  Elsewhere torch ops: ``silu(a) * b``
+    in h's dtype, times ``probs`` (type promotion), cast back to h's dtype.
+    """
+    if h_PN.shape[-1] % 2:
+        raise ValueError(f"swiglu needs an even last dimension (gate and up halves), got {tuple(h_PN.shape)}")
+    if probs_P is not None and probs_P.shape != h_PN.shape[:1]:
+        raise ValueError(f"probs must be [{h_PN.shape[0]}] (one per row of h), got {tuple(probs_P.shape)}")
+    if h_PN.dim() == 2 and _swiglu_kernel_takes(h_PN):
+        return _SwigluFn.apply(h_PN, probs_P)
+    a, b = torch.chunk(h_PN, 2, dim=-1)
+    out = F.silu(a) * b
+    return out if probs_P is None else (out * probs_P.unsqueeze(-1)).to(h_PN.dtype)
 
 
 def row_counts(tokens_per_expert_L) -> list[int]:
@@ -110,7 +155,7 @@ class _ChunkFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_PD, probs_P, w1, w2, counts: list[int], scope: ChunkedExperts):
         h_PN = grouped_matmul(x_PD, w1, counts)
-        a_PF = (scope.activation(h_PN) * probs_P.unsqueeze(-1)).to(h_PN.dtype)
+        a_PF = scope.activation_probs(h_PN, probs_P)
         ctx.save_for_backward(x_PD, h_PN, probs_P, w1, w2)
         ctx.counts, ctx.scope = counts, scope
         return grouped_matmul(a_PF, w2, counts)
@@ -124,7 +169,7 @@ class _ChunkFn(torch.autograd.Function):
         with torch.enable_grad():  # the activation's own derivative, whatever function it is
             h = h_PN.detach().requires_grad_()
             p = probs_P.detach().requires_grad_()
-            a_PF = (ctx.scope.activation(h) * p.unsqueeze(-1)).to(h_PN.dtype)
+            a_PF = ctx.scope.activation_probs(h, p)
             dh_PN, dprobs_P = torch.autograd.grad(a_PF, (h, p), da_PF)
         dx_PD = grouped_matmul(dh_PN, w1.transpose(1, 2), counts)
         ctx.scope._parts.append((x_PD, dh_PN, a_PF.detach(), dy_PD, counts))
@@ -144,10 +189,15 @@ class ChunkedExperts:
     Args:
         weight1: ``[L, D, N]`` (N = F, or 2F for a gated unit).  weight2: ``[L, F, D]``.
         activation: ``[P, N] → [P, F]`` (e.g. SwiGLU over the two halves).
+        activation_probs: ``(h [P, N], probs [P]) → activation(h) * probs`` in h's dtype, when the
+            caller has a fused one (e.g. :func:`swiglu`); default: the activation, then the product.
     """
 
-    def __init__(self, weight1: torch.Tensor, weight2: torch.Tensor, activation):
+    def __init__(self, weight1: torch.Tensor, weight2: torch.Tensor, activation, activation_probs=None):
         self.activation = activation
+        self.activation_probs = activation_probs or (
+            lambda h_PN, probs_P: (activation(h_PN) * probs_P.unsqueeze(-1)).to(h_PN.dtype)
+        )
         self._parts: list[tuple] = []
         self._w1, self._w2 = _WeightsFn.apply(weight1, weight2, self)
 

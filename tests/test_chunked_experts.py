@@ -65,3 +65,21 @@ def test_bad_counts_name_the_argument():
     experts = ChunkedExperts(w1, w2, _swiglu)
     with pytest.raises(ValueError, match="tokens_per_expert must have 4 entries summing to the 5 rows"):
         experts(torch.randn(5, D), [1, 1, 1], torch.rand(5))
+
+
+def test_swiglu_op_path_and_checks():
+    """On CPU swiglu is silu(a) * b, times probs, in h's dtype (what GroupedGemmMLP computed before);
+    shapes are checked."""
+    from ep_train.moe import swiglu
+
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(5, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    p = torch.rand(5, generator=g, dtype=torch.float64, requires_grad=True)
+    out = swiglu(h, p)
+    assert torch.equal(out, torch.nn.functional.silu(h[:, :4]) * h[:, 4:] * p[:, None])
+    assert torch.equal(swiglu(h), torch.nn.functional.silu(h[:, :4]) * h[:, 4:])
+    torch.autograd.gradcheck(swiglu, (h, p))
+    with pytest.raises(ValueError, match="even"):
+        swiglu(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="probs"):
+        swiglu(torch.zeros(2, 4), torch.zeros(3))

@@ -237,6 +237,42 @@ torch::Tensor sum_pairs(const torch::Tensor& y, const torch::Tensor& pos) {
     return out;
 }
 
+// SwiGLU of the grouped-GEMM experts (see swiglu.cu): h [P, 2F] BF16, probs [P] FP32 or none.
+void check_swiglu(const torch::Tensor& h, const OptTensor& probs) {
+    check(h, "h", torch::kBFloat16, 2);
+    TORCH_CHECK(h.size(1) % 16 == 0, "h must have 2 * F columns with F a multiple of 8, got ", h.size(1));
+    if (probs) {
+        check(*probs, "probs", torch::kFloat32, 1);
+        TORCH_CHECK(probs->size(0) == h.size(0), "probs must have one entry per row of h (", h.size(0), "), got ",
+                    probs->size(0));
+    }
+}
+
+torch::Tensor swiglu_forward(const torch::Tensor& h, const OptTensor& probs) {
+    check_swiglu(h, probs);
+    c10::cuda::CUDAGuard guard(h.device());
+    auto out = torch::empty({h.size(0), h.size(1) / 2}, h.options());
+    ep_train::launch_swiglu_forward(h.data_ptr(), ptr_or_null<const float>(probs), out.data_ptr(), h.size(0),
+                                    static_cast<int>(h.size(1) / 2), stream());
+    return out;
+}
+
+// (grad_h [P, 2F], grad_probs [P] FP32 or an empty tensor without probs)
+std::vector<torch::Tensor> swiglu_backward(const torch::Tensor& h, const OptTensor& probs,
+                                           const torch::Tensor& grad_out) {
+    check_swiglu(h, probs);
+    check(grad_out, "grad_out", torch::kBFloat16, 2);
+    TORCH_CHECK(grad_out.size(0) == h.size(0) && grad_out.size(1) * 2 == h.size(1), "grad_out must be [", h.size(0),
+                ", ", h.size(1) / 2, "], got [", grad_out.size(0), ", ", grad_out.size(1), "]");
+    c10::cuda::CUDAGuard guard(h.device());
+    auto grad_h = torch::empty_like(h);
+    auto grad_probs = probs ? torch::empty_like(*probs) : torch::empty({0}, h.options().dtype(torch::kFloat32));
+    ep_train::launch_swiglu_backward(h.data_ptr(), ptr_or_null<const float>(probs), grad_out.data_ptr(),
+                                     grad_h.data_ptr(), probs ? grad_probs.data_ptr<float>() : nullptr, h.size(0),
+                                     static_cast<int>(h.size(1) / 2), stream());
+    return {grad_h, grad_probs};
+}
+
 // ---------------------------------------------------------------- low latency
 void check_low_latency_topk(const torch::Tensor& topk_idx) {
     check(topk_idx, "topk_idx", torch::kInt64, 2);
@@ -412,6 +448,8 @@ PYBIND11_MODULE(_C, m) {
     m.def("sum_pairs", &sum_pairs);
     m.def("pair_layout", &pair_layout);
     m.attr("PAIR_LAYOUT_MAX_LOCAL_EXPERTS") = ep_train::kPairLayoutMaxLocalExperts;
+    m.def("swiglu_forward", &swiglu_forward, py::arg("h"), py::arg("probs") = py::none());
+    m.def("swiglu_backward", &swiglu_backward, py::arg("h"), py::arg("probs"), py::arg("grad_out"));
     m.def("copy_rows", &copy_rows);
     m.def("low_latency_bytes", [](int64_t max_tokens, int64_t hidden, int num_ranks, int64_t num_experts) {
         return LowLatencyLayout(max_tokens, hidden, num_ranks, num_experts).total_bytes();

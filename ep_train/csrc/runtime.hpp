@@ -40,6 +40,14 @@ void launch_get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num
 void launch_sum_pairs(const void* y, const int64_t* pos, void* out, bool bf16, int64_t num_rows, int num_topk,
                       int64_t num_pair_rows, int hidden, cudaStream_t stream);
 
+// SwiGLU rows of the grouped-GEMM experts: out [rows, ffn] = silu(a) * b * probs for h [rows, 2 ffn]
+// = [a | b], BF16, probs FP32 [rows] or null (= 1); FP32 arithmetic, one rounding.  The backward
+// writes grad_h [rows, 2 ffn] and, when grad_probs is not null, grad_probs [rows] (FP32).
+// ffn % 8 == 0, rows 16-byte aligned.
+void launch_swiglu_forward(const void* h, const float* probs, void* out, int64_t rows, int ffn, cudaStream_t stream);
+void launch_swiglu_backward(const void* h, const float* probs, const void* grad_out, void* grad_h, float* grad_probs,
+                            int64_t rows, int ffn, cudaStream_t stream);
+
 // The expert-major layout of the pairs of idx [num_rows, num_topk] (local expert ids, anything
 // outside [0, num_local) = no pair), as ep_train/permute.py's op-by-op path: pos [num_rows *
 // num_topk] (num_pair_rows where no pair), row_P / pair_P [num_pair_rows] (num_rows / num_rows *

@@ -19,7 +19,7 @@ import torch
 from megatron.core.transformer.module import MegatronModule
 from torch.nn import Parameter
 
-from ..moe import ChunkedExperts, grouped_matmul, row_counts
+from ..moe import ChunkedExperts, grouped_matmul, row_counts, swiglu
 
 __all__ = ["GroupedGemmMLP", "grouped_matmul"]
 
@@ -45,6 +45,8 @@ class GroupedGemmMLP(MegatronModule):
             raise ValueError(f"GroupedGemmMLP needs expert tensor parallel size 1, got {pg_collection.expt_tp.size()}")
         self.num_local_experts = num_local_experts
         self.ep_group, self.dp_group = pg_collection.ep, pg_collection.expt_dp
+        # SwiGLU (gated SiLU) runs as ep_train.moe.swiglu: one kernel each way on CUDA BF16.
+        self._swiglu = bool(config.gated_linear_unit) and config.activation_func is torch.nn.functional.silu
         hidden, ffn = config.hidden_size, config.moe_ffn_hidden_size
         fc1_out = 2 * ffn if config.gated_linear_unit else ffn
         device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
@@ -82,6 +84,12 @@ class GroupedGemmMLP(MegatronModule):
             return act(a) * b
         return act(h_PN)
 
+    def _activation_probs(self, h_PN: torch.Tensor, probs_P: torch.Tensor) -> torch.Tensor:
+        """``activation(h) * probs`` per row, in h's dtype."""
+        if self._swiglu:
+            return swiglu(h_PN, probs_P)
+        return (self._activation(h_PN) * probs_P.unsqueeze(-1)).to(h_PN.dtype)
+
     def _inputs(self, x_PH: torch.Tensor, tokens_per_expert, probs_P: torch.Tensor):
         if self.config.moe_apply_probs_on_input:
             x_PH = (probs_P.unsqueeze(-1) * x_PH).to(x_PH.dtype)
@@ -97,7 +105,7 @@ class GroupedGemmMLP(MegatronModule):
         Same math as ``forward``; the weight gradients of all chunks are computed together (see
         :class:`ep_train.moe.ChunkedExperts`), not once per chunk.
         """
-        scope = ChunkedExperts(self.weight1, self.weight2, self._activation)
+        scope = ChunkedExperts(self.weight1, self.weight2, self._activation, self._activation_probs)
 
         def run(x_PH: torch.Tensor, tokens_per_expert, probs_P: torch.Tensor, **unused):
             x_PH, counts, probs_P = self._inputs(x_PH, tokens_per_expert, probs_P)
@@ -110,8 +118,7 @@ class GroupedGemmMLP(MegatronModule):
         """``x [P, H]`` (expert-major), ``tokens_per_expert [L]``, ``probs [P]`` → ``(y [P, H], None)``."""
         x_PH, counts, probs_P = self._inputs(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
         h_PN = grouped_matmul(x_PH, self.weight1, counts)
-        a_PF = self._activation(h_PN)
-        a_PF = (a_PF * probs_P.unsqueeze(-1)).to(a_PF.dtype)
+        a_PF = self._activation_probs(h_PN, probs_P)
         return grouped_matmul(a_PF, self.weight2, counts), None
 
     def backward_dw(self) -> None:

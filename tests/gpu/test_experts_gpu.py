@@ -84,3 +84,42 @@ def test_grouped_experts_make_no_host_sync(cuda):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert w1.grad is not None and x.grad is not None and p.grad is not None
+
+
+@pytest.mark.parametrize("rows,ffn,with_probs", [(300, 2048, True), (257, 136, True), (64, 512, False), (0, 256, True)])
+def test_swiglu_kernel_against_float64(cuda, rows, ffn, with_probs):
+    """ep_train.moe.swiglu's kernels: the output within one BF16 rounding of the float64 value, the
+    gradients of h within two (they are rounded products of rounded inputs), the probability gradient
+    (an FP32 row sum) within 1e-3 of the row's scale; the op path agrees to BF16 rounding too."""
+    from ep_train import _ext
+    from ep_train.moe import swiglu
+
+    if not _ext.is_available():
+        pytest.skip("ep_train._C is not built")
+    g = torch.Generator(device=cuda).manual_seed(rows + ffn)
+    h = (torch.randn(rows, 2 * ffn, device=cuda, generator=g) * 3).bfloat16().requires_grad_()
+    p = torch.rand(rows, device=cuda, generator=g).requires_grad_() if with_probs else None
+    grad = torch.randn(rows, ffn, device=cuda, generator=g).bfloat16()
+    out = swiglu(h, p)
+    out.backward(grad)
+
+    h64 = h.detach().double().requires_grad_()
+    p64 = p.detach().double().requires_grad_() if with_probs else None
+    a, b = h64.chunk(2, dim=-1)
+    ref = torch.nn.functional.silu(a) * b * (p64.unsqueeze(-1) if with_probs else 1.0)
+    ref.backward(grad.double())
+    ulp = 2.0**-7  # BF16: 8 significant bits
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, ffn)
+    if rows == 0:
+        return
+    assert ((out.double() - ref).abs() <= ulp * ref.abs() + 1e-30).all(), "forward beyond one BF16 rounding"
+    err_h = (h.grad.double() - h64.grad).abs()
+    assert (err_h <= 2 * ulp * h64.grad.abs() + 1e-6 * h64.grad.abs().max()).all(), "grad h beyond two roundings"
+    if with_probs:
+        scale = (grad.double() * torch.nn.functional.silu(a) * b).abs().sum(dim=1)
+        assert ((p.grad.double() - p64.grad).abs() <= 1e-3 * scale + 1e-30).all(), "grad probs"
+    # The torch-op path (what runs elsewhere) agrees to BF16 rounding.
+    hb, bb = h.detach().chunk(2, dim=-1)
+    ops = torch.nn.functional.silu(hb) * bb
+    ops = (ops * p.detach().unsqueeze(-1)).bfloat16() if with_probs else ops
+    assert _rel(out, ops) <= 2e-2
