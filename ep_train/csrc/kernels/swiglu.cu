@@ -1,4 +1,4 @@
-// SwiGLU of the grouped-GEMM experts (ep_train/activation.py): out[r] = silu(a[r]) * b[r] * p[r]
+// SwiGLU of the grouped-GEMM experts (ep_train.moe.swiglu): out[r] = silu(a[r]) * b[r] * p[r]
 // for h[r] = [a | b] (F channels each, BF16) and p[r] the row's gate probability (FP32; none = 1),
 // in FP32 with one rounding per output, instead of one op (and one rounding) per factor.  The
 // backward writes grad_h[r] = [da | db] and grad_p[r] (the row's sum of g * silu(a) * b) in one
