@@ -11,10 +11,11 @@
 //            every row - then fences and adds one arrival to that slot.
 //   receive: wait until every block of every source has arrived for n (G blocks per call, G the
 //            grid every rank runs), compare the call headers, move the rows out of half h
-//            (dispatch: pack into recv_x; combine: weighted FP32 sum per token), then the last
-//            block to finish acknowledges n to every source.
-// NOTES: arrivals and acks only grow, so nothing is ever cleaned; the ack makes a third call wait
-// instead of overwriting a half that is still being read (at most two calls in flight).
+//            (dispatch: pack into recv_x; combine: weighted FP32 sum per token), then every block
+//            counts itself done with half h; the last one stores n into every source's ack word.
+// NOTES: arrivals, receive counts and acks only grow, so nothing is ever cleaned; the ack makes a
+// third call wait instead of overwriting a half that is still being read (at most two calls in
+// flight).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -93,10 +94,10 @@ __device__ __forceinline__ bool block_is_last(int* counter, int* s_flag) {
 }
 
 // Sequence number of this call (send phase: own counter + 1) and the ack wait for its half: every
-// receive block of every call up to seq - 2 has acknowledged (acknowledge; receives complete in
-// call order, and every rank runs the same grid).  *s_flag becomes 1 when the buffer has failed or
-// an ack wait fails; the caller reads it after its next __syncthreads.  NOTES: the status word and
-// the counter are read in one round trip (this replaces a separate status check at kernel start).
+// destination has acknowledged call seq - 2 (acknowledge; receives complete in call order).
+// *s_flag becomes 1 when the buffer has failed or an ack wait fails; the caller reads it after its
+// next __syncthreads.  NOTES: the status word and the counter are read in one round trip (this
+// replaces a separate status check at kernel start).
 __device__ __forceinline__ int64_t begin_send(const RankContext& ctx, int64_t* s_seq, int* s_flag) {
     if (threadIdx.x == 0) {
         const int status = ptx::ld_volatile(ctx.err.status);
@@ -106,8 +107,8 @@ __device__ __forceinline__ int64_t begin_send(const RankContext& ctx, int64_t* s
     __syncthreads();
     const int64_t seq = *s_seq;
     if (threadIdx.x < ctx.num_ranks && seq > 2 && *s_flag == 0 &&
-        wait_at_least(LowLatencyLayout::ack(ctx.peers.base[ctx.rank], threadIdx.x), int64_t(gridDim.x) * (seq - 2),
-                      ctx.err, kWaitLowLatencyAck, -1, threadIdx.x) < 0)
+        wait_at_least(LowLatencyLayout::ack(ctx.peers.base[ctx.rank], threadIdx.x), seq - 2, ctx.err,
+                      kWaitLowLatencyAck, -1, threadIdx.x) < 0)
         *s_flag = 1;
     return seq;
 }
@@ -187,16 +188,21 @@ __device__ bool wait_sources(const RankContext& ctx, const int64_t* info, int64_
     return *s_flag != 0;
 }
 
-// Every block of a receive phase, after its last read of this half: one acknowledgement in each
-// source's ack word for this rank.  The source reuses the half (call seq + 2) once all of our
-// blocks have acknowledged call seq.  NOTES: this replaces a last-block acknowledgement (counter,
-// fence, then a store of seq): no block waits for the others before it is done.
-__device__ __forceinline__ void acknowledge(const RankContext& ctx) {
+// Every block of a receive phase, after its last read of half seq & 1: one count in this rank's
+// receive counter of the half; the block that completes the call's count (G per call: every rank
+// runs the same grid) stores seq into each source's ack word for this rank (max: acks never go
+// back).  NOTES: no fence.  Every warp used each value it read (copied or summed it) before the
+// barrier, so the reads have returned, and a later write by the source cannot change them; what
+// the fence ordered were this block's local writes, which the source does not read.  A
+// system-scope fence in every block cost ~2 us per call.
+__device__ __forceinline__ void acknowledge(const RankContext& ctx, int64_t seq) {
     __syncthreads();
-    if (threadIdx.x < ctx.num_ranks) {
-        ptx::fence_acq_rel_sys();
-        ptx::red_add_release_sys(LowLatencyLayout::ack(ctx.peers.base[threadIdx.x], ctx.rank), 1);
-    }
+    if (threadIdx.x != 0) return;
+    auto* counter = reinterpret_cast<unsigned long long*>(
+        LowLatencyLayout::received(ctx.peers.base[ctx.rank], static_cast<int>(seq & 1)));
+    if ((atomicAdd(counter, 1ull) + 1) % gridDim.x != 0) return;
+    for (int s = 0; s < ctx.num_ranks; ++s)
+        ptx::red_max_relaxed_sys(LowLatencyLayout::ack(ctx.peers.base[s], ctx.rank), seq);
 }
 
 // Which local experts this block serves in a receive-side loop, and which share of their rows.
@@ -442,7 +448,7 @@ __device__ void dispatch_recv(const LowLatencyDispatchParams& p, const RankConte
         __syncthreads();
     }
     trace_mark(p.trace, kTraceReceived, blockIdx.x == 0);
-    acknowledge(ctx);
+    acknowledge(ctx, seq);
     trace_mark(p.trace, kTraceAcked, blockIdx.x == 0);
 }
 
@@ -582,7 +588,7 @@ __device__ void combine_recv(const LowLatencyCombineParams& p, const RankContext
         reinterpret_cast<Bf16x8*>(static_cast<char*>(p.out) + int64_t(t) * H * 2)[c] = o;
     }
     trace_mark(p.trace, kTraceReceived, blockIdx.x == 0);
-    acknowledge(ctx);
+    acknowledge(ctx, seq);
     trace_mark(p.trace, kTraceAcked, blockIdx.x == 0);
 }
 

@@ -4,7 +4,8 @@
 //
 // Per rank:
 //   [control: status int32, LL sequence int64, finish counters int32[2 phases][2 halves],
-//             acks int64[kMaxRanks] (ack[s]: last sequence whose receive rank s finished here),
+//             received int64[2 halves] (receive blocks that finished on the half, over all calls),
+//             acks int64[kMaxRanks] (ack[s]: last call whose receive rank s finished),
 //             header slots [2 halves][kMaxRanks sources] (call header, arrivals, grid size)]
 //   [half 0][half 1], each:
 //     [counts:   int32 [L][R]          rows source s put into local expert l (dispatch)]
@@ -41,7 +42,8 @@ struct LowLatencySlotHeader {
 struct LowLatencyLayout {
     static constexpr int64_t kStatusOffset = 0;
     static constexpr int64_t kSeqOffset = 8;
-    static constexpr int64_t kDoneOffset = 16;  // int32 [2 phases (send, recv)][2 halves]
+    static constexpr int64_t kDoneOffset = 16;      // int32 [2 phases (send, recv)][2 halves]
+    static constexpr int64_t kReceivedOffset = 32;  // int64 [2 halves]
     static constexpr int64_t kAckOffset = kAlignBytes;
     // int64 info[kInfoWords], then arrivals (blocks of the source that finished sending into this
     // half, counted over every call: kGridWord blocks per call) and the source's grid size.
@@ -87,6 +89,9 @@ struct LowLatencyLayout {
     }
     EP_HOST_DEVICE static int* done(void* base, int phase, int half) {
         return reinterpret_cast<int*>(static_cast<char*>(base) + kDoneOffset) + phase * 2 + half;
+    }
+    EP_HOST_DEVICE static int64_t* received(void* base, int half) {
+        return reinterpret_cast<int64_t*>(static_cast<char*>(base) + kReceivedOffset) + half;
     }
     EP_HOST_DEVICE static int64_t* ack(void* base, int src) {
         return reinterpret_cast<int64_t*>(static_cast<char*>(base) + kAckOffset) + src;
