@@ -96,20 +96,25 @@ __device__ __forceinline__ bool block_is_last(int* counter, int* s_flag) {
 // Sequence number of this call (send phase: own counter + 1) and the ack wait for its half: every
 // destination has acknowledged call seq - 2 (acknowledge; receives complete in call order).
 // *s_flag becomes 1 when the buffer has failed or an ack wait fails; the caller reads it after its
-// next __syncthreads.  NOTES: the status word and the counter are read in one round trip (this
-// replaces a separate status check at kernel start).
+// next __syncthreads.  NOTES: the status word, the counter and the acks are loaded in one round
+// trip; an ack is polled again only when it is behind (the usual case needs no second trip).
 __device__ __forceinline__ int64_t begin_send(const RankContext& ctx, int64_t* s_seq, int* s_flag) {
-    if (threadIdx.x == 0) {
+    const int t = threadIdx.x;
+    int64_t acked = 0;
+    if (t == 0) {
         const int status = ptx::ld_volatile(ctx.err.status);
         *s_seq = ptx::ld_volatile(LowLatencyLayout::seq(ctx.peers.base[ctx.rank])) + 1;
         *s_flag = status != 0;
     }
+    // Relaxed like the acknowledgement stores themselves; no write to the peer is issued before the
+    // value is compared.
+    if (t < ctx.num_ranks) acked = ptx::ld_volatile(LowLatencyLayout::ack(ctx.peers.base[ctx.rank], t));
     __syncthreads();
     const int64_t seq = *s_seq;
-    if (threadIdx.x < ctx.num_ranks && seq > 2 && *s_flag == 0 &&
-        wait_at_least(LowLatencyLayout::ack(ctx.peers.base[ctx.rank], threadIdx.x), seq - 2, ctx.err,
-                      kWaitLowLatencyAck, -1, threadIdx.x) < 0)
-        *s_flag = 1;
+    if (t < ctx.num_ranks && seq > 2 && acked < seq - 2 && *s_flag == 0) {
+        const int64_t* ack = LowLatencyLayout::ack(ctx.peers.base[ctx.rank], t);
+        if (wait_at_least(ack, seq - 2, ctx.err, kWaitLowLatencyAck, -1, t) < 0) *s_flag = 1;
+    }
     return seq;
 }
 
@@ -308,14 +313,16 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, const RankConte
     int4 first = make_int4(0, 0, 0, 0);
     if (static_cast<int>(threadIdx.x) < n0 * chunks)
         first = load_chunk(p, t0 + static_cast<int>(threadIdx.x) / chunks, static_cast<int>(threadIdx.x) % chunks);
+    // The count loop's first entry is loaded beside the begin's loads, and the shared counts are
+    // cleared before its barrier, so counting starts as soon as the begin returns.
+    const int64_t e_first = static_cast<int>(threadIdx.x) < num_entries ? p.topk_idx[threadIdx.x] : -1;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) sh.hist[e] = sh.total[e] = 0;
+    if (threadIdx.x < kRoundTokens) sh.ranks[threadIdx.x] = 0;
     const int64_t seq = begin_send(ctx, &sh.seq, &sh.flag);
     trace_mark(p.trace, kTraceBegun, blockIdx.x == 0);
     const int half = static_cast<int>(seq & 1);
-    for (int e = threadIdx.x; e < E; e += blockDim.x) sh.hist[e] = sh.total[e] = 0;
-    if (threadIdx.x < kRoundTokens) sh.ranks[threadIdx.x] = 0;
-    __syncthreads();
     for (int i = threadIdx.x; i < num_entries; i += blockDim.x) {
-        const int64_t e = p.topk_idx[i];
+        const int64_t e = i == static_cast<int>(threadIdx.x) ? e_first : p.topk_idx[i];
         if (e >= 0 && e < E) {
             if (i < i0) atomicAdd(&sh.hist[e], 1);
             atomicAdd(&sh.total[e], 1);
