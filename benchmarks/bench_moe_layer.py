@@ -48,7 +48,7 @@ def _have_te() -> bool:
     return True
 
 
-def _build(args, dispatcher: str, chunks: int, world: int):
+def _build(args, dispatcher: str, chunks: int, world: int, fused: bool = True):
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
     from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
@@ -66,7 +66,8 @@ def _build(args, dispatcher: str, chunks: int, world: int):
         moe_shared_expert_overlap=bool(args.shared) and dispatcher != "flex",
     )  # fmt: skip
     spec = moe_layer_spec(get_moe_module_spec(use_te=te, num_experts=args.experts, moe_grouped_gemm=te),
-                          options=EPOptions(num_chunks=chunks), grouped_gemm_experts=not te)  # fmt: skip
+                          options=EPOptions(num_chunks=chunks, fused_permutation=fused),
+                          grouped_gemm_experts=not te)  # fmt: skip
     layer = build_module(spec, config=config) if isinstance(spec, ModuleSpec) else spec(config=config)
     return layer.cuda(), ("TEGroupedMLP" if te else "GroupedGemmMLP")
 
@@ -199,17 +200,21 @@ def _worker(rank: int, world: int, args) -> None:
     x = torch.randn(args.tokens, 1, args.hidden, device="cuda", dtype=torch.bfloat16, generator=gen)
     grad = torch.randn_like(x) * 1e-2
     x.requires_grad_(True)
-    variants = [("alltoall", "alltoall", 1)]  # always: the baseline of the ratios
+    variants = [("alltoall", "alltoall", 1, True)]  # always: the baseline of the ratios
     if world > 1 and "flex" in args.dispatchers:  # Megatron's flex dispatcher refuses EP1
-        variants.append(("flex", "flex (ep_train backend)", 1))
+        variants.append(("flex", "flex (ep_train backend)", 1, True))
     if "deepep" in args.dispatchers:
         for c in [1, *args.chunks]:
-            variants.append(("deepep", f"deepep chunks={c}" + (" (no overlap)" if c == 1 else ""), c))
+            variants.append(("deepep", f"deepep chunks={c}" + (" (no overlap)" if c == 1 else ""), c, True))
+        if args.separate_permute:
+            variants.insert(
+                -len(args.chunks) or len(variants), ("deepep", "deepep chunks=1, separate permute", 1, False)
+            )
     rows, profiles = [], []
-    for dispatcher, label, chunks in variants:
+    for dispatcher, label, chunks, fused in variants:
         backend = install_flex_backend() if dispatcher == "flex" else None
         try:
-            layer, experts = _build(args, dispatcher, chunks, world)
+            layer, experts = _build(args, dispatcher, chunks, world, fused)
             ms, host_ms = _time_fwd_bwd(layer, x, grad, args.iters, args.warmup)
             chained_ms = _time_back_to_back(layer, x, grad, args.iters)
             if args.profile:
@@ -266,6 +271,11 @@ def main() -> None:
     p.add_argument("--chunks", type=int, nargs="*", default=[2, 4], help="chunk counts of the overlapped runs")
     p.add_argument("--dispatchers", nargs="*", default=["flex", "deepep"], choices=["flex", "deepep"],
                    help="rows besides alltoall (always run: the baseline)")  # fmt: skip
+    p.add_argument(
+        "--separate-permute",
+        action="store_true",
+        help="also run deepep (chunks 1) with the permutation after the dispatch instead of inside it",
+    )
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--gpus", type=int, default=0, help="EP size (default: the largest of 2/4/8 this node has)")

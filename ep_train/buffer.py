@@ -33,6 +33,7 @@ from .config import Config, get_combine_config, get_dispatch_config
 from .errors import CommError
 from .event import EventOverlap, capture
 from .handle import DispatchHandle, LowLatencyHandle
+from .permute import permute_dispatch_result
 from .validate import check_int, check_num_sms, check_tensor, check_topk_idx_values, split_fp8
 
 __all__ = ["Buffer", "topk_idx_t"]
@@ -382,6 +383,7 @@ class Buffer:
         previous_event: EventOverlap | None = None,
         async_finish: bool = False,
         allocate_on_comm_stream: bool = False,
+        expert_major: bool = False,
     ):
         """Send every token to each rank that holds one of its experts (once per rank).
 
@@ -404,6 +406,16 @@ class Buffer:
             event)``.  ``recv_x`` is ``[N, H]`` (a tuple with scales for FP8 input), rows ordered by
             source rank then source token index.  ``recv_topk_idx[i, k]`` is the local expert id
             (0..L-1) when expert k of that token lives here, else -1 (weight 0).
+
+        Expert-major (``expert_major=True``): ``recv_x`` is ``[P, H]`` with one row per (received
+        row, local expert) pair in grouped-GEMM order - by local expert, then source rank, then
+        source token - each expert's rows padded with zero rows to ``expert_alignment``, and the
+        third element is ``recv_probs [P]`` float32 (the pair's gate weight, 0 for padding; None
+        without ``topk_weights``) instead of ``recv_topk_weights``.  The per-expert counts add up
+        to P; the handle's ``pair_pos_NK`` says where each pair went.  A cached call with that
+        handle and ``expert_major=True`` writes its rows the same way.  The CUDA kernels write
+        the rows there directly; other backends permute the received rows (same result).
+        Needs ``topk_idx`` and ``num_worst_tokens=0``.
         """
         self._check_usable()
         self._check_previous_event(previous_event)
@@ -419,13 +431,23 @@ class Buffer:
         self._check_nvl_bytes(hidden, x_TH.element_size(), config, "dispatch")
         routing = _Routing(num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
                            expert_alignment, num_worst_tokens, config, previous_event)  # fmt: skip
+        if expert_major:
+            self._check_expert_major(handle, topk_idx, num_worst_tokens)
         if handle is not None:
             args = self._cached_dispatch_args(x_TH, scales_TS, handle, routing)
         else:
             args = self._dispatch_args(x_TH, scales_TS, routing)
+        if expert_major:
+            num_topk = handle.pair_pos_NK.shape[1] if handle is not None else args.topk_idx_TK.shape[1]
+            args.expert_major = self._backend.fuses_expert_major(x_TH, args.num_experts, num_topk)
+
+        def run_dispatch():
+            res = self._backend.dispatch(args)
+            return permute_dispatch_result(res, args) if expert_major and not args.expert_major else res
+
         inputs = [t for t in (x_TH, scales_TS, args.topk_idx_TK, args.topk_weights_TK) if t is not None]
         res, event = self._run(
-            lambda: self._backend.dispatch(args),
+            run_dispatch,
             inputs,
             previous_event,
             async_finish,
@@ -436,11 +458,20 @@ class Buffer:
         return (
             recv_x,
             res.recv_topk_idx_NK,
-            res.recv_topk_weights_NK,
+            res.pair_probs_P if expert_major else res.recv_topk_weights_NK,
             res.num_recv_tokens_per_expert_list,
             res.handle,
             event,
         )
+
+    @staticmethod
+    def _check_expert_major(handle, topk_idx, num_worst_tokens: int) -> None:
+        if handle is None and topk_idx is None:
+            raise ValueError("expert_major=True needs topk_idx (the rows are placed by their experts)")
+        if num_worst_tokens:
+            raise ValueError(f"expert_major=True takes num_worst_tokens=0, got {num_worst_tokens}")
+        if handle is not None and getattr(handle, "pair_pos_NK", None) is None:
+            raise ValueError("expert_major=True with a handle needs the handle of an expert-major dispatch")
 
     def _dispatch_args(self, x_TH, scales_TS, a: _Routing) -> DispatchArgs:
         T, R = x_TH.shape[0], self.group_size

@@ -36,6 +36,10 @@ class DispatchHandle:
         dispatch_seq: call number (on its buffer) of the dispatch that made the handle; combine and
             cached dispatch send it in their call header, so ranks using different handles disagree.
         extras: backend-private tensors (e.g. the CUDA kernels' channel prefix matrices).
+        pair_pos_NK: int64 ``[N, K]`` for an expert-major dispatch (``Buffer.dispatch(...,
+            expert_major=True)``): the expert-major row of each (received row, top-k column) pair,
+            ``num_pair_rows`` where the column has no local expert; None otherwise.
+        num_pair_rows: P, expert-major rows (pairs plus alignment padding) of that dispatch.
     """
 
     rank: int
@@ -53,6 +57,8 @@ class DispatchHandle:
     expert_alignment: int = 1
     dispatch_seq: int = 0
     extras: dict[str, Any] = field(default_factory=dict, compare=False)
+    pair_pos_NK: torch.Tensor | None = field(default=None, compare=False)
+    num_pair_rows: int = 0
 
     @property
     def num_local_experts(self) -> int:

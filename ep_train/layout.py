@@ -67,9 +67,10 @@ def num_fp8_scales(hidden: int) -> int:
 
 
 def intranode_row_bytes(hidden_bytes: int) -> int:
-    """Bytes of one ring row: payload, scales (sized for BF16 hidden), top-k ids + weights, src index."""
+    """Bytes of one ring row: payload, scales (sized for BF16 hidden), top-k ids + weights, src index,
+    per-expert token ranks (expert-major dispatch)."""
     hidden = hidden_bytes // 2  # the largest payload is BF16
-    meta = num_fp8_scales(hidden) * 4 + MAX_TOPK * 4 + MAX_TOPK * 4 + 4
+    meta = num_fp8_scales(hidden) * 4 + MAX_TOPK * 4 + MAX_TOPK * 4 + 4 + MAX_TOPK * 4
     return align_up(hidden_bytes, 16) + align_up(meta, 16)
 
 

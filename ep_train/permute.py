@@ -19,15 +19,27 @@ alignment padding), Q = N*K pair slots.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from . import _ext
+from .backends.base import DispatchArgs, DispatchResult
 from .validate import check_topk_idx_values
 
-__all__ = ["PairLayout", "pair_layout", "permute_to_experts", "unpermute_from_experts"]
+__all__ = [
+    "PairLayout",
+    "pair_layout",
+    "pair_layout_from_pos",
+    "pair_values",
+    "permute_dispatch_result",
+    "permute_to_experts",
+    "sum_pair_rows",
+    "unpermute_from_experts",
+    "values_of_pairs",
+]
 
 
 @dataclass(frozen=True)
@@ -265,3 +277,61 @@ def unpermute_from_experts(y_PH: torch.Tensor, layout: PairLayout) -> torch.Tens
     if y_PH.shape[0] != layout.num_pair_rows:
         raise ValueError(f"expected {layout.num_pair_rows} expert-major rows, got {y_PH.shape[0]}")
     return _UnpermuteFn.apply(y_PH, layout)
+
+
+def pair_layout_from_pos(pos_NK: torch.Tensor, num_pair_rows: int, tokens_per_expert: Sequence[int]) -> PairLayout:
+    """The :class:`PairLayout` whose pairs sit at ``pos_NK`` (``num_pair_rows`` = no pair), e.g. an
+    expert-major dispatch's ``handle.pair_pos_NK``."""
+    n, k = pos_NK.shape
+    q, p = n * k, num_pair_rows
+    pos_Q = pos_NK.reshape(-1)
+    slot_Q = torch.arange(q, device=pos_NK.device)
+    row_P = torch.full((p + 1,), n, dtype=torch.int64, device=pos_NK.device).scatter_(0, pos_Q, slot_Q // max(k, 1))
+    pair_P = torch.full((p + 1,), q, dtype=torch.int64, device=pos_NK.device).scatter_(0, pos_Q, slot_Q)
+    counts = torch.as_tensor(list(tokens_per_expert), dtype=torch.int64)
+    return PairLayout(n, k, pos_NK, row_P[:p], pair_P[:p], counts, has_padding=p > 0)
+
+
+def pair_values(values_NK: torch.Tensor, pos_NK: torch.Tensor, num_pair_rows: int) -> torch.Tensor:
+    """``[P]``: the value of every expert-major row's pair (0 for padding) from ``[N, K]`` values."""
+    out = values_NK.new_zeros(num_pair_rows + 1)
+    return out.scatter_(0, pos_NK.reshape(-1), values_NK.reshape(-1))[:num_pair_rows]
+
+
+def values_of_pairs(values_P: torch.Tensor, pos_NK: torch.Tensor) -> torch.Tensor:
+    """``[N, K]``: each pair's value from the ``[P]`` expert-major values (0 where no pair)."""
+    padded = torch.cat([values_P, values_P.new_zeros(1)])
+    return padded.index_select(0, pos_NK.reshape(-1).clamp_max(values_P.shape[0])).view(pos_NK.shape)
+
+
+def sum_pair_rows(y_PH: torch.Tensor, pos_NK: torch.Tensor) -> torch.Tensor:
+    """``[N, H]``: each received row's pairs summed (FP32 accumulation, ascending k), as
+    :func:`unpermute_from_experts` computes it, without autograd."""
+    n, k = pos_NK.shape
+    layout = PairLayout(n, k, pos_NK, pos_NK.new_empty(0), pos_NK.new_empty(0), torch.zeros(0), False)
+    return _sum_pairs(y_PH.contiguous(), layout)
+
+
+def permute_dispatch_result(res: DispatchResult, args: DispatchArgs) -> DispatchResult:
+    """An expert-major dispatch's result from a backend's plain one: the received rows permuted to
+    expert-major order (for backends whose kernels do not write that order themselves)."""
+    if args.handle is None:
+        handle = res.handle
+        layout = pair_layout(
+            res.recv_topk_idx_NK, handle.num_local_experts, args.expert_alignment, res.num_recv_tokens_per_expert_list
+        )
+        probs_P = None
+        if res.recv_topk_weights_NK is not None:
+            probs_P = pair_values(res.recv_topk_weights_NK, layout.pos_NK, layout.num_pair_rows)
+        extras = {**handle.extras, "pair_layout": layout}
+        handle = dataclasses.replace(
+            handle, extras=extras, pair_pos_NK=layout.pos_NK, num_pair_rows=layout.num_pair_rows
+        )
+    else:
+        handle, probs_P = args.handle, None
+        layout = handle.extras.get("pair_layout")
+        if layout is None:  # the handle of a dispatch whose kernels wrote expert-major rows
+            layout = pair_layout_from_pos(handle.pair_pos_NK, handle.num_pair_rows, res.num_recv_tokens_per_expert_list)
+    x_PH = _gather_rows(res.recv_x_NH, layout)
+    scales_PS = None if res.recv_x_scales_NS is None else _gather_rows(res.recv_x_scales_NS, layout)
+    return dataclasses.replace(res, recv_x_NH=x_PH, recv_x_scales_NS=scales_PS, handle=handle, pair_probs_P=probs_P)

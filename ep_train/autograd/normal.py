@@ -17,9 +17,10 @@ from ..config import Config
 from ..event import EventOverlap
 from ..fp8 import dequantize_fp8, quantize_fp8
 from ..handle import DispatchHandle
+from ..permute import pair_values, sum_pair_rows, values_of_pairs
 from . import replay
 
-__all__ = ["DispatchOutput", "dispatch", "combine"]
+__all__ = ["DispatchOutput", "ExpertMajorOutput", "combine", "combine_from_experts", "dispatch", "dispatch_to_experts"]
 
 
 class DispatchOutput(NamedTuple):
@@ -93,6 +94,23 @@ def _zero_padding_rows(rows: torch.Tensor, handle: DispatchHandle) -> torch.Tens
     return rows * valid.unsqueeze(1).to(rows.dtype)
 
 
+def _replayed_routing(entry: _Replay, topk_idx_TK: torch.Tensor):
+    """``(handle, recv_topk_idx, per_expert_list)`` of the first forward, checked against this one's routing."""
+    if entry.topk_idx.shape != topk_idx_TK.shape or (
+        not topk_idx_TK.is_cuda and not torch.equal(entry.topk_idx, topk_idx_TK)
+    ):
+        raise RuntimeError("recomputed forward routed differently from the first forward (topk_idx changed)")
+    return entry.handle, entry.recv_topk_idx, entry.per_expert_list
+
+
+def _replayed_weights(buffer: Buffer, handle: DispatchHandle, topk_weights_TK: torch.Tensor) -> torch.Tensor:
+    """``[N, K]`` received gate weights of a replayed dispatch: the weights travel as rows of a cached dispatch."""
+    w_payload = _rows_as_payload(buffer, topk_weights_TK.detach())
+    w_handle = dataclasses.replace(handle, hidden=w_payload.shape[1])
+    recv_w_payload, *_ = buffer.dispatch(w_payload, w_handle)
+    return _payload_as_rows(recv_w_payload, topk_weights_TK.shape[1], topk_weights_TK.dtype)
+
+
 class _DispatchFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TH, topk_weights_TK, buffer: Buffer, topk_idx_TK, opts: _DispatchOpts, out: dict):
@@ -125,18 +143,11 @@ class _DispatchFn(torch.autograd.Function):
             per_expert_list = list(per_expert_list) if len(per_expert_list) == handle.num_local_experts else None
             replay.record(_Replay("normal", handle, recv_idx, topk_idx_TK, per_expert_list))
         else:
-            handle, recv_idx, per_expert_list = entry.handle, entry.recv_topk_idx, entry.per_expert_list
-            if entry.topk_idx.shape != topk_idx_TK.shape or (
-                not topk_idx_TK.is_cuda and not torch.equal(entry.topk_idx, topk_idx_TK)
-            ):
-                raise RuntimeError("recomputed forward routed differently from the first forward (topk_idx changed)")
+            handle, recv_idx, per_expert_list = _replayed_routing(entry, topk_idx_TK)
             recv_x, _, _, _, _, event = buffer.dispatch(
                 x_in, handle, previous_event=opts.previous_event, async_finish=opts.async_finish
             )
-            w_payload = _rows_as_payload(buffer, topk_weights_TK.detach())
-            w_handle = dataclasses.replace(handle, hidden=w_payload.shape[1])
-            recv_w_payload, *_ = buffer.dispatch(w_payload, w_handle)
-            recv_w = _payload_as_rows(recv_w_payload, topk_idx_TK.shape[1], topk_weights_TK.dtype)
+            recv_w = _replayed_weights(buffer, handle, topk_weights_TK)
             recv_w = torch.where(recv_idx >= 0, recv_w, torch.zeros_like(recv_w))
         if opts.fp8:
             if event is not None and event.event is not None:  # async_finish: rows exist once the comm stream is there
@@ -263,3 +274,134 @@ def combine(
     out: dict = {}
     combined = _CombineFn.apply(x, b0, b1, buffer, handle, opts, out)
     return (combined, out["event"]) if async_finish else combined
+
+
+class ExpertMajorOutput(NamedTuple):
+    """Result of :func:`dispatch_to_experts`.
+
+    x: ``[P, H]`` one row per (received token, local expert) pair, grouped by local expert (then
+        source rank, then source token), each expert's rows padded with zero rows to the alignment;
+        the input to a grouped GEMM.
+    probs: ``[P]`` float32 gate weight of each row (0 for padding); differentiable.
+    tokens_per_expert_list: rows of each local expert (aligned; they add up to P), on the host.
+    recv_topk_idx: ``[N, K]`` int64 local expert ids of the received tokens, -1 elsewhere.
+    handle: pass to :func:`combine_from_experts`.
+    """
+
+    x: torch.Tensor
+    probs: torch.Tensor
+    tokens_per_expert_list: list[int]
+    recv_topk_idx: torch.Tensor
+    handle: DispatchHandle
+
+
+class _DispatchExpertsFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TH, topk_weights_TK, buffer: Buffer, topk_idx_TK, opts: _DispatchOpts, out: dict):
+        x_in = quantize_fp8(x_TH) if opts.fp8 else x_TH
+        entry = replay.next_replay("expert_major")
+        if entry is None:
+            per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx_TK, opts.num_experts)
+            x_P, recv_idx, probs_P, per_expert_list, handle, _ = buffer.dispatch(
+                x_in, None, per_rank, None, in_rank, per_expert, topk_idx_TK, topk_weights_TK.detach(),
+                opts.expert_alignment, config=opts.config, expert_major=True,
+            )  # fmt: skip
+            per_expert_list = list(per_expert_list)
+            replay.record(_Replay("expert_major", handle, recv_idx, topk_idx_TK, per_expert_list))
+        else:
+            handle, recv_idx, per_expert_list = _replayed_routing(entry, topk_idx_TK)
+            x_P, *_ = buffer.dispatch(x_in, handle, config=opts.config, expert_major=True)
+            recv_w = _replayed_weights(buffer, handle, topk_weights_TK)
+            probs_P = pair_values(recv_w, handle.pair_pos_NK, handle.num_pair_rows)
+        if opts.fp8:
+            x_P = dequantize_fp8(x_P[0], x_P[1], x_TH.dtype)
+        if probs_P is None:
+            probs_P = torch.zeros(handle.num_pair_rows, dtype=torch.float32, device=x_TH.device)
+        ctx.buffer, ctx.handle, ctx.config = buffer, handle, opts.config
+        ctx.mark_non_differentiable(recv_idx)
+        out["handle"], out["per_expert_list"] = handle, per_expert_list
+        return x_P, recv_idx, probs_P
+
+    @staticmethod
+    def backward(ctx, grad_x_P, _grad_recv_idx, grad_probs_P):
+        handle: DispatchHandle = ctx.handle
+        pos_NK = handle.pair_pos_NK
+        if grad_x_P is None:
+            grad_N = torch.zeros((handle.num_recv_rows, handle.hidden), device=pos_NK.device)
+        else:
+            grad_N = sum_pair_rows(grad_x_P, pos_NK)
+        grad_w_NK = None
+        if grad_probs_P is not None and ctx.needs_input_grad[1]:
+            grad_w_NK = values_of_pairs(grad_probs_P, pos_NK).contiguous()
+        grad_x, grad_w, _ = ctx.buffer.combine(grad_N, handle, topk_weights=grad_w_NK, config=ctx.config)
+        return grad_x, grad_w, None, None, None, None
+
+
+class _CombineExpertsFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y_P, buffer: Buffer, handle: DispatchHandle, config: Config | None):
+        y_N = sum_pair_rows(y_P, handle.pair_pos_NK)
+        combined, _, _ = buffer.combine(y_N, handle, config=config)
+        ctx.buffer, ctx.handle, ctx.config = buffer, handle, config
+        return combined
+
+    @staticmethod
+    def backward(ctx, grad_TH):
+        handle: DispatchHandle = ctx.handle
+        grad_TH = grad_TH.contiguous()
+        if grad_TH.shape[1] != handle.hidden:
+            handle = dataclasses.replace(handle, hidden=grad_TH.shape[1])
+        grad_P, *_ = ctx.buffer.dispatch(grad_TH, handle, expert_major=True)
+        return grad_P, None, None, None
+
+
+def dispatch_to_experts(
+    buffer: Buffer,
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weights: torch.Tensor,
+    num_experts: int,
+    *,
+    expert_alignment: int = 1,
+    fp8: bool = False,
+    config: Config | None = None,
+) -> ExpertMajorOutput:
+    """Differentiable dispatch straight into grouped-GEMM order (w.r.t. ``x`` and ``topk_weights``).
+
+    The same rows, order and weights as :func:`dispatch` followed by
+    ``ep_train.permute.permute_to_experts``, in one step: the CUDA kernels write every received
+    row to its experts' places, so there is no separate permutation pass (forward, and the
+    backward of :func:`combine_from_experts`).  The backward sums each received row's pair
+    gradients (FP32, ascending k) and combines them, with the weight gradients.
+
+    Args: as :func:`dispatch`.  ``x`` is ``[T, H]``, ``topk_idx`` / ``topk_weights`` ``[T, K]``.
+    """
+    if not isinstance(topk_weights, torch.Tensor):
+        raise TypeError(
+            f"topk_weights must be a [T, K] float tensor (the gate weights, differentiable), got "
+            f"{type(topk_weights).__name__}"
+        )
+    opts = _DispatchOpts(num_experts, expert_alignment, 0, fp8, config, None, False)
+    out: dict = {}
+    x_P, recv_idx, probs_P = _DispatchExpertsFn.apply(x, topk_weights, buffer, topk_idx, opts, out)
+    return ExpertMajorOutput(x_P, probs_P, out["per_expert_list"], recv_idx, out["handle"])
+
+
+def combine_from_experts(
+    buffer: Buffer, y: torch.Tensor, handle: DispatchHandle, *, config: Config | None = None
+) -> torch.Tensor:
+    """Differentiable combine of expert-major rows (w.r.t. ``y``): each received token's rows are
+    summed (FP32, ascending k, rounded once) and sent back to its source, where the ranks' sums add
+    up (FP32, rank order) - the same bits as ``unpermute_from_experts`` then :func:`combine`.
+
+    Args:
+        y: ``[P, H]`` expert outputs in :func:`dispatch_to_experts` order (weighted by the caller).
+        handle: from :func:`dispatch_to_experts`.
+    Returns:
+        ``[T, H]``.
+    """
+    if not isinstance(handle, DispatchHandle) or handle.pair_pos_NK is None:
+        raise TypeError("handle must be the handle of dispatch_to_experts (an expert-major dispatch)")
+    if y.dim() != 2 or y.shape[0] != handle.num_pair_rows:
+        raise ValueError(f"y must be [{handle.num_pair_rows}, H] (the expert-major rows), got {tuple(y.shape)}")
+    return _CombineExpertsFn.apply(y, buffer, handle, config)

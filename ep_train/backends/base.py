@@ -68,6 +68,8 @@ class DispatchArgs:
     check_layout: bool = True
     #: the Buffer has already checked these ``topk_idx`` values (e.g. in get_dispatch_layout).
     topk_values_checked: bool = False
+    #: expert-major rows straight from the kernel (only where ``Backend.fuses_expert_major`` said so).
+    expert_major: bool = False
 
 
 @dataclass
@@ -78,6 +80,8 @@ class DispatchResult:
     recv_topk_weights_NK: torch.Tensor | None
     num_recv_tokens_per_expert_list: list[int]
     handle: DispatchHandle
+    #: expert-major dispatch: the gate weight of every expert-major row (0 for padding).
+    pair_probs_P: torch.Tensor | None = None
 
 
 @dataclass
@@ -156,6 +160,11 @@ class Backend(ABC):
 
     @abstractmethod
     def dispatch(self, args: DispatchArgs) -> DispatchResult: ...
+
+    def fuses_expert_major(self, x_TH: torch.Tensor, num_experts: int, num_topk: int) -> bool:
+        """Whether ``dispatch`` writes expert-major rows itself for this call (``args.expert_major``);
+        otherwise the Buffer permutes the received rows (same rows, same order)."""
+        return False
 
     @abstractmethod
     def combine(self, args: CombineArgs) -> CombineResult: ...

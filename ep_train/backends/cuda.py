@@ -231,6 +231,11 @@ class CudaBackend(Backend):
         return per_rank_R, per_expert_E, in_rank_TR
 
     # ------------------------------------------------------------------ dispatch
+    def fuses_expert_major(self, x_TH: torch.Tensor, num_experts: int, num_topk: int) -> bool:
+        # 16-byte rows for the fan-out copy; the senders' per-expert ranks come from the pair kernels.
+        row_bytes = x_TH.shape[1] * x_TH.element_size()
+        return row_bytes % 16 == 0 and 1 <= num_experts <= self._C.PAIR_LAYOUT_MAX_LOCAL_EXPERTS
+
     def dispatch(self, args: DispatchArgs) -> DispatchResult:
         self._raise_if_failed()
         if args.handle is not None:
@@ -246,9 +251,14 @@ class CudaBackend(Backend):
         per_expert_L = torch.empty(L, **i32)
         num_recv_t = torch.empty((), **i32)
         worst = args.num_worst_tokens
+        pairs = args.expert_major
+        pair_base_RL = torch.empty((R, L), **i32) if pairs else None
         self._C.notify(self._rt, args.is_token_in_rank_TR, args.num_tokens_per_expert_E, E, C, args.expert_alignment,
                        worst, worst == 0, self._header(args.info, cfg), rank_prefix_RR, chan_start, send_chan_base,
-                       num_tokens_R, per_expert_L, num_recv_t)  # fmt: skip
+                       num_tokens_R, per_expert_L, num_recv_t, pair_base_RL)  # fmt: skip
+        # The senders' half of the expert-major places: every (token, k)'s rank among this rank's
+        # tokens of its expert (runs while the peers finish notify).
+        expert_rank_TK = self._C.expert_ranks(args.topk_idx_TK, E) if pairs else None
         if worst == 0:
             # The one host sync of the normal path (bounded; the device bound reports first).
             code, num_recv, per_expert_list = self._rt.wait_recv(self.timeout_s * 1.5 + 1.0, L)
@@ -257,10 +267,12 @@ class CudaBackend(Backend):
         else:
             num_recv, rows, per_expert_list = -1, worst, []
         K = 0 if args.topk_idx_TK is None else args.topk_idx_TK.shape[1]
-        recv_x = torch.empty((rows, H), dtype=x_TH.dtype, device=dev)
-        recv_scales = None
-        if args.x_scales_TS is not None:
-            recv_scales = torch.empty((rows, args.x_scales_TS.shape[1]), dtype=torch.float32, device=dev)
+        num_pair_rows = sum(per_expert_list) if pairs else 0
+        recv_x, recv_scales = self._recv_rows(args, num_pair_rows if pairs else rows)
+        pair_pos_NK = torch.empty((rows, K), dtype=torch.int64, device=dev) if pairs else None
+        pair_probs_P = None
+        if pairs and args.topk_weights_TK is not None:
+            pair_probs_P = self._pair_buffer(args.expert_alignment)((num_pair_rows,), dtype=torch.float32, device=dev)
         recv_topk_idx = recv_topk_weights = None
         pad = worst > 0
         if K:
@@ -275,7 +287,8 @@ class CudaBackend(Backend):
         self._C.dispatch(self._rt, x_TH, args.x_scales_TS, args.topk_idx_TK, args.topk_weights_TK,
                          args.is_token_in_rank_TR, recv_x, recv_scales, recv_topk_idx, recv_topk_weights,
                          recv_src_idx_N, send_pos_TR, send_chan_base, chan_start, L, cfg.num_sms,
-                         cfg.num_max_nvl_chunked_send_tokens, cfg.num_max_nvl_chunked_recv_tokens)  # fmt: skip
+                         cfg.num_max_nvl_chunked_send_tokens, cfg.num_max_nvl_chunked_recv_tokens, pair_pos_NK,
+                         expert_rank_TK, pair_base_RL, pair_probs_P, num_pair_rows)  # fmt: skip
         handle = DispatchHandle(
             rank=me,
             num_ranks=R,
@@ -292,20 +305,36 @@ class CudaBackend(Backend):
             expert_alignment=args.expert_alignment,
             dispatch_seq=args.info.seq,
             extras={"num_tokens_R": num_tokens_R, "num_recv_tokens_t": num_recv_t, "per_expert_list": per_expert_list},
+            pair_pos_NK=pair_pos_NK,
+            num_pair_rows=num_pair_rows,
         )
-        return DispatchResult(recv_x, recv_scales, recv_topk_idx, recv_topk_weights, list(per_expert_list), handle)
+        return DispatchResult(recv_x, recv_scales, recv_topk_idx, recv_topk_weights, list(per_expert_list), handle,
+                              pair_probs_P)  # fmt: skip
+
+    @staticmethod
+    def _pair_buffer(alignment: int):
+        """Allocator of expert-major outputs: every row is written unless alignment pads some (then zeros)."""
+        return torch.zeros if alignment > 1 else torch.empty
+
+    def _recv_rows(self, args: DispatchArgs, rows: int):
+        """``(recv_x, recv_scales or None)`` with ``rows`` rows (zeroed where expert-major padding may stay)."""
+        x_TH, dev = args.x_TH, args.x_TH.device
+        alloc = self._pair_buffer(args.expert_alignment) if args.expert_major else torch.empty
+        recv_x = alloc((rows, x_TH.shape[1]), dtype=x_TH.dtype, device=dev)
+        recv_scales = None
+        if args.x_scales_TS is not None:
+            recv_scales = alloc((rows, args.x_scales_TS.shape[1]), dtype=torch.float32, device=dev)
+        return recv_x, recv_scales
 
     def _cached_dispatch(self, args: DispatchArgs) -> DispatchResult:
         h, cfg, x_TH = args.handle, args.config, args.x_TH
         chan_start = self._prepare(h, args.info, cfg)
-        rows, dev = h.num_recv_rows, x_TH.device
-        recv_x = torch.empty((rows, x_TH.shape[1]), dtype=x_TH.dtype, device=dev)
-        recv_scales = None
-        if args.x_scales_TS is not None:
-            recv_scales = torch.empty((rows, args.x_scales_TS.shape[1]), dtype=torch.float32, device=dev)
+        pairs = args.expert_major
+        recv_x, recv_scales = self._recv_rows(args, h.num_pair_rows if pairs else h.num_recv_rows)
         self._C.dispatch(self._rt, x_TH, args.x_scales_TS, None, None, h.is_token_in_rank_TR, recv_x, recv_scales,
                          None, None, None, None, None, chan_start, h.num_local_experts, cfg.num_sms,
-                         cfg.num_max_nvl_chunked_send_tokens, cfg.num_max_nvl_chunked_recv_tokens)  # fmt: skip
+                         cfg.num_max_nvl_chunked_send_tokens, cfg.num_max_nvl_chunked_recv_tokens,
+                         h.pair_pos_NK if pairs else None, None, None, None, h.num_pair_rows)  # fmt: skip
         per_expert_list = list(h.extras.get("per_expert_list", []))
         return DispatchResult(recv_x, recv_scales, None, None, per_expert_list, h)
 

@@ -72,7 +72,7 @@ void notify(IntranodeRuntime& rt, const torch::Tensor& in_rank, const OptTensor&
             int64_t num_channels, int64_t expert_alignment, int64_t num_worst_tokens, bool host_sync,
             const std::vector<int64_t>& info, torch::Tensor& rank_prefix, torch::Tensor& recv_chan_start,
             torch::Tensor& send_chan_base, torch::Tensor& num_tokens_per_source, torch::Tensor& num_recv_per_expert,
-            torch::Tensor& num_recv_tokens) {
+            torch::Tensor& num_recv_tokens, const OptTensor& pair_base) {
     auto ctx = rt.context();
     check(in_rank, "is_token_in_rank", torch::kBool, 2);
     TORCH_CHECK(in_rank.size(1) == ctx.num_ranks, "is_token_in_rank must have ", ctx.num_ranks, " columns");
@@ -95,6 +95,12 @@ void notify(IntranodeRuntime& rt, const torch::Tensor& in_rank, const OptTensor&
     p.num_tokens_per_source = num_tokens_per_source.data_ptr<int>();
     p.num_recv_per_expert = num_recv_per_expert.data_ptr<int>();
     p.num_recv_tokens = num_recv_tokens.data_ptr<int>();
+    if (pair_base) {
+        check(*pair_base, "pair_base", torch::kInt32, 2);
+        TORCH_CHECK(pair_base->size(0) == ctx.num_ranks && pair_base->size(1) == num_experts / ctx.num_ranks,
+                    "pair_base must be [num_ranks, num_local_experts]");
+        p.pair_base = pair_base->data_ptr<int>();
+    }
     if (host_sync) rt.clear_recv_ready();
     ep_train::launch_notify(p, ctx, stream());
 }
@@ -133,7 +139,8 @@ void dispatch(IntranodeRuntime& rt, const torch::Tensor& x, const OptTensor& x_s
               const OptTensor& recv_scales, const OptTensor& recv_topk_idx, const OptTensor& recv_topk_weights,
               const OptTensor& recv_src_idx, const OptTensor& send_pos, const OptTensor& send_chan_base,
               const torch::Tensor& recv_chan_start, int64_t num_local_experts, int64_t num_sms, int64_t chunk_tokens,
-              int64_t ring_tokens) {
+              int64_t ring_tokens, const OptTensor& pair_pos, const OptTensor& expert_rank, const OptTensor& pair_base,
+              const OptTensor& pair_probs, int64_t num_pair_rows) {
     auto ctx = rt.context();
     TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2, "x must be a contiguous 2-D CUDA tensor");
     TORCH_CHECK(x.element_size() <= 2, "dispatch moves BF16 or FP8 rows");
@@ -164,6 +171,36 @@ void dispatch(IntranodeRuntime& rt, const torch::Tensor& x, const OptTensor& x_s
     p.chunk_tokens = chunk_tokens;
     p.payload_bytes = x.size(1) * x.element_size();
     p.layout = make_layout(rt, x.size(1), num_sms, ring_tokens);
+    if (pair_pos) {  // expert-major: recv_x [P, H], one row per (received row, local expert) pair
+        check(*pair_pos, "pair_pos", torch::kInt64, 2);
+        TORCH_CHECK(pair_pos->size(1) >= 1 && pair_pos->size(1) <= ep_train::kMaxTopk, "pair_pos must have 1 to ",
+                    ep_train::kMaxTopk, " columns");
+        TORCH_CHECK(recv_x.size(0) == num_pair_rows, "recv_x must have num_pair_rows=", num_pair_rows, " rows");
+        TORCH_CHECK(!recv_scales || recv_scales->size(0) == num_pair_rows, "recv_x_scales must have ", num_pair_rows,
+                    " rows");
+        TORCH_CHECK(!recv_src_idx || recv_src_idx->size(0) == pair_pos->size(0),
+                    "pair_pos must have a row per "
+                    "received row");
+        if (expert_rank) {  // first call: places rows from the ranks the senders send along
+            check(*expert_rank, "expert_rank", torch::kInt64, 2);
+            TORCH_CHECK(topk_idx && expert_rank->sizes() == topk_idx->sizes(), "expert_rank must match topk_idx");
+            TORCH_CHECK(pair_pos->size(1) == num_topk, "pair_pos must have top-k columns");
+            TORCH_CHECK(pair_base.has_value(), "expert_rank needs pair_base (from notify)");
+            check(*pair_base, "pair_base", torch::kInt32, 2);
+            p.expert_rank = expert_rank->data_ptr<int64_t>();
+            p.pair_base = pair_base->data_ptr<int>();
+            if (pair_probs) {
+                check(*pair_probs, "pair_probs", torch::kFloat32, 1);
+                TORCH_CHECK(topk_weights.has_value(), "pair_probs needs topk_weights");
+                p.pair_probs = pair_probs->data_ptr<float>();
+            }
+        } else {
+            TORCH_CHECK(!topk_idx, "a cached expert-major dispatch takes its rows from pair_pos, not topk_idx");
+        }
+        p.pair_pos = pair_pos->data_ptr<int64_t>();
+        p.pair_topk = pair_pos->size(1);
+        p.num_pair_rows = num_pair_rows;
+    }
     ep_train::launch_dispatch(p, ctx, num_sms, stream());
 }
 
@@ -218,6 +255,22 @@ std::vector<torch::Tensor> pair_layout(const torch::Tensor& idx, int64_t num_loc
                                  pos.data_ptr<int64_t>(), row_P.data_ptr<int64_t>(), pair_P.data_ptr<int64_t>(),
                                  stream());
     return {pos, row_P, pair_P};
+}
+
+// rank [T, K] int64: each (token, k)'s rank among the tokens before it with the same expert (see
+// launch_expert_ranks); what an expert-major dispatch sends along.
+torch::Tensor expert_ranks(const torch::Tensor& topk_idx, int64_t num_experts) {
+    check(topk_idx, "topk_idx", torch::kInt64, 2);
+    TORCH_CHECK(num_experts >= 1 && num_experts <= ep_train::kPairLayoutMaxLocalExperts, "num_experts must be in [1, ",
+                ep_train::kPairLayoutMaxLocalExperts, "], got ", num_experts);
+    c10::cuda::CUDAGuard guard(topk_idx.device());
+    const int64_t t = topk_idx.size(0), k = topk_idx.size(1);
+    auto rank = torch::empty({t, k}, topk_idx.options());
+    auto scratch = torch::empty({ep_train::pair_layout_scratch_ints(t * k, static_cast<int>(num_experts))},
+                                topk_idx.options().dtype(torch::kInt32));
+    ep_train::launch_expert_ranks(topk_idx.data_ptr<int64_t>(), t, static_cast<int>(k), static_cast<int>(num_experts),
+                                  scratch.data_ptr<int>(), rank.data_ptr<int64_t>(), stream());
+    return rank;
 }
 
 // out [N, H] in y's dtype = per row the FP32 sum of its pairs' rows of y [P, H] (see permute.cu).
@@ -447,6 +500,7 @@ PYBIND11_MODULE(_C, m) {
     m.def("combine", &combine);
     m.def("sum_pairs", &sum_pairs);
     m.def("pair_layout", &pair_layout);
+    m.def("expert_ranks", &expert_ranks);
     m.attr("PAIR_LAYOUT_MAX_LOCAL_EXPERTS") = ep_train::kPairLayoutMaxLocalExperts;
     m.def("swiglu_forward", &swiglu_forward, py::arg("h"), py::arg("probs") = py::none());
     m.def("swiglu_backward", &swiglu_backward, py::arg("h"), py::arg("probs"), py::arg("grad_out"));

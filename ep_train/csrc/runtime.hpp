@@ -59,6 +59,13 @@ void launch_pair_layout(const int64_t* idx, int64_t num_rows, int num_topk, int 
                         int64_t num_pair_rows, int* scratch, int64_t* pos, int64_t* row_P, int64_t* pair_P,
                         cudaStream_t stream);
 
+// rank[t, k] = how many slots before t * K + k hold the expert idx[t, k] (global ids in
+// [0, num_experts), anything else: no expert, rank unspecified): a token's place among this rank's
+// tokens of that expert, which an expert-major dispatch sends along.  Same launches as
+// launch_pair_layout with every expert starting at 0; num_experts <= kPairLayoutMaxLocalExperts.
+void launch_expert_ranks(const int64_t* idx, int64_t num_tokens, int num_topk, int num_experts, int* scratch,
+                         int64_t* rank, cudaStream_t stream);
+
 // dst[i] = src[i] for num_rows rows of row_bytes on num_sms blocks: 16-byte warp copies, or bulk
 // copies through shared memory (row_bytes % 16 == 0, at most 24 KB).
 void launch_copy_rows(void* dst, const void* src, int64_t num_rows, int64_t row_bytes, int num_sms, bool use_bulk,
@@ -76,6 +83,7 @@ struct NotifyParams {
     int* num_tokens_per_source;  // [R]
     int* num_recv_per_expert;    // [L], aligned
     int* num_recv_tokens;        // [1]
+    int* pair_base;              // [R, L] or null: first expert-major row of (source s, local expert e)
 };
 void launch_notify(const NotifyParams& p, const RankContext& ctx, cudaStream_t stream);
 
@@ -103,6 +111,14 @@ struct DispatchParams {
     int* send_pos;               // [T, R] or null (cached mode)
     const int* send_chan_base;   // [R, C] (with send_pos)
     const int* recv_chan_start;  // [R, C + 1]
+    // Expert-major mode (pair_pos set): recv_x / recv_x_scales are [P, ...] with one row per
+    // (received row, local expert) pair; rows of an expert by source rank, then source token.
+    int64_t* pair_pos;           // [N, K]: row of each pair, num_pair_rows where none (written, or read when cached)
+    const int64_t* expert_rank;  // [T, K] (written pair_pos): token's rank among this rank's tokens of the expert
+    const int* pair_base;        // [R, L] (written pair_pos): first row of (source, local expert)
+    float* pair_probs;           // [P] or null: topk_weights of each pair
+    int64_t num_pair_rows;
+    int pair_topk;  // K of pair_pos (num_topk is 0 in cached mode)
     int num_tokens, num_scales, num_topk, num_local_experts, chunk_tokens;
     int64_t payload_bytes;  // bytes of one x row
     IntranodeLayout layout;

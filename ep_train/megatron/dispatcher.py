@@ -6,7 +6,10 @@ Stage mapping (only ``token_dispatch`` and ``token_combine`` communicate):
 dispatch_preprocess   routing_map ``[T, E]`` → ``topk_idx [T, K]`` (ascending expert ids, -1
                       padding); probs ``[T, E]`` → gate weights ``[T, K]`` (differentiable gather)
 token_dispatch        ``ep_train.autograd.dispatch``: each token once to every rank holding one of
-                      its experts → ``recv_x [N, H]``, weights ``[N, K]``
+                      its experts → ``recv_x [N, H]``, weights ``[N, K]``.  With
+                      ``EPOptions.fused_permutation`` (default) ``dispatch_to_experts`` instead:
+                      rows straight into expert-major order → ``x [P, H]``, ``probs [P]``, and
+                      the two permutation stages below pass their inputs through
 dispatch_postprocess  ``permute_to_experts``: one row per (token, local expert), expert-major →
                       ``(x [P, H], tokens_per_expert [L] CPU int64, probs [P])``
 combine_preprocess    ``unpermute_from_experts``: sum each received row's expert outputs → ``[N, H]``
@@ -38,6 +41,7 @@ from typing import Any
 import torch
 
 from ..autograd.normal import combine as ep_combine
+from ..autograd.normal import combine_from_experts, dispatch_to_experts
 from ..autograd.normal import dispatch as ep_dispatch
 from ..buffer_pool import BufferPool
 from ..permute import PairLayout, permute_to_experts, unpermute_from_experts
@@ -246,6 +250,17 @@ class EPTokenDispatcher(MoETokenDispatcher):
         buffer = self._buffer(hidden_states)
         self._shared_experts_launch()
         weights_TK = probs.to(self._weight_dtype(buffer, probs.dtype))
+        # NOTES: not under the EP-overlap schedule: it frees each stage's inputs after the stage's
+        # forward, and the pass-through stages would hand the experts' saved rows to it.
+        if self.options.fused_permutation and not self.config.overlap_moe_expert_parallel_comm:
+            o = self.options
+            fused = dispatch_to_experts(buffer, hidden_states, mb.topk_idx_TK, weights_TK, self.num_experts,
+                                        expert_alignment=o.expert_alignment, fp8=o.fp8_dispatch,
+                                        config=o.dispatch_config)  # fmt: skip
+            mb.handle, mb.tokens_per_expert_list = fused.handle, fused.tokens_per_expert_list
+            mb.extras["fused"] = True
+            self._push("dispatch_postprocess", mb)
+            return fused.x, fused.probs
         out = self._dispatch(buffer, hidden_states, mb.topk_idx_TK, weights_TK)
         mb.handle, mb.recv_topk_idx_NK, mb.tokens_per_expert_list = (
             out.handle,
@@ -258,6 +273,10 @@ class EPTokenDispatcher(MoETokenDispatcher):
     def dispatch_postprocess(self, hidden_states: torch.Tensor, probs: torch.Tensor):
         """→ ``(x [P, H] expert-major, tokens_per_expert [L] CPU int64, probs [P])``."""
         mb = self._pop("dispatch_postprocess")
+        if mb.extras.get("fused"):
+            self._push("combine_preprocess", mb)
+            tokens_per_expert_L = torch.tensor(mb.tokens_per_expert_list, dtype=torch.int64)
+            return hidden_states, tokens_per_expert_L, probs.to(mb.probs_dtype)
         out = self._permute(mb, hidden_states, probs)
         self._push("combine_preprocess", mb)
         return out
@@ -265,6 +284,9 @@ class EPTokenDispatcher(MoETokenDispatcher):
     def combine_preprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Expert outputs ``[P, H]`` → one summed row per received row ``[N, H]``."""
         mb = self._pop("combine_preprocess")
+        if mb.extras.get("fused"):  # token_combine sums each token's rows inside the combine
+            self._push("token_combine", mb)
+            return hidden_states
         y_NH = unpermute_from_experts(hidden_states, mb.layout)
         self._push("token_combine", mb)
         return y_NH
@@ -273,7 +295,10 @@ class EPTokenDispatcher(MoETokenDispatcher):
         """Rows back to their source ranks, summed per token → ``[T, H]``."""
         mb = self._pop("token_combine")
         buffer = self._buffer(hidden_states)
-        y_TH = ep_combine(buffer, hidden_states, mb.handle, config=self.options.combine_config)
+        if mb.extras.get("fused"):
+            y_TH = combine_from_experts(buffer, hidden_states, mb.handle, config=self.options.combine_config)
+        else:
+            y_TH = ep_combine(buffer, hidden_states, mb.handle, config=self.options.combine_config)
         if self.shared_experts is not None:
             self.shared_experts.post_forward_comm()
         self._push("combine_postprocess", mb)

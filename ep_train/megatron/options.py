@@ -29,6 +29,10 @@ class EPOptions:
             ``"torch"`` or ``"cuda"``.
         num_sms: SMs of the dispatch/combine kernels (even; None: measured default).
         dispatch_config, combine_config: full kernel configs (override ``num_sms``).
+        fused_permutation: dispatch straight into the experts' grouped order (the CUDA kernels
+            write each row to its experts' places; its backward too) instead of dispatching and
+            then permuting.  Same rows, order and bits either way.  Applies to ``num_chunks=1``
+            outside Megatron's EP-overlap schedule.
     """
 
     num_chunks: int = 1
@@ -38,6 +42,7 @@ class EPOptions:
     num_sms: int | None = None
     dispatch_config: Config | None = None
     combine_config: Config | None = None
+    fused_permutation: bool = True
 
     def __post_init__(self) -> None:
         for name in ("num_chunks", "expert_alignment"):

@@ -447,3 +447,85 @@ def suite_autograd_fp8_after_previous_event(rank: int, world: int, seed: int) ->
     assert_bitwise("recv_topk_idx after previous_event", got.recv_topk_idx, want.recv_topk_idx)
     dist.barrier()
     cuda.destroy()
+
+
+def suite_expert_major(rank: int, world: int, seed: int) -> None:
+    """Expert-major dispatch on the kernels (rows written straight to their experts' places) against
+    the torch backend's dispatch followed by the permutation: bitwise; cached calls too; then the
+    autograd pair against dispatch + permute + unpermute + combine on the kernels: bitwise."""
+    import ep_train.autograd as A
+    from ep_train.moe import grouped_mlp
+    from ep_train.permute import permute_to_experts, unpermute_from_experts
+
+    cuda, ref = make_buffers(world)
+    gen = rank_generator(seed, rank)
+    cases = [  # (kind, T, H, K, E, alignment, fp8)
+        ("random", 512, 7168, 8, 64, 1, False),
+        ("random", 300 + 37 * rank, 2048, 9, 32 * world, 16, False),
+        ("random", 256, 4096, 5, 16, 1, True),
+        ("one_expert", 200, 2048, 4, 8 * world, 1, False),
+        ("none", 64, 2048, 3, 4 * world, 4, False),
+        ("random", 0 if rank == 1 else 96, 2048, 2, 8 * world, 1, False),
+    ]
+    for kind, T, H, K, E, align, fp8 in cases:
+        tag = f"expert-major {kind} T={T} H={H} K={K} E={E} align={align} fp8={fp8}"
+        L = E // world
+        x = torch.randn(T, H, generator=gen).to(torch.bfloat16).cuda()
+        idx = routing(kind, T, K, E, rank, gen)
+        w = torch.rand((T, K), generator=gen).cuda().masked_fill(idx < 0, 0)
+        xin = quantize_fp8(x) if fp8 else x
+        per_rank, per_expert, in_rank = layout_of(cuda, idx, E)
+        got = cuda.dispatch(xin, None, per_rank, None, in_rank, per_expert, idx, w, expert_alignment=align,
+                            expert_major=True)  # fmt: skip
+        check_kernels(cuda, tag)
+        per_rank, per_expert, in_rank = layout_of(ref, idx, E)
+        plain = ref.dispatch(xin, None, per_rank, None, in_rank, per_expert, idx, w, expert_alignment=align)
+        rx = plain[0][0] if fp8 else plain[0]
+        want_x, tpe, want_probs, layout = permute_to_experts(rx, plain[1], plain[2], L, align, plain[3])
+        gx = got[0][0] if fp8 else got[0]
+        assert_bitwise(f"{tag} rows", gx.view(torch.uint8) if fp8 else gx, want_x.view(torch.uint8) if fp8 else want_x)
+        if fp8:
+            want_s, *_ = permute_to_experts(plain[0][1], plain[1], plain[2], L, align, plain[3])
+            assert_bitwise(f"{tag} scales", got[0][1], want_s)
+        assert_bitwise(f"{tag} probs", got[2], want_probs)
+        assert_bitwise(f"{tag} recv_topk_idx", got[1], plain[1])
+        assert list(got[3]) == tpe.tolist(), f"{tag}: counts {got[3]} != {tpe.tolist()}"
+        assert_bitwise(f"{tag} pair_pos", got[4].pair_pos_NK, layout.pos_NK)
+        x2 = torch.randn(T, H, generator=gen).to(torch.bfloat16).cuda()
+        got2, *_ = cuda.dispatch(x2, got[4], expert_major=True)
+        check_kernels(cuda, tag + " cached")
+        plain2, *_ = ref.dispatch(x2, plain[4])
+        want2, *_ = permute_to_experts(plain2, plain[1], plain[2], L, align, plain[3])
+        assert_bitwise(f"{tag} cached rows", got2, want2)
+
+    # Autograd: the fused pair against the unfused path, both on the kernels (BF16, same sums).
+    T, H, F, K, E = 384, 2048, 256, 8, 16 * world
+    L = E // world
+    x = torch.randn(T, H, generator=gen).to(torch.bfloat16).cuda()
+    idx = routing("random", T, K, E, rank, gen)
+    w = torch.rand((T, K), generator=gen).cuda().masked_fill(idx < 0, 0)
+    w1 = (torch.randn(L, H, 2 * F, generator=gen) / H**0.5).to(torch.bfloat16).cuda()
+    w2 = (torch.randn(L, F, H, generator=gen) / F**0.5).to(torch.bfloat16).cuda()
+    gout = torch.randn(T, H, generator=gen).to(torch.bfloat16).cuda()
+
+    def unfused(x, w):
+        out = A.dispatch(cuda, x, idx, w, E)
+        x_P, tpe, probs, lay = permute_to_experts(out.recv_x, out.recv_topk_idx, out.recv_topk_weights, L, 1,
+                                                  out.tokens_per_expert_list)  # fmt: skip
+        y_P = grouped_mlp(x_P, tpe, w1, w2) * probs.unsqueeze(-1).to(x_P.dtype)
+        return A.combine(cuda, unpermute_from_experts(y_P, lay), out.handle)
+
+    def fused(x, w):
+        out = A.dispatch_to_experts(cuda, x, idx, w, E)
+        y_P = grouped_mlp(out.x, out.tokens_per_expert_list, w1, w2) * out.probs.unsqueeze(-1).to(out.x.dtype)
+        return A.combine_from_experts(cuda, y_P, out.handle)
+
+    results = []
+    for fn in (unfused, fused):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fn(xi, wi)
+        y.backward(gout)
+        results.append((y.detach(), xi.grad, wi.grad))
+    check_kernels(cuda, "expert-major autograd")
+    for name, a, b in zip(("output", "x.grad", "topk_weights.grad"), *results, strict=True):
+        assert_bitwise(f"expert-major autograd {name}", b, a)

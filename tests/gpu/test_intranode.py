@@ -42,3 +42,8 @@ def test_inputs_ready_at_previous_event(num_gpus):
 
 def test_autograd_fp8_dispatch_waits_for_previous_event(num_gpus):
     _scenarios.run_seeded(_scenarios.suite_autograd_fp8_after_previous_event, num_gpus)
+
+
+def test_expert_major_dispatch(num_gpus):
+    """Rows written straight to their experts' places = dispatch then permute, bitwise (+ autograd)."""
+    _scenarios.run_seeded(_scenarios.suite_expert_major, num_gpus)

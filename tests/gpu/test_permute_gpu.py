@@ -57,6 +57,25 @@ def test_pair_layout_kernel_is_the_op_path(kernels, kind, num_local, alignment, 
     assert torch.equal(layout.pos_NK, pos) and torch.equal(layout.row_P, row_P) and torch.equal(layout.pair_P, pair_P)
 
 
+@pytest.mark.parametrize("kind", ["random", "one_expert", "first_experts", "none"])
+@pytest.mark.parametrize("num_experts", [1, 8, 256, 384])
+@pytest.mark.parametrize("n,k", [(0, 8), (1, 1), (4096, 8), (301, 9)])
+def test_expert_ranks_kernel_counts_earlier_tokens_of_the_expert(kernels, kind, num_experts, n, k):
+    """What an expert-major dispatch sends along: (t, k)'s rank among the slots before it with that expert."""
+    gen = torch.Generator().manual_seed(n * 13 + k * 5 + num_experts)
+    idx = _routing(kind, n, k, num_experts, gen)
+    rank = kernels.expert_ranks(idx.cuda(), num_experts).cpu()
+    flat = idx.reshape(-1)
+    seen = torch.zeros(num_experts, dtype=torch.int64)
+    want = torch.full_like(flat, -1)
+    for q, e in enumerate(flat.tolist()):  # the definition, one slot at a time
+        if e >= 0:
+            want[q] = seen[e]
+            seen[e] += 1
+    valid = flat >= 0
+    assert torch.equal(rank.reshape(-1)[valid], want[valid])
+
+
 def test_pair_layout_kernel_stays_in_bounds_when_counts_disagree(kernels):
     gen = torch.Generator().manual_seed(5)
     idx = _routing("random", 999, 8, 32, gen).cuda()

@@ -2,9 +2,11 @@
 // source) rings in the receiver's NVLink buffer.  Rows land in recv_x ordered by source rank,
 // then source token index; send_pos records where (layout-free mode).  Rows a rank keeps for
 // itself skip the ring: its sender writes them straight into recv_x, so the receiving warps only
-// serve the other ranks.
+// serve the other ranks.  Expert-major mode (pair_pos set) writes every row once per local expert
+// of its token instead, straight into the grouped-GEMM order (expert, source rank, source token):
+// each sender sends the token's rank among its tokens of each expert, notify gave the first row of
+// every (source, expert) block, so a receiver places a row without looking at any other row.
 #include <cuda_runtime.h>
-
 
 #include "ep_train/barrier.cuh"
 #include "ep_train/buffer_layout.cuh"
@@ -19,7 +21,8 @@ namespace {
 
 constexpr int kDispatchWarps = 24;
 constexpr int kDispatchThreads = kDispatchWarps * 32;
-constexpr int kCopyUnroll = 8;  // 8 x 16 B per lane in flight: 4 KB per warp toward NVLink latency
+constexpr int kCopyUnroll = 8;    // 8 x 16 B per lane in flight: 4 KB per warp toward NVLink latency
+constexpr int kFanoutUnroll = 8;  // expert-major rows: fewer vectors in flight, the destination rows need registers
 
 // Sending warps for the own rank's rows and for each other rank's.  The own rows are a local copy
 // (no ring, no NVLink round trip), so that group is the small one: with equal groups at 2 ranks it
@@ -39,13 +42,72 @@ __device__ __forceinline__ int local_expert(int64_t e, int rank, int L) {
     return e >= 0 && local >= 0 && local < L ? static_cast<int>(local) : -1;
 }
 
+// Expert-major mode: lane k < pair_topk returns the row of pair k of received row `out` (or
+// num_pair_rows: no pair), given the pair's local expert and its token's rank among the source's
+// tokens of that expert (first call), or from pair_pos (cached call).  The first call records the
+// row in pair_pos and the gate weight in pair_probs.
+__device__ __forceinline__ int64_t pair_row(const DispatchParams& p, int64_t out, int src, int local, int rank,
+                                            float weight) {
+    const int lane = lane_id();
+    int64_t row = p.num_pair_rows;
+    if (lane >= p.pair_topk) return row;
+    if (p.expert_rank == nullptr) return p.pair_pos[out * p.pair_topk + lane];
+    if (local >= 0) row = p.pair_base[src * p.num_local_experts + local] + rank;
+    if (row < 0 || row > p.num_pair_rows) row = p.num_pair_rows;  // counts that disagree: never write out of bounds
+    p.pair_pos[out * p.pair_topk + lane] = row;
+    if (p.pair_probs != nullptr && row < p.num_pair_rows) p.pair_probs[row] = weight;
+    return row;
+}
+
+// Expert-major mode: one row (and its scales) to each of its pair rows (lane k holds pair k's row).
+// The destinations go through a per-warp table in shared memory, so the copy keeps all its
+// registers for vectors in flight.
+template <bool kSrcIsRing>
+__device__ __forceinline__ void write_pair_rows(const DispatchParams& p, int64_t row, const char* src,
+                                                const int* src_scales) {
+    __shared__ char* s_dst[kDispatchWarps][kMaxTopk];
+    const int lane = lane_id(), warp = threadIdx.x / 32;
+    const bool valid = lane < p.pair_topk && row < p.num_pair_rows;
+    const uint32_t lanes = __ballot_sync(0xffffffffu, valid);
+    char* dst = static_cast<char*>(p.recv_x) + row * p.payload_bytes;
+    if (valid) s_dst[warp][__popc(lanes & ((1u << lane) - 1u))] = dst;
+    const bool aligned = __all_sync(0xffffffffu, !valid || (reinterpret_cast<uintptr_t>(dst) & 15) == 0);
+    __syncwarp();
+    const int count = __popc(lanes);
+    warp_copy_fanout<kFanoutUnroll, kSrcIsRing>(s_dst[warp], count, aligned, src, p.payload_bytes);
+    if (p.num_scales > 0) {
+        for (uint32_t m = lanes; m != 0; m &= m - 1) {
+            int* d =
+                reinterpret_cast<int*>(p.recv_x_scales) + __shfl_sync(0xffffffffu, row, __ffs(m) - 1) * p.num_scales;
+            for (int i = lane; i < p.num_scales; i += 32)
+                d[i] = kSrcIsRing ? ptx::ld_cg(src_scales + i) : src_scales[i];
+        }
+    }
+    __syncwarp();  // the table is reused by the warp's next row
+}
+
 // One token's row and metadata, written where a receiver would write them (out: row of recv_x).
+template <bool kPairs>
 __device__ __forceinline__ void write_own_row(const DispatchParams& p, int token, int64_t out, int me) {
     const int lane = lane_id();
-    warp_copy<kCopyUnroll, false>(static_cast<char*>(p.recv_x) + out * p.payload_bytes,
-                                  static_cast<const char*>(p.x) + int64_t(token) * p.payload_bytes, p.payload_bytes);
-    for (int i = lane; i < p.num_scales; i += 32)
-        p.recv_x_scales[out * p.num_scales + i] = p.x_scales[int64_t(token) * p.num_scales + i];
+    if constexpr (kPairs) {
+        int local = -1, rank = 0;
+        float weight = 0.0f;
+        if (p.expert_rank != nullptr && lane < p.num_topk) {
+            local = local_expert(p.topk_idx[int64_t(token) * p.num_topk + lane], me, p.num_local_experts);
+            rank = static_cast<int>(p.expert_rank[int64_t(token) * p.num_topk + lane]);
+            if (p.topk_weights != nullptr) weight = p.topk_weights[int64_t(token) * p.num_topk + lane];
+        }
+        const int64_t row = pair_row(p, out, me, local, rank, weight);
+        write_pair_rows<false>(p, row, static_cast<const char*>(p.x) + int64_t(token) * p.payload_bytes,
+                               reinterpret_cast<const int*>(p.x_scales) + int64_t(token) * p.num_scales);
+    } else {
+        warp_copy<kCopyUnroll, false>(static_cast<char*>(p.recv_x) + out * p.payload_bytes,
+                                      static_cast<const char*>(p.x) + int64_t(token) * p.payload_bytes,
+                                      p.payload_bytes);
+        for (int i = lane; i < p.num_scales; i += 32)
+            p.recv_x_scales[out * p.num_scales + i] = p.x_scales[int64_t(token) * p.num_scales + i];
+    }
     if (p.recv_topk_idx != nullptr && p.topk_idx != nullptr && lane < p.num_topk) {
         const int local = local_expert(p.topk_idx[int64_t(token) * p.num_topk + lane], me, p.num_local_experts);
         p.recv_topk_idx[out * p.num_topk + lane] = local;
@@ -63,7 +125,7 @@ __device__ __forceinline__ void write_own_row(const DispatchParams& p, int token
 // to recv_x (no ring, no tail): row k of the channel lands at recv_chan_start[me][channel] + k.
 // NOTES: every warp of the group runs the same rounds, so the named barrier never deadlocks,
 // also after a failed wait (then copies are skipped and the loop just runs out).
-template <int kNumRanks>
+template <int kNumRanks, bool kPairs>
 __device__ void dispatch_send(const DispatchParams& p, const RankContext& ctx, int channel, int dst, int warp_in_group,
                               int group_warps) {
     const int lane = lane_id(), me = ctx.rank, C = p.layout.num_channels, ring = p.layout.ring_tokens;
@@ -97,7 +159,7 @@ __device__ void dispatch_send(const DispatchParams& p, const RankContext& ctx, i
             if (own) {
                 for (int j = warp_in_group; j < n; j += group_warps) {
                     const int token = cursor + nth_set_bit(mask, j);
-                    write_own_row(p, token, own_start + tail + j, me);
+                    write_own_row<kPairs>(p, token, own_start + tail + j, me);
                     if (lane == 0 && p.send_pos)
                         p.send_pos[int64_t(token) * kNumRanks + dst] = pos_base + int(tail + j);
                 }
@@ -124,6 +186,9 @@ __device__ void dispatch_send(const DispatchParams& p, const RankContext& ctx, i
                     if (p.topk_weights != nullptr)
                         reinterpret_cast<float*>(row + p.layout.weights_offset)[lane] =
                             local >= 0 ? p.topk_weights[int64_t(token) * p.num_topk + lane] : 0.0f;
+                    if (kPairs && p.expert_rank != nullptr)
+                        reinterpret_cast<int*>(row + p.layout.expert_rank_offset)[lane] =
+                            static_cast<int>(p.expert_rank[int64_t(token) * p.num_topk + lane]);
                 }
                 if (lane == 0) {
                     *reinterpret_cast<int*>(row + p.layout.src_idx_offset) = token;
@@ -146,7 +211,7 @@ constexpr int kRecvWarpsPerRank = kDispatchWarps / (kNumRanks - 1);
 // waits for the tail, the group copies ring rows [head, tail) into recv_x (one warp per row),
 // then the head is advanced so the sender may reuse the slots.  At the end the counters are zeroed
 // for the next call (the sender touches neither after its final tail).
-template <int kNumRanks>
+template <int kNumRanks, bool kPairs>
 __device__ void dispatch_recv(const DispatchParams& p, const RankContext& ctx, int channel, int src, int group,
                               int warp_in_group, int64_t* s_tail) {
     constexpr int kWarpsPerRank = kRecvWarpsPerRank<kNumRanks>;
@@ -176,10 +241,24 @@ __device__ void dispatch_recv(const DispatchParams& p, const RankContext& ctx, i
         for (int64_t j = head + warp_in_group; j < tail; j += kWarpsPerRank) {
             const char* row = ring_base + (j % ring) * row_bytes;
             const int64_t out = start + j;
-            warp_copy<kCopyUnroll, true>(static_cast<char*>(p.recv_x) + out * p.payload_bytes, row, p.payload_bytes);
             const int* scales = reinterpret_cast<const int*>(row + p.layout.scales_offset);
-            for (int i = lane; i < p.num_scales; i += 32)
-                reinterpret_cast<int*>(p.recv_x_scales)[out * p.num_scales + i] = ptx::ld_cg(scales + i);
+            if constexpr (kPairs) {
+                int local = -1, rank = 0;
+                float weight = 0.0f;
+                if (p.expert_rank != nullptr && lane < p.num_topk) {
+                    local = ptx::ld_cg(reinterpret_cast<const int*>(row + p.layout.topk_idx_offset) + lane);
+                    rank = ptx::ld_cg(reinterpret_cast<const int*>(row + p.layout.expert_rank_offset) + lane);
+                    if (p.pair_probs != nullptr)
+                        weight = __int_as_float(
+                            ptx::ld_cg(reinterpret_cast<const int*>(row + p.layout.weights_offset) + lane));
+                }
+                write_pair_rows<true>(p, pair_row(p, out, src, local, rank, weight), row, scales);
+            } else {
+                warp_copy<kCopyUnroll, true>(static_cast<char*>(p.recv_x) + out * p.payload_bytes, row,
+                                             p.payload_bytes);
+                for (int i = lane; i < p.num_scales; i += 32)
+                    reinterpret_cast<int*>(p.recv_x_scales)[out * p.num_scales + i] = ptx::ld_cg(scales + i);
+            }
             if (p.recv_topk_idx != nullptr && lane < p.num_topk) {
                 p.recv_topk_idx[out * p.num_topk + lane] =
                     ptx::ld_cg(reinterpret_cast<const int*>(row + p.layout.topk_idx_offset) + lane);
@@ -204,7 +283,7 @@ __device__ void dispatch_recv(const DispatchParams& p, const RankContext& ctx, i
 // Sending warps: the first kOwnSendWarps write the own rank's rows straight into recv_x, the rest
 // form one group of kPeerSendWarps per other rank in rank order; receiving warps form kNumRanks - 1
 // groups, one per other rank.
-template <int kNumRanks>
+template <int kNumRanks, bool kPairs>
 __global__ void __launch_bounds__(kDispatchThreads, 1)
     dispatch_kernel(const __grid_constant__ DispatchParams p, const __grid_constant__ RankContext ctx) {
     __shared__ int64_t s_tail[kNumRanks];
@@ -213,18 +292,18 @@ __global__ void __launch_bounds__(kDispatchThreads, 1)
     if (blockIdx.x % 2 == 0) {
         constexpr int kOwn = kOwnSendWarps<kNumRanks>, kPeer = kPeerSendWarps<kNumRanks>;
         if (warp < kOwn) {
-            dispatch_send<kNumRanks>(p, ctx, channel, ctx.rank, warp, kOwn);
+            dispatch_send<kNumRanks, kPairs>(p, ctx, channel, ctx.rank, warp, kOwn);
         } else {
             const int group = (warp - kOwn) / kPeer;
             const int dst = group < ctx.rank ? group : group + 1;
-            dispatch_send<kNumRanks>(p, ctx, channel, dst, (warp - kOwn) % kPeer, kPeer);
+            dispatch_send<kNumRanks, kPairs>(p, ctx, channel, dst, (warp - kOwn) % kPeer, kPeer);
         }
     } else {
         constexpr int kWarpsPerRank = kRecvWarpsPerRank<kNumRanks>;
         const int group = warp / kWarpsPerRank;
         if (group >= kNumRanks - 1) return;
         const int src = group < ctx.rank ? group : group + 1;
-        dispatch_recv<kNumRanks>(p, ctx, channel, src, group, warp % kWarpsPerRank, &s_tail[src]);
+        dispatch_recv<kNumRanks, kPairs>(p, ctx, channel, src, group, warp % kWarpsPerRank, &s_tail[src]);
     }
 }
 
@@ -232,7 +311,10 @@ __global__ void __launch_bounds__(kDispatchThreads, 1)
 
 void launch_dispatch(const DispatchParams& p, const RankContext& ctx, int num_sms, cudaStream_t stream) {
     with_num_ranks(ctx.num_ranks, "dispatch", [&](auto ranks) {
-        dispatch_kernel<decltype(ranks)::value><<<num_sms, kDispatchThreads, 0, stream>>>(p, ctx);
+        if (p.pair_pos != nullptr)
+            dispatch_kernel<decltype(ranks)::value, true><<<num_sms, kDispatchThreads, 0, stream>>>(p, ctx);
+        else
+            dispatch_kernel<decltype(ranks)::value, false><<<num_sms, kDispatchThreads, 0, stream>>>(p, ctx);
     });
     check_cuda(cudaGetLastError(), "dispatch launch");
 }

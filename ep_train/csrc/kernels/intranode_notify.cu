@@ -1,7 +1,8 @@
 // notify: the first step of a layout-free dispatch.  Every rank tells every peer how many tokens it
 // sends to each rank (per channel and per local expert of the peer) and its token count; after the
 // barrier each rank holds the full count matrix and builds the prefix matrices the dispatch kernel
-// indexes, plus the receive counts the host waits for (skipped on the num_worst_tokens path).
+// indexes, plus the receive counts the host waits for (skipped on the num_worst_tokens path) and,
+// for an expert-major dispatch, the first row of every (source rank, local expert) pair block.
 #include <cuda_runtime.h>
 
 #include "ep_train/barrier.cuh"
@@ -28,6 +29,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1)
     __shared__ int s_chan[kMaxRanks][kMaxChannels];
     __shared__ int s_row[kMaxRanks];
     __shared__ int s_matrix[kMaxRanks][kMaxRanks];
+    __shared__ int s_expert_start[kMaxExperts + 1];
     __shared__ int64_t s_seq;
     if (has_failed(ctx.err)) return;
     const int R = ctx.num_ranks, C = p.num_channels, me = ctx.rank;
@@ -118,7 +120,24 @@ __global__ void __launch_bounds__(kNotifyThreads, 1)
         for (int s = 0; s < R; ++s) sum += ptx::ld_volatile(slot_ints(own, parity, s, NotifySlot::kExpertCounts) + e);
         sum = (sum + p.expert_alignment - 1) / p.expert_alignment * p.expert_alignment;
         p.num_recv_per_expert[e] = sum;
+        s_expert_start[e + 1] = sum;
         if (p.host_sync) ctx.err.mailbox->num_recv_tokens_per_expert[e] = sum;
+    }
+    if (p.pair_base != nullptr) {
+        // Expert-major rows: expert e's (aligned) block, inside it source s after the sources before it.
+        __syncthreads();
+        if (t == 0) {
+            s_expert_start[0] = 0;
+            for (int e = 0; e < L; ++e) s_expert_start[e + 1] += s_expert_start[e];
+        }
+        __syncthreads();
+        for (int e = t; e < L; e += blockDim.x) {
+            int row = s_expert_start[e];
+            for (int s = 0; s < R; ++s) {
+                p.pair_base[s * L + e] = row;
+                row += ptx::ld_volatile(slot_ints(own, parity, s, NotifySlot::kExpertCounts) + e);
+            }
+        }
     }
     if (p.host_sync) __threadfence_system();  // each writer fences before thread 0 raises the flag
     if (t == 0) {

@@ -114,7 +114,7 @@ __global__ void __launch_bounds__(kPlaceThreads)
     for (int l = threadIdx.x; l < num_local; l += kPlaceThreads) {
         int64_t total = 0;
         for (int b = 0; b < num_blocks; ++b) total += counts[int64_t(b) * num_local + l];
-        s_start[l + 1] = total;
+        s_start[l + 1] = row_P != nullptr ? total : 0;  // no row_P: ranks within each expert (all start at 0)
     }
     __syncthreads();
     if (threadIdx.x == 0) {  // L is at most a few hundred: a serial prefix is cheapest
@@ -132,7 +132,7 @@ __global__ void __launch_bounds__(kPlaceThreads)
             counts[int64_t(b) * num_local + l] = static_cast<int>(row);
             row += c;
         }
-        for (int64_t pad = row; pad < s_start[l + 1] && pad < num_pair_rows; ++pad) {
+        for (int64_t pad = row; row_P != nullptr && pad < s_start[l + 1] && pad < num_pair_rows; ++pad) {
             row_P[pad] = num_rows;
             pair_P[pad] = num_slots;
         }
@@ -168,6 +168,7 @@ __global__ void __launch_bounds__(kPlaceThreads)
         return;
     }
     pos[q] = row;
+    if (row_P == nullptr) return;
     row_P[row] = q / num_topk;
     pair_P[row] = q;
 }
@@ -216,6 +217,29 @@ void launch_pair_layout(const int64_t* idx, int64_t num_rows, int num_topk, int 
             idx, num_slots, num_topk, num_local, scratch, num_pair_rows, pos, row_P, pair_P);
         check_cuda(cudaGetLastError(), "pair_place launch");
     }
+}
+
+void launch_expert_ranks(const int64_t* idx, int64_t num_tokens, int num_topk, int num_experts, int* scratch,
+                         int64_t* rank, cudaStream_t stream) {
+    const int64_t num_slots = num_tokens * num_topk;
+    if (num_slots == 0) return;
+    if (num_experts < 1 || num_experts > kPairLayoutMaxLocalExperts)
+        throw std::runtime_error("expert_ranks: num_experts must be in [1, " +
+                                 std::to_string(kPairLayoutMaxLocalExperts) + "]");
+    const int64_t blocks = (num_slots + kPlaceThreads - 1) / kPlaceThreads;
+    if (blocks > INT32_MAX) throw std::runtime_error("expert_ranks: too many slots");
+    const int num_blocks = static_cast<int>(blocks);
+    // Without row_P the scan starts every expert at 0 and writes no padding, and the place kernel
+    // writes only pos: each slot's rank within its expert (every rank < num_slots).
+    pair_count_kernel<<<num_blocks, kPlaceThreads, num_experts * sizeof(int), stream>>>(idx, num_slots, num_experts,
+                                                                                        scratch);
+    check_cuda(cudaGetLastError(), "expert_ranks count launch");
+    pair_scan_kernel<<<1, kPlaceThreads, (num_experts + 1) * sizeof(int64_t), stream>>>(
+        scratch, num_blocks, num_experts, 1, num_tokens, num_slots, num_slots, nullptr, nullptr);
+    check_cuda(cudaGetLastError(), "expert_ranks scan launch");
+    pair_place_kernel<<<num_blocks, kPlaceThreads, kPlaceWarps * num_experts * sizeof(int), stream>>>(
+        idx, num_slots, num_topk, num_experts, scratch, num_slots, rank, nullptr, nullptr);
+    check_cuda(cudaGetLastError(), "expert_ranks place launch");
 }
 
 }  // namespace ep_train

@@ -68,6 +68,7 @@ struct IntranodeLayout {
     int64_t topk_idx_offset = 0;
     int64_t weights_offset = 0;
     int64_t src_idx_offset = 0;
+    int64_t expert_rank_offset = 0;  // expert-major dispatch: the token's rank among its source's tokens per expert
 
     IntranodeLayout() = default;
 
@@ -79,7 +80,8 @@ struct IntranodeLayout {
         topk_idx_offset = scales_offset + num_fp8_scales(hidden) * 4;
         weights_offset = topk_idx_offset + kMaxTopk * 4;
         src_idx_offset = weights_offset + kMaxTopk * 4;
-        int64_t meta = num_fp8_scales(hidden) * 4 + kMaxTopk * 8 + 4;
+        expert_rank_offset = src_idx_offset + 4;
+        int64_t meta = num_fp8_scales(hidden) * 4 + kMaxTopk * 12 + 4;
         row_bytes = scales_offset + align_up(meta, 16);
     }
 
