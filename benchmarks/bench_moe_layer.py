@@ -72,6 +72,17 @@ def _build(args, dispatcher: str, chunks: int, world: int, fused: bool = True):
     return layer.cuda(), ("TEGroupedMLP" if te else "GroupedGemmMLP")
 
 
+def _set_combine_fusion(on) -> bool:
+    """Let the CUDA combine sum expert-major rows itself (True) or not; returns the previous setting."""
+    from ep_train.backends.cuda import CudaBackend
+
+    original = CudaBackend.__dict__.get("_bench_fuses_combine", CudaBackend.fuses_expert_major_combine)
+    CudaBackend._bench_fuses_combine = original
+    previous = CudaBackend.fuses_expert_major_combine is original
+    CudaBackend.fuses_expert_major_combine = original if on else (lambda self, x_PH: False)
+    return previous
+
+
 def _time_fwd_bwd(layer, x: torch.Tensor, grad: torch.Tensor, iters: int, warmup: int) -> tuple[float, float]:
     """Median ms of forward + backward on the GPU, and of the host's time to issue it (equal: host-bound).
 
@@ -207,14 +218,16 @@ def _worker(rank: int, world: int, args) -> None:
         for c in [1, *args.chunks]:
             variants.append(("deepep", f"deepep chunks={c}" + (" (no overlap)" if c == 1 else ""), c, True))
         if args.separate_permute:
-            variants.insert(
-                -len(args.chunks) or len(variants), ("deepep", "deepep chunks=1, separate permute", 1, False)
-            )
+            at = -len(args.chunks) or len(variants)
+            variants.insert(at, ("deepep", "deepep chunks=1, separate permute", 1, False))
+            variants.insert(at, ("deepep", "deepep chunks=1, pair sum before combine", 1, "dispatch"))
     rows, profiles = [], []
     for dispatcher, label, chunks, fused in variants:
         backend = install_flex_backend() if dispatcher == "flex" else None
+        # "dispatch": rows permuted inside the dispatch, but the combine's pair sums as a kernel of their own.
+        combine_fusion = _set_combine_fusion(fused != "dispatch")
         try:
-            layer, experts = _build(args, dispatcher, chunks, world, fused)
+            layer, experts = _build(args, dispatcher, chunks, world, bool(fused))
             ms, host_ms = _time_fwd_bwd(layer, x, grad, args.iters, args.warmup)
             chained_ms = _time_back_to_back(layer, x, grad, args.iters)
             if args.profile:
@@ -240,6 +253,7 @@ def _worker(rank: int, world: int, args) -> None:
                 comm = next(iter(backend.buffers._entries.values())).buffer.backend_name
             rows.append((label, ms, host_ms, chained_ms, comm, experts))
         finally:
+            _set_combine_fusion(combine_fusion)
             if backend is not None:
                 backend.uninstall()
         del layer

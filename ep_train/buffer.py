@@ -33,7 +33,7 @@ from .config import Config, get_combine_config, get_dispatch_config
 from .errors import CommError
 from .event import EventOverlap, capture
 from .handle import DispatchHandle, LowLatencyHandle
-from .permute import permute_dispatch_result
+from .permute import permute_dispatch_result, sum_pair_rows
 from .validate import check_int, check_num_sms, check_tensor, check_topk_idx_values, split_fp8
 
 __all__ = ["Buffer", "topk_idx_t"]
@@ -573,6 +573,7 @@ class Buffer:
         previous_event: EventOverlap | None = None,
         async_finish: bool = False,
         allocate_on_comm_stream: bool = False,
+        expert_major: bool = False,
     ):
         """Send rows back to their source ranks and sum them per token (FP32 accumulate).
 
@@ -584,6 +585,10 @@ class Buffer:
             topk_weights: ``[N, K]`` float32 (optional): summed per token into
                 ``combined_topk_weights`` (restores the dispatched weights).
             bias: one ``[T, H]`` tensor or a pair, added to the result.
+
+            expert_major: ``x`` is ``[P, H]`` in the order of an expert-major dispatch (its handle):
+                each received row is first the FP32 sum of its pair rows (ascending k), rounded
+                once - on the CUDA kernels inside the combine, elsewhere before it (same bits).
 
         Returns:
             ``(combined_x [T, H] in x's dtype, combined_topk_weights [T, K] float32 or None, event)``.
@@ -600,13 +605,15 @@ class Buffer:
                 f"handle belongs to rank {handle.rank} of {handle.num_ranks}, this buffer is rank "
                 f"{self.rank} of {self.group_size}"
             )
+        if expert_major and handle.pair_pos_NK is None:
+            raise ValueError("expert_major=True needs the handle of an expert-major dispatch")
         x_NH = check_tensor(
             "x",
             x,
             dtypes=self._backend.supported_dtypes,
             ndim=2,
             device=self.device,
-            shape=(handle.num_recv_rows, None),
+            shape=(handle.num_pair_rows if expert_major else handle.num_recv_rows, None),
         )
         hidden = x_NH.shape[1]
         self._check_nvl_bytes(hidden, x_NH.element_size(), config, "combine")
@@ -623,10 +630,17 @@ class Buffer:
         # NOTES: the handle's dispatch call number travels in the header: ranks combining the rows of
         # different dispatches raise RankMismatchError instead of exchanging rows of other sizes.
         info = self._next_info(_OP_COMBINE, hidden, handle.num_experts, num_topk, x_NH.dtype, extra=handle.dispatch_seq)
-        args = CombineArgs(info, x_NH, handle, topk_weights, biases, config)
+        fused = expert_major and self._backend.fuses_expert_major_combine(x_NH)
+        args = CombineArgs(info, x_NH, handle, topk_weights, biases, config, expert_major=fused)
+
+        def run_combine():
+            if expert_major and not fused:
+                args.x_NH = sum_pair_rows(x_NH, handle.pair_pos_NK)
+            return self._backend.combine(args)
+
         inputs = [x_NH, *biases] + ([topk_weights] if topk_weights is not None else [])
         res, event = self._run(
-            lambda: self._backend.combine(args),
+            run_combine,
             inputs,
             previous_event,
             async_finish,

@@ -52,11 +52,21 @@ def _buffer_body(rank, R, seed, kind, K, alignment):
     ref2, *_ = permute_to_experts(plain2, ref_idx, ref_w, L, alignment, ref_counts)
     got2, *_ = buf.dispatch(x2, handle, expert_major=True)
     assert torch.equal(got2, ref2)
+    # Combine of expert-major rows = the pair sums, then combine.
+    y_P = torch.randn(x_P.shape, generator=rank_generator(seed, rank, 8))
+    bias = torch.randn(T, H, generator=rank_generator(seed, rank, 9))
+    got_c, got_w, _ = buf.combine(y_P, handle, topk_weights=ref_w, bias=bias, expert_major=True)
+    want_c, want_w, _ = buf.combine(unpermute_from_experts(y_P, layout), ref_handle, topk_weights=ref_w, bias=bias)
+    assert torch.equal(got_c, want_c) and torch.equal(got_w, want_w)
     # Bad calls name what is wrong.
     with pytest.raises(ValueError, match="expert-major dispatch"):
         buf.dispatch(x2, ref_handle, expert_major=True)
     with pytest.raises(ValueError, match="num_worst_tokens"):
         buf.dispatch(x, None, per_rank, None, in_rank, per_expert, idx, w, num_worst_tokens=64, expert_major=True)
+    with pytest.raises(ValueError, match="expert-major dispatch"):
+        buf.combine(y_P, ref_handle, expert_major=True)
+    with pytest.raises(ValueError, match="x"):
+        buf.combine(torch.zeros(handle.num_pair_rows + 1, H), handle, expert_major=True)
     with pytest.raises(ValueError, match="needs topk_idx"):
         buf.dispatch(x, None, per_rank, None, in_rank, None, expert_major=True)
 

@@ -17,7 +17,7 @@ from ..config import Config
 from ..event import EventOverlap
 from ..fp8 import dequantize_fp8, quantize_fp8
 from ..handle import DispatchHandle
-from ..permute import pair_values, sum_pair_rows, values_of_pairs
+from ..permute import pair_values, values_of_pairs
 from . import replay
 
 __all__ = ["DispatchOutput", "ExpertMajorOutput", "combine", "combine_from_experts", "dispatch", "dispatch_to_experts"]
@@ -327,21 +327,19 @@ class _DispatchExpertsFn(torch.autograd.Function):
         handle: DispatchHandle = ctx.handle
         pos_NK = handle.pair_pos_NK
         if grad_x_P is None:
-            grad_N = torch.zeros((handle.num_recv_rows, handle.hidden), device=pos_NK.device)
-        else:
-            grad_N = sum_pair_rows(grad_x_P, pos_NK)
+            grad_x_P = torch.zeros((handle.num_pair_rows, handle.hidden), device=pos_NK.device)
         grad_w_NK = None
         if grad_probs_P is not None and ctx.needs_input_grad[1]:
             grad_w_NK = values_of_pairs(grad_probs_P, pos_NK).contiguous()
-        grad_x, grad_w, _ = ctx.buffer.combine(grad_N, handle, topk_weights=grad_w_NK, config=ctx.config)
+        grad_x, grad_w, _ = ctx.buffer.combine(grad_x_P.contiguous(), handle, topk_weights=grad_w_NK,
+                                               config=ctx.config, expert_major=True)  # fmt: skip
         return grad_x, grad_w, None, None, None, None
 
 
 class _CombineExpertsFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_P, buffer: Buffer, handle: DispatchHandle, config: Config | None):
-        y_N = sum_pair_rows(y_P, handle.pair_pos_NK)
-        combined, _, _ = buffer.combine(y_N, handle, config=config)
+        combined, _, _ = buffer.combine(y_P.contiguous(), handle, config=config, expert_major=True)
         ctx.buffer, ctx.handle, ctx.config = buffer, handle, config
         return combined
 

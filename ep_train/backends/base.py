@@ -92,6 +92,9 @@ class CombineArgs:
     topk_weights_NK: torch.Tensor | None
     bias: tuple[torch.Tensor, ...]  # zero, one or two [T, H] tensors added to the result
     config: Config
+    #: x is ``[P, H]`` expert-major rows summed per received row by the kernel (only where
+    #: ``Backend.fuses_expert_major_combine`` said so).
+    expert_major: bool = False
 
 
 @dataclass
@@ -168,6 +171,11 @@ class Backend(ABC):
 
     @abstractmethod
     def combine(self, args: CombineArgs) -> CombineResult: ...
+
+    def fuses_expert_major_combine(self, x_PH: torch.Tensor) -> bool:
+        """Whether ``combine`` sums expert-major rows itself (``args.expert_major``); otherwise the
+        Buffer sums each received row's pair rows first (same bits)."""
+        return False
 
     @abstractmethod
     def low_latency_dispatch(self, args: LowLatencyDispatchArgs) -> LowLatencyDispatchResult: ...

@@ -339,6 +339,9 @@ class CudaBackend(Backend):
         return DispatchResult(recv_x, recv_scales, None, None, per_expert_list, h)
 
     # ------------------------------------------------------------------ combine
+    def fuses_expert_major_combine(self, x_PH: torch.Tensor) -> bool:
+        return x_PH.dtype == torch.bfloat16 and x_PH.shape[1] % 8 == 0
+
     def combine(self, args: CombineArgs) -> CombineResult:
         self._raise_if_failed()
         h, cfg, x_NH = args.handle, args.config, args.x_NH
@@ -351,9 +354,11 @@ class CudaBackend(Backend):
         if args.topk_weights_NK is not None:
             combined_w = torch.empty((h.num_tokens, args.topk_weights_NK.shape[1]), dtype=torch.float32, device=dev)
         bias = list(args.bias) + [None] * (2 - len(args.bias))
+        pairs = args.expert_major
         self._C.combine(self._rt, x_NH, args.topk_weights_NK, bias[0], bias[1], h.is_token_in_rank_TR, chan_start,
                         combined_TH, combined_w, cfg.num_sms, cfg.num_max_nvl_chunked_send_tokens,
-                        cfg.num_max_nvl_chunked_recv_tokens)  # fmt: skip
+                        cfg.num_max_nvl_chunked_recv_tokens, h.pair_pos_NK if pairs else None,
+                        h.num_pair_rows)  # fmt: skip
         return CombineResult(combined_TH, combined_w)
 
     # ------------------------------------------------------------------ low latency

@@ -207,7 +207,7 @@ void dispatch(IntranodeRuntime& rt, const torch::Tensor& x, const OptTensor& x_s
 void combine(IntranodeRuntime& rt, const torch::Tensor& x, const OptTensor& topk_weights, const OptTensor& bias0,
              const OptTensor& bias1, const torch::Tensor& in_rank, const torch::Tensor& recv_chan_start,
              torch::Tensor& combined, const OptTensor& combined_weights, int64_t num_sms, int64_t chunk_tokens,
-             int64_t ring_tokens) {
+             int64_t ring_tokens, const OptTensor& pair_pos, int64_t num_pair_rows) {
     auto ctx = rt.context();
     check(x, "x", torch::kBFloat16, 2);
     check(combined, "combined_x", torch::kBFloat16, 2);
@@ -230,6 +230,18 @@ void combine(IntranodeRuntime& rt, const torch::Tensor& x, const OptTensor& topk
     p.num_topk = num_topk;
     p.chunk_tokens = chunk_tokens;
     p.layout = make_layout(rt, x.size(1), num_sms, ring_tokens);
+    if (pair_pos) {  // expert-major: x [P, H], each received row the sum of its pair rows
+        check(*pair_pos, "pair_pos", torch::kInt64, 2);
+        TORCH_CHECK(pair_pos->size(1) >= 1 && pair_pos->size(1) <= ep_train::kMaxTopk, "pair_pos must have 1 to ",
+                    ep_train::kMaxTopk, " columns");
+        TORCH_CHECK(x.size(0) == num_pair_rows, "x must have num_pair_rows=", num_pair_rows, " rows");
+        TORCH_CHECK(x.size(1) % 8 == 0, "an expert-major combine needs hidden % 8 == 0, got ", x.size(1));
+        TORCH_CHECK(!topk_weights || topk_weights->size(0) == pair_pos->size(0),
+                    "topk_weights must have a row per received row");
+        p.pair_pos = pair_pos->data_ptr<int64_t>();
+        p.pair_topk = pair_pos->size(1);
+        p.num_pair_rows = num_pair_rows;
+    }
     ep_train::launch_combine(p, ctx, num_sms, stream());
 }
 

@@ -134,6 +134,11 @@ struct CombineParams {
     const int* recv_chan_start;    // [R, C + 1]
     void* combined_x;              // [T, H]
     float* combined_topk_weights;  // [T, K] or null
+    // Expert-major mode (pair_pos set): x is [P, H] expert-major rows, and received row n is the
+    // FP32 sum of rows pair_pos[n, :] (ascending k) rounded to BF16, as sum_pairs computes it.
+    const int64_t* pair_pos;  // [N, pair_topk] or null
+    int64_t num_pair_rows;
+    int pair_topk;
     int num_tokens, hidden, num_topk, chunk_tokens;
     IntranodeLayout layout;
 };

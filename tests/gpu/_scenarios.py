@@ -497,6 +497,18 @@ def suite_expert_major(rank: int, world: int, seed: int) -> None:
         plain2, *_ = ref.dispatch(x2, plain[4])
         want2, *_ = permute_to_experts(plain2, plain[1], plain[2], L, align, plain[3])
         assert_bitwise(f"{tag} cached rows", got2, want2)
+        # Combine of expert-major rows: the kernel's own pair sums = the pair-sum kernel, then combine.
+        y_P = torch.randn(got2.shape, generator=gen).to(torch.bfloat16).cuda()
+        w_NK = torch.rand(plain[1].shape, generator=gen).cuda()
+        bias = torch.randn(T, H, generator=gen).to(torch.bfloat16).cuda()
+        fused = cuda.combine(y_P, got[4], topk_weights=w_NK, bias=bias, expert_major=True)
+        check_kernels(cuda, tag + " combine")
+        y_N = unpermute_from_experts(y_P, layout)
+        unfused = cuda.combine(y_N, got[4], topk_weights=w_NK, bias=bias)
+        assert_bitwise(f"{tag} combine", fused[0], unfused[0])
+        assert_bitwise(f"{tag} combined weights", fused[1], unfused[1])
+        torch_side = ref.combine(y_N, plain[4], topk_weights=w_NK, bias=bias)
+        assert_close_bf16(f"{tag} combine vs torch backend", fused[0], torch_side[0])
 
     # Autograd: the fused pair against the unfused path, both on the kernels (BF16, same sums).
     T, H, F, K, E = 384, 2048, 256, 8, 16 * world
