@@ -7,7 +7,9 @@ layout a grouped GEMM wants.  ``combine`` sums each token's pair rows back into 
 them to the source ranks.  Gate weights are not applied here: the experts multiply by ``probs``.
 
 The permutation runs on the device with no host sync (see ``ep_train.permute``); every reduction
-adds a row's pairs in ascending k with FP32 accumulation, so results are deterministic.
+adds a row's pairs in ascending k with FP32 accumulation, so results are deterministic.  By default
+(``fused_permutation``) it runs inside the communication: ``dispatch_to_experts`` /
+``combine_from_experts``, whose CUDA kernels write and read expert-major rows directly (same bits).
 
 Shape legend: T local tokens, D hidden, K top-k, N received rows, P expert-major rows (pairs +
 alignment padding), L local experts.
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .autograd.normal import combine as ep_combine
+from .autograd.normal import combine_from_experts, dispatch_to_experts
 from .autograd.normal import dispatch as ep_dispatch
 from .buffer import Buffer
 from .config import Config
@@ -35,11 +38,12 @@ class MoEHandle:
     """Routing of one :meth:`MoEDispatcher.dispatch`, consumed by :meth:`MoEDispatcher.combine`.
 
     dispatch: the ep_train dispatch handle.
-    layout: where each received row's pairs sit in expert-major order.
+    layout: where each received row's pairs sit in expert-major order (None after an expert-major
+        dispatch: the dispatch handle's ``pair_pos_NK`` holds it).
     """
 
     dispatch: DispatchHandle
-    layout: PairLayout
+    layout: PairLayout | None
 
 
 class MoEDispatcher:
@@ -51,6 +55,9 @@ class MoEDispatcher:
         expert_alignment: pad each local expert's rows to a multiple of this (grouped GEMM tiles).
         num_worst_tokens: fixed receive size (see ``Buffer.dispatch``).
         fp8: transfer the dispatch in FP8 (e4m3, per-128 scales).
+        fused_permutation: dispatch straight into expert-major order and combine from it
+            (``ep_train.autograd.dispatch_to_experts``); needs ``num_worst_tokens=0`` (otherwise
+            the rows are permuted after the dispatch).
     """
 
     def __init__(
@@ -63,6 +70,7 @@ class MoEDispatcher:
         fp8: bool = False,
         dispatch_config: Config | None = None,
         combine_config: Config | None = None,
+        fused_permutation: bool = True,
     ):
         if not isinstance(buffer, Buffer):
             raise TypeError(f"buffer must be an ep_train.Buffer, got {type(buffer).__name__}")
@@ -78,6 +86,7 @@ class MoEDispatcher:
         self.num_worst_tokens = num_worst_tokens
         self.fp8 = fp8
         self.dispatch_config, self.combine_config = dispatch_config, combine_config
+        self.fused_permutation = bool(fused_permutation) and num_worst_tokens == 0
 
     def dispatch(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weights_TK: torch.Tensor):
         """→ ``(x_PD expert-major, tokens_per_expert_L CPU int64, probs_P, handle)``.
@@ -86,6 +95,12 @@ class MoEDispatcher:
             x_TD: ``[T, D]`` tokens.  topk_idx_TK: ``[T, K]`` int64 global expert ids, -1 = none.
             topk_weights_TK: ``[T, K]`` float32 gate weights (gradients flow back to them via probs_P).
         """
+        if self.fused_permutation:
+            fused = dispatch_to_experts(self.buffer, x_TD, topk_idx_TK, topk_weights_TK, self.num_experts,
+                                        expert_alignment=self.expert_alignment, fp8=self.fp8,
+                                        config=self.dispatch_config)  # fmt: skip
+            tokens_per_expert = torch.tensor(fused.tokens_per_expert_list, dtype=torch.int64)
+            return fused.x, tokens_per_expert, fused.probs, MoEHandle(fused.handle, None)
         out = ep_dispatch(
             self.buffer,
             x_TD,
@@ -106,5 +121,7 @@ class MoEDispatcher:
         """Expert outputs ``[P, D]`` (already multiplied by probs) → ``[T, D]`` on the source ranks."""
         if not isinstance(handle, MoEHandle):
             raise TypeError(f"handle must be the MoEHandle of MoEDispatcher.dispatch, got {type(handle).__name__}")
+        if handle.layout is None:
+            return combine_from_experts(self.buffer, y_PD, handle.dispatch, config=self.combine_config)
         y_ND = unpermute_from_experts(y_PD, handle.layout)
         return ep_combine(self.buffer, y_ND, handle.dispatch, config=self.combine_config)

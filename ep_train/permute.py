@@ -185,8 +185,9 @@ def _gather_rows(x_NH: torch.Tensor, layout: PairLayout) -> torch.Tensor:
     if x_NH.shape[0] == 0 or p == 0:
         return x_NH.new_zeros((p, x_NH.shape[1]))
     rows = x_NH.index_select(0, layout.row_P.clamp_max(x_NH.shape[0] - 1))
-    if layout.has_padding:
-        rows.masked_fill_((layout.row_P >= layout.num_rows).unsqueeze(1), 0)
+    if layout.has_padding:  # FP8 rows have no masked_fill: their zero is the all-zero byte
+        bits = rows.view(torch.uint8) if rows.element_size() == 1 else rows
+        bits.masked_fill_((layout.row_P >= layout.num_rows).unsqueeze(1), 0)
     return rows
 
 
