@@ -27,10 +27,6 @@ constexpr int kCopyUnroll = 8;  // 8 x 16 B per lane in flight: 4 KB per warp to
 template <int kNumRanks>
 constexpr int kSendWarpsPerRank = kCombineWarps / (kNumRanks - 1);
 
-// Sender side of one (channel, destination) pair, dst another rank: rows [recv_chan_start[dst][c],
-// ..[c + 1]) of x are exactly the rows of dst's channel c, in dst's token order.  Chunks of
-// chunk_tokens rows go into consecutive ring slots (one warp per row), then one thread publishes
-// the tail.
 constexpr int kPairBatch = 4;  // pair rows whose vectors a lane loads before adding them
 
 // Expert-major mode: the pair rows of received row n, ascending k, into this warp's table; returns
@@ -78,6 +74,10 @@ __device__ __forceinline__ int4 sum_pair_vector(const int4* const* table, int co
     return out[0];
 }
 
+// Sender side of one (channel, destination) pair, dst another rank: rows [recv_chan_start[dst][c],
+// ..[c + 1]) of x are exactly the rows of dst's channel c, in dst's token order.  Chunks of
+// chunk_tokens rows go into consecutive ring slots (one warp per row), then one thread publishes
+// the tail.
 template <int kNumRanks, bool kPairs>
 __device__ void combine_send(const CombineParams& p, const RankContext& ctx, int channel, int dst, int group,
                              int warp_in_group) {
