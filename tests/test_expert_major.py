@@ -71,7 +71,7 @@ def _buffer_body(rank, R, seed, kind, K, alignment):
         buf.dispatch(x, None, per_rank, None, in_rank, None, expert_major=True)
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size", [2, 4, 8])
 @pytest.mark.parametrize("kind", ["uniform", "one_expert", "empty_rank", "masked"])
 @pytest.mark.parametrize("alignment", [1, 4])
 def test_expert_major_dispatch_is_dispatch_then_permute(world_size, kind, alignment):
@@ -117,7 +117,7 @@ def _autograd_body(rank, R, seed, kind, K, alignment):
             assert torch.equal(a, b), f"{name} differs between the unfused and the {path} path"
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size", [2, 4, 8])
 @pytest.mark.parametrize("kind", ["uniform", "dropped_rows", "one_rank"])
 def test_expert_major_autograd_matches_dispatch_permute_combine(world_size, kind):
     run_distributed(_autograd_body, world_size, random.randrange(1 << 30), kind, 2, 2)
