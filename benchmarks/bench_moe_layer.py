@@ -28,6 +28,7 @@ the kernels need two ranks), so the rows compare what each dispatcher adds aroun
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import os
 import re
@@ -72,15 +73,18 @@ def _build(args, dispatcher: str, chunks: int, world: int, fused: bool = True):
     return layer.cuda(), ("TEGroupedMLP" if te else "GroupedGemmMLP")
 
 
-def _set_combine_fusion(on) -> bool:
-    """Let the CUDA combine sum expert-major rows itself (True) or not; returns the previous setting."""
+@contextlib.contextmanager
+def _combine_fusion(on: bool):
+    """Inside: the CUDA combine sums expert-major rows itself (True), or leaves that to the pair-sum kernel."""
     from ep_train.backends.cuda import CudaBackend
 
-    original = CudaBackend.__dict__.get("_bench_fuses_combine", CudaBackend.fuses_expert_major_combine)
-    CudaBackend._bench_fuses_combine = original
-    previous = CudaBackend.fuses_expert_major_combine is original
-    CudaBackend.fuses_expert_major_combine = original if on else (lambda self, x_PH: False)
-    return previous
+    own = CudaBackend.fuses_expert_major_combine
+    if not on:
+        CudaBackend.fuses_expert_major_combine = lambda self, x_PH: False
+    try:
+        yield
+    finally:
+        CudaBackend.fuses_expert_major_combine = own
 
 
 def _time_fwd_bwd(layer, x: torch.Tensor, grad: torch.Tensor, iters: int, warmup: int) -> tuple[float, float]:
@@ -225,11 +229,11 @@ def _worker(rank: int, world: int, args) -> None:
     for dispatcher, label, chunks, fused in variants:
         backend = install_flex_backend() if dispatcher == "flex" else None
         # "dispatch": rows permuted inside the dispatch, but the combine's pair sums as a kernel of their own.
-        combine_fusion = _set_combine_fusion(fused != "dispatch")
         try:
             layer, experts = _build(args, dispatcher, chunks, world, bool(fused))
-            ms, host_ms = _time_fwd_bwd(layer, x, grad, args.iters, args.warmup)
-            chained_ms = _time_back_to_back(layer, x, grad, args.iters)
+            with _combine_fusion(fused != "dispatch"):
+                ms, host_ms = _time_fwd_bwd(layer, x, grad, args.iters, args.warmup)
+                chained_ms = _time_back_to_back(layer, x, grad, args.iters)
             if args.profile:
                 trace = None
                 if args.trace_dir:
@@ -237,7 +241,8 @@ def _worker(rank: int, world: int, args) -> None:
                     slug = re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
                     trace = os.path.join(args.trace_dir, f"{slug}.rank{rank}.json")
                 try:
-                    mine = _profile_fwd_bwd(layer, x, grad, trace)
+                    with _combine_fusion(fused != "dispatch"):
+                        mine = _profile_fwd_bwd(layer, x, grad, trace)
                 except RuntimeError as exc:  # no CUPTI on this machine: keep the timings
                     mine = str(exc)
                 per_rank = [None] * world
@@ -253,7 +258,6 @@ def _worker(rank: int, world: int, args) -> None:
                 comm = next(iter(backend.buffers._entries.values())).buffer.backend_name
             rows.append((label, ms, host_ms, chained_ms, comm, experts))
         finally:
-            _set_combine_fusion(combine_fusion)
             if backend is not None:
                 backend.uninstall()
         del layer

@@ -431,14 +431,14 @@ class Buffer:
         self._check_nvl_bytes(hidden, x_TH.element_size(), config, "dispatch")
         routing = _Routing(num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
                            expert_alignment, num_worst_tokens, config, previous_event)  # fmt: skip
-        if expert_major:
+        if expert_major:  # before the call takes its number: a refused call leaves no trace
             self._check_expert_major(handle, topk_idx, num_worst_tokens)
         if handle is not None:
             args = self._cached_dispatch_args(x_TH, scales_TS, handle, routing)
         else:
             args = self._dispatch_args(x_TH, scales_TS, routing)
         if expert_major:
-            num_topk = handle.pair_pos_NK.shape[1] if handle is not None else args.topk_idx_TK.shape[1]
+            num_topk = (handle.pair_pos_NK if handle is not None else args.topk_idx_TK).shape[1]
             args.expert_major = self._backend.fuses_expert_major(x_TH, args.num_experts, num_topk)
 
         def run_dispatch():
@@ -466,11 +466,13 @@ class Buffer:
 
     @staticmethod
     def _check_expert_major(handle, topk_idx, num_worst_tokens: int) -> None:
-        if handle is None and topk_idx is None:
-            raise ValueError("expert_major=True needs topk_idx (the rows are placed by their experts)")
+        """What an expert-major dispatch needs beyond a plain one (a handle of another type is left to
+        the cached dispatch's own check)."""
         if num_worst_tokens:
             raise ValueError(f"expert_major=True takes num_worst_tokens=0, got {num_worst_tokens}")
-        if handle is not None and getattr(handle, "pair_pos_NK", None) is None:
+        if handle is None and topk_idx is None:
+            raise ValueError("expert_major=True needs topk_idx (the rows are placed by their experts)")
+        if isinstance(handle, DispatchHandle) and handle.pair_pos_NK is None:
             raise ValueError("expert_major=True with a handle needs the handle of an expert-major dispatch")
 
     def _dispatch_args(self, x_TH, scales_TS, a: _Routing) -> DispatchArgs:
@@ -631,12 +633,11 @@ class Buffer:
         # different dispatches raise RankMismatchError instead of exchanging rows of other sizes.
         info = self._next_info(_OP_COMBINE, hidden, handle.num_experts, num_topk, x_NH.dtype, extra=handle.dispatch_seq)
         fused = expert_major and self._backend.fuses_expert_major_combine(x_NH)
-        args = CombineArgs(info, x_NH, handle, topk_weights, biases, config, expert_major=fused)
 
         def run_combine():
-            if expert_major and not fused:
-                args.x_NH = sum_pair_rows(x_NH, handle.pair_pos_NK)
-            return self._backend.combine(args)
+            # Without the kernel's own pair sums, each received row is summed first (same bits).
+            rows = sum_pair_rows(x_NH, handle.pair_pos_NK) if expert_major and not fused else x_NH
+            return self._backend.combine(CombineArgs(info, rows, handle, topk_weights, biases, config, fused))
 
         inputs = [x_NH, *biases] + ([topk_weights] if topk_weights is not None else [])
         res, event = self._run(

@@ -99,8 +99,7 @@ class MoEDispatcher:
             fused = dispatch_to_experts(self.buffer, x_TD, topk_idx_TK, topk_weights_TK, self.num_experts,
                                         expert_alignment=self.expert_alignment, fp8=self.fp8,
                                         config=self.dispatch_config)  # fmt: skip
-            tokens_per_expert = torch.tensor(fused.tokens_per_expert_list, dtype=torch.int64)
-            return fused.x, tokens_per_expert, fused.probs, MoEHandle(fused.handle, None)
+            return fused.x, fused.tokens_per_expert, fused.probs, MoEHandle(fused.handle, None)
         out = ep_dispatch(
             self.buffer,
             x_TD,

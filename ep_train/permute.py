@@ -204,13 +204,16 @@ def _sum_pairs_ops(y_PH: torch.Tensor, pos_NK: torch.Tensor, acc: torch.dtype) -
     return out.to(y_PH.dtype)
 
 
-def _sum_pairs(y_PH: torch.Tensor, layout: PairLayout) -> torch.Tensor:
-    """``out[n] = sum_k y[pos[n, k]]`` over the pairs of row n, FP32 (FP64 for FP64) accumulation."""
+def sum_pair_rows(y_PH: torch.Tensor, pos_NK: torch.Tensor, use_kernel: bool = True) -> torch.Tensor:
+    """``[N, H]``: ``out[n] = sum_k y[pos[n, k]]`` over the pairs of row n (``pos`` >= P: none), FP32
+    (FP64 for FP64) accumulation in ascending k; no autograd.  On CUDA one ep_train kernel where it
+    takes the rows (``use_kernel``), else the op-by-op path (same bits)."""
+    y_PH = y_PH.contiguous()
     acc = torch.float64 if y_PH.dtype == torch.float64 else torch.float32
     kernel_rows = y_PH.dtype in (torch.bfloat16, torch.float32) and y_PH.shape[1] * y_PH.element_size() % 16 == 0
-    if layout.sum_kernel and y_PH.is_cuda and kernel_rows and _ext.is_available():
-        return _ext.load().sum_pairs(y_PH, layout.pos_NK)
-    return _sum_pairs_ops(y_PH, layout.pos_NK, acc)
+    if use_kernel and y_PH.is_cuda and kernel_rows and _ext.is_available():
+        return _ext.load().sum_pairs(y_PH, pos_NK)
+    return _sum_pairs_ops(y_PH, pos_NK, acc)
 
 
 class _PermuteFn(torch.autograd.Function):
@@ -221,14 +224,14 @@ class _PermuteFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_PH):
-        return _sum_pairs(grad_PH.contiguous(), ctx.layout), None
+        return sum_pair_rows(grad_PH, ctx.layout.pos_NK, ctx.layout.sum_kernel), None
 
 
 class _UnpermuteFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_PH, layout: PairLayout):
         ctx.layout = layout
-        return _sum_pairs(y_PH.contiguous(), layout)
+        return sum_pair_rows(y_PH, layout.pos_NK, layout.sum_kernel)
 
     @staticmethod
     def backward(ctx, grad_NH):
@@ -303,14 +306,6 @@ def values_of_pairs(values_P: torch.Tensor, pos_NK: torch.Tensor) -> torch.Tenso
     """``[N, K]``: each pair's value from the ``[P]`` expert-major values (0 where no pair)."""
     padded = torch.cat([values_P, values_P.new_zeros(1)])
     return padded.index_select(0, pos_NK.reshape(-1).clamp_max(values_P.shape[0])).view(pos_NK.shape)
-
-
-def sum_pair_rows(y_PH: torch.Tensor, pos_NK: torch.Tensor) -> torch.Tensor:
-    """``[N, H]``: each received row's pairs summed (FP32 accumulation, ascending k), as
-    :func:`unpermute_from_experts` computes it, without autograd."""
-    n, k = pos_NK.shape
-    layout = PairLayout(n, k, pos_NK, pos_NK.new_empty(0), pos_NK.new_empty(0), torch.zeros(0), False)
-    return _sum_pairs(y_PH.contiguous(), layout)
 
 
 def permute_dispatch_result(res: DispatchResult, args: DispatchArgs) -> DispatchResult:

@@ -100,7 +100,7 @@ def _autograd_body(rank, R, seed, kind, K, alignment):
 
     def fused(x, w):
         out = A.dispatch_to_experts(buf, x, idx, w, E, expert_alignment=alignment)
-        y_P = grouped_mlp(out.x, out.tokens_per_expert_list, w1, w2) * out.probs.unsqueeze(-1)
+        y_P = grouped_mlp(out.x, out.tokens_per_expert, w1, w2) * out.probs.unsqueeze(-1)
         return A.combine_from_experts(buf, y_P, out.handle)
 
     def fused_checkpointed(x, w):  # the recomputation replays the routing (cached expert-major dispatch)

@@ -283,14 +283,14 @@ class ExpertMajorOutput(NamedTuple):
         source rank, then source token), each expert's rows padded with zero rows to the alignment;
         the input to a grouped GEMM.
     probs: ``[P]`` float32 gate weight of each row (0 for padding); differentiable.
-    tokens_per_expert_list: rows of each local expert (aligned; they add up to P), on the host.
+    tokens_per_expert: CPU int64 ``[L]``, rows of each local expert (aligned; they add up to P).
     recv_topk_idx: ``[N, K]`` int64 local expert ids of the received tokens, -1 elsewhere.
     handle: pass to :func:`combine_from_experts`.
     """
 
     x: torch.Tensor
     probs: torch.Tensor
-    tokens_per_expert_list: list[int]
+    tokens_per_expert: torch.Tensor
     recv_topk_idx: torch.Tensor
     handle: DispatchHandle
 
@@ -382,7 +382,8 @@ def dispatch_to_experts(
     opts = _DispatchOpts(num_experts, expert_alignment, 0, fp8, config, None, False)
     out: dict = {}
     x_P, recv_idx, probs_P = _DispatchExpertsFn.apply(x, topk_weights, buffer, topk_idx, opts, out)
-    return ExpertMajorOutput(x_P, probs_P, out["per_expert_list"], recv_idx, out["handle"])
+    tokens_per_expert = torch.tensor(out["per_expert_list"], dtype=torch.int64)
+    return ExpertMajorOutput(x_P, probs_P, tokens_per_expert, recv_idx, out["handle"])
 
 
 def combine_from_experts(

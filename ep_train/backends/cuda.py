@@ -257,7 +257,7 @@ class CudaBackend(Backend):
                        worst, worst == 0, self._header(args.info, cfg), rank_prefix_RR, chan_start, send_chan_base,
                        num_tokens_R, per_expert_L, num_recv_t, pair_base_RL)  # fmt: skip
         # The senders' half of the expert-major places: every (token, k)'s rank among this rank's
-        # tokens of its expert (runs while the peers finish notify).
+        # tokens of its expert (queued behind notify: it runs while the host reads the counts).
         expert_rank_TK = self._C.expert_ranks(args.topk_idx_TK, E) if pairs else None
         if worst == 0:
             # The one host sync of the normal path (bounded; the device bound reports first).

@@ -107,6 +107,8 @@ class _MicroBatch:
     recv_topk_idx_NK: torch.Tensor | None = None
     tokens_per_expert_list: list[int] | None = None
     layout: PairLayout | None = None
+    #: set by an expert-major dispatch (``fused_permutation``): CPU int64 rows per local expert.
+    fused_tokens_per_expert: torch.Tensor | None = None
     extras: dict = field(default_factory=dict)
 
 
@@ -257,8 +259,7 @@ class EPTokenDispatcher(MoETokenDispatcher):
             fused = dispatch_to_experts(buffer, hidden_states, mb.topk_idx_TK, weights_TK, self.num_experts,
                                         expert_alignment=o.expert_alignment, fp8=o.fp8_dispatch,
                                         config=o.dispatch_config)  # fmt: skip
-            mb.handle, mb.tokens_per_expert_list = fused.handle, fused.tokens_per_expert_list
-            mb.extras["fused"] = True
+            mb.handle, mb.fused_tokens_per_expert = fused.handle, fused.tokens_per_expert
             self._push("dispatch_postprocess", mb)
             return fused.x, fused.probs
         out = self._dispatch(buffer, hidden_states, mb.topk_idx_TK, weights_TK)
@@ -273,10 +274,9 @@ class EPTokenDispatcher(MoETokenDispatcher):
     def dispatch_postprocess(self, hidden_states: torch.Tensor, probs: torch.Tensor):
         """→ ``(x [P, H] expert-major, tokens_per_expert [L] CPU int64, probs [P])``."""
         mb = self._pop("dispatch_postprocess")
-        if mb.extras.get("fused"):
+        if mb.fused_tokens_per_expert is not None:
             self._push("combine_preprocess", mb)
-            tokens_per_expert_L = torch.tensor(mb.tokens_per_expert_list, dtype=torch.int64)
-            return hidden_states, tokens_per_expert_L, probs.to(mb.probs_dtype)
+            return hidden_states, mb.fused_tokens_per_expert, probs.to(mb.probs_dtype)
         out = self._permute(mb, hidden_states, probs)
         self._push("combine_preprocess", mb)
         return out
@@ -284,7 +284,7 @@ class EPTokenDispatcher(MoETokenDispatcher):
     def combine_preprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Expert outputs ``[P, H]`` → one summed row per received row ``[N, H]``."""
         mb = self._pop("combine_preprocess")
-        if mb.extras.get("fused"):  # token_combine sums each token's rows inside the combine
+        if mb.fused_tokens_per_expert is not None:  # token_combine sums each token's rows inside the combine
             self._push("token_combine", mb)
             return hidden_states
         y_NH = unpermute_from_experts(hidden_states, mb.layout)
@@ -295,7 +295,7 @@ class EPTokenDispatcher(MoETokenDispatcher):
         """Rows back to their source ranks, summed per token → ``[T, H]``."""
         mb = self._pop("token_combine")
         buffer = self._buffer(hidden_states)
-        if mb.extras.get("fused"):
+        if mb.fused_tokens_per_expert is not None:
             y_TH = combine_from_experts(buffer, hidden_states, mb.handle, config=self.options.combine_config)
         else:
             y_TH = ep_combine(buffer, hidden_states, mb.handle, config=self.options.combine_config)

@@ -529,7 +529,7 @@ def suite_expert_major(rank: int, world: int, seed: int) -> None:
 
     def fused(x, w):
         out = A.dispatch_to_experts(cuda, x, idx, w, E)
-        y_P = grouped_mlp(out.x, out.tokens_per_expert_list, w1, w2) * out.probs.unsqueeze(-1).to(out.x.dtype)
+        y_P = grouped_mlp(out.x, out.tokens_per_expert, w1, w2) * out.probs.unsqueeze(-1).to(out.x.dtype)
         return A.combine_from_experts(cuda, y_P, out.handle)
 
     results = []

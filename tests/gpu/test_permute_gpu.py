@@ -10,10 +10,10 @@ import torch
 from ep_train.permute import (
     _count_pairs,
     _place_pairs_ops,
-    _sum_pairs,
     _sum_pairs_ops,
     pair_layout,
     permute_to_experts,
+    sum_pair_rows,
     unpermute_from_experts,
 )
 
@@ -105,7 +105,7 @@ def test_sum_pairs_kernel_is_bitwise_the_op_path(kernels, dtype, hidden, kind, k
     else:  # rows the kernel does not take: refused by name, summed by the op-by-op path
         with pytest.raises(RuntimeError, match="multiple of 16 bytes"):
             kernels.sum_pairs(y, layout.pos_NK)
-        got = _sum_pairs(y, layout)
+        got = sum_pair_rows(y, layout.pos_NK)
     ref = _sum_pairs_ops(y, layout.pos_NK, torch.float32)
     assert got.dtype == dtype and torch.equal(got, ref)
 

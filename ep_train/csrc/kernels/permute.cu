@@ -221,25 +221,10 @@ void launch_pair_layout(const int64_t* idx, int64_t num_rows, int num_topk, int 
 
 void launch_expert_ranks(const int64_t* idx, int64_t num_tokens, int num_topk, int num_experts, int* scratch,
                          int64_t* rank, cudaStream_t stream) {
-    const int64_t num_slots = num_tokens * num_topk;
-    if (num_slots == 0) return;
-    if (num_experts < 1 || num_experts > kPairLayoutMaxLocalExperts)
-        throw std::runtime_error("expert_ranks: num_experts must be in [1, " +
-                                 std::to_string(kPairLayoutMaxLocalExperts) + "]");
-    const int64_t blocks = (num_slots + kPlaceThreads - 1) / kPlaceThreads;
-    if (blocks > INT32_MAX) throw std::runtime_error("expert_ranks: too many slots");
-    const int num_blocks = static_cast<int>(blocks);
     // Without row_P the scan starts every expert at 0 and writes no padding, and the place kernel
     // writes only pos: each slot's rank within its expert (every rank < num_slots).
-    pair_count_kernel<<<num_blocks, kPlaceThreads, num_experts * sizeof(int), stream>>>(idx, num_slots, num_experts,
-                                                                                        scratch);
-    check_cuda(cudaGetLastError(), "expert_ranks count launch");
-    pair_scan_kernel<<<1, kPlaceThreads, (num_experts + 1) * sizeof(int64_t), stream>>>(
-        scratch, num_blocks, num_experts, 1, num_tokens, num_slots, num_slots, nullptr, nullptr);
-    check_cuda(cudaGetLastError(), "expert_ranks scan launch");
-    pair_place_kernel<<<num_blocks, kPlaceThreads, kPlaceWarps * num_experts * sizeof(int), stream>>>(
-        idx, num_slots, num_topk, num_experts, scratch, num_slots, rank, nullptr, nullptr);
-    check_cuda(cudaGetLastError(), "expert_ranks place launch");
+    const int64_t num_slots = num_tokens * num_topk;
+    launch_pair_layout(idx, num_tokens, num_topk, num_experts, 1, num_slots, scratch, rank, nullptr, nullptr, stream);
 }
 
 }  // namespace ep_train
