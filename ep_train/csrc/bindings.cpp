@@ -187,6 +187,7 @@ void dispatch(IntranodeRuntime& rt, const torch::Tensor& x, const OptTensor& x_s
             TORCH_CHECK(pair_pos->size(1) == num_topk, "pair_pos must have top-k columns");
             TORCH_CHECK(pair_base.has_value(), "expert_rank needs pair_base (from notify)");
             check(*pair_base, "pair_base", torch::kInt32, 2);
+            p.pair_mode = ep_train::kPairsFromRanks;
             p.expert_rank = expert_rank->data_ptr<int64_t>();
             p.pair_base = pair_base->data_ptr<int>();
             if (pair_probs) {
@@ -196,6 +197,7 @@ void dispatch(IntranodeRuntime& rt, const torch::Tensor& x, const OptTensor& x_s
             }
         } else {
             TORCH_CHECK(!topk_idx, "a cached expert-major dispatch takes its rows from pair_pos, not topk_idx");
+            p.pair_mode = ep_train::kPairsFromPos;
         }
         p.pair_pos = pair_pos->data_ptr<int64_t>();
         p.pair_topk = pair_pos->size(1);
@@ -238,6 +240,7 @@ void combine(IntranodeRuntime& rt, const torch::Tensor& x, const OptTensor& topk
         TORCH_CHECK(x.size(1) % 8 == 0, "an expert-major combine needs hidden % 8 == 0, got ", x.size(1));
         TORCH_CHECK(!topk_weights || topk_weights->size(0) == pair_pos->size(0),
                     "topk_weights must have a row per received row");
+        p.expert_major = true;
         p.pair_pos = pair_pos->data_ptr<int64_t>();
         p.pair_topk = pair_pos->size(1);
         p.num_pair_rows = num_pair_rows;

@@ -98,6 +98,10 @@ struct PrepareParams {
 };
 void launch_prepare(const PrepareParams& p, const RankContext& ctx, cudaStream_t stream);
 
+// How an expert-major dispatch places rows: not at all (plain dispatch), from the ranks the senders
+// send along with each row (first call), or from pair_pos (cached call).
+enum PairMode : int { kPairsOff = 0, kPairsFromRanks = 1, kPairsFromPos = 2 };
+
 struct DispatchParams {
     const void* x;                 // [T, H] BF16 or FP8 rows
     const float* x_scales;         // [T, S] or null
@@ -112,11 +116,14 @@ struct DispatchParams {
     int* send_pos;               // [T, R] or null (cached mode)
     const int* send_chan_base;   // [R, C] (with send_pos)
     const int* recv_chan_start;  // [R, C + 1]
-    // Expert-major mode (pair_pos set): recv_x / recv_x_scales are [P, ...] with one row per
-    // (received row, local expert) pair; rows of an expert by source rank, then source token.
+    // Expert-major mode (pair_mode != kPairsOff): recv_x / recv_x_scales are [P, ...] with one row
+    // per (received row, local expert) pair; rows of an expert by source rank, then source token.
+    // NOTES: the mode is a field of its own, not "pointer set": a rank that receives nothing (N = 0)
+    // or sends nothing (T = 0) has empty, null tensors but must still run the senders' pair protocol.
+    PairMode pair_mode;
     int64_t* pair_pos;           // [N, K]: row of each pair, num_pair_rows where none (written, or read when cached)
-    const int64_t* expert_rank;  // [T, K] (written pair_pos): token's rank among this rank's tokens of the expert
-    const int* pair_base;        // [R, L] (written pair_pos): first row of (source, local expert)
+    const int64_t* expert_rank;  // [T, K] (kPairsFromRanks): token's rank among this rank's tokens of the expert
+    const int* pair_base;        // [R, L] (kPairsFromRanks): first row of (source, local expert)
     float* pair_probs;           // [P] or null: topk_weights of each pair
     int64_t num_pair_rows;
     int pair_topk;  // K of pair_pos (num_topk is 0 in cached mode)
@@ -135,9 +142,10 @@ struct CombineParams {
     const int* recv_chan_start;    // [R, C + 1]
     void* combined_x;              // [T, H]
     float* combined_topk_weights;  // [T, K] or null
-    // Expert-major mode (pair_pos set): x is [P, H] expert-major rows, and received row n is the
-    // FP32 sum of rows pair_pos[n, :] (ascending k) rounded to BF16, as sum_pairs computes it.
-    const int64_t* pair_pos;  // [N, pair_topk] or null
+    // Expert-major mode: x is [P, H] expert-major rows, and received row n is the FP32 sum of rows
+    // pair_pos[n, :] (ascending k) rounded to BF16, as sum_pairs computes it.
+    bool expert_major;
+    const int64_t* pair_pos;  // [N, pair_topk] (null when N = 0)
     int64_t num_pair_rows;
     int pair_topk;
     int num_tokens, hidden, num_topk, chunk_tokens;

@@ -2,7 +2,7 @@
 // through the same ring protocol; the source sums, per token, the rows of all ranks in FP32 in a
 // fixed rank order (deterministic), adds up to two biases and writes BF16 once.  A rank's rows for
 // its own tokens skip the ring: the reducing warps read them straight from x.  Expert-major mode
-// (pair_pos set) takes x as expert-major rows: wherever a received row is read (a sender's copy,
+// (expert_major) takes x as expert-major rows: wherever a received row is read (a sender's copy,
 // a reducer's own row), the row is the FP32 sum of its pair rows rounded to BF16, summed on the fly.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -334,7 +334,7 @@ __global__ void __launch_bounds__(kCombineThreads, 1)
 
 void launch_combine(const CombineParams& p, const RankContext& ctx, int num_sms, cudaStream_t stream) {
     with_num_ranks(ctx.num_ranks, "combine", [&](auto ranks) {
-        if (p.pair_pos != nullptr)
+        if (p.expert_major)
             combine_kernel<decltype(ranks)::value, true><<<num_sms, kCombineThreads, 0, stream>>>(p, ctx);
         else
             combine_kernel<decltype(ranks)::value, false><<<num_sms, kCombineThreads, 0, stream>>>(p, ctx);

@@ -2,7 +2,7 @@
 // source) rings in the receiver's NVLink buffer.  Rows land in recv_x ordered by source rank,
 // then source token index; send_pos records where (layout-free mode).  Rows a rank keeps for
 // itself skip the ring: its sender writes them straight into recv_x, so the receiving warps only
-// serve the other ranks.  Expert-major mode (pair_pos set) writes every row once per local expert
+// serve the other ranks.  Expert-major mode (pair_mode) writes every row once per local expert
 // of its token instead, straight into the grouped-GEMM order (expert, source rank, source token):
 // each sender sends the token's rank among its tokens of each expert, notify gave the first row of
 // every (source, expert) block, so a receiver places a row without looking at any other row.
@@ -51,7 +51,7 @@ __device__ __forceinline__ int64_t pair_row(const DispatchParams& p, int64_t out
     const int lane = lane_id();
     int64_t row = p.num_pair_rows;
     if (lane >= p.pair_topk) return row;
-    if (p.expert_rank == nullptr) return p.pair_pos[out * p.pair_topk + lane];
+    if (p.pair_mode == kPairsFromPos) return p.pair_pos[out * p.pair_topk + lane];
     if (local >= 0) row = p.pair_base[src * p.num_local_experts + local] + rank;
     if (row < 0 || row > p.num_pair_rows) row = p.num_pair_rows;  // counts that disagree: never write out of bounds
     p.pair_pos[out * p.pair_topk + lane] = row;
@@ -93,7 +93,7 @@ __device__ __forceinline__ void write_own_row(const DispatchParams& p, int token
     if constexpr (kPairs) {
         int local = -1, rank = 0;
         float weight = 0.0f;
-        if (p.expert_rank != nullptr && lane < p.num_topk) {
+        if (p.pair_mode == kPairsFromRanks && lane < p.num_topk) {
             local = local_expert(p.topk_idx[int64_t(token) * p.num_topk + lane], me, p.num_local_experts);
             rank = static_cast<int>(p.expert_rank[int64_t(token) * p.num_topk + lane]);
             if (p.topk_weights != nullptr) weight = p.topk_weights[int64_t(token) * p.num_topk + lane];
@@ -186,7 +186,7 @@ __device__ void dispatch_send(const DispatchParams& p, const RankContext& ctx, i
                     if (p.topk_weights != nullptr)
                         reinterpret_cast<float*>(row + p.layout.weights_offset)[lane] =
                             local >= 0 ? p.topk_weights[int64_t(token) * p.num_topk + lane] : 0.0f;
-                    if (kPairs && p.expert_rank != nullptr)
+                    if (kPairs && p.pair_mode == kPairsFromRanks)
                         reinterpret_cast<int*>(row + p.layout.expert_rank_offset)[lane] =
                             static_cast<int>(p.expert_rank[int64_t(token) * p.num_topk + lane]);
                 }
@@ -245,7 +245,7 @@ __device__ void dispatch_recv(const DispatchParams& p, const RankContext& ctx, i
             if constexpr (kPairs) {
                 int local = -1, rank = 0;
                 float weight = 0.0f;
-                if (p.expert_rank != nullptr && lane < p.num_topk) {
+                if (p.pair_mode == kPairsFromRanks && lane < p.num_topk) {
                     local = ptx::ld_cg(reinterpret_cast<const int*>(row + p.layout.topk_idx_offset) + lane);
                     rank = ptx::ld_cg(reinterpret_cast<const int*>(row + p.layout.expert_rank_offset) + lane);
                     if (p.pair_probs != nullptr)
@@ -311,7 +311,7 @@ __global__ void __launch_bounds__(kDispatchThreads, 1)
 
 void launch_dispatch(const DispatchParams& p, const RankContext& ctx, int num_sms, cudaStream_t stream) {
     with_num_ranks(ctx.num_ranks, "dispatch", [&](auto ranks) {
-        if (p.pair_pos != nullptr)
+        if (p.pair_mode != kPairsOff)
             dispatch_kernel<decltype(ranks)::value, true><<<num_sms, kDispatchThreads, 0, stream>>>(p, ctx);
         else
             dispatch_kernel<decltype(ranks)::value, false><<<num_sms, kDispatchThreads, 0, stream>>>(p, ctx);
