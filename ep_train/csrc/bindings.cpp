@@ -507,7 +507,15 @@ PYBIND11_MODULE(_C, m) {
         return IntranodeLayout(hidden_bytes, num_ranks, num_channels, ring_tokens).total_bytes();
     });
     py::class_<IntranodeRuntime> intranode(m, "IntranodeRuntime");
-    bind_peer_buffer(intranode).def("num_nvl_bytes", &IntranodeRuntime::num_nvl_bytes).def("wait_recv", &wait_recv);
+    bind_peer_buffer(intranode)
+        .def(py::init([](int rank, int num_ranks, int64_t num_bytes, double timeout_s, uintptr_t external) {
+                 TORCH_CHECK(external != 0, "external memory must not be null");
+                 return new IntranodeRuntime(rank, num_ranks, num_bytes, timeout_s, reinterpret_cast<void*>(external));
+             }),
+             py::arg("rank"), py::arg("num_ranks"), py::arg("num_bytes"), py::arg("timeout_s"), py::arg("external"))
+        .def("set_peer_pointers", &IntranodeRuntime::set_peer_pointers)
+        .def("num_nvl_bytes", &IntranodeRuntime::num_nvl_bytes)
+        .def("wait_recv", &wait_recv);
     m.def("get_dispatch_layout", &get_dispatch_layout);
     m.def("notify", &notify);
     m.def("prepare", &prepare);

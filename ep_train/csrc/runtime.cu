@@ -10,9 +10,17 @@
 
 namespace ep_train {
 
-IntranodeRuntime::IntranodeRuntime(int rank, int num_ranks, int64_t num_nvl_bytes, double timeout_s)
+IntranodeRuntime::IntranodeRuntime(int rank, int num_ranks, int64_t num_nvl_bytes, double timeout_s, void* external)
     : PeerBuffer(rank, num_ranks, std::max<int64_t>(num_nvl_bytes, IntranodeLayout::control_bytes()), timeout_s,
-                 "NVLink buffer") {}
+                 "NVLink buffer", external) {
+    load_layout_kernels();
+    load_permute_kernels();
+    load_copy_rows_kernels();
+    load_notify_kernels();
+    load_prepare_kernels();
+    load_dispatch_kernels();
+    load_combine_kernels();
+}
 
 void IntranodeRuntime::clear_recv_ready() {
     mailbox().recv_ready = 0;

@@ -17,7 +17,8 @@ namespace ep_train {
 // The NVLink buffer of the normal kernels and the one host sync of a layout-free dispatch.
 class IntranodeRuntime : public PeerBuffer {
   public:
-    IntranodeRuntime(int rank, int num_ranks, int64_t num_nvl_bytes, double timeout_s);
+    // external: adopt that device memory (see PeerBuffer), e.g. every rank's buffer in one process.
+    IntranodeRuntime(int rank, int num_ranks, int64_t num_nvl_bytes, double timeout_s, void* external = nullptr);
 
     RankContext context() const { return PeerBuffer::context(IntranodeLayout::status(local())); }
     int64_t num_nvl_bytes() const { return num_bytes(); }
@@ -31,6 +32,25 @@ class IntranodeRuntime : public PeerBuffer {
 };
 
 // ---------------------------------------------------------------- kernels (launch on `stream`)
+
+// Loads a kernel now (cudaFuncGetAttributes does) rather than at its first launch, as
+// CUDA_MODULE_LOADING=LAZY (the default) would.
+template <typename Kernel>
+void load_kernel(Kernel* kernel, const char* what) {
+    cudaFuncAttributes attributes;
+    check_cuda(cudaFuncGetAttributes(&attributes, reinterpret_cast<const void*>(kernel)), what);
+}
+// Each loads every kernel of its file.  The IntranodeRuntime loads them all when it is created:
+// a lazy load at a launch may wait for the process's kernels already running, and those may be
+// waiting for peers (with every rank in one process, ep_train.testing.one_gpu, first calls stalled
+// for seconds).
+void load_layout_kernels();
+void load_permute_kernels();
+void load_copy_rows_kernels();
+void load_notify_kernels();
+void load_prepare_kernels();
+void load_dispatch_kernels();
+void load_combine_kernels();
 void launch_get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_experts, int num_ranks,
                                 int* num_tokens_per_rank, int* num_tokens_per_expert, bool* is_token_in_rank,
                                 cudaStream_t stream);

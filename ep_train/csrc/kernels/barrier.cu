@@ -46,4 +46,8 @@ void launch_prepare(const PrepareParams& p, const RankContext& ctx, cudaStream_t
     check_cuda(cudaGetLastError(), "prepare launch");
 }
 
+void load_prepare_kernels() {
+    load_kernel(prepare_kernel, "prepare kernel");
+}
+
 }  // namespace ep_train

@@ -75,4 +75,9 @@ void launch_copy_rows(void* dst, const void* src, int64_t num_rows, int64_t row_
     check_cuda(cudaGetLastError(), "copy_rows launch");
 }
 
+void load_copy_rows_kernels() {
+    load_kernel(copy_rows_lsu, "copy_rows kernel");
+    load_kernel(copy_rows_bulk, "copy_rows kernel");
+}
+
 }  // namespace ep_train

@@ -342,4 +342,13 @@ void launch_combine(const CombineParams& p, const RankContext& ctx, int num_sms,
     check_cuda(cudaGetLastError(), "combine launch");
 }
 
+void load_combine_kernels() {
+    load_kernel(combine_kernel<2, false>, "combine kernel");
+    load_kernel(combine_kernel<4, false>, "combine kernel");
+    load_kernel(combine_kernel<8, false>, "combine kernel");
+    load_kernel(combine_kernel<2, true>, "expert-major combine kernel");
+    load_kernel(combine_kernel<4, true>, "expert-major combine kernel");
+    load_kernel(combine_kernel<8, true>, "expert-major combine kernel");
+}
+
 }  // namespace ep_train

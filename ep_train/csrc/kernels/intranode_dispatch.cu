@@ -319,4 +319,13 @@ void launch_dispatch(const DispatchParams& p, const RankContext& ctx, int num_sm
     check_cuda(cudaGetLastError(), "dispatch launch");
 }
 
+void load_dispatch_kernels() {
+    load_kernel(dispatch_kernel<2, false>, "dispatch kernel");
+    load_kernel(dispatch_kernel<4, false>, "dispatch kernel");
+    load_kernel(dispatch_kernel<8, false>, "dispatch kernel");
+    load_kernel(dispatch_kernel<2, true>, "expert-major dispatch kernel");
+    load_kernel(dispatch_kernel<4, true>, "expert-major dispatch kernel");
+    load_kernel(dispatch_kernel<8, true>, "expert-major dispatch kernel");
+}
+
 }  // namespace ep_train

@@ -161,4 +161,8 @@ void launch_notify(const NotifyParams& p, const RankContext& ctx, cudaStream_t s
     check_cuda(cudaGetLastError(), "notify launch");
 }
 
+void load_notify_kernels() {
+    load_kernel(notify_kernel, "notify kernel");
+}
+
 }  // namespace ep_train

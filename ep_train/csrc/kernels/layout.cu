@@ -61,4 +61,8 @@ void launch_get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num
     check_cuda(cudaGetLastError(), "get_dispatch_layout launch");
 }
 
+void load_layout_kernels() {
+    load_kernel(get_dispatch_layout_kernel, "dispatch layout kernel");
+}
+
 }  // namespace ep_train

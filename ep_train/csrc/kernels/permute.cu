@@ -227,4 +227,12 @@ void launch_expert_ranks(const int64_t* idx, int64_t num_tokens, int num_topk, i
     launch_pair_layout(idx, num_tokens, num_topk, num_experts, 1, num_slots, scratch, rank, nullptr, nullptr, stream);
 }
 
+void load_permute_kernels() {
+    load_kernel(sum_pairs_kernel<__nv_bfloat16>, "sum_pairs kernel");
+    load_kernel(sum_pairs_kernel<float>, "sum_pairs kernel");
+    load_kernel(pair_count_kernel, "pair layout kernel");
+    load_kernel(pair_scan_kernel, "pair layout kernel");
+    load_kernel(pair_place_kernel, "pair layout kernel");
+}
+
 }  // namespace ep_train

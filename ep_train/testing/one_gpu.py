@@ -1,0 +1,137 @@
+"""Every rank of an EP group on one GPU: the NVLink kernels' logic checked without a multi-GPU machine.
+
+``OneGpuGroup(R)`` gives each of R ranks a ``cuda`` backend whose buffer lives in this GPU's
+memory (every rank maps every other rank's buffer by plain pointers, as it would map its peers'),
+its own CUDA stream and its own host thread.  ``run`` calls a function on every rank at once, so
+the collective calls meet as they would across GPUs: the kernels of all ranks run concurrently on
+disjoint SMs (R x ``num_sms`` must fit on the GPU), the barriers and rings work the same way.  What
+it cannot show is speed: all traffic stays in one GPU's memory.
+
+Shape legend: T local tokens, H hidden, K top-k, E experts, N received rows, P expert-major rows.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .. import _ext
+from ..backends.base import CallInfo, CombineArgs, DispatchArgs, DispatchResult
+from ..backends.cuda import CudaBackend
+from ..config import Config
+from ..handle import DispatchHandle
+from ..permute import sum_pair_rows
+
+__all__ = ["OneGpuGroup"]
+
+_OP_DISPATCH, _OP_CACHED, _OP_COMBINE = 1, 2, 3
+_BF16, _FP8 = 1, 5  # dtype codes of the call header (as Buffer sends them)
+
+
+class _RankBackend(CudaBackend):
+    """The cuda backend of one rank whose buffer is ``external`` device memory of this process."""
+
+    def __init__(self, rank: int, num_ranks: int, num_nvl_bytes: int, timeout_s: float, external: int):
+        self._C = _ext.load()
+        self.group, self.rank, self.num_ranks, self.timeout_s = None, rank, num_ranks, float(timeout_s)
+        self._rt = self._C.IntranodeRuntime(rank, num_ranks, num_nvl_bytes, self.timeout_s, external=external)
+        self._ll = self._ll_block = None
+        self.low_latency_transport = None
+
+
+class OneGpuGroup:
+    """R ranks of the ``cuda`` backend on the current GPU (see the module docstring).
+
+    Args:
+        num_ranks: 2, 4 or 8.
+        config: the kernels' config for every call (its ``num_sms`` x R SMs must fit on the GPU).
+        hidden_bytes: the largest row any call moves (sizes the buffers).
+    """
+
+    def __init__(self, num_ranks: int, config: Config, hidden_bytes: int, timeout_s: float = 30.0):
+        nvl = config.get_nvl_buffer_size_hint(hidden_bytes, num_ranks)
+        self.num_ranks, self.config = num_ranks, config
+        self._memory = [torch.empty(nvl, dtype=torch.uint8, device="cuda") for _ in range(num_ranks)]
+        self.backends = [
+            _RankBackend(r, num_ranks, nvl, timeout_s, self._memory[r].data_ptr()) for r in range(num_ranks)
+        ]
+        pointers = [m.data_ptr() for m in self._memory]
+        for backend in self.backends:
+            backend._rt.set_peer_pointers(pointers)
+        self._streams = [torch.cuda.Stream() for _ in range(num_ranks)]
+        self._seq = [0] * num_ranks
+        self._last = ["none"] * num_ranks
+
+    def run(self, fn: Callable[[int], Any]) -> list[Any]:
+        """``fn(rank)`` on every rank at once (a thread and a stream each) → the ranks' results."""
+        results: list[Any] = [None] * self.num_ranks
+        errors: list[BaseException | None] = [None] * self.num_ranks
+
+        def body(rank: int) -> None:
+            try:
+                with torch.cuda.stream(self._streams[rank]):
+                    results[rank] = fn(rank)
+                self._streams[rank].synchronize()
+            except BaseException as exc:  # noqa: BLE001 - reported below, with its rank
+                errors[rank] = exc
+
+        threads = [threading.Thread(target=body, args=(r,)) for r in range(self.num_ranks)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        failed = [(rank, exc) for rank, exc in enumerate(errors) if exc is not None]
+        if failed:
+            lines = [
+                f"rank {rank} (last call: {self._last[rank]}): {type(exc).__name__}: {exc}" for rank, exc in failed
+            ]
+            raise RuntimeError("the one-GPU group failed:\n" + "\n".join(lines)) from failed[0][1]
+        return results
+
+    def _info(self, rank: int, op: int, hidden: int, num_experts: int, num_topk: int, extra: int = 0,
+              dtype_code: int = _BF16) -> CallInfo:  # fmt: skip
+        self._seq[rank] += 1
+        self._last[rank] = f"call {self._seq[rank]} ({('dispatch', 'cached dispatch', 'combine')[op - 1]})"
+        return CallInfo(op, self._seq[rank], hidden, num_experts, num_topk, dtype_code, extra)
+
+    # Calls made inside ``run`` (each rank makes the same calls in the same order).
+    def dispatch(self, rank: int, x_TH, topk_idx_TK, topk_weights_TK, num_experts: int, *, alignment: int = 1,
+                 expert_major: bool = False, x_scales_TS=None) -> DispatchResult:  # fmt: skip
+        """A layout-free dispatch (BF16, or FP8 with ``x_scales_TS``); ``expert_major`` as ``Buffer.dispatch``."""
+        backend = self.backends[rank]
+        per_rank, per_expert, in_rank = backend.get_dispatch_layout(topk_idx_TK, num_experts)
+        dtype_code = _BF16 if x_scales_TS is None else _FP8
+        info = self._info(rank, _OP_DISPATCH, x_TH.shape[1], num_experts, topk_idx_TK.shape[1], dtype_code=dtype_code)
+        args = DispatchArgs(info, x_TH, x_scales_TS, topk_idx_TK, topk_weights_TK, per_rank, per_expert, in_rank,
+                            None, num_experts, alignment, 0, self.config, expert_major=expert_major)  # fmt: skip
+        return backend.dispatch(args)
+
+    def cached_dispatch(self, rank: int, x_TH, handle: DispatchHandle, *, expert_major: bool = False,
+                        x_scales_TS=None):  # fmt: skip
+        dtype_code = _BF16 if x_scales_TS is None else _FP8
+        info = self._info(rank, _OP_CACHED, handle.hidden, handle.num_experts, 0, extra=handle.dispatch_seq,
+                          dtype_code=dtype_code)  # fmt: skip
+        args = DispatchArgs(info, x_TH, x_scales_TS, None, None, None, None, None, handle, handle.num_experts,
+                            handle.expert_alignment, 0, self.config, expert_major=expert_major)  # fmt: skip
+        return self.backends[rank].dispatch(args)
+
+    def combine(self, rank: int, x, handle: DispatchHandle, topk_weights_NK=None, bias=(), *,
+                expert_major: bool = False):  # fmt: skip
+        """Combine on the kernels; ``expert_major``: x is ``[P, H]`` and the kernel sums the pairs."""
+        num_topk = 0 if topk_weights_NK is None else topk_weights_NK.shape[1]
+        info = self._info(rank, _OP_COMBINE, x.shape[1], handle.num_experts, num_topk, extra=handle.dispatch_seq)
+        args = CombineArgs(info, x, handle, topk_weights_NK, tuple(bias), self.config, expert_major=expert_major)
+        return self.backends[rank].combine(args)
+
+    @staticmethod
+    def sum_pairs(y_PH: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        """``[N, H]``: each received row's pair rows summed (the pair-sum kernel)."""
+        return sum_pair_rows(y_PH, handle.pair_pos_NK)
+
+    def destroy(self) -> None:
+        torch.cuda.synchronize()
+        for backend in self.backends:
+            backend.destroy()

@@ -1,0 +1,165 @@
+"""The intranode kernels with all 2, 4 or 8 ranks on one GPU (``ep_train.testing.one_gpu``): plain and
+expert-major dispatch against the loop reference (bitwise), the expert-major combine against the
+combine of the pair-sum kernel's rows (bitwise) and the loop reference (one BF16 rounding).
+Fresh random inputs every run (the seed is in the failure), plus skewed routings."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from ep_train import Config
+from ep_train.permute import permute_to_experts
+from ep_train.testing import expected_combine, expected_dispatch, fp8_rows, make_routing
+from ep_train.testing.routing import rank_generator
+
+pytestmark = pytest.mark.gpu
+
+# R x num_sms must fit on the GPU (132 SMs) with every block resident at once.
+_CONFIGS = {2: Config(24, 8, 256), 4: Config(16, 8, 256), 8: Config(12, 6, 128)}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int16) if t.dtype == torch.bfloat16 else t
+
+
+def _assert_bitwise(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
+    got, want = got.cpu(), want.cpu()
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    bad = (_bits(got) != _bits(want)).nonzero()
+    assert bad.numel() == 0, f"{name}: {bad.shape[0]} elements differ, first at {bad[0].tolist()}"
+
+
+def _case(kernels, R: int, kind: str, T: int, H: int, K: int, E: int, alignment: int, seed: int) -> None:
+    from ep_train.testing.one_gpu import OneGpuGroup
+
+    group = OneGpuGroup(R, _CONFIGS[R], H * 2, timeout_s=10.0)
+    L = E // R
+    routes = [make_routing(kind, T + 3 * r, E, K, R, seed, r) for r in range(R)]
+    xs = [torch.randn(T + 3 * r, H, generator=rank_generator(seed, r, 1)).to(torch.bfloat16) for r in range(R)]
+    x2s = [torch.randn(T + 3 * r, H, generator=rank_generator(seed, r, 2)).to(torch.bfloat16) for r in range(R)]
+    idxs, ws = [i for i, _ in routes], [w.float() for _, w in routes]
+
+    def rank_calls(r: int):
+        x, x2, idx, w = xs[r].cuda(), x2s[r].cuda(), idxs[r].cuda(), ws[r].cuda()
+        plain = group.dispatch(r, x, idx, w, E, alignment=alignment)
+        fused = group.dispatch(r, x, idx, w, E, alignment=alignment, expert_major=True)
+        cached = group.cached_dispatch(r, x2, fused.handle, expert_major=True)
+        gen = rank_generator(seed, r, 3)
+        y_P = torch.randn(fused.recv_x_NH.shape, generator=gen).to(torch.bfloat16).cuda()
+        w_NK = torch.rand(fused.recv_topk_idx_NK.shape, generator=gen).cuda()
+        y_sum = group.sum_pairs(y_P, fused.handle)
+        combined = group.combine(r, y_P, fused.handle, w_NK, expert_major=True)
+        combined_ref = group.combine(r, y_sum, fused.handle, w_NK)
+        return plain, fused, cached, y_sum, combined, combined_ref
+
+    try:
+        out = group.run(rank_calls)
+    finally:
+        group.destroy()
+    recv = [expected_dispatch(r, xs, idxs, ws, E, alignment) for r in range(R)]
+    for r, (plain, fused, cached, _, combined, combined_ref) in enumerate(out):
+        tag = f"R={R} {kind} T={T} H={H} K={K} E={E} align={alignment} seed={seed} rank {r}"
+        want = recv[r]
+        _assert_bitwise(f"{tag} plain recv_x", plain.recv_x_NH, want.x)
+        _assert_bitwise(f"{tag} recv_topk_idx", fused.recv_topk_idx_NK, want.topk_idx)
+        want_P, want_tpe, want_probs, layout = permute_to_experts(want.x, want.topk_idx, want.topk_weights, L,
+                                                                  alignment)  # fmt: skip
+        assert fused.num_recv_tokens_per_expert_list == want_tpe.tolist(), f"{tag}: per-expert counts"
+        _assert_bitwise(f"{tag} expert-major rows", fused.recv_x_NH, want_P)
+        _assert_bitwise(f"{tag} expert-major probs", fused.pair_probs_P, want_probs)
+        _assert_bitwise(f"{tag} pair_pos", fused.handle.pair_pos_NK, layout.pos_NK)
+        want_x2 = expected_dispatch(r, x2s, idxs, ws, E, alignment).x
+        want_P2, *_ = permute_to_experts(want_x2, want.topk_idx, want.topk_weights, L, alignment)
+        _assert_bitwise(f"{tag} cached expert-major rows", cached.recv_x_NH, want_P2)
+        _assert_bitwise(f"{tag} expert-major combine", combined.combined_x_TH, combined_ref.combined_x_TH)
+        _assert_bitwise(f"{tag} combined weights", combined.combined_topk_weights_TK,
+                        combined_ref.combined_topk_weights_TK)  # fmt: skip
+    # The combine itself against the loop reference (rows summed per token in rank order, FP32).
+    ys = [o[3].cpu() for o in out]
+    for r in range(R):
+        want_c, mag = expected_combine(r, recv, ys, xs[r].shape[0])
+        got = out[r][4].combined_x_TH.cpu().double()
+        tol = mag * 2.0**-7 + 1e-6  # one BF16 rounding of the result, FP32 accumulation
+        assert bool(((got - want_c).abs() <= tol).all()), f"R={R} {kind} seed={seed} rank {r}: combine"
+
+
+@pytest.mark.parametrize("R", [2, 4, 8])
+@pytest.mark.parametrize(
+    "kind,T,H,K,E,alignment",
+    [
+        ("uniform", 300, 7168, 8, 64, 1),
+        ("uniform", 257, 2048, 9, 32, 16),
+        ("one_expert", 128, 2048, 4, 16, 1),
+        ("empty_rank", 100, 1024, 3, 16, 4),
+        ("masked", 64, 4096, 6, 24, 1),
+        ("dropped_rows", 90, 2048, 4, 32, 8),
+        ("one_rank", 80, 2048, 4, 16, 1),
+        ("uniform", 0, 2048, 4, 16, 4),  # rank 0 sends nothing (T = 0), the others 3, 6, 9 .. tokens
+    ],
+)
+def test_expert_major_kernels_on_one_gpu(kernels, R, kind, T, H, K, E, alignment):
+    if E % R:
+        pytest.skip(f"E={E} is not divisible by {R} ranks")
+    _case(kernels, R, kind, T, H, K, E, alignment, random.randrange(1 << 30))
+
+
+@pytest.mark.parametrize("R", [2, 4])
+def test_plain_kernels_on_one_gpu(kernels, R):
+    """The harness itself on the plain dispatch and combine (rows against the loop reference)."""
+    from ep_train.testing.one_gpu import OneGpuGroup
+
+    seed, E, K, H = random.randrange(1 << 30), 16, 4, 2048
+    group = OneGpuGroup(R, _CONFIGS[R], H * 2, timeout_s=10.0)
+    routes = [make_routing("uniform", 64 + r, E, K, R, seed, r) for r in range(R)]
+    xs = [torch.randn(64 + r, H, generator=rank_generator(seed, r, 1)).to(torch.bfloat16) for r in range(R)]
+    idxs, ws = [i for i, _ in routes], [w.float() for _, w in routes]
+
+    def rank_calls(r: int):
+        res = group.dispatch(r, xs[r].cuda(), idxs[r].cuda(), ws[r].cuda(), E)
+        return res, group.combine(r, res.recv_x_NH, res.handle)
+
+    try:
+        out = group.run(rank_calls)
+    finally:
+        group.destroy()
+    recv = [expected_dispatch(r, xs, idxs, ws, E) for r in range(R)]
+    for r, (res, _) in enumerate(out):
+        _assert_bitwise(f"R={R} seed={seed} rank {r} recv_x", res.recv_x_NH, recv[r].x)
+
+
+@pytest.mark.parametrize("R", [2, 4, 8])
+def test_expert_major_fp8_on_one_gpu(kernels, R):
+    """FP8 rows and their scales into expert-major order (first and cached call), bitwise."""
+    from ep_train.testing.one_gpu import OneGpuGroup
+
+    seed, E, K, H, alignment = random.randrange(1 << 30), 32, 6, 7168, 4
+    L = E // R
+    group = OneGpuGroup(R, _CONFIGS[R], H * 2, timeout_s=10.0)
+    routes = [make_routing("masked", 70 + 5 * r, E, K, R, seed, r) for r in range(R)]
+    xs = [fp8_rows(r, 70 + 5 * r, H, seed) for r in range(R)]
+    x2s = [fp8_rows(r, 70 + 5 * r, H, seed + 1) for r in range(R)]
+    idxs, ws = [i for i, _ in routes], [w.float() for _, w in routes]
+
+    def rank_calls(r: int):
+        (x, s), (x2, s2), idx, w = [t.cuda() for t in xs[r]], [t.cuda() for t in x2s[r]], idxs[r].cuda(), ws[r].cuda()
+        fused = group.dispatch(r, x, idx, w, E, alignment=alignment, expert_major=True, x_scales_TS=s)
+        cached = group.cached_dispatch(r, x2, fused.handle, expert_major=True, x_scales_TS=s2)
+        return fused, cached
+
+    try:
+        out = group.run(rank_calls)
+    finally:
+        group.destroy()
+    for r, (fused, cached) in enumerate(out):
+        tag = f"R={R} FP8 seed={seed} rank {r}"
+        for name, got, payload in (("first call", fused, xs), ("cached call", cached, x2s)):
+            want = expected_dispatch(r, payload, idxs, ws, E, alignment)
+            # Rows as bytes (CPU float8 has no indexing arithmetic to compare), scales as they are.
+            idx, w = want.topk_idx, want.topk_weights
+            want_P, _, _, _ = permute_to_experts(want.x.view(torch.uint8), idx, w, L, alignment)
+            want_S, _, _, _ = permute_to_experts(want.scales, idx, w, L, alignment)
+            _assert_bitwise(f"{tag} {name} rows", got.recv_x_NH.view(torch.uint8), want_P)
+            _assert_bitwise(f"{tag} {name} scales", got.recv_x_scales_NS, want_S)
