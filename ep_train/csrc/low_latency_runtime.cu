@@ -24,6 +24,7 @@ LowLatencyRuntime::LowLatencyRuntime(int rank, int num_ranks, int64_t num_bytes,
     : PeerBuffer(rank, num_ranks, buffer_bytes(num_bytes, external), timeout_s, "low-latency buffer", external) {
     check_cuda(cudaDeviceGetAttribute(&num_sms_, cudaDevAttrMultiProcessorCount, device()),
                "cudaDeviceGetAttribute(SM count)");
+    load_low_latency_kernels();
 }
 
 }  // namespace ep_train

@@ -47,6 +47,9 @@ class LowLatencyRuntime : public PeerBuffer {
     int64_t* trace_ = nullptr;
 };
 
+// Loads both low-latency kernels now (see load_kernel in runtime.hpp); the runtime does so when created.
+void load_low_latency_kernels();
+
 // Phases of one low-latency kernel launch: send only (hook mode), receive only (the hook), or both.
 enum LowLatencyPhase : int { kPhaseSend = 1, kPhaseRecv = 2, kPhaseBoth = 3 };
 

@@ -594,6 +594,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 }  // namespace
 
+void load_low_latency_kernels() {
+    load_kernel(low_latency_dispatch_kernel, "low_latency_dispatch kernel");
+    load_kernel(low_latency_combine_kernel, "low_latency_combine kernel");
+}
+
 void launch_low_latency_dispatch(const LowLatencyDispatchParams& p, const RankContext& ctx, int phases, int num_sms,
                                  cudaStream_t stream) {
     low_latency_dispatch_kernel<<<num_sms, kThreads, 0, stream>>>(p, ctx, phases);
