@@ -18,7 +18,7 @@ its source index.
 
 Low-latency buffer (``num_rdma_bytes``), per rank; mirrors ``csrc/include/ep_train/low_latency_layout.cuh``::
 
-    [control: status, LL sequence, sent / received counters, acks int64[MAX_RANKS],
+    [control: status, LL sequence, finish counters, acks int64[MAX_RANKS],
               header slots [2 halves][MAX_RANKS sources] of 128 bytes (call header, arrivals, grid size)]
     [half 0][half 1], each:
         [counts:   int32 [E] = [L][R], rows source s put into local expert l]

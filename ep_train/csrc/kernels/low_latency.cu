@@ -39,6 +39,7 @@ constexpr int kRoundPairs = 32;   // (token, top-k) entries warp 0 gives slots p
 constexpr int kRoundTokens = 32;  // tokens whose rows a send block writes per round
 constexpr int kCopyUnroll = 4;
 constexpr int kCombineGroup = 4;  // top-k entries of a token whose loads a combine lane has in flight together
+constexpr int kSendPhase = 0;     // the send phase's finish counters in LowLatencyLayout::done
 // FP8 arithmetic of ep_train/fp8.py as torch runs it on CUDA.  NOTES: torch divides by a Python
 // scalar as a multiplication by its float reciprocal, so scale = amax * (1 / 448), not amax / 448.
 constexpr float kFp8Max = 448.0f;
@@ -65,12 +66,31 @@ __device__ __forceinline__ void trace_mark(int64_t* trace, int point, bool who) 
     }
 }
 
-// Thread 0 of a block that has finished a phase of call `seq`: one more in the phase's counter for
-// the call's half; true in the block that completes the call's count (G per call, G the grid every
-// launch runs).  Counters only grow: nothing is reset.  NOTES: no fence; what the completing block
-// does next (record_seq, acknowledge) is read by later kernels or is about reads that are over.
-__device__ __forceinline__ bool completes_call(int64_t* counter) {
-    return (atomicAdd(reinterpret_cast<unsigned long long*>(counter), 1ull) + 1) % gridDim.x == 0;
+// True in exactly one block: the last of the grid to get here.  Every block's earlier memory
+// operations are ordered before that block's later ones; the counter is reset for the next launch
+// of the same phase and half.  kPeerWrites: the blocks wrote peer memory that must be visible
+// (system scope) before the last block releases to a peer; without it (receive phases: reads of
+// the own buffer and local writes only) a GPU-scope fence orders them.
+template <bool kPeerWrites>
+__device__ __forceinline__ bool block_is_last(int* counter, int* s_flag) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        if (kPeerWrites)
+            __threadfence_system();
+        else
+            __threadfence();
+        const int prev = atomicAdd(counter, 1);
+        *s_flag = prev == static_cast<int>(gridDim.x) - 1;
+        if (*s_flag) {
+            *counter = 0;
+            if (kPeerWrites)
+                __threadfence_system();
+            else
+                __threadfence();
+        }
+    }
+    __syncthreads();
+    return *s_flag != 0;
 }
 
 // Sequence number of this call (send phase: own counter + 1) and the ack wait for its half: every
@@ -125,12 +145,11 @@ __device__ __forceinline__ void signal_arrival(const RankContext& ctx, int64_t s
     }
 }
 
-// Every block at the end of a send phase; the last one records this call's sequence number (local
-// bookkeeping only), for the next send and for the hook's receive.
+// Last block of a send phase (local bookkeeping only): this call's sequence number, for the next
+// send and for the hook's receive.
 __device__ __forceinline__ void record_seq(const RankContext& ctx, int64_t seq, int64_t* call_seq) {
-    void* own = ctx.peers.base[ctx.rank];
-    if (threadIdx.x == 0 && completes_call(LowLatencyLayout::sent(own, static_cast<int>(seq & 1)))) {
-        *LowLatencyLayout::seq(own) = seq;
+    if (threadIdx.x == 0) {
+        *LowLatencyLayout::seq(ctx.peers.base[ctx.rank]) = seq;
         *call_seq = seq;
     }
 }
@@ -174,16 +193,19 @@ __device__ bool wait_sources(const RankContext& ctx, const int64_t* info, int64_
     return *s_flag != 0;
 }
 
-// Every block of a receive phase, after its last read of half seq & 1; the block that completes
-// the call's count stores seq into each source's ack word for this rank (max: acks never go back).  NOTES: no fence.
-// Every warp used each value it read (copied or summed it) before the barrier, so the reads have returned, and a later
-// write by the source cannot change them; what the fence ordered were this block's local writes, which the source does
-// not read.  A system-scope fence in every block cost ~2 us per call.
+// Every block of a receive phase, after its last read of half seq & 1: one count in this rank's
+// receive counter of the half; the block that completes the call's count (G per call: every rank
+// runs the same grid) stores seq into each source's ack word for this rank (max: acks never go
+// back).  NOTES: no fence.  Every warp used each value it read (copied or summed it) before the
+// barrier, so the reads have returned, and a later write by the source cannot change them; what
+// the fence ordered were this block's local writes, which the source does not read.  A
+// system-scope fence in every block cost ~2 us per call.
 __device__ __forceinline__ void acknowledge(const RankContext& ctx, int64_t seq) {
     __syncthreads();
-    if (threadIdx.x != 0 ||
-        !completes_call(LowLatencyLayout::received(ctx.peers.base[ctx.rank], static_cast<int>(seq & 1))))
-        return;
+    if (threadIdx.x != 0) return;
+    auto* counter = reinterpret_cast<unsigned long long*>(
+        LowLatencyLayout::received(ctx.peers.base[ctx.rank], static_cast<int>(seq & 1)));
+    if ((atomicAdd(counter, 1ull) + 1) % gridDim.x != 0) return;
     for (int s = 0; s < ctx.num_ranks; ++s)
         ptx::red_max_relaxed_sys(LowLatencyLayout::ack(ctx.peers.base[s], ctx.rank), seq);
 }
@@ -356,7 +378,8 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, const RankConte
     trace_mark(p.trace, kTraceSent, blockIdx.x == 0);
     signal_arrival(ctx, seq);
     trace_mark(p.trace, kTraceSignalled, blockIdx.x == 0);
-    record_seq(ctx, seq, p.call_seq);
+    if (block_is_last<false>(LowLatencyLayout::done(ctx.peers.base[me], kSendPhase, half), &sh.flag))
+        record_seq(ctx, seq, p.call_seq);
 }
 
 struct RecvShared {
@@ -499,7 +522,8 @@ __device__ void combine_send(const LowLatencyCombineParams& p, const RankContext
     trace_mark(p.trace, kTraceSent, blockIdx.x == 0);
     signal_arrival(ctx, seq);
     trace_mark(p.trace, kTraceSignalled, blockIdx.x == 0);
-    record_seq(ctx, seq, p.call_seq);
+    if (block_is_last<false>(LowLatencyLayout::done(ctx.peers.base[ctx.rank], kSendPhase, half), &sh.flag))
+        record_seq(ctx, seq, p.call_seq);
 }
 
 // Rows of hidden % 8 != 0 (e.g. the top-k-wide rows of the weight gradient): one channel per thread.

@@ -3,9 +3,8 @@
 // tests/gpu/test_low_latency_gpu.py compares both.
 //
 // Per rank:
-//   [control: status int32, LL sequence int64,
-//             sent / received int64[2 halves] (send / receive blocks that finished on the half,
-//             over all calls: G per call, G the grid),
+//   [control: status int32, LL sequence int64, finish counters int32[2 phases][2 halves],
+//             received int64[2 halves] (receive blocks that finished on the half, over all calls),
 //             acks int64[kMaxRanks] (ack[s]: last call whose receive rank s finished),
 //             header slots [2 halves][kMaxRanks sources] (call header, arrivals, grid size)]
 //   [half 0][half 1], each:
@@ -43,7 +42,7 @@ struct LowLatencySlotHeader {
 struct LowLatencyLayout {
     static constexpr int64_t kStatusOffset = 0;
     static constexpr int64_t kSeqOffset = 8;
-    static constexpr int64_t kSentOffset = 16;      // int64 [2 halves]
+    static constexpr int64_t kDoneOffset = 16;      // int32 [2 phases (send, recv)][2 halves]
     static constexpr int64_t kReceivedOffset = 32;  // int64 [2 halves]
     static constexpr int64_t kAckOffset = kAlignBytes;
     // int64 info[kInfoWords], then arrivals (blocks of the source that finished sending into this
@@ -88,8 +87,8 @@ struct LowLatencyLayout {
     EP_HOST_DEVICE static int64_t* seq(void* base) {
         return reinterpret_cast<int64_t*>(static_cast<char*>(base) + kSeqOffset);
     }
-    EP_HOST_DEVICE static int64_t* sent(void* base, int half) {
-        return reinterpret_cast<int64_t*>(static_cast<char*>(base) + kSentOffset) + half;
+    EP_HOST_DEVICE static int* done(void* base, int phase, int half) {
+        return reinterpret_cast<int*>(static_cast<char*>(base) + kDoneOffset) + phase * 2 + half;
     }
     EP_HOST_DEVICE static int64_t* received(void* base, int half) {
         return reinterpret_cast<int64_t*>(static_cast<char*>(base) + kReceivedOffset) + half;
