@@ -52,6 +52,12 @@ class OneGpuGroup:
     """
 
     def __init__(self, num_ranks: int, config: Config, hidden_bytes: int, timeout_s: float = 30.0):
+        sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+        if num_ranks * config.num_sms > sms:
+            raise ValueError(
+                f"{num_ranks} ranks x num_sms={config.num_sms} blocks exceed this GPU's {sms} SMs: every rank's "
+                "kernel must be resident at once (its blocks wait for the other ranks')"
+            )
         nvl = config.get_nvl_buffer_size_hint(hidden_bytes, num_ranks)
         self.num_ranks, self.config = num_ranks, config
         self._memory = [torch.empty(nvl, dtype=torch.uint8, device="cuda") for _ in range(num_ranks)]
