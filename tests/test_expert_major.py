@@ -1,9 +1,15 @@
 """Expert-major dispatch (``Buffer.dispatch(..., expert_major=True)``) and its autograd pair against
 a plain dispatch followed by the permutation, on fresh random and skewed routings: rows, weights
-and counts bitwise, forward outputs and gradients bitwise (the same sums in the same order)."""
+and counts bitwise, forward outputs and gradients bitwise (the same sums in the same order).
+
+Each check runs twice: on the torch backend, where Buffer composes the permutation itself, and on
+a backend that answers the fusion hooks as the CUDA kernels do (expert-major rows and pair sums
+inside dispatch and combine, handles that carry only ``pair_pos``), so that Buffer's and the
+autograd pair's fused branches run here too."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -12,17 +18,48 @@ import torch.distributed as dist
 
 import ep_train.autograd as A
 from ep_train import Buffer
+from ep_train.backends.torch_backend import TorchBackend
 from ep_train.moe import grouped_mlp
-from ep_train.permute import permute_to_experts, unpermute_from_experts
+from ep_train.permute import permute_dispatch_result, permute_to_experts, sum_pair_rows, unpermute_from_experts
 from ep_train.testing import ROUTING_KINDS, make_routing, run_distributed
 from ep_train.testing.routing import rank_generator
 
 E = 8
 
 
-def _buffer(R: int, hidden: int) -> Buffer:
+class _FusingTorchBackend(TorchBackend):
+    """The torch backend with the CUDA kernels' answers to the fusion hooks: an expert-major dispatch
+    returns the rows in expert-major order and a handle without the permutation's layout (as the
+    kernels', which carries only ``pair_pos``), an expert-major combine sums the pair rows itself."""
+
+    def fuses_expert_major(self, x_TH, num_experts, num_topk):
+        return True
+
+    def fuses_expert_major_combine(self, x_PH):
+        return True
+
+    def dispatch(self, args):
+        if not args.expert_major:
+            return super().dispatch(args)
+        plain = dataclasses.replace(args, expert_major=False)
+        res = permute_dispatch_result(super().dispatch(plain), plain)
+        extras = {k: v for k, v in res.handle.extras.items() if k != "pair_layout"}
+        return dataclasses.replace(res, handle=dataclasses.replace(res.handle, extras=extras))
+
+    def combine(self, args):
+        if not args.expert_major:
+            return super().combine(args)
+        rows = sum_pair_rows(args.x_NH, args.handle.pair_pos_NK)
+        return super().combine(dataclasses.replace(args, x_NH=rows, expert_major=False))
+
+
+def _buffer(R: int, hidden: int, fusing: bool = False) -> Buffer:
     nvl = Buffer.get_dispatch_config(R).get_nvl_buffer_size_hint(hidden * 8, R)
-    return Buffer(dist.group.WORLD, num_nvl_bytes=nvl, timeout_s=60, backend="torch")
+    buf = Buffer(dist.group.WORLD, num_nvl_bytes=nvl, timeout_s=60, backend="torch")
+    if fusing:
+        assert type(buf._backend) is TorchBackend
+        buf._backend.__class__ = _FusingTorchBackend  # same state, the kernels' answers to the hooks
+    return buf
 
 
 def _inputs(R, rank, seed, kind, K, T, H, dtype):
@@ -31,9 +68,9 @@ def _inputs(R, rank, seed, kind, K, T, H, dtype):
     return x, idx, w
 
 
-def _buffer_body(rank, R, seed, kind, K, alignment):
+def _buffer_body(rank, R, seed, kind, K, alignment, fusing=False):
     T, H, L = 7 + rank, 6, E // R
-    buf = _buffer(R, H)
+    buf = _buffer(R, H, fusing)
     x, idx, w = _inputs(R, rank, seed, kind, K, T, H, torch.float32)
     per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
     ref_x, ref_idx, ref_w, ref_counts, ref_handle, _ = buf.dispatch(
@@ -79,9 +116,15 @@ def test_expert_major_dispatch_is_dispatch_then_permute(world_size, kind, alignm
     run_distributed(_buffer_body, world_size, random.randrange(1 << 30), kind, 3, alignment)
 
 
-def _autograd_body(rank, R, seed, kind, K, alignment):
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("kind", ["uniform", "empty_rank", "masked"])
+def test_expert_major_dispatch_on_a_fusing_backend(world_size, kind):
+    run_distributed(_buffer_body, world_size, random.randrange(1 << 30), kind, 3, 4, True)
+
+
+def _autograd_body(rank, R, seed, kind, K, alignment, fusing=False):
     T, H, F, L = 6 + 2 * rank, 5, 3, E // R
-    buf = _buffer(R, max(H, K))
+    buf = _buffer(R, max(H, K), fusing)
     x, idx, w = _inputs(R, rank, seed, kind, K, T, H, torch.float64)
     w = w.double()
     g = rank_generator(seed, 999)
@@ -121,3 +164,9 @@ def _autograd_body(rank, R, seed, kind, K, alignment):
 @pytest.mark.parametrize("kind", ["uniform", "dropped_rows", "one_rank"])
 def test_expert_major_autograd_matches_dispatch_permute_combine(world_size, kind):
     run_distributed(_autograd_body, world_size, random.randrange(1 << 30), kind, 2, 2)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("kind", ["uniform", "empty_rank"])
+def test_expert_major_autograd_on_a_fusing_backend(world_size, kind):
+    run_distributed(_autograd_body, world_size, random.randrange(1 << 30), kind, 2, 2, True)
