@@ -9,7 +9,7 @@ autograd pair's fused branches run here too."""
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import random
 
 import pytest
@@ -18,47 +18,20 @@ import torch.distributed as dist
 
 import ep_train.autograd as A
 from ep_train import Buffer
-from ep_train.backends.torch_backend import TorchBackend
 from ep_train.moe import grouped_mlp
-from ep_train.permute import permute_dispatch_result, permute_to_experts, sum_pair_rows, unpermute_from_experts
+from ep_train.permute import permute_to_experts, unpermute_from_experts
 from ep_train.testing import ROUTING_KINDS, make_routing, run_distributed
+from ep_train.testing.fusing import FusingTorchBackend, fusing_torch_backend
 from ep_train.testing.routing import rank_generator
 
 E = 8
 
 
-class _FusingTorchBackend(TorchBackend):
-    """The torch backend with the CUDA kernels' answers to the fusion hooks: an expert-major dispatch
-    returns the rows in expert-major order and a handle without the permutation's layout (as the
-    kernels', which carries only ``pair_pos``), an expert-major combine sums the pair rows itself."""
-
-    def fuses_expert_major(self, x_TH, num_experts, num_topk):
-        return True
-
-    def fuses_expert_major_combine(self, x_PH):
-        return True
-
-    def dispatch(self, args):
-        if not args.expert_major:
-            return super().dispatch(args)
-        plain = dataclasses.replace(args, expert_major=False)
-        res = permute_dispatch_result(super().dispatch(plain), plain)
-        extras = {k: v for k, v in res.handle.extras.items() if k != "pair_layout"}
-        return dataclasses.replace(res, handle=dataclasses.replace(res.handle, extras=extras))
-
-    def combine(self, args):
-        if not args.expert_major:
-            return super().combine(args)
-        rows = sum_pair_rows(args.x_NH, args.handle.pair_pos_NK)
-        return super().combine(dataclasses.replace(args, x_NH=rows, expert_major=False))
-
-
 def _buffer(R: int, hidden: int, fusing: bool = False) -> Buffer:
     nvl = Buffer.get_dispatch_config(R).get_nvl_buffer_size_hint(hidden * 8, R)
-    buf = Buffer(dist.group.WORLD, num_nvl_bytes=nvl, timeout_s=60, backend="torch")
-    if fusing:
-        assert type(buf._backend) is TorchBackend
-        buf._backend.__class__ = _FusingTorchBackend  # same state, the kernels' answers to the hooks
+    with fusing_torch_backend() if fusing else contextlib.nullcontext():
+        buf = Buffer(dist.group.WORLD, num_nvl_bytes=nvl, timeout_s=60, backend="torch")
+    assert isinstance(buf._backend, FusingTorchBackend) == fusing
     return buf
 
 

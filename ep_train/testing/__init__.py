@@ -5,6 +5,8 @@
 - ``payloads``: structured rows (row i of rank r carries (r, i)), random rows, FP8 rows.
 - ``reference``: independent loop references of layout, dispatch, combine, low-latency, dense MoE.
 - ``compare``: bitwise comparison and sums within the error FP32 accumulation allows.
+- ``fusing``: a torch backend that fuses the expert-major permutation as the CUDA kernels do.
+- ``one_gpu``: every rank of an EP group on one GPU (the NVLink kernels without a multi-GPU machine).
 """
 
 from .compare import assert_bitwise_equal, assert_close, unit_roundoff

@@ -187,6 +187,15 @@ def layer_parity(rank: int, world: int, cases: list[Case], candidates: list[str]
     return checked
 
 
+def fusing_layer_parity(rank: int, world: int, cases: list[Case], candidates: list[str], seed: int) -> int:
+    """``layer_parity`` with ep_train's Buffers on ``ep_train.testing.fusing``'s backend: the
+    dispatcher's fused expert-major path takes the branches it takes on the CUDA kernels."""
+    from ep_train.testing.fusing import fusing_torch_backend
+
+    with fusing_torch_backend():
+        return layer_parity(rank, world, cases, candidates, seed)
+
+
 @contextlib.contextmanager
 def _candidate_context(name: str, backend: str = "auto"):
     if name != "flex":

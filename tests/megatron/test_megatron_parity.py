@@ -10,7 +10,13 @@ import pytest
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (see .ci/requirements.txt)")
 
-from _megatron_harness import Case, gpt_training, layer_parity, overlap_schedule_parity  # noqa: E402
+from _megatron_harness import (  # noqa: E402
+    Case,
+    fusing_layer_parity,
+    gpt_training,
+    layer_parity,
+    overlap_schedule_parity,
+)
 
 from ep_train.testing import run_distributed  # noqa: E402
 
@@ -67,6 +73,20 @@ def test_moe_layer_parity_ep8():
     ]
     counts = run_distributed(layer_parity, 8, cases, ["deepep", "flex"], _seed(), timeout_s=TIMEOUT_S)
     assert all(c == 2 * len(cases) for c in counts), counts
+
+
+def test_moe_layer_parity_on_a_fusing_backend():
+    """ "deepep" with the fused expert-major path on a backend that fuses as the CUDA kernels do."""
+    cases = [
+        Case(topk=1),
+        Case(topk=8, shared=True),
+        Case(topk=2, experts="grouped_gemm"),
+        Case(topk=2, capacity_factor=1.0),  # dropped tokens: -1 padding
+        Case(topk=2, first_experts=True),  # rank 1 receives nothing
+    ]
+    for world in (2, 4):
+        counts = run_distributed(fusing_layer_parity, world, cases, ["deepep"], _seed(), timeout_s=TIMEOUT_S)
+        assert all(c == len(cases) for c in counts), counts
 
 
 def test_gpt_training_matches_alltoall():
