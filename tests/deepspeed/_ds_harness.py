@@ -117,6 +117,15 @@ def parity_cases(rank: int, world: int, cases: list[dict], env: dict | None = No
     return results
 
 
+def fusing_parity_cases(rank: int, world: int, cases: list[dict]) -> list[dict]:
+    """``parity_cases`` with ep_train's Buffers on ``ep_train.testing.fusing``'s backend: the
+    adapter's fused expert-major path takes the branches it takes on the CUDA kernels."""
+    from ep_train.testing.fusing import fusing_torch_backend
+
+    with fusing_torch_backend():
+        return parity_cases(rank, world, cases)
+
+
 def _backend_name(moe) -> str:
     entries = getattr(moe.deepspeed_moe.buffers, "_entries", {})
     return ",".join(sorted({e.buffer.backend_name for e in entries.values()})) or "none"

@@ -72,6 +72,15 @@ def test_parity_ep8_and_ep4_dp2():
     _check(cases, run_distributed(harness.parity_cases, 8, cases, timeout_s=600))
 
 
+def test_parity_on_a_fusing_backend():
+    """EP2 and EP4 with the fused expert-major path on a backend that fuses as the CUDA kernels do."""
+    for world in (2, 4):
+        cases = [dict(SHAPE, ep=world, experts=4, k=k, dtype=d) for k, d in ((1, "fp32"), (2, "bf16"), (3, "fp32"))]
+        cases += [dict(SHAPE, ep=world, experts=8, k=2, dtype="fp32", drop=True),
+                  dict(SHAPE, ep=world, experts=8, k=2, dtype="fp32", first_experts=True)]  # fmt: skip
+        _check(cases, run_distributed(harness.fusing_parity_cases, world, cases, timeout_s=600))
+
+
 def test_grouped_experts_match_swiglu_modules():
     """``ep_train.deepspeed.MoE(expert=None, ffn_hidden_size=F)`` equals DeepSpeed's MoE over SwiGLU
     modules with the same weights; its parameters carry the expert tags."""
