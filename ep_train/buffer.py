@@ -61,11 +61,25 @@ class _Routing:
 
 
 def _tensors_in(obj: Any) -> list[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, (tuple, list)):
-        return [t for item in obj for t in _tensors_in(item)]
-    return []
+    """The tensors of a call's result, each once: in tensors, sequences, dicts and dataclasses (the
+    backends' results and the handles in them, whose tensors later calls read)."""
+    found: dict[int, torch.Tensor] = {}
+
+    def walk(o: Any) -> None:
+        if isinstance(o, torch.Tensor):
+            found.setdefault(id(o), o)
+        elif isinstance(o, (tuple, list)):
+            for item in o:
+                walk(item)
+        elif isinstance(o, dict):
+            for item in o.values():
+                walk(item)
+        elif dataclasses.is_dataclass(o) and not isinstance(o, type):
+            for field in dataclasses.fields(o):
+                walk(getattr(o, field.name))
+
+    walk(obj)
+    return list(found.values())
 
 
 class Buffer:
@@ -323,7 +337,11 @@ class Buffer:
         except CommError as exc:
             self._failure = str(exc)
             raise
-        outputs = _tensors_in(result)
+        # NOTES: every output (the handle's tensors too) is recorded on the compute stream: one the
+        # caller frees must not go back to the comm stream's pool while compute kernels still read it
+        # (a later call that waits on previous_event only would overwrite it).  CPU tensors (host
+        # counts) need nothing.
+        outputs = [t for t in _tensors_in(result) if t.is_cuda]
         for t in inputs:
             t.record_stream(self._comm_stream)
         if not allocate_on_comm_stream:

@@ -210,3 +210,28 @@ def _moe_body(rank, world_size, seed):
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_moe_layer_matches_dense_reference(world_size):
     run_distributed(_moe_body, world_size, random.randrange(1 << 30), timeout_s=300)
+
+
+def test_outputs_recorded_on_the_compute_stream_include_results_and_handles():
+    """Buffer records every output tensor of a call on the compute stream: the tensors inside the
+    backends' result dataclasses and their handles (dicts included) must all be found, each once."""
+    import dataclasses
+
+    from ep_train.buffer import _tensors_in
+
+    @dataclasses.dataclass(frozen=True)
+    class Handle:
+        pos: torch.Tensor
+        extras: dict
+
+    @dataclasses.dataclass
+    class Result:
+        rows: torch.Tensor
+        scales: torch.Tensor | None
+        counts: list
+        handle: Handle
+
+    t = [torch.zeros(i + 1) for i in range(5)]
+    result = Result(t[0], None, [3, 4], Handle(t[1], {"layout": (t[2], t[0]), "n": 2, "more": [t[3]]}))
+    got = _tensors_in((result, t[4], Result))  # a class, not an instance, holds no tensors
+    assert [id(x) for x in got] == [id(x) for x in t]

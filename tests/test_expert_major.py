@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 import ep_train.autograd as A
 from ep_train import Buffer
+from ep_train.buffer import _tensors_in
 from ep_train.moe import grouped_mlp
 from ep_train.permute import permute_to_experts, unpermute_from_experts
 from ep_train.testing import ROUTING_KINDS, make_routing, run_distributed
@@ -56,6 +57,8 @@ def _buffer_body(rank, R, seed, kind, K, alignment, fusing=False):
     assert torch.equal(x_P, ref_P) and torch.equal(probs_P, ref_probs) and torch.equal(recv_idx, ref_idx)
     assert list(counts) == ref_tpe.tolist() and sum(counts) == handle.num_pair_rows == x_P.shape[0]
     assert torch.equal(handle.pair_pos_NK, layout.pos_NK)
+    in_result = {id(t) for t in _tensors_in(handle)}  # what Buffer records on the compute stream
+    assert {id(handle.pair_pos_NK), id(handle.recv_src_idx_N), id(handle.send_pos_TR)} <= in_result
     # Cached: other rows, the same places.
     x2 = torch.randn(T, H, generator=rank_generator(seed, rank, 6))
     plain2, *_ = buf.dispatch(x2, ref_handle)
