@@ -60,17 +60,24 @@ class _Routing:
     previous_event: EventOverlap | None = None
 
 
+_SCALARS = (int, float, str, type(None))
+
+
 def _tensors_in(obj: Any) -> list[torch.Tensor]:
     """The tensors of a call's result, each once: in tensors, sequences, dicts and dataclasses (the
-    backends' results and the handles in them, whose tensors later calls read)."""
+    backends' results and the handles in them, whose tensors later calls read).  NOTES: on every
+    call's path, so scalars and lists of counts (the per-expert lists) are skipped at once."""
     found: dict[int, torch.Tensor] = {}
 
     def walk(o: Any) -> None:
+        if isinstance(o, _SCALARS):
+            return
         if isinstance(o, torch.Tensor):
             found.setdefault(id(o), o)
         elif isinstance(o, (tuple, list)):
-            for item in o:
-                walk(item)
+            if not (isinstance(o, list) and o and isinstance(o[0], (int, float))):  # not a list of counts
+                for item in o:
+                    walk(item)
         elif isinstance(o, dict):
             for item in o.values():
                 walk(item)
