@@ -94,6 +94,19 @@ def _zero_padding_rows(rows: torch.Tensor, handle: DispatchHandle) -> torch.Tens
     return rows * valid.unsqueeze(1).to(rows.dtype)
 
 
+def _check_topk_weights(topk_weights) -> None:
+    if not isinstance(topk_weights, torch.Tensor):
+        raise TypeError(
+            f"topk_weights must be a [T, K] float tensor (the gate weights, differentiable), got "
+            f"{type(topk_weights).__name__}"
+        )
+
+
+def _handle_for_rows(handle: DispatchHandle, rows: torch.Tensor) -> DispatchHandle:
+    """``handle`` for a cached dispatch of ``rows`` (a backward's gradients may be wider or narrower)."""
+    return handle if rows.shape[1] == handle.hidden else dataclasses.replace(handle, hidden=rows.shape[1])
+
+
 def _replayed_routing(entry: _Replay, topk_idx_TK: torch.Tensor):
     """``(handle, recv_topk_idx, per_expert_list)`` of the first forward, checked against this one's routing."""
     if entry.topk_idx.shape != topk_idx_TK.shape or (
@@ -106,8 +119,7 @@ def _replayed_routing(entry: _Replay, topk_idx_TK: torch.Tensor):
 def _replayed_weights(buffer: Buffer, handle: DispatchHandle, topk_weights_TK: torch.Tensor) -> torch.Tensor:
     """``[N, K]`` received gate weights of a replayed dispatch: the weights travel as rows of a cached dispatch."""
     w_payload = _rows_as_payload(buffer, topk_weights_TK.detach())
-    w_handle = dataclasses.replace(handle, hidden=w_payload.shape[1])
-    recv_w_payload, *_ = buffer.dispatch(w_payload, w_handle)
+    recv_w_payload, *_ = buffer.dispatch(w_payload, _handle_for_rows(handle, w_payload))
     return _payload_as_rows(recv_w_payload, topk_weights_TK.shape[1], topk_weights_TK.dtype)
 
 
@@ -193,10 +205,7 @@ class _CombineFn(torch.autograd.Function):
     def backward(ctx, grad_TH):
         handle: DispatchHandle = ctx.handle
         grad_TH = grad_TH.contiguous()
-        grad_handle = (
-            handle if grad_TH.shape[1] == handle.hidden else dataclasses.replace(handle, hidden=grad_TH.shape[1])
-        )
-        grad_x, *_ = ctx.buffer.dispatch(grad_TH, grad_handle)
+        grad_x, *_ = ctx.buffer.dispatch(grad_TH, _handle_for_rows(handle, grad_TH))
         grad_x = _zero_padding_rows(grad_x, handle)
         g0 = grad_TH if ctx.has_bias[0] else None
         g1 = grad_TH if ctx.has_bias[1] else None
@@ -229,11 +238,7 @@ def dispatch(
         previous_event / async_finish: see :class:`ep_train.Buffer`; with ``async_finish`` wait on
             ``event`` before using the outputs, and run independent compute in between.
     """
-    if not isinstance(topk_weights, torch.Tensor):
-        raise TypeError(
-            f"topk_weights must be a [T, K] float tensor (the gate weights, differentiable), got "
-            f"{type(topk_weights).__name__}"
-        )
+    _check_topk_weights(topk_weights)
     opts = _DispatchOpts(num_experts, expert_alignment, num_worst_tokens, fp8, config, previous_event, async_finish)
     out: dict = {}
     recv_x, recv_idx, recv_w = _DispatchFn.apply(x, topk_weights, buffer, topk_idx, opts, out)
@@ -345,11 +350,8 @@ class _CombineExpertsFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_TH):
-        handle: DispatchHandle = ctx.handle
         grad_TH = grad_TH.contiguous()
-        if grad_TH.shape[1] != handle.hidden:
-            handle = dataclasses.replace(handle, hidden=grad_TH.shape[1])
-        grad_P, *_ = ctx.buffer.dispatch(grad_TH, handle, expert_major=True)
+        grad_P, *_ = ctx.buffer.dispatch(grad_TH, _handle_for_rows(ctx.handle, grad_TH), expert_major=True)
         return grad_P, None, None, None
 
 
@@ -374,11 +376,7 @@ def dispatch_to_experts(
 
     Args: as :func:`dispatch`.  ``x`` is ``[T, H]``, ``topk_idx`` / ``topk_weights`` ``[T, K]``.
     """
-    if not isinstance(topk_weights, torch.Tensor):
-        raise TypeError(
-            f"topk_weights must be a [T, K] float tensor (the gate weights, differentiable), got "
-            f"{type(topk_weights).__name__}"
-        )
+    _check_topk_weights(topk_weights)
     opts = _DispatchOpts(num_experts, expert_alignment, 0, fp8, config, None, False)
     out: dict = {}
     x_P, recv_idx, probs_P = _DispatchExpertsFn.apply(x, topk_weights, buffer, topk_idx, opts, out)
