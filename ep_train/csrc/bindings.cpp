@@ -460,10 +460,18 @@ void copy_rows(torch::Tensor& dst, const torch::Tensor& src, int64_t num_sms, bo
                                static_cast<int>(num_sms), use_bulk, stream());
 }
 
-// The PeerBuffer methods of a runtime class (constructor: rank, num_ranks, bytes, timeout_s).
+// The PeerBuffer methods of a runtime class.  Constructors: (rank, num_ranks, bytes, timeout_s) with
+// its own memory (peers through open_peers), or with `external` device memory to adopt (peers
+// through set_peer_pointers).
 template <typename Runtime>
 py::class_<Runtime>& bind_peer_buffer(py::class_<Runtime>& cls) {
     cls.def(py::init<int, int, int64_t, double>())
+        .def(py::init([](int rank, int num_ranks, int64_t num_bytes, double timeout_s, uintptr_t external) {
+                 TORCH_CHECK(external != 0, "external memory must not be null");
+                 return new Runtime(rank, num_ranks, num_bytes, timeout_s, reinterpret_cast<void*>(external));
+             }),
+             py::arg("rank"), py::arg("num_ranks"), py::arg("num_bytes"), py::arg("timeout_s"), py::arg("external"))
+        .def("set_peer_pointers", &Runtime::set_peer_pointers)
         .def("ipc_handle", [](const Runtime& rt) { return py::bytes(rt.ipc_handle()); })
         .def("open_peers",
              [](Runtime& rt, const std::vector<py::bytes>& handles) {
@@ -507,15 +515,7 @@ PYBIND11_MODULE(_C, m) {
         return IntranodeLayout(hidden_bytes, num_ranks, num_channels, ring_tokens).total_bytes();
     });
     py::class_<IntranodeRuntime> intranode(m, "IntranodeRuntime");
-    bind_peer_buffer(intranode)
-        .def(py::init([](int rank, int num_ranks, int64_t num_bytes, double timeout_s, uintptr_t external) {
-                 TORCH_CHECK(external != 0, "external memory must not be null");
-                 return new IntranodeRuntime(rank, num_ranks, num_bytes, timeout_s, reinterpret_cast<void*>(external));
-             }),
-             py::arg("rank"), py::arg("num_ranks"), py::arg("num_bytes"), py::arg("timeout_s"), py::arg("external"))
-        .def("set_peer_pointers", &IntranodeRuntime::set_peer_pointers)
-        .def("num_nvl_bytes", &IntranodeRuntime::num_nvl_bytes)
-        .def("wait_recv", &wait_recv);
+    bind_peer_buffer(intranode).def("num_nvl_bytes", &IntranodeRuntime::num_nvl_bytes).def("wait_recv", &wait_recv);
     m.def("get_dispatch_layout", &get_dispatch_layout);
     m.def("notify", &notify);
     m.def("prepare", &prepare);
@@ -533,12 +533,6 @@ PYBIND11_MODULE(_C, m) {
     });
     py::class_<LowLatencyRuntime> low_latency(m, "LowLatencyRuntime");
     bind_peer_buffer(low_latency)
-        .def(py::init([](int rank, int num_ranks, int64_t num_bytes, double timeout_s, uintptr_t external) {
-                 TORCH_CHECK(external != 0, "external memory must not be null");
-                 return new LowLatencyRuntime(rank, num_ranks, num_bytes, timeout_s, reinterpret_cast<void*>(external));
-             }),
-             py::arg("rank"), py::arg("num_ranks"), py::arg("num_bytes"), py::arg("timeout_s"), py::arg("external"))
-        .def("set_peer_pointers", &LowLatencyRuntime::set_peer_pointers)
         .def("set_trace",
              [](LowLatencyRuntime& rt, uintptr_t trace) { rt.set_trace(reinterpret_cast<int64_t*>(trace)); })
         .def("num_bytes", [](const LowLatencyRuntime& rt) { return rt.num_bytes(); });
