@@ -21,8 +21,7 @@ namespace {
 
 constexpr int kDispatchWarps = 24;
 constexpr int kDispatchThreads = kDispatchWarps * 32;
-constexpr int kCopyUnroll = 8;    // 8 x 16 B per lane in flight: 4 KB per warp toward NVLink latency
-constexpr int kFanoutUnroll = 8;  // expert-major rows: fewer vectors in flight, the destination rows need registers
+constexpr int kCopyUnroll = 8;  // 8 x 16 B per lane in flight: 4 KB per warp toward NVLink latency
 
 // Sending warps for the own rank's rows and for each other rank's.  The own rows are a local copy
 // (no ring, no NVLink round trip), so that group is the small one: with equal groups at 2 ranks it
@@ -74,7 +73,7 @@ __device__ __forceinline__ void write_pair_rows(const DispatchParams& p, int64_t
     const bool aligned = __all_sync(0xffffffffu, !valid || (reinterpret_cast<uintptr_t>(dst) & 15) == 0);
     __syncwarp();
     const int count = __popc(lanes);
-    warp_copy_fanout<kFanoutUnroll, kSrcIsRing>(s_dst[warp], count, aligned, src, p.payload_bytes);
+    warp_copy_fanout<kCopyUnroll, kSrcIsRing>(s_dst[warp], count, aligned, src, p.payload_bytes);
     if (p.num_scales > 0) {
         for (uint32_t m = lanes; m != 0; m &= m - 1) {
             int* d =
