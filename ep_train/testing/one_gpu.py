@@ -23,7 +23,6 @@ from ..backends.base import CallInfo, CombineArgs, DispatchArgs, DispatchResult
 from ..backends.cuda import CudaBackend
 from ..config import Config
 from ..handle import DispatchHandle
-from ..permute import sum_pair_rows
 
 __all__ = ["OneGpuGroup"]
 
@@ -131,11 +130,6 @@ class OneGpuGroup:
         info = self._info(rank, _OP_COMBINE, x.shape[1], handle.num_experts, num_topk, extra=handle.dispatch_seq)
         args = CombineArgs(info, x, handle, topk_weights_NK, tuple(bias), self.config, expert_major=expert_major)
         return self.backends[rank].combine(args)
-
-    @staticmethod
-    def sum_pairs(y_PH: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
-        """``[N, H]``: each received row's pair rows summed (the pair-sum kernel)."""
-        return sum_pair_rows(y_PH, handle.pair_pos_NK)
 
     def destroy(self) -> None:
         torch.cuda.synchronize()

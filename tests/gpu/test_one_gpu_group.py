@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ep_train import Config
-from ep_train.permute import permute_to_experts
+from ep_train.permute import permute_to_experts, sum_pair_rows
 from ep_train.testing import (
     assert_bitwise_equal,
     assert_close,
@@ -46,7 +46,7 @@ def _case(kernels, R: int, kind: str, T: int, H: int, K: int, E: int, alignment:
         gen = rank_generator(seed, r, 3)
         y_P = torch.randn(fused.recv_x_NH.shape, generator=gen).to(torch.bfloat16).cuda()
         w_NK = torch.rand(fused.recv_topk_idx_NK.shape, generator=gen).cuda()
-        y_sum = group.sum_pairs(y_P, fused.handle)
+        y_sum = sum_pair_rows(y_P, fused.handle.pair_pos_NK)
         combined = group.combine(r, y_P, fused.handle, w_NK, expert_major=True)
         combined_ref = group.combine(r, y_sum, fused.handle, w_NK)
         return plain, fused, cached, y_sum, combined, combined_ref
