@@ -21,13 +21,11 @@ import torch
 from .. import _ext
 from ..backends.base import CallInfo, CombineArgs, DispatchArgs, DispatchResult
 from ..backends.cuda import CudaBackend
+from ..buffer import _DTYPE_CODES, _OP_CACHED, _OP_COMBINE, _OP_DISPATCH  # the call header as Buffer sends it
 from ..config import Config
 from ..handle import DispatchHandle
 
 __all__ = ["OneGpuGroup"]
-
-_OP_DISPATCH, _OP_CACHED, _OP_COMBINE = 1, 2, 3
-_BF16, _FP8 = 1, 5  # dtype codes of the call header (as Buffer sends them)
 
 
 class _RankBackend(CudaBackend):
@@ -97,10 +95,10 @@ class OneGpuGroup:
         return results
 
     def _info(self, rank: int, op: int, hidden: int, num_experts: int, num_topk: int, extra: int = 0,
-              dtype_code: int = _BF16) -> CallInfo:  # fmt: skip
+              dtype: torch.dtype = torch.bfloat16) -> CallInfo:  # fmt: skip
         self._seq[rank] += 1
         self._last[rank] = f"call {self._seq[rank]} ({('dispatch', 'cached dispatch', 'combine')[op - 1]})"
-        return CallInfo(op, self._seq[rank], hidden, num_experts, num_topk, dtype_code, extra)
+        return CallInfo(op, self._seq[rank], hidden, num_experts, num_topk, _DTYPE_CODES.get(dtype, 0), extra)
 
     # Calls made inside ``run`` (each rank makes the same calls in the same order).
     def dispatch(self, rank: int, x_TH, topk_idx_TK, topk_weights_TK, num_experts: int, *, alignment: int = 1,
@@ -108,17 +106,15 @@ class OneGpuGroup:
         """A layout-free dispatch (BF16, or FP8 with ``x_scales_TS``); ``expert_major`` as ``Buffer.dispatch``."""
         backend = self.backends[rank]
         per_rank, per_expert, in_rank = backend.get_dispatch_layout(topk_idx_TK, num_experts)
-        dtype_code = _BF16 if x_scales_TS is None else _FP8
-        info = self._info(rank, _OP_DISPATCH, x_TH.shape[1], num_experts, topk_idx_TK.shape[1], dtype_code=dtype_code)
+        info = self._info(rank, _OP_DISPATCH, x_TH.shape[1], num_experts, topk_idx_TK.shape[1], dtype=x_TH.dtype)
         args = DispatchArgs(info, x_TH, x_scales_TS, topk_idx_TK, topk_weights_TK, per_rank, per_expert, in_rank,
                             None, num_experts, alignment, 0, self.config, expert_major=expert_major)  # fmt: skip
         return backend.dispatch(args)
 
     def cached_dispatch(self, rank: int, x_TH, handle: DispatchHandle, *, expert_major: bool = False,
                         x_scales_TS=None):  # fmt: skip
-        dtype_code = _BF16 if x_scales_TS is None else _FP8
         info = self._info(rank, _OP_CACHED, handle.hidden, handle.num_experts, 0, extra=handle.dispatch_seq,
-                          dtype_code=dtype_code)  # fmt: skip
+                          dtype=x_TH.dtype)  # fmt: skip
         args = DispatchArgs(info, x_TH, x_scales_TS, None, None, None, None, None, handle, handle.num_experts,
                             handle.expert_alignment, 0, self.config, expert_major=expert_major)  # fmt: skip
         return self.backends[rank].dispatch(args)
@@ -127,7 +123,8 @@ class OneGpuGroup:
                 expert_major: bool = False):  # fmt: skip
         """Combine on the kernels; ``expert_major``: x is ``[P, H]`` and the kernel sums the pairs."""
         num_topk = 0 if topk_weights_NK is None else topk_weights_NK.shape[1]
-        info = self._info(rank, _OP_COMBINE, x.shape[1], handle.num_experts, num_topk, extra=handle.dispatch_seq)
+        info = self._info(rank, _OP_COMBINE, x.shape[1], handle.num_experts, num_topk, extra=handle.dispatch_seq,
+                          dtype=x.dtype)  # fmt: skip
         args = CombineArgs(info, x, handle, topk_weights_NK, tuple(bias), self.config, expert_major=expert_major)
         return self.backends[rank].combine(args)
 
