@@ -21,6 +21,7 @@ import torch
 from .. import _ext
 from ..backends.base import CallInfo, CombineArgs, DispatchArgs, DispatchResult
 from ..backends.cuda import CudaBackend
+from ..backends.torch_backend import OP_NAMES
 from ..buffer import _DTYPE_CODES, _OP_CACHED, _OP_COMBINE, _OP_DISPATCH  # the call header as Buffer sends it
 from ..config import Config
 from ..handle import DispatchHandle
@@ -97,7 +98,7 @@ class OneGpuGroup:
     def _info(self, rank: int, op: int, hidden: int, num_experts: int, num_topk: int, extra: int = 0,
               dtype: torch.dtype = torch.bfloat16) -> CallInfo:  # fmt: skip
         self._seq[rank] += 1
-        self._last[rank] = f"call {self._seq[rank]} ({('dispatch', 'cached dispatch', 'combine')[op - 1]})"
+        self._last[rank] = f"call {self._seq[rank]} ({OP_NAMES[op]})"
         return CallInfo(op, self._seq[rank], hidden, num_experts, num_topk, _DTYPE_CODES.get(dtype, 0), extra)
 
     # Calls made inside ``run`` (each rank makes the same calls in the same order).
