@@ -26,7 +26,15 @@ from ..buffer import _DTYPE_CODES, _OP_CACHED, _OP_COMBINE, _OP_DISPATCH  # the 
 from ..config import Config
 from ..handle import DispatchHandle
 
-__all__ = ["OneGpuGroup"]
+__all__ = ["GroupError", "OneGpuGroup"]
+
+
+class GroupError(RuntimeError):
+    """Ranks of ``OneGpuGroup.run`` failed; ``rank_errors`` holds (rank, exception) of each."""
+
+    def __init__(self, message: str, rank_errors: list[tuple[int, BaseException]]):
+        super().__init__(message)
+        self.rank_errors = rank_errors
 
 
 class _RankBackend(CudaBackend):
@@ -92,7 +100,7 @@ class OneGpuGroup:
             lines = [
                 f"rank {rank} (last call: {self._last[rank]}): {type(exc).__name__}: {exc}" for rank, exc in failed
             ]
-            raise RuntimeError("the one-GPU group failed:\n" + "\n".join(lines)) from failed[0][1]
+            raise GroupError("the one-GPU group failed:\n" + "\n".join(lines), failed) from failed[0][1]
         return results
 
     def _info(self, rank: int, op: int, hidden: int, num_experts: int, num_topk: int, extra: int = 0,
@@ -103,13 +111,16 @@ class OneGpuGroup:
 
     # Calls made inside ``run`` (each rank makes the same calls in the same order).
     def dispatch(self, rank: int, x_TH, topk_idx_TK, topk_weights_TK, num_experts: int, *, alignment: int = 1,
-                 expert_major: bool = False, x_scales_TS=None) -> DispatchResult:  # fmt: skip
-        """A layout-free dispatch (BF16, or FP8 with ``x_scales_TS``); ``expert_major`` as ``Buffer.dispatch``."""
+                 expert_major: bool = False, x_scales_TS=None,
+                 num_worst_tokens: int = 0) -> DispatchResult:  # fmt: skip
+        """A layout-free dispatch (BF16, or FP8 with ``x_scales_TS``); ``expert_major`` and
+        ``num_worst_tokens`` as ``Buffer.dispatch``."""
         backend = self.backends[rank]
         per_rank, per_expert, in_rank = backend.get_dispatch_layout(topk_idx_TK, num_experts)
         info = self._info(rank, _OP_DISPATCH, x_TH.shape[1], num_experts, topk_idx_TK.shape[1], dtype=x_TH.dtype)
         args = DispatchArgs(info, x_TH, x_scales_TS, topk_idx_TK, topk_weights_TK, per_rank, per_expert, in_rank,
-                            None, num_experts, alignment, 0, self.config, expert_major=expert_major)  # fmt: skip
+                            None, num_experts, alignment, num_worst_tokens, self.config,
+                            expert_major=expert_major)  # fmt: skip
         return backend.dispatch(args)
 
     def cached_dispatch(self, rank: int, x_TH, handle: DispatchHandle, *, expert_major: bool = False,

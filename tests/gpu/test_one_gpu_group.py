@@ -16,6 +16,7 @@ from ep_train.testing import (
     assert_bitwise_equal,
     assert_close,
     expected_combine,
+    expected_combined_weights,
     expected_dispatch,
     fp8_rows,
     make_routing,
@@ -36,6 +37,7 @@ def _case(kernels, R: int, kind: str, T: int, H: int, K: int, E: int, alignment:
     routes = [make_routing(kind, T + 3 * r, E, K, R, seed, r) for r in range(R)]
     xs = [torch.randn(T + 3 * r, H, generator=rank_generator(seed, r, 1)).to(torch.bfloat16) for r in range(R)]
     x2s = [torch.randn(T + 3 * r, H, generator=rank_generator(seed, r, 2)).to(torch.bfloat16) for r in range(R)]
+    biases = [torch.randn(T + 3 * r, H, generator=rank_generator(seed, r, 4)).to(torch.bfloat16) for r in range(R)]
     idxs, ws = [i for i, _ in routes], [w.float() for _, w in routes]
 
     def rank_calls(r: int):
@@ -47,8 +49,9 @@ def _case(kernels, R: int, kind: str, T: int, H: int, K: int, E: int, alignment:
         y_P = torch.randn(fused.recv_x_NH.shape, generator=gen).to(torch.bfloat16).cuda()
         w_NK = torch.rand(fused.recv_topk_idx_NK.shape, generator=gen).cuda()
         y_sum = sum_pair_rows(y_P, fused.handle.pair_pos_NK)
-        combined = group.combine(r, y_P, fused.handle, w_NK, expert_major=True)
-        combined_ref = group.combine(r, y_sum, fused.handle, w_NK)
+        bias = [biases[r].cuda()]
+        combined = group.combine(r, y_P, fused.handle, w_NK, bias, expert_major=True)
+        combined_ref = group.combine(r, y_sum, fused.handle, w_NK, bias)
         return plain, fused, cached, y_sum, combined, combined_ref
 
     try:
@@ -76,9 +79,9 @@ def _case(kernels, R: int, kind: str, T: int, H: int, K: int, E: int, alignment:
     # The combine itself against the loop reference (rows summed per token in rank order, FP32).
     ys = [o[3].cpu() for o in out]
     for r in range(R):
-        want_c, mag = expected_combine(r, recv, ys, xs[r].shape[0])
+        want_c, mag = expected_combine(r, recv, ys, xs[r].shape[0], [biases[r]])
         got = out[r][4].combined_x_TH
-        assert_close(got, want_c, f"R={R} {kind} seed={seed} rank {r}: combine", num_terms=R, magnitude=mag)
+        assert_close(got, want_c, f"R={R} {kind} seed={seed} rank {r}: combine", num_terms=R + 1, magnitude=mag)
 
 
 @pytest.mark.parametrize("R", [2, 4, 8])
@@ -158,3 +161,102 @@ def test_expert_major_fp8_on_one_gpu(kernels, R):
             want_S, _, _, _ = permute_to_experts(want.scales, idx, w, L, alignment)
             assert_bitwise_equal(got.recv_x_NH.view(torch.uint8), want_P, f"{tag} {name} rows")
             assert_bitwise_equal(got.recv_x_scales_NS, want_S, f"{tag} {name} scales")
+
+
+# (T, H, K, E, routing, config): the plain kernels' paths at every rank count; each config keeps
+# 8 x num_sms within the GPU.  Tiny rings and chunks make senders wait for free slots.
+_PLAIN_CASES = [
+    (300, 2000, 4, 32, "uniform", Config(4, 2, 8)),  # hidden % 8 != 0: 2-byte copies
+    (257, 7168, 9, 64, "masked", Config(12, 6, 64)),
+    (64, 4096, 1, 16, "one_expert", Config(2, 1, 2)),
+    (129, 2048, 8, 32, "dropped_rows", Config(8, 4, 32)),
+    (90, 1024, 3, 16, "empty_rank", Config(16, 8, 256)),
+]
+
+
+@pytest.mark.parametrize("R", [2, 4, 8])
+@pytest.mark.parametrize("case", range(len(_PLAIN_CASES)))
+def test_plain_kernels_matrix_on_one_gpu(kernels, R, case):
+    """Plain dispatch (layout-free, cached with a second payload, and with num_worst_tokens) and
+    combine with weights and two biases, against the loop references."""
+    from ep_train.testing.one_gpu import OneGpuGroup
+
+    T0, H, K, E, kind, config = _PLAIN_CASES[case]
+    seed = random.randrange(1 << 30)
+    group = OneGpuGroup(R, config, H * 2, timeout_s=10.0)
+    T = [T0 + 7 * r for r in range(R)]
+    routes = [make_routing(kind, T[r], E, K, R, seed, r) for r in range(R)]
+    idxs, ws = [i for i, _ in routes], [w.float() for _, w in routes]
+    xs = [torch.randn(T[r], H, generator=rank_generator(seed, r, 1)).to(torch.bfloat16) for r in range(R)]
+    x2s = [torch.randn(T[r], H, generator=rank_generator(seed, r, 2)).to(torch.bfloat16) for r in range(R)]
+    recv = [expected_dispatch(r, xs, idxs, ws, E) for r in range(R)]
+    worst = sum(T)  # at least what any rank receives
+    ys = [torch.randn(recv[r].x.shape, generator=rank_generator(seed, r, 3)).to(torch.bfloat16) for r in range(R)]
+    wys = [torch.rand(recv[r].topk_weights.shape, generator=rank_generator(seed, r, 4)) for r in range(R)]
+    biases = [[torch.randn(T[r], H, generator=rank_generator(seed, r, 5 + i)).to(torch.bfloat16) for i in range(2)]
+              for r in range(R)]  # fmt: skip
+
+    def rank_calls(r: int):
+        x, x2, idx, w = xs[r].cuda(), x2s[r].cuda(), idxs[r].cuda(), ws[r].cuda()
+        first = group.dispatch(r, x, idx, w, E)
+        cached = group.cached_dispatch(r, x2, first.handle)
+        combined = group.combine(r, ys[r].cuda(), first.handle, wys[r].cuda(), [b.cuda() for b in biases[r]])
+        padded = group.dispatch(r, x, idx, w, E, num_worst_tokens=worst)
+        return first, cached, combined, padded
+
+    try:
+        out = group.run(rank_calls)
+    finally:
+        group.destroy()
+    for r, (first, cached, combined, padded) in enumerate(out):
+        tag = f"R={R} case {case} ({kind}, H={H}, K={K}) seed={seed} rank {r}"
+        want, n = recv[r], recv[r].num_rows
+        assert_bitwise_equal(first.recv_x_NH, want.x, f"{tag} recv_x")
+        assert_bitwise_equal(first.recv_topk_idx_NK, want.topk_idx, f"{tag} recv_topk_idx")
+        assert_bitwise_equal(first.recv_topk_weights_NK, want.topk_weights, f"{tag} recv_topk_weights")
+        assert first.num_recv_tokens_per_expert_list == want.num_recv_tokens_per_expert, f"{tag}: per-expert counts"
+        assert_bitwise_equal(cached.recv_x_NH, expected_dispatch(r, x2s, idxs, ws, E).x, f"{tag} cached recv_x")
+        assert padded.recv_x_NH.shape[0] == worst, f"{tag}: num_worst_tokens rows"
+        assert_bitwise_equal(padded.recv_x_NH[:n], want.x, f"{tag} padded recv_x")
+        assert bool((padded.recv_topk_idx_NK[n:] == -1).all()), f"{tag}: padding rows must carry no expert"
+        want_c, mag = expected_combine(r, recv, ys, T[r], biases[r])
+        assert_close(combined.combined_x_TH, want_c, f"{tag} combine", num_terms=R + 2, magnitude=mag)
+        want_w = expected_combined_weights(r, recv, wys, T[r])
+        assert_close(combined.combined_topk_weights_TK, want_w, f"{tag} combined weights", num_terms=R)
+
+
+@pytest.mark.parametrize("R", [2, 4, 8])
+def test_failures_on_one_gpu(kernels, R):
+    """Bounded waits at every rank count: a rank that skips a dispatch leaves the others with
+    CommTimeoutError (no hang); ranks that disagree on a call's hidden size raise RankMismatchError
+    naming the field, before any row moves."""
+    from ep_train.errors import CommTimeoutError, RankMismatchError
+    from ep_train.testing.one_gpu import GroupError, OneGpuGroup
+
+    seed, E, K, H = random.randrange(1 << 30), 16, 4, 2048
+    routes = [make_routing("uniform", 40, E, K, R, seed, r) for r in range(R)]
+    xs = [torch.randn(40, H, generator=rank_generator(seed, r, 1)).to(torch.bfloat16) for r in range(R)]
+
+    def call(group, r: int, hidden: int):
+        idx, w = routes[r]
+        return group.dispatch(r, xs[r][:, :hidden].contiguous().cuda(), idx.cuda(), w.float().cuda(), E)
+
+    group = OneGpuGroup(R, _CONFIGS[R], H * 2, timeout_s=2.0)
+    try:
+        with pytest.raises(GroupError) as failed:
+            group.run(lambda r: None if r == R - 1 else call(group, r, H))
+    finally:
+        group.destroy()
+    errors = [e for _, e in failed.value.rank_errors]
+    assert len(errors) == R - 1, str(failed.value)
+    assert all(isinstance(e, CommTimeoutError) for e in errors), str(failed.value)
+
+    group = OneGpuGroup(R, _CONFIGS[R], H * 2, timeout_s=2.0)
+    try:
+        with pytest.raises(GroupError) as failed:
+            group.run(lambda r: call(group, r, H // 2 if r == 0 else H))
+    finally:
+        group.destroy()
+    errors = [e for _, e in failed.value.rank_errors]
+    assert len(errors) == R and all(isinstance(e, RankMismatchError) for e in errors), str(failed.value)
+    assert all("hidden" in str(e) for e in errors), str(failed.value)
