@@ -1,5 +1,6 @@
 """How the cuda backend words what its kernels report (mailbox fields → exceptions).  The kernels
-only run on GPUs; the wording is checked here on fields as the kernels write them."""
+only run on GPUs; the wording is checked here on fields as the kernels write them; also the one-GPU group's
+check of the kernel-loading mode, made before it touches a GPU."""
 
 from __future__ import annotations
 
@@ -44,3 +45,17 @@ def test_reported_failures_become_named_exceptions(fields, low_latency, exc, wor
         _raise(fields, low_latency)
     for word in words:
         assert word in str(info.value), f"{word!r} not in: {info.value}"
+
+
+@pytest.mark.parametrize("loading", [None, "LAZY", "lazy"])
+def test_one_gpu_group_needs_eager_loading(monkeypatch, loading):
+    """The one-GPU group refuses lazy kernel loading before it touches the GPU, naming the variable."""
+    from ep_train import Config
+    from ep_train.testing.one_gpu import OneGpuGroup
+
+    if loading is None:
+        monkeypatch.delenv("CUDA_MODULE_LOADING", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_MODULE_LOADING", loading)
+    with pytest.raises(RuntimeError, match=f"CUDA_MODULE_LOADING=EAGER .* got '{loading or 'LAZY'}'"):
+        OneGpuGroup(2, Config(), 4096)

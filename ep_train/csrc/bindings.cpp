@@ -533,6 +533,8 @@ PYBIND11_MODULE(_C, m) {
     });
     py::class_<LowLatencyRuntime> low_latency(m, "LowLatencyRuntime");
     bind_peer_buffer(low_latency)
+        .def("num_sms", &LowLatencyRuntime::num_sms)
+        .def("set_num_sms", &LowLatencyRuntime::set_num_sms)
         .def("set_trace",
              [](LowLatencyRuntime& rt, uintptr_t trace) { rt.set_trace(reinterpret_cast<int64_t*>(trace)); })
         .def("num_bytes", [](const LowLatencyRuntime& rt) { return rt.num_bytes(); });

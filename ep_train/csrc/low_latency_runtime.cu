@@ -27,4 +27,14 @@ LowLatencyRuntime::LowLatencyRuntime(int rank, int num_ranks, int64_t num_bytes,
     load_low_latency_kernels();
 }
 
+void LowLatencyRuntime::set_num_sms(int num_sms) {
+    int max_sms = 0;
+    check_cuda(cudaDeviceGetAttribute(&max_sms, cudaDevAttrMultiProcessorCount, device()),
+               "cudaDeviceGetAttribute(SM count)");
+    if (num_sms < 1 || num_sms > max_sms)
+        throw std::invalid_argument("low-latency num_sms must be in [1, " + std::to_string(max_sms) + "], got " +
+                                    std::to_string(num_sms));
+    num_sms_ = num_sms;
+}
+
 }  // namespace ep_train

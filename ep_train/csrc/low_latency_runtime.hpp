@@ -36,7 +36,10 @@ class LowLatencyRuntime : public PeerBuffer {
     LowLatencyRuntime(int rank, int num_ranks, int64_t num_bytes, double timeout_s, void* external = nullptr);
 
     RankContext context() const { return PeerBuffer::context(LowLatencyLayout::status(local())); }
+    // Blocks of every launch: all SMs unless set (1 .. SM count); every rank must use the same.
+    // ep_train.testing.one_gpu gives each of the ranks sharing one GPU its share.
     int num_sms() const { return num_sms_; }
+    void set_num_sms(int num_sms);
     // Device memory of int64 [2 ops (dispatch, combine)][kTracePoints] or null: the kernels write
     // the global timer (ns) at their phase boundaries there (a diagnostic; see low_latency.cu).
     void set_trace(int64_t* trace) { trace_ = trace; }

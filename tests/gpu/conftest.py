@@ -6,6 +6,9 @@ import torch
 # Every GPU rank these tests start inherits this: no NVLink multicast objects (NCCL, torch
 # symmetric memory, NVSHMEM).  Set before the first launch starts the rank server.
 os.environ.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"})
+# Every kernel loaded when CUDA starts (about 3 s and 640 MiB more per process on an H200): the
+# one-GPU group needs it (ep_train.testing.one_gpu), the other tests are indifferent.
+os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
 
 
 def pytest_configure(config):

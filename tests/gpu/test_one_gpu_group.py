@@ -10,7 +10,8 @@ import random
 import pytest
 import torch
 
-from ep_train import Config
+from ep_train import Config, layout
+from ep_train.fp8 import quantize_fp8
 from ep_train.permute import permute_to_experts, sum_pair_rows
 from ep_train.testing import (
     assert_bitwise_equal,
@@ -18,6 +19,8 @@ from ep_train.testing import (
     expected_combine,
     expected_combined_weights,
     expected_dispatch,
+    expected_low_latency,
+    expected_low_latency_combine,
     fp8_rows,
     make_routing,
 )
@@ -39,17 +42,20 @@ def _case(kernels, R: int, kind: str, T: int, H: int, K: int, E: int, alignment:
     x2s = [torch.randn(T + 3 * r, H, generator=rank_generator(seed, r, 2)).to(torch.bfloat16) for r in range(R)]
     biases = [torch.randn(T + 3 * r, H, generator=rank_generator(seed, r, 4)).to(torch.bfloat16) for r in range(R)]
     idxs, ws = [i for i, _ in routes], [w.float() for _, w in routes]
+    recv = [expected_dispatch(r, xs, idxs, ws, E, alignment) for r in range(R)]
+    # Combine inputs shaped as the kernels' outputs will be: P expert-major rows, N received rows.
+    num_pairs = [permute_to_experts(w.x, w.topk_idx, w.topk_weights, L, alignment)[0].shape[0] for w in recv]
+    ys = [torch.randn(num_pairs[r], H, generator=rank_generator(seed, r, 3)).to(torch.bfloat16) for r in range(R)]
+    wys = [torch.rand(recv[r].topk_idx.shape, generator=rank_generator(seed, r, 5)) for r in range(R)]
+    dev = OneGpuGroup.stage([xs, x2s, idxs, ws, ys, wys, biases])
 
     def rank_calls(r: int):
-        x, x2, idx, w = xs[r].cuda(), x2s[r].cuda(), idxs[r].cuda(), ws[r].cuda()
+        x, x2, idx, w, y_P, w_NK, bias = (t[r] for t in dev)
         plain = group.dispatch(r, x, idx, w, E, alignment=alignment)
         fused = group.dispatch(r, x, idx, w, E, alignment=alignment, expert_major=True)
         cached = group.cached_dispatch(r, x2, fused.handle, expert_major=True)
-        gen = rank_generator(seed, r, 3)
-        y_P = torch.randn(fused.recv_x_NH.shape, generator=gen).to(torch.bfloat16).cuda()
-        w_NK = torch.rand(fused.recv_topk_idx_NK.shape, generator=gen).cuda()
         y_sum = sum_pair_rows(y_P, fused.handle.pair_pos_NK)
-        bias = [biases[r].cuda()]
+        bias = [bias]
         combined = group.combine(r, y_P, fused.handle, w_NK, bias, expert_major=True)
         combined_ref = group.combine(r, y_sum, fused.handle, w_NK, bias)
         return plain, fused, cached, y_sum, combined, combined_ref
@@ -58,7 +64,6 @@ def _case(kernels, R: int, kind: str, T: int, H: int, K: int, E: int, alignment:
         out = group.run(rank_calls)
     finally:
         group.destroy()
-    recv = [expected_dispatch(r, xs, idxs, ws, E, alignment) for r in range(R)]
     for r, (plain, fused, cached, _, combined, combined_ref) in enumerate(out):
         tag = f"R={R} {kind} T={T} H={H} K={K} E={E} align={alignment} seed={seed} rank {r}"
         want = recv[r]
@@ -114,9 +119,10 @@ def test_plain_kernels_on_one_gpu(kernels, R):
     routes = [make_routing("uniform", 64 + r, E, K, R, seed, r) for r in range(R)]
     xs = [torch.randn(64 + r, H, generator=rank_generator(seed, r, 1)).to(torch.bfloat16) for r in range(R)]
     idxs, ws = [i for i, _ in routes], [w.float() for _, w in routes]
+    dev = OneGpuGroup.stage([xs, idxs, ws])
 
     def rank_calls(r: int):
-        res = group.dispatch(r, xs[r].cuda(), idxs[r].cuda(), ws[r].cuda(), E)
+        res = group.dispatch(r, *(t[r] for t in dev), E)
         return res, group.combine(r, res.recv_x_NH, res.handle)
 
     try:
@@ -140,9 +146,10 @@ def test_expert_major_fp8_on_one_gpu(kernels, R):
     xs = [fp8_rows(r, 70 + 5 * r, H, seed) for r in range(R)]
     x2s = [fp8_rows(r, 70 + 5 * r, H, seed + 1) for r in range(R)]
     idxs, ws = [i for i, _ in routes], [w.float() for _, w in routes]
+    dev = OneGpuGroup.stage([xs, x2s, idxs, ws])
 
     def rank_calls(r: int):
-        (x, s), (x2, s2), idx, w = [t.cuda() for t in xs[r]], [t.cuda() for t in x2s[r]], idxs[r].cuda(), ws[r].cuda()
+        (x, s), (x2, s2), idx, w = (t[r] for t in dev)
         fused = group.dispatch(r, x, idx, w, E, alignment=alignment, expert_major=True, x_scales_TS=s)
         cached = group.cached_dispatch(r, x2, fused.handle, expert_major=True, x_scales_TS=s2)
         return fused, cached
@@ -196,11 +203,13 @@ def test_plain_kernels_matrix_on_one_gpu(kernels, R, case):
     biases = [[torch.randn(T[r], H, generator=rank_generator(seed, r, 5 + i)).to(torch.bfloat16) for i in range(2)]
               for r in range(R)]  # fmt: skip
 
+    dev = OneGpuGroup.stage([xs, x2s, idxs, ws, ys, wys, biases])
+
     def rank_calls(r: int):
-        x, x2, idx, w = xs[r].cuda(), x2s[r].cuda(), idxs[r].cuda(), ws[r].cuda()
+        x, x2, idx, w, y, wy, bias = (t[r] for t in dev)
         first = group.dispatch(r, x, idx, w, E)
         cached = group.cached_dispatch(r, x2, first.handle)
-        combined = group.combine(r, ys[r].cuda(), first.handle, wys[r].cuda(), [b.cuda() for b in biases[r]])
+        combined = group.combine(r, y, first.handle, wy, list(bias))
         padded = group.dispatch(r, x, idx, w, E, num_worst_tokens=worst)
         return first, cached, combined, padded
 
@@ -236,10 +245,11 @@ def test_failures_on_one_gpu(kernels, R):
     seed, E, K, H = random.randrange(1 << 30), 16, 4, 2048
     routes = [make_routing("uniform", 40, E, K, R, seed, r) for r in range(R)]
     xs = [torch.randn(40, H, generator=rank_generator(seed, r, 1)).to(torch.bfloat16) for r in range(R)]
+    dev = OneGpuGroup.stage([[x[:, :hidden].contiguous() for x in xs] for hidden in (H // 2, H)] + [
+        [i for i, _ in routes], [w.float() for _, w in routes]])  # fmt: skip
 
     def call(group, r: int, hidden: int):
-        idx, w = routes[r]
-        return group.dispatch(r, xs[r][:, :hidden].contiguous().cuda(), idx.cuda(), w.float().cuda(), E)
+        return group.dispatch(r, dev[int(hidden == H)][r], dev[2][r], dev[3][r], E)
 
     group = OneGpuGroup(R, _CONFIGS[R], H * 2, timeout_s=2.0)
     try:
@@ -260,3 +270,69 @@ def test_failures_on_one_gpu(kernels, R):
     errors = [e for _, e in failed.value.rank_errors]
     assert len(errors) == R and all(isinstance(e, RankMismatchError) for e in errors), str(failed.value)
     assert all("hidden" in str(e) for e in errors), str(failed.value)
+
+
+@pytest.mark.parametrize("R", [2, 4, 8])
+@pytest.mark.parametrize("H,kind", [(2048, "masked"), (7168, "uniform")])
+def test_low_latency_on_one_gpu(kernels, R, H, kind):
+    """Low-latency dispatch (BF16 then FP8, both sent before either is received: the two buffer
+    halves) and their combines (hooks), twice over; slots bitwise against the loop reference (FP8:
+    ``quantize_fp8`` on CUDA, the kernels' own arithmetic), combine within one BF16 rounding."""
+    from ep_train.testing.one_gpu import OneGpuGroup
+
+    seed, E, K, M = random.randrange(1 << 30), 32, 6, 64
+    L = E // R
+    group = OneGpuGroup(R, _CONFIGS[R], 2048 * 2, timeout_s=10.0,
+                        low_latency_bytes=layout.low_latency_buffer_bytes(M, H, R, E))  # fmt: skip
+    T = [0 if r == 0 and kind == "masked" else M - 5 * r for r in range(R)]  # below M, rank 0 may send nothing
+    routes = [make_routing(kind, T[r], E, K, R, seed, r) for r in range(R)]
+    idxs, ws = [i for i, _ in routes], [w.float() for _, w in routes]
+    xs = [[torch.randn(T[r], H, generator=rank_generator(seed, r, n)).to(torch.bfloat16) for r in range(R)]
+          for n in range(4)]  # fmt: skip
+    ys = [[torch.randn(L, R * M, H, generator=rank_generator(seed, r, 10 + n)).to(torch.bfloat16) for r in range(R)]
+          for n in range(4)]  # fmt: skip
+
+    dev_x, dev_y, dev_idx, dev_w = OneGpuGroup.stage([xs, ys, idxs, ws])
+    # FP8 calls: the rows as quantize_fp8 on CUDA makes them (the kernels' own arithmetic).
+    sent_fp8 = [[tuple(t.cpu() for t in quantize_fp8(dev_x[n][r])) for r in range(R)] if n % 2 else None
+                for n in range(4)]  # fmt: skip
+
+    def rank_calls(r: int):
+        idx, w, out = dev_idx[r], dev_w[r], []
+        for pair in range(2):
+            sent = [group.low_latency_dispatch(r, dev_x[2 * pair + f][r], idx, w, M, E, use_fp8=bool(f),
+                                               return_recv_hook=True) for f in range(2)]  # fmt: skip
+            for d in sent:
+                d.hook()
+            combined = [group.low_latency_combine(r, dev_y[2 * pair + n][r], idx, w, sent[n].handle,
+                                                  return_recv_hook=True) for n in range(2)]  # fmt: skip
+            for c in combined:
+                c.hook()
+            out += list(zip(sent, combined, strict=True))
+        return out
+
+    try:
+        out = group.run(rank_calls)
+    finally:
+        group.destroy()
+    for n in range(4):
+        fp8 = n % 2 == 1
+        sent_xs = sent_fp8[n] if fp8 else xs[n]
+        slots = [expected_low_latency(r, sent_xs, idxs, ws, E, M) for r in range(R)]
+        for r in range(R):
+            tag = f"R={R} H={H} {kind} seed={seed} call {n} ({'FP8' if fp8 else 'BF16'}) rank {r}"
+            d, c = out[r][n]
+            want = slots[r]
+            assert d.recv_count_L.cpu().tolist() == want.count, f"{tag}: recv_count"
+            got_x = d.recv_x_LSH.cpu()
+            for l, cnt in enumerate(want.count):  # noqa: E741 - l is the local expert
+                if fp8:
+                    assert_bitwise_equal(got_x[l, :cnt].view(torch.uint8),
+                                    want.x[l, :cnt].view(torch.uint8), f"{tag} expert {l} rows")  # fmt: skip
+                    assert_bitwise_equal(
+                        d.recv_x_scales_LSS.cpu()[l, :cnt], want.scales[l, :cnt], f"{tag} expert {l} scales"
+                    )
+                else:
+                    assert_bitwise_equal(got_x[l, :cnt], want.x[l, :cnt], f"{tag} expert {l} rows")
+            want_c, mag = expected_low_latency_combine(r, slots, [ys[n][q] for q in range(R)], ws[r], T[r])
+            assert_close(c.combined_x_TH, want_c, f"{tag} combine", num_terms=K, magnitude=mag)
