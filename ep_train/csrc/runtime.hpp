@@ -73,7 +73,6 @@ void launch_swiglu_backward(const void* h, const float* probs, const void* grad_
 // num_topk] (num_pair_rows where no pair), row_P / pair_P [num_pair_rows] (num_rows / num_rows *
 // num_topk for padding).  scratch: int32 [pair_layout_scratch_ints(num_rows * num_topk, num_local)].
 // num_local <= kPairLayoutMaxLocalExperts; num_pair_rows = the sum of the aligned per-expert counts.
-// row_P and pair_P null: only pos, every expert starting at row 0 (launch_expert_ranks).
 constexpr int kPairLayoutMaxLocalExperts = 384;  // a [32 warps][L] int table in 48 KB of shared memory
 int64_t pair_layout_scratch_ints(int64_t num_slots, int num_local);
 void launch_pair_layout(const int64_t* idx, int64_t num_rows, int num_topk, int num_local, int alignment,

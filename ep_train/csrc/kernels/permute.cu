@@ -106,15 +106,16 @@ __global__ void __launch_bounds__(kPlaceThreads)
 // expert l's rows start at the sum of the aligned pair counts of the experts before it.  Padding
 // rows (after an expert's pairs, up to its aligned count) get row num_rows and pair num_slots.
 // Rows at or past num_pair_rows (the host's total, from the dispatch's counts) are never written.
+// ranks_only: every expert starts at 0 (each pair's rank within its expert) and nothing is padded.
 __global__ void __launch_bounds__(kPlaceThreads)
     pair_scan_kernel(int* __restrict__ counts, int num_blocks, int num_local, int alignment, int64_t num_rows,
-                     int64_t num_slots, int64_t num_pair_rows, int64_t* __restrict__ row_P,
+                     int64_t num_slots, int64_t num_pair_rows, bool ranks_only, int64_t* __restrict__ row_P,
                      int64_t* __restrict__ pair_P) {
     extern __shared__ int64_t s_start[];  // [L + 1]
     for (int l = threadIdx.x; l < num_local; l += kPlaceThreads) {
         int64_t total = 0;
         for (int b = 0; b < num_blocks; ++b) total += counts[int64_t(b) * num_local + l];
-        s_start[l + 1] = row_P != nullptr ? total : 0;  // no row_P: ranks within each expert (all start at 0)
+        s_start[l + 1] = ranks_only ? 0 : total;
     }
     __syncthreads();
     if (threadIdx.x == 0) {  // L is at most a few hundred: a serial prefix is cheapest
@@ -132,7 +133,7 @@ __global__ void __launch_bounds__(kPlaceThreads)
             counts[int64_t(b) * num_local + l] = static_cast<int>(row);
             row += c;
         }
-        for (int64_t pad = row; row_P != nullptr && pad < s_start[l + 1] && pad < num_pair_rows; ++pad) {
+        for (int64_t pad = row; !ranks_only && pad < s_start[l + 1] && pad < num_pair_rows; ++pad) {
             row_P[pad] = num_rows;
             pair_P[pad] = num_slots;
         }
@@ -141,10 +142,11 @@ __global__ void __launch_bounds__(kPlaceThreads)
 
 // Slot q = n * K + k of block b: its pair goes to row first[b][l] + (pairs of expert l before it in
 // this block); pos[q] = num_pair_rows where there is no pair.  Ranks within a warp come from
-// __match_any_sync, across warps from a [warp][expert] count table in shared memory.
+// __match_any_sync, across warps from a [warp][expert] count table in shared memory.  ranks_only:
+// pos alone (row_P and pair_P are not written).
 __global__ void __launch_bounds__(kPlaceThreads)
     pair_place_kernel(const int64_t* __restrict__ idx, int64_t num_slots, int num_topk, int num_local,
-                      const int* __restrict__ first, int64_t num_pair_rows, int64_t* __restrict__ pos,
+                      const int* __restrict__ first, int64_t num_pair_rows, bool ranks_only, int64_t* __restrict__ pos,
                       int64_t* __restrict__ row_P, int64_t* __restrict__ pair_P) {
     extern __shared__ int s_warp_count[];  // [kPlaceWarps][L]
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -168,7 +170,7 @@ __global__ void __launch_bounds__(kPlaceThreads)
         return;
     }
     pos[q] = row;
-    if (row_P == nullptr) return;
+    if (ranks_only) return;
     row_P[row] = q / num_topk;
     pair_P[row] = q;
 }
@@ -192,9 +194,13 @@ int64_t pair_layout_scratch_ints(int64_t num_slots, int num_local) {
     return std::max<int64_t>((num_slots + kPlaceThreads - 1) / kPlaceThreads * num_local, 1);
 }
 
-void launch_pair_layout(const int64_t* idx, int64_t num_rows, int num_topk, int num_local, int alignment,
-                        int64_t num_pair_rows, int* scratch, int64_t* pos, int64_t* row_P, int64_t* pair_P,
-                        cudaStream_t stream) {
+namespace {
+
+// The pair layout (ranks_only false) or each pair's rank within its expert (ranks_only: every
+// expert starts at row 0, no padding, only pos is written).
+void launch_pair_kernels(const int64_t* idx, int64_t num_rows, int num_topk, int num_local, int alignment,
+                         int64_t num_pair_rows, bool ranks_only, int* scratch, int64_t* pos, int64_t* row_P,
+                         int64_t* pair_P, cudaStream_t stream) {
     const int64_t num_slots = num_rows * num_topk;
     if (num_slots == 0 && num_pair_rows == 0) return;
     if (num_local < 1 || num_local > kPairLayoutMaxLocalExperts || alignment < 1)
@@ -210,21 +216,30 @@ void launch_pair_layout(const int64_t* idx, int64_t num_rows, int num_topk, int 
         check_cuda(cudaGetLastError(), "pair_count launch");
     }
     pair_scan_kernel<<<1, kPlaceThreads, (num_local + 1) * sizeof(int64_t), stream>>>(
-        scratch, num_blocks, num_local, alignment, num_rows, num_slots, num_pair_rows, row_P, pair_P);
+        scratch, num_blocks, num_local, alignment, num_rows, num_slots, num_pair_rows, ranks_only, row_P, pair_P);
     check_cuda(cudaGetLastError(), "pair_scan launch");
     if (num_blocks > 0) {
         pair_place_kernel<<<num_blocks, kPlaceThreads, kPlaceWarps * num_local * sizeof(int), stream>>>(
-            idx, num_slots, num_topk, num_local, scratch, num_pair_rows, pos, row_P, pair_P);
+            idx, num_slots, num_topk, num_local, scratch, num_pair_rows, ranks_only, pos, row_P, pair_P);
         check_cuda(cudaGetLastError(), "pair_place launch");
     }
 }
 
+}  // namespace
+
+void launch_pair_layout(const int64_t* idx, int64_t num_rows, int num_topk, int num_local, int alignment,
+                        int64_t num_pair_rows, int* scratch, int64_t* pos, int64_t* row_P, int64_t* pair_P,
+                        cudaStream_t stream) {
+    launch_pair_kernels(idx, num_rows, num_topk, num_local, alignment, num_pair_rows, false, scratch, pos, row_P,
+                        pair_P, stream);
+}
+
 void launch_expert_ranks(const int64_t* idx, int64_t num_tokens, int num_topk, int num_experts, int* scratch,
                          int64_t* rank, cudaStream_t stream) {
-    // Without row_P the scan starts every expert at 0 and writes no padding, and the place kernel
-    // writes only pos: each slot's rank within its expert (every rank < num_slots).
+    // Every rank is below num_slots, the bound the place kernel checks.
     const int64_t num_slots = num_tokens * num_topk;
-    launch_pair_layout(idx, num_tokens, num_topk, num_experts, 1, num_slots, scratch, rank, nullptr, nullptr, stream);
+    launch_pair_kernels(idx, num_tokens, num_topk, num_experts, 1, num_slots, true, scratch, rank, nullptr, nullptr,
+                        stream);
 }
 
 void load_permute_kernels() {
