@@ -28,6 +28,8 @@ Low-latency buffer (``num_rdma_bytes``), per rank; mirrors ``csrc/include/ep_tra
         [combine:  [M][MAX_TOPK] BF16 rows, one per (token, top-k column) of the owner]
 
 Calls alternate between the halves, so a call may still be received while the next one is sent.
+Half 1 starts halfway through the space after the control part, whatever the call's shape: a
+call's half must never reach into the other half, which a call of another shape may be using.
 """
 
 from __future__ import annotations

@@ -361,6 +361,10 @@ LowLatencyLayout make_low_latency_layout(const LowLatencyRuntime& rt, int64_t ma
     TORCH_CHECK(layout.total_bytes() <= rt.num_bytes(), "num_rdma_bytes=", rt.num_bytes(),
                 " is too small for this low-latency call: it needs ", layout.total_bytes(),
                 " (Buffer.get_low_latency_rdma_size_hint)");
+    // Halves at fixed offsets (every rank's buffer has the same size): half_bytes() <= the stride
+    // follows from the check above, as every region is a multiple of the alignment.
+    layout.half_stride =
+        (rt.num_bytes() - LowLatencyLayout::control_bytes()) / 2 / ep_train::kAlignBytes * ep_train::kAlignBytes;
     return layout;
 }
 

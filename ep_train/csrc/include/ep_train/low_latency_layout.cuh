@@ -63,6 +63,11 @@ struct LowLatencyLayout {
     int64_t slots_bytes = 0;
     int64_t tokens_bytes = 0;
     int64_t combine_bytes = 0;
+    // Bytes from half 0 to half 1: half_bytes() for sizing; the runtime sets it from its buffer's
+    // size, so every call puts its halves at the same offsets whatever its shape.  NOTES: packed
+    // halves moved with the shape, and a call's half overlapped the other half of a call of another
+    // shape that a slower peer was still reading (the acks only guard one half at a time).
+    int64_t half_stride = 0;
 
     LowLatencyLayout() = default;
 
@@ -74,6 +79,7 @@ struct LowLatencyLayout {
         slots_bytes = align_up(int64_t(num_experts) * max_tokens * int64_t(sizeof(LowLatencySlotHeader)));
         tokens_bytes = align_up(int64_t(num_ranks) * max_tokens * token_row_bytes);
         combine_bytes = align_up(int64_t(max_tokens) * kMaxTopk * combine_row_bytes);
+        half_stride = half_bytes();
     }
 
     EP_HOST_DEVICE static constexpr int64_t control_bytes() { return kControlBytes; }
@@ -103,7 +109,7 @@ struct LowLatencyLayout {
 
     // ---- one half (shape-dependent)
     EP_HOST_DEVICE char* half_base(void* base, int half) const {
-        return static_cast<char*>(base) + control_bytes() + half * half_bytes();
+        return static_cast<char*>(base) + control_bytes() + half * half_stride;
     }
     EP_HOST_DEVICE int* count(void* base, int half, int local_expert, int src) const {
         return reinterpret_cast<int*>(half_base(base, half)) + local_expert * num_ranks + src;
