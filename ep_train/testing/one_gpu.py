@@ -209,20 +209,21 @@ class OneGpuGroup:
 
     def low_latency_dispatch(self, rank: int, x_TH, topk_idx_TK, topk_weights_TK, num_max_tokens: int,
                              num_experts: int, *, use_fp8: bool = False, round_scale: bool = False,
-                             return_recv_hook: bool = False) -> LowLatencyDispatchResult:  # fmt: skip
-        """``Buffer.low_latency_dispatch`` on the kernels (needs ``low_latency_bytes``)."""
+                             stats_L=None, return_recv_hook: bool = False) -> LowLatencyDispatchResult:  # fmt: skip
+        """``Buffer.low_latency_dispatch`` on the kernels (needs ``low_latency_bytes``); ``stats_L``:
+        ``cumulative_local_expert_recv_stats``."""
         info = self._info(rank, _OP_LL_DISPATCH, x_TH.shape[1], num_experts, topk_idx_TK.shape[1],
                           extra=num_max_tokens * 2 + int(use_fp8))  # fmt: skip
         args = LowLatencyDispatchArgs(info, x_TH, topk_idx_TK, topk_weights_TK, num_max_tokens, num_experts, use_fp8,
-                                      round_scale, None, return_recv_hook)  # fmt: skip
+                                      round_scale, stats_L, return_recv_hook)  # fmt: skip
         return self.backends[rank].low_latency_dispatch(args)
 
     def low_latency_combine(self, rank: int, x_LSH, topk_idx_TK, topk_weights_TK, handle: LowLatencyHandle, *,
-                            return_recv_hook: bool = False) -> LowLatencyCombineResult:  # fmt: skip
-        """``Buffer.low_latency_combine`` on the kernels."""
+                            out_TH=None, return_recv_hook: bool = False) -> LowLatencyCombineResult:  # fmt: skip
+        """``Buffer.low_latency_combine`` on the kernels (``out_TH``: its ``out``)."""
         M = handle.num_max_dispatch_tokens_per_rank
         info = self._info(rank, _OP_LL_COMBINE, x_LSH.shape[-1], handle.num_experts, topk_idx_TK.shape[1], extra=M * 2)
-        args = LowLatencyCombineArgs(info, x_LSH, topk_idx_TK, topk_weights_TK, handle, None, return_recv_hook)
+        args = LowLatencyCombineArgs(info, x_LSH, topk_idx_TK, topk_weights_TK, handle, out_TH, return_recv_hook)
         return self.backends[rank].low_latency_combine(args)
 
     def destroy(self) -> None:

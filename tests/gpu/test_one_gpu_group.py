@@ -24,7 +24,7 @@ from ep_train.testing import (
     fp8_rows,
     make_routing,
 )
-from ep_train.testing.routing import rank_generator
+from ep_train.testing.routing import ROUTING_KINDS, rank_generator
 
 pytestmark = pytest.mark.gpu
 
@@ -336,3 +336,85 @@ def test_low_latency_on_one_gpu(kernels, R, H, kind):
                     assert_bitwise_equal(got_x[l, :cnt], want.x[l, :cnt], f"{tag} expert {l} rows")
             want_c, mag = expected_low_latency_combine(r, slots, [ys[n][q] for q in range(R)], ws[r], T[r])
             assert_close(c.combined_x_TH, want_c, f"{tag} combine", num_terms=K, magnitude=mag)
+
+
+@pytest.mark.parametrize("R", [2, 4, 8])
+def test_low_latency_matrix_on_one_gpu(kernels, R):
+    """Twelve low-latency dispatch + combine pairs through one group: hidden 2048/4096/7168, top-k 1
+    to 9, BF16 and FP8 (with power-of-two scales), with and without gate weights, hooks and ``out``,
+    every routing kind, tokens from 0 to M per rank; slots, handle tensors, the cumulative receive
+    counts and the combine against the loop references."""
+    from ep_train.testing.one_gpu import OneGpuGroup
+
+    seed, E, M = random.randrange(1 << 30), 32, 64
+    L, pick = E // R, random.Random(seed)
+    cases = []
+    for i in range(12):
+        fp8 = i % 4 >= 2
+        cases.append(dict(H=(2048, 4096, 7168)[i % 3], K=1 + (i * 5) % 9, fp8=fp8, round_scale=fp8 and i % 8 >= 4,
+                          kind=ROUTING_KINDS[i % len(ROUTING_KINDS)], weights=i % 3 != 1, hook=i % 2 == 0,
+                          out=i % 5 == 2, T=[0 if i % 6 == r else pick.randint(1, M) for r in range(R)]))  # fmt: skip
+    group = OneGpuGroup(R, _CONFIGS[R], 2048 * 2, timeout_s=10.0,
+                        low_latency_bytes=layout.low_latency_buffer_bytes(M, 7168, R, E))  # fmt: skip
+    inputs = []  # per case: per rank (x, idx, w, y, out)
+    for n, c in enumerate(cases):
+        per_rank = []
+        for r in range(R):
+            idx, w = make_routing(c["kind"], c["T"][r], E, c["K"], R, seed + n, r)
+            x = torch.randn(c["T"][r], c["H"], generator=rank_generator(seed, r, 2 * n)).to(torch.bfloat16)
+            y = torch.randn(L, R * M, c["H"], generator=rank_generator(seed, r, 2 * n + 1)).to(torch.bfloat16)
+            out = torch.full((c["T"][r], c["H"]), float("nan")).to(torch.bfloat16) if c["out"] else None
+            per_rank.append((x, idx, w.float(), y, out))
+        inputs.append(per_rank)
+    dev = OneGpuGroup.stage(inputs)
+    stats = OneGpuGroup.stage([torch.full((L,), 3, dtype=torch.int32) for _ in range(R)])
+    sent_fp8 = [[tuple(t.cpu() for t in quantize_fp8(dev[n][r][0], round_scale=c["round_scale"])) for r in range(R)]
+                if c["fp8"] else None for n, c in enumerate(cases)]  # fmt: skip
+
+    def rank_calls(r: int):
+        results = []
+        for n, c in enumerate(cases):
+            x, idx, w, y, out = dev[n][r]
+            weights = w if c["weights"] else None
+            d = group.low_latency_dispatch(r, x, idx, weights, M, E, use_fp8=c["fp8"], round_scale=c["round_scale"],
+                                           stats_L=stats[r], return_recv_hook=c["hook"])  # fmt: skip
+            if d.hook is not None:
+                d.hook()
+            comb = group.low_latency_combine(r, y, idx, w, d.handle, out_TH=out, return_recv_hook=c["hook"])
+            if comb.hook is not None:
+                comb.hook()
+            results.append((d, comb))
+        return results
+
+    try:
+        out = group.run(rank_calls)
+    finally:
+        group.destroy()
+    total = [torch.full((L,), 3, dtype=torch.int32) for _ in range(R)]
+    for n, c in enumerate(cases):
+        xs = sent_fp8[n] if c["fp8"] else [inputs[n][r][0] for r in range(R)]
+        idxs, ws = [inputs[n][r][1] for r in range(R)], [inputs[n][r][2] for r in range(R)]
+        slots = [expected_low_latency(r, xs, idxs, ws if c["weights"] else None, E, M) for r in range(R)]
+        for r in range(R):
+            tag = f"R={R} seed={seed} case {n} {c} rank {r}"
+            d, comb = out[r][n]
+            want = slots[r]
+            assert d.recv_count_L.cpu().tolist() == want.count, f"{tag}: recv_count"
+            total[r] += torch.tensor(want.count, dtype=torch.int32)
+            h = d.handle
+            for l, cnt in enumerate(want.count):  # noqa: E741 - l is the local expert
+                got_x, want_x = d.recv_x_LSH[l, :cnt], want.x[l, :cnt]
+                if c["fp8"]:
+                    got_x, want_x = got_x.view(torch.uint8), want_x.view(torch.uint8)
+                    assert_bitwise_equal(d.recv_x_scales_LSS[l, :cnt], want.scales[l, :cnt], f"{tag} expert {l} scales")
+                assert_bitwise_equal(got_x, want_x, f"{tag} expert {l} rows")
+                assert_bitwise_equal(h.recv_src_info_LS[l, :cnt], want.src_idx[l, :cnt], f"{tag} expert {l} src")
+                assert_bitwise_equal(h.recv_topk_pos_LS[l, :cnt], want.topk_pos[l, :cnt], f"{tag} expert {l} pos")
+                assert_bitwise_equal(h.recv_topk_weights_LS[l, :cnt], want.weights[l, :cnt], f"{tag} expert {l} w")
+            if c["out"]:
+                assert comb.combined_x_TH.data_ptr() == dev[n][r][4].data_ptr(), f"{tag}: combine must write into out"
+            want_c, mag = expected_low_latency_combine(r, slots, [inputs[n][q][3] for q in range(R)], ws[r],
+                                                       c["T"][r])  # fmt: skip
+            assert_close(comb.combined_x_TH, want_c, f"{tag} combine", num_terms=c["K"], magnitude=mag)
+    for r in range(R):
+        assert_bitwise_equal(stats[r], total[r], f"R={R} seed={seed} rank {r} cumulative receive counts")
