@@ -67,26 +67,18 @@ __device__ __forceinline__ void trace_mark(int64_t* trace, int point, bool who) 
 }
 
 // True in exactly one block: the last of the grid to get here.  Every block's earlier memory
-// operations are ordered before that block's later ones; the counter is reset for the next launch
-// of the same phase and half.  kPeerWrites: the blocks wrote peer memory that must be visible
-// (system scope) before the last block releases to a peer; without it (receive phases: reads of
-// the own buffer and local writes only) a GPU-scope fence orders them.
-template <bool kPeerWrites>
+// operations are ordered (GPU scope) before that block's later ones; the counter is reset for the
+// next launch of the same phase and half.  The send phases call it after their arrivals, whose own
+// fences ordered their peer writes: what the last block does next (record_seq) is local.
 __device__ __forceinline__ bool block_is_last(int* counter, int* s_flag) {
     __syncthreads();
     if (threadIdx.x == 0) {
-        if (kPeerWrites)
-            __threadfence_system();
-        else
-            __threadfence();
+        __threadfence();
         const int prev = atomicAdd(counter, 1);
         *s_flag = prev == static_cast<int>(gridDim.x) - 1;
         if (*s_flag) {
             *counter = 0;
-            if (kPeerWrites)
-                __threadfence_system();
-            else
-                __threadfence();
+            __threadfence();
         }
     }
     __syncthreads();
@@ -378,7 +370,7 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, const RankConte
     trace_mark(p.trace, kTraceSent, blockIdx.x == 0);
     signal_arrival(ctx, seq);
     trace_mark(p.trace, kTraceSignalled, blockIdx.x == 0);
-    if (block_is_last<false>(LowLatencyLayout::done(ctx.peers.base[me], kSendPhase, half), &sh.flag))
+    if (block_is_last(LowLatencyLayout::done(ctx.peers.base[me], kSendPhase, half), &sh.flag))
         record_seq(ctx, seq, p.call_seq);
 }
 
@@ -522,7 +514,7 @@ __device__ void combine_send(const LowLatencyCombineParams& p, const RankContext
     trace_mark(p.trace, kTraceSent, blockIdx.x == 0);
     signal_arrival(ctx, seq);
     trace_mark(p.trace, kTraceSignalled, blockIdx.x == 0);
-    if (block_is_last<false>(LowLatencyLayout::done(ctx.peers.base[ctx.rank], kSendPhase, half), &sh.flag))
+    if (block_is_last(LowLatencyLayout::done(ctx.peers.base[ctx.rank], kSendPhase, half), &sh.flag))
         record_seq(ctx, seq, p.call_seq);
 }
 
