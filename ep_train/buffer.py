@@ -662,7 +662,9 @@ class Buffer:
         def run_combine():
             # Without the kernel's own pair sums, each received row is summed first (same bits).
             rows = sum_pair_rows(x_NH, handle.pair_pos_NK) if expert_major and not fused else x_NH
-            return self._backend.combine(CombineArgs(info, rows, handle, topk_weights, biases, config, fused))
+            return self._backend.combine(
+                CombineArgs(info, rows, handle, topk_weights, biases, config, expert_major=fused)
+            )
 
         inputs = [x_NH, *biases] + ([topk_weights] if topk_weights is not None else [])
         res, event = self._run(
