@@ -129,13 +129,15 @@ class OneGpuGroup:
     @staticmethod
     def stage(obj: Any) -> Any:
         """``obj`` (tensors in nested lists/tuples) with every tensor copied to the GPU, copies done."""
-        if isinstance(obj, torch.Tensor):
-            return obj.cuda()
-        if isinstance(obj, (list, tuple)):
-            staged = [OneGpuGroup.stage(o) for o in obj]
-            torch.cuda.synchronize()
-            return type(obj)(staged)
-        return obj
+
+        def copy(o: Any) -> Any:
+            if isinstance(o, torch.Tensor):
+                return o.cuda()
+            return type(o)(copy(item) for item in o) if isinstance(o, (list, tuple)) else o
+
+        staged = copy(obj)
+        torch.cuda.synchronize()
+        return staged
 
     def run(self, fn: Callable[[int], Any]) -> list[Any]:
         """``fn(rank)`` on every rank at once (a thread and a stream each) → the ranks' results.

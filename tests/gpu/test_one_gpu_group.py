@@ -272,6 +272,22 @@ def test_failures_on_one_gpu(kernels, R):
     assert all("hidden" in str(e) for e in errors), str(failed.value)
 
 
+def _assert_low_latency_slots(tag: str, d, want, fp8: bool) -> None:
+    """A low-latency dispatch against ``expected_low_latency``: counts, each expert's rows (FP8:
+    bytes and scales) and the handle's source token, top-k column and weight of every slot."""
+    assert d.recv_count_L.cpu().tolist() == want.count, f"{tag}: recv_count"
+    h = d.handle
+    for l, cnt in enumerate(want.count):  # noqa: E741 - l is the local expert
+        got_x, want_x = d.recv_x_LSH[l, :cnt], want.x[l, :cnt]
+        if fp8:
+            got_x, want_x = got_x.view(torch.uint8), want_x.view(torch.uint8)
+            assert_bitwise_equal(d.recv_x_scales_LSS[l, :cnt], want.scales[l, :cnt], f"{tag} expert {l} scales")
+        assert_bitwise_equal(got_x, want_x, f"{tag} expert {l} rows")
+        assert_bitwise_equal(h.recv_src_info_LS[l, :cnt], want.src_idx[l, :cnt], f"{tag} expert {l} src")
+        assert_bitwise_equal(h.recv_topk_pos_LS[l, :cnt], want.topk_pos[l, :cnt], f"{tag} expert {l} pos")
+        assert_bitwise_equal(h.recv_topk_weights_LS[l, :cnt], want.weights[l, :cnt], f"{tag} expert {l} w")
+
+
 @pytest.mark.parametrize("R", [2, 4, 8])
 @pytest.mark.parametrize("H,kind", [(2048, "masked"), (7168, "uniform")])
 def test_low_latency_on_one_gpu(kernels, R, H, kind):
@@ -322,18 +338,7 @@ def test_low_latency_on_one_gpu(kernels, R, H, kind):
         for r in range(R):
             tag = f"R={R} H={H} {kind} seed={seed} call {n} ({'FP8' if fp8 else 'BF16'}) rank {r}"
             d, c = out[r][n]
-            want = slots[r]
-            assert d.recv_count_L.cpu().tolist() == want.count, f"{tag}: recv_count"
-            got_x = d.recv_x_LSH.cpu()
-            for l, cnt in enumerate(want.count):  # noqa: E741 - l is the local expert
-                if fp8:
-                    assert_bitwise_equal(got_x[l, :cnt].view(torch.uint8),
-                                    want.x[l, :cnt].view(torch.uint8), f"{tag} expert {l} rows")  # fmt: skip
-                    assert_bitwise_equal(
-                        d.recv_x_scales_LSS.cpu()[l, :cnt], want.scales[l, :cnt], f"{tag} expert {l} scales"
-                    )
-                else:
-                    assert_bitwise_equal(got_x[l, :cnt], want.x[l, :cnt], f"{tag} expert {l} rows")
+            _assert_low_latency_slots(tag, d, slots[r], fp8)
             want_c, mag = expected_low_latency_combine(r, slots, [ys[n][q] for q in range(R)], ws[r], T[r])
             assert_close(c.combined_x_TH, want_c, f"{tag} combine", num_terms=K, magnitude=mag)
 
@@ -398,19 +403,8 @@ def test_low_latency_matrix_on_one_gpu(kernels, R):
         for r in range(R):
             tag = f"R={R} seed={seed} case {n} {c} rank {r}"
             d, comb = out[r][n]
-            want = slots[r]
-            assert d.recv_count_L.cpu().tolist() == want.count, f"{tag}: recv_count"
-            total[r] += torch.tensor(want.count, dtype=torch.int32)
-            h = d.handle
-            for l, cnt in enumerate(want.count):  # noqa: E741 - l is the local expert
-                got_x, want_x = d.recv_x_LSH[l, :cnt], want.x[l, :cnt]
-                if c["fp8"]:
-                    got_x, want_x = got_x.view(torch.uint8), want_x.view(torch.uint8)
-                    assert_bitwise_equal(d.recv_x_scales_LSS[l, :cnt], want.scales[l, :cnt], f"{tag} expert {l} scales")
-                assert_bitwise_equal(got_x, want_x, f"{tag} expert {l} rows")
-                assert_bitwise_equal(h.recv_src_info_LS[l, :cnt], want.src_idx[l, :cnt], f"{tag} expert {l} src")
-                assert_bitwise_equal(h.recv_topk_pos_LS[l, :cnt], want.topk_pos[l, :cnt], f"{tag} expert {l} pos")
-                assert_bitwise_equal(h.recv_topk_weights_LS[l, :cnt], want.weights[l, :cnt], f"{tag} expert {l} w")
+            _assert_low_latency_slots(tag, d, slots[r], c["fp8"])
+            total[r] += torch.tensor(slots[r].count, dtype=torch.int32)
             if c["out"]:
                 assert comb.combined_x_TH.data_ptr() == dev[n][r][4].data_ptr(), f"{tag}: combine must write into out"
             want_c, mag = expected_low_latency_combine(r, slots, [inputs[n][q][3] for q in range(R)], ws[r],
