@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -89,10 +89,11 @@ class OneGpuGroup:
         hidden_bytes: the largest row any call moves (sizes the buffers).
         low_latency_bytes: size of each rank's low-latency buffer (``layout.low_latency_buffer_bytes``),
             0 for none; its kernels run on 1/R of the SMs per rank.
+        more_configs: other configs that calls may pass as ``config=`` (the buffer is sized for all).
     """
 
     def __init__(self, num_ranks: int, config: Config, hidden_bytes: int, timeout_s: float = 30.0,
-                 low_latency_bytes: int = 0):  # fmt: skip
+                 low_latency_bytes: int = 0, more_configs: Sequence[Config] = ()):  # fmt: skip
         loading = os.environ.get("CUDA_MODULE_LOADING", "LAZY")
         if loading.upper() != "EAGER":
             raise RuntimeError(
@@ -100,12 +101,14 @@ class OneGpuGroup:
                 "loaded lazily inside run() waits for the other ranks' kernels, which wait for this rank"
             )
         sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-        if num_ranks * config.num_sms > sms:
-            raise ValueError(
-                f"{num_ranks} ranks x num_sms={config.num_sms} blocks exceed this GPU's {sms} SMs: every rank's "
-                "kernel must be resident at once (its blocks wait for the other ranks')"
-            )
-        nvl = config.get_nvl_buffer_size_hint(hidden_bytes, num_ranks)
+        self._configs = (config, *more_configs)
+        for c in self._configs:
+            if num_ranks * c.num_sms > sms:
+                raise ValueError(
+                    f"{num_ranks} ranks x num_sms={c.num_sms} blocks exceed this GPU's {sms} SMs: every rank's "
+                    "kernel must be resident at once (its blocks wait for the other ranks')"
+                )
+        nvl = max(c.get_nvl_buffer_size_hint(hidden_bytes, num_ranks) for c in self._configs)
         self.num_ranks, self.config = num_ranks, config
         self._memory = [torch.empty(nvl, dtype=torch.uint8, device="cuda") for _ in range(num_ranks)]
         ll_bytes = max(low_latency_bytes, _ext.load().low_latency_control_bytes()) if low_latency_bytes else 0
@@ -178,35 +181,45 @@ class OneGpuGroup:
         self._last[rank] = f"call {self._seq[rank]} ({OP_NAMES[op]})"
         return CallInfo(op, self._seq[rank], hidden, num_experts, num_topk, _DTYPE_CODES.get(dtype, 0), extra)
 
-    # Calls made inside ``run`` (each rank makes the same calls in the same order).
+    def _config(self, config: Config | None) -> Config:
+        """The config of one call: the group's, or one of ``more_configs``."""
+        if config is None:
+            return self.config
+        if config not in self._configs:
+            raise ValueError(f"config {config} was not given to OneGpuGroup (more_configs sizes the buffers)")
+        return config
+
+    # Calls made inside ``run`` (each rank makes the same calls in the same order); ``config``: the
+    # call's kernel config (default: the group's).
     def dispatch(self, rank: int, x_TH, topk_idx_TK, topk_weights_TK, num_experts: int, *, alignment: int = 1,
-                 expert_major: bool = False, x_scales_TS=None,
-                 num_worst_tokens: int = 0) -> DispatchResult:  # fmt: skip
+                 expert_major: bool = False, x_scales_TS=None, num_worst_tokens: int = 0,
+                 config: Config | None = None) -> DispatchResult:  # fmt: skip
         """A layout-free dispatch (BF16, or FP8 with ``x_scales_TS``); ``expert_major`` and
         ``num_worst_tokens`` as ``Buffer.dispatch``."""
         backend = self.backends[rank]
         per_rank, per_expert, in_rank = backend.get_dispatch_layout(topk_idx_TK, num_experts)
         info = self._info(rank, _OP_DISPATCH, x_TH.shape[1], num_experts, topk_idx_TK.shape[1], dtype=x_TH.dtype)
         args = DispatchArgs(info, x_TH, x_scales_TS, topk_idx_TK, topk_weights_TK, per_rank, per_expert, in_rank,
-                            None, num_experts, alignment, num_worst_tokens, self.config,
+                            None, num_experts, alignment, num_worst_tokens, self._config(config),
                             expert_major=expert_major)  # fmt: skip
         return backend.dispatch(args)
 
     def cached_dispatch(self, rank: int, x_TH, handle: DispatchHandle, *, expert_major: bool = False,
-                        x_scales_TS=None):  # fmt: skip
+                        x_scales_TS=None, config: Config | None = None):  # fmt: skip
         info = self._info(rank, _OP_CACHED, handle.hidden, handle.num_experts, 0, extra=handle.dispatch_seq,
                           dtype=x_TH.dtype)  # fmt: skip
         args = DispatchArgs(info, x_TH, x_scales_TS, None, None, None, None, None, handle, handle.num_experts,
-                            handle.expert_alignment, 0, self.config, expert_major=expert_major)  # fmt: skip
+                            handle.expert_alignment, 0, self._config(config), expert_major=expert_major)  # fmt: skip
         return self.backends[rank].dispatch(args)
 
     def combine(self, rank: int, x, handle: DispatchHandle, topk_weights_NK=None, bias=(), *,
-                expert_major: bool = False):  # fmt: skip
+                expert_major: bool = False, config: Config | None = None):  # fmt: skip
         """Combine on the kernels; ``expert_major``: x is ``[P, H]`` and the kernel sums the pairs."""
         num_topk = 0 if topk_weights_NK is None else topk_weights_NK.shape[1]
         info = self._info(rank, _OP_COMBINE, x.shape[1], handle.num_experts, num_topk, extra=handle.dispatch_seq,
                           dtype=x.dtype)  # fmt: skip
-        args = CombineArgs(info, x, handle, topk_weights_NK, tuple(bias), self.config, expert_major=expert_major)
+        args = CombineArgs(info, x, handle, topk_weights_NK, tuple(bias), self._config(config),
+                           expert_major=expert_major)  # fmt: skip
         return self.backends[rank].combine(args)
 
     def low_latency_dispatch(self, rank: int, x_TH, topk_idx_TK, topk_weights_TK, num_max_tokens: int,

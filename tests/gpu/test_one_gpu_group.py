@@ -412,3 +412,120 @@ def test_low_latency_matrix_on_one_gpu(kernels, R):
             assert_close(comb.combined_x_TH, want_c, f"{tag} combine", num_terms=c["K"], magnitude=mag)
     for r in range(R):
         assert_bitwise_equal(stats[r], total[r], f"R={R} seed={seed} rank {r} cumulative receive counts")
+
+
+# Kernel configs of different channel counts, chunks and rings that one group's calls switch
+# between (each keeps 8 x num_sms within the GPU).
+_CALL_CONFIGS = (Config(12, 6, 128), Config(4, 2, 16), Config(16, 4, 64))
+
+
+@pytest.mark.parametrize("R", [2, 4, 8])
+def test_configs_per_call_on_one_gpu(kernels, R):
+    """Calls of one group on different kernel configs (prepare rebuilds the row ranges for each
+    call's channel count): BF16 and FP8 dispatch, cached dispatch and combine each on another
+    config than the dispatch that made the handle, against the loop references."""
+    from ep_train.testing.one_gpu import OneGpuGroup
+
+    seed, E, K, H = random.randrange(1 << 30), 32, 6, 4096
+    A, B, C = _CALL_CONFIGS
+    T = [90 + 11 * r for r in range(R)]
+    routes = [make_routing("masked", T[r], E, K, R, seed, r) for r in range(R)]
+    idxs, ws = [i for i, _ in routes], [w.float() for _, w in routes]
+    xs = [torch.randn(T[r], H, generator=rank_generator(seed, r, 1)).to(torch.bfloat16) for r in range(R)]
+    x2s = [torch.randn(T[r], H, generator=rank_generator(seed, r, 2)).to(torch.bfloat16) for r in range(R)]
+    f8s = [fp8_rows(r, T[r], H, seed) for r in range(R)]
+    f8s2 = [fp8_rows(r, T[r], H, seed + 1) for r in range(R)]
+    recv = [expected_dispatch(r, xs, idxs, ws, E) for r in range(R)]
+    ys = [torch.randn(recv[r].x.shape, generator=rank_generator(seed, r, 3)).to(torch.bfloat16) for r in range(R)]
+    wys = [torch.rand(recv[r].topk_weights.shape, generator=rank_generator(seed, r, 4)) for r in range(R)]
+    group = OneGpuGroup(R, A, H * 2, timeout_s=10.0, more_configs=(B, C))
+    dev = OneGpuGroup.stage([xs, x2s, f8s, f8s2, idxs, ws, ys, wys])
+
+    def rank_calls(r: int):
+        x, x2, (f8, s8), (f8_2, s8_2), idx, w, y, wy = (t[r] for t in dev)
+        first = group.dispatch(r, x, idx, w, E, config=A)
+        cached = group.cached_dispatch(r, x2, first.handle, config=B)
+        combined = group.combine(r, y, first.handle, wy, config=C)
+        fp8 = group.dispatch(r, f8, idx, w, E, x_scales_TS=s8, config=B)
+        fp8_cached = group.cached_dispatch(r, f8_2, fp8.handle, x_scales_TS=s8_2, config=C)
+        combined_b = group.combine(r, y, fp8.handle, wy, config=A)
+        return first, cached, combined, fp8, fp8_cached, combined_b
+
+    try:
+        out = group.run(rank_calls)
+    finally:
+        group.destroy()
+    for r, (first, cached, combined, fp8, fp8_cached, combined_b) in enumerate(out):
+        tag = f"R={R} seed={seed} rank {r}"
+        want = recv[r]
+        assert_bitwise_equal(first.recv_x_NH, want.x, f"{tag} recv_x (config A)")
+        assert_bitwise_equal(first.recv_topk_idx_NK, want.topk_idx, f"{tag} recv_topk_idx")
+        assert_bitwise_equal(cached.recv_x_NH, expected_dispatch(r, x2s, idxs, ws, E).x, f"{tag} cached (B)")
+        for name, got, payload in (("FP8 (B)", fp8, f8s), ("cached FP8 (C)", fp8_cached, f8s2)):
+            want8 = expected_dispatch(r, payload, idxs, ws, E)
+            assert_bitwise_equal(got.recv_x_NH.view(torch.uint8), want8.x.view(torch.uint8), f"{tag} {name} rows")
+            assert_bitwise_equal(got.recv_x_scales_NS, want8.scales, f"{tag} {name} scales")
+        want_c, mag = expected_combine(r, recv, ys, T[r])
+        for name, got in (("combine (C)", combined), ("combine of the FP8 handle (A)", combined_b)):
+            assert_close(got.combined_x_TH, want_c, f"{tag} {name}", num_terms=R, magnitude=mag)
+            want_w = expected_combined_weights(r, recv, wys, T[r])
+            assert_close(got.combined_topk_weights_TK, want_w, f"{tag} {name} weights", num_terms=R)
+
+
+@pytest.mark.parametrize("R", [2, 4, 8])
+def test_low_latency_shapes_in_flight_on_one_gpu(kernels, R):
+    """Two low-latency dispatches of different shapes in flight at once (hidden 7168 with M = 64,
+    then hidden 2048 with M = 32: the two buffer halves), then their combines in the same way,
+    three rounds: each half must stay where it is whatever the other call's shape."""
+    from ep_train.testing.one_gpu import OneGpuGroup
+
+    seed, E, K = random.randrange(1 << 30), 32, 8
+    L = E // R
+    shapes = ((7168, 64), (2048, 32))  # (H, M)
+    group = OneGpuGroup(R, _CONFIGS[R], 2048 * 2, timeout_s=10.0,
+                        low_latency_bytes=layout.low_latency_buffer_bytes(64, 7168, R, E))  # fmt: skip
+    calls = []  # per round and shape: per rank (x, idx, w, y)
+    for n in range(3):
+        for si, (H, M) in enumerate(shapes):
+            per_rank = []
+            for r in range(R):
+                Tr = M - 3 * r if (n + r) % 4 else 0
+                idx, w = make_routing("uniform", Tr, E, K, R, seed + 2 * n + si, r)
+                x = torch.randn(Tr, H, generator=rank_generator(seed, r, 10 * n + si)).to(torch.bfloat16)
+                y = torch.randn(L, R * M, H, generator=rank_generator(seed, r, 10 * n + si + 5)).to(torch.bfloat16)
+                per_rank.append((x, idx, w.float(), y))
+            calls.append(per_rank)
+    dev = OneGpuGroup.stage(calls)
+
+    def rank_calls(r: int):
+        results = []
+        for n in range(3):
+            pair = [dev[2 * n + si][r] for si in range(2)]
+            sent = [group.low_latency_dispatch(r, x, idx, w, M, E, return_recv_hook=True)
+                    for (x, idx, w, _), (_, M) in zip(pair, shapes, strict=True)]  # fmt: skip
+            for d in sent:
+                d.hook()
+            combined = [group.low_latency_combine(r, y, idx, w, d.handle, return_recv_hook=True)
+                        for (_, idx, w, y), d in zip(pair, sent, strict=True)]  # fmt: skip
+            for c in combined:
+                c.hook()
+            results += list(zip(sent, combined, strict=True))
+        return results
+
+    try:
+        out = group.run(rank_calls)
+    finally:
+        group.destroy()
+    for n, per_rank in enumerate(calls):
+        H, M = shapes[n % 2]
+        xs, idxs, ws = ([per_rank[r][i] for r in range(R)] for i in range(3))
+        slots = [expected_low_latency(r, xs, idxs, ws, E, M) for r in range(R)]
+        for r in range(R):
+            tag = f"R={R} seed={seed} call {n} (H={H}, M={M}) rank {r}"
+            d, comb = out[r][n]
+            assert d.recv_count_L.cpu().tolist() == slots[r].count, f"{tag}: recv_count"
+            for l, cnt in enumerate(slots[r].count):  # noqa: E741 - l is the local expert
+                assert_bitwise_equal(d.recv_x_LSH[l, :cnt], slots[r].x[l, :cnt], f"{tag} expert {l} rows")
+            want_c, mag = expected_low_latency_combine(r, slots, [per_rank[q][3] for q in range(R)], ws[r],
+                                                       xs[r].shape[0])  # fmt: skip
+            assert_close(comb.combined_x_TH, want_c, f"{tag} combine", num_terms=K, magnitude=mag)
