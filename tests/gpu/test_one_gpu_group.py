@@ -529,3 +529,52 @@ def test_low_latency_shapes_in_flight_on_one_gpu(kernels, R):
             want_c, mag = expected_low_latency_combine(r, slots, [per_rank[q][3] for q in range(R)], ws[r],
                                                        xs[r].shape[0])  # fmt: skip
             assert_close(comb.combined_x_TH, want_c, f"{tag} combine", num_terms=K, magnitude=mag)
+
+
+@pytest.mark.parametrize("R", [2, 4, 8])
+def test_expert_major_configs_per_call_on_one_gpu(kernels, R):
+    """Expert-major dispatch on one config, its cached call and its combine (pairs summed inside the
+    combine) each on another: rows bitwise against the loop reference permuted to expert-major order,
+    the combine bitwise against sum_pair_rows + the plain combine on the dispatch's config."""
+    from ep_train.testing.one_gpu import OneGpuGroup
+
+    seed, E, K, H, alignment = random.randrange(1 << 30), 32, 6, 2048, 4
+    L = E // R
+    A, B, C = _CALL_CONFIGS
+    T = [70 + 9 * r for r in range(R)]
+    routes = [make_routing("uniform", T[r], E, K, R, seed, r) for r in range(R)]
+    idxs, ws = [i for i, _ in routes], [w.float() for _, w in routes]
+    xs = [torch.randn(T[r], H, generator=rank_generator(seed, r, 1)).to(torch.bfloat16) for r in range(R)]
+    x2s = [torch.randn(T[r], H, generator=rank_generator(seed, r, 2)).to(torch.bfloat16) for r in range(R)]
+    recv = [expected_dispatch(r, xs, idxs, ws, E, alignment) for r in range(R)]
+    perm = [permute_to_experts(w.x, w.topk_idx, w.topk_weights, L, alignment) for w in recv]
+    ys = [torch.randn(perm[r][0].shape, generator=rank_generator(seed, r, 3)).to(torch.bfloat16) for r in range(R)]
+    wys = [torch.rand(recv[r].topk_idx.shape, generator=rank_generator(seed, r, 4)) for r in range(R)]
+    group = OneGpuGroup(R, A, H * 2, timeout_s=10.0, more_configs=(B, C))
+    dev = OneGpuGroup.stage([xs, x2s, idxs, ws, ys, wys])
+
+    def rank_calls(r: int):
+        x, x2, idx, w, y_P, w_NK = (t[r] for t in dev)
+        fused = group.dispatch(r, x, idx, w, E, alignment=alignment, expert_major=True, config=A)
+        cached = group.cached_dispatch(r, x2, fused.handle, expert_major=True, config=B)
+        combined = group.combine(r, y_P, fused.handle, w_NK, expert_major=True, config=C)
+        y_sum = sum_pair_rows(y_P, fused.handle.pair_pos_NK)
+        reference = group.combine(r, y_sum, fused.handle, w_NK, config=A)
+        return fused, cached, combined, reference
+
+    try:
+        out = group.run(rank_calls)
+    finally:
+        group.destroy()
+    for r, (fused, cached, combined, reference) in enumerate(out):
+        tag = f"R={R} seed={seed} rank {r}"
+        want_P, want_tpe, want_probs, want_layout = perm[r]
+        assert fused.num_recv_tokens_per_expert_list == want_tpe.tolist(), f"{tag}: per-expert counts"
+        assert_bitwise_equal(fused.recv_x_NH, want_P, f"{tag} expert-major rows (A)")
+        assert_bitwise_equal(fused.pair_probs_P, want_probs, f"{tag} expert-major probs")
+        want_x2 = expected_dispatch(r, x2s, idxs, ws, E, alignment).x
+        want_P2, *_ = permute_to_experts(want_x2, recv[r].topk_idx, recv[r].topk_weights, L, alignment)
+        assert_bitwise_equal(cached.recv_x_NH, want_P2, f"{tag} cached expert-major rows (B)")
+        assert_bitwise_equal(combined.combined_x_TH, reference.combined_x_TH, f"{tag} expert-major combine (C)")
+        assert_bitwise_equal(combined.combined_topk_weights_TK, reference.combined_topk_weights_TK,
+                             f"{tag} combined weights (C)")  # fmt: skip
