@@ -41,6 +41,23 @@ def nvshmem_include_dir() -> str | None:
     return None
 
 
+def nvshmem_device_library(include_dir: str | None) -> str | None:
+    """``libnvshmem_device.a`` beside ``include_dir`` when ``EP_TRAIN_NVSHMEM_DEVICE=1`` asks for it.
+
+    With it the kernels are compiled with ``-rdc=true`` and device-linked against NVSHMEM's device
+    library: the low-latency kernels can then reach peers that have no load/store mapping (other
+    nodes) by NVSHMEM puts.  Off by default until the relocatable build is measured against the
+    plain one; the one-node paths need none of it.
+    """
+    if os.environ.get("EP_TRAIN_NVSHMEM_DEVICE", "") in ("", "0"):
+        return None
+    path = None if include_dir is None else os.path.join(os.path.dirname(include_dir), "lib", "libnvshmem_device.a")
+    if path is None or not os.path.isfile(path):
+        raise RuntimeError(f"EP_TRAIN_NVSHMEM_DEVICE=1, but libnvshmem_device.a was not found (looked at {path}; "
+                           "pip install nvidia-nvshmem-cu13, or set NVSHMEM_HOME)")  # fmt: skip
+    return path
+
+
 def cuda_extensions():
     """``(ext_modules, cmdclass)`` for ``ep_train._C``, or empty when this machine cannot build it."""
     if os.environ.get("EP_TRAIN_NO_CUDA_BUILD", "") not in ("", "0"):
@@ -69,16 +86,30 @@ def cuda_extensions():
         include_dirs.append(nvshmem_include)
         cxx.append("-DEP_TRAIN_WITH_NVSHMEM")
     # NOTES: no --use_fast_math: combine must round like the FP32 reference (no flush-to-zero).
-    nvcc = ["-O3", "-std=c++17", "-gencode", "arch=compute_90,code=sm_90", "-lineinfo"]
+    arch = ["-gencode", "arch=compute_90,code=sm_90"]
+    nvcc = ["-O3", "-std=c++17", *arch, "-lineinfo"]
+    link = [*_shared_libstdcxx(), "-ldl"]
+    device_lib = nvshmem_device_library(nvshmem_include)
+    extra = {}
+    if device_lib is not None:
+        cxx.append("-DEP_TRAIN_NVSHMEM_DEVICE")
+        nvcc += ["-rdc=true", "-DEP_TRAIN_NVSHMEM_DEVICE"]
+        # The device link resolves the kernels' NVSHMEM calls; the host link takes the library's
+        # host objects (its init and the registration of this module's device state).
+        extra = dict(dlink=True, dlink_libraries=["nvshmem_device"], library_dirs=[os.path.dirname(device_lib)])
+        link.append(device_lib)
+    flags = {"cxx": cxx, "nvcc": nvcc} | ({"nvcc_dlink": list(arch)} if device_lib else {})
     ext = CUDAExtension(
         name="ep_train._C",
         sources=sources,
         include_dirs=include_dirs,
-        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-        extra_link_args=[*_shared_libstdcxx(), "-ldl"],
+        extra_compile_args=flags,
+        extra_link_args=link,
+        **extra,
     )
     print(f"ep_train: building ep_train._C with CUDA {torch.version.cuda} from {len(sources)} files, NVSHMEM headers: "
-          f"{nvshmem_include or 'not found (CUDA IPC peers only)'}", file=sys.stderr)  # fmt: skip
+          f"{nvshmem_include or 'not found (CUDA IPC peers only)'}, NVSHMEM device library: "
+          f"{device_lib or 'no (EP_TRAIN_NVSHMEM_DEVICE=1 adds it)'}", file=sys.stderr)  # fmt: skip
     return [ext], {"build_ext": BuildExtension}
 
 

@@ -18,7 +18,7 @@ its source index.
 
 Low-latency buffer (``num_rdma_bytes``), per rank; mirrors ``csrc/include/ep_train/low_latency_layout.cuh``::
 
-    [control: status, LL sequence, finish counters, acks int64[MAX_RANKS],
+    [control: status, LL sequence, finish counters, acks int64[2 halves][MAX_RANKS],
               header slots [2 halves][MAX_RANKS sources] of 128 bytes (call header, arrivals, grid size)]
     [half 0][half 1], each:
         [counts:   int32 [E] = [L][R], rows source s put into local expert l]
@@ -26,6 +26,9 @@ Low-latency buffer (``num_rdma_bytes``), per rank; mirrors ``csrc/include/ep_tra
         [tokens:   [R][M] rows: token t of source s once, however many local experts it has here
                    (a BF16 row, or an FP8 row + its scales)]
         [combine:  [M][MAX_TOPK] BF16 rows, one per (token, top-k column) of the owner]
+        with RMA staging (peers reached by NVSHMEM puts, which read only symmetric memory):
+        [send tokens:  [M] rows, this rank's dispatched rows as they are put]
+        [send combine: [L][R][M] BF16 rows, this rank's expert outputs as they are put]
 
 Calls alternate between the halves, so a call may still be received while the next one is sent.
 Half 1 starts halfway through the space after the control part, whatever the call's shape: a
@@ -115,12 +118,17 @@ def low_latency_combine_row_bytes(hidden: int) -> int:
 
 
 def low_latency_buffer_bytes(
-    num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int
+    num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int, rma_staging: bool = False
 ) -> int:
-    """Bytes of the low-latency buffer (control + both halves)."""
+    """Bytes of the low-latency buffer (control + both halves); ``rma_staging`` adds the send areas
+    that peers reached by NVSHMEM puts need (another node, or ``EP_TRAIN_LL_RMA``)."""
     M = num_max_dispatch_tokens_per_rank
     counts = align_up(num_experts * 4)
     slots = align_up(num_experts * M * LOW_LATENCY_SLOT_BYTES)
     tokens = align_up(num_ranks * M * low_latency_token_row_bytes(hidden))
     combine = align_up(M * MAX_TOPK * low_latency_combine_row_bytes(hidden))
-    return LOW_LATENCY_CONTROL_BYTES + 2 * (counts + slots + tokens + combine)
+    staging = 0
+    if rma_staging:
+        staging = align_up(M * low_latency_token_row_bytes(hidden))
+        staging += align_up(num_experts * M * low_latency_combine_row_bytes(hidden))
+    return LOW_LATENCY_CONTROL_BYTES + 2 * (counts + slots + tokens + combine + staging)

@@ -357,7 +357,8 @@ LowLatencyLayout make_low_latency_layout(const LowLatencyRuntime& rt, int64_t ma
                 " and <= ", ep_train::kMaxExperts, ", got ", num_experts);
     TORCH_CHECK(hidden >= 1 && hidden % hidden_multiple == 0 && hidden <= 16384,
                 "this low-latency call takes hidden % ", hidden_multiple, " == 0 and hidden <= 16384, got ", hidden);
-    LowLatencyLayout layout(static_cast<int>(max_tokens), static_cast<int>(hidden), R, static_cast<int>(num_experts));
+    LowLatencyLayout layout(static_cast<int>(max_tokens), static_cast<int>(hidden), R, static_cast<int>(num_experts),
+                            rt.rma().peers != 0);
     TORCH_CHECK(layout.total_bytes() <= rt.num_bytes(), "num_rdma_bytes=", rt.num_bytes(),
                 " is too small for this low-latency call: it needs ", layout.total_bytes(),
                 " (Buffer.get_low_latency_rdma_size_hint)");
@@ -412,6 +413,7 @@ void low_latency_dispatch(LowLatencyRuntime& rt, const torch::Tensor& x, const t
     p.round_scale = round_scale;
     fill_info(p.info, info);
     p.layout = make_low_latency_layout(rt, max_tokens, x.size(1), num_experts, use_fp8 ? 128 : 8);
+    p.rma = rt.rma();
     c10::cuda::CUDAGuard guard(x.device());
     ep_train::launch_low_latency_dispatch(p, ctx, static_cast<int>(phases), rt.num_sms(), stream());
 }
@@ -447,6 +449,7 @@ void low_latency_combine(LowLatencyRuntime& rt, const torch::Tensor& x, const to
     p.num_experts = num_experts;
     fill_info(p.info, info);
     p.layout = make_low_latency_layout(rt, max_tokens, x.size(2), num_experts, 1);
+    p.rma = rt.rma();
     TORCH_CHECK(x.size(0) == p.layout.num_local_experts && x.size(1) == ctx.num_ranks * max_tokens,
                 "x must be [L, R*M, H]");
     c10::cuda::CUDAGuard guard(x.device());
@@ -532,16 +535,25 @@ PYBIND11_MODULE(_C, m) {
     m.def("swiglu_forward", &swiglu_forward, py::arg("h"), py::arg("probs") = py::none());
     m.def("swiglu_backward", &swiglu_backward, py::arg("h"), py::arg("probs"), py::arg("grad_out"));
     m.def("copy_rows", &copy_rows);
-    m.def("low_latency_bytes", [](int64_t max_tokens, int64_t hidden, int num_ranks, int64_t num_experts) {
-        return LowLatencyLayout(max_tokens, hidden, num_ranks, num_experts).total_bytes();
-    });
+    m.def(
+        "low_latency_bytes",
+        [](int64_t max_tokens, int64_t hidden, int num_ranks, int64_t num_experts, bool rma_staging) {
+            return LowLatencyLayout(max_tokens, hidden, num_ranks, num_experts, rma_staging).total_bytes();
+        },
+        py::arg("max_tokens"), py::arg("hidden"), py::arg("num_ranks"), py::arg("num_experts"),
+        py::arg("rma_staging") = false);
     py::class_<LowLatencyRuntime> low_latency(m, "LowLatencyRuntime");
     bind_peer_buffer(low_latency)
         .def("num_sms", &LowLatencyRuntime::num_sms)
         .def("set_num_sms", &LowLatencyRuntime::set_num_sms)
         .def("set_trace",
              [](LowLatencyRuntime& rt, uintptr_t trace) { rt.set_trace(reinterpret_cast<int64_t*>(trace)); })
-        .def("num_bytes", [](const LowLatencyRuntime& rt) { return rt.num_bytes(); });
+        .def("num_bytes", [](const LowLatencyRuntime& rt) { return rt.num_bytes(); })
+        .def("set_rma", &LowLatencyRuntime::set_rma, py::arg("peers"), py::arg("impl"))
+        .def("rma", [](const LowLatencyRuntime& rt) { return py::make_tuple(rt.rma().peers, rt.rma().impl); });
+    m.attr("LOW_LATENCY_RMA_PEER_COPIES") = static_cast<int>(ep_train::kRmaPeerCopies);
+    m.attr("LOW_LATENCY_RMA_NVSHMEM") = static_cast<int>(ep_train::kRmaNvshmem);
+    m.attr("NVSHMEM_DEVICE") = ep_train::nvshmem_device_compiled();
     m.def("low_latency_control_bytes", []() { return LowLatencyLayout::control_bytes(); });
     m.attr("LOW_LATENCY_TRACE_POINTS") = static_cast<int>(ep_train::kTracePoints);
     bind_nvshmem(m.def_submodule("nvshmem", "NVSHMEM's host library, loaded at run time (see nvshmem_host.hpp)"));

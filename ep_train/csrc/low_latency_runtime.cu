@@ -37,4 +37,29 @@ void LowLatencyRuntime::set_num_sms(int num_sms) {
     num_sms_ = num_sms;
 }
 
+bool nvshmem_device_compiled() {
+#if defined(EP_TRAIN_NVSHMEM_DEVICE)
+    return true;
+#else
+    return false;
+#endif
+}
+
+void LowLatencyRuntime::set_rma(uint32_t peers, int impl) {
+    const int R = context().num_ranks;
+    if (R < 32 && (peers >> R) != 0)
+        throw std::invalid_argument("low-latency RMA peers must be a mask of the " + std::to_string(R) +
+                                    " ranks, got " + std::to_string(peers));
+    if (impl != kRmaNone && impl != kRmaPeerCopies && impl != kRmaNvshmem)
+        throw std::invalid_argument("low-latency RMA impl must be 0, 1 or 2, got " + std::to_string(impl));
+    if (impl == kRmaNvshmem && !nvshmem_device_compiled())
+        throw std::invalid_argument(
+            "low-latency RMA over NVSHMEM needs ep_train._C built with NVSHMEM's device "
+            "library (libnvshmem_device.a)");
+    if ((peers != 0) != (impl != kRmaNone))
+        throw std::invalid_argument("low-latency RMA: peers " + std::to_string(peers) + " with impl " +
+                                    std::to_string(impl) + " (a mask needs an impl, and impl 0 no mask)");
+    rma_ = LowLatencyRma{peers, impl};
+}
+
 }  // namespace ep_train

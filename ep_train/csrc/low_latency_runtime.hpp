@@ -29,6 +29,21 @@ enum LowLatencyTracePoint : int {
     kTracePoints
 };
 
+// How the low-latency kernels reach the ranks in `peers` (bit r = rank r); the others get plain
+// stores through their peer pointers.  kRmaNvshmem: NVSHMEM device puts and signals (peers with no
+// load/store mapping, i.e. on other nodes; the buffer is then NVSHMEM symmetric memory); the rows
+// are staged in the buffer's send areas first, as a network put reads only symmetric memory.
+// kRmaPeerCopies: the same staged protocol with each put done as a copy through the peer pointer,
+// so it runs where NVSHMEM does not (the one-GPU group tests it).
+enum LowLatencyRmaImpl : int { kRmaNone = 0, kRmaPeerCopies = 1, kRmaNvshmem = 2 };
+struct LowLatencyRma {
+    uint32_t peers = 0;
+    int impl = kRmaNone;
+};
+
+// Whether ep_train._C was built with NVSHMEM's device library (kRmaNvshmem available).
+bool nvshmem_device_compiled();
+
 // The low-latency buffer: its own PeerBuffer, so normal and low-latency calls never share memory.
 class LowLatencyRuntime : public PeerBuffer {
   public:
@@ -43,11 +58,15 @@ class LowLatencyRuntime : public PeerBuffer {
     // Device memory of int64 [2 ops (dispatch, combine)][kTracePoints] or null: the kernels write
     // the global timer (ns) at their phase boundaries there (a diagnostic; see low_latency.cu).
     void set_trace(int64_t* trace) { trace_ = trace; }
+    // Throws std::invalid_argument on a mask beyond the ranks or an impl this build lacks.
+    void set_rma(uint32_t peers, int impl);
+    LowLatencyRma rma() const { return rma_; }
     int64_t* trace(int op) const { return trace_ == nullptr ? nullptr : trace_ + op * kTracePoints; }
 
   private:
     int num_sms_ = 0;
     int64_t* trace_ = nullptr;
+    LowLatencyRma rma_;
 };
 
 // Loads both low-latency kernels now (see load_kernel in runtime.hpp); the runtime does so when created.
@@ -74,6 +93,7 @@ struct LowLatencyDispatchParams {
     bool use_fp8, round_scale;
     int64_t info[kInfoWords];
     LowLatencyLayout layout;
+    LowLatencyRma rma;
 };
 void launch_low_latency_dispatch(const LowLatencyDispatchParams& p, const RankContext& ctx, int phases, int num_sms,
                                  cudaStream_t stream);
@@ -91,6 +111,7 @@ struct LowLatencyCombineParams {
     int num_tokens, num_topk, num_experts;
     int64_t info[kInfoWords];
     LowLatencyLayout layout;
+    LowLatencyRma rma;
 };
 void launch_low_latency_combine(const LowLatencyCombineParams& p, const RankContext& ctx, int phases, int num_sms,
                                 cudaStream_t stream);

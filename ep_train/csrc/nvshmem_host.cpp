@@ -1,7 +1,10 @@
-// Host-only NVSHMEM through dlopen: ep_train._C never links against libnvshmem_host, so it imports
-// (and the CUDA IPC path works) on machines without the wheel.  The declarations come from the
-// wheel's headers (NVSHMEM_HOSTLIB_ONLY: no device code, no -rdc, no device link); each entry point
-// is looked up by name and called through a pointer of the declared type.
+// NVSHMEM through dlopen: ep_train._C never links against libnvshmem_host, so it imports (and the
+// CUDA IPC path works) on machines without the wheel.  The declarations come from the wheel's
+// headers; each entry point is looked up by name and called through a pointer of the declared type.
+// Built with NVSHMEM's device library (EP_TRAIN_NVSHMEM_DEVICE: -rdc and a device link with
+// libnvshmem_device.a, for the low-latency kernels' puts), init goes through that library so the
+// host library fills in this module's device state; the library's host objects call three
+// nvshmemid_* functions of the host library, which this file forwards to the loaded one.
 #include "nvshmem_host.hpp"
 
 #include <cuda_runtime.h>
@@ -32,6 +35,11 @@ struct Api {
     decltype(&::nvshmem_n_pes) n_pes = nullptr;
     decltype(&::nvshmem_malloc) malloc = nullptr;
     decltype(&::nvshmem_ptr) ptr = nullptr;
+#if defined(EP_TRAIN_NVSHMEM_DEVICE)
+    decltype(&::nvshmemid_hostlib_init_attr) id_init_attr = nullptr;
+    decltype(&::nvshmemid_init_status) id_init_status = nullptr;
+    decltype(&::nvshmemid_hostlib_finalize) id_finalize = nullptr;
+#endif
 };
 
 Api api;
@@ -79,6 +87,11 @@ std::string load(const std::string& path) {
     find(handle, "nvshmem_n_pes", a.n_pes, missing);
     find(handle, "nvshmem_malloc", a.malloc, missing);
     find(handle, "nvshmem_ptr", a.ptr, missing);
+#if defined(EP_TRAIN_NVSHMEM_DEVICE)
+    find(handle, "nvshmemid_hostlib_init_attr", a.id_init_attr, missing);
+    find(handle, "nvshmemid_init_status", a.id_init_status, missing);
+    find(handle, "nvshmemid_hostlib_finalize", a.id_finalize, missing);
+#endif
     if (!missing.empty()) {
         dlclose(handle);
         return path + " lacks " + missing + " (NVSHMEM 3.3 or newer has them)";
@@ -116,7 +129,15 @@ void init(int rank, int num_ranks, const std::string& uid_bytes) {
         throw std::runtime_error("nvshmemx_set_attr_uniqueid_args failed with status " + std::to_string(status));
     // NOTES: NVSHMEM binds the PE to the current device; a CUDA context must exist first.
     cudaFree(nullptr);
+#if defined(EP_TRAIN_NVSHMEM_DEVICE)
+    // The device library's init: the host library's, plus this module's device state registered.
+    int provided = 0;
+    const nvshmemi_version_t version = {NVSHMEM_VENDOR_MAJOR_VERSION, NVSHMEM_VENDOR_MINOR_VERSION,
+                                        NVSHMEM_VENDOR_PATCH_VERSION};
+    status = nvshmemi_init_thread(NVSHMEM_THREAD_SERIALIZED, &provided, NVSHMEMX_INIT_WITH_UNIQUEID, &attr, version);
+#else
     status = a.hostlib_init_attr(NVSHMEMX_INIT_WITH_UNIQUEID, &attr);
+#endif
     if (status != 0)
         throw std::runtime_error("nvshmemx_hostlib_init_attr failed with status " + std::to_string(status) +
                                  " (NVSHMEM_DEBUG=WARN prints why)");
@@ -141,6 +162,27 @@ void* malloc(int64_t num_bytes) {
 void* peer_ptr(void* local, int pe) {
     return need_initialized("peer_ptr").ptr(local, pe);
 }
+
+#if defined(EP_TRAIN_NVSHMEM_DEVICE)
+}  // namespace ep_train::nvshmem
+
+// The host library entry points libnvshmem_device.a's host objects call, forwarded to the library
+// loaded above (they run only after load(): init is what calls them first).
+extern "C" int nvshmemid_hostlib_init_attr(int requested, int* provided, unsigned int bootstrap_flags,
+                                           nvshmemx_init_attr_t* attr, nvshmemi_version_t version,
+                                           nvshmemx_device_lib_init_cb cb) {
+    return ep_train::nvshmem::need_loaded("init").id_init_attr(requested, provided, bootstrap_flags, attr, version, cb);
+}
+extern "C" int nvshmemid_init_status() {
+    return ep_train::nvshmem::api.handle == nullptr ? NVSHMEM_STATUS_NOT_INITIALIZED
+                                                    : ep_train::nvshmem::api.id_init_status();
+}
+extern "C" void nvshmemid_hostlib_finalize(void* device_ctx, void* transport_device_ctx) {
+    if (ep_train::nvshmem::api.handle != nullptr) ep_train::nvshmem::api.id_finalize(device_ctx, transport_device_ctx);
+}
+
+namespace ep_train::nvshmem {
+#endif
 
 #else  // built without NVSHMEM headers
 

@@ -90,10 +90,17 @@ class OneGpuGroup:
         low_latency_bytes: size of each rank's low-latency buffer (``layout.low_latency_buffer_bytes``),
             0 for none; its kernels run on 1/R of the SMs per rank.
         more_configs: other configs that calls may pass as ``config=`` (the buffer is sized for all).
+        low_latency_rma: ranks (bit r = rank r) that every rank's low-latency kernels reach by puts
+            from staged rows instead of stores (the path for peers on other nodes); the buffers need
+            ``rma_staging`` in their size.  ``low_latency_rma_impl``: how a put is done (default: a
+            copy through the peer pointer; ``_C.LOW_LATENCY_RMA_NVSHMEM`` needs NVSHMEM memory).
+        low_latency_memory: device addresses of the ranks' low-latency buffers to adopt (e.g. NVSHMEM
+            symmetric blocks of ``low_latency_bytes``) instead of allocating them.
     """
 
     def __init__(self, num_ranks: int, config: Config, hidden_bytes: int, timeout_s: float = 30.0,
-                 low_latency_bytes: int = 0, more_configs: Sequence[Config] = ()):  # fmt: skip
+                 low_latency_bytes: int = 0, more_configs: Sequence[Config] = (), low_latency_rma: int = 0,
+                 low_latency_rma_impl: int | None = None, low_latency_memory: Sequence[int] | None = None):  # fmt: skip
         loading = os.environ.get("CUDA_MODULE_LOADING", "LAZY")
         if loading.upper() != "EAGER":
             raise RuntimeError(
@@ -112,19 +119,25 @@ class OneGpuGroup:
         self.num_ranks, self.config = num_ranks, config
         self._memory = [torch.empty(nvl, dtype=torch.uint8, device="cuda") for _ in range(num_ranks)]
         ll_bytes = max(low_latency_bytes, _ext.load().low_latency_control_bytes()) if low_latency_bytes else 0
-        self._ll_memory = [torch.empty(ll_bytes, dtype=torch.uint8, device="cuda") for _ in range(num_ranks)]
+        if low_latency_memory is not None:
+            if len(low_latency_memory) != num_ranks:
+                raise ValueError(f"low_latency_memory needs one address per rank, got {len(low_latency_memory)}")
+            self._ll_memory, ll_pointers = [], [int(a) for a in low_latency_memory]
+        else:
+            self._ll_memory = [torch.empty(ll_bytes, dtype=torch.uint8, device="cuda") for _ in range(num_ranks)]
+            ll_pointers = [m.data_ptr() for m in self._ll_memory]
         self.backends = [
-            _RankBackend(
-                r, num_ranks, nvl, timeout_s, self._memory[r].data_ptr(), ll_bytes, self._ll_memory[r].data_ptr()
-            )  # fmt: skip
+            _RankBackend(r, num_ranks, nvl, timeout_s, self._memory[r].data_ptr(), ll_bytes, ll_pointers[r])
             for r in range(num_ranks)
         ]
         pointers = [m.data_ptr() for m in self._memory]
-        ll_pointers = [m.data_ptr() for m in self._ll_memory]
+        impl = _ext.load().LOW_LATENCY_RMA_PEER_COPIES if low_latency_rma_impl is None else low_latency_rma_impl
         for backend in self.backends:
             backend._rt.set_peer_pointers(pointers)
             if ll_bytes:
                 backend._ll.set_peer_pointers(ll_pointers)
+                if low_latency_rma:
+                    backend._ll.set_rma(low_latency_rma, impl)
         self._streams = [torch.cuda.Stream() for _ in range(num_ranks)]
         self._seq = [0] * num_ranks
         self._last = ["none"] * num_ranks

@@ -271,14 +271,15 @@ def suite_failures(rank: int, world: int, seed: int, transport: str = "auto") ->
     cuda.destroy()
 
 
+@pytest.mark.parametrize("rma_staging", [False, True])
 @pytest.mark.parametrize("num_ranks", [2, 4, 8])
 @pytest.mark.parametrize("hidden", [128, 2048, 7168])
 @pytest.mark.parametrize("max_tokens,num_experts", [(1, 8), (128, 256), (256, 64)])
-def test_layout_matches_kernels(num_ranks, hidden, max_tokens, num_experts):
+def test_layout_matches_kernels(num_ranks, hidden, max_tokens, num_experts, rma_staging):
     if not _ext.is_available():
         pytest.skip(str(_ext.unavailable_reason()))
-    got = _ext.load().low_latency_bytes(max_tokens, hidden, num_ranks, num_experts)
-    assert got == layout.low_latency_buffer_bytes(max_tokens, hidden, num_ranks, num_experts)
+    got = _ext.load().low_latency_bytes(max_tokens, hidden, num_ranks, num_experts, rma_staging)
+    assert got == layout.low_latency_buffer_bytes(max_tokens, hidden, num_ranks, num_experts, rma_staging)
 
 
 def test_dispatch_combine_match_torch(num_gpus, transport):
@@ -363,3 +364,29 @@ def suite_phase_trace(rank: int, world: int, seed: int) -> None:
 
 def test_phase_trace(num_gpus):
     run_seeded(suite_phase_trace, num_gpus)
+
+
+def suite_nvshmem_puts_one_pe(rank: int, world: int, seed: int) -> None:
+    """The low-latency matrix with every row, header, count and signal an NVSHMEM device call (one PE:
+    every put goes to itself), on an NVSHMEM symmetric block."""
+    from ep_train import nvshmem
+
+    from .test_one_gpu_group import low_latency_matrix, low_latency_matrix_bytes
+
+    heap = nvshmem.heap_for(dist.group.WORLD)
+    assert not isinstance(heap, str), heap
+    block = heap.alloc(dist.group.WORLD, low_latency_matrix_bytes(1, rma_staging=True))
+    low_latency_matrix(1, 1, _ext.load().LOW_LATENCY_RMA_NVSHMEM, [block.ptr], seed)
+
+
+def test_low_latency_nvshmem_puts_one_pe():
+    if not _ext.is_available():
+        pytest.skip(str(_ext.unavailable_reason()))
+    if not _ext.load().NVSHMEM_DEVICE:
+        pytest.skip("ep_train._C built without NVSHMEM's device library (EP_TRAIN_NVSHMEM_DEVICE=1 adds it)")
+    from ep_train import nvshmem
+
+    reason = nvshmem.unavailable_reason(load=False)
+    if reason is not None:
+        pytest.skip(f"NVSHMEM: {reason}")
+    run_seeded(suite_nvshmem_puts_one_pe, 1)

@@ -29,7 +29,7 @@ from ep_train.testing.routing import ROUTING_KINDS, rank_generator
 pytestmark = pytest.mark.gpu
 
 # R x num_sms must fit on the GPU (132 SMs) with every block resident at once.
-_CONFIGS = {2: Config(24, 8, 256), 4: Config(16, 8, 256), 8: Config(12, 6, 128)}
+_CONFIGS = {1: Config(24, 8, 256), 2: Config(24, 8, 256), 4: Config(16, 8, 256), 8: Config(12, 6, 128)}
 
 
 def _case(kernels, R: int, kind: str, T: int, H: int, K: int, E: int, alignment: int, seed: int) -> None:
@@ -343,15 +343,29 @@ def test_low_latency_on_one_gpu(kernels, R, H, kind):
             assert_close(c.combined_x_TH, want_c, f"{tag} combine", num_terms=K, magnitude=mag)
 
 
+# Ranks every rank reaches by puts from staged rows (the path for peers on other nodes).
+_RMA_MASKS = {"stores": lambda R: 0, "rma-odd": lambda R: sum(1 << r for r in range(1, R, 2)),
+              "rma-all": lambda R: (1 << R) - 1}  # fmt: skip
+
+
+@pytest.mark.parametrize("rma", list(_RMA_MASKS))
 @pytest.mark.parametrize("R", [2, 4, 8])
-def test_low_latency_matrix_on_one_gpu(kernels, R):
+def test_low_latency_matrix_on_one_gpu(kernels, R, rma):
     """Twelve low-latency dispatch + combine pairs through one group: hidden 2048/4096/7168, top-k 1
     to 9, BF16 and FP8 (with power-of-two scales), with and without gate weights, hooks and ``out``,
     every routing kind, tokens from 0 to M per rank; slots, handle tensors, the cumulative receive
-    counts and the combine against the loop references."""
+    counts and the combine against the loop references.  ``rma``: which ranks are reached by staged
+    puts (done here as copies through the peer pointer) rather than stores."""
+    low_latency_matrix(R, _RMA_MASKS[rma](R))
+
+
+def low_latency_matrix(R: int, rma_mask: int, rma_impl: int | None = None, memory=None, seed: int | None = None):
+    """The matrix above on a group of R ranks (``memory``: low-latency buffers to adopt, of
+    ``low_latency_matrix_bytes(R, rma_mask != 0)`` bytes each)."""
     from ep_train.testing.one_gpu import OneGpuGroup
 
-    seed, E, M = random.randrange(1 << 30), 32, 64
+    seed = random.randrange(1 << 30) if seed is None else seed
+    E, M = 32, 64
     L, pick = E // R, random.Random(seed)
     cases = []
     for i in range(12):
@@ -360,7 +374,8 @@ def test_low_latency_matrix_on_one_gpu(kernels, R):
                           kind=ROUTING_KINDS[i % len(ROUTING_KINDS)], weights=i % 3 != 1, hook=i % 2 == 0,
                           out=i % 5 == 2, T=[0 if i % 6 == r else pick.randint(1, M) for r in range(R)]))  # fmt: skip
     group = OneGpuGroup(R, _CONFIGS[R], 2048 * 2, timeout_s=10.0,
-                        low_latency_bytes=layout.low_latency_buffer_bytes(M, 7168, R, E))  # fmt: skip
+                        low_latency_bytes=low_latency_matrix_bytes(R, rma_mask != 0), low_latency_rma=rma_mask,
+                        low_latency_rma_impl=rma_impl, low_latency_memory=memory)  # fmt: skip
     inputs = []  # per case: per rank (x, idx, w, y, out)
     for n, c in enumerate(cases):
         per_rank = []
@@ -401,7 +416,7 @@ def test_low_latency_matrix_on_one_gpu(kernels, R):
         idxs, ws = [inputs[n][r][1] for r in range(R)], [inputs[n][r][2] for r in range(R)]
         slots = [expected_low_latency(r, xs, idxs, ws if c["weights"] else None, E, M) for r in range(R)]
         for r in range(R):
-            tag = f"R={R} seed={seed} case {n} {c} rank {r}"
+            tag = f"R={R} RMA mask {rma_mask} seed={seed} case {n} {c} rank {r}"
             d, comb = out[r][n]
             _assert_low_latency_slots(tag, d, slots[r], c["fp8"])
             total[r] += torch.tensor(slots[r].count, dtype=torch.int32)
@@ -412,6 +427,10 @@ def test_low_latency_matrix_on_one_gpu(kernels, R):
             assert_close(comb.combined_x_TH, want_c, f"{tag} combine", num_terms=c["K"], magnitude=mag)
     for r in range(R):
         assert_bitwise_equal(stats[r], total[r], f"R={R} seed={seed} rank {r} cumulative receive counts")
+
+
+def low_latency_matrix_bytes(R: int, rma_staging: bool) -> int:
+    return layout.low_latency_buffer_bytes(64, 7168, R, 32, rma_staging=rma_staging)
 
 
 # Kernel configs of different channel counts, chunks and rings that one group's calls switch

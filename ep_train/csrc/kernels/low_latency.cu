@@ -13,6 +13,10 @@
 //            grid every rank runs), compare the call headers, move the rows out of half h
 //            (dispatch: pack into recv_x; combine: weighted FP32 sum per token), then every block
 //            counts itself done with half h; the last one stores n into every source's ack word.
+// Peers in the launch's RMA mask (LowLatencyRma: on another node, or forced) get the same protocol
+// through puts instead of stores: the rows are first staged in this rank's send areas (a network
+// put reads only symmetric memory), every header, count and slot word is a small put, and a block's
+// arrival is a signal after quiet (its puts delivered first).
 // NOTES: arrivals, receive counts and acks only grow, so nothing is ever cleaned; the ack makes a
 // third call wait instead of overwriting a half that is still being read (at most two calls in
 // flight).
@@ -20,6 +24,11 @@
 #include <cuda_runtime.h>
 
 #include <stdexcept>
+
+#if defined(EP_TRAIN_NVSHMEM_DEVICE)
+#include <nvshmem.h>
+#include <nvshmemx.h>
+#endif
 
 #include "ep_train/buffer_layout.cuh"
 #include "ep_train/low_latency_layout.cuh"
@@ -66,6 +75,100 @@ __device__ __forceinline__ void trace_mark(int64_t* trace, int point, bool who) 
     }
 }
 
+// ---- Writes to a peer.  Ranks outside the RMA mask get plain stores through their peer pointers;
+// for the others each write below is a put (NVSHMEM, or a copy through the peer pointer where
+// NVSHMEM is absent).  `own_dst` is the address at the same offset of this rank's buffer: NVSHMEM's
+// symmetric address of the word on every peer.
+__device__ __forceinline__ bool is_rma(const LowLatencyRma& rma, int r) {
+    return (rma.peers >> r) & 1u;
+}
+
+template <typename T>
+__device__ __forceinline__ T* on_peer(const RankContext& ctx, int r, T* own_dst) {
+    const char* own = static_cast<const char*>(ctx.peers.base[ctx.rank]);
+    return reinterpret_cast<T*>(static_cast<char*>(ctx.peers.base[r]) + (reinterpret_cast<const char*>(own_dst) - own));
+}
+
+// Warp-collective: num_bytes from src (this rank's staging area) to rank r at own_dst's offset.
+// NOTES: the staged rows were written by other warps of the block before a __syncthreads; the
+// fence makes them visible to the NIC that reads them.
+__device__ __forceinline__ void rma_put_warp(const RankContext& ctx, const LowLatencyRma& rma, int r, void* own_dst,
+                                             const void* src, int64_t num_bytes) {
+#if defined(EP_TRAIN_NVSHMEM_DEVICE)
+    if (rma.impl == kRmaNvshmem) {
+        __threadfence();
+        nvshmemx_putmem_nbi_warp(own_dst, src, static_cast<size_t>(num_bytes), r);
+        return;
+    }
+#endif
+    warp_copy<kCopyUnroll, true>(on_peer(ctx, r, static_cast<char*>(own_dst)), src, num_bytes);
+}
+
+// One thread: an int64 or int32 word to rank r at own_dst's offset (store or put).
+__device__ __forceinline__ void put_word(const RankContext& ctx, const LowLatencyRma& rma, int r, int64_t* own_dst,
+                                         int64_t v) {
+#if defined(EP_TRAIN_NVSHMEM_DEVICE)
+    if (is_rma(rma, r) && rma.impl == kRmaNvshmem) {
+        nvshmem_int64_p(own_dst, v, r);
+        return;
+    }
+#endif
+    *on_peer(ctx, r, own_dst) = v;
+}
+__device__ __forceinline__ void put_word(const RankContext& ctx, const LowLatencyRma& rma, int r, int* own_dst, int v) {
+#if defined(EP_TRAIN_NVSHMEM_DEVICE)
+    if (is_rma(rma, r) && rma.impl == kRmaNvshmem) {
+        nvshmem_int_p(own_dst, v, r);
+        return;
+    }
+#endif
+    *on_peer(ctx, r, own_dst) = v;
+}
+
+// One thread: 16 bytes to rank r at own_dst's offset (16-byte aligned).
+__device__ __forceinline__ void put_int4(const RankContext& ctx, const LowLatencyRma& rma, int r, void* own_dst,
+                                         int4 v) {
+#if defined(EP_TRAIN_NVSHMEM_DEVICE)
+    if (is_rma(rma, r) && rma.impl == kRmaNvshmem) {
+        auto* d = static_cast<long long*>(own_dst);
+        nvshmem_longlong_p(d, (static_cast<long long>(static_cast<uint32_t>(v.y)) << 32) | static_cast<uint32_t>(v.x),
+                           r);
+        nvshmem_longlong_p(d + 1,
+                           (static_cast<long long>(static_cast<uint32_t>(v.w)) << 32) | static_cast<uint32_t>(v.z), r);
+        return;
+    }
+#endif
+    ptx::st_na_v4(on_peer(ctx, r, static_cast<int4*>(own_dst)), v);
+}
+
+// One thread, after the block's barrier: this block's writes to rank r are delivered before one is
+// added to the word at own_dst's offset on r.  NOTES: quiet (not fence) because the puts were issued
+// by other threads of the block; a fence orders only what the calling thread issued.
+__device__ __forceinline__ void signal_add(const RankContext& ctx, const LowLatencyRma& rma, int r, int64_t* own_dst,
+                                           int64_t v) {
+#if defined(EP_TRAIN_NVSHMEM_DEVICE)
+    if (is_rma(rma, r) && rma.impl == kRmaNvshmem) {
+        nvshmem_quiet();
+        nvshmemx_signal_op(reinterpret_cast<uint64_t*>(own_dst), static_cast<uint64_t>(v), NVSHMEM_SIGNAL_ADD, r);
+        return;
+    }
+#endif
+    ptx::fence_acq_rel_sys();
+    ptx::red_add_release_sys(on_peer(ctx, r, own_dst), v);
+}
+
+// One thread: the word at own_dst's offset on rank r becomes v (no ordering with earlier writes).
+__device__ __forceinline__ void signal_set(const RankContext& ctx, const LowLatencyRma& rma, int r, int64_t* own_dst,
+                                           int64_t v) {
+#if defined(EP_TRAIN_NVSHMEM_DEVICE)
+    if (is_rma(rma, r) && rma.impl == kRmaNvshmem) {
+        nvshmemx_signal_op(reinterpret_cast<uint64_t*>(own_dst), static_cast<uint64_t>(v), NVSHMEM_SIGNAL_SET, r);
+        return;
+    }
+#endif
+    ptx::st_relaxed_sys(on_peer(ctx, r, own_dst), v);
+}
+
 // True in exactly one block: the last of the grid to get here.  Every block's earlier memory
 // operations are ordered (GPU scope) before that block's later ones; the counter is reset for the
 // next launch of the same phase and half.  The send phases call it after their arrivals, whose own
@@ -92,19 +195,22 @@ __device__ __forceinline__ bool block_is_last(int* counter, int* s_flag) {
 // trip; an ack is polled again only when it is behind (the usual case needs no second trip).
 __device__ __forceinline__ int64_t begin_send(const RankContext& ctx, int64_t* s_seq, int* s_flag) {
     const int t = threadIdx.x;
-    int64_t acked = 0;
     if (t == 0) {
         const int status = ptx::ld_volatile(ctx.err.status);
         *s_seq = ptx::ld_volatile(LowLatencyLayout::seq(ctx.peers.base[ctx.rank])) + 1;
         *s_flag = status != 0;
     }
     // Relaxed like the acknowledgement stores themselves; no write to the peer is issued before the
-    // value is compared.
-    if (t < ctx.num_ranks) acked = ptx::ld_volatile(LowLatencyLayout::ack(ctx.peers.base[ctx.rank], t));
+    // value is compared.  Both halves' acks: the half is known only once the counter is.
+    int64_t acked0 = 0, acked1 = 0;
+    if (t < ctx.num_ranks) {
+        acked0 = ptx::ld_volatile(LowLatencyLayout::ack(ctx.peers.base[ctx.rank], 0, t));
+        acked1 = ptx::ld_volatile(LowLatencyLayout::ack(ctx.peers.base[ctx.rank], 1, t));
+    }
     __syncthreads();
-    const int64_t seq = *s_seq;
+    const int64_t seq = *s_seq, acked = (seq & 1) ? acked1 : acked0;
     if (t < ctx.num_ranks && seq > 2 && acked < seq - 2 && *s_flag == 0) {
-        const int64_t* ack = LowLatencyLayout::ack(ctx.peers.base[ctx.rank], t);
+        const int64_t* ack = LowLatencyLayout::ack(ctx.peers.base[ctx.rank], static_cast<int>(seq & 1), t);
         if (wait_at_least(ack, seq - 2, ctx.err, kWaitLowLatencyAck, -1, t) < 0) *s_flag = 1;
     }
     return seq;
@@ -113,27 +219,26 @@ __device__ __forceinline__ int64_t begin_send(const RankContext& ctx, int64_t* s
 // Block 0 of a send phase, once the acks have freed this half: the call header words and the grid
 // size into every destination's slot [half][me].  They are ordered before block 0's arrival
 // (signal_arrival) as its rows are, so a receiver that has seen every block arrive reads them.
-__device__ __forceinline__ void write_headers(const RankContext& ctx, const int64_t* info, int64_t seq) {
+__device__ __forceinline__ void write_headers(const RankContext& ctx, const LowLatencyRma& rma, const int64_t* info,
+                                              int64_t seq) {
     if (blockIdx.x != 0) return;
     const int half = static_cast<int>(seq & 1), me = ctx.rank;
+    int64_t* own_slot = LowLatencyLayout::header(ctx.peers.base[me], half, me);
     for (int i = threadIdx.x; i < ctx.num_ranks * kInfoWords; i += blockDim.x)
-        LowLatencyLayout::header(ctx.peers.base[i / kInfoWords], half, me)[i % kInfoWords] = info[i % kInfoWords];
+        put_word(ctx, rma, i / kInfoWords, own_slot + i % kInfoWords, info[i % kInfoWords]);
     if (threadIdx.x < ctx.num_ranks)
-        LowLatencyLayout::header(ctx.peers.base[threadIdx.x], half, me)[LowLatencyLayout::kHeaderGridWord] = gridDim.x;
+        put_word(ctx, rma, threadIdx.x, own_slot + LowLatencyLayout::kHeaderGridWord, int64_t(gridDim.x));
 }
 
 // Every block of a send phase, after its last peer write: one arrival in every destination's slot
 // [half][me].  NOTES: this replaces a last-block stamp (counter, fence, then stamp): the receiver
 // waits for all the source's blocks itself, so no block waits for the others before signalling.
 // The fence in each signalling thread orders the whole block's writes (bar.sync, then fence).
-__device__ __forceinline__ void signal_arrival(const RankContext& ctx, int64_t seq) {
+__device__ __forceinline__ void signal_arrival(const RankContext& ctx, const LowLatencyRma& rma, int64_t seq) {
     __syncthreads();
     if (threadIdx.x < ctx.num_ranks) {
-        ptx::fence_acq_rel_sys();
-        ptx::red_add_release_sys(
-            LowLatencyLayout::header(ctx.peers.base[threadIdx.x], static_cast<int>(seq & 1), ctx.rank) +
-                LowLatencyLayout::kHeaderArrivalsWord,
-            1);
+        int64_t* own_slot = LowLatencyLayout::header(ctx.peers.base[ctx.rank], static_cast<int>(seq & 1), ctx.rank);
+        signal_add(ctx, rma, threadIdx.x, own_slot + LowLatencyLayout::kHeaderArrivalsWord, 1);
     }
 }
 
@@ -187,19 +292,19 @@ __device__ bool wait_sources(const RankContext& ctx, const int64_t* info, int64_
 
 // Every block of a receive phase, after its last read of half seq & 1: one count in this rank's
 // receive counter of the half; the block that completes the call's count (G per call: every rank
-// runs the same grid) stores seq into each source's ack word for this rank (max: acks never go
-// back).  NOTES: no fence.  Every warp used each value it read (copied or summed it) before the
-// barrier, so the reads have returned, and a later write by the source cannot change them; what
-// the fence ordered were this block's local writes, which the source does not read.  A
-// system-scope fence in every block cost ~2 us per call.
-__device__ __forceinline__ void acknowledge(const RankContext& ctx, int64_t seq) {
+// runs the same grid) stores seq into each source's ack word of the half for this rank (a plain
+// store: the previous value there is seq - 2, which the source has seen before it sent seq).  NOTES: no fence.  Every
+// warp used each value it read (copied or summed it) before the barrier, so the reads have returned, and a later write
+// by the source cannot change them; what the fence ordered were this block's local writes, which the source does not
+// read.  A system-scope fence in every block cost ~2 us per call.
+__device__ __forceinline__ void acknowledge(const RankContext& ctx, const LowLatencyRma& rma, int64_t seq) {
     __syncthreads();
     if (threadIdx.x != 0) return;
     auto* counter = reinterpret_cast<unsigned long long*>(
         LowLatencyLayout::received(ctx.peers.base[ctx.rank], static_cast<int>(seq & 1)));
     if ((atomicAdd(counter, 1ull) + 1) % gridDim.x != 0) return;
-    for (int s = 0; s < ctx.num_ranks; ++s)
-        ptx::red_max_relaxed_sys(LowLatencyLayout::ack(ctx.peers.base[s], ctx.rank), seq);
+    int64_t* own_ack = LowLatencyLayout::ack(ctx.peers.base[ctx.rank], static_cast<int>(seq & 1), ctx.rank);
+    for (int s = 0; s < ctx.num_ranks; ++s) signal_set(ctx, rma, s, own_ack, seq);
 }
 
 // Which local experts this block serves in a receive-side loop, and which share of their rows.
@@ -226,9 +331,12 @@ __device__ __forceinline__ int4 load_chunk(const LowLatencyDispatchParams& p, in
 // FP8: the 16 lanes of a 128-channel block (16-aligned: chunks is a multiple of 16) share its amax
 // by shuffles, so each lane casts its own channels from registers: x is read once.  The arithmetic
 // is ep_train/fp8.py's (see kInvFp8Max); every lane of the block computes the same scale.
-__device__ void send_rows(const LowLatencyDispatchParams& p, const RankContext& ctx, const int* s_ranks, int q0, int n,
-                          int half, int4 first, bool have_first) {
+// Tokens with an RMA destination are also written once into this rank's staging row; put_rows
+// sends them after the block's barrier.
+__device__ void send_rows(const LowLatencyDispatchParams& p, const RankContext& ctx, const LowLatencyRma& rma,
+                          const int* s_ranks, int q0, int n, int half, int4 first, bool have_first) {
     const int H = p.layout.hidden, chunks = H / 8, items = n * chunks, R = ctx.num_ranks, me = ctx.rank;
+    void* own = ctx.peers.base[me];
     const int lane = lane_id(), warp_first = static_cast<int>(threadIdx.x) - lane;
     for (int base = warp_first; base < items; base += blockDim.x) {  // warp-uniform: the shuffles need every lane
         const int it = base + lane, q = it / chunks, c = it % chunks;
@@ -258,18 +366,39 @@ __device__ void send_rows(const LowLatencyDispatchParams& p, const RankContext& 
             };
             const uint2 out = make_uint2(uint32_t(cast(f[0], f[1])) | (uint32_t(cast(f[2], f[3])) << 16),
                                          uint32_t(cast(f[4], f[5])) | (uint32_t(cast(f[6], f[7])) << 16));
-            for (int r = 0; r < R; ++r) {
-                if (!((ranks >> r) & 1)) continue;
-                char* row = p.layout.token_row(ctx.peers.base[r], half, me, q0 + q);
+            const int stores = ranks & ~static_cast<int>(rma.peers);
+            for (int r = 0; r <= R; ++r) {  // r == R: the staging row
+                if (r < R ? !((stores >> r) & 1) : ranks == stores) continue;
+                char* row = r < R ? p.layout.token_row(ctx.peers.base[r], half, me, q0 + q)
+                                  : p.layout.send_token(own, half, q0 + q);
                 ptx::st_na_v2(reinterpret_cast<uint2*>(row) + c, out);
                 if (c % (kFp8Block / 8) == 0) reinterpret_cast<float*>(row + H)[c / (kFp8Block / 8)] = scale;
             }
         } else {
+            const int stores = ranks & ~static_cast<int>(rma.peers);
             for (int r = 0; r < R; ++r)
-                if ((ranks >> r) & 1)
+                if ((stores >> r) & 1)
                     ptx::st_na_v4(reinterpret_cast<int4*>(p.layout.token_row(ctx.peers.base[r], half, me, q0 + q)) + c,
                                   v);
+            if (ranks != stores) ptx::st_na_v4(reinterpret_cast<int4*>(p.layout.send_token(own, half, q0 + q)) + c, v);
         }
+    }
+}
+
+// After the round's barrier: each staged row of tokens [q0, q0 + n) to every RMA rank that holds one
+// of its experts, one (token, rank) per warp.
+__device__ void put_rows(const LowLatencyDispatchParams& p, const RankContext& ctx, const LowLatencyRma& rma,
+                         const int* s_ranks, int q0, int n, int half) {
+    if (rma.peers == 0) return;
+    const int R = ctx.num_ranks, H = p.layout.hidden, warp = threadIdx.x / kWarpSize;
+    const int64_t bytes = p.use_fp8 ? H + int64_t(H / kFp8Block) * 4 : int64_t(H) * 2;
+    void* own = ctx.peers.base[ctx.rank];
+    __syncthreads();
+    for (int it = warp; it < n * R; it += kWarps) {
+        const int q = it / R, r = it % R;
+        if (!((s_ranks[q] >> r) & 1) || !is_rma(rma, r)) continue;
+        rma_put_warp(ctx, rma, r, p.layout.token_row(own, half, ctx.rank, q0 + q),
+                     p.layout.send_token(own, half, q0 + q), bytes);
     }
 }
 
@@ -294,7 +423,8 @@ struct SendShared {
 // NOTES: the critical path of a block with one or two tokens is its chain of dependent loads, so
 // each thread loads its chunk of the first round before the ack wait, the count loop also gives
 // the first round's tokens their ranks, and the FP8 cast needs no second pass over x.
-__device__ void dispatch_send(const LowLatencyDispatchParams& p, const RankContext& ctx, SendShared& sh) {
+__device__ void dispatch_send(const LowLatencyDispatchParams& p, const RankContext& ctx, const LowLatencyRma& rma,
+                              SendShared& sh) {
     const int K = p.num_topk, E = p.num_experts, L = p.layout.num_local_experts, M = p.layout.max_tokens;
     const int me = ctx.rank, lane = lane_id();
     const int T = p.num_tokens, num_entries = T * K;
@@ -323,11 +453,12 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, const RankConte
     }
     __syncthreads();
     if (sh.flag) return;
-    write_headers(ctx, p.info, seq);
+    write_headers(ctx, rma, p.info, seq);
     // Counts per (destination expert, me); the half is free (acknowledged), and each block's arrival
     // comes after its fence.
+    void* own = ctx.peers.base[me];
     for (int e = blockIdx.x + static_cast<int>(threadIdx.x) * gridDim.x; e < E; e += gridDim.x * blockDim.x)
-        *p.layout.count(ctx.peers.base[e / L], half, e % L, me) = min(sh.total[e], M);
+        put_word(ctx, rma, e / L, p.layout.count(own, half, e % L, me), min(sh.total[e], M));
 
     if (threadIdx.x < kWarpSize) {  // slot headers; the other warps go on to the rows
         for (int r0 = i0; r0 < i1; r0 += kRoundPairs) {
@@ -343,9 +474,8 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, const RankConte
                 report_error(ctx.err, kErrCapacity, kCheckLowLatencySlots, e, me, M, j + 1);
             } else if (e >= 0) {
                 const float w = p.topk_weights != nullptr ? p.topk_weights[i] : 0.0f;
-                ptx::st_na_v4(
-                    reinterpret_cast<int4*>(p.layout.dispatch_slot(ctx.peers.base[e / L], half, e % L, me, j)),
-                    make_int4(i / K, i % K, __float_as_int(w), 0));
+                put_int4(ctx, rma, e / L, p.layout.dispatch_slot(own, half, e % L, me, j),
+                         make_int4(i / K, i % K, __float_as_int(w), 0));
             }
         }
     }
@@ -364,11 +494,12 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, const RankConte
             }
             __syncthreads();
         }
-        send_rows(p, ctx, sh.ranks, q0, n, half, first, q0 == t0);
+        send_rows(p, ctx, rma, sh.ranks, q0, n, half, first, q0 == t0);
+        put_rows(p, ctx, rma, sh.ranks, q0, n, half);
     }
 
     trace_mark(p.trace, kTraceSent, blockIdx.x == 0);
-    signal_arrival(ctx, seq);
+    signal_arrival(ctx, rma, seq);
     trace_mark(p.trace, kTraceSignalled, blockIdx.x == 0);
     if (block_is_last(LowLatencyLayout::done(ctx.peers.base[me], kSendPhase, half), &sh.flag))
         record_seq(ctx, seq, p.call_seq);
@@ -384,7 +515,8 @@ struct RecvShared {
 // Dispatch receive.  Grid: blocks share the local experts (several blocks per expert when there
 // are more blocks than experts); a warp moves one slot at a time from the source-major staging
 // area [l][s][j] into recv_x[l][offset(l, s) + j], offsets = prefix of the counts over sources.
-__device__ void dispatch_recv(const LowLatencyDispatchParams& p, const RankContext& ctx, RecvShared& sh, int64_t seq) {
+__device__ void dispatch_recv(const LowLatencyDispatchParams& p, const RankContext& ctx, const LowLatencyRma& rma,
+                              RecvShared& sh, int64_t seq) {
     const int R = ctx.num_ranks, L = p.layout.num_local_experts, M = p.layout.max_tokens, H = p.layout.hidden;
     const int S = H / kFp8Block, RM = R * M, warp = threadIdx.x / kWarpSize, lane = lane_id();
     const int half = static_cast<int>(seq & 1);
@@ -447,33 +579,38 @@ __device__ void dispatch_recv(const LowLatencyDispatchParams& p, const RankConte
         __syncthreads();
     }
     trace_mark(p.trace, kTraceReceived, blockIdx.x == 0);
-    acknowledge(ctx, seq);
+    acknowledge(ctx, rma, seq);
     trace_mark(p.trace, kTraceAcked, blockIdx.x == 0);
 }
 
 // Grid: one block per SM (all co-resident: the fused send + receive waits inside one launch).
+// kRma: the launch has RMA peers; without, every RMA branch folds away (rma is all zero), so the
+// store-only kernels carry none of NVSHMEM's device code.
+template <bool kRma>
 __global__ void __launch_bounds__(kThreads, 1)
     low_latency_dispatch_kernel(const __grid_constant__ LowLatencyDispatchParams p,
                                 const __grid_constant__ RankContext ctx, int phases) {
+    const LowLatencyRma rma = kRma ? p.rma : LowLatencyRma{};
     __shared__ SendShared send_sh;
     __shared__ RecvShared recv_sh;
     int64_t seq;
     trace_mark(p.trace, kTraceStart, blockIdx.x == 0);
     // NOTES: no status check between the phases: a failure stops the receive phase at its first wait.
     if (phases & kPhaseSend) {
-        dispatch_send(p, ctx, send_sh);
+        dispatch_send(p, ctx, rma, send_sh);
         seq = send_sh.seq;
     } else {
         if (has_failed(ctx.err)) return;
         seq = ptx::ld_volatile(p.call_seq);
     }
-    if (phases & kPhaseRecv) dispatch_recv(p, ctx, recv_sh, seq);
+    if (phases & kPhaseRecv) dispatch_recv(p, ctx, rma, recv_sh, seq);
     trace_mark(p.trace, kTraceEnd, blockIdx.x == 0);
 }
 
 // Combine send.  Grid as the dispatch receive: a warp sends one filled slot (l, j) of x back to its
 // source rank s, into row (token * K + top-k column) of s's combine area.
-__device__ void combine_send(const LowLatencyCombineParams& p, const RankContext& ctx, RecvShared& sh) {
+__device__ void combine_send(const LowLatencyCombineParams& p, const RankContext& ctx, const LowLatencyRma& rma,
+                             RecvShared& sh) {
     const int R = ctx.num_ranks, L = p.layout.num_local_experts, M = p.layout.max_tokens, K = p.num_topk;
     const int RM = R * M, warp = threadIdx.x / kWarpSize;
     const int64_t seq = begin_send(ctx, &sh.seq, &sh.flag), row_bytes = int64_t(p.layout.hidden) * 2;
@@ -481,7 +618,8 @@ __device__ void combine_send(const LowLatencyCombineParams& p, const RankContext
     const int half = static_cast<int>(seq & 1);
     __syncthreads();
     if (sh.flag) return;
-    write_headers(ctx, p.info, seq);
+    write_headers(ctx, rma, p.info, seq);
+    void* own = ctx.peers.base[ctx.rank];
     const ExpertShare share = expert_share(L);
     for (int l = share.first; l < L; l += share.step) {
         if (threadIdx.x == 0) {
@@ -505,14 +643,21 @@ __device__ void combine_send(const LowLatencyCombineParams& p, const RankContext
             while (s < R && !(j >= sh.offset[s] && j < sh.offset[s] + sh.count[s])) ++s;
             const int t = p.recv_src_info[int64_t(l) * RM + j], k = p.recv_topk_pos[int64_t(l) * RM + j];
             if (s == R || t < 0 || t >= M || k < 0 || k >= K) continue;
-            char* dst = p.layout.combine_slot(ctx.peers.base[s], half, t * K + k);
-            warp_copy<kCopyUnroll, false>(dst, static_cast<const char*>(p.x) + (int64_t(l) * RM + j) * row_bytes,
-                                          row_bytes);
+            char* own_dst = p.layout.combine_slot(own, half, t * K + k);
+            const char* src = static_cast<const char*>(p.x) + (int64_t(l) * RM + j) * row_bytes;
+            if (is_rma(rma, s)) {  // staged, then put (see rma_put_warp)
+                char* staged = p.layout.send_combine(own, half, int64_t(l) * RM + j);
+                warp_copy<kCopyUnroll, false>(staged, src, row_bytes);
+                __syncwarp();
+                rma_put_warp(ctx, rma, s, own_dst, staged, row_bytes);
+            } else {
+                warp_copy<kCopyUnroll, false>(on_peer(ctx, s, own_dst), src, row_bytes);
+            }
         }
         __syncthreads();
     }
     trace_mark(p.trace, kTraceSent, blockIdx.x == 0);
-    signal_arrival(ctx, seq);
+    signal_arrival(ctx, rma, seq);
     trace_mark(p.trace, kTraceSignalled, blockIdx.x == 0);
     if (block_is_last(LowLatencyLayout::done(ctx.peers.base[ctx.rank], kSendPhase, half), &sh.flag))
         record_seq(ctx, seq, p.call_seq);
@@ -542,7 +687,8 @@ __device__ void combine_reduce_scalar(const LowLatencyCombineParams& p, void* ow
 // A lane takes the top-k entries kCombineGroup at a time: the ids and weights of the group are
 // loaded together, then the group's row chunks, so a token costs two round trips per group
 // instead of two per entry.
-__device__ void combine_recv(const LowLatencyCombineParams& p, const RankContext& ctx, RecvShared& sh, int64_t seq) {
+__device__ void combine_recv(const LowLatencyCombineParams& p, const RankContext& ctx, const LowLatencyRma& rma,
+                             RecvShared& sh, int64_t seq) {
     const int K = p.num_topk, H = p.layout.hidden, chunks = H / 8;
     const int half = static_cast<int>(seq & 1);
     void* own = ctx.peers.base[ctx.rank];
@@ -587,43 +733,53 @@ __device__ void combine_recv(const LowLatencyCombineParams& p, const RankContext
         reinterpret_cast<Bf16x8*>(static_cast<char*>(p.out) + int64_t(t) * H * 2)[c] = o;
     }
     trace_mark(p.trace, kTraceReceived, blockIdx.x == 0);
-    acknowledge(ctx, seq);
+    acknowledge(ctx, rma, seq);
     trace_mark(p.trace, kTraceAcked, blockIdx.x == 0);
 }
 
+template <bool kRma>
 __global__ void __launch_bounds__(kThreads, 1)
     low_latency_combine_kernel(const __grid_constant__ LowLatencyCombineParams p,
                                const __grid_constant__ RankContext ctx, int phases) {
+    const LowLatencyRma rma = kRma ? p.rma : LowLatencyRma{};
     __shared__ RecvShared sh;
     int64_t seq;
     trace_mark(p.trace, kTraceStart, blockIdx.x == 0);
     if (phases & kPhaseSend) {  // a failure stops the receive phase at its first wait (see dispatch)
-        combine_send(p, ctx, sh);
+        combine_send(p, ctx, rma, sh);
         seq = sh.seq;
     } else {
         if (has_failed(ctx.err)) return;
         seq = ptx::ld_volatile(p.call_seq);
     }
-    if (phases & kPhaseRecv) combine_recv(p, ctx, sh, seq);
+    if (phases & kPhaseRecv) combine_recv(p, ctx, rma, sh, seq);
     trace_mark(p.trace, kTraceEnd, blockIdx.x == 0);
 }
 
 }  // namespace
 
 void load_low_latency_kernels() {
-    load_kernel(low_latency_dispatch_kernel, "low_latency_dispatch kernel");
-    load_kernel(low_latency_combine_kernel, "low_latency_combine kernel");
+    load_kernel(low_latency_dispatch_kernel<false>, "low_latency_dispatch kernel");
+    load_kernel(low_latency_combine_kernel<false>, "low_latency_combine kernel");
+    load_kernel(low_latency_dispatch_kernel<true>, "low_latency_dispatch kernel (RMA)");
+    load_kernel(low_latency_combine_kernel<true>, "low_latency_combine kernel (RMA)");
 }
 
 void launch_low_latency_dispatch(const LowLatencyDispatchParams& p, const RankContext& ctx, int phases, int num_sms,
                                  cudaStream_t stream) {
-    low_latency_dispatch_kernel<<<num_sms, kThreads, 0, stream>>>(p, ctx, phases);
+    if (p.rma.peers != 0)
+        low_latency_dispatch_kernel<true><<<num_sms, kThreads, 0, stream>>>(p, ctx, phases);
+    else
+        low_latency_dispatch_kernel<false><<<num_sms, kThreads, 0, stream>>>(p, ctx, phases);
     check_cuda(cudaGetLastError(), "low_latency_dispatch launch");
 }
 
 void launch_low_latency_combine(const LowLatencyCombineParams& p, const RankContext& ctx, int phases, int num_sms,
                                 cudaStream_t stream) {
-    low_latency_combine_kernel<<<num_sms, kThreads, 0, stream>>>(p, ctx, phases);
+    if (p.rma.peers != 0)
+        low_latency_combine_kernel<true><<<num_sms, kThreads, 0, stream>>>(p, ctx, phases);
+    else
+        low_latency_combine_kernel<false><<<num_sms, kThreads, 0, stream>>>(p, ctx, phases);
     check_cuda(cudaGetLastError(), "low_latency_combine launch");
 }
 

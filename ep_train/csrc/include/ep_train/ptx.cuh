@@ -34,10 +34,6 @@ __device__ __forceinline__ void red_add_release_sys(int64_t* p, int64_t v) {
     asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
-__device__ __forceinline__ void red_max_relaxed_sys(int64_t* p, int64_t v) {
-    asm volatile("red.relaxed.sys.global.max.s64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-
 __device__ __forceinline__ void st_relaxed_sys(int64_t* p, int64_t v) {
     asm volatile("st.relaxed.sys.global.s64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
