@@ -94,6 +94,9 @@ def cuda_extensions():
     if device_lib is not None:
         cxx.append("-DEP_TRAIN_NVSHMEM_DEVICE")
         nvcc += ["-rdc=true", "-DEP_TRAIN_NVSHMEM_DEVICE"]
+        # NVSHMEM's device headers use the half/bfloat16 operators that torch's default flags hide.
+        nvcc += [f"-U__CUDA_NO_{what}__" for what in ("HALF_OPERATORS", "HALF_CONVERSIONS", "BFLOAT16_CONVERSIONS",
+                                                      "HALF2_OPERATORS")]  # fmt: skip
         # The device link resolves the kernels' NVSHMEM calls; the host link takes the library's
         # host objects (its init and the registration of this module's device state).
         extra = dict(dlink=True, dlink_libraries=["nvshmem_device"], library_dirs=[os.path.dirname(device_lib)])
