@@ -18,8 +18,8 @@ void check_cuda(cudaError_t err, const char* what) {
 
 PeerBuffer::PeerBuffer(int rank, int num_ranks, int64_t num_bytes, double timeout_s, const char* name, void* external)
     : rank_(rank), num_ranks_(num_ranks), num_bytes_(num_bytes), name_(name), owns_memory_(external == nullptr) {
-    if (num_ranks != 2 && num_ranks != 4 && num_ranks != 8)
-        throw std::invalid_argument(std::string(name) + ": 2, 4 or 8 ranks on one node, got " +
+    if (num_ranks < 1 || num_ranks > kMaxRanks)
+        throw std::invalid_argument(std::string(name) + ": 1 to " + std::to_string(kMaxRanks) + " ranks, got " +
                                     std::to_string(num_ranks));
     if (rank < 0 || rank >= num_ranks) throw std::invalid_argument(std::string(name) + ": rank out of range");
     check_cuda(cudaGetDevice(&device_), "cudaGetDevice");

@@ -4,6 +4,7 @@
 #include <atomic>
 #include <chrono>
 #include <stdexcept>
+#include <string>
 #include <thread>
 
 #include "runtime.hpp"
@@ -13,6 +14,8 @@ namespace ep_train {
 IntranodeRuntime::IntranodeRuntime(int rank, int num_ranks, int64_t num_nvl_bytes, double timeout_s, void* external)
     : PeerBuffer(rank, num_ranks, std::max<int64_t>(num_nvl_bytes, IntranodeLayout::control_bytes()), timeout_s,
                  "NVLink buffer", external) {
+    if (num_ranks != 2 && num_ranks != 4 && num_ranks != 8)  // the kernels' rank-count instantiations
+        throw std::invalid_argument("NVLink buffer: 2, 4 or 8 ranks on one node, got " + std::to_string(num_ranks));
     load_layout_kernels();
     load_permute_kernels();
     load_copy_rows_kernels();

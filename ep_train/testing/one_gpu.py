@@ -70,7 +70,10 @@ class _RankBackend(CudaBackend):
                  ll_bytes: int, ll_external: int):  # fmt: skip
         self._C = _ext.load()
         self.group, self.rank, self.num_ranks, self.timeout_s = None, rank, num_ranks, float(timeout_s)
-        self._rt = self._C.IntranodeRuntime(rank, num_ranks, num_nvl_bytes, self.timeout_s, external=external)
+        # One rank: low-latency calls only (the NVLink kernels are built for 2, 4 and 8 ranks).
+        self._rt = None
+        if num_ranks > 1:
+            self._rt = self._C.IntranodeRuntime(rank, num_ranks, num_nvl_bytes, self.timeout_s, external=external)
         self._ll = self._ll_block = None
         self.low_latency_transport = None
         if ll_bytes:
@@ -84,7 +87,7 @@ class OneGpuGroup:
     """R ranks of the ``cuda`` backend on the current GPU (see the module docstring).
 
     Args:
-        num_ranks: 2, 4 or 8.
+        num_ranks: 2, 4 or 8; or 1 for low-latency calls only (a group with no NVLink buffer).
         config: the kernels' config for every call (its ``num_sms`` x R SMs must fit on the GPU).
         hidden_bytes: the largest row any call moves (sizes the buffers).
         low_latency_bytes: size of each rank's low-latency buffer (``layout.low_latency_buffer_bytes``),
@@ -133,7 +136,8 @@ class OneGpuGroup:
         pointers = [m.data_ptr() for m in self._memory]
         impl = _ext.load().LOW_LATENCY_RMA_PEER_COPIES if low_latency_rma_impl is None else low_latency_rma_impl
         for backend in self.backends:
-            backend._rt.set_peer_pointers(pointers)
+            if backend._rt is not None:
+                backend._rt.set_peer_pointers(pointers)
             if ll_bytes:
                 backend._ll.set_peer_pointers(ll_pointers)
                 if low_latency_rma:
