@@ -293,10 +293,11 @@ __device__ bool wait_sources(const RankContext& ctx, const int64_t* info, int64_
 // Every block of a receive phase, after its last read of half seq & 1: one count in this rank's
 // receive counter of the half; the block that completes the call's count (G per call: every rank
 // runs the same grid) stores seq into each source's ack word of the half for this rank (a plain
-// store: the previous value there is seq - 2, which the source has seen before it sent seq).  NOTES: no fence.  Every
-// warp used each value it read (copied or summed it) before the barrier, so the reads have returned, and a later write
-// by the source cannot change them; what the fence ordered were this block's local writes, which the source does not
-// read.  A system-scope fence in every block cost ~2 us per call.
+// store: the value there is seq - 2, which the source saw before it sent seq).  NOTES: no fence.
+// Every warp used each value it read (copied or summed it) before the barrier, so the reads have
+// returned, and a later write by the source cannot change them; what the fence ordered were this
+// block's local writes, which the source does not read.  A system-scope fence in every block cost
+// ~2 us per call.
 __device__ __forceinline__ void acknowledge(const RankContext& ctx, const LowLatencyRma& rma, int64_t seq) {
     __syncthreads();
     if (threadIdx.x != 0) return;
