@@ -6,7 +6,8 @@ rank (also 1, 32 and 256), num_max_dispatch_tokens_per_rank = tokens, on every G
 dispatch FP8, combine), and of the send and the receive (hook) halves of an eager hook-mode call.
 The torch backend syncs with the host, so it cannot be captured: it is timed eagerly.  Logical
 bandwidth = bytes of the rows rank 0 receives, in BF16 (FP8: x (1 + 4/128) / 2).  Never asserts.
-The header names the low-latency buffer's memory (NVSHMEM or CUDA IPC; ``EP_TRAIN_LL_TRANSPORT``).
+The header names the low-latency buffer's memory (NVSHMEM or CUDA IPC; ``EP_TRAIN_LL_TRANSPORT``)
+and whether every rank is reached by NVSHMEM puts (``EP_TRAIN_LL_RMA=1``, the path to other nodes).
 
 ``--trace`` adds, per size, the median time between the phase boundaries inside the fused
 kernels (global timer written by block 0).
@@ -22,7 +23,7 @@ import torch
 import torch.distributed as dist
 from _common import bandwidth_row, median_us, run_on_gpus, standard_parser
 
-from ep_train import Buffer
+from ep_train import Buffer, _env
 
 
 def _graph_of(fn) -> torch.cuda.CUDAGraph:
@@ -123,7 +124,9 @@ def _trace(cuda: Buffer, T: int, args, rank: int) -> list[list[float]]:
 
 
 def _worker(rank: int, world: int, args) -> None:
-    rdma = Buffer.get_low_latency_rdma_size_hint(max(args.tokens), args.hidden, world, args.experts)
+    rdma = Buffer.get_low_latency_rdma_size_hint(
+        max(args.tokens), args.hidden, world, args.experts, rma_staging=_env.low_latency_rma()
+    )
     cuda = Buffer(None, 0, rdma, low_latency_mode=True, backend="cuda", timeout_s=60.0)
     ref = Buffer(None, 0, rdma, low_latency_mode=True, backend="torch")
     lines = []
@@ -140,7 +143,8 @@ def _worker(rank: int, world: int, args) -> None:
     if rank == 0:
         head = f"{world} x {torch.cuda.get_device_name()}, {datetime.date.today()}, H={args.hidden} top-{args.topk} "
         print(f"\n{head}E={args.experts}, num_rdma_bytes={rdma / 2**20:.0f} MiB, "
-              f"low-latency buffer: {cuda.low_latency_transport}")  # fmt: skip
+              f"low-latency buffer: {cuda.low_latency_transport}"
+              f"{', every rank by NVSHMEM puts' if cuda._backend.low_latency_rma else ''}")  # fmt: skip
         print("\n".join(lines), flush=True)
     torch.cuda.synchronize()
     dist.barrier()

@@ -7,7 +7,14 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["default_timeout_s", "forced_backend", "low_latency_transport", "nvshmem_roots", "quiet_import"]
+__all__ = [
+    "default_timeout_s",
+    "forced_backend",
+    "low_latency_rma",
+    "low_latency_transport",
+    "nvshmem_roots",
+    "quiet_import",
+]
 
 
 def _float(name: str, default: float) -> float:
@@ -58,6 +65,16 @@ def low_latency_transport() -> str:
             f"environment variable EP_TRAIN_LL_TRANSPORT must be one of {LOW_LATENCY_TRANSPORTS}, got {raw!r}"
         )
     return raw
+
+
+def low_latency_rma() -> bool:
+    """``EP_TRAIN_LL_RMA=1``: the cuda backend's low-latency kernels reach every rank by NVSHMEM puts
+    from staged rows, the path for ranks on other nodes, also on one node (to check that path; it
+    needs NVSHMEM memory and ``ep_train._C`` built with ``EP_TRAIN_NVSHMEM_DEVICE=1``)."""
+    raw = os.environ.get("EP_TRAIN_LL_RMA", "").strip()
+    if raw not in ("", "0", "1"):
+        raise ValueError(f"environment variable EP_TRAIN_LL_RMA must be 0 or 1, got {raw!r}")
+    return raw == "1"
 
 
 def nvshmem_roots() -> list[str]:

@@ -213,10 +213,13 @@ class Buffer:
 
     @staticmethod
     def get_low_latency_rdma_size_hint(
-        num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int
+        num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int, rma_staging: bool = False
     ) -> int:
-        """Bytes of ``num_rdma_bytes`` the low-latency calls of this shape need."""
-        return layout.low_latency_buffer_bytes(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
+        """Bytes of ``num_rdma_bytes`` the low-latency calls of this shape need; ``rma_staging``: also
+        the send areas of ranks reached by NVSHMEM puts (``EP_TRAIN_LL_RMA=1``)."""
+        return layout.low_latency_buffer_bytes(
+            num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts, rma_staging=rma_staging
+        )
 
     @staticmethod
     def capture() -> EventOverlap:
@@ -681,7 +684,8 @@ class Buffer:
     def _check_low_latency(self, M: int, hidden: int, num_experts: int) -> None:
         if not self.low_latency_mode:
             raise ValueError("low-latency calls need Buffer(..., low_latency_mode=True)")
-        need = self.get_low_latency_rdma_size_hint(M, hidden, self.group_size, num_experts)
+        rma = bool(getattr(self._backend, "low_latency_rma", False))
+        need = self.get_low_latency_rdma_size_hint(M, hidden, self.group_size, num_experts, rma_staging=rma)
         if self.num_rdma_bytes < need:
             raise ValueError(
                 f"num_rdma_bytes={self.num_rdma_bytes} is too small for low-latency calls with "

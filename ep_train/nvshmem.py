@@ -5,11 +5,13 @@ those pointers come from one symmetric allocation (``nvshmem_ptr``), so the buff
 IPC handles and its memory is the same NVSHMEM heap the network path of a multi-node job uses.  On
 one node NVSHMEM uses NVLink (its P2P transport): no RDMA NIC is needed.
 
-Only NVSHMEM's host library is used, loaded at run time from the pip wheel (nvidia-nvshmem-cu12 /
--cu13) or ``$NVSHMEM_HOME``; ``ep_train._C`` is compiled against the wheel's headers.  NVSHMEM is
-bootstrapped from a unique id broadcast over the torch process group, so there is no MPI and no
-launcher integration.  One process belongs to one NVSHMEM job: the first group that asks becomes
-its PEs, in group-rank order; another group gets CUDA IPC (``auto``) or an error (``nvshmem``).
+NVSHMEM's host library is loaded at run time from the pip wheel (nvidia-nvshmem-cu12 / -cu13) or
+``$NVSHMEM_HOME``; ``ep_train._C`` is compiled against the wheel's headers, and with
+``EP_TRAIN_NVSHMEM_DEVICE=1`` at build time also linked with its device library (the low-latency
+kernels' puts, docs/kernels.md).  NVSHMEM is bootstrapped from a unique id broadcast over the
+torch process group, so there is no MPI and no launcher integration.  One process belongs to one
+NVSHMEM job: the first group that asks becomes its PEs, in group-rank order; another group gets
+CUDA IPC (``auto``) or an error (``nvshmem``).
 
 No wait is unbounded: every NVSHMEM collective (init, malloc) is entered only after the ranks have
 agreed over the process group (whose timeout applies) that all of them enter it with the same

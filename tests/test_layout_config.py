@@ -66,6 +66,10 @@ def test_low_latency_size_hint_is_monotone():
     assert Buffer.get_low_latency_rdma_size_hint(128, 4096, 8, 64) > base
     assert Buffer.get_low_latency_rdma_size_hint(64, 7168, 8, 64) > base
     assert Buffer.get_low_latency_rdma_size_hint(64, 4096, 8, 256) > base
+    # Staging for ranks reached by puts: per half, M token rows and E x M combine rows (both halves).
+    staged = Buffer.get_low_latency_rdma_size_hint(64, 4096, 8, 64, rma_staging=True)
+    row = layout.low_latency_token_row_bytes(4096)
+    assert staged - base == 2 * (layout.align_up(64 * row) + layout.align_up(64 * 64 * row))
     # A token row holds a BF16 row; FP8 rows and their scales fit in it.
     for hidden in (128, 2048, 7168):
         row = layout.low_latency_token_row_bytes(hidden)

@@ -91,6 +91,16 @@ def test_transport_variable(monkeypatch):
         _env.low_latency_transport()
 
 
+def test_rma_variable(monkeypatch):
+    monkeypatch.delenv("EP_TRAIN_LL_RMA", raising=False)
+    assert _env.low_latency_rma() is False
+    monkeypatch.setenv("EP_TRAIN_LL_RMA", "1")
+    assert _env.low_latency_rma() is True
+    monkeypatch.setenv("EP_TRAIN_LL_RMA", "yes")
+    with pytest.raises(ValueError, match="EP_TRAIN_LL_RMA.*'yes'"):
+        _env.low_latency_rma()
+
+
 def test_without_the_extension_nvshmem_says_why():
     reason = nvshmem.unavailable_reason(load=False)
     if reason is None:

@@ -93,14 +93,21 @@ class CudaBackend(Backend):
         self._ll = None
         self._ll_block = None
         self.low_latency_transport: str | None = None
+        self.low_latency_rma = False
         use_ll = bool(low_latency_mode) or num_rdma_bytes > 0
-        want = _env.low_latency_transport()
-        ll_info: list[tuple[int, str] | None] = [None] * num_ranks
-        dist.all_gather_object(ll_info, (int(num_rdma_bytes), want) if use_ll else None, group=group)
+        want, rma = _env.low_latency_transport(), _env.low_latency_rma()
+        ll_info: list[tuple[int, str, bool] | None] = [None] * num_ranks
+        dist.all_gather_object(ll_info, (int(num_rdma_bytes), want, rma) if use_ll else None, group=group)
         if len(set(ll_info)) != 1:
             raise ValueError(
                 "every rank must create its Buffer with the same num_rdma_bytes and low_latency_mode (and the same "
-                f"EP_TRAIN_LL_TRANSPORT), got {ll_info} (None: no low-latency buffer)"
+                f"EP_TRAIN_LL_TRANSPORT and EP_TRAIN_LL_RMA), got {ll_info} (None: no low-latency buffer)"
+            )
+        if use_ll and rma and (want == "ipc" or not self._C.NVSHMEM_DEVICE):
+            raise RuntimeError(
+                "EP_TRAIN_LL_RMA=1 needs NVSHMEM memory (EP_TRAIN_LL_TRANSPORT auto or nvshmem, got "
+                f"{want}) and ep_train._C built with NVSHMEM's device library (EP_TRAIN_NVSHMEM_DEVICE=1 at build "
+                f"time; this build: {'with' if self._C.NVSHMEM_DEVICE else 'without'})"
             )
         if use_ll:
             self._open_low_latency(int(num_rdma_bytes), want)
@@ -115,8 +122,9 @@ class CudaBackend(Backend):
             why_not = heap if isinstance(heap, str) else self._open_nvshmem(heap, num_bytes)
             if why_not is None:
                 return
-        if want == "nvshmem":
-            raise RuntimeError(f"EP_TRAIN_LL_TRANSPORT=nvshmem, but NVSHMEM is unavailable: {why_not}")
+        if want == "nvshmem" or _env.low_latency_rma():
+            raise RuntimeError(f"EP_TRAIN_LL_TRANSPORT={want}, EP_TRAIN_LL_RMA={int(_env.low_latency_rma())}: "
+                               f"NVSHMEM is needed but unavailable: {why_not}")  # fmt: skip
         if want == "auto" and self.rank == 0 and not _env.quiet_import():
             print(f"ep_train: low-latency buffer over CUDA IPC (NVSHMEM unavailable: {why_not})", file=sys.stderr)
         self._ll = self._C.LowLatencyRuntime(self.rank, self.num_ranks, num_bytes, self.timeout_s)
@@ -139,6 +147,9 @@ class CudaBackend(Backend):
         self._ll_block = block
         self._ll = self._C.LowLatencyRuntime(self.rank, self.num_ranks, num_bytes, self.timeout_s, block.ptr)
         self._ll.set_peer_pointers(block.peer_ptrs)
+        if _env.low_latency_rma():  # every rank by puts (checked in __init__: the device library is built in)
+            self._ll.set_rma((1 << self.num_ranks) - 1, self._C.LOW_LATENCY_RMA_NVSHMEM)
+            self.low_latency_rma = True
         self.low_latency_transport = "nvshmem"
         return None
 

@@ -27,19 +27,27 @@ M_MAX, H_MAX, E = 64, 7168, 32  # buffers are sized for the largest case of ever
 
 
 def _buffers(world: int, timeout_s: float = 20.0, transport: str = "auto") -> tuple[Buffer, Buffer]:
-    """The cuda Buffer under test (its low-latency memory from ``transport``) and the torch reference."""
-    os.environ["EP_TRAIN_LL_TRANSPORT"] = transport  # this rank's process only
-    rdma = Buffer.get_low_latency_rdma_size_hint(M_MAX, H_MAX, world, E)
+    """The cuda Buffer under test (its low-latency memory from ``transport``; ``nvshmem-rma``: NVSHMEM
+    memory with every rank reached by device puts) and the torch reference."""
+    rma = transport == "nvshmem-rma"
+    memory = "nvshmem" if rma else transport
+    os.environ["EP_TRAIN_LL_TRANSPORT"] = memory  # this rank's process only
+    os.environ["EP_TRAIN_LL_RMA"] = "1" if rma else "0"
+    rdma = Buffer.get_low_latency_rdma_size_hint(M_MAX, H_MAX, world, E, rma_staging=rma)
     cuda = Buffer(None, 0, rdma, low_latency_mode=True, backend="cuda", timeout_s=timeout_s)
     if transport != "auto":
-        assert cuda.low_latency_transport == transport, cuda.low_latency_transport
+        assert cuda.low_latency_transport == memory, cuda.low_latency_transport
+    assert cuda._backend.low_latency_rma == rma
     return cuda, Buffer(None, 0, rdma, low_latency_mode=True, backend="torch")
 
 
-@pytest.fixture(params=["nvshmem", "ipc"])
+@pytest.fixture(params=["nvshmem", "ipc", "nvshmem-rma"])
 def transport(request):
-    """Both memories of the low-latency buffer; NVSHMEM where this machine has it."""
-    if request.param == "nvshmem" and _ext.is_available():
+    """Both memories of the low-latency buffer, NVSHMEM where this machine has it; and NVSHMEM with
+    every rank reached by device puts (the path to other nodes) where the build has it."""
+    if request.param == "nvshmem-rma" and _ext.is_available() and not _ext.load().NVSHMEM_DEVICE:
+        pytest.skip("ep_train._C built without NVSHMEM's device library (EP_TRAIN_NVSHMEM_DEVICE=1 adds it)")
+    if request.param != "ipc" and _ext.is_available():
         from ep_train import nvshmem
 
         reason = nvshmem.unavailable_reason(load=False)
