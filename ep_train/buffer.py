@@ -690,7 +690,8 @@ class Buffer:
             raise ValueError(
                 f"num_rdma_bytes={self.num_rdma_bytes} is too small for low-latency calls with "
                 f"num_max_dispatch_tokens_per_rank={M}, hidden {hidden}, {num_experts} experts on "
-                f"{self.group_size} ranks: needs >= {need} (Buffer.get_low_latency_rdma_size_hint)"
+                f"{self.group_size} ranks: needs >= {need} (Buffer.get_low_latency_rdma_size_hint"
+                f"{', rma_staging=True: ranks reached by NVSHMEM puts need send areas' if rma else ''})"
             )
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:

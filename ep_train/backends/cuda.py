@@ -22,6 +22,7 @@ E experts, L = E/R local experts, N received rows, C channels (``num_sms / 2``).
 
 from __future__ import annotations
 
+import socket
 import sys
 from collections.abc import Callable
 
@@ -32,7 +33,7 @@ from .. import _env, _ext, nvshmem
 from ..config import Config
 from ..errors import CommError, CommTimeoutError, RankMismatchError
 from ..handle import DispatchHandle, LowLatencyHandle
-from ..layout import FP8_BLOCK, MAX_EXPERTS
+from ..layout import FP8_BLOCK, MAX_EXPERTS, MAX_RANKS
 from .base import (
     Backend,
     CallInfo,
@@ -47,7 +48,7 @@ from .base import (
 )
 from .torch_backend import OP_NAMES
 
-__all__ = ["CudaBackend"]
+__all__ = ["CudaBackend", "group_problem"]
 
 # Error codes and wait sites of csrc/include/ep_train/types.cuh (ErrorCode, WaitSite).
 _ERR_HOST_TIMEOUT, _ERR_TIMEOUT, _ERR_MISMATCH, _ERR_CAPACITY = -1, 1, 2, 3
@@ -68,6 +69,37 @@ _LL_SEND, _LL_RECV, _LL_BOTH = 1, 2, 3  # LowLatencyPhase of csrc/low_latency_ru
 _LL_MAX_HIDDEN = 16384  # the low-latency kernels' limit (bindings.cpp checks it too)
 
 
+def group_problem(hosts: list[str], num_nvl_bytes: int, use_ll: bool, want: str, rma: bool,
+                  device_lib: bool) -> str | None:  # fmt: skip
+    """Why a cuda Buffer cannot serve a group whose ranks run on ``hosts`` with these settings, or None.
+
+    One host: the NVLink buffer (2, 4 or 8 ranks).  Several hosts: low-latency calls only, on
+    NVSHMEM memory, with the ranks of other nodes reached by NVSHMEM device puts (a build with
+    ``EP_TRAIN_NVSHMEM_DEVICE=1``); at most MAX_RANKS ranks (the kernels' rank masks).
+    ``want``/``rma``: ``EP_TRAIN_LL_TRANSPORT`` / ``EP_TRAIN_LL_RMA``.
+    """
+    R, nodes = len(hosts), len(set(hosts))
+    device_lib_hint = "ep_train._C built with NVSHMEM's device library (EP_TRAIN_NVSHMEM_DEVICE=1 at build time)"
+    if nodes == 1:
+        if R not in SUPPORTED_RANKS:
+            return f"backend='cuda' supports {SUPPORTED_RANKS} ranks on one node, got {R}"
+        if use_ll and rma and (want == "ipc" or not device_lib):
+            return (f"EP_TRAIN_LL_RMA=1 needs NVSHMEM memory (EP_TRAIN_LL_TRANSPORT auto or nvshmem, got {want}) "
+                    f"and {device_lib_hint}; this build has {'it' if device_lib else 'not'}")  # fmt: skip
+        return None
+    where = f"this group's {R} ranks run on {nodes} hosts"
+    if num_nvl_bytes > 0 or not use_ll:
+        return (f"normal dispatch/combine need every rank on one node, and {where}: a group across nodes serves "
+                "low-latency calls only (num_nvl_bytes=0, low_latency_mode=True)")  # fmt: skip
+    if R > MAX_RANKS:
+        return f"the low-latency kernels take at most {MAX_RANKS} ranks per group, and {where}"
+    if want == "ipc":
+        return f"{where}: the low-latency buffer must be NVSHMEM memory, but EP_TRAIN_LL_TRANSPORT=ipc"
+    if not device_lib:
+        return f"{where}: reaching the other nodes' ranks needs {device_lib_hint}"
+    return None
+
+
 class CudaBackend(Backend):
     name = "cuda"
     supported_dtypes = (torch.bfloat16,)
@@ -82,36 +114,40 @@ class CudaBackend(Backend):
         low_latency_mode: bool,
         timeout_s: float,
     ):
-        if num_ranks not in SUPPORTED_RANKS:
-            raise ValueError(f"backend='cuda' supports {SUPPORTED_RANKS} ranks on one node, got {num_ranks}")
         self._C = _ext.load()
         self.group, self.rank, self.num_ranks, self.timeout_s = group, rank, num_ranks, float(timeout_s)
-        self._rt = self._C.IntranodeRuntime(rank, num_ranks, int(num_nvl_bytes), self.timeout_s)
-        handles: list[bytes | None] = [None] * num_ranks
-        dist.all_gather_object(handles, self._rt.ipc_handle(), group=group)
-        self._rt.open_peers(handles)
-        self._ll = None
-        self._ll_block = None
+        self._rt = self._ll = self._ll_block = None
         self.low_latency_transport: str | None = None
         self.low_latency_rma = False
         use_ll = bool(low_latency_mode) or num_rdma_bytes > 0
         want, rma = _env.low_latency_transport(), _env.low_latency_rma()
-        ll_info: list[tuple[int, str, bool] | None] = [None] * num_ranks
-        dist.all_gather_object(ll_info, (int(num_rdma_bytes), want, rma) if use_ll else None, group=group)
-        if len(set(ll_info)) != 1:
+        views: list[tuple[str, tuple[int, str, bool] | None] | None] = [None] * num_ranks
+        ll_info = (int(num_rdma_bytes), want, rma) if use_ll else None
+        dist.all_gather_object(views, (socket.gethostname(), ll_info), group=group)
+        infos = [v[1] for v in views]
+        if len(set(infos)) != 1:
             raise ValueError(
                 "every rank must create its Buffer with the same num_rdma_bytes and low_latency_mode (and the same "
-                f"EP_TRAIN_LL_TRANSPORT and EP_TRAIN_LL_RMA), got {ll_info} (None: no low-latency buffer)"
+                f"EP_TRAIN_LL_TRANSPORT and EP_TRAIN_LL_RMA), got {infos} (None: no low-latency buffer)"
             )
-        if use_ll and rma and (want == "ipc" or not self._C.NVSHMEM_DEVICE):
-            raise RuntimeError(
-                "EP_TRAIN_LL_RMA=1 needs NVSHMEM memory (EP_TRAIN_LL_TRANSPORT auto or nvshmem, got "
-                f"{want}) and ep_train._C built with NVSHMEM's device library (EP_TRAIN_NVSHMEM_DEVICE=1 at build "
-                f"time; this build: {'with' if self._C.NVSHMEM_DEVICE else 'without'})"
-            )
+        hosts = [v[0] for v in views]
+        problem = group_problem(hosts, int(num_nvl_bytes), use_ll, want, rma, bool(self._C.NVSHMEM_DEVICE))
+        if problem is not None:
+            raise ValueError(problem)
+        self.num_nodes = len(set(hosts))
+        if self.num_nodes == 1:
+            self._rt = self._C.IntranodeRuntime(rank, num_ranks, int(num_nvl_bytes), self.timeout_s)
+            handles: list[bytes | None] = [None] * num_ranks
+            dist.all_gather_object(handles, self._rt.ipc_handle(), group=group)
+            self._rt.open_peers(handles)
         if use_ll:
             self._open_low_latency(int(num_rdma_bytes), want)
         dist.barrier(group=group)  # every rank mapped every buffer before any kernel writes into it
+
+    def _need_nvlink(self, op: str) -> None:
+        if self._rt is None:
+            raise ValueError(f"{op}: normal calls need the NVLink buffer, and this Buffer has none (its group spans "
+                             "nodes: low-latency calls only)")  # fmt: skip
 
     def _open_low_latency(self, num_rdma_bytes: int, want: str) -> None:
         """The low-latency buffer (collective): NVSHMEM symmetric memory, else CUDA IPC (see ep_train.nvshmem)."""
@@ -122,9 +158,9 @@ class CudaBackend(Backend):
             why_not = heap if isinstance(heap, str) else self._open_nvshmem(heap, num_bytes)
             if why_not is None:
                 return
-        if want == "nvshmem" or _env.low_latency_rma():
-            raise RuntimeError(f"EP_TRAIN_LL_TRANSPORT={want}, EP_TRAIN_LL_RMA={int(_env.low_latency_rma())}: "
-                               f"NVSHMEM is needed but unavailable: {why_not}")  # fmt: skip
+        if want == "nvshmem" or _env.low_latency_rma() or self.num_nodes > 1:
+            raise RuntimeError(f"EP_TRAIN_LL_TRANSPORT={want}, EP_TRAIN_LL_RMA={int(_env.low_latency_rma())}, "
+                               f"{self.num_nodes} node(s): NVSHMEM is needed but unavailable: {why_not}")  # fmt: skip
         if want == "auto" and self.rank == 0 and not _env.quiet_import():
             print(f"ep_train: low-latency buffer over CUDA IPC (NVSHMEM unavailable: {why_not})", file=sys.stderr)
         self._ll = self._C.LowLatencyRuntime(self.rank, self.num_ranks, num_bytes, self.timeout_s)
@@ -144,11 +180,23 @@ class CudaBackend(Backend):
             if block is not None:
                 heap.release(block)
             return failed
+        # Ranks without a load/store mapping (other nodes) are reached by NVSHMEM puts; every rank by
+        # them with EP_TRAIN_LL_RMA=1.
+        unmapped = [r for r, p in enumerate(block.peer_ptrs) if p == 0]
+        failure = None
+        if unmapped and not self._C.NVSHMEM_DEVICE:
+            failure = (f"ranks {unmapped} have no load/store mapping (other nodes), and reaching them needs "
+                       "ep_train._C built with EP_TRAIN_NVSHMEM_DEVICE=1")  # fmt: skip
+        failed = nvshmem.gather_failures(self.group, failure)
+        if failed is not None:
+            heap.release(block)
+            raise RuntimeError(f"low-latency buffer: {failed}")
         self._ll_block = block
         self._ll = self._C.LowLatencyRuntime(self.rank, self.num_ranks, num_bytes, self.timeout_s, block.ptr)
-        self._ll.set_peer_pointers(block.peer_ptrs)
-        if _env.low_latency_rma():  # every rank by puts (checked in __init__: the device library is built in)
-            self._ll.set_rma((1 << self.num_ranks) - 1, self._C.LOW_LATENCY_RMA_NVSHMEM)
+        self._ll.set_peer_pointers(block.peer_ptrs, allow_unmapped=bool(unmapped))
+        mask = (1 << self.num_ranks) - 1 if _env.low_latency_rma() else sum(1 << r for r in unmapped)
+        if mask:
+            self._ll.set_rma(mask, self._C.LOW_LATENCY_RMA_NVSHMEM)
             self.low_latency_rma = True
         self.low_latency_transport = "nvshmem"
         return None
@@ -234,6 +282,7 @@ class CudaBackend(Backend):
 
     # ------------------------------------------------------------------ layout
     def get_dispatch_layout(self, topk_idx_TK: torch.Tensor, num_experts: int):
+        self._need_nvlink("get_dispatch_layout")
         self._raise_if_failed()
         T, dev = topk_idx_TK.shape[0], topk_idx_TK.device
         per_rank_R = torch.empty(self.num_ranks, dtype=torch.int32, device=dev)
@@ -249,6 +298,7 @@ class CudaBackend(Backend):
         return row_bytes % 16 == 0 and 1 <= num_experts <= self._C.PAIR_LAYOUT_MAX_LOCAL_EXPERTS
 
     def dispatch(self, args: DispatchArgs) -> DispatchResult:
+        self._need_nvlink("dispatch")
         self._raise_if_failed()
         if args.handle is not None:
             return self._cached_dispatch(args)
@@ -355,6 +405,7 @@ class CudaBackend(Backend):
         return x_PH.dtype == torch.bfloat16 and x_PH.shape[1] % 8 == 0
 
     def combine(self, args: CombineArgs) -> CombineResult:
+        self._need_nvlink("combine")
         self._raise_if_failed()
         h, cfg, x_NH = args.handle, args.config, args.x_NH
         if args.topk_weights_NK is not None and args.topk_weights_NK.dtype != torch.float32:

@@ -357,11 +357,15 @@ LowLatencyLayout make_low_latency_layout(const LowLatencyRuntime& rt, int64_t ma
                 " and <= ", ep_train::kMaxExperts, ", got ", num_experts);
     TORCH_CHECK(hidden >= 1 && hidden % hidden_multiple == 0 && hidden <= 16384,
                 "this low-latency call takes hidden % ", hidden_multiple, " == 0 and hidden <= 16384, got ", hidden);
+    const uint32_t unreachable = rt.unmapped_peers() & ~(rt.rma().impl == ep_train::kRmaNvshmem ? rt.rma().peers : 0u);
+    TORCH_CHECK(unreachable == 0, "low-latency buffer: the ranks of mask ", unreachable,
+                " have no load/store mapping and are not reached by NVSHMEM puts (LowLatencyRuntime.set_rma)");
     LowLatencyLayout layout(static_cast<int>(max_tokens), static_cast<int>(hidden), R, static_cast<int>(num_experts),
                             rt.rma().peers != 0);
     TORCH_CHECK(layout.total_bytes() <= rt.num_bytes(), "num_rdma_bytes=", rt.num_bytes(),
                 " is too small for this low-latency call: it needs ", layout.total_bytes(),
-                " (Buffer.get_low_latency_rdma_size_hint)");
+                " (Buffer.get_low_latency_rdma_size_hint",
+                rt.rma().peers != 0 ? ", rma_staging=True: ranks reached by puts need send areas)" : ")");
     // Halves at fixed offsets (every rank's buffer has the same size): half_bytes() <= the stride
     // follows from the check above, as every region is a multiple of the alignment.
     layout.half_stride =
@@ -478,7 +482,7 @@ py::class_<Runtime>& bind_peer_buffer(py::class_<Runtime>& cls) {
                  return new Runtime(rank, num_ranks, num_bytes, timeout_s, reinterpret_cast<void*>(external));
              }),
              py::arg("rank"), py::arg("num_ranks"), py::arg("num_bytes"), py::arg("timeout_s"), py::arg("external"))
-        .def("set_peer_pointers", &Runtime::set_peer_pointers)
+        .def("set_peer_pointers", [](Runtime& rt, const std::vector<uintptr_t>& ptrs) { rt.set_peer_pointers(ptrs); })
         .def("ipc_handle", [](const Runtime& rt) { return py::bytes(rt.ipc_handle()); })
         .def("open_peers",
              [](Runtime& rt, const std::vector<py::bytes>& handles) {
@@ -549,6 +553,8 @@ PYBIND11_MODULE(_C, m) {
         .def("set_trace",
              [](LowLatencyRuntime& rt, uintptr_t trace) { rt.set_trace(reinterpret_cast<int64_t*>(trace)); })
         .def("num_bytes", [](const LowLatencyRuntime& rt) { return rt.num_bytes(); })
+        .def("set_peer_pointers", &LowLatencyRuntime::set_peer_pointers, py::arg("ptrs"), py::arg("allow_unmapped"))
+        .def("unmapped_peers", &LowLatencyRuntime::unmapped_peers)
         .def("set_rma", &LowLatencyRuntime::set_rma, py::arg("peers"), py::arg("impl"))
         .def("rma", [](const LowLatencyRuntime& rt) { return py::make_tuple(rt.rma().peers, rt.rma().impl); });
     m.attr("LOW_LATENCY_RMA_PEER_COPIES") = static_cast<int>(ep_train::kRmaPeerCopies);

@@ -4,6 +4,7 @@
 #include <string>
 
 #include "low_latency_runtime.hpp"
+#include "nvshmem_host.hpp"
 
 namespace ep_train {
 
@@ -56,6 +57,11 @@ void LowLatencyRuntime::set_rma(uint32_t peers, int impl) {
         throw std::invalid_argument(
             "low-latency RMA over NVSHMEM needs ep_train._C built with NVSHMEM's device "
             "library (libnvshmem_device.a)");
+    if (impl == kRmaNvshmem && !nvshmem::is_symmetric_block(local(), context().rank, R))
+        throw std::invalid_argument(
+            "low-latency RMA over NVSHMEM needs the buffer in NVSHMEM's symmetric heap, with "
+            "the group's ranks as its PEs (this is rank " +
+            std::to_string(context().rank) + " of " + std::to_string(R) + ")");
     if ((peers != 0) != (impl != kRmaNone))
         throw std::invalid_argument("low-latency RMA: peers " + std::to_string(peers) + " with impl " +
                                     std::to_string(impl) + " (a mask needs an impl, and impl 0 no mask)");

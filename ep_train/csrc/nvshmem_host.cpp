@@ -131,15 +131,19 @@ void init(int rank, int num_ranks, const std::string& uid_bytes) {
     cudaFree(nullptr);
 #if defined(EP_TRAIN_NVSHMEM_DEVICE)
     // The device library's init: the host library's, plus this module's device state registered.
+    const char* entry =
+        "nvshmemi_init_thread (NVSHMEM's device library, built in; the host library found at run "
+        "time must be of the same major version)";
     int provided = 0;
     const nvshmemi_version_t version = {NVSHMEM_VENDOR_MAJOR_VERSION, NVSHMEM_VENDOR_MINOR_VERSION,
                                         NVSHMEM_VENDOR_PATCH_VERSION};
     status = nvshmemi_init_thread(NVSHMEM_THREAD_SERIALIZED, &provided, NVSHMEMX_INIT_WITH_UNIQUEID, &attr, version);
 #else
+    const char* entry = "nvshmemx_hostlib_init_attr";
     status = a.hostlib_init_attr(NVSHMEMX_INIT_WITH_UNIQUEID, &attr);
 #endif
     if (status != 0)
-        throw std::runtime_error("nvshmemx_hostlib_init_attr failed with status " + std::to_string(status) +
+        throw std::runtime_error(std::string(entry) + " failed with status " + std::to_string(status) +
                                  " (NVSHMEM_DEBUG=WARN prints why)");
     if (a.init_status() == NVSHMEM_STATUS_NOT_INITIALIZED || a.my_pe() != rank || a.n_pes() != num_ranks)
         throw std::runtime_error("NVSHMEM init returned, but as PE " + std::to_string(a.my_pe()) + " of " +
@@ -161,6 +165,11 @@ void* malloc(int64_t num_bytes) {
 
 void* peer_ptr(void* local, int pe) {
     return need_initialized("peer_ptr").ptr(local, pe);
+}
+
+bool is_symmetric_block(void* local, int pe, int num_pes) {
+    if (api.handle == nullptr || !g_initialized) return false;
+    return api.my_pe() == pe && api.n_pes() == num_pes && api.ptr(local, pe) == local;
 }
 
 #if defined(EP_TRAIN_NVSHMEM_DEVICE)
@@ -212,6 +221,9 @@ void* malloc(int64_t) {
 }
 void* peer_ptr(void*, int) {
     unavailable();
+}
+bool is_symmetric_block(void*, int, int) {
+    return false;
 }
 
 #endif

@@ -25,5 +25,8 @@ void* malloc(int64_t num_bytes);
 // The address of `local` (a symmetric allocation) in PE `pe`'s memory, mapped into this process;
 // nullptr when `pe` is not reachable by loads and stores (another node).
 void* peer_ptr(void* local, int pe);
+// Whether `local` is this process's NVSHMEM symmetric memory, this process being PE `pe` of
+// `num_pes` (false when NVSHMEM is not loaded or not initialised).
+bool is_symmetric_block(void* local, int pe, int num_pes);
 
 }  // namespace ep_train::nvshmem

@@ -71,7 +71,7 @@ void PeerBuffer::open_peers(const std::vector<std::string>& handles) {
     opened_ = true;
 }
 
-void PeerBuffer::set_peer_pointers(const std::vector<uintptr_t>& ptrs) {
+void PeerBuffer::set_peer_pointers(const std::vector<uintptr_t>& ptrs, bool allow_unmapped) {
     if (owns_memory_) throw std::logic_error(std::string("the ") + name_ + " owns its memory: use open_peers");
     if (static_cast<int>(ptrs.size()) != num_ranks_)
         throw std::invalid_argument("set_peer_pointers: " + std::to_string(num_ranks_) + " pointers expected, got " +
@@ -79,12 +79,15 @@ void PeerBuffer::set_peer_pointers(const std::vector<uintptr_t>& ptrs) {
     if (ptrs[rank_] != reinterpret_cast<uintptr_t>(local_))
         throw std::invalid_argument("set_peer_pointers: entry " + std::to_string(rank_) +
                                     " must be this rank's buffer");
+    uint32_t unmapped = 0;
     for (int r = 0; r < num_ranks_; ++r) {
-        if (ptrs[r] == 0)
+        if (ptrs[r] == 0 && !allow_unmapped)
             throw std::invalid_argument("set_peer_pointers: rank " + std::to_string(r) +
                                         " is not reachable by loads and stores (another node?)");
+        if (ptrs[r] == 0) unmapped |= 1u << r;
         peers_.base[r] = reinterpret_cast<void*>(ptrs[r]);
     }
+    unmapped_ = unmapped;
     opened_ = true;
 }
 

@@ -36,7 +36,7 @@ void with_num_ranks(int num_ranks, const char* what, F&& f) {
 
 class PeerBuffer {
   public:
-    // `name` words messages ("NVLink buffer", "low-latency buffer").  2, 4 or 8 ranks.  With
+    // `name` words messages ("NVLink buffer", "low-latency buffer").  1 to kMaxRanks ranks.  With
     // `external` (device memory of at least num_bytes that outlives this object) the buffer adopts
     // it instead of allocating, and its peers come from set_peer_pointers, not IPC handles.
     PeerBuffer(int rank, int num_ranks, int64_t num_bytes, double timeout_s, const char* name,
@@ -48,7 +48,11 @@ class PeerBuffer {
     std::string ipc_handle() const;                            // bytes of this rank's cudaIpcMemHandle_t
     void open_peers(const std::vector<std::string>& handles);  // every rank's handle, in rank order
     // Adopted memory: every rank's address of the buffer as mapped in this process, in rank order.
-    void set_peer_pointers(const std::vector<uintptr_t>& ptrs);
+    // allow_unmapped: 0 for a rank with no load/store mapping (another node; the low-latency kernels
+    // reach it by NVSHMEM puts), else such an entry is refused.
+    void set_peer_pointers(const std::vector<uintptr_t>& ptrs, bool allow_unmapped = false);
+    // Ranks (bit r) whose entry was 0 in set_peer_pointers.
+    uint32_t unmapped_peers() const { return unmapped_; }
     void destroy();  // close peers, free own memory (idempotent)
     bool is_open() const { return opened_; }
 
@@ -75,6 +79,7 @@ class PeerBuffer {
     HostMailbox* mailbox_dev_ = nullptr;
     bool opened_ = false;
     bool owns_memory_ = true;
+    uint32_t unmapped_ = 0;
 };
 
 }  // namespace ep_train

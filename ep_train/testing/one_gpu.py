@@ -70,9 +70,9 @@ class _RankBackend(CudaBackend):
                  ll_bytes: int, ll_external: int):  # fmt: skip
         self._C = _ext.load()
         self.group, self.rank, self.num_ranks, self.timeout_s = None, rank, num_ranks, float(timeout_s)
-        # One rank: low-latency calls only (the NVLink kernels are built for 2, 4 and 8 ranks).
+        # Other rank counts than 2, 4, 8: low-latency calls only (the NVLink kernels are built for those).
         self._rt = None
-        if num_ranks > 1:
+        if num_ranks in (2, 4, 8):
             self._rt = self._C.IntranodeRuntime(rank, num_ranks, num_nvl_bytes, self.timeout_s, external=external)
         self._ll = self._ll_block = None
         self.low_latency_transport = None
@@ -87,7 +87,7 @@ class OneGpuGroup:
     """R ranks of the ``cuda`` backend on the current GPU (see the module docstring).
 
     Args:
-        num_ranks: 2, 4 or 8; or 1 for low-latency calls only (a group with no NVLink buffer).
+        num_ranks: 2, 4 or 8; or another count from 1 to 8 for low-latency calls only (no NVLink buffer).
         config: the kernels' config for every call (its ``num_sms`` x R SMs must fit on the GPU).
         hidden_bytes: the largest row any call moves (sizes the buffers).
         low_latency_bytes: size of each rank's low-latency buffer (``layout.low_latency_buffer_bytes``),

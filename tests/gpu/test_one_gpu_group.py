@@ -29,7 +29,8 @@ from ep_train.testing.routing import ROUTING_KINDS, rank_generator
 pytestmark = pytest.mark.gpu
 
 # R x num_sms must fit on the GPU (132 SMs) with every block resident at once.
-_CONFIGS = {1: Config(24, 8, 256), 2: Config(24, 8, 256), 4: Config(16, 8, 256), 8: Config(12, 6, 128)}
+_CONFIGS = {2: Config(24, 8, 256), 4: Config(16, 8, 256), 8: Config(12, 6, 128)}
+_CONFIGS |= {1: _CONFIGS[2], 3: _CONFIGS[4], 6: _CONFIGS[8]}  # low-latency-only groups (no NVLink buffer)
 
 
 def _case(kernels, R: int, kind: str, T: int, H: int, K: int, E: int, alignment: int, seed: int) -> None:
@@ -349,7 +350,7 @@ _RMA_MASKS = {"stores": lambda R: 0, "rma-odd": lambda R: sum(1 << r for r in ra
 
 
 @pytest.mark.parametrize("rma", list(_RMA_MASKS))
-@pytest.mark.parametrize("R", [2, 4, 8])
+@pytest.mark.parametrize("R", [2, 3, 4, 6, 8])
 def test_low_latency_matrix_on_one_gpu(kernels, R, rma):
     """Twelve low-latency dispatch + combine pairs through one group: hidden 2048/4096/7168, top-k 1
     to 9, BF16 and FP8 (with power-of-two scales), with and without gate weights, hooks and ``out``,
@@ -365,7 +366,7 @@ def low_latency_matrix(R: int, rma_mask: int, rma_impl: int | None = None, memor
     from ep_train.testing.one_gpu import OneGpuGroup
 
     seed = random.randrange(1 << 30) if seed is None else seed
-    E, M = 32, 64
+    E, M = 48, 64  # 48 experts: every rank count from 1 to 8 except 5 and 7 divides them
     L, pick = E // R, random.Random(seed)
     cases = []
     for i in range(12):
@@ -430,7 +431,7 @@ def low_latency_matrix(R: int, rma_mask: int, rma_impl: int | None = None, memor
 
 
 def low_latency_matrix_bytes(R: int, rma_staging: bool) -> int:
-    return layout.low_latency_buffer_bytes(64, 7168, R, 32, rma_staging=rma_staging)
+    return layout.low_latency_buffer_bytes(64, 7168, R, 48, rma_staging=rma_staging)
 
 
 # Kernel configs of different channel counts, chunks and rings that one group's calls switch
@@ -595,3 +596,32 @@ def test_expert_major_configs_per_call_on_one_gpu(kernels, R):
         assert_bitwise_equal(combined.combined_x_TH, reference.combined_x_TH, f"{tag} expert-major combine (C)")
         assert_bitwise_equal(combined.combined_topk_weights_TK, reference.combined_topk_weights_TK,
                              f"{tag} combined weights (C)")  # fmt: skip
+
+
+def test_low_latency_unmapped_peer_is_refused(kernels):
+    """A rank with no load/store mapping (another node) must be reached by NVSHMEM puts: a launch
+    that would store to it, or copy through its missing pointer, raises before any kernel runs."""
+    from ep_train.testing.one_gpu import OneGpuGroup
+
+    M, H, E, T = 8, 2048, 8, 4
+    group = OneGpuGroup(2, _CONFIGS[2], H * 2, timeout_s=5.0,
+                        low_latency_bytes=layout.low_latency_buffer_bytes(M, H, 2, E, rma_staging=True))  # fmt: skip
+    try:
+        ll, own = group.backends[0]._ll, group._ll_memory[0].data_ptr()
+        with pytest.raises(ValueError, match="set_peer_pointers: rank 1 is not reachable"):
+            ll.set_peer_pointers([own, 0])
+        ll.set_peer_pointers([own, 0], allow_unmapped=True)
+        assert ll.unmapped_peers() == 0b10
+        x, idx = OneGpuGroup.stage([torch.randn(T, H).to(torch.bfloat16), torch.zeros(T, 1, dtype=torch.int64)])
+        with pytest.raises(RuntimeError, match="ranks of mask 2 have no load/store mapping"):
+            group.low_latency_dispatch(0, x, idx, None, M, E)
+        ll.set_rma(0b10, kernels.LOW_LATENCY_RMA_PEER_COPIES)  # copies need the pointer too
+        with pytest.raises(RuntimeError, match="ranks of mask 2 have no load/store mapping"):
+            group.low_latency_dispatch(0, x, idx, None, M, E)
+        if not kernels.NVSHMEM_DEVICE:
+            with pytest.raises(ValueError, match="device library"):
+                ll.set_rma(0b10, kernels.LOW_LATENCY_RMA_NVSHMEM)
+        with pytest.raises(ValueError, match="mask of the 2 ranks"):
+            ll.set_rma(0b100, kernels.LOW_LATENCY_RMA_PEER_COPIES)
+    finally:
+        group.destroy()

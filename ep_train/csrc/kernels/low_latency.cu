@@ -90,13 +90,14 @@ __device__ __forceinline__ T* on_peer(const RankContext& ctx, int r, T* own_dst)
 }
 
 // Warp-collective: num_bytes from src (this rank's staging area) to rank r at own_dst's offset.
-// NOTES: the staged rows were written by other warps of the block before a __syncthreads; the
-// fence makes them visible to the NIC that reads them.
+// NOTES: the staged rows were written by other threads before a __syncthreads or __syncwarp; one
+// fence per warp orders them before the put, for a NIC that reads them.
 __device__ __forceinline__ void rma_put_warp(const RankContext& ctx, const LowLatencyRma& rma, int r, void* own_dst,
                                              const void* src, int64_t num_bytes) {
 #if defined(EP_TRAIN_NVSHMEM_DEVICE)
     if (rma.impl == kRmaNvshmem) {
-        __threadfence();
+        if (lane_id() == 0) __threadfence();
+        __syncwarp();
         nvshmemx_putmem_nbi_warp(own_dst, src, static_cast<size_t>(num_bytes), r);
         return;
     }
@@ -141,14 +142,13 @@ __device__ __forceinline__ void put_int4(const RankContext& ctx, const LowLatenc
     ptx::st_na_v4(on_peer(ctx, r, static_cast<int4*>(own_dst)), v);
 }
 
-// One thread, after the block's barrier: this block's writes to rank r are delivered before one is
-// added to the word at own_dst's offset on r.  NOTES: quiet (not fence) because the puts were issued
-// by other threads of the block; a fence orders only what the calling thread issued.
+// One thread, after the block's barrier (and, for NVSHMEM puts, the block's quiet: see
+// signal_arrival): one is added to the word at own_dst's offset on rank r, after this block's writes
+// to r.
 __device__ __forceinline__ void signal_add(const RankContext& ctx, const LowLatencyRma& rma, int r, int64_t* own_dst,
                                            int64_t v) {
 #if defined(EP_TRAIN_NVSHMEM_DEVICE)
     if (is_rma(rma, r) && rma.impl == kRmaNvshmem) {
-        nvshmem_quiet();
         nvshmemx_signal_op(reinterpret_cast<uint64_t*>(own_dst), static_cast<uint64_t>(v), NVSHMEM_SIGNAL_ADD, r);
         return;
     }
@@ -233,9 +233,17 @@ __device__ __forceinline__ void write_headers(const RankContext& ctx, const LowL
 // Every block of a send phase, after its last peer write: one arrival in every destination's slot
 // [half][me].  NOTES: this replaces a last-block stamp (counter, fence, then stamp): the receiver
 // waits for all the source's blocks itself, so no block waits for the others before signalling.
-// The fence in each signalling thread orders the whole block's writes (bar.sync, then fence).
+// The fence in each signalling thread orders the whole block's stores (bar.sync, then fence).  With
+// NVSHMEM puts, thread 0 first completes the block's puts (quiet, not fence: the puts were issued
+// by other threads, and a fence orders only what the calling thread issued): one quiet per block.
 __device__ __forceinline__ void signal_arrival(const RankContext& ctx, const LowLatencyRma& rma, int64_t seq) {
     __syncthreads();
+#if defined(EP_TRAIN_NVSHMEM_DEVICE)
+    if (rma.peers != 0 && rma.impl == kRmaNvshmem) {
+        if (threadIdx.x == 0) nvshmem_quiet();
+        __syncthreads();
+    }
+#endif
     if (threadIdx.x < ctx.num_ranks) {
         int64_t* own_slot = LowLatencyLayout::header(ctx.peers.base[ctx.rank], static_cast<int>(seq & 1), ctx.rank);
         signal_add(ctx, rma, threadIdx.x, own_slot + LowLatencyLayout::kHeaderArrivalsWord, 1);
