@@ -306,6 +306,11 @@ class Buffer:
         return self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
     def _check_nvl_bytes(self, hidden: int, elem_size: int, config: Config, what: str) -> None:
+        if not getattr(self._backend, "serves_normal_calls", True):
+            raise ValueError(
+                f"{what}: this Buffer's group spans nodes, so it serves low-latency calls only (normal "
+                "dispatch/combine need every rank on one node)"
+            )
         need = config.get_nvl_buffer_size_hint(hidden * max(elem_size, 2), self.group_size)
         if self.num_nvl_bytes < need:
             raise ValueError(

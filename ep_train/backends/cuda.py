@@ -69,11 +69,23 @@ _LL_SEND, _LL_RECV, _LL_BOTH = 1, 2, 3  # LowLatencyPhase of csrc/low_latency_ru
 _LL_MAX_HIDDEN = 16384  # the low-latency kernels' limit (bindings.cpp checks it too)
 
 
+def node_id() -> str:
+    """This machine's identity: its boot id (the same in every container on it, different on every
+    other machine), else its host name."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip() or socket.gethostname()
+    except OSError:
+        return socket.gethostname()
+
+
 def group_problem(hosts: list[str], num_nvl_bytes: int, use_ll: bool, want: str, rma: bool,
                   device_lib: bool) -> str | None:  # fmt: skip
-    """Why a cuda Buffer cannot serve a group whose ranks run on ``hosts`` with these settings, or None.
+    """Why a cuda Buffer cannot serve a group whose ranks run on ``hosts`` (node ids) with these
+    settings, or None.  Every rank must pass the same values (the largest ``num_nvl_bytes``, and
+    ``device_lib`` only when every rank's build has NVSHMEM's device library).
 
-    One host: the NVLink buffer (2, 4 or 8 ranks).  Several hosts: low-latency calls only, on
+    One node: the NVLink buffer (2, 4 or 8 ranks).  Several nodes: low-latency calls only, on
     NVSHMEM memory, with the ranks of other nodes reached by NVSHMEM device puts (a build with
     ``EP_TRAIN_NVSHMEM_DEVICE=1``); at most MAX_RANKS ranks (the kernels' rank masks).
     ``want``/``rma``: ``EP_TRAIN_LL_TRANSPORT`` / ``EP_TRAIN_LL_RMA``.
@@ -85,12 +97,13 @@ def group_problem(hosts: list[str], num_nvl_bytes: int, use_ll: bool, want: str,
             return f"backend='cuda' supports {SUPPORTED_RANKS} ranks on one node, got {R}"
         if use_ll and rma and (want == "ipc" or not device_lib):
             return (f"EP_TRAIN_LL_RMA=1 needs NVSHMEM memory (EP_TRAIN_LL_TRANSPORT auto or nvshmem, got {want}) "
-                    f"and {device_lib_hint}; this build has {'it' if device_lib else 'not'}")  # fmt: skip
+                    f"and {device_lib_hint} on every rank ({'built' if device_lib else 'missing'})")  # fmt: skip
         return None
-    where = f"this group's {R} ranks run on {nodes} hosts"
+    where = f"this group's {R} ranks run on {nodes} nodes"
     if num_nvl_bytes > 0 or not use_ll:
         return (f"normal dispatch/combine need every rank on one node, and {where}: a group across nodes serves "
-                "low-latency calls only (num_nvl_bytes=0, low_latency_mode=True)")  # fmt: skip
+                f"low-latency calls only (num_nvl_bytes=0 and low_latency_mode=True; got num_nvl_bytes="
+                f"{num_nvl_bytes} and {'a' if use_ll else 'no'} low-latency buffer)")  # fmt: skip
     if R > MAX_RANKS:
         return f"the low-latency kernels take at most {MAX_RANKS} ranks per group, and {where}"
     if want == "ipc":
@@ -121,9 +134,11 @@ class CudaBackend(Backend):
         self.low_latency_rma = False
         use_ll = bool(low_latency_mode) or num_rdma_bytes > 0
         want, rma = _env.low_latency_transport(), _env.low_latency_rma()
-        views: list[tuple[str, tuple[int, str, bool] | None] | None] = [None] * num_ranks
+        # One gather that every rank's decision below rests on, so all of them decide alike.
+        views: list[tuple | None] = [None] * num_ranks
         ll_info = (int(num_rdma_bytes), want, rma) if use_ll else None
-        dist.all_gather_object(views, (socket.gethostname(), ll_info), group=group)
+        mine = (node_id(), ll_info, int(num_nvl_bytes), bool(self._C.NVSHMEM_DEVICE))
+        dist.all_gather_object(views, mine, group=group)
         infos = [v[1] for v in views]
         if len(set(infos)) != 1:
             raise ValueError(
@@ -131,7 +146,8 @@ class CudaBackend(Backend):
                 f"EP_TRAIN_LL_TRANSPORT and EP_TRAIN_LL_RMA), got {infos} (None: no low-latency buffer)"
             )
         hosts = [v[0] for v in views]
-        problem = group_problem(hosts, int(num_nvl_bytes), use_ll, want, rma, bool(self._C.NVSHMEM_DEVICE))
+        nvl, device_lib = max(v[2] for v in views), all(v[3] for v in views)
+        problem = group_problem(hosts, nvl, use_ll, want, rma, device_lib)
         if problem is not None:
             raise ValueError(problem)
         self.num_nodes = len(set(hosts))
@@ -144,10 +160,15 @@ class CudaBackend(Backend):
             self._open_low_latency(int(num_rdma_bytes), want)
         dist.barrier(group=group)  # every rank mapped every buffer before any kernel writes into it
 
+    @property
+    def serves_normal_calls(self) -> bool:
+        """False for a group across nodes (low-latency calls only: no NVLink buffer)."""
+        return self._rt is not None
+
     def _need_nvlink(self, op: str) -> None:
         if self._rt is None:
-            raise ValueError(f"{op}: normal calls need the NVLink buffer, and this Buffer has none (its group spans "
-                             "nodes: low-latency calls only)")  # fmt: skip
+            raise ValueError(f"{op}: normal calls need the NVLink buffer of one node, and this backend has none "
+                             "(low-latency calls only)")  # fmt: skip
 
     def _open_low_latency(self, num_rdma_bytes: int, want: str) -> None:
         """The low-latency buffer (collective): NVSHMEM symmetric memory, else CUDA IPC (see ep_train.nvshmem)."""
@@ -187,17 +208,28 @@ class CudaBackend(Backend):
         if unmapped and not self._C.NVSHMEM_DEVICE:
             failure = (f"ranks {unmapped} have no load/store mapping (other nodes), and reaching them needs "
                        "ep_train._C built with EP_TRAIN_NVSHMEM_DEVICE=1")  # fmt: skip
-        failed = nvshmem.gather_failures(self.group, failure)
-        if failed is not None:
-            heap.release(block)
-            raise RuntimeError(f"low-latency buffer: {failed}")
-        self._ll_block = block
-        self._ll = self._C.LowLatencyRuntime(self.rank, self.num_ranks, num_bytes, self.timeout_s, block.ptr)
-        self._ll.set_peer_pointers(block.peer_ptrs, allow_unmapped=bool(unmapped))
         mask = (1 << self.num_ranks) - 1 if _env.low_latency_rma() else sum(1 << r for r in unmapped)
-        if mask:
-            self._ll.set_rma(mask, self._C.LOW_LATENCY_RMA_NVSHMEM)
-            self.low_latency_rma = True
+        ll = None
+        if failure is None:
+            try:
+                ll = self._C.LowLatencyRuntime(self.rank, self.num_ranks, num_bytes, self.timeout_s, block.ptr)
+                ll.set_peer_pointers(block.peer_ptrs, allow_unmapped=bool(unmapped))
+                if mask:
+                    ll.set_rma(mask, self._C.LOW_LATENCY_RMA_NVSHMEM)
+            except (RuntimeError, ValueError) as exc:
+                failure = str(exc)
+        # Every rank learns whether any failed (all raise together), and whether any reaches a rank
+        # by puts (then every rank checks its calls against the size with send areas).
+        views: list[tuple[str | None, bool] | None] = [None] * self.num_ranks
+        dist.all_gather_object(views, (failure, bool(mask)), group=self.group)
+        failed = [f"rank {r}: {v[0]}" for r, v in enumerate(views) if v[0] is not None]
+        if failed:
+            if ll is not None:
+                ll.destroy()
+            heap.release(block)
+            raise RuntimeError("low-latency buffer: " + "; ".join(failed))
+        self._ll, self._ll_block = ll, block
+        self.low_latency_rma = any(v[1] for v in views)
         self.low_latency_transport = "nvshmem"
         return None
 

@@ -75,7 +75,7 @@ class _RankBackend(CudaBackend):
         if num_ranks in (2, 4, 8):
             self._rt = self._C.IntranodeRuntime(rank, num_ranks, num_nvl_bytes, self.timeout_s, external=external)
         self._ll = self._ll_block = None
-        self.low_latency_transport = None
+        self.low_latency_transport, self.low_latency_rma, self.num_nodes = None, False, 1
         if ll_bytes:
             self._ll = self._C.LowLatencyRuntime(rank, num_ranks, ll_bytes, self.timeout_s, external=ll_external)
             # Every rank's grid resident at once, with SMs to spare for the other kernels of the ranks.
@@ -142,6 +142,7 @@ class OneGpuGroup:
                 backend._ll.set_peer_pointers(ll_pointers)
                 if low_latency_rma:
                     backend._ll.set_rma(low_latency_rma, impl)
+                    backend.low_latency_rma = True
         self._streams = [torch.cuda.Stream() for _ in range(num_ranks)]
         self._seq = [0] * num_ranks
         self._last = ["none"] * num_ranks

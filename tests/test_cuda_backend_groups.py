@@ -1,0 +1,156 @@
+"""How the cuda backend sets itself up for a group on one node or across nodes, on CPU.
+
+The kernels need a GPU, so ``ep_train._C`` and NVSHMEM's heap are replaced by recorders here: what is
+checked is the backend's own decisions on gloo ranks (which buffers it creates, which ranks its
+low-latency kernels reach by puts, that every rank raises together when one cannot go on, that
+blocks go back to the heap on failure).  The kernels themselves are checked by tests/gpu.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch.distributed as dist
+
+from ep_train.testing import run_distributed
+
+RMA_NVSHMEM = 2
+
+
+class _Runtime:
+    """Stands for IntranodeRuntime / LowLatencyRuntime: records what the backend asks of it."""
+
+    def __init__(self, rank, num_ranks, num_bytes, timeout_s, external=None, fail_rma=False):
+        self.rank, self.num_ranks, self.num_bytes, self.external = rank, num_ranks, num_bytes, external
+        self.peers = self.ptrs = self.rma = None
+        self.destroyed, self.fail_rma = False, fail_rma
+
+    def ipc_handle(self):
+        return f"handle {self.rank}".encode()
+
+    def open_peers(self, handles):
+        self.peers = handles
+
+    def set_peer_pointers(self, ptrs, allow_unmapped=False):
+        if 0 in ptrs and not allow_unmapped:
+            raise ValueError("set_peer_pointers: a rank is not reachable")
+        self.ptrs = list(ptrs)
+
+    def set_rma(self, peers, impl):
+        if self.fail_rma:
+            raise ValueError("low-latency RMA over NVSHMEM needs the buffer in NVSHMEM's symmetric heap")
+        self.rma = (peers, impl)
+
+    def destroy(self):
+        self.destroyed = True
+
+    def error_code(self):
+        return 0
+
+
+class _Heap:
+    """Stands for ep_train.nvshmem.SymmetricHeap: one block per alloc; ranks on another node unmapped."""
+
+    def __init__(self, rank, nodes):
+        self.rank, self.nodes, self.released = rank, nodes, []
+
+    def alloc(self, group, num_bytes):
+        from ep_train.nvshmem import Block
+
+        ptrs = [0 if self.nodes[r] != self.nodes[self.rank] else 0x1000 * (r + 1) for r in range(len(self.nodes))]
+        return Block(0, num_bytes, ptrs[self.rank], ptrs)
+
+    def release(self, block):
+        self.released.append(block.index)
+
+
+def _backend(rank, world, nodes, device_lib, nvl, env=None, fail_rma_on=None):
+    """A CudaBackend on recorders: rank r on node nodes[r], built with device_lib[r]."""
+    import os
+    import types
+
+    from ep_train.backends import cuda
+
+    os.environ.update(env or {})
+    heap = _Heap(rank, nodes)
+
+    def runtime(*args, **kwargs):
+        return _Runtime(*args, fail_rma=fail_rma_on == rank and len(args) + len(kwargs) > 4, **kwargs)
+
+    fake = types.SimpleNamespace(NVSHMEM_DEVICE=device_lib[rank], LOW_LATENCY_RMA_NVSHMEM=RMA_NVSHMEM,
+                                 IntranodeRuntime=runtime, LowLatencyRuntime=runtime,
+                                 low_latency_control_bytes=lambda: 4096)  # fmt: skip
+    cuda._ext.load = lambda: fake
+    cuda.node_id = lambda: f"node {nodes[rank]}"
+    cuda.nvshmem.heap_for = lambda group: heap
+    try:
+        backend = cuda.CudaBackend(dist.group.WORLD, rank, world, nvl, 1 << 20, True, 5.0)
+    except (ValueError, RuntimeError) as exc:
+        return {"error": f"{type(exc).__name__}: {exc}", "released": heap.released}
+    ll = backend._ll
+    return {
+        "nodes": backend.num_nodes,
+        "nvlink": backend._rt is not None and backend._rt.peers is not None,
+        "normal": backend.serves_normal_calls,
+        "transport": backend.low_latency_transport,
+        "ll_rma": backend.low_latency_rma,
+        "mask": None if ll.rma is None else ll.rma[0],
+        "impl": None if ll.rma is None else ll.rma[1],
+        "adopted": ll.external is not None,
+        "released": heap.released,
+    }
+
+
+def _run(world, nodes, device_lib=None, nvl=0, env=None, fail_rma_on=None):
+    device_lib = device_lib or [True] * world
+    return run_distributed(_backend, world, nodes, device_lib, nvl, env, fail_rma_on)
+
+
+def test_one_node_keeps_the_nvlink_buffer_and_stores():
+    for got in _run(2, [0, 0], nvl=1 << 20, device_lib=[False, False]):
+        assert got["nodes"] == 1 and got["nvlink"] and got["normal"], got
+        assert got["transport"] == "nvshmem" and got["adopted"] and not got["ll_rma"] and got["mask"] is None, got
+
+
+def test_one_node_with_rma_forced_reaches_every_rank_by_puts():
+    for got in _run(2, [0, 0], env={"EP_TRAIN_LL_RMA": "1"}):
+        assert got["nvlink"] and got["ll_rma"] and got["mask"] == 0b11 and got["impl"] == RMA_NVSHMEM, got
+
+
+def test_two_nodes_serve_low_latency_calls_with_puts_to_the_other_node():
+    got = _run(4, [0, 0, 1, 1])
+    for rank, g in enumerate(got):
+        other = 0b1100 if rank < 2 else 0b0011
+        assert g["nodes"] == 2 and not g["nvlink"] and not g["normal"], g
+        assert g["mask"] == other and g["impl"] == RMA_NVSHMEM and g["ll_rma"], g
+
+
+@pytest.mark.parametrize(
+    "kwargs,words",
+    [
+        (dict(nvl=1 << 20), "low-latency calls only"),
+        (dict(device_lib=[True, True, False, True]), "EP_TRAIN_NVSHMEM_DEVICE=1"),
+        (dict(env={"EP_TRAIN_LL_TRANSPORT": "ipc"}), "EP_TRAIN_LL_TRANSPORT=ipc"),
+    ],
+)
+def test_two_nodes_refuse_on_every_rank(kwargs, words):
+    """Decided from one gather, so a setting or build that differs on one rank fails every rank."""
+    for got in _run(4, [0, 0, 1, 1], **kwargs):
+        assert got.get("error", "").startswith("ValueError") and words in got["error"], got
+
+
+def test_a_rank_that_cannot_adopt_its_block_fails_every_rank_and_frees_the_blocks():
+    for got in _run(2, [0, 1], fail_rma_on=1):
+        assert "rank 1: low-latency RMA over NVSHMEM needs the buffer" in got.get("error", ""), got
+        assert got["released"] == [0], got
+
+
+def _rank_with_own_rma(rank, world):
+    import os
+
+    os.environ["EP_TRAIN_LL_RMA"] = "1" if rank == 1 else "0"
+    return _backend(rank, world, [0, 0], [True, True], 0)
+
+
+def test_ranks_that_disagree_on_rma_all_refuse():
+    for got in run_distributed(_rank_with_own_rma, 2):
+        assert "EP_TRAIN_LL_TRANSPORT and EP_TRAIN_LL_RMA" in got.get("error", ""), got
