@@ -1,4 +1,5 @@
-"""What the multi-GPU benchmarks share: the standard-case arguments and the launch on this node's GPUs."""
+"""What the multi-GPU benchmarks share: the standard-case arguments and the launch on this node's GPUs
+(or, started by ``torchrun``, on the ranks it started, e.g. across nodes)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import torch
 import torch.distributed as dist
 
 from ep_train.testing import run_distributed
+
+# No NVLink multicast objects (NCCL, torch symmetric memory, NVSHMEM).
+_NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 def standard_parser(doc: str, *, tokens: int | list[int], iters: int) -> argparse.ArgumentParser:
@@ -28,13 +32,22 @@ def standard_parser(doc: str, *, tokens: int | list[int], iters: int) -> argpars
 
 def launch(worker, world: int, args: argparse.Namespace) -> None:
     """``worker(rank, world, args)`` on GPUs 0..world-1, one process each (NCCL)."""
-    # The ranks inherit this: no NVLink multicast objects (NCCL, torch symmetric memory, NVSHMEM).
-    os.environ.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"})
+    os.environ.update(_NO_MULTICAST)  # the ranks inherit it
     run_distributed(worker, world, args, backend="nccl", timeout_s=900)
 
 
 def run_on_gpus(worker, args: argparse.Namespace) -> None:
-    """``worker(rank, world, args)`` on ``args.world`` GPUs (default: the largest of 2/4/8 present)."""
+    """``worker(rank, world, args)`` on ``args.world`` GPUs (default: the largest of 2/4/8 present);
+    under ``torchrun`` on its ranks instead (``--world`` is then ignored)."""
+    if "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        os.environ.update(_NO_MULTICAST)
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl")
+        try:
+            worker(dist.get_rank(), dist.get_world_size(), args)
+        finally:
+            dist.destroy_process_group()
+        return
     launch(worker, args.world or max(n for n in (2, 4, 8) if n <= torch.cuda.device_count()), args)
 
 

@@ -13,6 +13,12 @@ and whether every rank is reached by NVSHMEM puts (``EP_TRAIN_LL_RMA=1``, the pa
 kernels (global timer written by block 0).
 
     python benchmarks/bench_low_latency.py [--tokens 1 32 128 256] [--iters 50] [--trace]
+
+Across nodes (a build with ``EP_TRAIN_NVSHMEM_DEVICE=1``; the other nodes' ranks are reached by NVSHMEM
+puts), one process per GPU started by torchrun on every node:
+
+    torchrun --nnodes N --nproc-per-node G --rdzv-backend c10d --rdzv-endpoint HOST:PORT \
+        benchmarks/bench_low_latency.py
 """
 
 from __future__ import annotations
