@@ -150,7 +150,7 @@ def _worker(rank: int, world: int, args) -> None:
         head = f"{world} x {torch.cuda.get_device_name()}, {datetime.date.today()}, H={args.hidden} top-{args.topk} "
         print(f"\n{head}E={args.experts}, num_rdma_bytes={rdma / 2**20:.0f} MiB, "
               f"low-latency buffer: {cuda.low_latency_transport}"
-              f"{', every rank by NVSHMEM puts' if cuda._backend.low_latency_rma else ''}")  # fmt: skip
+              f"{', every rank by NVSHMEM puts' if cuda.low_latency_rma else ''}")  # fmt: skip
         print("\n".join(lines), flush=True)
     torch.cuda.synchronize()
     dist.barrier()

@@ -180,6 +180,12 @@ class Buffer:
         return getattr(self._backend, "low_latency_transport", None)
 
     @property
+    def low_latency_rma(self) -> bool:
+        """Whether the low-latency kernels reach some rank by NVSHMEM puts (another node, or
+        ``EP_TRAIN_LL_RMA=1``): ``num_rdma_bytes`` then needs ``rma_staging=True`` in its size hint."""
+        return self._backend.low_latency_rma
+
+    @property
     def _weight_dtypes(self) -> tuple[torch.dtype, ...]:
         """float32 gate weights; float64 too where the backend moves float64 rows (gradcheck)."""
         return (torch.float32, torch.float64) if torch.float64 in self.supported_dtypes else (torch.float32,)
@@ -306,7 +312,7 @@ class Buffer:
         return self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
     def _check_nvl_bytes(self, hidden: int, elem_size: int, config: Config, what: str) -> None:
-        if not getattr(self._backend, "serves_normal_calls", True):
+        if not self._backend.serves_normal_calls:
             raise ValueError(
                 f"{what}: this Buffer's group spans nodes, so it serves low-latency calls only (normal "
                 "dispatch/combine need every rank on one node)"
@@ -689,7 +695,7 @@ class Buffer:
     def _check_low_latency(self, M: int, hidden: int, num_experts: int) -> None:
         if not self.low_latency_mode:
             raise ValueError("low-latency calls need Buffer(..., low_latency_mode=True)")
-        rma = bool(getattr(self._backend, "low_latency_rma", False))
+        rma = self.low_latency_rma
         need = self.get_low_latency_rdma_size_hint(M, hidden, self.group_size, num_experts, rma_staging=rma)
         if self.num_rdma_bytes < need:
             raise ValueError(

@@ -155,6 +155,13 @@ class Backend(ABC):
     #: Buffer leaves that check to it (a local error would leave the peers waiting).
     checks_topk_values: bool = False
 
+    #: False where the group spans nodes: the backend then serves low-latency calls only.
+    serves_normal_calls: bool = True
+
+    #: The low-latency kernels reach some rank by NVSHMEM puts, so each call needs the buffer's send
+    #: areas (``Buffer.get_low_latency_rdma_size_hint(..., rma_staging=True)``).
+    low_latency_rma: bool = False
+
     @abstractmethod
     def get_dispatch_layout(
         self, topk_idx_TK: torch.Tensor, num_experts: int

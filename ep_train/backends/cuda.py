@@ -131,7 +131,6 @@ class CudaBackend(Backend):
         self.group, self.rank, self.num_ranks, self.timeout_s = group, rank, num_ranks, float(timeout_s)
         self._rt = self._ll = self._ll_block = None
         self.low_latency_transport: str | None = None
-        self.low_latency_rma = False
         use_ll = bool(low_latency_mode) or num_rdma_bytes > 0
         want, rma = _env.low_latency_transport(), _env.low_latency_rma()
         # One gather that every rank's decision below rests on, so all of them decide alike.
@@ -151,36 +150,30 @@ class CudaBackend(Backend):
         if problem is not None:
             raise ValueError(problem)
         self.num_nodes = len(set(hosts))
-        if self.num_nodes == 1:
+        if self.num_nodes == 1:  # else low-latency calls only: no NVLink buffer
             self._rt = self._C.IntranodeRuntime(rank, num_ranks, int(num_nvl_bytes), self.timeout_s)
             handles: list[bytes | None] = [None] * num_ranks
             dist.all_gather_object(handles, self._rt.ipc_handle(), group=group)
             self._rt.open_peers(handles)
         if use_ll:
-            self._open_low_latency(int(num_rdma_bytes), want)
+            self._open_low_latency(int(num_rdma_bytes), want, rma)
         dist.barrier(group=group)  # every rank mapped every buffer before any kernel writes into it
 
     @property
     def serves_normal_calls(self) -> bool:
-        """False for a group across nodes (low-latency calls only: no NVLink buffer)."""
         return self._rt is not None
 
-    def _need_nvlink(self, op: str) -> None:
-        if self._rt is None:
-            raise ValueError(f"{op}: normal calls need the NVLink buffer of one node, and this backend has none "
-                             "(low-latency calls only)")  # fmt: skip
-
-    def _open_low_latency(self, num_rdma_bytes: int, want: str) -> None:
+    def _open_low_latency(self, num_rdma_bytes: int, want: str, rma: bool) -> None:
         """The low-latency buffer (collective): NVSHMEM symmetric memory, else CUDA IPC (see ep_train.nvshmem)."""
         num_bytes = max(num_rdma_bytes, self._C.low_latency_control_bytes())
         why_not = "EP_TRAIN_LL_TRANSPORT=ipc"
         if want != "ipc":
             heap = nvshmem.heap_for(self.group)
-            why_not = heap if isinstance(heap, str) else self._open_nvshmem(heap, num_bytes)
+            why_not = heap if isinstance(heap, str) else self._open_nvshmem(heap, num_bytes, rma)
             if why_not is None:
                 return
-        if want == "nvshmem" or _env.low_latency_rma() or self.num_nodes > 1:
-            raise RuntimeError(f"EP_TRAIN_LL_TRANSPORT={want}, EP_TRAIN_LL_RMA={int(_env.low_latency_rma())}, "
+        if want == "nvshmem" or rma or self.num_nodes > 1:
+            raise RuntimeError(f"EP_TRAIN_LL_TRANSPORT={want}, EP_TRAIN_LL_RMA={int(rma)}, "
                                f"{self.num_nodes} node(s): NVSHMEM is needed but unavailable: {why_not}")  # fmt: skip
         if want == "auto" and self.rank == 0 and not _env.quiet_import():
             print(f"ep_train: low-latency buffer over CUDA IPC (NVSHMEM unavailable: {why_not})", file=sys.stderr)
@@ -190,7 +183,7 @@ class CudaBackend(Backend):
         self._ll.open_peers(handles)
         self.low_latency_transport = "ipc"
 
-    def _open_nvshmem(self, heap: nvshmem.SymmetricHeap, num_bytes: int) -> str | None:
+    def _open_nvshmem(self, heap: nvshmem.SymmetricHeap, num_bytes: int, rma: bool) -> str | None:
         """The low-latency buffer in a block of ``heap`` (collective); None, or why not on some rank."""
         try:
             block, failure = heap.alloc(self.group, num_bytes), None
@@ -208,7 +201,7 @@ class CudaBackend(Backend):
         if unmapped and not self._C.NVSHMEM_DEVICE:
             failure = (f"ranks {unmapped} have no load/store mapping (other nodes), and reaching them needs "
                        "ep_train._C built with EP_TRAIN_NVSHMEM_DEVICE=1")  # fmt: skip
-        mask = (1 << self.num_ranks) - 1 if _env.low_latency_rma() else sum(1 << r for r in unmapped)
+        mask = (1 << self.num_ranks) - 1 if rma else sum(1 << r for r in unmapped)
         ll = None
         if failure is None:
             try:
@@ -236,6 +229,8 @@ class CudaBackend(Backend):
     # ------------------------------------------------------------------ failures
     def _raise_if_failed(self, code: int | None = None) -> None:
         """Raise what a normal kernel reported (``code``: what the host sync returned, if any)."""
+        if self._rt is None:  # no NVLink buffer (a group across nodes): no normal kernel ran
+            return
         code = self._rt.error_code() if code is None else code
         if code == _ERR_HOST_TIMEOUT:
             raise CommTimeoutError(
@@ -249,8 +244,7 @@ class CudaBackend(Backend):
         """Raise what a low-latency kernel reported (then anything the normal kernels reported)."""
         if self._ll is not None and self._ll.error_code() != 0:
             self._raise_reported(self._ll, low_latency=True)
-        if self._rt is not None:  # a one-rank group of ep_train.testing.one_gpu has no NVLink buffer
-            self._raise_if_failed()
+        self._raise_if_failed()
 
     def _raise_reported(self, runtime, low_latency: bool) -> None:
         """The first failure a runtime's kernels wrote to its mailbox, as an exception."""
@@ -314,7 +308,6 @@ class CudaBackend(Backend):
 
     # ------------------------------------------------------------------ layout
     def get_dispatch_layout(self, topk_idx_TK: torch.Tensor, num_experts: int):
-        self._need_nvlink("get_dispatch_layout")
         self._raise_if_failed()
         T, dev = topk_idx_TK.shape[0], topk_idx_TK.device
         per_rank_R = torch.empty(self.num_ranks, dtype=torch.int32, device=dev)
@@ -330,7 +323,6 @@ class CudaBackend(Backend):
         return row_bytes % 16 == 0 and 1 <= num_experts <= self._C.PAIR_LAYOUT_MAX_LOCAL_EXPERTS
 
     def dispatch(self, args: DispatchArgs) -> DispatchResult:
-        self._need_nvlink("dispatch")
         self._raise_if_failed()
         if args.handle is not None:
             return self._cached_dispatch(args)
@@ -437,7 +429,6 @@ class CudaBackend(Backend):
         return x_PH.dtype == torch.bfloat16 and x_PH.shape[1] % 8 == 0
 
     def combine(self, args: CombineArgs) -> CombineResult:
-        self._need_nvlink("combine")
         self._raise_if_failed()
         h, cfg, x_NH = args.handle, args.config, args.x_NH
         if args.topk_weights_NK is not None and args.topk_weights_NK.dtype != torch.float32:

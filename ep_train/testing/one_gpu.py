@@ -38,7 +38,7 @@ from ..backends.base import (
     LowLatencyDispatchArgs,
     LowLatencyDispatchResult,
 )
-from ..backends.cuda import CudaBackend
+from ..backends.cuda import SUPPORTED_RANKS, CudaBackend
 from ..backends.torch_backend import OP_NAMES
 from ..buffer import (
     _DTYPE_CODES,
@@ -72,10 +72,10 @@ class _RankBackend(CudaBackend):
         self.group, self.rank, self.num_ranks, self.timeout_s = None, rank, num_ranks, float(timeout_s)
         # Other rank counts than 2, 4, 8: low-latency calls only (the NVLink kernels are built for those).
         self._rt = None
-        if num_ranks in (2, 4, 8):
+        if num_ranks in SUPPORTED_RANKS:
             self._rt = self._C.IntranodeRuntime(rank, num_ranks, num_nvl_bytes, self.timeout_s, external=external)
         self._ll = self._ll_block = None
-        self.low_latency_transport, self.low_latency_rma, self.num_nodes = None, False, 1
+        self.low_latency_transport = None
         if ll_bytes:
             self._ll = self._C.LowLatencyRuntime(rank, num_ranks, ll_bytes, self.timeout_s, external=ll_external)
             # Every rank's grid resident at once, with SMs to spare for the other kernels of the ranks.
@@ -142,7 +142,6 @@ class OneGpuGroup:
                 backend._ll.set_peer_pointers(ll_pointers)
                 if low_latency_rma:
                     backend._ll.set_rma(low_latency_rma, impl)
-                    backend.low_latency_rma = True
         self._streams = [torch.cuda.Stream() for _ in range(num_ranks)]
         self._seq = [0] * num_ranks
         self._last = ["none"] * num_ranks

@@ -37,7 +37,7 @@ def _buffers(world: int, timeout_s: float = 20.0, transport: str = "auto") -> tu
     cuda = Buffer(None, 0, rdma, low_latency_mode=True, backend="cuda", timeout_s=timeout_s)
     if transport != "auto":
         assert cuda.low_latency_transport == memory, cuda.low_latency_transport
-    assert cuda._backend.low_latency_rma == rma
+    assert cuda.low_latency_rma == rma
     return cuda, Buffer(None, 0, rdma, low_latency_mode=True, backend="torch")
 
 
