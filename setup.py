@@ -90,7 +90,7 @@ def cuda_extensions():
     nvcc = ["-O3", "-std=c++17", *arch, "-lineinfo"]
     link = [*_shared_libstdcxx(), "-ldl"]
     device_lib = nvshmem_device_library(nvshmem_include)
-    extra = {}
+    flags, extra = {"cxx": cxx, "nvcc": nvcc}, {}
     if device_lib is not None:
         cxx.append("-DEP_TRAIN_NVSHMEM_DEVICE")
         nvcc += ["-rdc=true", "-DEP_TRAIN_NVSHMEM_DEVICE"]
@@ -100,8 +100,8 @@ def cuda_extensions():
         # The device link resolves the kernels' NVSHMEM calls; the host link takes the library's
         # host objects (its init and the registration of this module's device state).
         extra = dict(dlink=True, dlink_libraries=["nvshmem_device"], library_dirs=[os.path.dirname(device_lib)])
+        flags["nvcc_dlink"] = list(arch)
         link.append(device_lib)
-    flags = {"cxx": cxx, "nvcc": nvcc} | ({"nvcc_dlink": list(arch)} if device_lib else {})
     ext = CUDAExtension(
         name="ep_train._C",
         sources=sources,

@@ -53,15 +53,17 @@ void LowLatencyRuntime::set_rma(uint32_t peers, int impl) {
                                     " ranks, got " + std::to_string(peers));
     if (impl != kRmaNone && impl != kRmaPeerCopies && impl != kRmaNvshmem)
         throw std::invalid_argument("low-latency RMA impl must be 0, 1 or 2, got " + std::to_string(impl));
-    if (impl == kRmaNvshmem && !nvshmem_device_compiled())
-        throw std::invalid_argument(
-            "low-latency RMA over NVSHMEM needs ep_train._C built with NVSHMEM's device "
-            "library (libnvshmem_device.a)");
-    if (impl == kRmaNvshmem && !nvshmem::is_symmetric_block(local(), context().rank, R))
-        throw std::invalid_argument(
-            "low-latency RMA over NVSHMEM needs the buffer in NVSHMEM's symmetric heap, with "
-            "the group's ranks as its PEs (this is rank " +
-            std::to_string(context().rank) + " of " + std::to_string(R) + ")");
+    if (impl == kRmaNvshmem) {
+        if (!nvshmem_device_compiled())
+            throw std::invalid_argument(
+                "low-latency RMA over NVSHMEM needs ep_train._C built with NVSHMEM's device library "
+                "(libnvshmem_device.a)");
+        if (!nvshmem::is_symmetric_block(local(), context().rank, R))
+            throw std::invalid_argument(
+                "low-latency RMA over NVSHMEM needs the buffer in NVSHMEM's symmetric heap, with the group's "
+                "ranks as its PEs (this is rank " +
+                std::to_string(context().rank) + " of " + std::to_string(R) + ")");
+    }
     if ((peers != 0) != (impl != kRmaNone))
         throw std::invalid_argument("low-latency RMA: peers " + std::to_string(peers) + " with impl " +
                                     std::to_string(impl) + " (a mask needs an impl, and impl 0 no mask)");

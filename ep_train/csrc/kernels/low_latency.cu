@@ -24,6 +24,7 @@
 #include <cuda_runtime.h>
 
 #include <stdexcept>
+#include <type_traits>
 
 #if defined(EP_TRAIN_NVSHMEM_DEVICE)
 #include <nvshmem.h>
@@ -106,20 +107,15 @@ __device__ __forceinline__ void rma_put_warp(const RankContext& ctx, const LowLa
 }
 
 // One thread: an int64 or int32 word to rank r at own_dst's offset (store or put).
-__device__ __forceinline__ void put_word(const RankContext& ctx, const LowLatencyRma& rma, int r, int64_t* own_dst,
-                                         int64_t v) {
+template <typename T>
+__device__ __forceinline__ void put_word(const RankContext& ctx, const LowLatencyRma& rma, int r, T* own_dst, T v) {
+    static_assert(std::is_same_v<T, int64_t> || std::is_same_v<T, int>, "an int64 or int32 word");
 #if defined(EP_TRAIN_NVSHMEM_DEVICE)
     if (is_rma(rma, r) && rma.impl == kRmaNvshmem) {
-        nvshmem_int64_p(own_dst, v, r);
-        return;
-    }
-#endif
-    *on_peer(ctx, r, own_dst) = v;
-}
-__device__ __forceinline__ void put_word(const RankContext& ctx, const LowLatencyRma& rma, int r, int* own_dst, int v) {
-#if defined(EP_TRAIN_NVSHMEM_DEVICE)
-    if (is_rma(rma, r) && rma.impl == kRmaNvshmem) {
-        nvshmem_int_p(own_dst, v, r);
+        if constexpr (std::is_same_v<T, int64_t>)
+            nvshmem_int64_p(own_dst, v, r);
+        else
+            nvshmem_int_p(own_dst, v, r);
         return;
     }
 #endif
