@@ -87,6 +87,7 @@ def _backend(rank, world, nodes, device_lib, nvl, env=None, fail_rma_on=None):
     except (ValueError, RuntimeError) as exc:
         return {"error": f"{type(exc).__name__}: {exc}", "released": heap.released}
     ll = backend._ll
+    backend._raise_if_ll_failed()  # nothing reported; without an NVLink buffer too
     return {
         "nodes": backend.num_nodes,
         "nvlink": backend._rt is not None and backend._rt.peers is not None,
