@@ -94,7 +94,8 @@ class Buffer:
 
     Args:
         group: the process group of the EP ranks (``None``: the default group).  Its backend decides
-            the device: NCCL → the current CUDA device, gloo → CPU.
+            the device: NCCL, or a backend that carries CUDA tensors (``"cpu:gloo,cuda:gloo"``) →
+            the current CUDA device; gloo → CPU.
         num_nvl_bytes: bytes of the NVLink buffer for normal dispatch/combine; see
             ``Config.get_nvl_buffer_size_hint``.  Checked against every call, on every backend.
         num_rdma_bytes: bytes of the RDMA / low-latency buffer; see ``get_low_latency_rdma_size_hint``.
@@ -166,7 +167,7 @@ class Buffer:
     # ------------------------------------------------------------------ properties and helpers
     def _group_device(self) -> torch.device:
         name = str(dist.get_backend(self.group)).lower()
-        if "nccl" in name:
+        if "nccl" in name or "cuda:" in name:  # "cpu:gloo,cuda:gloo": gloo carries the CUDA tensors
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 

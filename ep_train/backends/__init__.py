@@ -55,7 +55,10 @@ def create_backend(
     if name == "torch":
         return TorchBackend(group, rank, num_ranks, timeout_s)
     if device.type != "cuda":
-        raise ValueError(f"backend='cuda' needs a process group on CUDA devices (NCCL), got device {device}")
+        raise ValueError(
+            "backend='cuda' needs a process group on CUDA devices (NCCL, or e.g. 'cpu:gloo,cuda:gloo'), "
+            f"got device {device}"
+        )
     _ext.load()
     from .cuda import CudaBackend
 

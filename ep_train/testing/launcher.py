@@ -1,14 +1,14 @@
 """Run a function on N ranks in fresh processes and collect results or failures.
 
 ``run_distributed(fn, world_size, *args)`` starts ``world_size`` fresh processes: nothing of the test
-process (CUDA state, threads, globals) is inherited.  Each rank sets one intra-op thread,
-joins a process group (gloo on CPU; NCCL with GPU ``rank``) through a ``FileStore`` in a temporary
-directory, calls ``fn(rank, world_size, *args, **kwargs)`` and sends back its return value or its
-formatted traceback, then waits (bounded) until every rank has finished before it leaves the group,
-so a rank done early never closes a connection a peer is still using.  The parent waits up to
-``timeout_s``; ranks still running then are killed and named.  Any failure raises
-``DistributedTestError`` (an ``AssertionError``) holding every failing rank's traceback, so pytest
-shows what each rank saw.
+process (CUDA state, threads, globals) is inherited.  Each rank sets one intra-op thread, joins a
+process group (gloo on CPU; NCCL with GPU ``rank``; ``"cpu:gloo,cuda:gloo"``: every rank on the
+current GPU) through a ``FileStore`` in a temporary directory, calls ``fn(rank, world_size, *args,
+**kwargs)`` and sends back its return value or its formatted traceback, then waits (bounded) until
+every rank has finished before it leaves the group, so a rank done early never closes a connection
+a peer is still using.  The parent waits up to ``timeout_s``; ranks still running then are killed
+and named.  Any failure raises ``DistributedTestError`` (an ``AssertionError``) holding every
+failing rank's traceback, so pytest shows what each rank saw.
 
 ``fn`` must be picklable: a module-level function of an importable module (tests define them at
 module level).  Return plain Python values or small CPU tensors; they are pickled by value.
@@ -141,7 +141,9 @@ def run_distributed(
     Args:
         fn: module-level function ``(rank, world_size, *args, **kwargs) -> picklable value``.
         world_size: number of ranks (processes).
-        backend: ``"gloo"`` (CPU) or ``"nccl"`` (one GPU per rank; rank r uses ``cuda:r``).
+        backend: ``"gloo"`` (CPU), ``"nccl"`` (one GPU per rank; rank r uses ``cuda:r``) or
+            ``"cpu:gloo,cuda:gloo"`` (every rank on the current GPU, CUDA tensors carried by gloo:
+            ranks as processes sharing one GPU).
         timeout_s: bound on the whole run; ranks still running then are killed and reported as hung.
         may_exit: ranks allowed to end without a result (fault-injection tests kill them on purpose);
             their entry in the returned list is None.

@@ -21,11 +21,20 @@ from ep_train.testing import run_distributed
 MAX_HIDDEN = 7168
 
 
-def run_seeded(suite, num_gpus: int, *args) -> None:
-    """``suite(rank, world, seed, *args)`` on ``num_gpus`` NCCL ranks with a fresh seed, named on failure."""
+#: the process-group backend of ranks that share one GPU: gloo carries the CUDA tensors (NCCL needs a
+#: GPU per rank).
+SHARED_GPU = "cpu:gloo,cuda:gloo"
+
+
+def run_seeded(suite, num_gpus: int, *args, one_gpu: bool = False) -> None:
+    """``suite(rank, world, seed, *args)`` on ``num_gpus`` NCCL ranks with a fresh seed, named on failure.
+
+    ``one_gpu``: ``num_gpus`` ranks as processes on GPU 0 instead (SHARED_GPU group): the kernels'
+    protocol between processes, separate CUDA contexts and NVSHMEM PEs, on a machine with one GPU.
+    """
     seed = random.randrange(1 << 30)
     try:
-        run_distributed(suite, num_gpus, seed, *args, backend="nccl", timeout_s=300)
+        run_distributed(suite, num_gpus, seed, *args, backend=SHARED_GPU if one_gpu else "nccl", timeout_s=300)
     except Exception as exc:
         raise AssertionError(f"{suite.__name__} failed with seed {seed} (pass it to reproduce)") from exc
 

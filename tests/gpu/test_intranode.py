@@ -47,3 +47,15 @@ def test_autograd_fp8_dispatch_waits_for_previous_event(num_gpus):
 def test_expert_major_dispatch(num_gpus):
     """Rows written straight to their experts' places = dispatch then permute, bitwise (+ autograd)."""
     _scenarios.run_seeded(_scenarios.suite_expert_major, num_gpus)
+
+
+@pytest.mark.parametrize(
+    "suite",
+    [_scenarios.suite_dispatch_combine, _scenarios.suite_skewed_and_empty, _scenarios.suite_expert_major,
+     _scenarios.suite_failures],
+    ids=lambda f: f.__name__.removeprefix("suite_"),
+)  # fmt: skip
+def test_two_processes_on_one_gpu(kernels, suite):
+    """Two ranks as two processes sharing GPU 0 (separate CUDA contexts, time-sliced; buffers opened
+    by CUDA IPC in the other process): the Buffer's set-up and the kernels' protocol between processes."""
+    _scenarios.run_seeded(suite, 2, one_gpu=True)

@@ -308,6 +308,15 @@ def test_mismatched_calls_raise(num_gpus, transport):
     run_seeded(suite_failures, num_gpus, transport)
 
 
+@pytest.mark.parametrize("suite", [suite_matches_torch, suite_two_in_flight, suite_graph, suite_failures],
+                         ids=lambda f: f.__name__.removeprefix("suite_"))  # fmt: skip
+def test_two_processes_on_one_gpu(kernels, transport, suite):
+    """Two ranks as two processes sharing GPU 0: separate CUDA contexts (time-sliced), and with NVSHMEM
+    two PEs of one job; with ``nvshmem-rma`` every row, count and signal an NVSHMEM device call
+    between the two PEs.  What a machine with one GPU can check of the protocol between processes."""
+    run_seeded(suite, 2, transport, one_gpu=True)
+
+
 def suite_transport_choice(rank: int, world: int, seed: int) -> None:
     """``auto`` takes NVSHMEM where it is usable, and a new group of the same ranks shares its job."""
     from ep_train import nvshmem
