@@ -36,13 +36,23 @@ from .handle import DispatchHandle, LowLatencyHandle
 from .permute import permute_dispatch_result, sum_pair_rows
 from .validate import check_int, check_num_sms, check_tensor, check_topk_idx_values, split_fp8
 
-__all__ = ["Buffer", "topk_idx_t"]
+__all__ = ["Buffer", "group_device", "topk_idx_t"]
 
 #: dtype of every ``topk_idx`` tensor.
 topk_idx_t = torch.int64
 
 _DTYPE_CODES = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3, torch.float64: 4, torch.float8_e4m3fn: 5}
 _OP_DISPATCH, _OP_CACHED, _OP_COMBINE, _OP_LL_DISPATCH, _OP_LL_COMBINE = 1, 2, 3, 4, 5
+
+
+def group_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """The device a process group moves tensors on: the current CUDA device for NCCL, or for a
+    backend that carries CUDA tensors by another library (``"cpu:gloo,cuda:gloo"``: ranks sharing a
+    GPU); else the CPU."""
+    name = str(dist.get_backend(group)).lower()
+    if "nccl" in name or "cuda:" in name:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -138,7 +148,7 @@ class Buffer:
             raise ValueError(f"timeout_s must be a number > 0, got {timeout_s!r}")
         self.timeout_s = float(timeout_s)
         self.check_values = bool(check_values)
-        self.device = self._group_device()
+        self.device = group_device(self.group)
         self._dispatch_config = get_dispatch_config(self.group_size)
         self._combine_config = get_combine_config(self.group_size)
         if num_sms is not None:
@@ -165,12 +175,6 @@ class Buffer:
         )
 
     # ------------------------------------------------------------------ properties and helpers
-    def _group_device(self) -> torch.device:
-        name = str(dist.get_backend(self.group)).lower()
-        if "nccl" in name or "cuda:" in name:  # "cpu:gloo,cuda:gloo": gloo carries the CUDA tensors
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
-
     @property
     def backend_name(self) -> str:
         return self._backend.name

@@ -46,13 +46,14 @@ def _kernels_vs_torch_body(rank, world, seed, kind, K, backends=("cuda", "torch"
     import torch.distributed as dist
 
     from ep_train import Buffer, MoEDispatcher
+    from ep_train.buffer import group_device
     from ep_train.moe import grouped_mlp
     from ep_train.testing import make_routing
     from ep_train.testing.routing import rank_generator
 
     T, H, E, F = 384, 2048, 16, 256
     L = E // world
-    dev = torch.device("cuda", rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+    dev = group_device()
     g = rank_generator(seed, 999)
     w1 = (torch.randn(E, H, 2 * F, generator=g) / H**0.5).bfloat16()[rank * L : (rank + 1) * L].to(dev)
     w2 = (torch.randn(E, F, H, generator=g) / F**0.5).bfloat16()[rank * L : (rank + 1) * L].to(dev)
@@ -86,4 +87,15 @@ def test_bf16_kernels_match_torch_backend(num_gpus, kind, K):
     from ep_train.testing import run_distributed
 
     run_distributed(_kernels_vs_torch_body, num_gpus, random.randrange(1 << 30), kind, K, backend="nccl",
+                    timeout_s=300)  # fmt: skip
+
+
+@pytest.mark.parametrize("kind,K", [("uniform", 8), ("empty_rank", 4)])
+def test_bf16_kernels_match_torch_backend_two_processes_on_one_gpu(kernels, kind, K):
+    """The same layer with two ranks as processes sharing GPU 0 (a machine with one GPU runs it too)."""
+    from ep_train.testing import run_distributed
+
+    from ._scenarios import SHARED_GPU
+
+    run_distributed(_kernels_vs_torch_body, 2, random.randrange(1 << 30), kind, K, backend=SHARED_GPU,
                     timeout_s=300)  # fmt: skip

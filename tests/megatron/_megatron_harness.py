@@ -151,13 +151,15 @@ def layer_parity(rank: int, world: int, cases: list[Case], candidates: list[str]
                  rel_tol: float = FP32_REL_TOL) -> int:  # fmt: skip
     """For each case: the MoE layer under each candidate dispatcher equals it under ``alltoall``.
 
-    On CUDA ranks (NCCL) the layers are built on the GPU in ``dtype``; bitwise comparisons then
+    On CUDA ranks (NCCL, or ranks sharing a GPU) the layers are built on the GPU in ``dtype``; bitwise comparisons then
     apply only to FP32.  ``ep_backend`` is the ep_train Buffer backend ("torch" for FP32 on GPUs:
     the CUDA kernels move BF16).
     """
     checked = 0
-    on_gpu = torch.cuda.is_available() and torch.distributed.get_backend() == "nccl"
-    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    from ep_train.buffer import group_device
+
+    device = group_device()
+    on_gpu = device.type == "cuda"
     dtype_kwargs = {}
     if on_gpu:
         dtype_kwargs = dict(use_cpu_initialization=False, params_dtype=dtype, bf16=dtype == torch.bfloat16,
