@@ -91,3 +91,20 @@ def test_a_failed_rank_leaves_at_once():
     with pytest.raises(DistributedTestError, match="rank zero fails at once"):
         run_distributed(_fail_while_peer_waits, 2, timeout_s=60)
     assert time.monotonic() - start < 10, "the failing rank waited for its blocked peer"
+
+
+def _devices(rank, world_size):
+    from ep_train.buffer import group_device
+
+    torch.cuda.current_device = lambda: 0  # this CPU machine has no CUDA device to ask
+    t = torch.tensor([rank], dtype=torch.int64)
+    dist.all_reduce(t)  # CPU tensors still go through gloo
+    gloo_only = dist.new_group(list(range(world_size)), backend="gloo")
+    return str(group_device()), str(group_device(gloo_only)), t.item()
+
+
+def test_a_group_that_carries_cuda_tensors_puts_buffers_on_the_gpu():
+    """``"cpu:gloo,cuda:gloo"`` (ranks sharing a GPU): the default group's device is CUDA; a plain
+    gloo group's stays the CPU."""
+    out = run_distributed(_devices, 2, backend="cpu:gloo,cuda:gloo", timeout_s=60)
+    assert out == [("cuda:0", "cpu", 1)] * 2
