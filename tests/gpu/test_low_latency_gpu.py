@@ -317,6 +317,44 @@ def test_two_processes_on_one_gpu(kernels, transport, suite):
     run_seeded(suite, 2, transport, one_gpu=True)
 
 
+def suite_ranks_on_separate_nodes(rank: int, world: int, seed: int, transport: str) -> None:
+    """Every rank claims a node of its own (this process's node id patched): the Buffer takes the
+    path of a group across nodes (low-latency calls only, NVSHMEM memory, NVSHMEM's device library;
+    the peers NVSHMEM cannot map reached by puts), refuses what that path cannot serve with the
+    reason on every rank, and its low-latency calls match the torch backend."""
+    from ep_train.backends import cuda as cuda_backend
+
+    cuda_backend.node_id = lambda: f"node {rank}"
+    rdma = Buffer.get_low_latency_rdma_size_hint(M_MAX, H_MAX, world, E, rma_staging=True)
+    with pytest.raises(ValueError, match="normal dispatch/combine need every rank on one node"):
+        Buffer(None, 1 << 20, rdma, low_latency_mode=True, backend="cuda")
+    if transport == "ipc" or not _ext.load().NVSHMEM_DEVICE:
+        why = "EP_TRAIN_LL_TRANSPORT=ipc" if transport == "ipc" else "NVSHMEM's device library"
+        with pytest.raises(ValueError, match=why):
+            _buffers(world, transport=transport)
+        dist.barrier()
+        return
+    cuda, _ = _buffers(world, transport=transport)
+    assert cuda._backend.num_nodes == world and not cuda._backend.serves_normal_calls
+    gen = rank_generator(seed, rank)
+    idx = routing("random", 8, 2, E, rank, gen)
+    per_rank, per_expert, in_rank = cuda.get_dispatch_layout(idx, E)
+    x = torch.randn((8, 2048), generator=gen).to(torch.bfloat16).cuda()
+    with pytest.raises(ValueError, match="spans nodes"):
+        cuda.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                      topk_idx=idx, topk_weights=torch.rand((8, 2), device="cuda"))  # fmt: skip
+    torch.cuda.synchronize()
+    dist.barrier()
+    cuda.destroy()
+    suite_matches_torch(rank, world, seed, transport)
+    suite_graph(rank, world, seed, transport)
+
+
+def test_ranks_on_separate_nodes(kernels, transport):
+    """Two processes on GPU 0 (or the first two GPUs), each rank claiming its own node."""
+    run_seeded(suite_ranks_on_separate_nodes, 2, transport, one_gpu=torch.cuda.device_count() == 1)
+
+
 def suite_transport_choice(rank: int, world: int, seed: int) -> None:
     """``auto`` takes NVSHMEM where it is usable, and a new group of the same ranks shares its job."""
     from ep_train import nvshmem
