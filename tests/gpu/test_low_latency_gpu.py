@@ -338,7 +338,7 @@ def suite_ranks_on_separate_nodes(rank: int, world: int, seed: int, transport: s
     assert cuda._backend.num_nodes == world and not cuda._backend.serves_normal_calls
     gen = rank_generator(seed, rank)
     idx = routing("random", 8, 2, E, rank, gen)
-    per_rank, per_expert, in_rank = cuda.get_dispatch_layout(idx, E)
+    per_rank, _, per_expert, in_rank, _ = cuda.get_dispatch_layout(idx, E)
     x = torch.randn((8, 2048), generator=gen).to(torch.bfloat16).cuda()
     with pytest.raises(ValueError, match="spans nodes"):
         cuda.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
