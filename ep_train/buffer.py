@@ -51,6 +51,10 @@ def group_device(group: dist.ProcessGroup | None = None) -> torch.device:
     GPU); else the CPU."""
     name = str(dist.get_backend(group)).lower()
     if "nccl" in name or "cuda:" in name:
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"the process group's backend {name!r} moves CUDA tensors, but this process has no CUDA device"
+            )
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 

@@ -96,15 +96,21 @@ def test_a_failed_rank_leaves_at_once():
 def _devices(rank, world_size):
     from ep_train.buffer import group_device
 
-    torch.cuda.current_device = lambda: 0  # this CPU machine has no CUDA device to ask
+    torch.cuda.is_available = lambda: False
+    try:
+        group_device()
+    except ValueError as exc:
+        refused = str(exc)
+    torch.cuda.is_available, torch.cuda.current_device = (lambda: True), (lambda: 0)  # a machine with a GPU
     t = torch.tensor([rank], dtype=torch.int64)
     dist.all_reduce(t)  # CPU tensors still go through gloo
     gloo_only = dist.new_group(list(range(world_size)), backend="gloo")
-    return str(group_device()), str(group_device(gloo_only)), t.item()
+    return refused, str(group_device()), str(group_device(gloo_only)), t.item()
 
 
 def test_a_group_that_carries_cuda_tensors_puts_buffers_on_the_gpu():
-    """``"cpu:gloo,cuda:gloo"`` (ranks sharing a GPU): the default group's device is CUDA; a plain
-    gloo group's stays the CPU."""
+    """``"cpu:gloo,cuda:gloo"`` (ranks sharing a GPU): the default group's device is CUDA, and a process
+    without one is told so; a plain gloo group's stays the CPU."""
     out = run_distributed(_devices, 2, backend="cpu:gloo,cuda:gloo", timeout_s=60)
-    assert out == [("cuda:0", "cpu", 1)] * 2
+    no_cuda = "the process group's backend 'cpu:gloo,cuda:gloo' moves CUDA tensors, but this process has no CUDA device"
+    assert out == [(no_cuda, "cuda:0", "cpu", 1)] * 2

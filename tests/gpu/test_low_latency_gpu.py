@@ -1,4 +1,5 @@
-"""The cuda backend's low-latency kernels against the torch backend on 2, 4 or 8 GPUs of one node.
+"""The cuda backend's low-latency kernels against the torch backend on 2, 4 or 8 GPUs of one node
+(and two ranks as processes sharing GPU 0; ranks claiming separate nodes take the across-nodes path).
 
 Dispatch is a permutation into fixed slots, so recv_x (BF16, or FP8 + scales: the kernel must quantise
 exactly like ``ep_train.fp8`` on CUDA), the counts and every handle tensor must be bitwise equal.

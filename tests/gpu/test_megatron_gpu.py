@@ -1,4 +1,5 @@
-"""Megatron-Core parity on GPUs (NCCL): ep_train's "deepep" dispatcher (and the flex backend)
+"""Megatron-Core parity on GPUs (NCCL; on a machine with one GPU, two ranks as processes sharing
+it, gloo carrying the CUDA tensors): ep_train's "deepep" dispatcher (and the flex backend)
 against Megatron's "alltoall", as in tests/megatron but with CUDA streams, the chunked overlap on
 the Buffer's comm stream and, where built, ep_train's CUDA kernels.
 
