@@ -23,7 +23,7 @@ def available_backends() -> dict[str, str]:
 
         why_not = nvshmem.unavailable_reason(load=False)
         peers = "NVSHMEM symmetric memory" if why_not is None else f"CUDA IPC (NVSHMEM: {why_not})"
-        puts = "with" if getattr(_ext.load(), "NVSHMEM_DEVICE", False) else "without"
+        puts = "with" if _ext.load().NVSHMEM_DEVICE else "without"
         report["cuda"] = (
             f"available (NVLink kernels for one node; low-latency buffer: {peers}; built {puts} NVSHMEM's "
             "device library)"

@@ -555,8 +555,7 @@ PYBIND11_MODULE(_C, m) {
         .def("num_bytes", [](const LowLatencyRuntime& rt) { return rt.num_bytes(); })
         .def("set_peer_pointers", &LowLatencyRuntime::set_peer_pointers, py::arg("ptrs"), py::arg("allow_unmapped"))
         .def("unmapped_peers", &LowLatencyRuntime::unmapped_peers)
-        .def("set_rma", &LowLatencyRuntime::set_rma, py::arg("peers"), py::arg("impl"))
-        .def("rma", [](const LowLatencyRuntime& rt) { return py::make_tuple(rt.rma().peers, rt.rma().impl); });
+        .def("set_rma", &LowLatencyRuntime::set_rma, py::arg("peers"), py::arg("impl"));
     m.attr("LOW_LATENCY_RMA_PEER_COPIES") = static_cast<int>(ep_train::kRmaPeerCopies);
     m.attr("LOW_LATENCY_RMA_NVSHMEM") = static_cast<int>(ep_train::kRmaNvshmem);
     m.attr("NVSHMEM_DEVICE") = ep_train::nvshmem_device_compiled();

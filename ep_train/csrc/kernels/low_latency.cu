@@ -348,7 +348,7 @@ __device__ void send_rows(const LowLatencyDispatchParams& p, const RankContext& 
         const bool valid = it < items;
         int4 v = make_int4(0, 0, 0, 0);
         if (valid) v = have_first && base == warp_first ? first : load_chunk(p, q0 + q, c);
-        const int ranks = valid ? s_ranks[q] : 0;
+        const int ranks = valid ? s_ranks[q] : 0, stores = ranks & ~static_cast<int>(rma.peers);
         if (p.use_fp8) {
             const auto* h = reinterpret_cast<const __nv_bfloat162*>(&v);
             float f[8];
@@ -371,7 +371,6 @@ __device__ void send_rows(const LowLatencyDispatchParams& p, const RankContext& 
             };
             const uint2 out = make_uint2(uint32_t(cast(f[0], f[1])) | (uint32_t(cast(f[2], f[3])) << 16),
                                          uint32_t(cast(f[4], f[5])) | (uint32_t(cast(f[6], f[7])) << 16));
-            const int stores = ranks & ~static_cast<int>(rma.peers);
             for (int r = 0; r <= R; ++r) {  // r == R: the staging row
                 if (r < R ? !((stores >> r) & 1) : ranks == stores) continue;
                 char* row = r < R ? p.layout.token_row(ctx.peers.base[r], half, me, q0 + q)
@@ -380,7 +379,6 @@ __device__ void send_rows(const LowLatencyDispatchParams& p, const RankContext& 
                 if (c % (kFp8Block / 8) == 0) reinterpret_cast<float*>(row + H)[c / (kFp8Block / 8)] = scale;
             }
         } else {
-            const int stores = ranks & ~static_cast<int>(rma.peers);
             for (int r = 0; r < R; ++r)
                 if ((stores >> r) & 1)
                     ptx::st_na_v4(reinterpret_cast<int4*>(p.layout.token_row(ctx.peers.base[r], half, me, q0 + q)) + c,
