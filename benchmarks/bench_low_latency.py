@@ -3,7 +3,8 @@
 Low-latency case (DESIGN.md §4): hidden 7168, top-8 of 256 experts, random top-k, 128 tokens per
 rank (also 1, 32 and 256), num_max_dispatch_tokens_per_rank = tokens, on every GPU of this node
 (2, 4 or 8).  Ours: median CUDA-event time of one call replayed as a CUDA graph (dispatch BF16,
-dispatch FP8, combine), and of the send and the receive (hook) halves of an eager hook-mode call.
+dispatch FP8, combine, combine with sums per rank), and of the send and the receive (hook) halves
+of an eager hook-mode call.
 The torch backend syncs with the host, so it cannot be captured: it is timed eagerly.  Logical
 bandwidth = bytes of the rows rank 0 receives, in BF16 (FP8: x (1 + 4/128) / 2).  Never asserts.
 The header names the low-latency buffer's memory (NVSHMEM or CUDA IPC; ``EP_TRAIN_LL_TRANSPORT``)
@@ -91,9 +92,20 @@ def _measure(cuda: Buffer, ref: Buffer, T: int, args, rank: int) -> list[str]:
     send, recv = _hook_us(cuda, lambda: cuda.low_latency_combine(y, idx, w, handle, return_recv_hook=True), args.iters)
     lines.append(bandwidth_row(f"T={T} cuda combine hook: send", send, nbytes))
     lines.append(bandwidth_row(f"T={T} cuda combine hook: receive", recv, nbytes))
-    _, _, ref_handle, _, _ = ref.low_latency_dispatch(x, idx, M, E, use_fp8=False)
+    # Sums per rank: one row per (token, rank) crosses the links instead of one per (token, expert).
+    _, _, w_handle, _, _ = cuda.low_latency_dispatch(x, idx, M, E, use_fp8=False, topk_weights=w)
+    graph = _graph_of(lambda: cuda.low_latency_combine(y, idx, w, w_handle, sum_per_rank=True))
+    t = median_us(graph.replay, args.iters)
+    lines.append(bandwidth_row(f"T={T} cuda combine, sums per rank (graph)", t, nbytes))
+    summed = lambda: cuda.low_latency_combine(y, idx, w, w_handle, return_recv_hook=True, sum_per_rank=True)  # noqa: E731
+    send, recv = _hook_us(cuda, summed, args.iters)
+    lines.append(bandwidth_row(f"T={T} cuda combine, sums per rank, hook: send", send, nbytes))
+    lines.append(bandwidth_row(f"T={T} cuda combine, sums per rank, hook: receive", recv, nbytes))
+    _, _, ref_handle, _, _ = ref.low_latency_dispatch(x, idx, M, E, use_fp8=False, topk_weights=w)
     t = median_us(lambda: ref.low_latency_combine(y, idx, w, ref_handle), args.iters)
     lines.append(bandwidth_row(f"T={T} torch combine (eager)", t, nbytes))
+    t = median_us(lambda: ref.low_latency_combine(y, idx, w, ref_handle, sum_per_rank=True), args.iters)
+    lines.append(bandwidth_row(f"T={T} torch combine, sums per rank (eager)", t, nbytes))
     lines.append(f"T={T}: rank 0 receives {int(rows)} rows")
     return lines
 

@@ -110,7 +110,7 @@ def _grads_body(rank, R, seed, kind, K, backend="auto", tokens=None, fp8=False):
     assert ok, tag
 
 
-def _low_latency_body(rank, R, seed, kind, K, backend="auto"):
+def _low_latency_body(rank, R, seed, kind, K, backend="auto", sum_per_rank=False):
     T, H, M = 4, 3, 6
     _, _, idxs, ws, xs, gouts = _model(R, T, H, K, kind, seed, _device(rank))
     buf = _buffer(R, H, M, backend)
@@ -118,7 +118,7 @@ def _low_latency_body(rank, R, seed, kind, K, backend="auto"):
 
     def ll(x, w):
         recv, _, h = A.low_latency_dispatch(buf, x, idx, w, M, E)
-        return A.low_latency_combine(buf, recv * 2.0 + recv**2, idx, w, h)
+        return A.low_latency_combine(buf, recv * 2.0 + recv**2, idx, w, h, sum_per_rank=sum_per_rank)
 
     x, w = xs[rank].clone().requires_grad_(), ws[rank].clone().requires_grad_()
     y = ll(x, w)
@@ -155,8 +155,9 @@ def test_fp8_dispatch_gradients_match_dense_reference_on_dequantised_rows(world_
                     timeout_s=600)  # fmt: skip
 
 
+@pytest.mark.parametrize("sum_per_rank", [False, True])
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_low_latency_pair_gradcheck(world_size):
+def test_low_latency_pair_gradcheck(world_size, sum_per_rank):
     seed = random.randrange(1 << 30)
     kind, K = random.Random(seed).choice(CASES)
-    run_distributed(_low_latency_body, world_size, seed, kind, K, timeout_s=600)
+    run_distributed(_low_latency_body, world_size, seed, kind, K, sum_per_rank=sum_per_rank, timeout_s=600)

@@ -23,6 +23,7 @@ from ep_train.testing import (
     dense_moe,
     expected_low_latency,
     expected_low_latency_combine,
+    expected_low_latency_combine_per_rank,
     make_all_routings,
     run_distributed,
     structured_rows,
@@ -96,6 +97,23 @@ def _case(rank, R, c):
         assert combined.data_ptr() == out.data_ptr(), f"combine must write into out {tag}"
     want, mag = expected_low_latency_combine(rank, slots, ys, ws[rank], counts[rank])
     assert_close(combined, want, f"low_latency_combine {tag}", torch.bfloat16, num_terms=c["K"] + 1, magnitude=mag)
+    if c["weights"]:
+        # Sums per rank: the dispatch's weights, one rounding per (token, rank); bit for bit against
+        # the loop, and within that extra rounding of the exact sum.
+        summed, _, shook = buf.low_latency_combine(y, idxs[rank], ws[rank], handle, return_recv_hook=c["hook"],
+                                                   sum_per_rank=True)  # fmt: skip
+        if c["hook"]:
+            shook()
+        want_sum = expected_low_latency_combine_per_rank(rank, slots, ys, ws[rank], counts[rank])
+        assert_bitwise_equal(summed, want_sum, f"low_latency_combine sum_per_rank {tag}")
+        assert_close(summed, want, f"sum_per_rank vs exact {tag}", torch.bfloat16, num_terms=c["K"] + 1,
+                     magnitude=mag, rounded_partials=True)  # fmt: skip
+        if min(counts) > 0:  # (empty weights of a rank without tokens are all alike)
+            with pytest.raises(ValueError, match="must be the tensor given to low_latency_dispatch"):
+                buf.low_latency_combine(y, idxs[rank], ws[rank].clone(), handle, sum_per_rank=True)
+    else:
+        with pytest.raises(ValueError, match="was given none"):
+            buf.low_latency_combine(y, idxs[rank], ws[rank], handle, sum_per_rank=True)
     x_in = dequantize_fp8(*sent[rank], torch.bfloat16) if c["fp8"] else xs[rank]
     dense, dmag = dense_moe(x_in, idxs[rank], ws[rank], lambda e, row: (row * (e + 1)).bfloat16().double())
     assert_close(combined, dense, f"low_latency vs dense MoE {tag}", torch.bfloat16, num_terms=c["K"] + 1,

@@ -35,6 +35,13 @@ def _ll_dispatch(buf, rank, R, max_tokens=M):
     return buf.low_latency_dispatch(torch.randn(T, H).bfloat16(), idx, max_tokens, E, use_fp8=False)
 
 
+def _ll_combine(buf, rank, R, sum_per_rank):
+    idx, w = make_routing("uniform", T, E, 2, R, 7, rank)
+    recv, _, handle, _, _ = buf.low_latency_dispatch(torch.randn(T, H).bfloat16(), idx, M, E, use_fp8=False,
+                                                     topk_weights=w)  # fmt: skip
+    return buf.low_latency_combine(recv, idx, w, handle, sum_per_rank=sum_per_rank)
+
+
 def _combine_or_dispatch(buf, rank, R, odd):
     recv_x, _, _, _, handle, _ = _dispatch(buf, rank, R)
     return buf.combine(recv_x, handle) if odd else _dispatch(buf, rank, R)
@@ -57,6 +64,7 @@ SCENARIOS = {
                       ["num_max_dispatch_tokens_per_rank", "16", "32"]),
     "ll_vs_dispatch": (lambda b, r, R, odd: _ll_dispatch(b, r, R) if odd else _dispatch(b, r, R),
                        ["op is", "low_latency_dispatch"]),
+    "ll_sum_per_rank": (_ll_combine, ["sum_per_rank) is", "(16, False)", "(16, True)"]),
     "handle": (_combine_other_handle, ["the handle (the call number of its dispatch) is", "combine call #2"]),
 }  # fmt: skip
 

@@ -46,8 +46,10 @@ class _LowLatencyDispatchFn(torch.autograd.Function):
 
 class _LowLatencyCombineFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_LSH, topk_weights_TK, buffer: Buffer, topk_idx_TK, handle: LowLatencyHandle):
-        combined, _, _ = buffer.low_latency_combine(x_LSH, topk_idx_TK, topk_weights_TK.detach(), handle)
+    def forward(ctx, x_LSH, topk_weights_TK, buffer: Buffer, topk_idx_TK, handle: LowLatencyHandle, sum_per_rank):
+        combined, _, _ = buffer.low_latency_combine(
+            x_LSH, topk_idx_TK, topk_weights_TK.detach(), handle, sum_per_rank=sum_per_rank
+        )
         ctx.buffer, ctx.handle = buffer, handle
         ctx.save_for_backward(x_LSH, topk_idx_TK)
         return combined
@@ -79,7 +81,7 @@ class _LowLatencyCombineFn(torch.autograd.Function):
             k_handle = dataclasses.replace(h, hidden=k)
             grad_w, _, _ = buffer.low_latency_combine(rows, topk_idx_TK, ones, k_handle)
             grad_w = grad_w.to(h.recv_topk_weights_LS.dtype)
-        return grad_x, grad_w, None, None, None
+        return grad_x, grad_w, None, None, None, None
 
 
 def low_latency_dispatch(
@@ -110,12 +112,20 @@ def low_latency_dispatch(
 
 
 def low_latency_combine(
-    buffer: Buffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle: LowLatencyHandle
+    buffer: Buffer,
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weights: torch.Tensor,
+    handle: LowLatencyHandle,
+    *,
+    sum_per_rank: bool = False,
 ) -> torch.Tensor:
     """Differentiable weighted low-latency combine (w.r.t. ``x`` and ``topk_weights``) → ``[T, H]``.
 
     ``handle`` must come from :func:`low_latency_dispatch` of this module (it carries the slot weights).
+    ``sum_per_rank``: see :meth:`Buffer.low_latency_combine` (``topk_weights`` then must be the
+    dispatch's); the backward is the same either way.
     """
     if not isinstance(handle, LowLatencyHandle):
         raise TypeError(f"handle must be a LowLatencyHandle, got {type(handle).__name__}")
-    return _LowLatencyCombineFn.apply(x, topk_weights, buffer, topk_idx, handle)
+    return _LowLatencyCombineFn.apply(x, topk_weights, buffer, topk_idx, handle, bool(sum_per_rank))

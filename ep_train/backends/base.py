@@ -135,6 +135,9 @@ class LowLatencyCombineArgs:
     handle: LowLatencyHandle
     out_TH: torch.Tensor | None
     return_recv_hook: bool
+    # Each expert rank sums a token's rows it holds, weighted by the dispatch's slot weights, and
+    # sends one row per (token, rank), rounded to the rows' dtype; the token's rank adds those rows.
+    sum_per_rank: bool = False
 
 
 @dataclass

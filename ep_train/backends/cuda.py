@@ -254,8 +254,8 @@ class CudaBackend(Backend):
             ours, theirs = expected, seen
             if channel == 0:
                 ours, theirs = OP_NAMES.get(ours, ours), OP_NAMES.get(theirs, theirs)
-            elif low_latency and channel == 6:  # Buffer packs M * 2 + use_fp8 here
-                field = "(num_max_dispatch_tokens_per_rank, use_fp8)"
+            elif low_latency and channel == 6:  # Buffer packs M * 2 + (use_fp8 or sum_per_rank) here
+                field = "(num_max_dispatch_tokens_per_rank, use_fp8 of a dispatch or sum_per_rank of a combine)"
                 ours, theirs = (ours // 2, bool(ours % 2)), (theirs // 2, bool(theirs % 2))
             elif channel == 6:  # Buffer sends a combine's or cached dispatch's handle identity here
                 field = "the handle (the call number of its dispatch)"
@@ -508,14 +508,15 @@ class CudaBackend(Backend):
         weights_LS = torch.empty((L, R * M), dtype=torch.float32, device=dev)
         range_LR = torch.empty((L, R), dtype=torch.int64, device=dev)
         count_L = torch.empty(L, **i32)
+        slot_of = torch.empty((R * M, args.topk_idx_TK.shape[1]), **i32)  # for a combine with sums per rank
         call_seq = torch.empty(1, dtype=torch.int64, device=dev)
         header = args.info.as_list() + [0]
 
         def launch(phases: int) -> None:
             self._C.low_latency_dispatch(ll, x_TH, args.topk_idx_TK, args.topk_weights_TK, M, E, args.use_fp8,
                                          args.round_scale, recv_x, recv_scales, src_info_LS, topk_pos_LS, weights_LS,
-                                         range_LR, count_L, args.cumulative_local_expert_recv_stats_L, call_seq,
-                                         header, phases)  # fmt: skip
+                                         range_LR, count_L, args.cumulative_local_expert_recv_stats_L, slot_of,
+                                         call_seq, header, phases)  # fmt: skip
 
         launch(_LL_SEND if args.return_recv_hook else _LL_BOTH)
         handle = LowLatencyHandle(
@@ -532,7 +533,7 @@ class CudaBackend(Backend):
             recv_count_L=count_L,
             topk_idx_TK=args.topk_idx_TK,
             buffer_half=-1,
-            extras={"call_seq": call_seq},
+            extras={"call_seq": call_seq, "slot_of": slot_of},
         )
         hook = self._ll_hook(launch) if args.return_recv_hook else None
         return LowLatencyDispatchResult(recv_x, recv_scales, count_L, handle, hook)
@@ -549,12 +550,13 @@ class CudaBackend(Backend):
             target = torch.empty((h.num_tokens, h.hidden), dtype=x_LSH.dtype, device=x_LSH.device)
         call_seq = torch.empty(1, dtype=torch.int64, device=x_LSH.device)
         header = args.info.as_list() + [0]
+        slot_of, slot_weights = (h.extras["slot_of"], h.recv_topk_weights_LS) if args.sum_per_rank else (None, None)
 
         def launch(phases: int) -> None:
             self._C.low_latency_combine(ll, x_LSH, h.recv_src_info_LS, h.recv_topk_pos_LS, h.recv_layout_range_LR,
                                         args.topk_idx_TK, args.topk_weights_TK, target,
-                                        h.num_max_dispatch_tokens_per_rank, h.num_experts, call_seq, header,
-                                        phases)  # fmt: skip
+                                        h.num_max_dispatch_tokens_per_rank, h.num_experts, slot_of, slot_weights,
+                                        call_seq, header, phases)  # fmt: skip
             if out is not None and target is not out and phases & _LL_RECV:
                 out.copy_(target)
 

@@ -117,8 +117,8 @@ class TorchBackend(Backend):
                     continue
                 if name == "op":
                     ours, theirs = OP_NAMES.get(ours, ours), OP_NAMES.get(theirs, theirs)
-                elif name == "extra" and info.op in (4, 5):  # Buffer packs M * 2 + use_fp8 here
-                    name = "(num_max_dispatch_tokens_per_rank, use_fp8)"
+                elif name == "extra" and info.op in (4, 5):  # M * 2 + use_fp8 (dispatch) or sum_per_rank (combine)
+                    name = f"(num_max_dispatch_tokens_per_rank, {'use_fp8' if info.op == 4 else 'sum_per_rank'})"
                     ours, theirs = (ours // 2, bool(ours % 2)), (theirs // 2, bool(theirs % 2))
                 elif name == "extra" and info.op in (2, 3):  # Buffer sends the handle's dispatch seq here
                     name = "the handle (the call number of its dispatch)"
@@ -454,16 +454,16 @@ class TorchBackend(Backend):
         h = args.handle
         self._device = dev = args.x_LSH.device
         self._exchange_header(args.info, dev)
+        if args.sum_per_rank:
+            return self._low_latency_combine_per_rank(args)
         ex = h.extras
         rows_A = args.x_LSH[ex["recv_local_A"], ex["recv_slot_A"]]
         recv_rows = rows_A.new_empty((sum(ex["send_splits"]), rows_A.shape[1]))
         work = dist.all_to_all_single(
             recv_rows, rows_A.contiguous(), ex["send_splits"], ex["recv_splits"], group=self.group, async_op=True
         )
-        out = args.out_TH
 
         def receive() -> torch.Tensor:
-            nonlocal out
             self._wait(work, "low_latency_combine", args.info)
             T, K = args.topk_idx_TK.shape
             acc_dtype = torch.float64 if args.x_LSH.dtype == torch.float64 else torch.float32
@@ -471,15 +471,70 @@ class TorchBackend(Backend):
             tok_P, k_P = ex["send_tok_P"], ex["send_k_P"]
             weights_P = args.topk_weights_TK[tok_P, k_P].to(acc_dtype)
             per_k[tok_P, k_P] = recv_rows.to(acc_dtype) * weights_P.unsqueeze(1)
-            combined = per_k.sum(dim=1).to(args.x_LSH.dtype)
-            if out is None:
-                out = combined
-            else:
-                out.copy_(combined)
-            return out
+            return per_k.sum(dim=1)
 
-        if args.return_recv_hook:
-            if out is None:
-                out = torch.empty((h.num_tokens, h.hidden), dtype=args.x_LSH.dtype, device=dev)
-            return LowLatencyCombineResult(out, lambda: (receive(), None)[1])
-        return LowLatencyCombineResult(receive(), None)
+        return _combine_result(args, receive)
+
+    def _low_latency_combine_per_rank(self, args: LowLatencyCombineArgs) -> LowLatencyCombineResult:
+        """``sum_per_rank``: the arithmetic of the kernels, step by step (FP32 products and sums in
+        ascending top-k column on the expert rank, one rounding to the rows' dtype, then FP32 sums in
+        ascending rank order on the token's rank)."""
+        h, x_LSH, dev = args.handle, args.x_LSH, args.x_LSH.device
+        R, M, L, ex = self.num_ranks, h.num_max_dispatch_tokens_per_rank, h.num_local_experts, h.extras
+        T, K = args.topk_idx_TK.shape
+        acc_dtype = torch.float64 if x_LSH.dtype == torch.float64 else torch.float32
+        # Expert side: the arrived slots, one partial row per (source, token), sources in rank order
+        # and tokens ascending within each (the order in which the source expects them).
+        local_A, slot_A = ex["recv_local_A"], ex["recv_slot_A"]
+        src_A = torch.repeat_interleave(torch.arange(R), torch.tensor(ex["recv_splits"])).to(dev)
+        tok_A = h.recv_src_info_LS[local_A, slot_A].long()
+        k_A = h.recv_topk_pos_LS[local_A, slot_A].long()
+        w_A = h.recv_topk_weights_LS[local_A, slot_A].to(acc_dtype)
+        pairs, pair_A = torch.unique(src_A * M + tok_A, sorted=True, return_inverse=True)
+        acc = torch.zeros((pairs.numel(), h.hidden), dtype=acc_dtype, device=dev)
+        for k in range(K):  # one column at a time: a pair has at most one slot per column
+            sel = (k_A == k).nonzero().squeeze(1)
+            if sel.numel():
+                rows = x_LSH[local_A[sel], slot_A[sel]].to(acc_dtype) * w_A[sel].unsqueeze(1)
+                acc[pair_A[sel]] = acc[pair_A[sel]] + rows
+        partial = acc.to(x_LSH.dtype)
+        send_splits = torch.bincount(pairs // M, minlength=R).tolist()
+        # Token side: rank r sends one row for each token with an expert on r, tokens ascending.
+        valid = args.topk_idx_TK >= 0
+        hit_TR = torch.zeros((T, R), dtype=torch.bool, device=dev)
+        rows_T = torch.arange(T, device=dev).unsqueeze(1).expand(T, K)
+        hit_TR[rows_T[valid], (args.topk_idx_TK[valid] // L)] = True
+        recv_splits = hit_TR.sum(dim=0).tolist()
+        recv_rows = partial.new_empty((sum(recv_splits), h.hidden))
+        work = dist.all_to_all_single(recv_rows, partial, recv_splits, send_splits, group=self.group, async_op=True)
+
+        def receive() -> torch.Tensor:
+            self._wait(work, "low_latency_combine", args.info)
+            total = torch.zeros((T, h.hidden), dtype=acc_dtype, device=dev)
+            start = 0
+            for r in range(R):
+                tok = hit_TR[:, r].nonzero().squeeze(1)
+                total[tok] = total[tok] + recv_rows[start : start + tok.numel()].to(acc_dtype)
+                start += tok.numel()
+            return total
+
+        return _combine_result(args, receive)
+
+
+def _combine_result(args: LowLatencyCombineArgs, receive: Callable[[], torch.Tensor]) -> LowLatencyCombineResult:
+    """A low-latency combine's result from ``receive`` (waits, returns the accumulated sum): run now,
+    or by the hook into a tensor returned now; written into ``args.out_TH`` when given."""
+    h, dtype, out = args.handle, args.x_LSH.dtype, args.out_TH
+    if args.return_recv_hook and out is None:
+        out = torch.empty((h.num_tokens, h.hidden), dtype=dtype, device=args.x_LSH.device)
+
+    def finish() -> torch.Tensor:
+        combined = receive().to(dtype)
+        if out is None:
+            return combined
+        out.copy_(combined)
+        return out
+
+    if args.return_recv_hook:
+        return LowLatencyCombineResult(out, lambda: (finish(), None)[1])
+    return LowLatencyCombineResult(finish(), None)

@@ -378,7 +378,8 @@ void low_latency_dispatch(LowLatencyRuntime& rt, const torch::Tensor& x, const t
                           bool round_scale, torch::Tensor& recv_x, const OptTensor& recv_scales,
                           torch::Tensor& recv_src_info, torch::Tensor& recv_topk_pos, torch::Tensor& recv_topk_weights,
                           torch::Tensor& recv_layout_range, torch::Tensor& recv_count, const OptTensor& stats,
-                          torch::Tensor& call_seq, const std::vector<int64_t>& info, int64_t phases) {
+                          const OptTensor& slot_of, torch::Tensor& call_seq, const std::vector<int64_t>& info,
+                          int64_t phases) {
     auto ctx = rt.context();
     check(x, "x", torch::kBFloat16, 2);
     check_low_latency_topk(topk_idx);
@@ -396,6 +397,11 @@ void low_latency_dispatch(LowLatencyRuntime& rt, const torch::Tensor& x, const t
     check(recv_count, "recv_count", torch::kInt32, 1);
     check(call_seq, "call_seq", torch::kInt64, 1);
     if (stats) check(*stats, "cumulative_local_expert_recv_stats", torch::kInt32, 1);
+    if (slot_of) {
+        check(*slot_of, "slot_of", torch::kInt32, 2);
+        TORCH_CHECK(slot_of->size(0) == rt.context().num_ranks * max_tokens && slot_of->size(1) == topk_idx.size(1),
+                    "slot_of must be [R*M, K]");
+    }
     ep_train::LowLatencyDispatchParams p{};
     p.trace = rt.trace(0);
     p.x = x.data_ptr();
@@ -409,6 +415,7 @@ void low_latency_dispatch(LowLatencyRuntime& rt, const torch::Tensor& x, const t
     p.recv_layout_range = recv_layout_range.data_ptr<int64_t>();
     p.recv_count = recv_count.data_ptr<int>();
     p.cumulative_stats = ptr_or_null<int>(stats);
+    p.slot_of = ptr_or_null<int>(slot_of);
     p.call_seq = call_seq.data_ptr<int64_t>();
     p.num_tokens = x.size(0);
     p.num_topk = topk_idx.size(1);
@@ -425,8 +432,9 @@ void low_latency_dispatch(LowLatencyRuntime& rt, const torch::Tensor& x, const t
 void low_latency_combine(LowLatencyRuntime& rt, const torch::Tensor& x, const torch::Tensor& recv_src_info,
                          const torch::Tensor& recv_topk_pos, const torch::Tensor& recv_layout_range,
                          const torch::Tensor& topk_idx, const torch::Tensor& topk_weights, torch::Tensor& out,
-                         int64_t max_tokens, int64_t num_experts, torch::Tensor& call_seq,
-                         const std::vector<int64_t>& info, int64_t phases) {
+                         int64_t max_tokens, int64_t num_experts, const OptTensor& slot_of,
+                         const OptTensor& slot_weights, torch::Tensor& call_seq, const std::vector<int64_t>& info,
+                         int64_t phases) {
     auto ctx = rt.context();
     check(x, "x", torch::kBFloat16, 3);
     check(recv_src_info, "recv_src_info", torch::kInt32, 2);
@@ -438,6 +446,16 @@ void low_latency_combine(LowLatencyRuntime& rt, const torch::Tensor& x, const to
     check(call_seq, "call_seq", torch::kInt64, 1);
     TORCH_CHECK(out.size(0) == topk_idx.size(0) && out.size(0) <= max_tokens && out.size(1) == x.size(2),
                 "out must be [T, H] with T <= M");
+    // Sums per rank: the dispatch's slot map and slot weights (given together or not at all).
+    TORCH_CHECK(slot_of.has_value() == slot_weights.has_value(), "slot_of and slot_weights go together");
+    if (slot_of) {
+        check(*slot_of, "slot_of", torch::kInt32, 2);
+        check(*slot_weights, "slot_weights", torch::kFloat32, 2);
+        TORCH_CHECK(slot_of->size(0) == ctx.num_ranks * max_tokens && slot_of->size(1) == topk_idx.size(1),
+                    "slot_of must be [R*M, K]");
+        TORCH_CHECK(slot_weights->sizes() == recv_src_info.sizes(), "slot_weights must be [L, R*M]");
+        TORCH_CHECK(x.size(2) % 8 == 0, "sums per rank need hidden % 8 == 0, got ", x.size(2));
+    }
     ep_train::LowLatencyCombineParams p{};
     p.trace = rt.trace(1);
     p.x = x.data_ptr();
@@ -446,6 +464,9 @@ void low_latency_combine(LowLatencyRuntime& rt, const torch::Tensor& x, const to
     p.recv_layout_range = recv_layout_range.data_ptr<int64_t>();
     p.topk_idx = topk_idx.data_ptr<int64_t>();
     p.topk_weights = topk_weights.data_ptr<float>();
+    p.sum_per_rank = slot_of.has_value();
+    p.slot_of = ptr_or_null<const int>(slot_of);
+    p.slot_weights = ptr_or_null<const float>(slot_weights);
     p.out = out.data_ptr();
     p.call_seq = call_seq.data_ptr<int64_t>();
     p.num_tokens = topk_idx.size(0);

@@ -86,9 +86,13 @@ struct LowLatencyDispatchParams {
     float* recv_topk_weights;    // [L, R*M]
     int64_t* recv_layout_range;  // [L, R]
     int* recv_count;             // [L]
-    int* cumulative_stats;       // [L] or null
-    int64_t* call_seq;           // [1]: the send phase stores this call's sequence, the receive reads it
-    int64_t* trace;              // [kTracePoints] or null
+    // [R*M, K] or null: the slot l * R*M + j of each (source s * M + token, top-k column), for a
+    // combine with sums per rank.  Only entries whose slot holds them are written: the combine
+    // checks an entry against the slot's source, token and column before using it.
+    int* slot_of;
+    int* cumulative_stats;  // [L] or null
+    int64_t* call_seq;      // [1]: the send phase stores this call's sequence, the receive reads it
+    int64_t* trace;         // [kTracePoints] or null
     int num_tokens, num_topk, num_experts;
     bool use_fp8, round_scale;
     int64_t info[kInfoWords];
@@ -104,10 +108,16 @@ struct LowLatencyCombineParams {
     const int* recv_topk_pos;          // [L, R*M]
     const int64_t* recv_layout_range;  // [L, R]
     const int64_t* topk_idx;           // [T, K]
-    const float* topk_weights;         // [T, K]
-    void* out;                         // [T, H] BF16
-    int64_t* call_seq;                 // [1]
-    int64_t* trace;                    // [kTracePoints] or null
+    const float* topk_weights;         // [T, K] (not read with sum_per_rank)
+    // sum_per_rank: each expert rank sums the rows of a token's experts it holds, weighted by the
+    // slot weights of the dispatch (FP32, ascending top-k column), and sends one BF16 row per
+    // (token, rank); the token's rank adds those rows in ascending rank order.
+    bool sum_per_rank;
+    const int* slot_of;         // [R*M, K] of the dispatch (sum_per_rank)
+    const float* slot_weights;  // [L, R*M] of the dispatch (sum_per_rank)
+    void* out;                  // [T, H] BF16
+    int64_t* call_seq;          // [1]
+    int64_t* trace;             // [kTracePoints] or null
     int num_tokens, num_topk, num_experts;
     int64_t info[kInfoWords];
     LowLatencyLayout layout;

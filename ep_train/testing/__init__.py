@@ -20,6 +20,7 @@ from .reference import (
     expected_layout,
     expected_low_latency,
     expected_low_latency_combine,
+    expected_low_latency_combine_per_rank,
 )
 from .routing import (
     ROUTING_KINDS,
@@ -42,6 +43,7 @@ __all__ = [
     "expected_layout",
     "expected_low_latency",
     "expected_low_latency_combine",
+    "expected_low_latency_combine_per_rank",
     "fp8_rows",
     "make_all_routings",
     "make_routing",

@@ -61,7 +61,7 @@ def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, name: str
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str, dtype: torch.dtype | None = None, *,
                  num_terms: int = 1, magnitude: torch.Tensor | None = None,
-                 accumulate_dtype: torch.dtype = torch.float32) -> None:  # fmt: skip
+                 accumulate_dtype: torch.dtype = torch.float32, rounded_partials: bool = False) -> None:  # fmt: skip
     """``actual`` (a sum computed with ``accumulate_dtype`` accumulation, then rounded to ``dtype``)
     matches the exact ``expected`` (float64) within the error that arithmetic allows.
 
@@ -75,6 +75,9 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str, dtype:
         magnitude: sum of the absolute values of the terms, same shape as ``expected``
             (default ``|expected|``; pass it where terms may cancel).
         accumulate_dtype: the accumulator's dtype (FP32 for the kernels, FP64 for FP64 rows).
+        rounded_partials: the terms were summed in groups whose sums were rounded to ``dtype``
+            before the final sum (a low-latency combine with sums per rank): one more rounding,
+            of at most the magnitude.
     """
     dtype = dtype or actual.dtype
     a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
@@ -84,6 +87,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str, dtype:
         raise AssertionError(f"{name}: dtype {actual.dtype} != expected {dtype}")
     mag = e.abs() if magnitude is None else magnitude.detach().double().cpu()
     acc_err = num_terms * unit_roundoff(accumulate_dtype) * mag
+    if rounded_partials:
+        acc_err = acc_err + unit_roundoff(dtype) * (mag + acc_err)
     # Rounding the accumulated value (|e| + acc_err at most) to the output dtype, plus the smallest
     # normal number of the output dtype for results that land in the subnormal range.
     tol = acc_err + unit_roundoff(dtype) * (e.abs() + acc_err) + float(torch.finfo(dtype).tiny)

@@ -251,11 +251,15 @@ class OneGpuGroup:
         return self.backends[rank].low_latency_dispatch(args)
 
     def low_latency_combine(self, rank: int, x_LSH, topk_idx_TK, topk_weights_TK, handle: LowLatencyHandle, *,
-                            out_TH=None, return_recv_hook: bool = False) -> LowLatencyCombineResult:  # fmt: skip
-        """``Buffer.low_latency_combine`` on the kernels (``out_TH``: its ``out``)."""
+                            out_TH=None, return_recv_hook: bool = False,
+                            sum_per_rank: bool = False) -> LowLatencyCombineResult:  # fmt: skip
+        """``Buffer.low_latency_combine`` on the kernels (``out_TH``: its ``out``; ``sum_per_rank``
+        weights with the dispatch's slot weights, unchecked here)."""
         M = handle.num_max_dispatch_tokens_per_rank
-        info = self._info(rank, _OP_LL_COMBINE, x_LSH.shape[-1], handle.num_experts, topk_idx_TK.shape[1], extra=M * 2)
-        args = LowLatencyCombineArgs(info, x_LSH, topk_idx_TK, topk_weights_TK, handle, out_TH, return_recv_hook)
+        info = self._info(rank, _OP_LL_COMBINE, x_LSH.shape[-1], handle.num_experts, topk_idx_TK.shape[1],
+                          extra=M * 2 + int(sum_per_rank))  # fmt: skip
+        args = LowLatencyCombineArgs(info, x_LSH, topk_idx_TK, topk_weights_TK, handle, out_TH, return_recv_hook,
+                                     sum_per_rank)  # fmt: skip
         return self.backends[rank].low_latency_combine(args)
 
     def destroy(self) -> None:

@@ -26,6 +26,7 @@ __all__ = [
     "expected_combined_weights",
     "expected_low_latency",
     "expected_low_latency_combine",
+    "expected_low_latency_combine_per_rank",
     "dense_moe",
 ]
 
@@ -263,6 +264,42 @@ def expected_low_latency_combine(
                 out[t] += term
                 mag[t] += term.abs()
     return out, mag
+
+
+def expected_low_latency_combine_per_rank(
+    rank: int,
+    slots: Sequence[ExpectedLowLatency],
+    ys: Sequence[torch.Tensor],
+    topk_weights: torch.Tensor,
+    num_tokens: int,
+) -> torch.Tensor:
+    """``low_latency_combine(..., sum_per_rank=True)`` on rank ``rank``, bit for bit: on every expert
+    rank d, ``partial[t, d]`` = the FP32 sum over the token's slots there in ascending top-k column
+    of ``w[t, k] * y_slot`` (each product and sum rounded to FP32 on its own), rounded to ``ys``'
+    dtype; then ``out[t]`` = the FP32 sum of the partials in ascending d, rounded once.
+
+    Arguments as :func:`expected_low_latency_combine` (``topk_weights``: the dispatch's, ``[T, K]``).
+    """
+    hidden, dtype = ys[0].shape[-1], ys[0].dtype
+    per_pair: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
+    for d, info in enumerate(slots):
+        for l, n in enumerate(info.count):  # noqa: E741
+            for j in range(n):
+                if int(info.src_rank[l, j]) == rank:
+                    t, k = int(info.src_idx[l, j]), int(info.topk_pos[l, j])
+                    per_pair.setdefault((t, d), []).append((k, ys[d][l, j]))
+    out = torch.zeros(num_tokens, hidden, dtype=dtype)
+    for t in range(num_tokens):
+        total = torch.zeros(hidden, dtype=torch.float32)
+        for d in range(len(slots)):
+            acc = torch.zeros(hidden, dtype=torch.float32)
+            for k, row in sorted(per_pair.get((t, d), []), key=lambda e: e[0]):
+                w = torch.tensor(float(topk_weights[t, k]), dtype=torch.float32)
+                acc = acc + row.cpu().float() * w
+            if (t, d) in per_pair:
+                total = total + acc.to(dtype).float()
+        out[t] = total.to(dtype)
+    return out
 
 
 def dense_moe(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,

@@ -76,6 +76,24 @@ def _ascending_combine(x, idx, w, fp8: bool, round_scale: bool) -> torch.Tensor:
     return acc.to(torch.bfloat16)
 
 
+def _per_rank_combine(x, idx, w, fp8: bool, round_scale: bool, world: int) -> torch.Tensor:
+    """What combine with ``sum_per_rank`` must return for _expert_out: per expert rank, the FP32 sum
+    over its k ascending of w * row rounded to BF16; those partials summed in FP32 in rank order."""
+    dense = dequantize_fp8(*quantize_fp8(x, round_scale=round_scale), torch.float32) if fp8 else x.float()
+    total, L = torch.zeros(x.shape, dtype=torch.float32, device=x.device), E // world
+    for r in range(world):
+        acc = torch.zeros_like(total)
+        hit = torch.zeros((x.shape[0], 1), dtype=torch.bool, device=x.device)
+        for k in range(idx.shape[1]):
+            e = idx[:, k]
+            on_r = ((e >= 0) & (e // L == r)).unsqueeze(1)
+            row = (dense * (e.clamp_min(0) + 1).float().unsqueeze(1)).to(torch.bfloat16).float()
+            acc = acc + torch.where(on_r, w[:, k : k + 1] * row, torch.zeros_like(row))
+            hit |= on_r
+        total = total + torch.where(hit, acc.to(torch.bfloat16).float(), torch.zeros_like(acc))
+    return total.to(torch.bfloat16)
+
+
 def _compare_dispatch(tag: str, got, ref) -> None:
     (gx, gcount, gh), (rx, rcount, rh) = got, ref
     assert_bitwise(f"{tag} recv_count", gcount, rcount)
@@ -122,6 +140,16 @@ def _run_case(cuda: Buffer, ref: Buffer, rank: int, world: int, c: dict, gen: to
         assert got.data_ptr() == out.data_ptr(), f"{tag}: combine must write into out"
     assert_bitwise(f"{tag} combine vs ascending-k FP32", got, _ascending_combine(x, idx, w, c["fp8"], c["round_scale"]))
     assert_close_bf16(f"{tag} combine vs torch backend", got, want)
+    if c["weights"]:  # sums per rank (the dispatch's weights): the same arithmetic on both backends
+        summed, _, shook = cuda.low_latency_combine(y, idx, w, gh, return_recv_hook=c["hook"], out=out,
+                                                    sum_per_rank=True)  # fmt: skip
+        if shook is not None:
+            shook()
+        want_sum, _, _ = ref.low_latency_combine(y, idx, w, rh, sum_per_rank=True)
+        torch.cuda.synchronize()
+        assert_bitwise(f"{tag} sum_per_rank vs loop", summed, _per_rank_combine(x, idx, w, c["fp8"], c["round_scale"],
+                                                                                world))  # fmt: skip
+        assert_bitwise(f"{tag} sum_per_rank vs torch backend", summed, want_sum)
 
 
 def suite_matches_torch(rank: int, world: int, seed: int, transport: str = "auto") -> None:
@@ -193,7 +221,8 @@ def suite_two_in_flight(rank: int, world: int, seed: int, transport: str = "auto
 
 
 def suite_graph(rank: int, world: int, seed: int, transport: str = "auto") -> None:
-    """dispatch (FP8, hook inside the graph) + combine captured once, replayed on changing x and routing."""
+    """dispatch (FP8, hook inside the graph) + combine (and with sums per rank) captured once, replayed
+    on changing x and routing."""
     cuda, ref = _buffers(world, transport=transport)
     gen = rank_generator(seed, rank)
     T, H, K, M = 40 + rank, 7168, 8, 64
@@ -207,7 +236,8 @@ def suite_graph(rank: int, world: int, seed: int, transport: str = "auto") -> No
                                                                  return_recv_hook=True)  # fmt: skip
         hook()
         combined, _, _ = cuda.low_latency_combine(static_y, idx, w, handle)
-        return recv, count, handle, combined
+        summed, _, _ = cuda.low_latency_combine(static_y, idx, w, handle, sum_per_rank=True)
+        return recv, count, handle, combined, summed
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -216,7 +246,7 @@ def suite_graph(rank: int, world: int, seed: int, transport: str = "auto") -> No
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        g_recv, g_count, g_handle, g_combined = step()
+        g_recv, g_count, g_handle, g_combined, g_summed = step()
     for it in range(12):
         x.copy_(torch.randn((T, H), generator=gen).to(torch.bfloat16))
         idx.copy_(routing("random" if it % 3 else "one_expert", T, K, E, rank, gen))
@@ -227,6 +257,8 @@ def suite_graph(rank: int, world: int, seed: int, transport: str = "auto") -> No
         torch.cuda.synchronize()
         _compare_dispatch(f"graph replay {it}", (g_recv, g_count, g_handle), r[:3])
         assert_bitwise(f"graph replay {it} combine", g_combined, _ascending_combine(x, idx, w, True, False))
+        # The slot map is never cleared: entries of the routing of earlier replays must be ignored.
+        assert_bitwise(f"graph replay {it} sums per rank", g_summed, _per_rank_combine(x, idx, w, True, False, world))
     dist.barrier()
     cuda.destroy()
 

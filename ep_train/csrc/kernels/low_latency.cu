@@ -8,10 +8,12 @@
 //            block writes straight into the destination's half h through the peer pointer
 //            (16-byte stores) - dispatch: each token's row once per destination rank, a slot
 //            header per (token, expert) and the block's share of the per-expert counts; combine:
-//            every row - then fences and adds one arrival to that slot.
+//            every row, or with sums per rank one weighted sum per (token, rank) - then fences and
+//            adds one arrival to that slot.
 //   receive: wait until every block of every source has arrived for n (G blocks per call, G the
 //            grid every rank runs), compare the call headers, move the rows out of half h
-//            (dispatch: pack into recv_x; combine: weighted FP32 sum per token), then every block
+//            (dispatch: pack into recv_x and record each slot in the slot map; combine: weighted
+//            FP32 sum per token, or with sums per rank the sum of its ranks' rows), then every block
 //            counts itself done with half h; the last one stores n into every source's ack word.
 // Peers in the launch's RMA mask (LowLatencyRma: on another node, or forced) get the same protocol
 // through puts instead of stores: the rows are first staged in this rank's send areas (a network
@@ -59,6 +61,27 @@ constexpr float kAmaxFloor = 1e-4f;
 struct alignas(16) Bf16x8 {
     __nv_bfloat162 v[4];
 };
+
+// acc[i] += weight * channel i of 8 BF16 channels (16 bytes), each product and sum rounded to FP32
+// on its own (kWeighted false: the plain sum).
+template <bool kWeighted = true>
+__device__ __forceinline__ void accumulate(float (&acc)[8], const int4& raw, float weight = 1.0f) {
+    const auto* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float2 f = __bfloat1622float2(h[i]);
+        acc[2 * i] = __fadd_rn(acc[2 * i], kWeighted ? __fmul_rn(f.x, weight) : f.x);
+        acc[2 * i + 1] = __fadd_rn(acc[2 * i + 1], kWeighted ? __fmul_rn(f.y, weight) : f.y);
+    }
+}
+
+// 8 FP32 sums rounded to BF16 once.
+__device__ __forceinline__ Bf16x8 to_bf16x8(const float (&acc)[8]) {
+    Bf16x8 o;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) o.v[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
+    return o;
+}
 
 __device__ __forceinline__ uint16_t fp8x2_e4m3(float lo, float hi) {
     uint16_t r;
@@ -571,6 +594,8 @@ __device__ void dispatch_recv(const LowLatencyDispatchParams& p, const RankConte
                 p.recv_src_info[out] = hdr.x;
                 p.recv_topk_pos[out] = hdr.y;
                 p.recv_topk_weights[out] = __int_as_float(hdr.z);
+                if (p.slot_of != nullptr && hdr.x >= 0 && hdr.x < M && hdr.y >= 0 && hdr.y < p.num_topk)
+                    p.slot_of[(int64_t(s) * M + hdr.x) * p.num_topk + hdr.y] = static_cast<int>(out);
             }
             const char* row = p.layout.token_row(own, half, s, hdr.x);
             warp_copy<kCopyUnroll, true>(static_cast<char*>(p.recv_x) + out * payload, row, payload);
@@ -610,10 +635,96 @@ __global__ void __launch_bounds__(kThreads, 1)
     trace_mark(p.trace, kTraceEnd, blockIdx.x == 0);
 }
 
+// (source, token) pairs a block of a combine with sums per rank resolves per round: one per warp.
+constexpr int kPairRound = kWarps;
+
+struct PairShared {
+    int num[kPairRound];                 // entries of the pair on this rank (0: none)
+    int slot[kPairRound][kMaxTopk];      // their slots l * R*M + j, in ascending top-k column
+    float weight[kPairRound][kMaxTopk];  // and their dispatch weights
+};
+
+// Warp-collective: the entries on this rank of pair q = s * M + t into row w of ps.  Lane k reads
+// the slot the dispatch recorded for top-k column k and keeps it only if that slot holds (s, t, k)
+// in this call: the map is never cleared, so entries of tokens that have no expert here are stale.
+__device__ __forceinline__ void resolve_pair(const LowLatencyCombineParams& p, int R, int q, PairShared& ps, int w) {
+    const int K = p.num_topk, M = p.layout.max_tokens, RM = R * M, L = p.layout.num_local_experts;
+    const int lane = lane_id(), s = q / M, t = q % M;
+    int v = -1;
+    if (lane < K) v = p.slot_of[int64_t(q) * K + lane];
+    bool valid = v >= 0 && v < L * RM;
+    float weight = 0.0f;
+    if (valid) {
+        const int l = v / RM, j = v % RM;
+        const int64_t range = p.recv_layout_range[l * R + s];
+        const int src = p.recv_src_info[v], pos = p.recv_topk_pos[v];
+        weight = p.slot_weights[v];
+        const int off = static_cast<int>(range >> 32), count = static_cast<int>(range & 0xffffffff);
+        valid = j >= off && j < off + count && src == t && pos == lane;
+    }
+    const unsigned mask = __ballot_sync(0xffffffffu, valid);
+    if (valid) {
+        const int at = __popc(mask & ((1u << lane) - 1u));
+        ps.slot[w][at] = v;
+        ps.weight[w][at] = weight;
+    }
+    if (lane == 0) ps.num[w] = __popc(mask);
+}
+
+// Combine send with sums per rank.  Block b takes the pairs b, b + G, b + 2G, ... (every block gets
+// tokens of every source, whatever their counts), a round of one pair per warp at a time: the
+// warps resolve the round's pairs, then the block's threads sweep (pair, 8-channel chunk) items:
+// the weighted FP32 sum of the pair's rows in ascending top-k column, rounded to BF16 once, into
+// row (token * R + this rank) of the source's combine area.  Rows for RMA ranks are staged at
+// index s * M + t and put after the round's barrier.
+__device__ void combine_send_per_rank(const LowLatencyCombineParams& p, const RankContext& ctx,
+                                      const LowLatencyRma& rma, PairShared& ps, int half) {
+    const int R = ctx.num_ranks, M = p.layout.max_tokens, H = p.layout.hidden, chunks = H / 8, me = ctx.rank;
+    const int G = gridDim.x, warp = threadIdx.x / kWarpSize, pairs = R * M;
+    void* own = ctx.peers.base[me];
+    for (int first = blockIdx.x; first < pairs; first += kPairRound * G) {  // pair of warp w: first + w * G
+        const int round_pairs = min(kPairRound, (pairs - first + G - 1) / G);
+        __syncthreads();  // the previous round is done with ps
+        if (warp < round_pairs) resolve_pair(p, R, first + warp * G, ps, warp);
+        __syncthreads();
+        for (int it = threadIdx.x; it < round_pairs * chunks; it += blockDim.x) {
+            const int w = it / chunks, c = it % chunks, n = ps.num[w];
+            if (n == 0) continue;
+            const int q = first + w * G, s = q / M, t = q % M;
+            float acc[8] = {};
+            for (int u0 = 0; u0 < n; u0 += kCombineGroup) {
+                int4 raw[kCombineGroup];
+#pragma unroll
+                for (int u = 0; u < kCombineGroup; ++u)
+                    if (u0 + u < n)
+                        raw[u] = ptx::ld_nc_v4(reinterpret_cast<const int4*>(static_cast<const char*>(p.x) +
+                                                                             int64_t(ps.slot[w][u0 + u]) * H * 2) +
+                                               c);
+#pragma unroll
+                for (int u = 0; u < kCombineGroup; ++u)
+                    if (u0 + u < n) accumulate(acc, raw[u], ps.weight[w][u0 + u]);
+            }
+            const Bf16x8 o = to_bf16x8(acc);
+            char* dst = is_rma(rma, s) ? p.layout.send_combine(own, half, q)
+                                       : on_peer(ctx, s, p.layout.combine_slot(own, half, t * R + me));
+            ptx::st_na_v4(reinterpret_cast<int4*>(dst) + c, *reinterpret_cast<const int4*>(&o));
+        }
+        if (rma.peers != 0) {  // staged rows to their RMA ranks (see rma_put_warp)
+            __syncthreads();
+            const int q = first + warp * G;
+            if (warp < round_pairs && ps.num[warp] > 0 && is_rma(rma, q / M))
+                rma_put_warp(ctx, rma, q / M, p.layout.combine_slot(own, half, (q % M) * R + me),
+                             p.layout.send_combine(own, half, q), int64_t(H) * 2);
+        }
+    }
+}
+
 // Combine send.  Grid as the dispatch receive: a warp sends one filled slot (l, j) of x back to its
-// source rank s, into row (token * K + top-k column) of s's combine area.
+// source rank s, into row (token * K + top-k column) of s's combine area (sums per rank: see
+// combine_send_per_rank).
+template <bool kPerRank>
 __device__ void combine_send(const LowLatencyCombineParams& p, const RankContext& ctx, const LowLatencyRma& rma,
-                             RecvShared& sh) {
+                             RecvShared& sh, PairShared* ps) {
     const int R = ctx.num_ranks, L = p.layout.num_local_experts, M = p.layout.max_tokens, K = p.num_topk;
     const int RM = R * M, warp = threadIdx.x / kWarpSize;
     const int64_t seq = begin_send(ctx, &sh.seq, &sh.flag), row_bytes = int64_t(p.layout.hidden) * 2;
@@ -624,7 +735,8 @@ __device__ void combine_send(const LowLatencyCombineParams& p, const RankContext
     write_headers(ctx, rma, p.info, seq);
     void* own = ctx.peers.base[ctx.rank];
     const ExpertShare share = expert_share(L);
-    for (int l = share.first; l < L; l += share.step) {
+    if constexpr (kPerRank) combine_send_per_rank(p, ctx, rma, *ps, half);
+    for (int l = share.first; l < L && !kPerRank; l += share.step) {
         if (threadIdx.x == 0) {
             int64_t ranges[kMaxRanks];
 #pragma unroll
@@ -685,11 +797,44 @@ __device__ void combine_reduce_scalar(const LowLatencyCombineParams& p, void* ow
     }
 }
 
+// Combine receive with sums per rank: out = the sum of the rows the token's ranks sent (one per
+// rank that holds one of its experts), FP32 in ascending rank order, BF16 once.
+__device__ void combine_sum_ranks(const LowLatencyCombineParams& p, int R, void* own, int half) {
+    const int K = p.num_topk, H = p.layout.hidden, chunks = H / 8, L = p.layout.num_local_experts;
+    const int64_t items = int64_t(p.num_tokens) * chunks;
+    for (int64_t it = blockIdx.x * int64_t(kThreads) + threadIdx.x; it < items; it += int64_t(gridDim.x) * kThreads) {
+        const int t = static_cast<int>(it / chunks), c = static_cast<int>(it % chunks);
+        int ranks = 0;
+        for (int k = 0; k < K; ++k) {
+            const int64_t e = p.topk_idx[int64_t(t) * K + k];
+            if (e >= 0 && e < p.num_experts) ranks |= 1 << (e / L);
+        }
+        float acc[8] = {};
+        while (ranks != 0) {
+            int4 raw[kCombineGroup];
+            int n = 0;
+#pragma unroll
+            for (int u = 0; u < kCombineGroup; ++u) {
+                if (ranks == 0) break;
+                const int r = __ffs(ranks) - 1;
+                ranks &= ranks - 1;
+                raw[u] = ptx::ld_cg_v4(reinterpret_cast<const int4*>(p.layout.combine_slot(own, half, t * R + r)) + c);
+                n = u + 1;
+            }
+#pragma unroll
+            for (int u = 0; u < kCombineGroup; ++u)
+                if (u < n) accumulate<false>(acc, raw[u]);
+        }
+        reinterpret_cast<Bf16x8*>(static_cast<char*>(p.out) + int64_t(t) * H * 2)[c] = to_bf16x8(acc);
+    }
+}
+
 // Combine receive.  Grid-strided over (token, 8-channel chunk): out = sum over k ascending of
 // w[t, k] * row(t, k), FP32 products and sums rounded one by one (as the reference), BF16 once.
 // A lane takes the top-k entries kCombineGroup at a time: the ids and weights of the group are
 // loaded together, then the group's row chunks, so a token costs two round trips per group
 // instead of two per entry.
+template <bool kPerRank>
 __device__ void combine_recv(const LowLatencyCombineParams& p, const RankContext& ctx, const LowLatencyRma& rma,
                              RecvShared& sh, int64_t seq) {
     const int K = p.num_topk, H = p.layout.hidden, chunks = H / 8;
@@ -697,8 +842,11 @@ __device__ void combine_recv(const LowLatencyCombineParams& p, const RankContext
     void* own = ctx.peers.base[ctx.rank];
     if (wait_sources(ctx, p.info, seq, kWaitLowLatencyCombine, &sh.flag)) return;
     trace_mark(p.trace, kTraceSourcesSeen, blockIdx.x == 0);
-    const int64_t items = H % 8 == 0 ? int64_t(p.num_tokens) * chunks : 0;
-    if (H % 8 != 0) combine_reduce_scalar(p, own, half);
+    const int64_t items = H % 8 == 0 && !kPerRank ? int64_t(p.num_tokens) * chunks : 0;
+    if constexpr (kPerRank)
+        combine_sum_ranks(p, ctx.num_ranks, own, half);
+    else if (H % 8 != 0)
+        combine_reduce_scalar(p, own, half);
     for (int64_t it = blockIdx.x * int64_t(kThreads) + threadIdx.x; it < items; it += int64_t(gridDim.x) * kThreads) {
         const int t = static_cast<int>(it / chunks), c = static_cast<int>(it % chunks);
         float acc[8] = {};
@@ -719,28 +867,17 @@ __device__ void combine_recv(const LowLatencyCombineParams& p, const RankContext
                     raw[u] = ptx::ld_cg_v4(
                         reinterpret_cast<const int4*>(p.layout.combine_slot(own, half, t * K + k0 + u)) + c);
 #pragma unroll
-            for (int u = 0; u < kCombineGroup; ++u) {
-                if (!valid[u]) continue;
-                const auto* h = reinterpret_cast<const __nv_bfloat162*>(&raw[u]);
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const float2 f = __bfloat1622float2(h[i]);
-                    acc[2 * i] = __fadd_rn(acc[2 * i], __fmul_rn(f.x, w[u]));
-                    acc[2 * i + 1] = __fadd_rn(acc[2 * i + 1], __fmul_rn(f.y, w[u]));
-                }
-            }
+            for (int u = 0; u < kCombineGroup; ++u)
+                if (valid[u]) accumulate(acc, raw[u], w[u]);
         }
-        Bf16x8 o;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) o.v[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
-        reinterpret_cast<Bf16x8*>(static_cast<char*>(p.out) + int64_t(t) * H * 2)[c] = o;
+        reinterpret_cast<Bf16x8*>(static_cast<char*>(p.out) + int64_t(t) * H * 2)[c] = to_bf16x8(acc);
     }
     trace_mark(p.trace, kTraceReceived, blockIdx.x == 0);
     acknowledge(ctx, rma, seq);
     trace_mark(p.trace, kTraceAcked, blockIdx.x == 0);
 }
 
-template <bool kRma>
+template <bool kRma, bool kPerRank>
 __global__ void __launch_bounds__(kThreads, 1)
     low_latency_combine_kernel(const __grid_constant__ LowLatencyCombineParams p,
                                const __grid_constant__ RankContext ctx, int phases) {
@@ -749,13 +886,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     int64_t seq;
     trace_mark(p.trace, kTraceStart, blockIdx.x == 0);
     if (phases & kPhaseSend) {  // a failure stops the receive phase at its first wait (see dispatch)
-        combine_send(p, ctx, rma, sh);
+        if constexpr (kPerRank) {
+            __shared__ PairShared pair_sh;
+            combine_send<true>(p, ctx, rma, sh, &pair_sh);
+        } else {
+            combine_send<false>(p, ctx, rma, sh, nullptr);
+        }
         seq = sh.seq;
     } else {
         if (has_failed(ctx.err)) return;
         seq = ptx::ld_volatile(p.call_seq);
     }
-    if (phases & kPhaseRecv) combine_recv(p, ctx, rma, sh, seq);
+    if (phases & kPhaseRecv) combine_recv<kPerRank>(p, ctx, rma, sh, seq);
     trace_mark(p.trace, kTraceEnd, blockIdx.x == 0);
 }
 
@@ -763,9 +905,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 void load_low_latency_kernels() {
     load_kernel(low_latency_dispatch_kernel<false>, "low_latency_dispatch kernel");
-    load_kernel(low_latency_combine_kernel<false>, "low_latency_combine kernel");
+    load_kernel(low_latency_combine_kernel<false, false>, "low_latency_combine kernel");
+    load_kernel(low_latency_combine_kernel<false, true>, "low_latency_combine kernel (sums per rank)");
     load_kernel(low_latency_dispatch_kernel<true>, "low_latency_dispatch kernel (RMA)");
-    load_kernel(low_latency_combine_kernel<true>, "low_latency_combine kernel (RMA)");
+    load_kernel(low_latency_combine_kernel<true, false>, "low_latency_combine kernel (RMA)");
+    load_kernel(low_latency_combine_kernel<true, true>, "low_latency_combine kernel (RMA, sums per rank)");
 }
 
 void launch_low_latency_dispatch(const LowLatencyDispatchParams& p, const RankContext& ctx, int phases, int num_sms,
@@ -779,10 +923,11 @@ void launch_low_latency_dispatch(const LowLatencyDispatchParams& p, const RankCo
 
 void launch_low_latency_combine(const LowLatencyCombineParams& p, const RankContext& ctx, int phases, int num_sms,
                                 cudaStream_t stream) {
-    if (p.rma.peers != 0)
-        low_latency_combine_kernel<true><<<num_sms, kThreads, 0, stream>>>(p, ctx, phases);
-    else
-        low_latency_combine_kernel<false><<<num_sms, kThreads, 0, stream>>>(p, ctx, phases);
+    auto* kernel =
+        p.rma.peers != 0
+            ? (p.sum_per_rank ? low_latency_combine_kernel<true, true> : low_latency_combine_kernel<true, false>)
+            : (p.sum_per_rank ? low_latency_combine_kernel<false, true> : low_latency_combine_kernel<false, false>);
+    kernel<<<num_sms, kThreads, 0, stream>>>(p, ctx, phases);
     check_cuda(cudaGetLastError(), "low_latency_combine launch");
 }
 

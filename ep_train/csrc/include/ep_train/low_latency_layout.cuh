@@ -13,10 +13,12 @@
 //     [slots:    [L][R][M] x 16 bytes  dispatch slot headers: token, top-k column, gate weight]
 //     [tokens:   [R][M] rows           token t of source s, once however many local experts it
 //                                      has here: a BF16 row, or an FP8 row + its scales]
-//     [combine:  [M][kMaxTopk] rows    one BF16 row per (token, top-k column) of the owner]
+//     [combine:  [M][kMaxTopk] rows    one BF16 row per (token, top-k column) of the owner; with
+//                                      sums per rank, row token * R + r from rank r]
 //     with RMA staging (peers reached by NVSHMEM puts, whose source must be symmetric memory):
 //     [send tokens:  [M] rows            this rank's dispatched rows, as they are put]
-//     [send combine: [L][R][M] rows      this rank's expert outputs, as they are put]
+//     [send combine: [L][R][M] rows      this rank's expert outputs, as they are put (sums per
+//                                        rank: row s * M + t for token t of source s)]
 // NOTES: the control part never moves, whatever the call's shape, so a header written by a rank
 // that disagrees on the shape is still read where it is expected and reported as a mismatch.
 #pragma once
@@ -57,6 +59,7 @@ struct LowLatencyLayout {
     static constexpr int64_t kHeadersOffset = 2 * kAlignBytes;
     static constexpr int64_t kControlBytes = kHeadersOffset + 2 * kMaxRanks * kHeaderSlotBytes;
     static_assert(kAckOffset + 2 * kMaxRanks * 8 <= kHeadersOffset, "the acks fit before the header slots");
+    static_assert(kMaxRanks <= kMaxTopk, "a combine with sums per rank puts its R rows per token in the combine area");
 
     int num_ranks = 0;
     int num_local_experts = 0;
