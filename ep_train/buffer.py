@@ -311,12 +311,17 @@ class Buffer:
         seen = self._checked_topk
         return seen is not None and seen[0]() is t and seen[1:] == (t._version, num_experts)
 
-    def _check_sum_per_rank(self, topk_weights: torch.Tensor, handle: LowLatencyHandle) -> None:
-        """``sum_per_rank`` weights with the dispatch's slot weights: only the dispatch's tensor will do."""
+    def _check_sum_per_rank(self, topk_weights: torch.Tensor | None, handle: LowLatencyHandle) -> None:
+        """``sum_per_rank`` weights with the dispatch's slot weights: only the dispatch's tensor will
+        do (or None: no weights)."""
+        if self._backend.name == "cuda" and handle.hidden % 8 != 0:
+            raise ValueError(f"sum_per_rank=True needs hidden % 8 == 0 on CUDA, got hidden={handle.hidden}")
+        if topk_weights is None:
+            return
         if handle.topk_weights_key is None:
             raise ValueError(
                 "sum_per_rank=True weights each row with the dispatch's topk_weights, but this handle's "
-                "low_latency_dispatch was given none"
+                "low_latency_dispatch was given none (pass topk_weights=None for the plain sum)"
             )
         if _tensor_key(topk_weights) != handle.topk_weights_key:
             raise ValueError(
@@ -324,8 +329,6 @@ class Buffer:
                 "tensor given to low_latency_dispatch, unchanged since (another tensor, or one written in place, "
                 "was given)"
             )
-        if self._backend.name == "cuda" and handle.hidden % 8 != 0:
-            raise ValueError(f"sum_per_rank=True needs hidden % 8 == 0 on CUDA, got hidden={handle.hidden}")
 
     def _check_topk_weights(self, topk_weights: Any, shape: tuple[int | None, ...]) -> torch.Tensor:
         """Gate weights: float32 (float64 too where the backend moves it), 2-D, of ``shape``."""
@@ -847,7 +850,7 @@ class Buffer:
         self,
         x: torch.Tensor,
         topk_idx: torch.Tensor,
-        topk_weights: torch.Tensor,
+        topk_weights: torch.Tensor | None,
         handle: LowLatencyHandle,
         use_logfmt: bool = False,
         zero_copy: bool = False,
@@ -872,7 +875,8 @@ class Buffer:
                 Fewer bytes cross the links (at top-8 of 256 experts, ~2.2x fewer at 4 ranks, ~4x
                 at 2), for one more rounding per rank.  The weights are the dispatch's slot weights,
                 so ``topk_weights`` must be the tensor given to that ``low_latency_dispatch``,
-                unchanged since; every rank must pass the same value.  Hidden % 8 == 0 on CUDA.
+                unchanged since, or None for the plain sum (every row weighted 1: the backward of
+                a dispatch); every rank must pass the same value.  Hidden % 8 == 0 on CUDA.
 
         Returns:
             ``(combined_x [T, H], event, hook)``.
@@ -893,7 +897,8 @@ class Buffer:
         # NOTES: checked where it is free (CPU) and raised only after the call, so the peers, whose
         # rows follow the handle, are not left waiting for this rank.
         foreign_idx = self.device.type == "cpu" and not torch.equal(topk_idx, handle.topk_idx_TK)
-        self._check_topk_weights(topk_weights, (T, K))
+        if topk_weights is not None or not sum_per_rank:
+            self._check_topk_weights(topk_weights, (T, K))
         if out is not None:
             check_tensor("out", out, dtypes=x_LSH.dtype, ndim=2, device=self.device, shape=(T, handle.hidden))
         if sum_per_rank:
@@ -906,7 +911,7 @@ class Buffer:
         )
         res, event = self._run(
             lambda: self._backend.low_latency_combine(args),
-            [x_LSH, topk_idx, topk_weights],
+            [t for t in (x_LSH, topk_idx, topk_weights) if t is not None],
             None,
             async_finish,
             False,

@@ -117,7 +117,7 @@ def _low_latency_body(rank, R, seed, kind, K, backend="auto", sum_per_rank=False
     idx = idxs[rank]
 
     def ll(x, w):
-        recv, _, h = A.low_latency_dispatch(buf, x, idx, w, M, E)
+        recv, _, h = A.low_latency_dispatch(buf, x, idx, w, M, E, sum_per_rank=sum_per_rank)
         return A.low_latency_combine(buf, recv * 2.0 + recv**2, idx, w, h, sum_per_rank=sum_per_rank)
 
     x, w = xs[rank].clone().requires_grad_(), ws[rank].clone().requires_grad_()

@@ -114,6 +114,14 @@ def _case(rank, R, c):
     else:
         with pytest.raises(ValueError, match="was given none"):
             buf.low_latency_combine(y, idxs[rank], ws[rank], handle, sum_per_rank=True)
+    # The plain sum per rank (every row weighted 1: the backward of a dispatch), with or without
+    # slot weights in the handle; the default combine still needs weights.
+    plain, _, _ = buf.low_latency_combine(y, idxs[rank], None, handle, sum_per_rank=True)
+    ones = torch.ones_like(ws[rank])
+    want_plain = expected_low_latency_combine_per_rank(rank, slots, ys, ones, counts[rank])
+    assert_bitwise_equal(plain, want_plain, f"low_latency_combine sum_per_rank, no weights {tag}")
+    with pytest.raises(TypeError, match="topk_weights"):
+        buf.low_latency_combine(y, idxs[rank], None, handle)
     x_in = dequantize_fp8(*sent[rank], torch.bfloat16) if c["fp8"] else xs[rank]
     dense, dmag = dense_moe(x_in, idxs[rank], ws[rank], lambda e, row: (row * (e + 1)).bfloat16().double())
     assert_close(combined, dense, f"low_latency vs dense MoE {tag}", torch.bfloat16, num_terms=c["K"] + 1,

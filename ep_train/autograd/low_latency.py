@@ -25,13 +25,13 @@ __all__ = ["low_latency_dispatch", "low_latency_combine"]
 
 class _LowLatencyDispatchFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TH, buffer: Buffer, topk_idx_TK, topk_weights_TK, num_max_tokens, num_experts, use_fp8, out):
+    def forward(ctx, x_TH, buffer, topk_idx_TK, topk_weights_TK, num_max_tokens, num_experts, use_fp8, per_rank, out):
         recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(
             x_TH, topk_idx_TK, num_max_tokens, num_experts, use_fp8=use_fp8, topk_weights=topk_weights_TK
         )
         if use_fp8:
             recv_x = dequantize_fp8(recv_x[0], recv_x[1], x_TH.dtype)
-        ctx.buffer, ctx.handle = buffer, handle
+        ctx.buffer, ctx.handle, ctx.sum_per_rank = buffer, handle, per_rank
         ctx.save_for_backward(topk_idx_TK)
         out["handle"], out["recv_count"] = handle, recv_count
         return recv_x
@@ -39,9 +39,14 @@ class _LowLatencyDispatchFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_LSH):
         (topk_idx_TK,) = ctx.saved_tensors
-        ones = torch.ones(topk_idx_TK.shape, dtype=torch.float32, device=topk_idx_TK.device)
-        grad_x, _, _ = ctx.buffer.low_latency_combine(grad_LSH.contiguous(), topk_idx_TK, ones, ctx.handle)
-        return grad_x, None, None, None, None, None, None, None
+        if ctx.sum_per_rank:  # the plain sum, summed on the expert ranks first
+            grad_x, _, _ = ctx.buffer.low_latency_combine(
+                grad_LSH.contiguous(), topk_idx_TK, None, ctx.handle, sum_per_rank=True
+            )
+        else:
+            ones = torch.ones(topk_idx_TK.shape, dtype=torch.float32, device=topk_idx_TK.device)
+            grad_x, _, _ = ctx.buffer.low_latency_combine(grad_LSH.contiguous(), topk_idx_TK, ones, ctx.handle)
+        return grad_x, None, None, None, None, None, None, None, None
 
 
 class _LowLatencyCombineFn(torch.autograd.Function):
@@ -93,6 +98,7 @@ def low_latency_dispatch(
     num_experts: int,
     *,
     use_fp8: bool = False,
+    sum_per_rank: bool = False,
 ):
     """Differentiable low-latency dispatch (w.r.t. ``x``).
 
@@ -100,13 +106,23 @@ def low_latency_dispatch(
         x: ``[T, H]``; topk_idx: ``[T, K]`` int64 (-1 = none); topk_weights: ``[T, K]`` float32,
             carried to the slots for the backward of :func:`low_latency_combine` (not differentiated here).
         use_fp8: transfer in e4m3; ``recv_x`` comes back dequantised to ``x``'s dtype.
+        sum_per_rank: the backward's combine sums each token's slot gradients on their rank first
+            (see :meth:`Buffer.low_latency_combine`).
 
     Returns:
         ``(recv_x [L, R*M, H], recv_count [L] int32, handle)``.
     """
     out: dict = {}
     recv_x = _LowLatencyDispatchFn.apply(
-        x, buffer, topk_idx, topk_weights.detach(), num_max_dispatch_tokens_per_rank, num_experts, use_fp8, out
+        x,
+        buffer,
+        topk_idx,
+        topk_weights.detach(),
+        num_max_dispatch_tokens_per_rank,
+        num_experts,
+        use_fp8,
+        bool(sum_per_rank),
+        out,
     )
     return recv_x, out["recv_count"], out["handle"]
 

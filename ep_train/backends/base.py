@@ -131,12 +131,13 @@ class LowLatencyCombineArgs:
     info: CallInfo
     x_LSH: torch.Tensor
     topk_idx_TK: torch.Tensor
-    topk_weights_TK: torch.Tensor
+    topk_weights_TK: torch.Tensor | None  # None only with sum_per_rank
     handle: LowLatencyHandle
     out_TH: torch.Tensor | None
     return_recv_hook: bool
-    # Each expert rank sums a token's rows it holds, weighted by the dispatch's slot weights, and
-    # sends one row per (token, rank), rounded to the rows' dtype; the token's rank adds those rows.
+    # Each expert rank sums a token's rows it holds, weighted by the dispatch's slot weights (by 1
+    # when topk_weights_TK is None), and sends one row per (token, rank), rounded to the rows' dtype;
+    # the token's rank adds those rows.
     sum_per_rank: bool = False
 
 

@@ -550,7 +550,8 @@ class CudaBackend(Backend):
             target = torch.empty((h.num_tokens, h.hidden), dtype=x_LSH.dtype, device=x_LSH.device)
         call_seq = torch.empty(1, dtype=torch.int64, device=x_LSH.device)
         header = args.info.as_list() + [0]
-        slot_of, slot_weights = (h.extras["slot_of"], h.recv_topk_weights_LS) if args.sum_per_rank else (None, None)
+        slot_of = h.extras["slot_of"] if args.sum_per_rank else None
+        slot_weights = h.recv_topk_weights_LS if args.sum_per_rank and args.topk_weights_TK is not None else None
 
         def launch(phases: int) -> None:
             self._C.low_latency_combine(ll, x_LSH, h.recv_src_info_LS, h.recv_topk_pos_LS, h.recv_layout_range_LR,

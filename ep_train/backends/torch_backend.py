@@ -489,7 +489,10 @@ class TorchBackend(Backend):
         src_A = torch.repeat_interleave(torch.arange(R), torch.tensor(ex["recv_splits"])).to(dev)
         tok_A = h.recv_src_info_LS[local_A, slot_A].long()
         k_A = h.recv_topk_pos_LS[local_A, slot_A].long()
-        w_A = h.recv_topk_weights_LS[local_A, slot_A].to(acc_dtype)
+        if args.topk_weights_TK is None:  # the plain sum: every row weighted 1
+            w_A = torch.ones(local_A.shape, dtype=acc_dtype, device=dev)
+        else:
+            w_A = h.recv_topk_weights_LS[local_A, slot_A].to(acc_dtype)
         pairs, pair_A = torch.unique(src_A * M + tok_A, sorted=True, return_inverse=True)
         acc = torch.zeros((pairs.numel(), h.hidden), dtype=acc_dtype, device=dev)
         for k in range(K):  # one column at a time: a pair has at most one slot per column

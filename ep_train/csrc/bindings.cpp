@@ -431,7 +431,7 @@ void low_latency_dispatch(LowLatencyRuntime& rt, const torch::Tensor& x, const t
 
 void low_latency_combine(LowLatencyRuntime& rt, const torch::Tensor& x, const torch::Tensor& recv_src_info,
                          const torch::Tensor& recv_topk_pos, const torch::Tensor& recv_layout_range,
-                         const torch::Tensor& topk_idx, const torch::Tensor& topk_weights, torch::Tensor& out,
+                         const torch::Tensor& topk_idx, const OptTensor& topk_weights, torch::Tensor& out,
                          int64_t max_tokens, int64_t num_experts, const OptTensor& slot_of,
                          const OptTensor& slot_weights, torch::Tensor& call_seq, const std::vector<int64_t>& info,
                          int64_t phases) {
@@ -441,19 +441,21 @@ void low_latency_combine(LowLatencyRuntime& rt, const torch::Tensor& x, const to
     check(recv_topk_pos, "recv_topk_pos", torch::kInt32, 2);
     check(recv_layout_range, "recv_layout_range", torch::kInt64, 2);
     check_low_latency_topk(topk_idx);
-    check(topk_weights, "topk_weights", torch::kFloat32, 2);
+    if (topk_weights) check(*topk_weights, "topk_weights", torch::kFloat32, 2);
     check(out, "out", torch::kBFloat16, 2);
     check(call_seq, "call_seq", torch::kInt64, 1);
     TORCH_CHECK(out.size(0) == topk_idx.size(0) && out.size(0) <= max_tokens && out.size(1) == x.size(2),
                 "out must be [T, H] with T <= M");
-    // Sums per rank: the dispatch's slot map and slot weights (given together or not at all).
-    TORCH_CHECK(slot_of.has_value() == slot_weights.has_value(), "slot_of and slot_weights go together");
+    // Sums per rank: the dispatch's slot map, and its slot weights or none (every row weighted 1).
+    // The default combine weights with topk_weights; sums per rank never read them.
+    TORCH_CHECK(slot_of || topk_weights, "a combine without sums per rank needs topk_weights");
+    TORCH_CHECK(slot_of || !slot_weights, "slot_weights go with slot_of");
     if (slot_of) {
         check(*slot_of, "slot_of", torch::kInt32, 2);
-        check(*slot_weights, "slot_weights", torch::kFloat32, 2);
+        if (slot_weights) check(*slot_weights, "slot_weights", torch::kFloat32, 2);
         TORCH_CHECK(slot_of->size(0) == ctx.num_ranks * max_tokens && slot_of->size(1) == topk_idx.size(1),
                     "slot_of must be [R*M, K]");
-        TORCH_CHECK(slot_weights->sizes() == recv_src_info.sizes(), "slot_weights must be [L, R*M]");
+        TORCH_CHECK(!slot_weights || slot_weights->sizes() == recv_src_info.sizes(), "slot_weights must be [L, R*M]");
         TORCH_CHECK(x.size(2) % 8 == 0, "sums per rank need hidden % 8 == 0, got ", x.size(2));
     }
     ep_train::LowLatencyCombineParams p{};
@@ -463,7 +465,7 @@ void low_latency_combine(LowLatencyRuntime& rt, const torch::Tensor& x, const to
     p.recv_topk_pos = recv_topk_pos.data_ptr<int>();
     p.recv_layout_range = recv_layout_range.data_ptr<int64_t>();
     p.topk_idx = topk_idx.data_ptr<int64_t>();
-    p.topk_weights = topk_weights.data_ptr<float>();
+    p.topk_weights = ptr_or_null<const float>(topk_weights);
     p.sum_per_rank = slot_of.has_value();
     p.slot_of = ptr_or_null<const int>(slot_of);
     p.slot_weights = ptr_or_null<const float>(slot_weights);

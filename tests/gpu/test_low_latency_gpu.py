@@ -140,16 +140,18 @@ def _run_case(cuda: Buffer, ref: Buffer, rank: int, world: int, c: dict, gen: to
         assert got.data_ptr() == out.data_ptr(), f"{tag}: combine must write into out"
     assert_bitwise(f"{tag} combine vs ascending-k FP32", got, _ascending_combine(x, idx, w, c["fp8"], c["round_scale"]))
     assert_close_bf16(f"{tag} combine vs torch backend", got, want)
-    if c["weights"]:  # sums per rank (the dispatch's weights): the same arithmetic on both backends
-        summed, _, shook = cuda.low_latency_combine(y, idx, w, gh, return_recv_hook=c["hook"], out=out,
-                                                    sum_per_rank=True)  # fmt: skip
-        if shook is not None:
-            shook()
-        want_sum, _, _ = ref.low_latency_combine(y, idx, w, rh, sum_per_rank=True)
-        torch.cuda.synchronize()
-        assert_bitwise(f"{tag} sum_per_rank vs loop", summed, _per_rank_combine(x, idx, w, c["fp8"], c["round_scale"],
-                                                                                world))  # fmt: skip
-        assert_bitwise(f"{tag} sum_per_rank vs torch backend", summed, want_sum)
+    # Sums per rank, the same arithmetic on both backends: weighted with the dispatch's weights where
+    # it had them, else the plain sum.
+    sum_w = w if c["weights"] else None
+    summed, _, shook = cuda.low_latency_combine(y, idx, sum_w, gh, return_recv_hook=c["hook"], out=out,
+                                                sum_per_rank=True)  # fmt: skip
+    if shook is not None:
+        shook()
+    want_sum, _, _ = ref.low_latency_combine(y, idx, sum_w, rh, sum_per_rank=True)
+    loop = _per_rank_combine(x, idx, w if c["weights"] else torch.ones_like(w), c["fp8"], c["round_scale"], world)
+    torch.cuda.synchronize()
+    assert_bitwise(f"{tag} sum_per_rank vs loop", summed, loop)
+    assert_bitwise(f"{tag} sum_per_rank vs torch backend", summed, want_sum)
 
 
 def suite_matches_torch(rank: int, world: int, seed: int, transport: str = "auto") -> None:

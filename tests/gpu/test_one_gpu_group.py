@@ -375,7 +375,7 @@ def low_latency_matrix(R: int, rma_mask: int, rma_impl: int | None = None, memor
         cases.append(dict(H=(2048, 4096, 7168)[i % 3], K=1 + (i * 5) % 9, fp8=fp8, round_scale=fp8 and i % 8 >= 4,
                           kind=ROUTING_KINDS[i % len(ROUTING_KINDS)], weights=i % 3 != 1, hook=i % 2 == 0,
                           out=i % 5 == 2, T=[0 if i % 6 == r else pick.randint(1, M) for r in range(R)],
-                          per_rank=i % 3 != 1 and i % 4 in (1, 2)))  # fmt: skip
+                          per_rank=i % 4 in (1, 2)))  # fmt: skip
     group = OneGpuGroup(R, _CONFIGS[R], 2048 * 2, timeout_s=10.0,
                         low_latency_bytes=low_latency_matrix_bytes(R, rma_mask != 0), low_latency_rma=rma_mask,
                         low_latency_rma_impl=rma_impl, low_latency_memory=memory)  # fmt: skip
@@ -403,7 +403,9 @@ def low_latency_matrix(R: int, rma_mask: int, rma_impl: int | None = None, memor
                                            stats_L=stats[r], return_recv_hook=c["hook"])  # fmt: skip
             if d.hook is not None:
                 d.hook()
-            comb = group.low_latency_combine(r, y, idx, w, d.handle, out_TH=out, return_recv_hook=c["hook"],
+            # Sums per rank weight with the dispatch's weights, or without them give the plain sum.
+            comb_w = None if c["per_rank"] and not c["weights"] else w
+            comb = group.low_latency_combine(r, y, idx, comb_w, d.handle, out_TH=out, return_recv_hook=c["hook"],
                                              sum_per_rank=c["per_rank"])  # fmt: skip
             if comb.hook is not None:
                 comb.hook()
@@ -427,11 +429,12 @@ def low_latency_matrix(R: int, rma_mask: int, rma_impl: int | None = None, memor
             if c["out"]:
                 assert comb.combined_x_TH.data_ptr() == dev[n][r][4].data_ptr(), f"{tag}: combine must write into out"
             ys = [inputs[n][q][3] for q in range(R)]
-            want_c, mag = expected_low_latency_combine(r, slots, ys, ws[r], c["T"][r])
+            w_r = ws[r] if c["weights"] or not c["per_rank"] else torch.ones_like(ws[r])
+            want_c, mag = expected_low_latency_combine(r, slots, ys, w_r, c["T"][r])
             assert_close(comb.combined_x_TH, want_c, f"{tag} combine", num_terms=c["K"], magnitude=mag,
                          rounded_partials=c["per_rank"])  # fmt: skip
             if c["per_rank"]:
-                want_sum = expected_low_latency_combine_per_rank(r, slots, ys, ws[r], c["T"][r])
+                want_sum = expected_low_latency_combine_per_rank(r, slots, ys, w_r, c["T"][r])
                 assert_bitwise_equal(comb.combined_x_TH, want_sum, f"{tag} combine with sums per rank")
     for r in range(R):
         assert_bitwise_equal(stats[r], total[r], f"R={R} seed={seed} rank {r} cumulative receive counts")

@@ -644,7 +644,8 @@ struct PairShared {
     float weight[kPairRound][kMaxTopk];  // and their dispatch weights
 };
 
-// Warp-collective: the entries on this rank of pair q = s * M + t into row w of ps.  Lane k reads
+// Warp-collective: the entries on this rank of pair q = s * M + t into row w of ps, with their slot
+// weights (1 without slot weights: the weighted sum is then the plain sum, as 1 * x == x).  Lane k reads
 // the slot the dispatch recorded for top-k column k and keeps it only if that slot holds (s, t, k)
 // in this call: the map is never cleared, so entries of tokens that have no expert here are stale.
 __device__ __forceinline__ void resolve_pair(const LowLatencyCombineParams& p, int R, int q, PairShared& ps, int w) {
@@ -658,7 +659,7 @@ __device__ __forceinline__ void resolve_pair(const LowLatencyCombineParams& p, i
         const int l = v / RM, j = v % RM;
         const int64_t range = p.recv_layout_range[l * R + s];
         const int src = p.recv_src_info[v], pos = p.recv_topk_pos[v];
-        weight = p.slot_weights[v];
+        weight = p.slot_weights != nullptr ? p.slot_weights[v] : 1.0f;
         const int off = static_cast<int>(range >> 32), count = static_cast<int>(range & 0xffffffff);
         valid = j >= off && j < off + count && src == t && pos == lane;
     }
