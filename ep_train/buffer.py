@@ -28,6 +28,7 @@ from .backends.base import (
     DispatchArgs,
     LowLatencyCombineArgs,
     LowLatencyDispatchArgs,
+    low_latency_extra,
 )
 from .config import Config, get_combine_config, get_dispatch_config
 from .errors import CommError
@@ -77,10 +78,22 @@ class _Routing:
 _SCALARS = (int, float, str, type(None))
 
 
-def _tensor_key(t: torch.Tensor) -> tuple:
-    """Which tensor this is and whether it was written since: storage address, shape, strides, dtype
-    and the version counter (shared with its views and ``detach()``)."""
-    return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t._version)
+def _tensor_ref(t: torch.Tensor) -> tuple:
+    """The tensor itself (kept alive, so its memory is not reused by another) and its version
+    counter now (shared with its views and ``detach()``; None where not tracked: inference mode)."""
+    try:
+        version = t._version
+    except RuntimeError:
+        version = None
+    return t, version
+
+
+def _same_tensor(t: torch.Tensor, ref: tuple) -> bool:
+    """``t`` is (a ``detach()`` of) the referenced tensor, not written in place since."""
+    base, version = ref
+    if (t.data_ptr(), t.shape, t.stride(), t.dtype) != (base.data_ptr(), base.shape, base.stride(), base.dtype):
+        return False
+    return version is None or _tensor_ref(t)[1] in (None, version)
 
 
 def _tensors_in(obj: Any) -> list[torch.Tensor]:
@@ -311,24 +324,29 @@ class Buffer:
         seen = self._checked_topk
         return seen is not None and seen[0]() is t and seen[1:] == (t._version, num_experts)
 
-    def _check_sum_per_rank(self, topk_weights: torch.Tensor | None, handle: LowLatencyHandle) -> None:
-        """``sum_per_rank`` weights with the dispatch's slot weights: only the dispatch's tensor will
-        do (or None: no weights)."""
-        if self._backend.name == "cuda" and handle.hidden % 8 != 0:
-            raise ValueError(f"sum_per_rank=True needs hidden % 8 == 0 on CUDA, got hidden={handle.hidden}")
+    def _check_sum_per_rank_hidden(self, hidden: int) -> None:
+        """The kernels' combine with sums per rank moves 8 channels per thread."""
+        if self._backend.name == "cuda" and hidden % 8 != 0:
+            raise ValueError(f"sum_per_rank=True needs hidden % 8 == 0 on CUDA, got hidden={hidden}")
+
+    @staticmethod
+    def _sum_per_rank_problem(topk_weights: torch.Tensor | None, handle: LowLatencyHandle) -> str | None:
+        """Why ``topk_weights`` cannot weight a combine with sums per rank (they weight with the
+        dispatch's slot weights: only the dispatch's tensor will do, or None for no weights)."""
         if topk_weights is None:
-            return
-        if handle.topk_weights_key is None:
-            raise ValueError(
+            return None
+        if handle.topk_weights_ref is None:
+            return (
                 "sum_per_rank=True weights each row with the dispatch's topk_weights, but this handle's "
                 "low_latency_dispatch was given none (pass topk_weights=None for the plain sum)"
             )
-        if _tensor_key(topk_weights) != handle.topk_weights_key:
-            raise ValueError(
+        if not _same_tensor(topk_weights, handle.topk_weights_ref):
+            return (
                 "sum_per_rank=True weights each row with the dispatch's topk_weights: topk_weights must be the "
                 "tensor given to low_latency_dispatch, unchanged since (another tensor, or one written in place, "
                 "was given)"
             )
+        return None
 
     def _check_topk_weights(self, topk_weights: Any, shape: tuple[int | None, ...]) -> torch.Tensor:
         """Gate weights: float32 (float64 too where the backend moves it), 2-D, of ``shape``."""
@@ -822,7 +840,7 @@ class Buffer:
                 shape=(num_experts // self.group_size,),
             )
         info = self._next_info(
-            _OP_LL_DISPATCH, hidden, num_experts, topk_idx.shape[1], x_TH.dtype, extra=M * 2 + int(use_fp8)
+            _OP_LL_DISPATCH, hidden, num_experts, topk_idx.shape[1], x_TH.dtype, extra=low_latency_extra(M, use_fp8)
         )
         args = LowLatencyDispatchArgs(
             info,
@@ -843,7 +861,7 @@ class Buffer:
         recv_x = res.recv_x_LSH if res.recv_x_scales_LSS is None else (res.recv_x_LSH, res.recv_x_scales_LSS)
         handle = res.handle
         if topk_weights is not None:
-            handle = dataclasses.replace(handle, topk_weights_key=_tensor_key(topk_weights))
+            handle = dataclasses.replace(handle, topk_weights_ref=_tensor_ref(topk_weights))
         return recv_x, res.recv_count_L, handle, event, res.hook
 
     def low_latency_combine(
@@ -875,8 +893,9 @@ class Buffer:
                 Fewer bytes cross the links (at top-8 of 256 experts, ~2.2x fewer at 4 ranks, ~4x
                 at 2), for one more rounding per rank.  The weights are the dispatch's slot weights,
                 so ``topk_weights`` must be the tensor given to that ``low_latency_dispatch``,
-                unchanged since, or None for the plain sum (every row weighted 1: the backward of
-                a dispatch); every rank must pass the same value.  Hidden % 8 == 0 on CUDA.
+                unchanged since (another tensor raises ValueError after the call), or None for the
+                plain sum (every row weighted 1: the backward of a dispatch).  Ranks that disagree on
+                the mode raise RankMismatchError.  Hidden % 8 == 0 on CUDA.
 
         Returns:
             ``(combined_x [T, H], event, hook)``.
@@ -902,10 +921,13 @@ class Buffer:
         if out is not None:
             check_tensor("out", out, dtypes=x_LSH.dtype, ndim=2, device=self.device, shape=(T, handle.hidden))
         if sum_per_rank:
-            self._check_sum_per_rank(topk_weights, handle)
-        info = self._next_info(
-            _OP_LL_COMBINE, handle.hidden, handle.num_experts, K, x_LSH.dtype, extra=M * 2 + int(bool(sum_per_rank))
-        )
+            self._check_sum_per_rank_hidden(handle.hidden)
+        # NOTES: the kernels take the weights of a combine with sums per rank from the dispatch's
+        # slots, never from topk_weights, so a wrong tensor is reported after the call (the peers
+        # are not left waiting) like a foreign topk_idx.
+        foreign_weights = self._sum_per_rank_problem(topk_weights, handle) if sum_per_rank else None
+        extra = low_latency_extra(M, sum_per_rank, bool(sum_per_rank) and topk_weights is None)
+        info = self._next_info(_OP_LL_COMBINE, handle.hidden, handle.num_experts, K, x_LSH.dtype, extra=extra)
         args = LowLatencyCombineArgs(
             info, x_LSH, topk_idx, topk_weights, handle, out, bool(return_recv_hook), bool(sum_per_rank)
         )
@@ -923,4 +945,6 @@ class Buffer:
                 f"topk_idx must be the dispatch's (the handle's): row {t} is {topk_idx[t].tolist()}, the dispatch "
                 f"sent {handle.topk_idx_TK[t].tolist()}"
             )
+        if foreign_weights is not None:
+            raise ValueError(foreign_weights)
         return res.combined_x_TH, event, res.hook

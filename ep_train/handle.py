@@ -89,9 +89,9 @@ class LowLatencyHandle:
         buffer_half: which half of the double-buffered low-latency area the call used, or -1 when
             the device picks it as the call runs (CUDA kernels: from a device-side call counter, so
             the replays of a captured graph alternate halves like eager calls).
-        topk_weights_key: which ``topk_weights`` the dispatch was given (storage, shape, strides,
-            dtype and version counter), or None: a combine with ``sum_per_rank`` weights with the
-            slot weights and so needs that same tensor, unchanged.
+        topk_weights_ref: the ``topk_weights`` the dispatch was given (kept alive) and its version
+            counter then, or None: a combine with ``sum_per_rank`` weights with the slot weights
+            and so needs that same tensor, unchanged.
     """
 
     rank: int
@@ -108,7 +108,7 @@ class LowLatencyHandle:
     topk_idx_TK: torch.Tensor
     buffer_half: int = 0
     extras: dict[str, Any] = field(default_factory=dict, compare=False)
-    topk_weights_key: tuple | None = field(default=None, compare=False)
+    topk_weights_ref: tuple | None = field(default=None, compare=False, repr=False)
 
     @property
     def num_local_experts(self) -> int:

@@ -29,9 +29,9 @@ def _raise(fields, low_latency):
     [
         ((2, 0, 6, 2, 1, 7168, 4096), False, RankMismatchError, ["hidden is 7168 on rank 0 but 4096 on rank 1"]),
         ((2, 1, 6, 0, 0, 4, 5), True, RankMismatchError, ["low-latency call", "op is low_latency_dispatch"]),
-        ((2, 0, 6, 6, 1, 2 * 64 + 1, 2 * 128), True, RankMismatchError,
-         ["(num_max_dispatch_tokens_per_rank, use_fp8 of a dispatch or sum_per_rank of a combine) is (64, True) on "
-          "rank 0 but (128, False) on rank 1"]),
+        ((2, 0, 6, 6, 1, 4 * 64 + 1, 4 * 128 + 3), True, RankMismatchError,
+         ["(num_max_dispatch_tokens_per_rank, use_fp8 of a dispatch or sum_per_rank of a combine, plain sum without "
+          "topk_weights) is (64, True, False) on rank 0 but (128, True, True) on rank 1"]),
         ((1, 0, 3, 5, 1, 10, 4), False, CommTimeoutError,
          ["timed out after 5 s waiting for rank 1", "dispatch: rows from the source (channel 5)", ">= 10, saw 4"]),
         ((1, 1, 9, -1, 0, 3, 2), True, CommTimeoutError, ["low_latency_dispatch: rows from the source: expected"]),

@@ -169,6 +169,14 @@ def _deepep_helpers_body(rank, world_size):
     plain, _, _ = buf.low_latency_combine(recv * 2, idx, w, handle)
     zero, _, _ = buf.low_latency_combine(y, idx, w, handle, zero_copy=True)
     assert torch.equal(plain, zero)
+    # Sums per rank in inference mode (its tensors have no version counter), against the same call outside it.
+    _, _, w_handle, _, _ = buf.low_latency_dispatch(x, idx, M, E, use_fp8=False, topk_weights=w)
+    summed, _, _ = buf.low_latency_combine(y, idx, w, w_handle, sum_per_rank=True)
+    with torch.inference_mode():
+        w_inf = w.clone()
+        _, _, inf_handle, _, _ = buf.low_latency_dispatch(x, idx, M, E, use_fp8=False, topk_weights=w_inf)
+        inferred, _, _ = buf.low_latency_combine(y, idx, w_inf, inf_handle, sum_per_rank=True)
+    assert torch.equal(summed, inferred)
     buf.destroy()
 
 

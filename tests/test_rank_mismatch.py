@@ -35,11 +35,11 @@ def _ll_dispatch(buf, rank, R, max_tokens=M):
     return buf.low_latency_dispatch(torch.randn(T, H).bfloat16(), idx, max_tokens, E, use_fp8=False)
 
 
-def _ll_combine(buf, rank, R, sum_per_rank):
+def _ll_combine(buf, rank, R, sum_per_rank, plain=False):
     idx, w = make_routing("uniform", T, E, 2, R, 7, rank)
     recv, _, handle, _, _ = buf.low_latency_dispatch(torch.randn(T, H).bfloat16(), idx, M, E, use_fp8=False,
                                                      topk_weights=w)  # fmt: skip
-    return buf.low_latency_combine(recv, idx, w, handle, sum_per_rank=sum_per_rank)
+    return buf.low_latency_combine(recv, idx, None if plain else w, handle, sum_per_rank=sum_per_rank)
 
 
 def _combine_or_dispatch(buf, rank, R, odd):
@@ -64,7 +64,10 @@ SCENARIOS = {
                       ["num_max_dispatch_tokens_per_rank", "16", "32"]),
     "ll_vs_dispatch": (lambda b, r, R, odd: _ll_dispatch(b, r, R) if odd else _dispatch(b, r, R),
                        ["op is", "low_latency_dispatch"]),
-    "ll_sum_per_rank": (_ll_combine, ["sum_per_rank) is", "(16, False)", "(16, True)"]),
+    "ll_sum_per_rank": (_ll_combine, ["sum_per_rank, plain sum without topk_weights) is", "(16, False, False)",
+                                      "(16, True, False)"]),
+    "ll_plain_sum": (lambda b, r, R, odd: _ll_combine(b, r, R, True, plain=odd), ["(16, True, True)",
+                                                                                  "(16, True, False)"]),
     "handle": (_combine_other_handle, ["the handle (the call number of its dispatch) is", "combine call #2"]),
 }  # fmt: skip
 
@@ -205,20 +208,30 @@ def test_a_bad_previous_event_costs_no_call_number():
     assert [shape for _, shape in out] == [(T, H), (T, H)]
 
 
-def _foreign_ll_combine_body(rank, world_size):
+def _foreign_ll_combine_body(rank, world_size, sum_per_rank, foreign):
     buf = _buffer(30)
     idx, w = make_routing("uniform", T, E, 2, world_size, 7, rank)
-    recv, _, handle, _, _ = buf.low_latency_dispatch(torch.randn(T, H).bfloat16(), idx, M, E, use_fp8=False)
+    recv, _, handle, _, _ = buf.low_latency_dispatch(torch.randn(T, H).bfloat16(), idx, M, E, use_fp8=False,
+                                                     topk_weights=w)  # fmt: skip
+    if rank == 1 and foreign == "topk_idx":
+        idx = torch.full_like(idx, -1)
+    if rank == 1 and foreign == "topk_weights":
+        w = w.clone()
     start = time.monotonic()
     try:
-        out, _, _ = buf.low_latency_combine(recv, torch.full_like(idx, -1) if rank == 1 else idx, w, handle)
+        out, _, _ = buf.low_latency_combine(recv, idx, w, handle, sum_per_rank=sum_per_rank)
         result = tuple(out.shape)
     except ValueError as exc:
         result = str(exc)
     return result, time.monotonic() - start
 
 
-def test_a_foreign_low_latency_combine_topk_idx_raises_without_stalling_the_peers():
-    out = run_distributed(_foreign_ll_combine_body, 2, timeout_s=120)
+@pytest.mark.parametrize("sum_per_rank,foreign,words", [
+    (False, "topk_idx", "topk_idx must be the dispatch's"),
+    (True, "topk_idx", "topk_idx must be the dispatch's"),
+    (True, "topk_weights", "topk_weights must be the tensor given to low_latency_dispatch"),
+])  # fmt: skip
+def test_a_foreign_low_latency_combine_argument_raises_without_stalling_the_peers(sum_per_rank, foreign, words):
+    out = run_distributed(_foreign_ll_combine_body, 2, sum_per_rank, foreign, timeout_s=120)
     assert out[0][0] == (T, H) and out[0][1] < 10, out[0]
-    assert "topk_idx must be the dispatch's" in out[1][0], out[1]
+    assert words in out[1][0] and out[1][1] < 10, out[1]

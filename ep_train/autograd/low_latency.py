@@ -112,6 +112,8 @@ def low_latency_dispatch(
     Returns:
         ``(recv_x [L, R*M, H], recv_count [L] int32, handle)``.
     """
+    if sum_per_rank:  # said now rather than in the backward
+        buffer._check_sum_per_rank_hidden(x.shape[-1])
     out: dict = {}
     recv_x = _LowLatencyDispatchFn.apply(
         x,

@@ -48,6 +48,18 @@ class CallInfo:
     FIELDS = ("op", "seq", "hidden", "num_experts", "num_topk", "dtype", "extra")
 
 
+def low_latency_extra(max_tokens: int, flag: bool, plain_sum: bool = False) -> int:
+    """A low-latency call's ``extra`` header word: M * 4 + flag + 2 * plain_sum, where flag is a
+    dispatch's ``use_fp8`` or a combine's ``sum_per_rank``, and plain_sum marks a combine with sums
+    per rank and no weights (a rank that weights with its peers' slots would mix the two)."""
+    return max_tokens * 4 + int(bool(flag)) + 2 * int(bool(plain_sum))
+
+
+def describe_low_latency_extra(value: int) -> tuple[int, bool, bool]:
+    """``low_latency_extra``'s arguments back from its word."""
+    return value // 4, bool(value & 1), bool(value & 2)
+
+
 @dataclass
 class DispatchArgs:
     info: CallInfo

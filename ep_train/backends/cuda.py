@@ -45,6 +45,7 @@ from .base import (
     LowLatencyCombineResult,
     LowLatencyDispatchArgs,
     LowLatencyDispatchResult,
+    describe_low_latency_extra,
 )
 from .torch_backend import OP_NAMES
 
@@ -254,9 +255,12 @@ class CudaBackend(Backend):
             ours, theirs = expected, seen
             if channel == 0:
                 ours, theirs = OP_NAMES.get(ours, ours), OP_NAMES.get(theirs, theirs)
-            elif low_latency and channel == 6:  # Buffer packs M * 2 + (use_fp8 or sum_per_rank) here
-                field = "(num_max_dispatch_tokens_per_rank, use_fp8 of a dispatch or sum_per_rank of a combine)"
-                ours, theirs = (ours // 2, bool(ours % 2)), (theirs // 2, bool(theirs % 2))
+            elif low_latency and channel == 6:  # base.low_latency_extra
+                field = (
+                    "(num_max_dispatch_tokens_per_rank, use_fp8 of a dispatch or sum_per_rank of a combine, "
+                    "plain sum without topk_weights)"
+                )
+                ours, theirs = describe_low_latency_extra(ours), describe_low_latency_extra(theirs)
             elif channel == 6:  # Buffer sends a combine's or cached dispatch's handle identity here
                 field = "the handle (the call number of its dispatch)"
             elif low_latency and channel == len(_HEADER_FIELDS):  # the grid word after the header

@@ -31,6 +31,7 @@ from .base import (
     LowLatencyCombineResult,
     LowLatencyDispatchArgs,
     LowLatencyDispatchResult,
+    describe_low_latency_extra,
 )
 
 __all__ = ["TorchBackend", "OP_NAMES"]
@@ -117,9 +118,12 @@ class TorchBackend(Backend):
                     continue
                 if name == "op":
                     ours, theirs = OP_NAMES.get(ours, ours), OP_NAMES.get(theirs, theirs)
-                elif name == "extra" and info.op in (4, 5):  # M * 2 + use_fp8 (dispatch) or sum_per_rank (combine)
-                    name = f"(num_max_dispatch_tokens_per_rank, {'use_fp8' if info.op == 4 else 'sum_per_rank'})"
-                    ours, theirs = (ours // 2, bool(ours % 2)), (theirs // 2, bool(theirs % 2))
+                elif name == "extra" and info.op == 4:  # base.low_latency_extra
+                    name = "(num_max_dispatch_tokens_per_rank, use_fp8)"
+                    ours, theirs = describe_low_latency_extra(ours)[:2], describe_low_latency_extra(theirs)[:2]
+                elif name == "extra" and info.op == 5:
+                    name = "(num_max_dispatch_tokens_per_rank, sum_per_rank, plain sum without topk_weights)"
+                    ours, theirs = describe_low_latency_extra(ours), describe_low_latency_extra(theirs)
                 elif name == "extra" and info.op in (2, 3):  # Buffer sends the handle's dispatch seq here
                     name = "the handle (the call number of its dispatch)"
                 raise RankMismatchError(
@@ -503,10 +507,11 @@ class TorchBackend(Backend):
         partial = acc.to(x_LSH.dtype)
         send_splits = torch.bincount(pairs // M, minlength=R).tolist()
         # Token side: rank r sends one row for each token with an expert on r, tokens ascending.
-        valid = args.topk_idx_TK >= 0
+        # (the dispatch's topk_idx, whose rows the expert ranks send: the Buffer reports a different one)
+        valid = h.topk_idx_TK >= 0
         hit_TR = torch.zeros((T, R), dtype=torch.bool, device=dev)
         rows_T = torch.arange(T, device=dev).unsqueeze(1).expand(T, K)
-        hit_TR[rows_T[valid], (args.topk_idx_TK[valid] // L)] = True
+        hit_TR[rows_T[valid], (h.topk_idx_TK[valid] // L)] = True
         recv_splits = hit_TR.sum(dim=0).tolist()
         recv_rows = partial.new_empty((sum(recv_splits), h.hidden))
         work = dist.all_to_all_single(recv_rows, partial, recv_splits, send_splits, group=self.group, async_op=True)

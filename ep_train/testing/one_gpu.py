@@ -37,6 +37,7 @@ from ..backends.base import (
     LowLatencyCombineResult,
     LowLatencyDispatchArgs,
     LowLatencyDispatchResult,
+    low_latency_extra,
 )
 from ..backends.cuda import SUPPORTED_RANKS, CudaBackend
 from ..backends.torch_backend import OP_NAMES
@@ -245,7 +246,7 @@ class OneGpuGroup:
         """``Buffer.low_latency_dispatch`` on the kernels (needs ``low_latency_bytes``); ``stats_L``:
         ``cumulative_local_expert_recv_stats``."""
         info = self._info(rank, _OP_LL_DISPATCH, x_TH.shape[1], num_experts, topk_idx_TK.shape[1],
-                          extra=num_max_tokens * 2 + int(use_fp8))  # fmt: skip
+                          extra=low_latency_extra(num_max_tokens, use_fp8))  # fmt: skip
         args = LowLatencyDispatchArgs(info, x_TH, topk_idx_TK, topk_weights_TK, num_max_tokens, num_experts, use_fp8,
                                       round_scale, stats_L, return_recv_hook)  # fmt: skip
         return self.backends[rank].low_latency_dispatch(args)
@@ -256,8 +257,8 @@ class OneGpuGroup:
         """``Buffer.low_latency_combine`` on the kernels (``out_TH``: its ``out``; ``sum_per_rank``
         weights with the dispatch's slot weights, unchecked here)."""
         M = handle.num_max_dispatch_tokens_per_rank
-        info = self._info(rank, _OP_LL_COMBINE, x_LSH.shape[-1], handle.num_experts, topk_idx_TK.shape[1],
-                          extra=M * 2 + int(sum_per_rank))  # fmt: skip
+        extra = low_latency_extra(M, sum_per_rank, sum_per_rank and topk_weights_TK is None)
+        info = self._info(rank, _OP_LL_COMBINE, x_LSH.shape[-1], handle.num_experts, topk_idx_TK.shape[1], extra=extra)
         args = LowLatencyCombineArgs(info, x_LSH, topk_idx_TK, topk_weights_TK, handle, out_TH, return_recv_hook,
                                      sum_per_rank)  # fmt: skip
         return self.backends[rank].low_latency_combine(args)

@@ -306,6 +306,17 @@ def suite_failures(rank: int, world: int, seed: int, transport: str = "auto") ->
     dist.barrier()
     cuda.destroy()
 
+    # Sums per rank: weighted on every rank but the last, which asks for the plain sum.
+    cuda, _ = _buffers(world, timeout_s=5.0, transport=transport)
+    recv, _, handle, _, _ = cuda.low_latency_dispatch(x, idx, T, E, use_fp8=False, topk_weights=w)
+    y = _expert_out(recv, rank, world)
+    _expect_error(RankMismatchError,
+                  lambda: cuda.low_latency_combine(y, idx, None if odd else w, handle, sum_per_rank=True),
+                  "plain sum without topk_weights")  # fmt: skip
+    torch.cuda.synchronize()
+    dist.barrier()
+    cuda.destroy()
+
     cuda, _ = _buffers(world, timeout_s=3.0, transport=transport)
     if rank == 0:
         _expect_error(CommTimeoutError, lambda: cuda.low_latency_dispatch(x, idx, T, E), "timed out")
