@@ -124,18 +124,22 @@ def _trace(cuda: Buffer, T: int, args, rank: int) -> list[list[float]]:
     w = torch.rand((T, args.topk), device="cuda", generator=gen)
     trace = torch.zeros((2, _ext.load().LOW_LATENCY_TRACE_POINTS), dtype=torch.int64, device="cuda")
     cuda._backend.set_low_latency_trace(trace)
-    samples: list[list[list[int]]] = [[], []]
+    samples: list[list[list[int]]] = [[], [], []]  # dispatch FP8, combine, combine with sums per rank
     for i in range(args.iters + 5):
         recv, _, handle, _, _ = cuda.low_latency_dispatch(x, idx, T, args.experts, use_fp8=True, topk_weights=w)
         y = recv[0].to(torch.bfloat16) if isinstance(recv, tuple) else recv
         cuda.low_latency_combine(y, idx, w, handle)
         torch.cuda.synchronize()
+        points = trace.tolist()
+        cuda.low_latency_combine(y, idx, w, handle, sum_per_rank=True)  # writes the combine's row again
+        torch.cuda.synchronize()
         if i >= 5:
-            for op in range(2):
-                samples[op].append(trace[op].tolist())
+            samples[0].append(points[0])
+            samples[1].append(points[1])
+            samples[2].append(trace[1].tolist())
     cuda._backend.set_low_latency_trace(None)
     rows = []
-    for op in range(2):
+    for op in range(3):
         points = torch.tensor(samples[op], dtype=torch.float64)
         rows.append((points[:, 1:] - points[:, :-1]).median(dim=0).values.div(1e3).tolist())
     return rows
@@ -154,7 +158,7 @@ def _worker(rank: int, world: int, args) -> None:
         for T in args.tokens:
             per_rank = [None] * world
             dist.all_gather_object(per_rank, _trace(cuda, T, args, rank))
-            for op, name in enumerate(("dispatch FP8", "combine")):
+            for op, name in enumerate(("dispatch FP8", "combine", "combine, sums per rank")):
                 lines.append(f"T={T} {name} phases (us, median, block 0; per rank):")
                 for i, phase in enumerate(_TRACE_PHASES):
                     lines.append(f"    {phase:<26}" + "".join(f"{r[op][i]:8.2f}" for r in per_rank))
