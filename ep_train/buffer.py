@@ -808,8 +808,10 @@ class Buffer:
             round_scale: round the FP8 scales up to powers of two.
             cumulative_local_expert_recv_stats: optional ``[L]`` int32, incremented by the counts.
             return_recv_hook: only send now; calling the returned hook receives into ``recv_x``.
-            topk_weights: optional ``[T, K]`` float32; each slot's weight and top-k column then land in
-                ``handle.recv_topk_weights_LS`` / ``handle.recv_topk_pos_LS`` (used by autograd).
+            topk_weights: optional ``[T, K]`` float32; each slot's weight then lands in
+                ``handle.recv_topk_weights_LS`` (its top-k column in ``handle.recv_topk_pos_LS``
+                always), used by autograd and by ``low_latency_combine(..., sum_per_rank=True)``,
+                which needs this same tensor (the handle keeps it alive).
 
         Returns:
             ``(recv_x, recv_count, handle, event, hook)``: ``recv_x`` is ``[L, R*M, H]`` (FP8: a tuple
@@ -883,7 +885,7 @@ class Buffer:
             x: ``[L, R*M, H]`` expert outputs in the slots ``low_latency_dispatch`` filled.
             topk_idx, topk_weights: ``[T, K]`` (int64 / float32); ``topk_idx`` must be the dispatch's
                 (on CPU a different one raises once the call is done; on CUDA, where checking would
-                sync, it is not checked).
+                sync, it is not checked).  ``topk_weights`` may be None only with ``sum_per_rank``.
             handle: the dispatch's handle.  ``out``: optional ``[T, H]`` result tensor.
             zero_copy: accepted for DeepEP code; every combine reads ``x`` in place (see
                 :meth:`get_next_low_latency_combine_buffer`).

@@ -104,7 +104,8 @@ def low_latency_dispatch(
 
     Args:
         x: ``[T, H]``; topk_idx: ``[T, K]`` int64 (-1 = none); topk_weights: ``[T, K]`` float32,
-            carried to the slots for the backward of :func:`low_latency_combine` (not differentiated here).
+            carried to the slots for the backward of :func:`low_latency_combine` and for its forward
+            with ``sum_per_rank`` (which then needs this same tensor); not differentiated here.
         use_fp8: transfer in e4m3; ``recv_x`` comes back dequantised to ``x``'s dtype.
         sum_per_rank: the backward's combine sums each token's slot gradients on their rank first
             (see :meth:`Buffer.low_latency_combine`).
