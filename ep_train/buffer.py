@@ -78,22 +78,23 @@ class _Routing:
 _SCALARS = (int, float, str, type(None))
 
 
-def _tensor_ref(t: torch.Tensor) -> tuple:
-    """The tensor itself (kept alive, so its memory is not reused by another) and its version
-    counter now (shared with its views and ``detach()``; None where not tracked: inference mode)."""
+def _version(t: torch.Tensor) -> int | None:
+    """The version counter (shared with views and ``detach()``), or None where torch tracks none
+    (inference mode)."""
     try:
-        version = t._version
+        return t._version
     except RuntimeError:
-        version = None
-    return t, version
+        return None
 
 
-def _same_tensor(t: torch.Tensor, ref: tuple) -> bool:
-    """``t`` is (a ``detach()`` of) the referenced tensor, not written in place since."""
+def _same_tensor(t: torch.Tensor, ref: tuple[torch.Tensor, int | None]) -> bool:
+    """``t`` is (a ``detach()`` of) ``ref``'s tensor, not written in place since ``ref`` was taken
+    (``(tensor, _version(tensor))``: the tensor kept alive, so its memory is not reused by another)."""
     base, version = ref
     if (t.data_ptr(), t.shape, t.stride(), t.dtype) != (base.data_ptr(), base.shape, base.stride(), base.dtype):
         return False
-    return version is None or _tensor_ref(t)[1] in (None, version)
+    now = _version(t)
+    return version is None or now is None or now == version
 
 
 def _tensors_in(obj: Any) -> list[torch.Tensor]:
@@ -863,7 +864,7 @@ class Buffer:
         recv_x = res.recv_x_LSH if res.recv_x_scales_LSS is None else (res.recv_x_LSH, res.recv_x_scales_LSS)
         handle = res.handle
         if topk_weights is not None:
-            handle = dataclasses.replace(handle, topk_weights_ref=_tensor_ref(topk_weights))
+            handle = dataclasses.replace(handle, topk_weights_ref=(topk_weights, _version(topk_weights)))
         return recv_x, res.recv_count_L, handle, event, res.hook
 
     def low_latency_combine(

@@ -131,6 +131,12 @@ class TorchBackend(Backend):
                     f"{name} is {ours} on rank {self.rank} but {theirs} on rank {peer}"
                 )
 
+    def _token_in_rank(self, topk_idx_TK: torch.Tensor, num_local_experts: int) -> torch.Tensor:
+        """``[T, R]`` bool: whether rank r holds one of token t's experts."""
+        rank_TK = torch.where(topk_idx_TK >= 0, topk_idx_TK // num_local_experts, -1)
+        ranks_R = torch.arange(self.num_ranks, device=topk_idx_TK.device)
+        return (rank_TK.unsqueeze(-1) == ranks_R).any(dim=1)
+
     @property
     def _on_cpu(self) -> bool:
         return self._device.type == "cpu"
@@ -138,13 +144,10 @@ class TorchBackend(Backend):
     # ------------------------------------------------------------------ layout
     def get_dispatch_layout(self, topk_idx_TK: torch.Tensor, num_experts: int):
         self._device = topk_idx_TK.device
-        num_local = num_experts // self.num_ranks
-        valid_TK = topk_idx_TK >= 0
-        rank_TK = torch.where(valid_TK, topk_idx_TK // num_local, -1)
-        ranks_R = torch.arange(self.num_ranks, device=topk_idx_TK.device)
-        is_token_in_rank_TR = (rank_TK.unsqueeze(-1) == ranks_R).any(dim=1)
+        is_token_in_rank_TR = self._token_in_rank(topk_idx_TK, num_experts // self.num_ranks)
         num_tokens_per_rank_R = is_token_in_rank_TR.sum(dim=0, dtype=torch.int32)
-        num_tokens_per_expert_E = torch.bincount(topk_idx_TK[valid_TK], minlength=num_experts).to(torch.int32)
+        valid = topk_idx_TK[topk_idx_TK >= 0]
+        num_tokens_per_expert_E = torch.bincount(valid, minlength=num_experts).to(torch.int32)
         return num_tokens_per_rank_R, num_tokens_per_expert_E, is_token_in_rank_TR
 
     # ------------------------------------------------------------------ normal dispatch
@@ -508,10 +511,7 @@ class TorchBackend(Backend):
         send_splits = torch.bincount(pairs // M, minlength=R).tolist()
         # Token side: rank r sends one row for each token with an expert on r, tokens ascending.
         # (the dispatch's topk_idx, whose rows the expert ranks send: the Buffer reports a different one)
-        valid = h.topk_idx_TK >= 0
-        hit_TR = torch.zeros((T, R), dtype=torch.bool, device=dev)
-        rows_T = torch.arange(T, device=dev).unsqueeze(1).expand(T, K)
-        hit_TR[rows_T[valid], (h.topk_idx_TK[valid] // L)] = True
+        hit_TR = self._token_in_rank(h.topk_idx_TK, L)
         recv_splits = hit_TR.sum(dim=0).tolist()
         recv_rows = partial.new_empty((sum(recv_splits), h.hidden))
         work = dist.all_to_all_single(recv_rows, partial, recv_splits, send_splits, group=self.group, async_op=True)

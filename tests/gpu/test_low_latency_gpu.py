@@ -77,20 +77,13 @@ def _ascending_combine(x, idx, w, fp8: bool, round_scale: bool) -> torch.Tensor:
 
 
 def _per_rank_combine(x, idx, w, fp8: bool, round_scale: bool, world: int) -> torch.Tensor:
-    """What combine with ``sum_per_rank`` must return for _expert_out: per expert rank, the FP32 sum
-    over its k ascending of w * row rounded to BF16; those partials summed in FP32 in rank order."""
-    dense = dequantize_fp8(*quantize_fp8(x, round_scale=round_scale), torch.float32) if fp8 else x.float()
+    """What combine with ``sum_per_rank`` must return for _expert_out: per expert rank, the
+    ascending-k sum of its experts' terms rounded to BF16; those partials summed in FP32 in rank
+    order (a token without experts on a rank adds +0 there, which changes no sum)."""
     total, L = torch.zeros(x.shape, dtype=torch.float32, device=x.device), E // world
     for r in range(world):
-        acc = torch.zeros_like(total)
-        hit = torch.zeros((x.shape[0], 1), dtype=torch.bool, device=x.device)
-        for k in range(idx.shape[1]):
-            e = idx[:, k]
-            on_r = ((e >= 0) & (e // L == r)).unsqueeze(1)
-            row = (dense * (e.clamp_min(0) + 1).float().unsqueeze(1)).to(torch.bfloat16).float()
-            acc = acc + torch.where(on_r, w[:, k : k + 1] * row, torch.zeros_like(row))
-            hit |= on_r
-        total = total + torch.where(hit, acc.to(torch.bfloat16).float(), torch.zeros_like(acc))
+        on_r = torch.where(idx // L == r, idx, -1)
+        total = total + _ascending_combine(x, on_r, w, fp8, round_scale).float()
     return total.to(torch.bfloat16)
 
 
