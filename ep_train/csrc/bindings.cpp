@@ -466,7 +466,6 @@ void low_latency_combine(LowLatencyRuntime& rt, const torch::Tensor& x, const to
     p.recv_layout_range = recv_layout_range.data_ptr<int64_t>();
     p.topk_idx = topk_idx.data_ptr<int64_t>();
     p.topk_weights = ptr_or_null<const float>(topk_weights);
-    p.sum_per_rank = slot_of.has_value();
     p.slot_of = ptr_or_null<const int>(slot_of);
     p.slot_weights = ptr_or_null<const float>(slot_weights);
     p.out = out.data_ptr();

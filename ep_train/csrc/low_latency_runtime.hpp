@@ -108,13 +108,12 @@ struct LowLatencyCombineParams {
     const int* recv_topk_pos;          // [L, R*M]
     const int64_t* recv_layout_range;  // [L, R]
     const int64_t* topk_idx;           // [T, K]
-    const float* topk_weights;         // [T, K] (not read with sum_per_rank: may be null then)
-    // sum_per_rank: each expert rank sums the rows of a token's experts it holds, weighted by the
-    // slot weights of the dispatch (FP32, ascending top-k column), and sends one BF16 row per
-    // (token, rank); the token's rank adds those rows in ascending rank order.
-    bool sum_per_rank;
-    const int* slot_of;         // [R*M, K] of the dispatch (sum_per_rank)
-    const float* slot_weights;  // [L, R*M] of the dispatch, or null: every row weighted 1 (sum_per_rank)
+    const float* topk_weights;         // [T, K] (not read with sums per rank: may be null then)
+    // Sums per rank when slot_of is set: each expert rank sums the rows of a token's experts it
+    // holds, weighted by the dispatch's slot weights (FP32, ascending top-k column), and sends one
+    // BF16 row per (token, rank); the token's rank adds those rows in ascending rank order.
+    const int* slot_of;         // [R*M, K] of the dispatch, or null: one row per slot
+    const float* slot_weights;  // [L, R*M] of the dispatch, or null: every row weighted 1
     void* out;                  // [T, H] BF16
     int64_t* call_seq;          // [1]
     int64_t* trace;             // [kTracePoints] or null

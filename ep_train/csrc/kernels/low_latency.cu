@@ -720,24 +720,16 @@ __device__ void combine_send_per_rank(const LowLatencyCombineParams& p, const Ra
     }
 }
 
-// Combine send.  Grid as the dispatch receive: a warp sends one filled slot (l, j) of x back to its
-// source rank s, into row (token * K + top-k column) of s's combine area (sums per rank: see
-// combine_send_per_rank).
-template <bool kPerRank>
-__device__ void combine_send(const LowLatencyCombineParams& p, const RankContext& ctx, const LowLatencyRma& rma,
-                             RecvShared& sh, PairShared* ps) {
+// Combine send, one row per slot.  Grid as the dispatch receive: a warp sends one filled slot
+// (l, j) of x back to its source rank s, into row (token * K + top-k column) of s's combine area.
+__device__ void combine_send_slots(const LowLatencyCombineParams& p, const RankContext& ctx, const LowLatencyRma& rma,
+                                   RecvShared& sh, int half) {
     const int R = ctx.num_ranks, L = p.layout.num_local_experts, M = p.layout.max_tokens, K = p.num_topk;
     const int RM = R * M, warp = threadIdx.x / kWarpSize;
-    const int64_t seq = begin_send(ctx, &sh.seq, &sh.flag), row_bytes = int64_t(p.layout.hidden) * 2;
-    trace_mark(p.trace, kTraceBegun, blockIdx.x == 0);
-    const int half = static_cast<int>(seq & 1);
-    __syncthreads();
-    if (sh.flag) return;
-    write_headers(ctx, rma, p.info, seq);
+    const int64_t row_bytes = int64_t(p.layout.hidden) * 2;
     void* own = ctx.peers.base[ctx.rank];
     const ExpertShare share = expert_share(L);
-    if constexpr (kPerRank) combine_send_per_rank(p, ctx, rma, *ps, half);
-    for (int l = share.first; l < L && !kPerRank; l += share.step) {
+    for (int l = share.first; l < L; l += share.step) {
         if (threadIdx.x == 0) {
             int64_t ranges[kMaxRanks];
 #pragma unroll
@@ -772,6 +764,22 @@ __device__ void combine_send(const LowLatencyCombineParams& p, const RankContext
         }
         __syncthreads();
     }
+}
+
+// Combine send (sums per rank: combine_send_per_rank, else combine_send_slots), then the arrivals.
+template <bool kPerRank>
+__device__ void combine_send(const LowLatencyCombineParams& p, const RankContext& ctx, const LowLatencyRma& rma,
+                             RecvShared& sh, PairShared* ps) {
+    const int64_t seq = begin_send(ctx, &sh.seq, &sh.flag);
+    trace_mark(p.trace, kTraceBegun, blockIdx.x == 0);
+    const int half = static_cast<int>(seq & 1);
+    __syncthreads();
+    if (sh.flag) return;
+    write_headers(ctx, rma, p.info, seq);
+    if constexpr (kPerRank)
+        combine_send_per_rank(p, ctx, rma, *ps, half);
+    else
+        combine_send_slots(p, ctx, rma, sh, half);
     trace_mark(p.trace, kTraceSent, blockIdx.x == 0);
     signal_arrival(ctx, rma, seq);
     trace_mark(p.trace, kTraceSignalled, blockIdx.x == 0);
@@ -830,24 +838,14 @@ __device__ void combine_sum_ranks(const LowLatencyCombineParams& p, int R, void*
     }
 }
 
-// Combine receive.  Grid-strided over (token, 8-channel chunk): out = sum over k ascending of
-// w[t, k] * row(t, k), FP32 products and sums rounded one by one (as the reference), BF16 once.
-// A lane takes the top-k entries kCombineGroup at a time: the ids and weights of the group are
-// loaded together, then the group's row chunks, so a token costs two round trips per group
-// instead of two per entry.
-template <bool kPerRank>
-__device__ void combine_recv(const LowLatencyCombineParams& p, const RankContext& ctx, const LowLatencyRma& rma,
-                             RecvShared& sh, int64_t seq) {
+// Combine receive, one row per slot (hidden % 8 == 0).  Grid-strided over (token, 8-channel
+// chunk): out = sum over k ascending of w[t, k] * row(t, k), FP32 products and sums rounded one by
+// one (as the reference), BF16 once.  A lane takes the top-k entries kCombineGroup at a time: the
+// ids and weights of the group are loaded together, then the group's row chunks, so a token costs
+// two round trips per group instead of two per entry.
+__device__ void combine_reduce_slots(const LowLatencyCombineParams& p, void* own, int half) {
     const int K = p.num_topk, H = p.layout.hidden, chunks = H / 8;
-    const int half = static_cast<int>(seq & 1);
-    void* own = ctx.peers.base[ctx.rank];
-    if (wait_sources(ctx, p.info, seq, kWaitLowLatencyCombine, &sh.flag)) return;
-    trace_mark(p.trace, kTraceSourcesSeen, blockIdx.x == 0);
-    const int64_t items = H % 8 == 0 && !kPerRank ? int64_t(p.num_tokens) * chunks : 0;
-    if constexpr (kPerRank)
-        combine_sum_ranks(p, ctx.num_ranks, own, half);
-    else if (H % 8 != 0)
-        combine_reduce_scalar(p, own, half);
+    const int64_t items = int64_t(p.num_tokens) * chunks;
     for (int64_t it = blockIdx.x * int64_t(kThreads) + threadIdx.x; it < items; it += int64_t(gridDim.x) * kThreads) {
         const int t = static_cast<int>(it / chunks), c = static_cast<int>(it % chunks);
         float acc[8] = {};
@@ -873,6 +871,23 @@ __device__ void combine_recv(const LowLatencyCombineParams& p, const RankContext
         }
         reinterpret_cast<Bf16x8*>(static_cast<char*>(p.out) + int64_t(t) * H * 2)[c] = to_bf16x8(acc);
     }
+}
+
+// Combine receive: wait for every source, reduce (sums per rank: combine_sum_ranks; else one row
+// per slot, vectorised or one channel per thread), acknowledge.
+template <bool kPerRank>
+__device__ void combine_recv(const LowLatencyCombineParams& p, const RankContext& ctx, const LowLatencyRma& rma,
+                             RecvShared& sh, int64_t seq) {
+    const int half = static_cast<int>(seq & 1);
+    void* own = ctx.peers.base[ctx.rank];
+    if (wait_sources(ctx, p.info, seq, kWaitLowLatencyCombine, &sh.flag)) return;
+    trace_mark(p.trace, kTraceSourcesSeen, blockIdx.x == 0);
+    if constexpr (kPerRank)
+        combine_sum_ranks(p, ctx.num_ranks, own, half);
+    else if (p.layout.hidden % 8 != 0)
+        combine_reduce_scalar(p, own, half);
+    else
+        combine_reduce_slots(p, own, half);
     trace_mark(p.trace, kTraceReceived, blockIdx.x == 0);
     acknowledge(ctx, rma, seq);
     trace_mark(p.trace, kTraceAcked, blockIdx.x == 0);
@@ -926,8 +941,9 @@ void launch_low_latency_combine(const LowLatencyCombineParams& p, const RankCont
                                 cudaStream_t stream) {
     auto* kernel =
         p.rma.peers != 0
-            ? (p.sum_per_rank ? low_latency_combine_kernel<true, true> : low_latency_combine_kernel<true, false>)
-            : (p.sum_per_rank ? low_latency_combine_kernel<false, true> : low_latency_combine_kernel<false, false>);
+            ? (p.slot_of != nullptr ? low_latency_combine_kernel<true, true> : low_latency_combine_kernel<true, false>)
+            : (p.slot_of != nullptr ? low_latency_combine_kernel<false, true>
+                                    : low_latency_combine_kernel<false, false>);
     kernel<<<num_sms, kThreads, 0, stream>>>(p, ctx, phases);
     check_cuda(cudaGetLastError(), "low_latency_combine launch");
 }
