@@ -47,10 +47,34 @@ def check_config(config) -> None:
             "moe_pad_expert_input_to_capacity (drop-and-pad) is not supported by the 'deepep' dispatcher; "
             "use moe_expert_capacity_factor without padding, or the 'alltoall' dispatcher"
         )
-    if getattr(config, "moe_router_padding_for_quantization", False):
-        raise ValueError(
-            "moe_router_padding_for_quantization is not supported by the 'deepep' dispatcher; pad expert "
-            "rows with EPOptions(expert_alignment=16 or 32) instead"
-        )
+    for name in ("moe_router_padding_for_quantization", "moe_router_padding_for_fp8"):
+        if getattr(config, name, False):
+            raise ValueError(
+                f"{name} is not supported by the 'deepep' dispatcher; pad expert rows with "
+                "EPOptions(expert_alignment=16 or 32) instead"
+            )
     if config.num_moe_experts is None:
         raise ValueError("the 'deepep' dispatcher needs num_moe_experts")
+    scopes = _graph_scopes(config)
+    if "moe_preprocess" in scopes:
+        raise ValueError(
+            f"cuda_graph_impl={config.cuda_graph_impl!r} with CUDA-graph scopes {sorted(scopes)} captures the MoE "
+            "preprocess (cuda_graph_impl='local' adds it to moe_router), whose per-micro-batch state the 'deepep' "
+            "dispatcher keeps outside the graph; capture moe_router alone with cuda_graph_impl='transformer_engine', "
+            "or leave the MoE layer out of the graph"
+        )
+
+
+def _graph_scopes(config) -> set[str]:
+    """Names of the per-layer CUDA-graph scopes in effect (0.16: ``cuda_graph_scope``; 0.19:
+    ``cuda_graph_modules``, with ``cuda_graph_scope`` its deprecated spelling); empty without graphs."""
+    if getattr(config, "cuda_graph_impl", "none") in ("none", None):
+        return set()
+    names: set[str] = set()
+    for attr in ("cuda_graph_modules", "cuda_graph_scope"):
+        value = getattr(config, attr, None)
+        if isinstance(value, str):
+            value = value.split(",")
+        for scope in value or ():
+            names.add(str(getattr(scope, "name", scope)).strip())
+    return names

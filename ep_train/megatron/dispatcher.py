@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +47,7 @@ from ..autograd.normal import dispatch as ep_dispatch
 from ..buffer_pool import BufferPool
 from ..permute import PairLayout, permute_to_experts, unpermute_from_experts
 from ._megatron import MoETokenDispatcher
+from .config import check_config
 from .options import EPOptions
 from .streams import CommLane
 
@@ -124,6 +126,7 @@ class EPTokenDispatcher(MoETokenDispatcher):
     def __init__(self, num_local_experts: int, local_expert_indices: list[int], config, pg_collection=None, *,
                  options: EPOptions | None = None, buffers: BufferPool | None = None):  # fmt: skip
         super().__init__(config=config, pg_collection=pg_collection)
+        check_config(config)  # also for a config built without make_config or changed after it
         if self.tp_size > 1:
             raise ValueError(
                 f"the 'deepep' dispatcher does not support expert tensor parallelism (expert_tensor_parallel_size="
@@ -169,6 +172,19 @@ class EPTokenDispatcher(MoETokenDispatcher):
         """Drop the state of forwards that did not reach ``combine_postprocess`` (e.g. after an error)."""
         for queue in self._queues.values():
             queue.clear()
+
+    def _drop_unfinished(self) -> None:
+        """Outside the EP-overlap schedule one forward runs all six stages before the next begins, so
+        state left in a queue when a forward starts is that of a forward an exception ended: drop it
+        (otherwise every later forward would take the stages of the one before)."""
+        stale = sum(len(queue) for queue in self._queues.values())
+        if stale and not self.config.overlap_moe_expert_parallel_comm:
+            warnings.warn(
+                f"EPTokenDispatcher: dropping the state of {stale} forward stage(s) that did not complete "
+                "(a forward ended by an exception)",
+                stacklevel=3,
+            )
+            self.reset()
 
     def _push(self, stage: str, mb: _MicroBatch) -> None:
         self._queues[stage].append(mb)
@@ -230,6 +246,7 @@ class EPTokenDispatcher(MoETokenDispatcher):
             raise ValueError(
                 f"probs must have the routing map's shape {tuple(routing_map.shape)}, got {tuple(probs.shape)}"
             )
+        self._drop_unfinished()
         hidden_shape = tokens.shape
         x_TH = tokens.reshape(-1, hidden_shape[-1])
         if self.config.overlap_moe_expert_parallel_comm:

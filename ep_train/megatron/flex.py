@@ -26,6 +26,8 @@ __all__ = ["FlexBackend", "install_flex_backend"]
 
 _HOOKS = ("fused_dispatch", "fused_combine", "set_deepep_num_sms")
 _MODULES = ("megatron.core.transformer.moe.fused_a2a", "megatron.core.transformer.moe.token_dispatcher")
+#: The FlexBackend whose methods Megatron's hooks point at, if any.
+_installed: FlexBackend | None = None
 
 
 class FlexBackend:
@@ -33,10 +35,16 @@ class FlexBackend:
 
     Args:
         buffers: the :class:`BufferPool` to use (default: a new one, owned by this backend).
+        num_sms: SMs of the buffers, kept whatever Megatron later asks through
+            ``set_deepep_num_sms``.  None: Megatron's value is used (its ``moe_flex_dispatcher_num_sms``,
+            0.16: ``moe_deepep_num_sms``; 20 when unset, DeepEP's default).
     """
 
-    def __init__(self, buffers: BufferPool | None = None):
+    def __init__(self, buffers: BufferPool | None = None, *, num_sms: int | None = None):
         self.buffers = buffers if buffers is not None else BufferPool()
+        self.pinned_num_sms = num_sms
+        if num_sms is not None:
+            self.buffers.set_num_sms(num_sms)
         self._saved: dict[tuple[str, str], Any] | None = None
 
     # ------------------------------------------------------------------ the three hooks
@@ -56,16 +64,23 @@ class FlexBackend:
         return ep_combine(buffer, x.contiguous(), dispatch_handle), None
 
     def set_deepep_num_sms(self, num_sms: int) -> None:
-        """SMs of this backend's buffers (a per-backend setting, not a process-wide one)."""
-        if num_sms is None:
+        """SMs of this backend's buffers (a per-backend setting, not a process-wide one); ignored when
+        the backend was given ``num_sms``."""
+        if num_sms is None or self.pinned_num_sms is not None:
             return
         self.buffers.set_num_sms(num_sms)
 
     # ------------------------------------------------------------------ installing
     def install(self) -> FlexBackend:
-        """Point Megatron's flex hooks at this backend (raises if another backend is installed by us)."""
+        """Point Megatron's flex hooks at this backend (raises if this or another FlexBackend is installed)."""
+        global _installed
         if self._saved is not None:
             raise RuntimeError("this FlexBackend is already installed")
+        if _installed is not None:
+            raise RuntimeError(
+                "another FlexBackend is installed in Megatron's flex hooks; uninstall it first (backends "
+                "restore the hooks they replaced, so they cannot be stacked)"
+            )
         saved = {}
         for module_name in _MODULES:
             module = importlib.import_module(module_name)
@@ -73,15 +88,18 @@ class FlexBackend:
                 saved[(module_name, hook)] = getattr(module, hook, None)
                 setattr(module, hook, getattr(self, hook))
         self._saved = saved
+        _installed = self
         return self
 
     def uninstall(self) -> None:
         """Restore the hooks that were there before :meth:`install`."""
+        global _installed
         if self._saved is None:
             return
         for (module_name, hook), value in self._saved.items():
             setattr(importlib.import_module(module_name), hook, value)
         self._saved = None
+        _installed = None
 
     def __enter__(self) -> FlexBackend:
         return self if self._saved is not None else self.install()
@@ -97,10 +115,11 @@ def install_flex_backend(
     (call ``uninstall()`` or use it as a context manager to restore the previous hooks).
 
     Use with ``moe_token_dispatcher_type="flex"`` and ``moe_flex_dispatcher_backend="deepep"``
-    (0.16: also accepted as ``moe_enable_deepep=True``).  ``num_sms`` / ``backend`` configure the
-    new :class:`BufferPool` when ``buffers`` is None (Megatron later calls ``set_deepep_num_sms``
-    with ``moe_deepep_num_sms``, which overrides ``num_sms``).
+    (0.16: also accepted as ``moe_enable_deepep=True``).  ``num_sms``: the kernels' SMs, kept over
+    the value Megatron passes to ``set_deepep_num_sms`` (``moe_flex_dispatcher_num_sms``, 0.16:
+    ``moe_deepep_num_sms``; 20 when unset); None follows Megatron's.  ``backend`` configures the
+    new :class:`BufferPool` when ``buffers`` is None.
     """
     if buffers is None:
         buffers = BufferPool(backend=backend, num_sms=num_sms)
-    return FlexBackend(buffers).install()
+    return FlexBackend(buffers, num_sms=num_sms).install()

@@ -65,8 +65,19 @@ class EPMoELayer(MoELayer):
             self.num_local_experts, self.local_expert_indices, config=config, pg_collection=pg_collection,
             options=self.ep_options, buffers=ep_buffers,
         )  # fmt: skip
+        if hasattr(self, "_training_token_dispatcher"):
+            # 0.19, transformer_impl="inference_optimized": the base class kept the placeholder as the
+            # dispatcher its forward switches back to outside inference.
+            self._training_token_dispatcher = self.token_dispatcher
         if self.use_shared_expert and self.shared_expert_overlap:
             self.token_dispatcher.set_shared_experts(self.shared_experts)
+        if (self.ep_options.num_chunks > 1 and not config.overlap_moe_expert_parallel_comm
+                and getattr(config, "overlap_dispatch_backward_with_experts_wgrad", False)):  # fmt: skip
+            raise ValueError(
+                f"EPOptions.num_chunks={self.ep_options.num_chunks} cannot be combined with "
+                "overlap_dispatch_backward_with_experts_wgrad=True: the chunked pipeline runs the experts "
+                "itself, outside the hooks that compute their delayed weight gradients; use num_chunks=1"
+            )
         if self.ep_options.num_chunks > 1 and config.overlap_moe_expert_parallel_comm:
             warnings.warn(
                 "EPOptions.num_chunks is ignored under overlap_moe_expert_parallel_comm: the EP-overlap schedule "

@@ -363,3 +363,84 @@ def _overlap_schedule_case(rank: int, world: int, seed: int, topk: int) -> int:
             layer.config.overlap_moe_expert_parallel_comm = False
     compare(results["deepep"], results["alltoall"], topk <= 2, f"rank {rank} EP-overlap schedule topk {topk}")
     return len(results["deepep"])
+
+
+def construction_and_recovery(rank: int, world: int, seed: int) -> int:
+    """The deepep layer refuses unsupported settings however its config was made, and a forward
+    that an exception ended leaves no state behind for the next one.  → number of checks."""
+    import warnings
+
+    import pytest
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    case = Case(topk=2)
+    checks = 0
+    with megatron_world(world, seed):
+        # A plain TransformerConfig (Megatron accepts the name) with drop-and-pad: refused when built.
+        kwargs = dict(num_layers=1, hidden_size=case.hidden, num_attention_heads=4, num_moe_experts=case.num_experts,
+                      moe_router_topk=case.topk, moe_ffn_hidden_size=case.ffn, use_cpu_initialization=True,
+                      expert_model_parallel_size=world, add_bias_linear=False, moe_token_dispatcher_type="deepep",
+                      moe_expert_capacity_factor=1.0, moe_pad_expert_input_to_capacity=True)  # fmt: skip
+        config = TransformerConfig(**kwargs)
+        from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+
+        from ep_train.megatron import EPOptions, moe_layer_spec
+
+        spec = moe_layer_spec(get_moe_module_spec(use_te=False, num_experts=case.num_experts))
+        with pytest.raises(ValueError, match="moe_pad_expert_input_to_capacity"):
+            build(spec, config)
+        checks += 1
+
+        # Delayed expert weight gradients (0.19's hooks) cannot reach the chunked pipeline's experts.
+        config = make_layer_config(case, "deepep", world)
+        config.overlap_dispatch_backward_with_experts_wgrad = True
+        chunked = moe_layer_spec(get_moe_module_spec(use_te=False, num_experts=case.num_experts),
+                                 options=EPOptions(num_chunks=2))  # fmt: skip
+        with pytest.raises(ValueError, match="overlap_dispatch_backward_with_experts_wgrad"):
+            build(chunked, config)
+        checks += 1
+
+        # 0.19's inference-optimized layers keep the dispatcher their training forwards switch back
+        # to; the base class's is simulated on versions without it.
+        original_init = MoELayer.__init__
+
+        def init_keeping_training_dispatcher(self, *args, **kw):
+            original_init(self, *args, **kw)
+            self._training_token_dispatcher = self.token_dispatcher
+
+        MoELayer.__init__ = init_keeping_training_dispatcher
+        try:
+            layer = build_moe_layer(case, "deepep", world)
+        finally:
+            MoELayer.__init__ = original_init
+        assert layer._training_token_dispatcher is layer.token_dispatcher
+        assert type(layer.token_dispatcher).__name__ == "EPTokenDispatcher"
+        checks += 1
+
+        # An exception inside one forward (the experts fail once): the next forward equals the first.
+        gen = torch.Generator().manual_seed(seed * 7 + rank)
+        S, B = case.tokens
+        x = torch.randn(S, B, case.hidden, generator=gen)
+        torch.manual_seed(seed)
+        layer = build_moe_layer(case, "deepep", world)
+        with torch.no_grad():
+            expected, _ = layer(x)
+        experts_forward = layer.experts.forward
+
+        def failing_forward(*args, **kw):
+            raise RuntimeError("expert failure for the test")
+
+        layer.experts.forward = failing_forward
+        with pytest.raises(RuntimeError, match="expert failure"):
+            with torch.no_grad():
+                layer(x)
+        layer.experts.forward = experts_forward
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always")
+            again, _ = layer(x)
+        assert any("did not complete" in str(w.message) for w in caught), [str(w.message) for w in caught]
+        assert torch.equal(again, expected), f"rank {rank}: the forward after the failed one took stale state"
+        assert all(not queue for queue in layer.token_dispatcher._queues.values())
+        checks += 1
+    return checks

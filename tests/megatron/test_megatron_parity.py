@@ -12,6 +12,7 @@ pytest.importorskip("megatron.core", reason="megatron-core is not installed (see
 
 from _megatron_harness import (  # noqa: E402
     Case,
+    construction_and_recovery,
     fusing_layer_parity,
     gpt_training,
     layer_parity,
@@ -114,3 +115,8 @@ def test_ep_overlap_schedule():
     (Megatron's EP-overlap 1F1B split), top-2 (bitwise) and top-8."""
     counts = run_distributed(overlap_schedule_parity, 2, _seed(), (2, 8), timeout_s=TIMEOUT_S)
     assert counts[0] > 0
+
+
+def test_construction_checks_and_recovery_after_an_error():
+    counts = run_distributed(construction_and_recovery, 2, _seed(), timeout_s=TIMEOUT_S)
+    assert counts == [4, 4]

@@ -93,6 +93,30 @@ def test_make_config_rejects_unsupported():
     )
 
 
+@pytest.mark.parametrize(
+    "graphs, refused",
+    [({"cuda_graph_impl": "local", "cuda_graph_scope": ["moe_router"]}, True),  # local adds moe_preprocess
+     ({"cuda_graph_impl": "transformer_engine", "cuda_graph_scope": ["moe_router", "moe_preprocess"]}, True),
+     ({"cuda_graph_impl": "transformer_engine", "cuda_graph_scope": ["moe_router"]}, False),
+     ({"cuda_graph_impl": "local", "cuda_graph_scope": "attn"}, False)],
+)  # fmt: skip
+def test_make_config_cuda_graph_scopes(graphs, refused):
+    if refused:
+        with pytest.raises(ValueError, match="captures the MoE preprocess"):
+            epm.make_config(**_config_kwargs(**graphs))
+    else:
+        assert epm.make_config(**_config_kwargs(**graphs)).cuda_graph_impl == graphs["cuda_graph_impl"]
+
+
+@pytest.mark.parametrize("name", ["moe_router_padding_for_quantization", "moe_router_padding_for_fp8",
+                                  "moe_pad_expert_input_to_capacity"])  # fmt: skip
+def test_check_config_sees_settings_changed_after_construction(name):
+    config = epm.make_config(**_config_kwargs(moe_expert_capacity_factor=1.0))
+    setattr(config, name, True)  # e.g. a recipe tool that edits the config afterwards
+    with pytest.raises(ValueError, match=name):
+        epm.check_config(config)
+
+
 def test_version_gate(monkeypatch):
     monkeypatch.setattr(_version, "megatron_core_version", lambda: (0, 15, 2))
     with pytest.raises(ImportError, match=r"tested with megatron-core 0\.16\.x to 0\.19\.x, found 0\.15\.2"):
@@ -191,12 +215,20 @@ def test_flex_backend_install_and_restore():
     try:
         assert token_dispatcher.fused_dispatch == backend.fused_dispatch
         assert fused_a2a.set_deepep_num_sms == backend.set_deepep_num_sms
-        backend.set_deepep_num_sms(16)
-        assert backend.buffers.num_sms == 16 and backend.buffers.check_values is False
+        assert backend.buffers.num_sms == 8
+        backend.set_deepep_num_sms(20)  # Megatron's call; num_sms given at install wins
+        assert backend.buffers.num_sms == 8 and backend.buffers.check_values is False
         with pytest.raises(RuntimeError, match="already installed"):
             backend.install()
+        with pytest.raises(RuntimeError, match="another FlexBackend is installed"):
+            epm.install_flex_backend()
+        assert token_dispatcher.fused_dispatch == backend.fused_dispatch
     finally:
         backend.uninstall()
+    assert [getattr(m, h) for m in (fused_a2a, token_dispatcher) for h in ("fused_dispatch", "fused_combine")] == before
+    with epm.install_flex_backend() as follower:  # no num_sms: Megatron's value is used
+        follower.set_deepep_num_sms(16)
+        assert follower.buffers.num_sms == 16 and fused_a2a.fused_combine == follower.fused_combine
     assert [getattr(m, h) for m in (fused_a2a, token_dispatcher) for h in ("fused_dispatch", "fused_combine")] == before
 
 
