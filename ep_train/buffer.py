@@ -28,6 +28,7 @@ from .backends.base import (
     DispatchArgs,
     LowLatencyCombineArgs,
     LowLatencyDispatchArgs,
+    call_extra,
     low_latency_extra,
 )
 from .config import Config, get_combine_config, get_dispatch_config
@@ -73,6 +74,7 @@ class _Routing:
     num_worst_tokens: int
     config: Config
     previous_event: EventOverlap | None = None
+    expert_major: bool = False
 
 
 _SCALARS = (int, float, str, type(None))
@@ -87,14 +89,22 @@ def _version(t: torch.Tensor) -> int | None:
         return None
 
 
+def _is_view_of(t: torch.Tensor, base: torch.Tensor) -> bool:
+    """``t`` and ``base`` are the same elements (a ``detach()`` of each other, say)."""
+    return (t.data_ptr(), t.shape, t.stride(), t.dtype) == (base.data_ptr(), base.shape, base.stride(), base.dtype)
+
+
+def _written_since(t: torch.Tensor, ref: tuple[torch.Tensor, int | None]) -> bool:
+    """``t`` is ``ref``'s tensor (``(tensor, _version(tensor))``) and was written in place since."""
+    base, version = ref
+    now = _version(t)
+    return _is_view_of(t, base) and None not in (version, now) and now != version
+
+
 def _same_tensor(t: torch.Tensor, ref: tuple[torch.Tensor, int | None]) -> bool:
     """``t`` is (a ``detach()`` of) ``ref``'s tensor, not written in place since ``ref`` was taken
-    (``(tensor, _version(tensor))``: the tensor kept alive, so its memory is not reused by another)."""
-    base, version = ref
-    if (t.data_ptr(), t.shape, t.stride(), t.dtype) != (base.data_ptr(), base.shape, base.stride(), base.dtype):
-        return False
-    now = _version(t)
-    return version is None or now is None or now == version
+    (the tensor is kept alive in ``ref``, so its memory is not reused by another)."""
+    return _is_view_of(t, ref[0]) and not _written_since(t, ref)
 
 
 def _tensors_in(obj: Any) -> list[torch.Tensor]:
@@ -272,6 +282,22 @@ class Buffer:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.destroy()
+
+    def check(self) -> None:
+        """Wait for this buffer's work and raise what any of its kernels reported.
+
+        The CUDA kernels report a failure (a timeout, ranks that disagree) through a mailbox that
+        the next call reads; their outputs are then not to be used.  Call ``check`` where a failed
+        call's outputs must not be consumed (before an optimizer step or a checkpoint): it raises
+        the ``CommError`` now, and the buffer is unusable afterwards as after any failure.  On the
+        torch backend every failure is raised by its call, so ``check`` only refuses a failed buffer.
+        """
+        self._check_usable()
+        try:
+            self._backend.raise_failures()
+        except CommError as exc:
+            self._failure = str(exc)
+            raise
 
     def _check_usable(self) -> None:
         if self._backend is None:
@@ -522,7 +548,7 @@ class Buffer:
             raise ValueError("num_tokens_per_rdma_rank must be None: this buffer spans one NVLink domain")
         self._check_nvl_bytes(hidden, x_TH.element_size(), config, "dispatch")
         routing = _Routing(num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
-                           expert_alignment, num_worst_tokens, config, previous_event)  # fmt: skip
+                           expert_alignment, num_worst_tokens, config, previous_event, bool(expert_major))  # fmt: skip
         if expert_major:  # before the call takes its number: a refused call leaves no trace
             self._check_expert_major(handle, topk_idx, num_worst_tokens)
         if handle is not None:
@@ -599,7 +625,8 @@ class Buffer:
             raise ValueError("topk_weights was given without topk_idx")
         num_topk = 0 if topk_idx is None else topk_idx.shape[1]
         dtype = torch.float8_e4m3fn if scales_TS is not None else x_TH.dtype
-        info = self._next_info(_OP_DISPATCH, x_TH.shape[1], num_experts, num_topk, dtype)
+        info = self._next_info(_OP_DISPATCH, x_TH.shape[1], num_experts, num_topk, dtype,
+                               extra=call_extra(0, topk_weights, a.expert_major))  # fmt: skip
         return DispatchArgs(
             info,
             x_TH,
@@ -639,7 +666,8 @@ class Buffer:
                 f"num_worst_tokens={a.num_worst_tokens} differs from the cached handle's {handle.num_recv_rows} rows"
             )
         dtype = torch.float8_e4m3fn if scales_TS is not None else x_TH.dtype
-        info = self._next_info(_OP_CACHED, handle.hidden, handle.num_experts, 0, dtype, extra=handle.dispatch_seq)
+        extra = call_extra(handle.dispatch_seq, None, a.expert_major)
+        info = self._next_info(_OP_CACHED, handle.hidden, handle.num_experts, 0, dtype, extra=extra)
         return DispatchArgs(
             info,
             x_TH,
@@ -721,9 +749,11 @@ class Buffer:
                 f"bias[{i}]", b, dtypes=x_NH.dtype, ndim=2, device=self.device, shape=(handle.num_tokens, hidden)
             )
         num_topk = 0 if topk_weights is None else topk_weights.shape[1]
-        # NOTES: the handle's dispatch call number travels in the header: ranks combining the rows of
-        # different dispatches raise RankMismatchError instead of exchanging rows of other sizes.
-        info = self._next_info(_OP_COMBINE, hidden, handle.num_experts, num_topk, x_NH.dtype, extra=handle.dispatch_seq)
+        # NOTES: the handle's dispatch call number travels in the header (with the weights' dtype and
+        # expert_major): ranks combining the rows of different dispatches raise RankMismatchError
+        # instead of exchanging rows of other sizes.
+        extra = call_extra(handle.dispatch_seq, topk_weights, expert_major)
+        info = self._next_info(_OP_COMBINE, hidden, handle.num_experts, num_topk, x_NH.dtype, extra=extra)
         fused = expert_major and self._backend.fuses_expert_major_combine(x_NH)
 
         def run_combine():
@@ -843,8 +873,9 @@ class Buffer:
                 shape=(num_experts // self.group_size,),
             )
         info = self._next_info(
-            _OP_LL_DISPATCH, hidden, num_experts, topk_idx.shape[1], x_TH.dtype, extra=low_latency_extra(M, use_fp8)
-        )
+            _OP_LL_DISPATCH, hidden, num_experts, topk_idx.shape[1], x_TH.dtype,
+            extra=low_latency_extra(M, use_fp8, weights=topk_weights is not None),
+        )  # fmt: skip
         args = LowLatencyDispatchArgs(
             info,
             x_TH,
@@ -862,9 +893,9 @@ class Buffer:
             lambda: self._backend.low_latency_dispatch(args), inputs, None, async_finish, False, "low_latency_dispatch"
         )
         recv_x = res.recv_x_LSH if res.recv_x_scales_LSS is None else (res.recv_x_LSH, res.recv_x_scales_LSS)
-        handle = res.handle
-        if topk_weights is not None:
-            handle = dataclasses.replace(handle, topk_weights_ref=(topk_weights, _version(topk_weights)))
+        weights_ref = None if topk_weights is None else (topk_weights, _version(topk_weights))
+        handle = dataclasses.replace(res.handle, topk_weights_ref=weights_ref,
+                                     topk_idx_ref=(topk_idx, _version(topk_idx)))  # fmt: skip
         return recv_x, res.recv_count_L, handle, event, res.hook
 
     def low_latency_combine(
@@ -919,6 +950,7 @@ class Buffer:
         # NOTES: checked where it is free (CPU) and raised only after the call, so the peers, whose
         # rows follow the handle, are not left waiting for this rank.
         foreign_idx = self.device.type == "cpu" and not torch.equal(topk_idx, handle.topk_idx_TK)
+        edited_idx = handle.topk_idx_ref is not None and _written_since(topk_idx, handle.topk_idx_ref)
         if topk_weights is not None or not sum_per_rank:
             self._check_topk_weights(topk_weights, (T, K))
         if out is not None:
@@ -942,6 +974,11 @@ class Buffer:
             False,
             "low_latency_combine",
         )
+        if edited_idx:
+            raise ValueError(
+                "topk_idx given to low_latency_dispatch was written in place before its combine: the combine "
+                "needs the routing its rows were dispatched with (write the next routing after the combine)"
+            )
         if foreign_idx:
             t = int((topk_idx != handle.topk_idx_TK).any(dim=1).nonzero()[0])
             raise ValueError(

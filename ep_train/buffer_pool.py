@@ -55,6 +55,11 @@ class BufferPool:
         self.check_values = bool(check_values)
         self._entries: dict[int, _Entry] = {}
 
+    def check(self) -> None:
+        """``Buffer.check`` of every buffer of the pool: wait, and raise what a kernel reported."""
+        for entry in list(self._entries.values()):
+            entry.buffer.check()
+
     def set_num_sms(self, num_sms: int) -> None:
         """SMs of the buffers' default configs, for existing and future buffers."""
         check_num_sms("num_sms", num_sms)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 from . import layout
@@ -27,6 +28,12 @@ class Config:
     num_max_rdma_chunked_recv_tokens: int = 128
 
     def __post_init__(self) -> None:
+        for name in ("num_max_nvl_chunked_send_tokens", "num_max_nvl_chunked_recv_tokens",
+                     "num_max_rdma_chunked_send_tokens", "num_max_rdma_chunked_recv_tokens"):  # fmt: skip
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"Config.{name} must be an int, got {value!r}")
+            object.__setattr__(self, name, int(value))
         check_num_sms("Config.num_sms", self.num_sms)
         send, recv = self.num_max_nvl_chunked_send_tokens, self.num_max_nvl_chunked_recv_tokens
         if send < 1:

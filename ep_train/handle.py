@@ -92,6 +92,8 @@ class LowLatencyHandle:
         topk_weights_ref: the ``topk_weights`` the dispatch was given (kept alive) and its version
             counter then, or None: a combine with ``sum_per_rank`` weights with the slot weights
             and so needs that same tensor, unchanged.
+        topk_idx_ref: the ``topk_idx`` the dispatch was given and its version counter then: a
+            combine given that tensor after an in-place write to it raises.
     """
 
     rank: int
@@ -109,6 +111,7 @@ class LowLatencyHandle:
     buffer_half: int = 0
     extras: dict[str, Any] = field(default_factory=dict, compare=False)
     topk_weights_ref: tuple | None = field(default=None, compare=False, repr=False)
+    topk_idx_ref: tuple | None = field(default=None, compare=False, repr=False)
 
     @property
     def num_local_experts(self) -> int:

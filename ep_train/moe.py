@@ -95,6 +95,18 @@ def row_counts(tokens_per_expert_L) -> list[int]:
     return [int(c) for c in tokens_per_expert_L]
 
 
+def _checked_counts(tokens_per_expert_L, num_rows: int, num_experts: int) -> list[int]:
+    """``row_counts``, checked to give every one of ``num_experts`` experts a share of ``num_rows``
+    rows (a mismatch would leave rows uncomputed or read past the end)."""
+    counts = row_counts(tokens_per_expert_L)
+    if len(counts) != num_experts or sum(counts) != num_rows or min(counts, default=0) < 0:
+        raise ValueError(
+            f"tokens_per_expert must give each of the {num_experts} experts a count >= 0, summing to the "
+            f"{num_rows} rows; got {len(counts)} counts summing to {sum(counts)}"
+        )
+    return counts
+
+
 def _on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A CPU tensor on ``device``; to a GPU through pinned memory, so without a host sync."""
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
@@ -111,7 +123,7 @@ def grouped_matmul(x_PD: torch.Tensor, w_LDF: torch.Tensor, tokens_per_expert_L)
     ``tokens_per_expert_L`` is a list or an int tensor.  Every expert takes part in the graph even
     with no rows, so each weight gets a gradient.
     """
-    counts = row_counts(tokens_per_expert_L)
+    counts = _checked_counts(tokens_per_expert_L, x_PD.shape[0], w_LDF.shape[0])
     if use_grouped_mm(x_PD, w_LDF):
         return torch._grouped_mm(x_PD, w_LDF, offs=_group_offsets(counts, x_PD.device))
     parts = torch.split(x_PD, counts)

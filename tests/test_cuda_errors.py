@@ -29,9 +29,17 @@ def _raise(fields, low_latency):
     [
         ((2, 0, 6, 2, 1, 7168, 4096), False, RankMismatchError, ["hidden is 7168 on rank 0 but 4096 on rank 1"]),
         ((2, 1, 6, 0, 0, 4, 5), True, RankMismatchError, ["low-latency call", "op is low_latency_dispatch"]),
-        ((2, 0, 6, 6, 1, 4 * 64 + 1, 4 * 128 + 3), True, RankMismatchError,
-         ["(num_max_dispatch_tokens_per_rank, use_fp8 of a dispatch or sum_per_rank of a combine, plain sum without "
-          "topk_weights) is (64, True, False) on rank 0 but (128, True, True) on rank 1"]),
+        ((2, 0, 6, 6, 1, 64 << 3 | 1, 128 << 3 | 3), True, RankMismatchError,
+         ["num_max_dispatch_tokens_per_rank is 64 on rank 0 but 128 on rank 1"]),
+        ((2, 0, 6, 6, 1, 64 << 3 | 1, 64 << 3 | 5), True, RankMismatchError,
+         ["(use_fp8 (dispatch) or sum_per_rank (combine), plain sum without topk_weights, topk_weights given) is "
+          "(True, False, False) on rank 0 but (True, False, True) on rank 1"]),
+        ((2, 0, 6, 6, 1, 3 << 3 | 1, 2 << 3 | 1), False, RankMismatchError,
+         ["the handle (the call number of its dispatch) is 3 on rank 0 but 2 on rank 1"]),
+        ((2, 0, 6, 6, 1, 3 << 3 | 1, 3 << 3 | 4), False, RankMismatchError,
+         ["(topk_weights, expert_major) is (float32, False) on rank 0 but (None, True) on rank 1"]),
+        ((4, 1, 12, 37, 1, 256, 300), True, CommError,
+         ["topk_idx holds 300 at flat index 37", "expert ids must be -1 or in [0, num_experts=256)"]),
         ((1, 0, 3, 5, 1, 10, 4), False, CommTimeoutError,
          ["timed out after 5 s waiting for rank 1", "dispatch: rows from the source (channel 5)", ">= 10, saw 4"]),
         ((1, 1, 9, -1, 0, 3, 2), True, CommTimeoutError, ["low_latency_dispatch: rows from the source: expected"]),

@@ -23,16 +23,23 @@ def _buffer(timeout_s: float, **kwargs) -> Buffer:
                   **kwargs)  # fmt: skip
 
 
-def _dispatch(buf, rank, R, hidden=H, num_experts=E, dtype=torch.bfloat16, num_topk=2, **extra):
+def _dispatch(buf, rank, R, hidden=H, num_experts=E, dtype=torch.bfloat16, num_topk=2, weights=True, **extra):
     idx, w = make_routing("uniform", T, num_experts, num_topk, R, 7, rank)
     per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, num_experts)
     return buf.dispatch(torch.randn(T, hidden).to(dtype), num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
-                        num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w, **extra)  # fmt: skip
+                        num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w if weights else None,
+                        **extra)  # fmt: skip
 
 
-def _ll_dispatch(buf, rank, R, max_tokens=M):
-    idx, _ = make_routing("uniform", T, E, 2, R, 7, rank)
-    return buf.low_latency_dispatch(torch.randn(T, H).bfloat16(), idx, max_tokens, E, use_fp8=False)
+def _ll_dispatch(buf, rank, R, max_tokens=M, weights=False):
+    idx, w = make_routing("uniform", T, E, 2, R, 7, rank)
+    return buf.low_latency_dispatch(torch.randn(T, H).bfloat16(), idx, max_tokens, E, use_fp8=False,
+                                    topk_weights=w if weights else None)  # fmt: skip
+
+
+def _combine_weights(buf, rank, R, odd):
+    recv_x, _, recv_w, _, handle, _ = _dispatch(buf, rank, R, dtype=torch.float32)
+    return buf.combine(recv_x, handle, topk_weights=recv_w.double() if odd else recv_w)
 
 
 def _ll_combine(buf, rank, R, sum_per_rank, plain=False):
@@ -64,11 +71,20 @@ SCENARIOS = {
                       ["num_max_dispatch_tokens_per_rank", "16", "32"]),
     "ll_vs_dispatch": (lambda b, r, R, odd: _ll_dispatch(b, r, R) if odd else _dispatch(b, r, R),
                        ["op is", "low_latency_dispatch"]),
-    "ll_sum_per_rank": (_ll_combine, ["sum_per_rank, plain sum without topk_weights) is", "(16, False, False)",
-                                      "(16, True, False)"]),
-    "ll_plain_sum": (lambda b, r, R, odd: _ll_combine(b, r, R, True, plain=odd), ["(16, True, True)",
-                                                                                  "(16, True, False)"]),
+    "ll_sum_per_rank": (_ll_combine, ["(sum_per_rank, plain sum without topk_weights, topk_weights given) is",
+                                      "(False, False, False)", "(True, False, False)"]),
+    "ll_plain_sum": (lambda b, r, R, odd: _ll_combine(b, r, R, True, plain=odd), ["(True, True, False)",
+                                                                                  "(True, False, False)"]),
+    "ll_weights": (lambda b, r, R, odd: _ll_dispatch(b, r, R, weights=odd),
+                   ["(use_fp8, plain sum without topk_weights, topk_weights given) is", "(False, False, True)",
+                    "(False, False, False)"]),
     "handle": (_combine_other_handle, ["the handle (the call number of its dispatch) is", "combine call #2"]),
+    "dispatch_weights": (lambda b, r, R, odd: _dispatch(b, r, R, weights=not odd),
+                         ["(topk_weights, expert_major) is", "(float32, False)", "(None, False)"]),
+    "expert_major": (lambda b, r, R, odd: _dispatch(b, r, R, expert_major=odd),
+                     ["(topk_weights, expert_major) is", "(float32, True)", "(float32, False)"]),
+    "combine_weights_dtype": (_combine_weights, ["(topk_weights, expert_major) is", "(float64, False)",
+                                                 "(float32, False)", "combine call #1"]),
 }  # fmt: skip
 
 
@@ -85,6 +101,11 @@ def _mismatch_body(rank, world_size):
             _dispatch(buf, rank, world_size)
         except CommError as exc:
             out[name] += " || " + str(exc)
+        try:
+            buf.check()
+            out[name] += " || check passed"
+        except CommError as exc:
+            out[name] += " || " + str(exc)
     return out
 
 
@@ -94,7 +115,8 @@ def test_disagreeing_ranks_raise_on_every_rank(world_size):
         for name, (_, words) in SCENARIOS.items():
             msg = out[name]
             assert msg != "no error", f"rank {rank}, {name}: no RankMismatchError"
-            first, later = msg.split(" || ")
+            first, later, checked = msg.split(" || ")
+            assert "unusable after an earlier failure" in checked, f"rank {rank}, {name}: Buffer.check: {checked!r}"
             for word in words + [f"rank {rank}", f"rank {world_size - 1}"]:
                 assert word in first, f"rank {rank}, {name}: {word!r} not in {first!r}"
             assert "unusable after an earlier failure" in later, f"rank {rank}, {name}: {later!r}"
@@ -215,6 +237,8 @@ def _foreign_ll_combine_body(rank, world_size, sum_per_rank, foreign):
                                                      topk_weights=w)  # fmt: skip
     if rank == 1 and foreign == "topk_idx":
         idx = torch.full_like(idx, -1)
+    if rank == 1 and foreign == "topk_idx written":
+        idx[:, 1] = -1  # the dispatch's own tensor, edited in place before its combine
     if rank == 1 and foreign == "topk_weights":
         w = w.clone()
     start = time.monotonic()
@@ -229,6 +253,8 @@ def _foreign_ll_combine_body(rank, world_size, sum_per_rank, foreign):
 @pytest.mark.parametrize("sum_per_rank,foreign,words", [
     (False, "topk_idx", "topk_idx must be the dispatch's"),
     (True, "topk_idx", "topk_idx must be the dispatch's"),
+    (False, "topk_idx written", "topk_idx given to low_latency_dispatch was written in place"),
+    (True, "topk_idx written", "topk_idx given to low_latency_dispatch was written in place"),
     (True, "topk_weights", "topk_weights must be the tensor given to low_latency_dispatch"),
 ])  # fmt: skip
 def test_a_foreign_low_latency_combine_argument_raises_without_stalling_the_peers(sum_per_rank, foreign, words):

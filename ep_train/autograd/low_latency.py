@@ -89,6 +89,16 @@ class _LowLatencyCombineFn(torch.autograd.Function):
         return grad_x, grad_w, None, None, None, None
 
 
+def _require_weights(topk_weights) -> None:
+    """The differentiable pair weights the slots (the combine's backward reads the dispatch's slot
+    weights), so it takes a weights tensor where ``Buffer`` also takes None."""
+    if not isinstance(topk_weights, torch.Tensor):
+        raise TypeError(
+            f"topk_weights must be a [T, K] float32 tensor (the pair's backward weights the slots with it), "
+            f"got {type(topk_weights).__name__}"
+        )
+
+
 def low_latency_dispatch(
     buffer: Buffer,
     x: torch.Tensor,
@@ -113,6 +123,7 @@ def low_latency_dispatch(
     Returns:
         ``(recv_x [L, R*M, H], recv_count [L] int32, handle)``.
     """
+    _require_weights(topk_weights)
     if sum_per_rank:  # said now rather than in the backward
         buffer._check_sum_per_rank_hidden(x.shape[-1])
     out: dict = {}
@@ -147,4 +158,5 @@ def low_latency_combine(
     """
     if not isinstance(handle, LowLatencyHandle):
         raise TypeError(f"handle must be a LowLatencyHandle, got {type(handle).__name__}")
+    _require_weights(topk_weights)
     return _LowLatencyCombineFn.apply(x, topk_weights, buffer, topk_idx, handle, bool(sum_per_rank))

@@ -48,16 +48,49 @@ class CallInfo:
     FIELDS = ("op", "seq", "hidden", "num_experts", "num_topk", "dtype", "extra")
 
 
-def low_latency_extra(max_tokens: int, flag: bool, plain_sum: bool = False) -> int:
-    """A low-latency call's ``extra`` header word: M * 4 + flag + 2 * plain_sum, where flag is a
-    dispatch's ``use_fp8`` or a combine's ``sum_per_rank``, and plain_sum marks a combine with sums
-    per rank and no weights (a rank that weights with its peers' slots would mix the two)."""
-    return max_tokens * 4 + int(bool(flag)) + 2 * int(bool(plain_sum))
+# The ``extra`` header word of the normal calls: the handle's dispatch call number (cached dispatch,
+# combine; 0 for a layout-free dispatch) above three flag bits, so that ranks disagreeing on any of
+# them raise RankMismatchError before rows of other shapes are exchanged.
+_WEIGHT_CODES = {None: 0, torch.float32: 1, torch.float64: 2}
+_WEIGHT_NAMES = {0: "None", 1: "float32", 2: "float64", 3: "another dtype"}
 
 
-def describe_low_latency_extra(value: int) -> tuple[int, bool, bool]:
-    """``low_latency_extra``'s arguments back from its word."""
-    return value // 4, bool(value & 1), bool(value & 2)
+def _weights_code(weights: torch.Tensor | None) -> int:
+    return _WEIGHT_CODES.get(None if weights is None else weights.dtype, 3)
+
+
+def call_extra(dispatch_seq: int, topk_weights: torch.Tensor | None, expert_major: bool) -> int:
+    """A normal call's ``extra`` word: dispatch_seq << 3 | expert_major << 2 | topk_weights' dtype code."""
+    return dispatch_seq << 3 | int(bool(expert_major)) << 2 | _weights_code(topk_weights)
+
+
+def low_latency_extra(max_tokens: int, flag: bool, plain_sum: bool = False, weights: bool = False) -> int:
+    """A low-latency call's ``extra`` word: M << 3 | weights << 2 | plain_sum << 1 | flag, where flag
+    is a dispatch's ``use_fp8`` or a combine's ``sum_per_rank``, plain_sum marks a combine with sums
+    per rank and no weights (a rank that weights with its peers' slots would mix the two), and
+    weights whether a dispatch was given ``topk_weights`` (its slots' weights)."""
+    return max_tokens << 3 | int(bool(weights)) << 2 | int(bool(plain_sum)) << 1 | int(bool(flag))
+
+
+def describe_extra(op: int | None, low_latency: bool, ours: int, theirs: int) -> tuple[str, str, str]:
+    """The differing part of two ``extra`` words, as (what, ours, theirs) for a RankMismatchError;
+    ``op`` may be None (the kernels report the field, not the op)."""
+    if not low_latency:
+        if ours >> 3 != theirs >> 3:
+            return "the handle (the call number of its dispatch)", str(ours >> 3), str(theirs >> 3)
+
+        def flags(v: int) -> str:
+            return f"({_WEIGHT_NAMES[v & 3]}, {bool(v & 4)})"
+
+        return "(topk_weights, expert_major)", flags(ours), flags(theirs)
+    if ours >> 3 != theirs >> 3:
+        return "num_max_dispatch_tokens_per_rank", str(ours >> 3), str(theirs >> 3)
+    first = {4: "use_fp8", 5: "sum_per_rank"}.get(op, "use_fp8 (dispatch) or sum_per_rank (combine)")
+
+    def settings(v: int) -> str:
+        return "(" + ", ".join(str(bool(v >> i & 1)) for i in range(3)) + ")"
+
+    return f"({first}, plain sum without topk_weights, topk_weights given)", settings(ours), settings(theirs)
 
 
 @dataclass
@@ -205,6 +238,9 @@ class Backend(ABC):
 
     @abstractmethod
     def low_latency_combine(self, args: LowLatencyCombineArgs) -> LowLatencyCombineResult: ...
+
+    def raise_failures(self) -> None:  # noqa: B027 - optional hook: backends that raise as they run keep it
+        """Wait for this backend's work and raise what any of it reported since the last call."""
 
     def destroy(self) -> None:  # noqa: B027 - optional hook: backends without memory keep the default
         """Release communication memory; the default holds none."""

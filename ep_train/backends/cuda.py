@@ -45,14 +45,14 @@ from .base import (
     LowLatencyCombineResult,
     LowLatencyDispatchArgs,
     LowLatencyDispatchResult,
-    describe_low_latency_extra,
+    describe_extra,
 )
 from .torch_backend import OP_NAMES
 
 __all__ = ["CudaBackend", "group_problem"]
 
 # Error codes and wait sites of csrc/include/ep_train/types.cuh (ErrorCode, WaitSite).
-_ERR_HOST_TIMEOUT, _ERR_TIMEOUT, _ERR_MISMATCH, _ERR_CAPACITY = -1, 1, 2, 3
+_ERR_HOST_TIMEOUT, _ERR_TIMEOUT, _ERR_MISMATCH, _ERR_CAPACITY, _ERR_BAD_EXPERT = -1, 1, 2, 3, 4
 _WAIT_SITES = {
     1: "the start barrier",
     2: "dispatch: free ring slots at the destination",
@@ -241,6 +241,11 @@ class CudaBackend(Backend):
         if code != 0:
             self._raise_reported(self._rt, low_latency=False)
 
+    def raise_failures(self) -> None:
+        """Wait for the device, then raise what a kernel reported (it would raise at the next call)."""
+        torch.cuda.synchronize()
+        self._raise_if_ll_failed()
+
     def _raise_if_ll_failed(self) -> None:
         """Raise what a low-latency kernel reported (then anything the normal kernels reported)."""
         if self._ll is not None and self._ll.error_code() != 0:
@@ -255,14 +260,8 @@ class CudaBackend(Backend):
             ours, theirs = expected, seen
             if channel == 0:
                 ours, theirs = OP_NAMES.get(ours, ours), OP_NAMES.get(theirs, theirs)
-            elif low_latency and channel == 6:  # base.low_latency_extra
-                field = (
-                    "(num_max_dispatch_tokens_per_rank, use_fp8 of a dispatch or sum_per_rank of a combine, "
-                    "plain sum without topk_weights)"
-                )
-                ours, theirs = describe_low_latency_extra(ours), describe_low_latency_extra(theirs)
-            elif channel == 6:  # Buffer sends a combine's or cached dispatch's handle identity here
-                field = "the handle (the call number of its dispatch)"
+            elif channel == 6:  # base.call_extra / base.low_latency_extra
+                field, ours, theirs = describe_extra(None, low_latency, ours, theirs)
             elif low_latency and channel == len(_HEADER_FIELDS):  # the grid word after the header
                 field = "the low-latency kernels' grid size (SMs; every rank must run the same)"
             call = "a low-latency call" if low_latency else "a call"
@@ -284,6 +283,11 @@ class CudaBackend(Backend):
             raise CommError(
                 f"rank {rank}: num_worst_tokens={expected} is smaller than the {seen} rows rank {peer} receives; "
                 "raise it (tokens are never dropped)"
+            )
+        if code == _ERR_BAD_EXPERT:
+            raise CommError(
+                f"rank {rank}: topk_idx holds {seen} at flat index {channel} (token {channel} // num_topk): "
+                f"expert ids must be -1 or in [0, num_experts={expected}); the call's outputs are not to be used"
             )
         raise CommError(f"rank {rank}: {'low-latency ' if low_latency else ''}kernel error code {code}")
 
@@ -313,6 +317,8 @@ class CudaBackend(Backend):
     # ------------------------------------------------------------------ layout
     def get_dispatch_layout(self, topk_idx_TK: torch.Tensor, num_experts: int):
         self._raise_if_failed()
+        if num_experts > MAX_EXPERTS:
+            raise ValueError(f"backend='cuda' takes num_experts <= {MAX_EXPERTS}, got {num_experts}")
         T, dev = topk_idx_TK.shape[0], topk_idx_TK.device
         per_rank_R = torch.empty(self.num_ranks, dtype=torch.int32, device=dev)
         per_expert_E = torch.empty(num_experts, dtype=torch.int32, device=dev)
@@ -488,8 +494,14 @@ class CudaBackend(Backend):
         """The receive half of a call: waits (on the device) for the send, then launches on the current stream."""
         sent = torch.cuda.Event()
         sent.record()  # current stream = the comm stream the send ran on
+        called = False
 
         def hook() -> None:
+            # A second receive would read the half again and set the peers' acknowledgements back.
+            nonlocal called
+            if called:
+                raise RuntimeError(f"rank {self.rank}: this low-latency call's receive hook was already called")
+            called = True
             torch.cuda.current_stream().wait_event(sent)
             self._raise_if_ll_failed()
             launch(_LL_RECV)

@@ -31,7 +31,7 @@ from .base import (
     LowLatencyCombineResult,
     LowLatencyDispatchArgs,
     LowLatencyDispatchResult,
-    describe_low_latency_extra,
+    describe_extra,
 )
 
 __all__ = ["TorchBackend", "OP_NAMES"]
@@ -118,14 +118,8 @@ class TorchBackend(Backend):
                     continue
                 if name == "op":
                     ours, theirs = OP_NAMES.get(ours, ours), OP_NAMES.get(theirs, theirs)
-                elif name == "extra" and info.op == 4:  # base.low_latency_extra
-                    name = "(num_max_dispatch_tokens_per_rank, use_fp8)"
-                    ours, theirs = describe_low_latency_extra(ours)[:2], describe_low_latency_extra(theirs)[:2]
-                elif name == "extra" and info.op == 5:
-                    name = "(num_max_dispatch_tokens_per_rank, sum_per_rank, plain sum without topk_weights)"
-                    ours, theirs = describe_low_latency_extra(ours), describe_low_latency_extra(theirs)
-                elif name == "extra" and info.op in (2, 3):  # Buffer sends the handle's dispatch seq here
-                    name = "the handle (the call number of its dispatch)"
+                elif name == "extra":  # base.call_extra / base.low_latency_extra
+                    name, ours, theirs = describe_extra(info.op, info.op in (4, 5), ours, theirs)
                 raise RankMismatchError(
                     f"rank {self.rank}: ranks disagree on {OP_NAMES.get(info.op, info.op)} call #{info.seq}: "
                     f"{name} is {ours} on rank {self.rank} but {theirs} on rank {peer}"
@@ -441,7 +435,7 @@ class TorchBackend(Backend):
             recv_topk_weights_LS=recv_topk_weights,
             recv_layout_range_LR=layout_range_LR,
             recv_count_L=recv_count_L,
-            topk_idx_TK=topk_TK,
+            topk_idx_TK=topk_TK.clone(),  # the routing the rows followed, even if the caller edits theirs
             extras={
                 "send_tok_P": tok_P,
                 "send_k_P": k_P,

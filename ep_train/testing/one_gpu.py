@@ -37,6 +37,7 @@ from ..backends.base import (
     LowLatencyCombineResult,
     LowLatencyDispatchArgs,
     LowLatencyDispatchResult,
+    call_extra,
     low_latency_extra,
 )
 from ..backends.cuda import SUPPORTED_RANKS, CudaBackend
@@ -216,7 +217,8 @@ class OneGpuGroup:
         ``num_worst_tokens`` as ``Buffer.dispatch``."""
         backend = self.backends[rank]
         per_rank, per_expert, in_rank = backend.get_dispatch_layout(topk_idx_TK, num_experts)
-        info = self._info(rank, _OP_DISPATCH, x_TH.shape[1], num_experts, topk_idx_TK.shape[1], dtype=x_TH.dtype)
+        info = self._info(rank, _OP_DISPATCH, x_TH.shape[1], num_experts, topk_idx_TK.shape[1],
+                          extra=call_extra(0, topk_weights_TK, expert_major), dtype=x_TH.dtype)  # fmt: skip
         args = DispatchArgs(info, x_TH, x_scales_TS, topk_idx_TK, topk_weights_TK, per_rank, per_expert, in_rank,
                             None, num_experts, alignment, num_worst_tokens, self._config(config),
                             expert_major=expert_major)  # fmt: skip
@@ -224,8 +226,8 @@ class OneGpuGroup:
 
     def cached_dispatch(self, rank: int, x_TH, handle: DispatchHandle, *, expert_major: bool = False,
                         x_scales_TS=None, config: Config | None = None):  # fmt: skip
-        info = self._info(rank, _OP_CACHED, handle.hidden, handle.num_experts, 0, extra=handle.dispatch_seq,
-                          dtype=x_TH.dtype)  # fmt: skip
+        info = self._info(rank, _OP_CACHED, handle.hidden, handle.num_experts, 0,
+                          extra=call_extra(handle.dispatch_seq, None, expert_major), dtype=x_TH.dtype)  # fmt: skip
         args = DispatchArgs(info, x_TH, x_scales_TS, None, None, None, None, None, handle, handle.num_experts,
                             handle.expert_alignment, 0, self._config(config), expert_major=expert_major)  # fmt: skip
         return self.backends[rank].dispatch(args)
@@ -234,8 +236,8 @@ class OneGpuGroup:
                 expert_major: bool = False, config: Config | None = None):  # fmt: skip
         """Combine on the kernels; ``expert_major``: x is ``[P, H]`` and the kernel sums the pairs."""
         num_topk = 0 if topk_weights_NK is None else topk_weights_NK.shape[1]
-        info = self._info(rank, _OP_COMBINE, x.shape[1], handle.num_experts, num_topk, extra=handle.dispatch_seq,
-                          dtype=x.dtype)  # fmt: skip
+        extra = call_extra(handle.dispatch_seq, topk_weights_NK, expert_major)
+        info = self._info(rank, _OP_COMBINE, x.shape[1], handle.num_experts, num_topk, extra=extra, dtype=x.dtype)
         args = CombineArgs(info, x, handle, topk_weights_NK, tuple(bias), self._config(config),
                            expert_major=expert_major)  # fmt: skip
         return self.backends[rank].combine(args)
@@ -245,8 +247,8 @@ class OneGpuGroup:
                              stats_L=None, return_recv_hook: bool = False) -> LowLatencyDispatchResult:  # fmt: skip
         """``Buffer.low_latency_dispatch`` on the kernels (needs ``low_latency_bytes``); ``stats_L``:
         ``cumulative_local_expert_recv_stats``."""
-        info = self._info(rank, _OP_LL_DISPATCH, x_TH.shape[1], num_experts, topk_idx_TK.shape[1],
-                          extra=low_latency_extra(num_max_tokens, use_fp8))  # fmt: skip
+        extra = low_latency_extra(num_max_tokens, use_fp8, weights=topk_weights_TK is not None)
+        info = self._info(rank, _OP_LL_DISPATCH, x_TH.shape[1], num_experts, topk_idx_TK.shape[1], extra=extra)
         args = LowLatencyDispatchArgs(info, x_TH, topk_idx_TK, topk_weights_TK, num_max_tokens, num_experts, use_fp8,
                                       round_scale, stats_L, return_recv_hook)  # fmt: skip
         return self.backends[rank].low_latency_dispatch(args)

@@ -148,6 +148,7 @@ def train(recipe: Recipe, *, resume: bool = False, stop_at: int | None = None) -
             loss_sum += loss.detach().float()
         _reduce_grads(model, groups.dp, groups.expert_dp)
         grad_norm = _clip_grads(model, t.clip_grad, groups.ep)
+        built.check_comm()  # a failed dispatch/combine of this step raises before its gradients are applied
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         dist.all_reduce(loss_sum, group=groups.dp)

@@ -33,6 +33,8 @@ class BuiltModel:
     seq_length: int
     device: torch.device
     comm_timers: list = field(default_factory=list)
+    #: the BufferPools of the model's MoE layers (deepep) or of the flex backend
+    buffer_pools: list = field(default_factory=list)
     _counts: list = field(default_factory=list)
     _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
@@ -58,6 +60,12 @@ class BuiltModel:
         counts = torch.stack(self._counts).to(self.device)
         dist.all_reduce(counts, group=self.groups.dp)
         return comm, int(counts.min()), int(counts.max())
+
+    def check_comm(self) -> None:
+        """Raise what a dispatch/combine kernel of this step reported (before its outputs are used
+        by an optimizer step or a checkpoint)."""
+        for pool in self.buffer_pools:
+            pool.check()
 
     def close(self) -> None:
         self._stack.close()
@@ -97,7 +105,7 @@ def _transformer_config(recipe: Recipe, device: torch.device, dtype: torch.dtype
     )
 
 
-def _layer_spec(recipe: Recipe, config):
+def _layer_spec(recipe: Recipe, config, stack: contextlib.ExitStack, pools: list):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     m = recipe.model
@@ -110,7 +118,9 @@ def _layer_spec(recipe: Recipe, config):
     if recipe.moe.dispatcher == "flex":
         from ..megatron import install_flex_backend
 
-        install_flex_backend(num_sms=recipe.moe.num_sms)
+        backend = install_flex_backend(num_sms=recipe.moe.num_sms)
+        stack.callback(backend.uninstall)
+        pools.append(backend.buffers)
     return spec
 
 
@@ -136,7 +146,9 @@ def build_model(recipe: Recipe, device: torch.device, dtype: torch.dtype) -> Bui
     tensor_parallel.model_parallel_cuda_manual_seed(recipe.train.seed)
     config = _transformer_config(recipe, device, dtype)
     m = recipe.model
-    model = GPTModel(config=config, transformer_layer_spec=_layer_spec(recipe, config), vocab_size=m.vocab_size,
+    pools: list = []
+    spec = _layer_spec(recipe, config, stack, pools)
+    model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=m.vocab_size,
                      max_sequence_length=m.seq_length, position_embedding_type="rope")  # fmt: skip
     model.to(device=device, dtype=dtype)
     groups = Groups(
@@ -144,7 +156,7 @@ def build_model(recipe: Recipe, device: torch.device, dtype: torch.dtype) -> Bui
         expert_dp=parallel_state.get_expert_data_parallel_group(),
         ep=parallel_state.get_expert_model_parallel_group(),
     )
-    built = BuiltModel(model, groups, m.seq_length, device, _stack=stack)
+    built = BuiltModel(model, groups, m.seq_length, device, buffer_pools=pools, _stack=stack)
     _attach_observers(built, recipe)
     return built
 
@@ -153,6 +165,7 @@ def _attach_observers(built: BuiltModel, recipe: Recipe) -> None:
     """Count tokens per expert at every router and time ep_train's communication."""
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
+    from ..buffer_pool import BufferPool
     from ..profiling import CommTimer
 
     def on_route(_module, _inputs, output):
@@ -163,6 +176,9 @@ def _attach_observers(built: BuiltModel, recipe: Recipe) -> None:
     for module in built.model.modules():
         if isinstance(module, MoELayer):
             module.router.register_forward_hook(on_route)
+            pool = getattr(module.token_dispatcher, "buffers", None)
+            if isinstance(pool, BufferPool) and all(pool is not p for p in built.buffer_pools):
+                built.buffer_pools.append(pool)
             buffer = getattr(module.token_dispatcher, "buffer", None)
             if buffer is not None and id(buffer) not in seen:
                 seen.add(id(buffer))

@@ -118,6 +118,8 @@ def _run_case(cuda: Buffer, ref: Buffer, rank: int, world: int, c: dict, gen: to
     assert (ghook is not None) == c["hook"], tag
     if ghook is not None:
         ghook()
+        with pytest.raises(RuntimeError, match="receive hook was already called"):
+            ghook()  # a second receive would set the peers' acknowledgements back
     torch.cuda.synchronize()
     _compare_dispatch(tag, (gx, gcount, gh), (rx, rcount, rh))
     assert_bitwise(f"{tag} cumulative stats", stats_c, stats_r)
@@ -313,6 +315,31 @@ def suite_failures(rank: int, world: int, seed: int, transport: str = "auto") ->
     cuda, _ = _buffers(world, timeout_s=3.0, transport=transport)
     if rank == 0:
         _expect_error(CommTimeoutError, lambda: cuda.low_latency_dispatch(x, idx, T, E), "timed out")
+    torch.cuda.synchronize()
+    dist.barrier()
+    cuda.destroy()
+
+    # Buffer.check: waits for the kernels and raises what they reported, without a next call.
+    cuda, _ = _buffers(world, timeout_s=3.0, transport=transport)
+    if rank == 0:
+        cuda.low_latency_dispatch(x, idx, T, E)  # returns at once; its kernel times out
+        with pytest.raises(CommTimeoutError, match="timed out"):
+            cuda.check()
+        with pytest.raises(CommError, match="unusable after an earlier failure"):
+            cuda.check()
+    else:
+        cuda.check()  # nothing failed here
+    torch.cuda.synchronize()
+    dist.barrier()
+    cuda.destroy()
+
+    # An expert id out of range is skipped like -1 but reported, never dropped in silence.
+    cuda, _ = _buffers(world, timeout_s=3.0, transport=transport)
+    bad = idx.clone()
+    bad[T // 2, 0] = E
+    cuda.low_latency_dispatch(x, bad, T, E, use_fp8=False)
+    with pytest.raises(CommError, match=rf"topk_idx holds {E} at flat index {T // 2 * K}"):
+        cuda.check()
     torch.cuda.synchronize()
     dist.barrier()
     cuda.destroy()

@@ -475,6 +475,8 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, const RankConte
             if (i < i0) atomicAdd(&sh.hist[e], 1);
             atomicAdd(&sh.total[e], 1);
             if (i >= i0 && i < i0 + n0 * K) atomicOr(&sh.ranks[(i - i0) / K], 1 << (e / L));
+        } else if (e != -1) {  // skipped like -1, but never silently: the call is reported as failed
+            report_error(ctx.err, kErrBadExpert, kCheckExpertIds, i, me, E, e);
         }
     }
     __syncthreads();

@@ -7,7 +7,7 @@
 
 namespace ep_train {
 
-enum ErrorCode : int { kErrNone = 0, kErrTimeout = 1, kErrMismatch = 2, kErrCapacity = 3 };
+enum ErrorCode : int { kErrNone = 0, kErrTimeout = 1, kErrMismatch = 2, kErrCapacity = 3, kErrBadExpert = 4 };
 
 // What a failing wait was waiting for (the host turns it into words).
 enum WaitSite : int {
