@@ -116,9 +116,14 @@ def _low_latency_body(rank, R, seed, kind, K, backend="auto", sum_per_rank=False
     buf = _buffer(R, H, M, backend)
     idx = idxs[rank]
 
+    L = E // R
+    # Expert e computes (e + 1) * x + x**2: a gradient sent to another expert's (or column's) slot
+    # changes the result.
+    scale_L = torch.arange(rank * L + 1, (rank + 1) * L + 1, dtype=DT, device=xs[rank].device).view(L, 1, 1)
+
     def ll(x, w):
         recv, _, h = A.low_latency_dispatch(buf, x, idx, w, M, E, sum_per_rank=sum_per_rank)
-        return A.low_latency_combine(buf, recv * 2.0 + recv**2, idx, w, h, sum_per_rank=sum_per_rank)
+        return A.low_latency_combine(buf, recv * scale_L + recv**2, idx, w, h, sum_per_rank=sum_per_rank)
 
     x, w = xs[rank].clone().requires_grad_(), ws[rank].clone().requires_grad_()
     y = ll(x, w)
@@ -126,7 +131,7 @@ def _low_latency_body(rank, R, seed, kind, K, backend="auto", sum_per_rank=False
     for t in range(T):
         for k in range(K):
             if idx[t, k] >= 0:
-                want[t] += ws[rank][t, k] * (xs[rank][t] * 2 + xs[rank][t] ** 2)
+                want[t] += ws[rank][t, k] * (xs[rank][t] * (int(idx[t, k]) + 1) + xs[rank][t] ** 2)
     torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(ll, (x, w), eps=1e-6, atol=1e-5, rtol=1e-4), f"[seed {seed} kind {kind} K {K}]"
 

@@ -241,6 +241,8 @@ def _foreign_ll_combine_body(rank, world_size, sum_per_rank, foreign):
         idx[:, 1] = -1  # the dispatch's own tensor, edited in place before its combine
     if rank == 1 and foreign == "topk_weights":
         w = w.clone()
+    if rank == 1 and foreign == "topk_weights written":
+        w.mul_(2)  # the dispatch's own tensor, edited in place: its slots hold the old weights
     start = time.monotonic()
     try:
         out, _, _ = buf.low_latency_combine(recv, idx, w, handle, sum_per_rank=sum_per_rank)
@@ -256,6 +258,7 @@ def _foreign_ll_combine_body(rank, world_size, sum_per_rank, foreign):
     (False, "topk_idx written", "topk_idx given to low_latency_dispatch was written in place"),
     (True, "topk_idx written", "topk_idx given to low_latency_dispatch was written in place"),
     (True, "topk_weights", "topk_weights must be the tensor given to low_latency_dispatch"),
+    (True, "topk_weights written", "topk_weights must be the tensor given to low_latency_dispatch, unchanged since"),
 ])  # fmt: skip
 def test_a_foreign_low_latency_combine_argument_raises_without_stalling_the_peers(sum_per_rank, foreign, words):
     out = run_distributed(_foreign_ll_combine_body, 2, sum_per_rank, foreign, timeout_s=120)

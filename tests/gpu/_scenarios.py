@@ -204,7 +204,9 @@ def suite_dispatch_combine(rank: int, world: int, seed: int, cases: list | None 
         dc, dr = dispatch_both(cuda, ref, x, idx, w, E, **kw)
         compare_dispatch(tag, dc, dr, cuda=cuda)
         hc, hr = dc[4], dr[4]
-        y = (dr[0].float() * 1.5 + 0.25).to(torch.bfloat16)  # expert outputs (same rows on both sides)
+        # Expert outputs (same rows on both sides), scaled per rank: one rank's copy of a token
+        # read in place of another's changes the sum.
+        y = (dr[0].float() * (1.5 + rank) + 0.25).to(torch.bfloat16)
         rw = dr[2]
         combine_both(f"{tag} combine", cuda, ref, hc, hr, y, y, (None, None), None, cfg)
         combine_both(f"{tag} combine+w+bias", cuda, ref, hc, hr, y, y, (rw, rw), torch.randn_like(x), cfg)
@@ -308,7 +310,7 @@ def suite_worst_graph_async(rank: int, world: int, seed: int) -> None:
     idx = routing("random", T, K, E, rank, gen)
     w = torch.rand((T, K), generator=gen).cuda()
     dr = dispatch_both(ref, ref, x, idx, w, E)[0]
-    y = (dr[0].float() - 0.5).to(torch.bfloat16)
+    y = (dr[0].float() * (1 + rank) - 0.5).to(torch.bfloat16)
     br, wr, _ = ref.combine(y, dr[4], topk_weights=dr[2])
 
     def step(x_in, y_rows):

@@ -134,6 +134,10 @@ def test_plain_kernels_on_one_gpu(kernels, R):
     recv = [expected_dispatch(r, xs, idxs, ws, E) for r in range(R)]
     for r, (res, _) in enumerate(out):
         assert_bitwise_equal(res.recv_x_NH, recv[r].x, f"R={R} seed={seed} rank {r} recv_x")
+    ys = [res.recv_x_NH.cpu() for res, _ in out]  # each rank sends its received rows back
+    for r, (_, combined) in enumerate(out):
+        want, mag = expected_combine(r, recv, ys, xs[r].shape[0])
+        assert_close(combined.combined_x_TH, want, f"R={R} seed={seed} rank {r} combine", num_terms=R, magnitude=mag)
 
 
 @pytest.mark.parametrize("R", [2, 4, 8])

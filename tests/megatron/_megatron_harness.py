@@ -182,7 +182,10 @@ def layer_parity(rank: int, world: int, cases: list[Case], candidates: list[str]
                 with _candidate_context(name, ep_backend):
                     layer = build_moe_layer(case, name, world, backend=ep_backend, **dtype_kwargs)
                     layer.load_state_dict(state)
-                    actual = run_layer(layer, x, grad_out)
+                    with _counting_pipelines() as pipelines:
+                        actual = run_layer(layer, x, grad_out)
+                if name == "deepep":  # the tolerance alone would pass an unchunked layer too
+                    assert pipelines == [case.chunks] * (case.chunks > 1), f"{case.tag()}: pipelines {pipelines}"
                 exact = case.exact and name == "deepep" and dtype == torch.float32
                 compare(actual, expected, exact, f"rank {rank} {name} {case.tag()}", rel_tol)
                 checked += 1
@@ -196,6 +199,25 @@ def fusing_layer_parity(rank: int, world: int, cases: list[Case], candidates: li
 
     with fusing_torch_backend():
         return layer_parity(rank, world, cases, candidates, seed)
+
+
+@contextlib.contextmanager
+def _counting_pipelines():
+    """→ the ``num_chunks`` of every chunked pipeline the deepep dispatcher runs in the block."""
+    from ep_train.megatron import EPTokenDispatcher
+
+    seen: list[int] = []
+    original = EPTokenDispatcher.chunked_dispatch_experts_combine
+
+    def counting(self, hidden_states, probs, experts, num_chunks):
+        seen.append(num_chunks)
+        return original(self, hidden_states, probs, experts, num_chunks)
+
+    EPTokenDispatcher.chunked_dispatch_experts_combine = counting
+    try:
+        yield seen
+    finally:
+        EPTokenDispatcher.chunked_dispatch_experts_combine = original
 
 
 @contextlib.contextmanager
