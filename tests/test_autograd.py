@@ -54,12 +54,12 @@ def _layer(dispatcher, idx, lw1, lw2):
     return run
 
 
-def _grads_body(rank, R, seed, kind, K, backend="auto", tokens=None, fp8=False):
+def _grads_body(rank, R, seed, kind, K, backend="auto", tokens=None, fp8=False, **dispatcher_options):
     """One MoE layer through MoEDispatcher against the dense float64 reference of all ranks' tokens.
 
     ``tokens``: per-rank token counts (default 5 each).  ``fp8``: the dispatch moves e4m3 rows; the
     reference then runs on the rows as the receiver dequantises them, and gradients pass straight
-    through the quantisation.
+    through the quantisation.  ``dispatcher_options``: more ``MoEDispatcher`` arguments.
     """
     H = 4
     T = tokens if tokens is not None else 5
@@ -67,7 +67,7 @@ def _grads_body(rank, R, seed, kind, K, backend="auto", tokens=None, fp8=False):
     w1, w2, idxs, ws, xs, gouts = _model(R, T, H, K, kind, seed, _device(rank))
     # Checkpoint replay also dispatches the K gate weights as a row: size the buffer for both.
     disp = MoEDispatcher(_buffer(R, max(H, K), max(xs[r].shape[0] for r in range(R)) or 1, backend), E,
-                         expert_alignment=2, fp8=fp8)  # fmt: skip
+                         expert_alignment=2, fp8=fp8, **dispatcher_options)  # fmt: skip
     seen = [dequantize_fp8(*quantize_fp8(a), DT) if fp8 else a for a in xs]  # what the experts see
     lw1 = w1[rank * L : (rank + 1) * L].clone().requires_grad_()
     lw2 = w2[rank * L : (rank + 1) * L].clone().requires_grad_()
@@ -152,6 +152,14 @@ def test_dispatch_combine_gradients_match_dense_reference(world_size):
 @pytest.mark.parametrize("kind,K,tokens", SKEWED)
 def test_dispatch_combine_gradients_skewed_routing(kind, K, tokens):
     run_distributed(_grads_body, 2, random.randrange(1 << 30), kind, K, tokens=tokens, timeout_s=600)
+
+
+@pytest.mark.parametrize("options", [{"fused_permutation": False}, {"num_worst_tokens": 16}],
+                         ids=["dispatch then permute", "fixed receive size"])  # fmt: skip
+@pytest.mark.parametrize("kind,K,tokens", [("masked", 3, (5, 0)), ("one_expert", 2, (4, 6))])
+def test_dispatch_combine_gradients_other_dispatcher_paths(kind, K, tokens, options):
+    """The dispatcher's unfused path and its fixed-size (num_worst_tokens, padding rows) path."""
+    run_distributed(_grads_body, 2, random.randrange(1 << 30), kind, K, tokens=tokens, timeout_s=600, **options)
 
 
 @pytest.mark.parametrize("world_size, kind, K, tokens", [(2, "uniform", 3, (5, 4)), (4, "empty_rank", 2, (3, 0, 5, 4))])
