@@ -607,3 +607,16 @@ def test_set_num_sms_keeps_the_chunk_sizes(ctx):
     assert ctx.buf._dispatch_config == Config(12, *dataclasses.astuple(d)[1:])
     assert ctx.buf._combine_config == Config(12, *dataclasses.astuple(c)[1:])
     assert ctx.buf.num_sms == 12
+
+
+def test_dispatch_in_inference_mode(ctx):
+    """Inference tensors have no version counter: the once-per-tensor value check must not need one."""
+    with torch.inference_mode():
+        idx, x, w = ctx.idx.clone(), ctx.x.clone(), ctx.w.clone()
+        per_rank, _, per_expert, in_rank, _ = ctx.buf.get_dispatch_layout(idx, E)
+        layout = {"num_tokens_per_rank": per_rank, "is_token_in_rank": in_rank, "num_tokens_per_expert": per_expert}
+        recv_x = ctx.buf.dispatch(x, topk_idx=idx, topk_weights=w, **layout)[0]
+    assert torch.equal(recv_x, ctx.recv_x)
+    bad = torch.full_like(ctx.idx, E)
+    with torch.inference_mode(), raises_naming(ValueError, "topk_idx"):
+        ctx.buf.get_dispatch_layout(bad, E)

@@ -286,8 +286,8 @@ class CudaBackend(Backend):
             )
         if code == _ERR_BAD_EXPERT:
             raise CommError(
-                f"rank {rank}: topk_idx holds {seen} at flat index {channel} (token {channel} // num_topk): "
-                f"expert ids must be -1 or in [0, num_experts={expected}); the call's outputs are not to be used"
+                f"rank {rank}: topk_idx[{channel}, {peer}] is {seen}: expert ids must be -1 or in "
+                f"[0, num_experts={expected}); the call's outputs are not to be used"
             )
         raise CommError(f"rank {rank}: {'low-latency ' if low_latency else ''}kernel error code {code}")
 

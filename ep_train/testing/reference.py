@@ -292,12 +292,13 @@ def expected_low_latency_combine_per_rank(
     for t in range(num_tokens):
         total = torch.zeros(hidden, dtype=torch.float32)
         for d in range(len(slots)):
+            if (t, d) not in per_pair:  # no expert of the token on rank d: no row from it
+                continue
             acc = torch.zeros(hidden, dtype=torch.float32)
-            for k, row in sorted(per_pair.get((t, d), []), key=lambda e: e[0]):
+            for k, row in sorted(per_pair[(t, d)], key=lambda e: e[0]):
                 w = torch.tensor(float(topk_weights[t, k]), dtype=torch.float32)
                 acc = acc + row.cpu().float() * w
-            if (t, d) in per_pair:
-                total = total + acc.to(dtype).float()
+            total = total + acc.to(dtype).float()
         out[t] = total.to(dtype)
     return out
 

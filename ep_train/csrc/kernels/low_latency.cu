@@ -75,6 +75,16 @@ __device__ __forceinline__ void accumulate(float (&acc)[8], const int4& raw, flo
     }
 }
 
+// Bit r set when token t has an expert on rank r (ids outside [0, E) skipped).
+__device__ __forceinline__ int token_ranks(const int64_t* topk_idx, int64_t t, int K, int E, int L) {
+    int ranks = 0;
+    for (int k = 0; k < K; ++k) {
+        const int64_t e = topk_idx[t * K + k];
+        if (e >= 0 && e < E) ranks |= 1 << (e / L);
+    }
+    return ranks;
+}
+
 // 8 FP32 sums rounded to BF16 once.
 __device__ __forceinline__ Bf16x8 to_bf16x8(const float (&acc)[8]) {
     Bf16x8 o;
@@ -476,7 +486,7 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, const RankConte
             atomicAdd(&sh.total[e], 1);
             if (i >= i0 && i < i0 + n0 * K) atomicOr(&sh.ranks[(i - i0) / K], 1 << (e / L));
         } else if (e != -1) {  // skipped like -1, but never silently: the call is reported as failed
-            report_error(ctx.err, kErrBadExpert, kCheckExpertIds, i, me, E, e);
+            report_error(ctx.err, kErrBadExpert, kCheckExpertIds, i / K, i % K, E, e);
         }
     }
     __syncthreads();
@@ -512,14 +522,7 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, const RankConte
         const int n = min(kRoundTokens, t1 - q0);
         if (q0 != t0) {       // the first round's ranks came from the count loop
             __syncthreads();  // the previous round is done with sh.ranks
-            if (threadIdx.x < n) {
-                int ranks = 0;
-                for (int k = 0; k < K; ++k) {
-                    const int64_t e = p.topk_idx[int64_t(q0 + threadIdx.x) * K + k];
-                    if (e >= 0 && e < E) ranks |= 1 << (e / L);
-                }
-                sh.ranks[threadIdx.x] = ranks;
-            }
+            if (threadIdx.x < n) sh.ranks[threadIdx.x] = token_ranks(p.topk_idx, q0 + threadIdx.x, K, E, L);
             __syncthreads();
         }
         send_rows(p, ctx, rma, sh.ranks, q0, n, half, first, q0 == t0);
@@ -815,11 +818,7 @@ __device__ void combine_sum_ranks(const LowLatencyCombineParams& p, int R, void*
     const int64_t items = int64_t(p.num_tokens) * chunks;
     for (int64_t it = blockIdx.x * int64_t(kThreads) + threadIdx.x; it < items; it += int64_t(gridDim.x) * kThreads) {
         const int t = static_cast<int>(it / chunks), c = static_cast<int>(it % chunks);
-        int ranks = 0;
-        for (int k = 0; k < K; ++k) {
-            const int64_t e = p.topk_idx[int64_t(t) * K + k];
-            if (e >= 0 && e < p.num_experts) ranks |= 1 << (e / L);
-        }
+        int ranks = token_ranks(p.topk_idx, t, K, p.num_experts, L);
         float acc[8] = {};
         while (ranks != 0) {
             int4 raw[kCombineGroup];
