@@ -152,6 +152,9 @@ class Buffer:
         num_sms: SMs of the default dispatch/combine configs (even), see :meth:`set_num_sms`.
         check_values: check ``topk_idx`` ranges on the host.  On CUDA this syncs the stream, so it is
             skipped on the sync-free paths (``num_worst_tokens > 0``, low-latency calls, graph capture).
+            Without it the CUDA kernels that read ``topk_idx`` whole (``get_dispatch_layout``,
+            ``low_latency_dispatch``) still report an id out of range: the dispatch's wait for its
+            receive counts, the next call or :meth:`check` raises ``CommError`` naming the entry.
     """
 
     def __init__(

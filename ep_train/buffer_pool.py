@@ -35,7 +35,8 @@ class BufferPool:
         dispatch_config, combine_config: configs the buffer memory is sized for (None: defaults).
         check_values: the buffers' ``check_values``: check ``topk_idx`` ranges on the host, a stream
             sync per dispatch on CUDA.  Off by default: the layers that share a pool (the framework
-            adapters) build ``topk_idx`` themselves from their router's top-k, in range by construction.
+            adapters) build ``topk_idx`` themselves from their router's top-k, in range by construction
+            (an id out of range is still reported by the CUDA kernels; see ``Buffer``).
     """
 
     def __init__(self, *, backend: str = "auto", num_sms: int | None = None,

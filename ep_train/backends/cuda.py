@@ -287,7 +287,7 @@ class CudaBackend(Backend):
         if code == _ERR_BAD_EXPERT:
             raise CommError(
                 f"rank {rank}: topk_idx[{channel}, {peer}] is {seen}: expert ids must be -1 or in "
-                f"[0, num_experts={expected}); the call's outputs are not to be used"
+                f"[0, num_experts={expected}); the outputs of the call that read it are not to be used"
             )
         raise CommError(f"rank {rank}: {'low-latency ' if low_latency else ''}kernel error code {code}")
 
@@ -323,7 +323,11 @@ class CudaBackend(Backend):
         per_rank_R = torch.empty(self.num_ranks, dtype=torch.int32, device=dev)
         per_expert_E = torch.empty(num_experts, dtype=torch.int32, device=dev)
         in_rank_TR = torch.empty((T, self.num_ranks), dtype=torch.bool, device=dev)
-        self._C.get_dispatch_layout(topk_idx_TK, num_experts, self.num_ranks, per_rank_R, per_expert_E, in_rank_TR)
+        # An id out of range is reported to a runtime's mailbox (raised by this rank's next call, or
+        # by this dispatch's wait for its receive counts), never skipped in silence.
+        runtime = self._rt if self._rt is not None else self._ll
+        self._C.get_dispatch_layout(topk_idx_TK, num_experts, self.num_ranks, per_rank_R, per_expert_E, in_rank_TR,
+                                    runtime)  # fmt: skip
         return per_rank_R, per_expert_E, in_rank_TR
 
     # ------------------------------------------------------------------ dispatch

@@ -54,8 +54,9 @@ cudaStream_t stream() {
     return c10::cuda::getCurrentCUDAStream().stream();
 }
 
+// runtime: None, or the IntranodeRuntime / LowLatencyRuntime whose mailbox hears of ids out of range.
 void get_dispatch_layout(const torch::Tensor& topk_idx, int64_t num_experts, int64_t num_ranks, torch::Tensor& per_rank,
-                         torch::Tensor& per_expert, torch::Tensor& in_rank) {
+                         torch::Tensor& per_expert, torch::Tensor& in_rank, const py::object& runtime) {
     check(topk_idx, "topk_idx", torch::kInt64, 2);
     check(per_rank, "num_tokens_per_rank", torch::kInt32, 1);
     check(per_expert, "num_tokens_per_expert", torch::kInt32, 1);
@@ -63,9 +64,16 @@ void get_dispatch_layout(const torch::Tensor& topk_idx, int64_t num_experts, int
     TORCH_CHECK(num_experts <= ep_train::kMaxExperts, "num_experts must be <= ", ep_train::kMaxExperts);
     TORCH_CHECK(num_ranks <= ep_train::kMaxRanks, "num_ranks must be <= ", ep_train::kMaxRanks);
     c10::cuda::CUDAGuard guard(topk_idx.device());
+    ep_train::ErrorSink err{};
+    if (py::isinstance<IntranodeRuntime>(runtime))
+        err = runtime.cast<const IntranodeRuntime&>().context().err;
+    else if (py::isinstance<LowLatencyRuntime>(runtime))
+        err = runtime.cast<const LowLatencyRuntime&>().context().err;
+    else
+        TORCH_CHECK(runtime.is_none(), "runtime must be None, an IntranodeRuntime or a LowLatencyRuntime");
     ep_train::launch_get_dispatch_layout(topk_idx.data_ptr<int64_t>(), topk_idx.size(0), topk_idx.size(1), num_experts,
                                          num_ranks, per_rank.data_ptr<int>(), per_expert.data_ptr<int>(),
-                                         in_rank.data_ptr<bool>(), stream());
+                                         in_rank.data_ptr<bool>(), err, stream());
 }
 
 void notify(IntranodeRuntime& rt, const torch::Tensor& in_rank, const OptTensor& per_expert, int64_t num_experts,

@@ -53,7 +53,7 @@ void load_dispatch_kernels();
 void load_combine_kernels();
 void launch_get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_experts, int num_ranks,
                                 int* num_tokens_per_rank, int* num_tokens_per_expert, bool* is_token_in_rank,
-                                cudaStream_t stream);
+                                const ErrorSink& err, cudaStream_t stream);
 
 // out[n] = sum of y[pos[n, k]] over k with pos in [0, num_pair_rows); FP32 accumulation, ascending k.
 // y/out are BF16 (bf16=true) or FP32, hidden % (16 bytes / element size) == 0; num_topk <= 32.

@@ -44,12 +44,13 @@ def rank_generator(seed: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 16 + rank)
 
 
-def make_buffers(world: int, timeout_s: float = 20.0) -> tuple[Buffer, Buffer]:
+def make_buffers(world: int, timeout_s: float = 20.0, check_values: bool = True) -> tuple[Buffer, Buffer]:
     nvl = max(
         Config(64, 8, 256).get_nvl_buffer_size_hint(MAX_HIDDEN * 2, world),
         Config(24, 8, 512).get_nvl_buffer_size_hint(MAX_HIDDEN * 2, world),
     )
-    return Buffer(None, nvl, backend="cuda", timeout_s=timeout_s), Buffer(None, nvl, backend="torch")
+    cuda = Buffer(None, nvl, backend="cuda", timeout_s=timeout_s, check_values=check_values)
+    return cuda, Buffer(None, nvl, backend="torch")
 
 
 def routing(kind: str, T: int, K: int, E: int, rank: int, gen: torch.Generator) -> torch.Tensor:
@@ -392,6 +393,39 @@ def suite_failures(rank: int, world: int, seed: int) -> None:
             assert "rank 1" in str(exc), str(exc)
         else:
             raise AssertionError("a skipped call did not time out")
+    torch.cuda.synchronize()
+    dist.barrier()
+    cuda.destroy()
+
+    # Expert ids out of range with the host check off (the adapters' pools): the layout kernel
+    # reports them, so the dispatch raises at its wait for the receive counts, naming the entry.
+    cuda, _ = make_buffers(world, timeout_s=3.0, check_values=False)
+    bad = idx.clone()
+    bad[T // 2 + rank, 1] = E + rank
+    per_rank, _, per_expert, in_rank, _ = cuda.get_dispatch_layout(bad, E)
+    with pytest.raises(CommError, match=rf"topk_idx\[{T // 2 + rank}, 1\] is {E + rank}"):
+        cuda.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                      topk_idx=bad)  # fmt: skip
+    torch.cuda.synchronize()
+    dist.barrier()
+    cuda.destroy()
+
+    # Only rank 0's ids are wrong, on the sync-free path (num_worst_tokens): rank 0's check()
+    # names the entry; its peers, whose dispatch rank 0 never joined, time out (bounded).
+    cuda, _ = make_buffers(world, timeout_s=3.0, check_values=False)
+    bad = idx.clone()
+    if rank == 0:
+        bad[3, 0] = -2
+    per_rank, _, per_expert, in_rank, _ = cuda.get_dispatch_layout(bad, E)
+
+    def dispatch_and_check():  # the dispatch itself raises when the layout kernel finished first
+        cuda.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                      topk_idx=bad, num_worst_tokens=world * T)  # fmt: skip
+        cuda.check()
+
+    want = (CommError, r"topk_idx\[3, 0\] is -2") if rank == 0 else (CommTimeoutError, "waiting for rank 0")
+    with pytest.raises(want[0], match=want[1]):
+        dispatch_and_check()
     torch.cuda.synchronize()
     dist.barrier()
     cuda.destroy()

@@ -337,6 +337,17 @@ def suite_failures(rank: int, world: int, seed: int, transport: str = "auto") ->
     dist.barrier()
     cuda.destroy()
 
+    # Ranks whose low-latency grids differ (GPUs with other SM counts): every rank reports the grid
+    # size; the rank that waits for more blocks than its source runs must not end in a timeout.
+    cuda, _ = _buffers(world, timeout_s=20.0, transport=transport)
+    if odd:
+        runtime = cuda._backend._ll
+        runtime.set_num_sms(runtime.num_sms() - 4)
+    _expect_error(RankMismatchError, lambda: cuda.low_latency_dispatch(x, idx, T, E, use_fp8=False), "grid size")
+    torch.cuda.synchronize()
+    dist.barrier()
+    cuda.destroy()
+
     # An expert id out of range is skipped like -1 but reported, never dropped in silence.
     cuda, _ = _buffers(world, timeout_s=3.0, transport=transport)
     bad = idx.clone()

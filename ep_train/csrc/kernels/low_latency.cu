@@ -288,6 +288,36 @@ __device__ __forceinline__ void record_seq(const RankContext& ctx, int64_t seq, 
     }
 }
 
+// Spin until the arrivals word of a source's header slot reaches `target`, like wait_at_least; on
+// the slow path also watch the grid word its block 0 wrote beside the header: a source running
+// fewer blocks than `grid` never reaches the target, and is reported as a mismatch, not a timeout.
+// Returns false after a report or a failure elsewhere.
+__device__ __forceinline__ bool wait_arrivals(const RankContext& ctx, const int64_t* slot, int64_t target, int64_t grid,
+                                              int site, int source) {
+    const int64_t* arrivals = slot + LowLatencyLayout::kHeaderArrivalsWord;
+    int64_t v = ptx::ld_acquire_sys(arrivals);
+    if (v >= target) return true;
+    const long long start = clock64();
+    for (int iter = 1;; ++iter) {
+        v = ptx::ld_acquire_sys(arrivals);
+        if (v >= target) return true;
+        if ((iter & 63) == 0) {
+            if (has_failed(ctx.err)) return false;
+            // 0: no call written to this slot yet.  Otherwise every call of a source writes the
+            // same grid (the runtime's SM count), so an older call's word tells as much.
+            const int64_t theirs = ptx::ld_volatile(slot + LowLatencyLayout::kHeaderGridWord);
+            if (theirs != 0 && theirs != grid) {
+                report_error(ctx.err, kErrMismatch, kCheckCallHeader, kInfoWords, source, grid, theirs);
+                return false;
+            }
+            if (clock64() - start > ctx.err.timeout_cycles) {
+                report_error(ctx.err, kErrTimeout, site, -1, source, target, v);
+                return false;
+            }
+        }
+    }
+}
+
 // Receive phase start: wait until every block of every source has arrived for this call, then
 // compare its call header with ours.  Every rank runs the same grid (the runtime's SM count), so
 // call seq on half seq & 1 is complete at gridDim.x * ((seq + 1) / 2) arrivals; a source whose grid
@@ -302,7 +332,7 @@ __device__ bool wait_sources(const RankContext& ctx, const int64_t* info, int64_
     if (s < ctx.num_ranks) {
         const int64_t* slot = LowLatencyLayout::header(ctx.peers.base[ctx.rank], static_cast<int>(seq & 1), s);
         const int64_t grid = gridDim.x, target = grid * ((seq + 1) / 2);
-        bool failed = wait_at_least(slot + LowLatencyLayout::kHeaderArrivalsWord, target, ctx.err, site, -1, s) < 0;
+        bool failed = !wait_arrivals(ctx, slot, target, grid, site, s);
         if (!failed) {
             int64_t theirs[kInfoWords + 1];
 #pragma unroll

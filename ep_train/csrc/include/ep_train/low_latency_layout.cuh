@@ -35,8 +35,7 @@ enum LowLatencySite : int {
     kWaitLowLatencyDispatch = 9,  // dispatch receiver: every block of a source has sent its rows
     kWaitLowLatencyCombine = 10,  // combine receiver: every block of an expert rank has sent its rows
     kCheckLowLatencySlots = 11,   // a source puts more than M rows into one expert (duplicate expert ids)
-    kCheckExpertIds = 12,         // topk_idx[channel, peer] is neither -1 nor an expert id
-};
+};  // 12: kCheckExpertIds of WaitSite
 
 // Slot header of a dispatched row: which token and top-k column it is, and its gate weight.
 struct LowLatencySlotHeader {

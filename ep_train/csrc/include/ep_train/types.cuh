@@ -18,6 +18,8 @@ enum WaitSite : int {
     kWaitCombineTail = 5,
     kCheckCallHeader = 6,  // mismatch: `channel` holds the header field index
     kCheckCapacity = 7,    // num_worst_tokens too small: `peer` is the rank that receives too much
+    // 8-11: LowLatencySite (low_latency_layout.cuh)
+    kCheckExpertIds = 12,  // topk_idx[channel, peer] is neither -1 nor an expert id
 };
 
 // Pinned, host-mapped; written by kernels, read by the host after syncs and before calls.
