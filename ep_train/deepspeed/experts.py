@@ -33,6 +33,12 @@ class GroupedMLPExperts(nn.Module):
     Runs as two grouped GEMMs (``torch._grouped_mm`` on CUDA BF16, a loop over experts elsewhere).
     Parameters carry DeepSpeed's expert tags, so ZeRO and the optimizer treat them as
     ``deepspeed.moe.experts.Experts`` parameters.
+
+    In a state dict the weights appear per local expert, as DeepSpeed names expert modules:
+    ``deepspeed_experts.<l>.w1 [D, 2F]`` and ``deepspeed_experts.<l>.w2 [F, D]``.  DeepSpeed's
+    checkpoints find an expert's id in that name (one file per global expert), so
+    ``engine.save_checkpoint``/``load_checkpoint`` work unchanged; loading also takes the whole
+    ``w1``/``w2``.
     """
 
     def __init__(self, num_local_experts: int, hidden_size: int, ffn_hidden_size: int, group_name: str):
@@ -48,10 +54,36 @@ class GroupedMLPExperts(nn.Module):
         nn.init.normal_(self.w1, std=1.0 / math.sqrt(hidden_size))
         nn.init.normal_(self.w2, std=1.0 / math.sqrt(ffn_hidden_size))
         tag_expert_params(self, group_name)
+        self.register_state_dict_post_hook(_split_per_expert)
+        self.register_load_state_dict_pre_hook(_stack_per_expert)
 
     def forward(self, x_PD: torch.Tensor, tokens_per_expert_L: torch.Tensor) -> torch.Tensor:
         """``x_PD`` rows grouped by local expert, ``tokens_per_expert_L`` CPU int64 counts → ``[P, D]``."""
         return grouped_mlp(x_PD, tokens_per_expert_L, self.w1, self.w2)
+
+
+_WEIGHTS = ("w1", "w2")
+
+
+def _expert_key(prefix: str, expert: int, name: str) -> str:
+    return f"{prefix}deepspeed_experts.{expert}.{name}"
+
+
+def _split_per_expert(module: GroupedMLPExperts, state_dict: dict, prefix: str, local_metadata) -> None:
+    """State-dict hook: ``w1``/``w2`` → one entry per local expert (views of the stacked weights)."""
+    for name in _WEIGHTS:
+        stacked = state_dict.pop(prefix + name)
+        for expert in range(module.num_local_experts):
+            state_dict[_expert_key(prefix, expert, name)] = stacked[expert]
+
+
+def _stack_per_expert(module: GroupedMLPExperts, state_dict: dict, prefix: str, *args) -> None:
+    """Load pre-hook: the per-expert entries → ``w1``/``w2``.  With some experts' entries missing
+    they are left alone, so ``load_state_dict`` names them (unexpected) and ``w1``/``w2`` (missing)."""
+    for name in _WEIGHTS:
+        keys = [_expert_key(prefix, expert, name) for expert in range(module.num_local_experts)]
+        if keys and all(key in state_dict for key in keys):
+            state_dict[prefix + name] = torch.stack([state_dict.pop(key) for key in keys])
 
 
 def run_experts(experts: nn.Module, x_PD: torch.Tensor, tokens_per_expert_L: torch.Tensor) -> torch.Tensor:

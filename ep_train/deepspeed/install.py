@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+import weakref
+
 import torch
 from deepspeed.moe.layer import MoE as _DeepSpeedMoE
 from deepspeed.moe.sharded_moe import MOELayer
@@ -47,15 +50,50 @@ def use_ep_train(model: nn.Module, *, drop_tokens: bool | None = False, backend:
         if not isinstance(module, _DeepSpeedMoE):
             continue
         layer = module.deepspeed_moe
-        if type(layer) is not MOELayer:  # already an EPMOELayer, or a user subclass we leave alone
+        qualified = f"{name}.deepspeed_moe" if name else "deepspeed_moe"
+        if isinstance(layer, EPMOELayer):
+            if drop_tokens is not None and layer.gate.drop_tokens != drop_tokens:
+                warnings.warn(f"{qualified} already runs through ep_train: its gate keeps drop_tokens="
+                              f"{layer.gate.drop_tokens}, not {drop_tokens}", stacklevel=2)  # fmt: skip
             continue
-        if drop_tokens is not None:
+        if type(layer) is not MOELayer:  # a user subclass we leave alone
+            continue
+        new = EPMOELayer.from_moe_layer(layer, buffers=pool, expert_alignment=expert_alignment,
+                                        combine_dtype=combine_dtype)  # fmt: skip
+        if drop_tokens is not None:  # only once the layer is built: an error leaves the model as it was
             layer.gate.drop_tokens = drop_tokens
-        module.deepspeed_moe = EPMOELayer.from_moe_layer(
-            layer, buffers=pool, expert_alignment=expert_alignment, combine_dtype=combine_dtype
-        )
-        replaced.append(f"{name}.deepspeed_moe" if name else "deepspeed_moe")
+        module.deepspeed_moe = new
+        replaced.append(qualified)
     return replaced
+
+
+# The pool that drop-in MoE layers built without ``buffers=`` share, held only by those layers:
+# one Buffer per group for all of them (one per layer would cost a Buffer's memory per layer).
+_shared_pool: weakref.WeakValueDictionary[str, BufferPool] = weakref.WeakValueDictionary()
+
+
+def _default_pool() -> BufferPool:
+    pool = _shared_pool.get("pool")
+    if pool is None:
+        pool = BufferPool()
+        _shared_pool["pool"] = pool
+    return pool
+
+
+def _check_moe_args(hidden_size, num_experts, ep_size, k, drop_tokens, buffers) -> None:
+    """What DeepSpeed's MoE leaves to a failure deep in the forward (or to no failure at all)."""
+    check_int("hidden_size", hidden_size, 1)
+    check_int("num_experts", num_experts, 1)
+    check_int("ep_size", ep_size, 1)
+    check_int("k", k, 1)
+    if num_experts % ep_size:
+        raise ValueError(f"ep_size={ep_size} must divide num_experts={num_experts}")
+    if k > num_experts:
+        raise ValueError(f"k={k} exceeds num_experts={num_experts}")
+    if not isinstance(drop_tokens, bool):
+        raise TypeError(f"drop_tokens must be True or False, got {drop_tokens!r}")
+    if buffers is not None and not isinstance(buffers, BufferPool):
+        raise TypeError(f"buffers must be an ep_train.deepspeed.BufferPool or None, got {type(buffers).__name__}")
 
 
 class MoE(_DeepSpeedMoE):
@@ -68,8 +106,8 @@ class MoE(_DeepSpeedMoE):
       :class:`GroupedMLPExperts` (SwiGLU, grouped GEMM) instead of per-expert module copies.
     - ``use_tutel`` is not supported (ep_train does the dispatch).
 
-    Keyword-only: ``ffn_hidden_size``, ``buffers`` (a :class:`BufferPool` to share between the
-    layers of a model; default: one per layer), ``expert_alignment``, ``combine_dtype``.
+    Keyword-only: ``ffn_hidden_size``, ``buffers`` (a :class:`BufferPool`; default: one pool that
+    every drop-in layer built without ``buffers`` shares), ``expert_alignment``, ``combine_dtype``.
     """
 
     def __init__(self, hidden_size: int, expert: nn.Module | None = None, num_experts: int = 1, ep_size: int = 1,
@@ -81,6 +119,7 @@ class MoE(_DeepSpeedMoE):
                  combine_dtype: torch.dtype | None = None) -> None:  # fmt: skip
         if use_tutel:
             raise ValueError("use_tutel=True is not supported: ep_train does the dispatch")
+        _check_moe_args(hidden_size, num_experts, ep_size, k, drop_tokens, buffers)
         grouped = expert is None
         if grouped:
             if ffn_hidden_size is None:
@@ -98,6 +137,7 @@ class MoE(_DeepSpeedMoE):
         if grouped:
             experts = GroupedMLPExperts(self.num_local_experts, hidden_size, ffn_hidden_size, self.expert_group_name)
         self.deepspeed_moe = EPMOELayer(
-            layer.gate, experts, self.expert_group_name, ep_size, self.num_local_experts, buffers=buffers,
+            layer.gate, experts, self.expert_group_name, ep_size, self.num_local_experts,
+            buffers=buffers if buffers is not None else _default_pool(),
             expert_alignment=expert_alignment, combine_dtype=combine_dtype,
         )  # fmt: skip

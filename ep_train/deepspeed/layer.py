@@ -14,6 +14,7 @@ L local experts, P expert-major rows.
 from __future__ import annotations
 
 import torch
+from deepspeed.moe.experts import Experts
 from deepspeed.moe.sharded_moe import FIRST_ALLTOALL_TIMER, MOE_TIMER, SECOND_ALLTOALL_TIMER, MOELayer
 from deepspeed.utils import groups
 from deepspeed.utils.bwc import bwc_tensor_model_parallel_world_size
@@ -21,9 +22,25 @@ from deepspeed.utils.bwc import bwc_tensor_model_parallel_world_size
 from ..buffer_pool import BufferPool
 from ..dispatcher import MoEDispatcher
 from ..permute import permute_to_experts, unpermute_from_experts
-from .experts import run_experts
+from .experts import GroupedMLPExperts, run_experts
 
 __all__ = ["BufferPool", "EPMOELayer"]
+
+
+def _check_experts(experts) -> None:
+    """The layer calls each of an ``Experts``' modules on its ``[n, D]`` rows itself (see
+    ``run_experts``): an ``Experts`` subclass with its own ``forward`` would be bypassed."""
+    if isinstance(experts, GroupedMLPExperts):
+        return
+    if not isinstance(experts, Experts):
+        raise TypeError(
+            f"experts must be GroupedMLPExperts or deepspeed.moe.experts.Experts, got {type(experts).__name__}"
+        )
+    if type(experts).forward is not Experts.forward:
+        raise TypeError(
+            f"{type(experts).__name__} overrides Experts.forward, which EPMOELayer does not call: it runs each "
+            "module of experts.deepspeed_experts on its rows [n, D]; move the logic into those modules"
+        )
 
 
 class EPMOELayer(MOELayer):
@@ -55,6 +72,7 @@ class EPMOELayer(MOELayer):
             isinstance(combine_dtype, torch.dtype) and combine_dtype.is_floating_point
         ):
             raise TypeError(f"combine_dtype must be a floating torch.dtype or None, got {combine_dtype!r}")
+        _check_experts(experts)
         self.buffers = buffers if buffers is not None else BufferPool()
         self.expert_alignment = expert_alignment
         self.combine_dtype = combine_dtype

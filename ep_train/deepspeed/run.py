@@ -75,6 +75,8 @@ def _validate(r: DeepSpeedRecipe) -> None:
                 "train.lr": r.train.lr, "launch.nproc": r.launch.nproc, "log.every": r.log.every,
                 "moe.ep_size": moe.ep_size, "moe.expert_alignment": moe.expert_alignment,
                 "moe.capacity_factor": moe.capacity_factor}  # fmt: skip
+    if not math.isfinite(moe.capacity_factor):
+        raise RecipeError(f"moe.capacity_factor must be finite, got {moe.capacity_factor}")
     positive.update({f"model.{f.name}": getattr(m, f.name) for f in dataclasses.fields(m)})
     for key, value in positive.items():
         if not value > 0:  # NaN fails too
@@ -94,8 +96,9 @@ def _validate(r: DeepSpeedRecipe) -> None:
     if moe.backend not in BACKEND_NAMES:
         raise RecipeError(f"moe.backend must be one of {BACKEND_NAMES}, got {moe.backend!r}")
     check_num_sms_field("moe.num_sms", moe.num_sms, none_ok=True)
-    if r.deepspeed.zero_stage not in (None, 0, 1, 2, 3):
-        raise RecipeError(f"deepspeed.zero_stage must be 0, 1, 2, 3 or null, got {r.deepspeed.zero_stage!r}")
+    # NOTES: DeepSpeed refuses ZeRO-3 for its native MoE layers (the ones ep_train replaces).
+    if r.deepspeed.zero_stage not in (None, 0, 1, 2):
+        raise RecipeError(f"deepspeed.zero_stage must be 0, 1, 2 or null, got {r.deepspeed.zero_stage!r}")
     if r.deepspeed.config and not os.path.exists(r.deepspeed.config):
         raise RecipeError(f"deepspeed.config: file {r.deepspeed.config!r} does not exist")
 
@@ -111,15 +114,19 @@ def load_recipe(path: str, overrides: list[str] = ()) -> DeepSpeedRecipe:
     return recipe
 
 
-def _launch(recipe: DeepSpeedRecipe) -> int:
-    """Start ``launch.nproc`` ranks of this module through torchrun and wait for them."""
+def _launch(recipe: DeepSpeedRecipe, argv: list[str]) -> int:
+    """Start ``launch.nproc`` ranks of this module (arguments ``argv``) through torchrun and wait."""
     nproc = recipe.launch.nproc
+    if nproc % recipe.moe.ep_size:
+        print(f"ep_train.deepspeed.run: bad recipe: moe.ep_size={recipe.moe.ep_size} must divide "
+              f"launch.nproc={nproc}", file=sys.stderr)  # fmt: skip
+        return 2
     env = dict(os.environ)
     if recipe.train.device == "cpu":
         env.setdefault("DS_ACCELERATOR", "cpu")
         env.setdefault("OMP_NUM_THREADS", "1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "ep_train.deepspeed.run", *sys.argv[1:]]  # fmt: skip
+           "-m", "ep_train.deepspeed.run", *argv]  # fmt: skip
     return subprocess.call(cmd, env=env)
 
 
@@ -165,6 +172,8 @@ def _train(args: argparse.Namespace, recipe: DeepSpeedRecipe) -> None:
     device_kind = recipe.train.device
     deepspeed.init_distributed(dist_backend="gloo" if device_kind == "cpu" else "nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
+    if world % recipe.moe.ep_size:
+        raise RecipeError(f"moe.ep_size={recipe.moe.ep_size} must divide the world size {world}")
     if device_kind == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         device = torch.device("cuda", torch.cuda.current_device())
@@ -197,7 +206,9 @@ def _train(args: argparse.Namespace, recipe: DeepSpeedRecipe) -> None:
         stats = torch.stack([lm_loss.float(), aux_loss.float()]).to(device)
         dist.all_reduce(stats)
         stats = (stats / world).tolist()
-        load = torch.stack([c.float() for c in counts])
+        # Tokens the gates of all ranks routed to each expert (before capacity drops), per layer.
+        load = torch.stack([c.float() for c in counts]).to(device)
+        dist.all_reduce(load)
         row = {"step": step, "loss": stats[0], "aux_loss": stats[1], "step_time_s": dt,
                "tokens_per_s": tokens_per_step / dt, "tokens_per_expert_min": int(load.min()),
                "tokens_per_expert_max": int(load.max()), "impl": moe_cfg.impl, "world": world}  # fmt: skip
@@ -243,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.impl is not None:
         recipe.moe.impl = args.impl
     if "LOCAL_RANK" not in os.environ:
-        return _launch(recipe)
+        return _launch(recipe, sys.argv[1:] if argv is None else list(argv))
     _train(args, recipe)
     return 0
 

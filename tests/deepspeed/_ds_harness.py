@@ -132,20 +132,31 @@ def _backend_name(moe) -> str:
 
 
 class TinyMoEModel(nn.Module):
-    """Linear → MoE → Linear → MoE → Linear, loss = MSE + 0.01 · l_aux (both MoE layers)."""
+    """Linear → MoE → Linear → MoE → Linear, loss = MSE + 0.01 · l_aux (both MoE layers).
+
+    The MoE layers are DeepSpeed's over SwiGLU modules, or with ``case["grouped"]``
+    ``ep_train.deepspeed.MoE`` with grouped experts."""
 
     def __init__(self, case: dict):
-        from deepspeed.moe.layer import MoE
-
         super().__init__()
         h = case["hidden"]
         self.inp = nn.Linear(h, h)
-        self.moe1 = MoE(h, SwiGLU(h, 12), num_experts=case["experts"], ep_size=case["ep"], k=case["k"],
-                        drop_tokens=case.get("drop", False))  # fmt: skip
+        self.moe1 = self._moe(case)
         self.mid = nn.Linear(h, h)
-        self.moe2 = MoE(h, SwiGLU(h, 12), num_experts=case["experts"], ep_size=case["ep"], k=case["k"],
-                        drop_tokens=case.get("drop", False))  # fmt: skip
+        self.moe2 = self._moe(case)
         self.out = nn.Linear(h, h)
+
+    @staticmethod
+    def _moe(case: dict) -> nn.Module:
+        from deepspeed.moe.layer import MoE
+
+        import ep_train.deepspeed as epds
+
+        h, args = case["hidden"], dict(num_experts=case["experts"], ep_size=case["ep"], k=case["k"],
+                                       drop_tokens=case.get("drop", False))  # fmt: skip
+        if case.get("grouped"):
+            return epds.MoE(h, None, ffn_hidden_size=12, **args)
+        return MoE(h, SwiGLU(h, 12), **args)
 
     def forward(self, x, y):
         h, aux1, _ = self.moe1(torch.relu(self.inp(x)))
@@ -168,6 +179,23 @@ def ds_config(case: dict) -> dict:
     return config
 
 
+def _step(engine, case: dict, step: int, rank: int) -> float:
+    """One engine step on this rank's data of ``step`` (gate noise seeded by ``step``) → its loss."""
+    dtype = DTYPES[case["dtype"]]
+    gen = torch.Generator().manual_seed(100 * step + rank)
+    x = torch.randn(case["batch"], case["seq"], case["hidden"], generator=gen).to(dtype)
+    y = torch.randn(x.shape, generator=gen).to(dtype)
+    torch.manual_seed(step)
+    loss = engine(x, y)
+    engine.backward(loss)
+    engine.step()
+    return loss.item()
+
+
+def _params(engine) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+
+
 def _train(case: dict, ep_train_layer: bool, steps: int, rank: int):
     import deepspeed
 
@@ -178,23 +206,54 @@ def _train(case: dict, ep_train_layer: bool, steps: int, rank: int):
     if ep_train_layer:
         epds.use_ep_train(model, drop_tokens=None)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds_config(case))
-    dtype = DTYPES[case["dtype"]]
-    losses = []
-    for step in range(steps):
-        gen = torch.Generator().manual_seed(100 * step + rank)
-        x = torch.randn(case["batch"], case["seq"], case["hidden"], generator=gen).to(dtype)
-        y = torch.randn(x.shape, generator=gen).to(dtype)
-        torch.manual_seed(step)
-        loss = engine(x, y)
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
-    params = {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
+    losses = [_step(engine, case, step, rank) for step in range(steps)]
+    params = {n: p.float() for n, p in _params(engine).items()}
     info = {
         "moe_layers": [type(m).__name__ for m in engine.moe_layers],
         "time_moe": [float(m.time_moe) for m in engine.moe_layers],
     }
     return losses, params, info
+
+
+def checkpoint_cases(rank: int, world: int, cases: list[dict]) -> list[dict]:
+    """``engine.save_checkpoint`` after two steps, ``load_checkpoint`` into an engine whose model was
+    built from another seed, a third step on both → whether parameters and losses are equal bit for
+    bit, and the checkpoint's file names (rank 0)."""
+    import deepspeed
+
+    import ep_train.deepspeed as epds
+
+    init_deepspeed()
+
+    def build(seed: int):
+        torch.manual_seed(seed)
+        model = TinyMoEModel(case)
+        if not case.get("grouped"):
+            epds.use_ep_train(model, drop_tokens=None)
+        params = list(model.parameters())
+        return deepspeed.initialize(model=model, model_parameters=params, config=ds_config(case))[0]
+
+    results = []
+    for case in cases:
+        first = build(5)
+        for step in range(2):
+            _step(first, case, step, rank)
+        first.save_checkpoint(case["dir"], tag="two")
+        saved = _params(first)
+        loss = _step(first, case, 2, rank)
+        after = _params(first)
+        second = build(6)
+        fresh = _params(second)
+        second.load_checkpoint(case["dir"], tag="two")
+        loaded = _params(second)
+        results.append({
+            "fresh_differs": any(not torch.equal(saved[n], fresh[n]) for n in saved if "deepspeed_moe.experts" in n),
+            "loaded": sorted(loaded) == sorted(saved) and all(torch.equal(saved[n], loaded[n]) for n in saved),
+            "losses": (loss, _step(second, case, 2, rank)),
+            "after": all(torch.equal(after[n], p) for n, p in _params(second).items()),
+            "files": sorted(os.listdir(os.path.join(case["dir"], "two"))) if rank == 0 else [],
+        })  # fmt: skip
+    return results
 
 
 def training_cases(rank: int, world: int, cases: list[dict]) -> list[dict]:

@@ -96,11 +96,13 @@ def test_grouped_experts_match_swiglu_modules():
 
 def test_training_steps_match_zero_stages():
     """A few DeepSpeed engine steps (two MoE layers, AdamW, clipping) with either layer: same losses
-    and parameters under ZeRO 0/1/2 (FP32) and ZeRO-2 BF16; the engine finds the layers and their
-    wall-clock timers run."""
+    and parameters under ZeRO 0/1/2 (FP32) and ZeRO-2 BF16, and with EP 1 on the 2 ranks (each
+    expert's gradient reduced over its expert-data-parallel group); the engine finds the layers
+    and their wall-clock timers run."""
     base = dict(hidden=16, batch=2, seq=8, ep=2, experts=4, k=2, steps=3)
     cases = [dict(base, zero=z, dtype="fp32") for z in (0, 1, 2)]
-    cases += [dict(base, zero=2, dtype="bf16", timers=True), dict(base, zero=2, dtype="fp32", drop=True, k=1)]
+    cases += [dict(base, zero=2, dtype="bf16", timers=True), dict(base, zero=2, dtype="fp32", drop=True, k=1),
+              dict(base, zero=2, dtype="fp32", ep=1)]  # expert gradients reduced over 2 ranks  # fmt: skip
     for results in run_distributed(harness.training_cases, 2, cases, timeout_s=600):
         for case, r in zip(cases, results, strict=True):
             assert r["same_params"] and r["moe_layers"] == ["EPMOELayer", "EPMOELayer"], (case, r)
@@ -111,3 +113,23 @@ def test_training_steps_match_zero_stages():
             assert r["param"] <= (tol if case["dtype"] == "fp32" else 0.1), (case, r)
             if case.get("timers"):
                 assert all(t > 0 for t in r["time_moe"]), r
+
+
+def test_checkpoint_save_and_load(tmp_path):
+    """DeepSpeed's checkpoint round trip with ep_train's layers: grouped experts (one file per global
+    expert, as DeepSpeed writes for expert modules) and DeepSpeed's expert modules under
+    ``use_ep_train``; EP 2, and EP 1 × expert-data-parallel 2 under ZeRO-2.  The loaded engine holds
+    the saved parameters and its next step equals the saving engine's, bit for bit."""
+    base = dict(hidden=16, batch=2, seq=8, experts=4, k=2, dtype="fp32")
+    cases = [dict(base, ep=2, zero=0, grouped=True), dict(base, ep=2, zero=2, grouped=True),
+             dict(base, ep=1, zero=2, grouped=True), dict(base, ep=2, zero=2, grouped=False)]  # fmt: skip
+    for i, case in enumerate(cases):
+        case["dir"] = str(tmp_path / f"case{i}")
+    results = run_distributed(harness.checkpoint_cases, 2, cases, timeout_s=600)
+    for case, r in zip(cases, results[0], strict=True):
+        experts = {f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt" for layer in (0, 1) for e in range(4)}
+        assert experts <= set(r["files"]), (case, r["files"])
+    for rank_results in results:
+        for case, r in zip(cases, rank_results, strict=True):
+            assert r["fresh_differs"] and r["loaded"] and r["after"], (case, r)
+            assert r["losses"][0] == r["losses"][1], (case, r["losses"])

@@ -63,8 +63,17 @@ def test_use_ep_train_drop_tokens_modes_and_errors():
         epds.use_ep_train(object.__new__(DeepSpeedEngine))
     with pytest.raises(ValueError, match="expert_alignment"):
         epds.use_ep_train(TwoLayer(), expert_alignment=0)
+    model = TwoLayer(drop_tokens=True)
     with pytest.raises(TypeError, match="combine_dtype"):
-        epds.use_ep_train(TwoLayer(), combine_dtype=torch.int32)
+        epds.use_ep_train(model, combine_dtype=torch.int32)
+    # A failed call leaves the model as it was: DeepSpeed's layers, gates with their own setting.
+    assert type(model.a.deepspeed_moe) is MOELayer and model.a.deepspeed_moe.gate.drop_tokens is True
+    model = TwoLayer(drop_tokens=False)
+    epds.use_ep_train(model)
+    with pytest.warns(UserWarning, match="deepspeed_moe already runs through ep_train") as records:
+        assert epds.use_ep_train(model, drop_tokens=True) == []
+    assert sorted(str(r.message).split()[0] for r in records) == ["a.deepspeed_moe", "b.deepspeed_moe"]
+    assert model.a.deepspeed_moe.gate.drop_tokens is False
     with pytest.raises(ValueError, match=re.escape("backend must be one of ('auto', 'torch', 'cuda'), got 'foo'")):
         epds.use_ep_train(TwoLayer(), backend="foo")
     with pytest.raises(ValueError, match="num_sms must be an even int >= 2 or None, got 3"):
@@ -88,6 +97,34 @@ def test_dropin_moe_argument_checks():
         moe(torch.randn(6, 8))  # EP 2 without deepspeed.initialize / set_deepspeed_parallelism
     with pytest.raises(TypeError, match="GroupedMLPExperts"):
         epds.run_experts(nn.Linear(8, 8), torch.randn(2, 8), torch.tensor([2]))
+    bad = {"drop_tokens": ("no", TypeError, "drop_tokens must be True or False, got 'no'"),
+           "k": (0, ValueError, "k must be >= 1, got 0"),
+           "ep_size": (3, ValueError, "ep_size=3 must divide num_experts=4"),
+           "num_experts": (0, ValueError, "num_experts must be >= 1, got 0"),
+           "buffers": (object(), TypeError, "buffers must be an ep_train.deepspeed.BufferPool or None")}  # fmt: skip
+    for name, (value, kind, words) in bad.items():
+        with pytest.raises(kind, match=re.escape(words)):
+            epds.MoE(8, None, **{"num_experts": 4, "ffn_hidden_size": 4, name: value})
+    with pytest.raises(ValueError, match="k=5 exceeds num_experts=4"):
+        epds.MoE(8, None, num_experts=4, k=5, ffn_hidden_size=4)
+    # Layers built without buffers= share one pool (one Buffer per group), not one each.
+    other = epds.MoE(8, None, num_experts=4, ep_size=2, ffn_hidden_size=4)
+    assert other.deepspeed_moe.buffers is moe.deepspeed_moe.buffers
+    pool = epds.BufferPool(backend="torch")
+    assert epds.MoE(8, None, num_experts=2, ffn_hidden_size=4, buffers=pool).deepspeed_moe.buffers is pool
+
+
+def test_experts_with_their_own_forward_are_refused():
+    from deepspeed.moe.experts import Experts
+
+    class Scaled(Experts):
+        def forward(self, inputs):
+            return 2 * super().forward(inputs)
+
+    layer = DeepSpeedMoE(8, SwiGLU(8, 4), num_experts=2, k=1).deepspeed_moe
+    layer.experts = Scaled(SwiGLU(8, 4), 2, "ep_size_1")
+    with pytest.raises(TypeError, match="Scaled overrides Experts.forward"):
+        epds.EPMOELayer.from_moe_layer(layer)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -126,7 +163,7 @@ def test_recipe_loads_with_overrides():
         ("train.steps=many", "train.steps must be an integer, got 'many'"),
         ("train.dtype=fp16", "train.dtype must be one of ('fp32', 'bf16'), got 'fp16'"),
         ("moe.impl=tutel", "moe.impl must be one of"),
-        ("deepspeed.zero_stage=4", "deepspeed.zero_stage must be 0, 1, 2, 3 or null, got 4"),
+        ("deepspeed.zero_stage=3", "deepspeed.zero_stage must be 0, 1, 2 or null, got 3"),
         ("launch.nproc=0", "launch.nproc must be > 0, got 0"),
         ("model.num_experts=3", "moe.ep_size=2 must divide model.num_experts=3"),
         ("model.top_k=9", "model.top_k=9 exceeds model.num_experts=4"),
@@ -137,6 +174,7 @@ def test_recipe_loads_with_overrides():
         ("moe.num_sms=abc", "moe.num_sms must be an even integer >= 2 or null, got 'abc'"),
         ("moe.expert_alignment=0", "moe.expert_alignment must be > 0, got 0"),
         ("moe.capacity_factor=-1", "moe.capacity_factor must be > 0, got -1.0"),
+        ("moe.capacity_factor=.inf", "moe.capacity_factor must be finite, got inf"),
         ("moe.aux_loss_coeff=.nan", "moe.aux_loss_coeff must be a finite number >= 0, got nan"),
         ("deepspeed.config=missing.json", "deepspeed.config: file"),
     ]:
