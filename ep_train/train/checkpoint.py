@@ -11,6 +11,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .optim import MainParams
+
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_step"]
 
 
@@ -18,13 +20,17 @@ def _step_dir(root: str, step: int) -> str:
     return os.path.join(root, f"step_{step:07d}")
 
 
-def save_checkpoint(root: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> str:
+def save_checkpoint(root: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    main: MainParams, run: dict) -> str:  # fmt: skip
+    """Save this rank's state; ``run``: what a resumed run must match (see ``load_checkpoint``)."""
     rank = dist.get_rank()
     path = _step_dir(root, step)
     os.makedirs(path, exist_ok=True)
     state = {
         "step": step,
+        "run": run,
         "model": model.state_dict(),
+        "main_params": main.state_dict(),
         "optimizer": optimizer.state_dict(),
         "rng": {
             "torch": torch.get_rng_state(),
@@ -53,8 +59,12 @@ def latest_step(root: str) -> int | None:
         return int(f.read().strip())
 
 
-def load_checkpoint(root: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Restore the latest checkpoint under ``root``; returns the number of steps it had completed."""
+def load_checkpoint(root: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, main: MainParams,
+                    run: dict) -> int:  # fmt: skip
+    """Restore the latest checkpoint under ``root``; returns the number of steps it had completed.
+
+    ``run`` must equal what the saving run recorded (world size, parallel sizes, batch sizes, seed,
+    dtype, data): the data position and order depend on them, so a mismatch is refused by name."""
     step = latest_step(root)
     if step is None:
         raise FileNotFoundError(f"--resume: no checkpoint under checkpoint.dir={root!r} (no 'latest' marker)")
@@ -62,7 +72,13 @@ def load_checkpoint(root: str, model: torch.nn.Module, optimizer: torch.optim.Op
     if not os.path.exists(path):
         raise FileNotFoundError(f"--resume: {path} is missing (was the run saved with another world size?)")
     state = torch.load(path, map_location="cpu", weights_only=False)
+    saved = state.get("run", {})
+    for key, value in run.items():
+        if key in saved and saved[key] != value:
+            raise ValueError(f"--resume: the checkpoint in {root!r} was saved with {key}={saved[key]!r}, this run has "
+                             f"{key}={value!r}; resume with the recipe it was saved with")  # fmt: skip
     model.load_state_dict(state["model"])
+    main.load_state_dict(state["main_params"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"]["torch"])
     if state["rng"]["cuda"] is not None and torch.cuda.is_available():

@@ -61,17 +61,30 @@ class MemmapTokens(TokenSource):
         if path.endswith(".npy"):
             self.tokens = np.load(path, mmap_mode="r")
         else:
+            item = np.dtype(dtype).itemsize
+            if os.path.getsize(path) % item:
+                raise ValueError(f"data.path: {path} has {os.path.getsize(path)} bytes, not a whole number of "
+                                 f"data.dtype={dtype} ids ({item} bytes each)")  # fmt: skip
             self.tokens = np.memmap(path, dtype=np.dtype(dtype).newbyteorder("<"), mode="r")
+        if not np.issubdtype(self.tokens.dtype, np.integer):
+            raise ValueError(f"data.path: {path} must hold integer token ids, got dtype {self.tokens.dtype}")
         if self.tokens.ndim != 1:
             raise ValueError(f"data.path: {path} must hold a 1-D array of token ids, got shape {self.tokens.shape}")
         self.seq_length = seq_length
         self.num_windows = (len(self.tokens) - 1) // seq_length
         if self.num_windows < 1:
             raise ValueError(f"data.path: {path} has {len(self.tokens)} tokens, fewer than seq_length+1")
-        if vocab_size is not None and len(self.tokens):
-            top = int(self.tokens[: min(len(self.tokens), 1 << 20)].max())
-            if top >= vocab_size:
-                raise ValueError(f"data.path: token id {top} >= model.vocab_size={vocab_size}")
+        if vocab_size is not None:
+            # The whole file, in chunks: an id past the vocabulary would fail deep in the embedding.
+            chunk = 1 << 24
+            for start in range(0, len(self.tokens), chunk):
+                part = self.tokens[start : start + chunk]
+                low, high = int(part.min()), int(part.max())
+                if low < 0 or high >= vocab_size:
+                    bad = low if low < 0 else high
+                    at = start + int(np.argmax(part == bad))
+                    raise ValueError(f"data.path: token id {bad} at position {at} is outside [0, "
+                                     f"model.vocab_size={vocab_size})")  # fmt: skip
         self.order = np.random.default_rng(seed).permutation(self.num_windows)
 
     def window(self, sample_id: int) -> np.ndarray:

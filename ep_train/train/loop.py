@@ -16,6 +16,7 @@ import torch.distributed as dist
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import MemmapTokens, SyntheticTokens, TokenSource
 from .metrics import RunLogger, StepStats, flops_per_token
+from .optim import MainParams
 from .recipe import Recipe
 from .schedule import lr_at
 
@@ -46,48 +47,47 @@ def _token_source(recipe: Recipe) -> TokenSource:
     return SyntheticTokens(m.vocab_size, m.seq_length, recipe.train.seed)
 
 
-def _is_expert_param(p: torch.nn.Parameter) -> bool:
-    # Megatron tags expert-parallel parameters with allreduce=False.
-    return not getattr(p, "allreduce", True)
+def _reduce_grads(grads: list[tuple[torch.Tensor, bool]], dp_group, expert_dp_group) -> None:
+    """Gradients of the mean loss over the data-parallel ranks.
 
-
-def _reduce_grads(model: torch.nn.Module, dp_group, expert_dp_group) -> None:
-    """Average gradients: dense over data-parallel ranks, expert weights over expert-DP ranks."""
+    Dense gradients are summed over the DP group; an expert's gradient already holds the
+    contributions of every EP rank's tokens (the dispatch's backward brings them back), so summing
+    it over the expert-DP group covers every DP rank once.  Both are then divided by the DP size.
+    """
+    dp_size = dist.get_world_size(dp_group)
     for group, expert in ((dp_group, False), (expert_dp_group, True)):
-        size = dist.get_world_size(group)
-        grads = [p.grad for p in model.parameters() if p.grad is not None and _is_expert_param(p) == expert]
-        if size == 1 or not grads:
+        tensors = [g for g, e in grads if e == expert]
+        if not tensors or dp_size == 1:
             continue
-        flat = torch._utils._flatten_dense_tensors(grads)
-        dist.all_reduce(flat, group=group)
-        flat.div_(size)
-        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+        flat = torch._utils._flatten_dense_tensors(tensors)
+        if dist.get_world_size(group) > 1:
+            dist.all_reduce(flat, group=group)
+        flat.div_(dp_size)
+        for g, synced in zip(tensors, torch._utils._unflatten_dense_tensors(flat, tensors), strict=True):
             g.copy_(synced)
 
 
-def _clip_grads(model: torch.nn.Module, max_norm: float, ep_group) -> float:
+def _clip_grads(grads: list[tuple[torch.Tensor, bool]], max_norm: float, ep_group, device: torch.device) -> float:
     """Global L2 norm over the whole model (expert shards summed over the EP group); clip in place."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    dense = sum((p.grad.float().pow(2).sum() for p in params if not _is_expert_param(p)), torch.zeros(()))
-    expert = sum((p.grad.float().pow(2).sum() for p in params if _is_expert_param(p)), torch.zeros(()))
-    device = params[0].grad.device if params else torch.device("cpu")
-    expert = expert.to(device)
+    dense = sum((g.float().pow(2).sum() for g, e in grads if not e), torch.zeros((), device=device))
+    expert = sum((g.float().pow(2).sum() for g, e in grads if e), torch.zeros((), device=device))
     dist.all_reduce(expert, group=ep_group)
-    norm = float((dense.to(device) + expert).sqrt())
+    norm = float((dense + expert).sqrt())
     if max_norm > 0 and norm > max_norm:
         scale = max_norm / (norm + 1e-6)
-        for p in params:
-            p.grad.mul_(scale)
+        for g, _ in grads:
+            g.mul_(scale)
     return norm
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.dim() < 2 or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def _run_identity(recipe: Recipe, world: int, dtype: torch.dtype) -> dict:
+    """What a resumed run must share with the run that saved the checkpoint (data order, shards)."""
+    t, p, m = recipe.train, recipe.parallel, recipe.model
+    return {"world size": world, "parallel.tensor_model_parallel_size": p.tensor_model_parallel_size,
+            "parallel.expert_model_parallel_size": p.expert_model_parallel_size,
+            "train.global_batch_size": t.global_batch_size, "train.micro_batch_size": t.micro_batch_size,
+            "train.seed": t.seed, "train.dtype": str(dtype).removeprefix("torch."),
+            "model.seq_length": m.seq_length, "data.kind": recipe.data.kind, "data.path": recipe.data.path}  # fmt: skip
 
 
 def train(recipe: Recipe, *, resume: bool = False, stop_at: int | None = None) -> list[StepStats]:
@@ -104,8 +104,10 @@ def train(recipe: Recipe, *, resume: bool = False, stop_at: int | None = None) -
     built = build_model(recipe, device, dtype)
     model, groups = built.model, built.groups
     t = recipe.train
-    optimizer = torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2))
-    start = load_checkpoint(recipe.checkpoint.dir, model, optimizer) if resume else 0
+    main = MainParams(model)  # FP32 copies when the model is BF16
+    optimizer = torch.optim.AdamW(main.param_groups(t.weight_decay), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2))
+    run = _run_identity(recipe, world, dtype)
+    start = load_checkpoint(recipe.checkpoint.dir, model, optimizer, main, run) if resume else 0
     data = _token_source(recipe)
     dp_rank, dp_size = dist.get_rank(groups.dp), dist.get_world_size(groups.dp)
     micro = t.micro_batch_size
@@ -121,6 +123,8 @@ def train(recipe: Recipe, *, resume: bool = False, stop_at: int | None = None) -
         recipe.log.wandb_mode,
         recipe.log.wandb_dir,
         recipe.log.jsonl,
+        every=recipe.log.every,
+        last_step=stop_at if stop_at is not None else t.steps,
     )
     logger.start()
     if rank == 0:
@@ -146,11 +150,13 @@ def train(recipe: Recipe, *, resume: bool = False, stop_at: int | None = None) -
             loss = built.forward_loss(tokens.to(device), labels.to(device))
             (loss / accum).backward()
             loss_sum += loss.detach().float()
-        _reduce_grads(model, groups.dp, groups.expert_dp)
-        grad_norm = _clip_grads(model, t.clip_grad, groups.ep)
+        grads = main.grads()
+        _reduce_grads(grads, groups.dp, groups.expert_dp)
+        grad_norm = _clip_grads(grads, t.clip_grad, groups.ep, device)
         built.check_comm()  # a failed dispatch/combine of this step raises before its gradients are applied
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        main.zero_grad()
+        main.copy_to_model()
         dist.all_reduce(loss_sum, group=groups.dp)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -174,7 +180,7 @@ def train(recipe: Recipe, *, resume: bool = False, stop_at: int | None = None) -
         )
         ck = recipe.checkpoint
         if ck.every and (step + 1) % ck.every == 0:
-            save_checkpoint(ck.dir, step + 1, model, optimizer)
+            save_checkpoint(ck.dir, step + 1, model, optimizer, main, run)
         if stop_at is not None and step + 1 >= stop_at:
             break
     logger.finish()

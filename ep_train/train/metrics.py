@@ -45,14 +45,20 @@ class StepStats:
     step_time_s: float
     tokens_per_s: float
     tflops_per_gpu: float
-    comm_time_s: float
+    comm_time_s: float | None  # None: not measured (Megatron's own dispatchers)
     tokens_per_expert_min: int
     tokens_per_expert_max: int
     peak_memory_gb: float
 
     @property
-    def comm_share(self) -> float:
+    def comm_share(self) -> float | None:
+        if self.comm_time_s is None:
+            return None
         return self.comm_time_s / self.step_time_s if self.step_time_s > 0 else 0.0
+
+
+def _percent(share: float | None) -> str:
+    return "n/a" if share is None else f"{share * 100:4.1f}%"
 
 
 @dataclass
@@ -67,6 +73,8 @@ class RunLogger:
     mode: str
     wandb_dir: str
     jsonl: str = ""
+    every: int = 1  # console line every n steps (and the last: ``last_step``)
+    last_step: int = 0
     history: list[StepStats] = field(default_factory=list)
     _run: object = None
     _t0: float = field(default_factory=time.perf_counter)
@@ -83,7 +91,7 @@ class RunLogger:
             ) from exc
         mode = self.mode
         if mode == "auto":
-            mode = "online" if _wandb_key_configured() else "offline"
+            mode = _wandb_auto_mode()
         os.makedirs(self.wandb_dir, exist_ok=True)
         self._run = wandb.init(
             project=self.project,
@@ -98,17 +106,20 @@ class RunLogger:
         self.history.append(stats)
         if self.rank != 0:
             return
-        print(
-            f"step {stats.step:5d} | loss {stats.loss:8.4f} | lr {stats.lr:.2e} | gnorm {stats.grad_norm:7.3f} | "
-            f"{stats.step_time_s * 1e3:7.1f} ms | {stats.tokens_per_s:9.0f} tok/s | {stats.tflops_per_gpu:6.2f} "
-            f"TFLOP/s/GPU | comm {stats.comm_share * 100:4.1f}% | experts {stats.tokens_per_expert_min}-"
-            f"{stats.tokens_per_expert_max} tok",
-            flush=True,
-        )
+        if stats.step % self.every == 0 or stats.step == self.last_step:
+            print(
+                f"step {stats.step:5d} | loss {stats.loss:8.4f} | lr {stats.lr:.2e} | gnorm {stats.grad_norm:7.3f} | "
+                f"{stats.step_time_s * 1e3:7.1f} ms | {stats.tokens_per_s:9.0f} tok/s | {stats.tflops_per_gpu:6.2f} "
+                f"TFLOP/s/GPU | comm {_percent(stats.comm_share)} | experts {stats.tokens_per_expert_min}-"
+                f"{stats.tokens_per_expert_max} tok",
+                flush=True,
+            )
         if self.jsonl:
             with open(self.jsonl, "a") as f:
                 f.write(json.dumps(dataclasses.asdict(stats)) + "\n")
         if self._run is not None:
+            comm = {} if stats.comm_time_s is None else {"comm_time_s": stats.comm_time_s,
+                                                          "comm_share": stats.comm_share}  # fmt: skip
             self._run.log(
                 {
                     "loss": stats.loss,
@@ -117,8 +128,7 @@ class RunLogger:
                     "step_time_s": stats.step_time_s,
                     "tokens_per_s": stats.tokens_per_s,
                     "tflops_per_gpu": stats.tflops_per_gpu,
-                    "comm_time_s": stats.comm_time_s,
-                    "comm_share": stats.comm_share,
+                    **comm,
                     "moe/tokens_per_expert_min": stats.tokens_per_expert_min,
                     "moe/tokens_per_expert_max": stats.tokens_per_expert_max,
                     "peak_memory_gb": stats.peak_memory_gb,
@@ -139,7 +149,7 @@ class RunLogger:
                 ("mean step time", f"{sum(s.step_time_s for s in steady) / n * 1e3:.1f} ms"),
                 ("mean tokens/s", f"{sum(s.tokens_per_s for s in steady) / n:.0f}"),
                 ("mean TFLOP/s/GPU", f"{sum(s.tflops_per_gpu for s in steady) / n:.3f}"),
-                ("mean comm share", f"{sum(s.comm_share for s in steady) / n * 100:.1f}%"),
+                ("mean comm share", _mean_share(steady)),
                 ("peak memory", f"{max(s.peak_memory_gb for s in self.history):.2f} GB"),
             ]
             width = max(len(k) for k, _ in rows)
@@ -149,6 +159,22 @@ class RunLogger:
         if self._run is not None:
             print(f"wandb run directory: {self._run.dir}")
             self._run.finish()
+
+
+def _mean_share(steps: list[StepStats]) -> str:
+    shares = [s.comm_share for s in steps]
+    return "n/a" if None in shares else f"{sum(shares) / len(shares) * 100:.1f}%"
+
+
+def _wandb_auto_mode() -> str:
+    """``log.wandb_mode: auto``: the environment's WANDB_MODE / WANDB_DISABLED if set (compute
+    nodes without internet set them), else online with an API key configured and offline without."""
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if env:
+        return env
+    if os.environ.get("WANDB_DISABLED", "").strip().lower() in ("1", "true", "yes"):
+        return "disabled"
+    return "online" if _wandb_key_configured() else "offline"
 
 
 def _wandb_key_configured() -> bool:

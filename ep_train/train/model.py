@@ -45,16 +45,17 @@ class BuiltModel:
         # An explicit causal mask (True = hidden): Megatron's default one is built on a CUDA device.
         mask = torch.triu(torch.ones(s, s, dtype=torch.bool, device=tokens.device), diagonal=1)[None, None]
         per_token = self.model(tokens, position_ids, mask, labels=labels)
-        return per_token.float().mean()
+        return per_token.to(torch.promote_types(per_token.dtype, torch.float32)).mean()  # FP32, or FP64
 
     def reset_step_stats(self) -> None:
         self._counts.clear()
         for timer in self.comm_timers:
             timer.totals(reset=True)
 
-    def step_stats(self) -> tuple[float, int, int]:
-        """(communication seconds of dispatch/combine this step, min and max tokens per expert)."""
-        comm = sum(sum(t.totals(reset=True).values()) for t in self.comm_timers)
+    def step_stats(self) -> tuple[float | None, int, int]:
+        """(communication seconds of dispatch/combine this step, or None where they are not timed:
+        Megatron's own dispatchers; min and max tokens per expert)."""
+        comm = sum(sum(t.totals(reset=True).values()) for t in self.comm_timers) if self.comm_timers else None
         if not self._counts:
             return comm, 0, 0
         counts = torch.stack(self._counts).to(self.device)

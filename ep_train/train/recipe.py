@@ -91,7 +91,7 @@ class CheckpointSection:
 
 @dataclass
 class LogSection:
-    every: int = 1
+    every: int = 1  # console line every n steps (and the last); jsonl and wandb get every step
     wandb: bool = True
     wandb_project: str = "ep_train"
     wandb_run_name: str = ""
@@ -250,7 +250,13 @@ def _validate(r: Recipe, world_size: int | None, device: str | None) -> None:
         )
     if m.moe_router_topk > m.num_experts:
         raise RecipeError(f"model.moe_router_topk={m.moe_router_topk} exceeds model.num_experts={m.num_experts}")
-    _positive("parallel.tensor_model_parallel_size", p.tensor_model_parallel_size)
+    # NOTES: tensor parallelism would need the loop to reduce the sequence-parallel gradients (norms,
+    # router) over the TP group and to count TP-duplicated parameters once in the gradient norm.
+    if p.tensor_model_parallel_size != 1:
+        raise RecipeError(
+            f"parallel.tensor_model_parallel_size must be 1 (the training loop reduces gradients over data and "
+            f"expert parallelism only), got {p.tensor_model_parallel_size}"
+        )
     _positive("parallel.expert_model_parallel_size", p.expert_model_parallel_size)
     if m.num_experts % p.expert_model_parallel_size:
         raise RecipeError(
@@ -298,6 +304,7 @@ def _validate(r: Recipe, world_size: int | None, device: str | None) -> None:
     if r.log.wandb_mode not in ("auto", "online", "offline", "disabled"):
         raise RecipeError(f"log.wandb_mode must be auto, online, offline or disabled, got {r.log.wandb_mode!r}")
     _positive("launch.nproc", r.launch.nproc)
+    _positive("log.every", r.log.every)
     if device is not None:
         if device == "cpu" and t.dtype == "bf16":
             raise RecipeError("train.dtype=bf16 needs train.device=cuda (CPU runs train in fp32)")

@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from ep_train.testing import run_distributed
+
 pytest.importorskip("megatron.core")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -52,6 +54,10 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path):
     _train(*common, "--set", f"checkpoint.dir={tmp_path / 'b'}", "--set", f"log.jsonl={part}", "--resume")
     a, b = _losses(str(full)), _losses(str(part))
     assert a == b, f"uninterrupted {a}\nresumed {b}"
+    # Another seed would continue on other data: refused, naming the key.
+    other = _train(*common, "--set", f"checkpoint.dir={tmp_path / 'b'}", "--set", "train.seed=7", "--resume",
+                   check=False)  # fmt: skip
+    assert other.returncode != 0 and "saved with train.seed=" in other.stderr + other.stdout, other.stderr[-2000:]
 
 
 @pytest.mark.parametrize(
@@ -61,6 +67,7 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path):
         ("parallel.expert_model_parallel_size=3", "parallel.expert_model_parallel_size"),
         ("data.kind=memmap", "data.path"),
         ("train.dtype=bf16", "train.dtype"),
+        ("parallel.tensor_model_parallel_size=2", "parallel.tensor_model_parallel_size"),
         ("model.hidden_size=abc", "model.hidden_size"),
         ("train.nonsense=1", "train.nonsense"),
     ],
@@ -103,3 +110,73 @@ def test_bad_training_values_are_named(item, words):
 
     with pytest.raises(RecipeError, match=re.escape(words)):
         load_recipe(None, [item])
+
+
+def test_reduced_gradients_are_those_of_the_global_mean_loss():
+    """EP 2 x DP 4 on 4 ranks (expert-data-parallel groups of 2): after the loop's reduction, dense
+    and expert gradients along random directions equal central differences of the mean loss over
+    all data-parallel ranks (FP64).  Dividing expert gradients by the expert-DP size instead of the
+    DP size doubles them."""
+    import _grad_harness
+
+    overrides = ["model.num_layers=1", "train.micro_batch_size=2", "train.global_batch_size=8",
+                 "parallel.expert_model_parallel_size=2", "moe.dispatcher=deepep"]  # fmt: skip
+    for result in run_distributed(_grad_harness.directional_derivatives, 4, overrides, 1e-5, timeout_s=300):
+        for kind, (along, finite) in result.items():
+            assert abs(along - finite) <= 1e-6 * max(abs(finite), 1e-3), (kind, along, finite)
+
+
+def test_main_params_step_bf16_weights_in_fp32():
+    """BF16 weights: gradients accumulate into FP32 main gradients (micro-batch by micro-batch), the
+    optimizer steps FP32 main copies and the weights follow; updates far below a BF16 step add up
+    instead of vanishing."""
+    import torch
+
+    from ep_train.train.optim import MainParams
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4, bias=False).to(torch.bfloat16)
+    model.weight.data.fill_(1.0)
+    main = MainParams(model)
+    assert main.copies and main.params[0].dtype == torch.float32
+    x = torch.ones(2, 4, dtype=torch.bfloat16)
+    for _ in range(2):  # two micro-batches: d(sum)/dW = 2 per entry each
+        model(x).sum().backward()
+    assert model.weight.grad is None and torch.equal(main.params[0].grad, torch.full((4, 4), 4.0))
+    optimizer = torch.optim.SGD(main.param_groups(0.0), lr=1e-4)  # 4e-4 per step: a BF16 step at 1.0 is 2**-7
+    for _ in range(100):
+        optimizer.step()
+        main.copy_to_model()
+    assert abs(float(main.params[0].detach()[0, 0]) - (1.0 - 100 * 4e-4)) < 1e-5
+    assert float(model.weight.detach()[0, 0]) == float(torch.tensor(1.0 - 100 * 4e-4).to(torch.bfloat16))
+    main.zero_grad()
+    assert main.grads() == []
+    state = main.state_dict()
+    again = MainParams(torch.nn.Linear(4, 4, bias=False).to(torch.bfloat16))
+    again.load_state_dict(state)
+    assert torch.equal(again.params[0], main.params[0]) and torch.equal(again.model_params[0], model.weight)
+
+
+def test_token_files_are_checked_whole(tmp_path):
+    """Ids outside the vocabulary anywhere in the file (not only at its start), float files and raw
+    files cut mid-id are refused naming data.path."""
+    import numpy as np
+
+    from ep_train.train.data import MemmapTokens
+
+    ids = np.arange(3 << 20, dtype=np.int64) % 500
+    ids[(3 << 20) - 7] = 600
+    np.save(tmp_path / "late.npy", ids)
+    with pytest.raises(ValueError, match=f"token id 600 at position {(3 << 20) - 7} is outside"):
+        MemmapTokens(str(tmp_path / "late.npy"), 32, 0, vocab_size=512)
+    ids[(3 << 20) - 7] = -3
+    np.save(tmp_path / "negative.npy", ids)
+    with pytest.raises(ValueError, match="token id -3 at position"):
+        MemmapTokens(str(tmp_path / "negative.npy"), 32, 0, vocab_size=512)
+    np.save(tmp_path / "float.npy", np.zeros(100, dtype=np.float32))
+    with pytest.raises(ValueError, match="must hold integer token ids, got dtype float32"):
+        MemmapTokens(str(tmp_path / "float.npy"), 32, 0, vocab_size=512)
+    (tmp_path / "odd.bin").write_bytes(b"\0" * 101)
+    with pytest.raises(ValueError, match="not a whole number of data.dtype=uint16 ids"):
+        MemmapTokens(str(tmp_path / "odd.bin"), 32, 0, vocab_size=512)
+    assert MemmapTokens(str(tmp_path / "odd.bin"), 32, 0, dtype="uint8", vocab_size=512).num_windows == 3
