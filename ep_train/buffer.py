@@ -145,7 +145,8 @@ class Buffer:
         num_rdma_bytes: bytes of the RDMA / low-latency buffer; see ``get_low_latency_rdma_size_hint``.
         low_latency_mode: the buffer serves ``low_latency_dispatch``/``low_latency_combine``.
         num_qps_per_rank: queue pairs per peer for internode transports (accepted for compatibility).
-        backend: ``"auto"`` (CUDA kernels when built and the group is on CUDA, else torch),
+        backend: ``"auto"`` (CUDA kernels when built, the group is on CUDA and the kernels serve
+            it: 2, 4 or 8 ranks on one node, or low-latency calls only across nodes; else torch),
             ``"torch"`` or ``"cuda"``.
         timeout_s: bound on any wait for peers (default ``EP_TRAIN_TIMEOUT_S`` or 100 s).  A rank that
             skips a call, calls another op or dies makes its peers raise ``CommTimeoutError``.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.distributed as dist
 
@@ -46,12 +48,14 @@ def create_backend(
 ) -> Backend:
     if name not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
+    fallback = False  # "auto" chose cuda: a group it cannot serve takes the torch backend
     if name == "auto":
         forced = _env.forced_backend()
         if forced is not None:
             name = forced
         else:
             name = "cuda" if device.type == "cuda" and _ext.is_available() else "torch"
+            fallback = name == "cuda"
     if name == "torch":
         return TorchBackend(group, rank, num_ranks, timeout_s)
     if device.type != "cuda":
@@ -60,6 +64,14 @@ def create_backend(
             f"got device {device}"
         )
     _ext.load()
-    from .cuda import CudaBackend
+    from .cuda import CudaBackend, GroupNotServed
 
-    return CudaBackend(group, rank, num_ranks, num_nvl_bytes, num_rdma_bytes, low_latency_mode, timeout_s)
+    try:
+        return CudaBackend(group, rank, num_ranks, num_nvl_bytes, num_rdma_bytes, low_latency_mode, timeout_s)
+    except GroupNotServed as exc:
+        if not fallback:
+            raise
+        # NOTES: raised by every rank alike, before anything was allocated or mapped.
+        if rank == 0 and not _env.quiet_import():
+            print(f"ep_train: backend='auto' takes the torch backend for this group: {exc}", file=sys.stderr)
+        return TorchBackend(group, rank, num_ranks, timeout_s)

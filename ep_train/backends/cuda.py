@@ -49,7 +49,7 @@ from .base import (
 )
 from .torch_backend import OP_NAMES
 
-__all__ = ["CudaBackend", "group_problem"]
+__all__ = ["CudaBackend", "GroupNotServed", "group_problem"]
 
 # Error codes and wait sites of csrc/include/ep_train/types.cuh (ErrorCode, WaitSite).
 _ERR_HOST_TIMEOUT, _ERR_TIMEOUT, _ERR_MISMATCH, _ERR_CAPACITY, _ERR_BAD_EXPERT = -1, 1, 2, 3, 4
@@ -78,6 +78,11 @@ def node_id() -> str:
             return f.read().strip() or socket.gethostname()
     except OSError:
         return socket.gethostname()
+
+
+class GroupNotServed(ValueError):
+    """The cuda backend cannot serve this group with these settings (every rank raises it alike:
+    the decision rests on one gather); ``backend="auto"`` then takes the torch backend."""
 
 
 def group_problem(hosts: list[str], num_nvl_bytes: int, use_ll: bool, want: str, rma: bool,
@@ -149,7 +154,7 @@ class CudaBackend(Backend):
         nvl, device_lib = max(v[2] for v in views), all(v[3] for v in views)
         problem = group_problem(hosts, nvl, use_ll, want, rma, device_lib)
         if problem is not None:
-            raise ValueError(problem)
+            raise GroupNotServed(problem)
         self.num_nodes = len(set(hosts))
         if self.num_nodes == 1:  # else low-latency calls only: no NVLink buffer
             self._rt = self._C.IntranodeRuntime(rank, num_ranks, int(num_nvl_bytes), self.timeout_s)
