@@ -3,7 +3,8 @@
 Model FLOPs per token (forward), for L layers of hidden h, sequence s, vocab V, of which
 ``L_moe`` are MoE layers with top-k k, expert FFN f_e, E experts, and dense FFN f:
 
-    attention  = 2 * 4 * h^2  (QKV + output projections)  +  2 * 2 * s * h  (scores and values)
+    attention  = 2 * 4 * h^2  (QKV + output projections)  +  2 * 2 * s * h / 2  (scores and values;
+                 causal: a query attends to half the sequence on average)
     dense MLP  = 2 * 3 * h * f        (SwiGLU: gate, up, down)
     MoE MLP    = k * 2 * 3 * h * f_e  +  2 * h * E  (router)  [+ shared experts 2 * 3 * h * f_s]
     logits     = 2 * h * V
@@ -28,7 +29,7 @@ def flops_per_token(model) -> float:
     h, s, v = model.hidden_size, model.seq_length, model.vocab_size
     num_moe = sum(1 for i in range(model.num_layers) if (i + 1) % model.moe_layer_freq == 0)
     num_dense = model.num_layers - num_moe
-    attention = 2 * 4 * h * h + 2 * 2 * s * h
+    attention = 2 * 4 * h * h + 2 * s * h
     dense_mlp = 2 * 3 * h * model.ffn_hidden_size
     moe_mlp = model.moe_router_topk * 2 * 3 * h * model.moe_ffn_hidden_size + 2 * h * model.num_experts
     moe_mlp += 2 * 3 * h * model.shared_expert_ffn_hidden_size

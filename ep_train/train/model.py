@@ -151,6 +151,8 @@ def build_model(recipe: Recipe, device: torch.device, dtype: torch.dtype) -> Bui
     spec = _layer_spec(recipe, config, stack, pools)
     model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=m.vocab_size,
                      max_sequence_length=m.seq_length, position_embedding_type="rope")  # fmt: skip
+    if device.type == "cpu":
+        _draw_experts_per_rank(model, config, recipe.train.seed, parallel_state.get_expert_model_parallel_rank())
     model.to(device=device, dtype=dtype)
     groups = Groups(
         dp=parallel_state.get_data_parallel_group(),
@@ -160,6 +162,25 @@ def build_model(recipe: Recipe, device: torch.device, dtype: torch.dtype) -> Bui
     built = BuiltModel(model, groups, m.seq_length, device, buffer_pools=pools, _stack=stack)
     _attach_observers(built, recipe)
     return built
+
+
+@torch.no_grad()
+def _draw_experts_per_rank(model: torch.nn.Module, config, seed: int, ep_rank: int) -> None:
+    """Expert weights drawn from a generator of this EP rank, as Megatron's expert-parallel RNG
+    does on GPUs.  CPU initialisation draws every rank's weights from the same global generator,
+    so expert l of every EP rank would start as a copy of the others' (experts 0 and L the same
+    expert twice); dense weights stay as drawn (the same on every rank)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1 + ep_rank)
+        for name, param in model.named_parameters():
+            if getattr(param, "allreduce", True):  # Megatron tags expert parameters allreduce=False
+                continue
+            if "linear_fc1" in name:
+                config.init_method(param)
+            elif "linear_fc2" in name:
+                config.output_layer_init_method(param)
+            else:
+                raise RuntimeError(f"expert parameter {name} has no known initialisation")
 
 
 def _attach_observers(built: BuiltModel, recipe: Recipe) -> None:

@@ -117,11 +117,11 @@ def test_reduced_gradients_are_those_of_the_global_mean_loss():
     and expert gradients along random directions equal central differences of the mean loss over
     all data-parallel ranks (FP64).  Dividing expert gradients by the expert-DP size instead of the
     DP size doubles them."""
-    import _grad_harness
+    import _train_harness
 
     overrides = ["model.num_layers=1", "train.micro_batch_size=2", "train.global_batch_size=8",
                  "parallel.expert_model_parallel_size=2", "moe.dispatcher=deepep"]  # fmt: skip
-    for result in run_distributed(_grad_harness.directional_derivatives, 4, overrides, 1e-5, timeout_s=300):
+    for result in run_distributed(_train_harness.directional_derivatives, 4, overrides, 1e-5, timeout_s=300):
         for kind, (along, finite) in result.items():
             assert abs(along - finite) <= 1e-6 * max(abs(finite), 1e-3), (kind, along, finite)
 
@@ -180,3 +180,32 @@ def test_token_files_are_checked_whole(tmp_path):
     with pytest.raises(ValueError, match="not a whole number of data.dtype=uint16 ids"):
         MemmapTokens(str(tmp_path / "odd.bin"), 32, 0, vocab_size=512)
     assert MemmapTokens(str(tmp_path / "odd.bin"), 32, 0, dtype="uint8", vocab_size=512).num_windows == 3
+
+
+def test_wandb_auto_mode_follows_the_environment(monkeypatch, tmp_path):
+    from ep_train.train import metrics
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    for name in ("WANDB_MODE", "WANDB_DISABLED", "WANDB_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    assert metrics._wandb_auto_mode() == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    assert metrics._wandb_auto_mode() == "online"
+    monkeypatch.setenv("WANDB_DISABLED", "true")
+    assert metrics._wandb_auto_mode() == "disabled"
+    monkeypatch.setenv("WANDB_MODE", "offline")  # compute nodes without internet
+    assert metrics._wandb_auto_mode() == "offline"
+
+
+def test_experts_start_distinct_across_expert_parallel_ranks():
+    """CPU initialisation: dense weights equal on every rank, each EP rank's experts its own draw
+    (not copies of the other ranks' local experts), at the initialisation's scale."""
+    import _train_harness
+
+    a, b = run_distributed(_train_harness.initial_weights, 2, [], timeout_s=300)
+    assert a.keys() == b.keys()
+    experts = [n for n in a if ".experts." in n]
+    assert experts and all(a[n] != b[n] for n in experts), experts
+    assert all(a[n] == b[n] for n in a if n not in experts)
+    for n in experts:  # std 0.02 for fc1, 0.02 / sqrt(2 x layers) for fc2: within 10 %
+        assert 0.8 < a[n] / b[n] < 1.25, (n, a[n], b[n])

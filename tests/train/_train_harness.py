@@ -1,4 +1,4 @@
-"""Rank body of the gradient check of the training loop (run by ``ep_train.testing.launcher``)."""
+"""Rank bodies of the training-entry tests (run by ``ep_train.testing.launcher``)."""
 
 from __future__ import annotations
 
@@ -74,3 +74,14 @@ def directional_derivatives(rank: int, world: int, overrides: list[str], h: floa
         out[kind] = (float(along), (values[0] - values[1]) / (2 * h))
     built.close()
     return out
+
+
+def initial_weights(rank: int, world: int, overrides: list[str]) -> dict[str, float]:
+    """Checksums (sum of squares) of the freshly built model's parameters on this rank."""
+    from ep_train.train.model import build_model
+    from ep_train.train.recipe import load_recipe
+
+    built = build_model(load_recipe(None, overrides), torch.device("cpu"), torch.float32)
+    sums = {name: float(p.detach().double().pow(2).sum()) for name, p in built.model.named_parameters()}
+    built.close()
+    return sums
