@@ -54,6 +54,22 @@ def _layer(dispatcher, idx, lw1, lw2):
     return run
 
 
+def _count_buffer_calls(buffer) -> list[str]:
+    """Record this Buffer's layout and dispatch calls (``new`` or ``cached`` by the handle) from now on."""
+    calls, layout, dispatch = [], buffer.get_dispatch_layout, buffer.dispatch
+
+    def counted_layout(*args, **kwargs):
+        calls.append("layout")
+        return layout(*args, **kwargs)
+
+    def counted_dispatch(x, handle=None, *args, **kwargs):
+        calls.append("new dispatch" if handle is None else "cached dispatch")
+        return dispatch(x, handle, *args, **kwargs)
+
+    buffer.get_dispatch_layout, buffer.dispatch = counted_layout, counted_dispatch
+    return calls
+
+
 def _grads_body(rank, R, seed, kind, K, backend="auto", tokens=None, fp8=False, **dispatcher_options):
     """One MoE layer through MoEDispatcher against the dense float64 reference of all ranks' tokens.
 
@@ -92,12 +108,18 @@ def _grads_body(rank, R, seed, kind, K, backend="auto", tokens=None, fp8=False, 
         b = torch.zeros_like(a) if b is None else b  # the reference's graph misses an input of no rows
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m, n=name: f"{n} {tag}: {m}")
 
-    # Activation checkpointing replays the routing: bitwise-equal gradients.
+    # Activation checkpointing replays the routing: bitwise-equal gradients, and the recomputation
+    # dispatches with the recorded handle (no layout, no count exchange).
     lw1.grad = lw2.grad = None
     x2, w2_ = xs[rank].clone().requires_grad_(), ws[rank].clone().requires_grad_()
+    calls = _count_buffer_calls(disp.buffer)
     y2 = A.checkpoint(layer, x2, w2_)
+    forward = list(calls)
     y2.backward(gouts[rank])
     assert torch.equal(y2, y) and torch.equal(x2.grad, x.grad) and torch.equal(w2_.grad, w.grad), tag
+    assert forward.count("layout") == 1 and forward.count("new dispatch") == 1, (forward, tag)
+    recomputed = calls[len(forward) :]
+    assert "cached dispatch" in recomputed and not {"layout", "new dispatch"} & set(recomputed), (recomputed, tag)
 
     if fp8:  # finite differences see the quantisation steps, the straight-through gradient does not
         return
