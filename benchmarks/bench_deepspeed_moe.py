@@ -57,8 +57,10 @@ def _run(label: str, impl: str, sets: list[str], args, nproc: int, tmp: str) -> 
         return None
     rows = [json.loads(line) for line in open(jsonl)]
     steady = rows[args.warmup :] or rows
+    seconds = sum(r["step_time_s"] for r in steady)
     return {
-        "tokens_per_s": sum(r["tokens_per_s"] for r in steady) / len(steady),
+        # Tokens over time of the steady steps (not a mean of per-step rates).
+        "tokens_per_s": sum(r["tokens_per_s"] * r["step_time_s"] for r in steady) / seconds,
         "step_ms": 1e3 * sum(r["step_time_s"] for r in steady) / len(steady),
         "final_loss": rows[-1]["loss"],
     }

@@ -43,11 +43,19 @@ def _worker(rank: int, world: int, args) -> None:
     cuda = Buffer(None, nvl, backend="cuda", timeout_s=60.0)
     ref = Buffer(None, nvl, backend="torch")  # the size is checked on every backend
     lines = []
+    want = {}  # the torch backend's outputs: every configuration of ours must give them
 
     def measure(buf: Buffer, name: str, config: Config | None) -> None:
         per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
         layout = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
         recv_x, _, recv_w, _, handle, _ = buf.dispatch(x, topk_idx=idx, topk_weights=w, config=config, **layout)
+        combined = buf.combine(recv_x, handle, config=config)[0]
+        if not want:
+            want.update(x=recv_x, w=recv_w, combined=combined)
+        elif not (torch.equal(recv_x, want["x"]) and torch.equal(recv_w, want["w"])):
+            raise RuntimeError(f"{name}: the dispatch's rows or weights differ from the torch backend's")
+        elif (combined.float() - want["combined"].float()).norm() > 1e-2 * want["combined"].float().norm():
+            raise RuntimeError(f"{name}: the combine differs from the torch backend's")
         rows = torch.tensor([recv_x.shape[0]], device="cuda")
         dist.broadcast(rows, 0)
         nbytes = int(rows) * H * 2
@@ -58,9 +66,12 @@ def _worker(rank: int, world: int, args) -> None:
         lines.append(bandwidth_row(f"{name} dispatch FP8", t_fp8, nbytes * (1 + 4 / 128) / 2))
         lines.append(bandwidth_row(f"{name} combine", t_comb, nbytes))
 
+    measure(ref, "torch backend (NCCL)", None)  # first: the outputs every configuration is checked against
+    torch_lines = lines[:]
+    lines.clear()
     for sms, chunk, ring in SWEEP:
         measure(cuda, f"cuda sms={sms} chunk={chunk} ring={ring}", Config(sms, chunk, ring))
-    measure(ref, "torch backend (NCCL)", None)
+    lines.extend(torch_lines)
     # Transfer only: NCCL all_to_all_single of the same rows.
     per_rank, _, _, in_rank, _ = ref.get_dispatch_layout(idx, E)
     counts = torch.empty((world, world), dtype=torch.int64, device="cuda")

@@ -4,7 +4,7 @@ Low-latency case (DESIGN.md §4): hidden 7168, top-8 of 256 experts, random top-
 rank (also 1, 32 and 256), num_max_dispatch_tokens_per_rank = tokens, on every GPU of this node
 (2, 4 or 8).  Ours: median CUDA-event time of one call replayed as a CUDA graph (dispatch BF16,
 dispatch FP8, combine, combine with sums per rank), and of the send and the receive (hook) halves
-of an eager hook-mode call.
+of an eager hook-mode call.  Before timing, every size checks a dispatch + combine round trip.
 The torch backend syncs with the host, so it cannot be captured: it is timed eagerly.  Logical
 bandwidth = bytes of the rows rank 0 receives, in BF16 (FP8: x (1 + 4/128) / 2).  Never asserts.
 The header names the low-latency buffer's memory (NVSHMEM or CUDA IPC; ``EP_TRAIN_LL_TRANSPORT``)
@@ -31,6 +31,7 @@ import torch.distributed as dist
 from _common import bandwidth_row, median_us, run_on_gpus, standard_parser
 
 from ep_train import Buffer, _env
+from ep_train.fp8 import dequantize_fp8
 
 
 def _graph_of(fn) -> torch.cuda.CUDAGraph:
@@ -64,12 +65,29 @@ def _hook_us(buf: Buffer, call, iters: int) -> tuple[float, float]:
     return send[iters // 2], recv[iters // 2]
 
 
+def _check_round_trip(cuda: Buffer, x, idx, w, M: int, E: int) -> None:
+    """Dispatch, then combine the received rows unchanged: every token must come back as
+    ``x * sum_k w[t, k]`` (BF16 and FP8 dispatch, plain combine and sums per rank); a kernel that
+    moves the wrong rows is not timed."""
+    want = x.float() * w.sum(dim=1, keepdim=True)
+    for fp8 in (False, True):
+        recv, _, handle, _, _ = cuda.low_latency_dispatch(x, idx, M, E, use_fp8=fp8, topk_weights=w)
+        y = dequantize_fp8(*recv) if fp8 else recv
+        for per_rank in (False, True):
+            out = cuda.low_latency_combine(y, idx, w, handle, sum_per_rank=per_rank)[0]
+            error = float((out.float() - want).norm() / want.norm())
+            if error > (0.08 if fp8 else 1e-2):  # e4m3 keeps 3 mantissa bits
+                what = f"dispatch ({'FP8' if fp8 else 'BF16'}) + combine{' with sums per rank' if per_rank else ''}"
+                raise RuntimeError(f"T={x.shape[0]}: {what} is off by {error:.2e} (rel. L2)")
+
+
 def _measure(cuda: Buffer, ref: Buffer, T: int, args, rank: int) -> list[str]:
     H, K, E, M = args.hidden, args.topk, args.experts, T
     gen = torch.Generator(device="cuda").manual_seed(rank + 17 * T)
     x = torch.randn((T, H), device="cuda", generator=gen).to(torch.bfloat16)
     idx = torch.rand((T, E), device="cuda", generator=gen).topk(K, dim=1).indices
     w = torch.rand((T, K), device="cuda", generator=gen)
+    _check_round_trip(cuda, x, idx, w, M, E)
     _, count, handle, _, _ = cuda.low_latency_dispatch(x, idx, M, E, use_fp8=False)
     rows = count.sum().reshape(1).long()
     dist.broadcast(rows, 0)

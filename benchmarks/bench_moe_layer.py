@@ -16,7 +16,8 @@ more forward+backward under torch.profiler and prints every rank's GPU time by k
 "host" is the median time the host takes to issue one forward+backward: close to the GPU time
 means the layer is host-bound.  "back-to-back" is the mean time of ``--iters`` forward+backward
 passes issued with no barrier or sync in between (the host runs ahead, as in a model of many
-layers), with its own ratio to alltoall.  Never asserts on time.
+layers), with its own ratio to alltoall.  Never asserts on time.  Every row is built with the
+same weights, and its output and input gradient are checked against alltoall's before it is timed.
 
     python benchmarks/bench_moe_layer.py [--tokens 4096] [--iters 20] [--chunks 2 4] [--shared 2048] [--gpus N]
                                          [--profile 12 [--trace-dir DIR]]
@@ -40,6 +41,10 @@ import torch
 import torch.distributed as dist
 from _common import launch
 
+# Relative L2 distance a row's BF16 output and input gradient may have from alltoall's (same
+# weights, same routing; only summation orders and roundings differ).
+REL_L2_TOL = 2e-2
+
 
 def _have_te() -> bool:
     try:
@@ -54,6 +59,7 @@ def _build(args, dispatcher: str, chunks: int, world: int, fused: bool = True):
     from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
     from ep_train.megatron import EPOptions, make_config, moe_layer_spec
+    from ep_train.megatron._version import megatron_core_version
 
     te = _have_te()
     config = make_config(
@@ -64,7 +70,8 @@ def _build(args, dispatcher: str, chunks: int, world: int, fused: bool = True):
         activation_func=torch.nn.functional.silu, bf16=True, params_dtype=torch.bfloat16, moe_router_dtype="fp32",
         moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=1e-3,
         moe_shared_expert_intermediate_size=args.shared or None,
-        moe_shared_expert_overlap=bool(args.shared) and dispatcher != "flex",
+        # Megatron overlaps shared experts for flex from 0.19 on.
+        moe_shared_expert_overlap=bool(args.shared) and (dispatcher != "flex" or megatron_core_version() >= (0, 19)),
     )  # fmt: skip
     spec = moe_layer_spec(get_moe_module_spec(use_te=te, num_experts=args.experts, moe_grouped_gemm=te),
                           options=EPOptions(num_chunks=chunks, fused_permutation=fused),
@@ -85,6 +92,20 @@ def _combine_fusion(on: bool):
         yield
     finally:
         CudaBackend.fuses_expert_major_combine = own
+
+
+def _fwd_bwd_result(layer, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward + backward (also a warm-up): the output and the input gradient, in FP32."""
+    out, _ = layer(x)
+    out.backward(grad)
+    result = out.detach().float(), x.grad.detach().float()
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
+    return result
+
+
+def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def _time_fwd_bwd(layer, x: torch.Tensor, grad: torch.Tensor, iters: int, warmup: int) -> tuple[float, float]:
@@ -225,13 +246,25 @@ def _worker(rank: int, world: int, args) -> None:
             at = -len(args.chunks) or len(variants)
             variants.insert(at, ("deepep", "deepep chunks=1, separate permute", 1, False))
             variants.insert(at, ("deepep", "deepep chunks=1, pair sum before combine", 1, "dispatch"))
-    rows, profiles = [], []
+    rows, profiles, reference = [], [], None
     for dispatcher, label, chunks, fused in variants:
         backend = install_flex_backend() if dispatcher == "flex" else None
         # "dispatch": rows permuted inside the dispatch, but the combine's pair sums as a kernel of their own.
         try:
+            # Every row gets the same router and expert weights (so the same routing and loads).
+            torch.manual_seed(1234)
+            model_parallel_cuda_manual_seed(1234)
             layer, experts = _build(args, dispatcher, chunks, world, bool(fused))
             with _combine_fusion(fused != "dispatch"):
+                # A row whose output or input gradient is not alltoall's is not timed.
+                result = _fwd_bwd_result(layer, x, grad)
+                if reference is None:
+                    reference, errors = result, (0.0, 0.0)
+                else:
+                    errors = (_rel_l2(result[0], reference[0]), _rel_l2(result[1], reference[1]))
+                    if max(errors) > REL_L2_TOL:
+                        raise RuntimeError(f"{label}: output / input gradient differ from alltoall's by "
+                                           f"{errors[0]:.2e} / {errors[1]:.2e} (rel. L2 > {REL_L2_TOL})")  # fmt: skip
                 ms, host_ms = _time_fwd_bwd(layer, x, grad, args.iters, args.warmup)
                 chained_ms = _time_back_to_back(layer, x, grad, args.iters)
             if args.profile:
@@ -256,7 +289,7 @@ def _worker(rank: int, world: int, args) -> None:
             comm = buf.backend_name if buf is not None else ("nccl a2a" if dispatcher == "alltoall" else "ep_train")
             if backend is not None and backend.buffers._entries:
                 comm = next(iter(backend.buffers._entries.values())).buffer.backend_name
-            rows.append((label, ms, host_ms, chained_ms, comm, experts))
+            rows.append((label, ms, host_ms, chained_ms, comm, experts, max(errors)))
         finally:
             if backend is not None:
                 backend.uninstall()
@@ -268,10 +301,10 @@ def _worker(rank: int, world: int, args) -> None:
               f"top-{args.topk} of {args.experts} experts, ffn {args.ffn}, shared {args.shared or 0}, "
               "BF16")  # fmt: skip
         base, chained_base = rows[0][1], rows[0][3]
-        for label, ms, host_ms, chained_ms, comm, experts in rows:
+        for label, ms, host_ms, chained_ms, comm, experts, error in rows:
             print(f"  {label:<30} {ms:8.2f} ms  x{base / ms:5.2f} vs alltoall   host {host_ms:6.2f} ms   "
                   f"back-to-back {chained_ms:6.2f} ms x{chained_base / chained_ms:5.2f}   comm={comm:<8} "
-                  f"experts={experts}")  # fmt: skip
+                  f"experts={experts}   vs alltoall's output: {error:.1e}")  # fmt: skip
         if profiles:
             print("Profile (one forward + backward per row):")
             print("\n".join(profiles))

@@ -5,10 +5,11 @@ TransformerEngine), same routing, same rows.
 
 Standard case: the rows one EP2 rank receives in the DESIGN.md §4 case — about 8192 rows, hidden
 7168, top-8 of 256 experts (128 local), BF16.  Times forward+backward (permute, scale by probs,
-unpermute) and reports median CUDA-event ms over ``--iters``; then ``pair_layout`` alone, kernel
+unpermute) and reports median CUDA-event ms over ``--iters`` (each checked once against the
+kernels' output and input gradient first); then ``pair_layout`` alone, kernel
 against torch ops: GPU ms and the host's time to issue it.  Never asserts on time.
 
-    python benchmarks/bench_permute.py [--rows 8192] [--hidden 7168] [--topk 8] [--experts 128]
+    python benchmarks/bench_permute.py [--rows 8192] [--hidden 7168] [--topk 8] [--experts 256]
 """
 
 from __future__ import annotations
@@ -53,12 +54,25 @@ def main() -> None:
     counts = torch.bincount(idx[idx >= 0], minlength=num_local).tolist()
     grad = torch.randn(n, args.hidden, device="cuda", dtype=torch.bfloat16)
 
-    def ours(kernels: bool = True):
+    def ours(kernels: bool = True) -> torch.Tensor:
         x_PH, _, probs_P, layout = ep_permute.permute_to_experts(x, idx, w, num_local, 1, counts,
                                                                  sum_kernel=kernels, layout_kernel=kernels)  # fmt: skip
         y = (x_PH * probs_P.unsqueeze(1)).to(x_PH.dtype)
-        ep_permute.unpermute_from_experts(y, layout).backward(grad)
+        out = ep_permute.unpermute_from_experts(y, layout)
+        out.backward(grad)
+        return out
 
+    def result(fn) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass: the output and the input gradient (a fast wrong implementation is not timed)."""
+        x.grad = None
+        out = fn().detach().float()
+        got = out, x.grad.float()
+        x.grad = None
+        return got
+
+    want = result(ours)
+    if not all(torch.equal(a, b) for a, b in zip(result(lambda: ours(False)), want, strict=True)):
+        raise RuntimeError("the op-by-op path's output or input gradient differs from the kernels'")
     rows = []
     rows.append(("ep_train (pair layout and pair sum kernels)", _time(ours, args.iters)))
     rows.append(("ep_train (op-by-op path)", _time(lambda: ours(False), args.iters)))
@@ -73,11 +87,17 @@ def main() -> None:
         probs_full.requires_grad_(True)
         num_out = int(routing_map.sum())
 
-        def megatron():
+        def megatron() -> torch.Tensor:
             out = permute(x, routing_map, probs=probs_full, num_out_tokens=num_out)
             x_PH, probs_P, sorted_indices = out[0], out[1], out[2]
             y = (x_PH * probs_P.unsqueeze(1)).to(x_PH.dtype)
-            unpermute(y, sorted_indices, x.shape, routing_map=routing_map).backward(grad)
+            out = unpermute(y, sorted_indices, x.shape, routing_map=routing_map)
+            out.backward(grad)
+            return out
+
+        for a, b in zip(result(megatron), want, strict=True):  # BF16 sums in another order
+            if (a - b).norm() > 1e-2 * b.norm():
+                raise RuntimeError("megatron-core's permute/unpermute differs from ep_train's")
 
         rows.append(("megatron-core permute/unpermute", _time(megatron, args.iters)))
     print(f"permute+unpermute fwd+bwd | {torch.cuda.get_device_name(0)} | {n} rows, hidden {args.hidden}, "

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Same-machine A/B of kernel sources: build ep_train._C as the tree is (A) and run a command, then
-# rebuild with each FILE replaced by its ALT (B) and run it again; the files are restored at the end.
+# rebuild with each FILE replaced by its ALT (B) and run it again; the files are restored at the end,
+# but ep_train._C stays B's build: rebuild (python setup.py build_ext --inplace) before other runs.
+# For drift between the two builds, run the pair twice in the order A B B A by hand.
 # Both runs print into $OUT (or ./gpu_logs) as ab_A.log and ab_B.log.
 # Usage: bash scripts/ab_bench.sh FILE ALT [FILE ALT ...] -- COMMAND...
 #   e.g. bash scripts/ab_bench.sh ep_train/csrc/kernels/low_latency.cu /tmp/old.cu -- \

@@ -17,7 +17,7 @@ status=${PIPESTATUS[0]}
 echo "build: exit $status after $(( $(date +%s) - start )) s"
 [ "$status" -eq 0 ] || { tail -40 "$OUT/build.log"; exit 1; }
 python -c "import ep_train._C as C; print('ep_train._C loaded', C.control_bytes())" || exit 1
-timeout 400 python -m pytest -q tests/gpu ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -40
+timeout 900 python -m pytest -q tests/gpu ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -40
 echo "tests: exit ${PIPESTATUS[0]} after $(( $(date +%s) - start )) s"
 if [ "${1:-}" != "--no-bench" ]; then
     timeout 60 python benchmarks/bench_permute.py 2>&1 | tee "$OUT/bench_permute.log" | tail -6

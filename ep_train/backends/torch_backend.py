@@ -210,6 +210,7 @@ class TorchBackend(Backend):
         within_TR = is_in_TR.to(torch.int32).cumsum(dim=0) - 1
         send_pos_TR = torch.where(is_in_TR, within_TR + before_me_R.to(self._device, torch.int32), -1).to(torch.int32)
         per_expert_L = _align(expert_counts_RE[:, me * L : (me + 1) * L].sum(dim=0), args.expert_alignment)
+        per_expert = per_expert_L.tolist()
         handle = DispatchHandle(
             rank=me,
             num_ranks=R,
@@ -225,9 +226,9 @@ class TorchBackend(Backend):
             num_recv_tokens_per_expert_L=per_expert_L.to(self._device, torch.int32),
             expert_alignment=args.expert_alignment,
             dispatch_seq=args.info.seq,
-            extras={"count_matrix": count_matrix_RR.tolist(), "send_token_idx_S": tok_S},
+            extras={"count_matrix": count_matrix_RR.tolist(), "send_token_idx_S": tok_S, "per_expert_list": per_expert},
         )
-        return DispatchResult(recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert_L.tolist(), handle)
+        return DispatchResult(recv_x, recv_scales, recv_topk_idx, recv_topk_weights, list(per_expert), handle)
 
     def _layout_problem(self, args: DispatchArgs, per_expert_E: torch.Tensor) -> str | None:
         """What is wrong with this rank's layout arguments (None: they are those of its topk_idx).
@@ -307,7 +308,8 @@ class TorchBackend(Backend):
         recv = _unpack(self._all_to_all(packed, send_splits, recv_splits, "cached dispatch", args.info), spec)
         recv_x = self._pad(recv[0], h.num_recv_rows, 0)
         recv_scales = self._pad(recv[1], h.num_recv_rows, 0) if args.x_scales_TS is not None else None
-        return DispatchResult(recv_x, recv_scales, None, None, h.num_recv_tokens_per_expert_L.tolist(), h)
+        # The list of the handle's dispatch, not the device tensor (no host sync on a cached dispatch).
+        return DispatchResult(recv_x, recv_scales, None, None, list(h.extras["per_expert_list"]), h)
 
     # ------------------------------------------------------------------ normal combine
     def combine(self, args: CombineArgs) -> CombineResult:

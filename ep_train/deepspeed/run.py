@@ -192,12 +192,12 @@ def _train(args: argparse.Namespace, recipe: DeepSpeedRecipe) -> None:
     tokens_per_step = batch * model_cfg.seq_length * config["gradient_accumulation_steps"] * world
     history = []
     for step in range(1, steps + 1):
+        # The step's batches are made before its timer starts (the step time is the engine's).
+        batches = [_synthetic_batch(step * 1000 + micro, rank, batch, model_cfg.seq_length, model_cfg.vocab_size,
+                                    device) for micro in range(config["gradient_accumulation_steps"])]  # fmt: skip
         _sync(device)
         t0 = time.perf_counter()
-        for micro in range(config["gradient_accumulation_steps"]):
-            tokens = _synthetic_batch(
-                step * 1000 + micro, rank, batch, model_cfg.seq_length, model_cfg.vocab_size, device
-            )
+        for tokens in batches:
             loss, lm_loss, aux_loss, counts = engine(tokens)
             engine.backward(loss)
             engine.step()

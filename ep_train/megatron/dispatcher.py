@@ -19,7 +19,8 @@ combine_postprocess   reshape to ``[S, B, H]`` and add the overlapped shared-exp
 
 The experts see exactly the rows, order and probabilities of Megatron's ``alltoall`` dispatcher
 (expert-major; within an expert by source rank, then source token), and every sum runs in the
-same order (experts ascending per token), so FP32 results match ``alltoall`` bit for bit.
+same order (experts ascending per token); FP32 results match ``alltoall`` bit for bit up to
+top-2 and within rounding beyond (this rank's experts of a token are summed before the combine).
 
 Per-micro-batch forward state moves from stage to stage through FIFO queues and the backward
 state lives in autograd contexts; the probabilities are always those passed to the stage.  So the
