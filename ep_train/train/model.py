@@ -84,6 +84,8 @@ def _transformer_config(recipe: Recipe, device: torch.device, dtype: torch.dtype
         num_attention_heads=m.num_attention_heads,
         num_moe_experts=m.num_experts,
         moe_router_topk=m.moe_router_topk,
+        # Top-1 needs the softmax before the top-k (after it the one prob is 1: no router gradient).
+        moe_router_pre_softmax=m.moe_router_topk == 1,
         moe_ffn_hidden_size=m.moe_ffn_hidden_size,
         moe_shared_expert_intermediate_size=m.shared_expert_ffn_hidden_size or None,
         moe_layer_freq=[1 if (i + 1) % m.moe_layer_freq == 0 else 0 for i in range(m.num_layers)],

@@ -158,6 +158,8 @@ def _coerce(key: str, raw: Any, current: Any) -> Any:
             raise RecipeError(f"{key} must be a number, got {raw!r}")
         return float(raw)
     if isinstance(current, str):
+        if raw is None:  # YAML null: not the text "None"
+            raise RecipeError(f'{key} must be text, got null (an empty value is "")')
         return str(raw)
     raise RecipeError(f"{key}: unsupported value {raw!r}")
 
@@ -275,8 +277,8 @@ def _validate(r: Recipe, world_size: int | None, device: str | None) -> None:
     for key, value in numbers.items():
         if not math.isfinite(value):
             raise RecipeError(f"{key} must be a finite number, got {value}")
-    if t.min_lr < 0:
-        raise RecipeError(f"train.min_lr must be >= 0, got {t.min_lr}")
+    if not 0 <= t.min_lr <= t.lr:
+        raise RecipeError(f"train.min_lr must be in [0, train.lr={t.lr}], got {t.min_lr}")
     for key in ("weight_decay", "clip_grad"):
         if getattr(t, key) < 0:
             raise RecipeError(f"train.{key} must be >= 0, got {getattr(t, key)}")
