@@ -119,7 +119,9 @@ def _grads_body(rank, R, seed, kind, K, backend="auto", tokens=None, fp8=False, 
     assert torch.equal(y2, y) and torch.equal(x2.grad, x.grad) and torch.equal(w2_.grad, w.grad), tag
     assert forward.count("layout") == 1 and forward.count("new dispatch") == 1, (forward, tag)
     recomputed = calls[len(forward) :]
-    assert "cached dispatch" in recomputed and not {"layout", "new dispatch"} & set(recomputed), (recomputed, tag)
+    # The recomputation's (rows, and the gate weights with them) and the combine's backward: cached
+    # dispatches only, at least two (the backward alone makes one).
+    assert recomputed.count("cached dispatch") >= 2 and set(recomputed) == {"cached dispatch"}, (recomputed, tag)
 
     if fp8:  # finite differences see the quantisation steps, the straight-through gradient does not
         return

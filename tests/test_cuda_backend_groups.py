@@ -101,14 +101,14 @@ def _backend(rank, world, nodes, device_lib, nvl, env=None, fail_rma_on=None):
     }
 
 
-def _auto_backend(rank, world, nodes, nvl, use_ll):
+def _auto_backend(rank, world, nodes, nvl, use_ll, env=None):
     """The backend ``create_backend("auto")`` gives a group on CUDA devices (the kernels' module
     replaced by the recorders, NVSHMEM's device library built): its name, or the error."""
     import torch
 
     from ep_train import backends
 
-    _backend(rank, world, nodes, [True] * world, nvl)  # installs the recorders (and builds one backend)
+    _backend(rank, world, nodes, [True] * world, nvl, env)  # installs the recorders (and builds one backend)
     backends._ext.is_available = lambda: True
     try:
         made = backends.create_backend("auto", dist.group.WORLD, rank, world, torch.device("cuda"), nvl,
@@ -124,6 +124,9 @@ def test_auto_takes_the_torch_backend_for_a_group_the_kernels_cannot_serve():
     assert run_distributed(_auto_backend, 4, [0, 0, 1, 1], 1 << 20, False) == ["torch"] * 4
     assert run_distributed(_auto_backend, 2, [0, 0], 1 << 20, False) == ["cuda"] * 2
     assert run_distributed(_auto_backend, 4, [0, 0, 1, 1], 0, True) == ["cuda"] * 4
+    # A setting asked for by name is refused, not worked around.
+    for got in run_distributed(_auto_backend, 4, [0, 0, 1, 1], 0, True, {"EP_TRAIN_LL_TRANSPORT": "ipc"}):
+        assert got.startswith("ValueError") and "EP_TRAIN_LL_TRANSPORT=ipc" in got, got
     # Asked for by name, the cuda backend still refuses (with the reason).
     for got in _run(4, [0, 0, 1, 1], nvl=1 << 20):
         assert got["error"].startswith("GroupNotServed") and "low-latency calls only" in got["error"], got
@@ -164,7 +167,8 @@ def test_two_nodes_serve_low_latency_calls_with_puts_to_the_other_node():
 def test_two_nodes_refuse_on_every_rank(kwargs, words):
     """Decided from one gather, so a setting or build that differs on one rank fails every rank."""
     for got in _run(4, [0, 0, 1, 1], **kwargs):
-        assert got.get("error", "").startswith("GroupNotServed") and words in got["error"], got
+        kind = "ValueError" if "ipc" in words else "GroupNotServed"  # asked for by name: not worked around
+        assert got.get("error", "").startswith(kind) and words in got["error"], got
 
 
 def test_a_rank_that_cannot_adopt_its_block_fails_every_rank_and_frees_the_blocks():

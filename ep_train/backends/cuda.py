@@ -81,8 +81,8 @@ def node_id() -> str:
 
 
 class GroupNotServed(ValueError):
-    """The cuda backend cannot serve this group with these settings (every rank raises it alike:
-    the decision rests on one gather); ``backend="auto"`` then takes the torch backend."""
+    """The cuda backend cannot serve this group (its ranks' nodes and count, or this build), every
+    rank alike (the decision rests on one gather); ``backend="auto"`` then takes the torch backend."""
 
 
 def group_problem(hosts: list[str], num_nvl_bytes: int, use_ll: bool, want: str, rma: bool,
@@ -154,7 +154,13 @@ class CudaBackend(Backend):
         nvl, device_lib = max(v[2] for v in views), all(v[3] for v in views)
         problem = group_problem(hosts, nvl, use_ll, want, rma, device_lib)
         if problem is not None:
-            raise GroupNotServed(problem)
+            # What the user asked for by name (EP_TRAIN_LL_RMA=1, EP_TRAIN_LL_TRANSPORT=ipc) is
+            # theirs to change: refused even under "auto".  The group's shape and the build are not.
+            if len(set(hosts)) == 1:
+                asked = num_ranks in SUPPORTED_RANKS and use_ll and rma
+            else:
+                asked = nvl == 0 and use_ll and num_ranks <= MAX_RANKS and want == "ipc"
+            raise (ValueError if asked else GroupNotServed)(problem)
         self.num_nodes = len(set(hosts))
         if self.num_nodes == 1:  # else low-latency calls only: no NVLink buffer
             self._rt = self._C.IntranodeRuntime(rank, num_ranks, int(num_nvl_bytes), self.timeout_s)

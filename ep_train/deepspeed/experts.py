@@ -38,7 +38,8 @@ class GroupedMLPExperts(nn.Module):
     ``deepspeed_experts.<l>.w1 [D, 2F]`` and ``deepspeed_experts.<l>.w2 [F, D]``.  DeepSpeed's
     checkpoints find an expert's id in that name (one file per global expert), so
     ``engine.save_checkpoint``/``load_checkpoint`` work unchanged; loading also takes the whole
-    ``w1``/``w2``.
+    ``w1``/``w2``.  The entries are views of the stacked weights, also with ``keep_vars=True``
+    (then not Parameters: map parameters by ``named_parameters()``, not by state-dict key).
     """
 
     def __init__(self, num_local_experts: int, hidden_size: int, ffn_hidden_size: int, group_name: str):
@@ -54,8 +55,13 @@ class GroupedMLPExperts(nn.Module):
         nn.init.normal_(self.w1, std=1.0 / math.sqrt(hidden_size))
         nn.init.normal_(self.w2, std=1.0 / math.sqrt(ffn_hidden_size))
         tag_expert_params(self, group_name)
-        self.register_state_dict_post_hook(_split_per_expert)
-        self.register_load_state_dict_pre_hook(_stack_per_expert)
+        # NOTES: public since torch 2.5; the private forms (same calls) before.
+        if hasattr(self, "register_state_dict_post_hook"):
+            self.register_state_dict_post_hook(_split_per_expert)
+            self.register_load_state_dict_pre_hook(_stack_per_expert)
+        else:
+            self._register_state_dict_hook(_split_per_expert)
+            self._register_load_state_dict_pre_hook(_stack_per_expert, with_module=True)
 
     def forward(self, x_PD: torch.Tensor, tokens_per_expert_L: torch.Tensor) -> torch.Tensor:
         """``x_PD`` rows grouped by local expert, ``tokens_per_expert_L`` CPU int64 counts → ``[P, D]``."""

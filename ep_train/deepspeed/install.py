@@ -45,7 +45,7 @@ def use_ep_train(model: nn.Module, *, drop_tokens: bool | None = False, backend:
         raise TypeError(f"drop_tokens must be True, False or None, got {drop_tokens!r}")
     check_int("expert_alignment", expert_alignment, 1)
     pool = BufferPool(backend=backend, num_sms=num_sms)
-    replaced = []
+    planned = []  # every replacement is built before any is installed: an error leaves the model as it was
     for name, module in model.named_modules():
         if not isinstance(module, _DeepSpeedMoE):
             continue
@@ -60,11 +60,12 @@ def use_ep_train(model: nn.Module, *, drop_tokens: bool | None = False, backend:
             continue
         new = EPMOELayer.from_moe_layer(layer, buffers=pool, expert_alignment=expert_alignment,
                                         combine_dtype=combine_dtype)  # fmt: skip
-        if drop_tokens is not None:  # only once the layer is built: an error leaves the model as it was
-            layer.gate.drop_tokens = drop_tokens
+        planned.append((qualified, module, new))
+    for _, module, new in planned:
+        if drop_tokens is not None:
+            new.gate.drop_tokens = drop_tokens
         module.deepspeed_moe = new
-        replaced.append(qualified)
-    return replaced
+    return [qualified for qualified, _, _ in planned]
 
 
 # The pool that drop-in MoE layers built without ``buffers=`` share, held only by those layers:

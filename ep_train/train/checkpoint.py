@@ -77,6 +77,8 @@ def load_checkpoint(root: str, model: torch.nn.Module, optimizer: torch.optim.Op
         if key in saved and saved[key] != value:
             raise ValueError(f"--resume: the checkpoint in {root!r} was saved with {key}={saved[key]!r}, this run has "
                              f"{key}={value!r}; resume with the recipe it was saved with")  # fmt: skip
+    if "main_params" not in state:
+        raise ValueError(f"--resume: {path} has no optimizer main parameters (saved by an older ep_train)")
     model.load_state_dict(state["model"])
     main.load_state_dict(state["main_params"])
     optimizer.load_state_dict(state["optimizer"])

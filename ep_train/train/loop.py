@@ -80,6 +80,18 @@ def _clip_grads(grads: list[tuple[torch.Tensor, bool]], max_norm: float, ep_grou
     return norm
 
 
+def _accumulate(built, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> torch.Tensor:
+    """Forward + backward of one step's micro-batches: gradients of their mean loss, the MoE aux
+    losses scaled alike; returns the sum of their losses."""
+    built.set_aux_loss_scale(1.0 / len(batches))
+    loss_sum = torch.zeros((), device=device)
+    for tokens, labels in batches:
+        loss = built.forward_loss(tokens.to(device), labels.to(device))
+        (loss / len(batches)).backward()
+        loss_sum += loss.detach().float()
+    return loss_sum
+
+
 def _run_identity(recipe: Recipe, world: int, dtype: torch.dtype) -> dict:
     """What a resumed run must share with the run that saved the checkpoint (data order, shards)."""
     t, p, m = recipe.train, recipe.parallel, recipe.model
@@ -124,7 +136,7 @@ def train(recipe: Recipe, *, resume: bool = False, stop_at: int | None = None) -
         recipe.log.wandb_dir,
         recipe.log.jsonl,
         every=recipe.log.every,
-        last_step=stop_at if stop_at is not None else t.steps,
+        last_step=min(stop_at, t.steps) if stop_at is not None else t.steps,
     )
     logger.start()
     if rank == 0:
@@ -143,13 +155,8 @@ def train(recipe: Recipe, *, resume: bool = False, stop_at: int | None = None) -
             torch.cuda.reset_peak_memory_stats()
         built.reset_step_stats()
         begin = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        for m in range(accum):
-            first = step * t.global_batch_size + m * micro * dp_size + dp_rank * micro
-            tokens, labels = data.batch(list(range(first, first + micro)))
-            loss = built.forward_loss(tokens.to(device), labels.to(device))
-            (loss / accum).backward()
-            loss_sum += loss.detach().float()
+        firsts = [step * t.global_batch_size + m * micro * dp_size + dp_rank * micro for m in range(accum)]
+        loss_sum = _accumulate(built, [data.batch(list(range(f, f + micro))) for f in firsts], device)
         grads = main.grads()
         _reduce_grads(grads, groups.dp, groups.expert_dp)
         grad_norm = _clip_grads(grads, t.clip_grad, groups.ep, device)

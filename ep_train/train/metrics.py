@@ -46,7 +46,7 @@ class StepStats:
     step_time_s: float
     tokens_per_s: float
     tflops_per_gpu: float
-    comm_time_s: float | None  # None: not measured (Megatron's own dispatchers)
+    comm_time_s: float | None  # None: not measured (Megatron's dispatchers, flex included)
     tokens_per_expert_min: int
     tokens_per_expert_max: int
     peak_memory_gb: float

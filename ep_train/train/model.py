@@ -47,6 +47,13 @@ class BuiltModel:
         per_token = self.model(tokens, position_ids, mask, labels=labels)
         return per_token.to(torch.promote_types(per_token.dtype, torch.float32)).mean()  # FP32, or FP64
 
+    def set_aux_loss_scale(self, scale: float) -> None:
+        """The factor on the MoE aux losses' gradients, the main loss's (1 / micro-batches per step),
+        as Megatron's schedules set it (unset, each micro-batch's aux loss counts in full)."""
+        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(scale, device=self.device))
+
     def reset_step_stats(self) -> None:
         self._counts.clear()
         for timer in self.comm_timers:

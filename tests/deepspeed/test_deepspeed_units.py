@@ -125,6 +125,12 @@ def test_experts_with_their_own_forward_are_refused():
     layer.experts = Scaled(SwiGLU(8, 4), 2, "ep_size_1")
     with pytest.raises(TypeError, match="Scaled overrides Experts.forward"):
         epds.EPMOELayer.from_moe_layer(layer)
+    # The second layer fails: the first stays DeepSpeed's too, its gate untouched.
+    model = TwoLayer(drop_tokens=True)
+    model.b.deepspeed_moe.experts = Scaled(SwiGLU(8, 4), 4, "ep_size_1")
+    with pytest.raises(TypeError, match="Scaled overrides Experts.forward"):
+        epds.use_ep_train(model)
+    assert type(model.a.deepspeed_moe) is MOELayer and model.a.deepspeed_moe.gate.drop_tokens is True
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -85,3 +85,27 @@ def initial_weights(rank: int, world: int, overrides: list[str]) -> dict[str, fl
     sums = {name: float(p.detach().double().pow(2).sum()) for name, p in built.model.named_parameters()}
     built.close()
     return sums
+
+
+def router_grads_of_repeated_micro_batches(rank: int, world: int, overrides: list[str]) -> float:
+    """Router gradients of one step of one micro-batch against one step of the same micro-batch
+    twice (FP64): equal when every loss term, the aux losses included, is averaged over the
+    micro-batches.  Returns the largest relative difference."""
+    from ep_train.train import loop
+    from ep_train.train.model import build_model
+    from ep_train.train.recipe import load_recipe
+
+    recipe = load_recipe(None, overrides)
+    built = build_model(recipe, torch.device("cpu"), torch.float64)
+    micro = recipe.train.micro_batch_size
+    batch = loop._token_source(recipe).batch(list(range(rank * micro, (rank + 1) * micro)))
+    routers = [p for n, p in built.model.named_parameters() if "router" in n]
+    assert routers
+    grads = []
+    for batches in ([batch], [batch, batch]):
+        loop._accumulate(built, batches, torch.device("cpu"))
+        grads.append([p.grad.clone() for p in routers])
+        for p in built.model.parameters():
+            p.grad = None
+    built.close()
+    return max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(*grads, strict=True))

@@ -226,3 +226,13 @@ def test_top1_routing_trains():
     proc = _train("--set", "model.moe_router_topk=1", "--set", "train.steps=4", "--set", "train.warmup_steps=1",
                   "--set", "log.wandb=false")  # fmt: skip
     assert "step     4" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_aux_loss_gradients_are_averaged_over_micro_batches():
+    """A step of the same micro-batch twice gives the gradients of a step of it once, router and
+    aux losses included (Megatron's aux-loss scaler set to 1 / micro-batches)."""
+    import _train_harness
+
+    overrides = ["moe.aux_loss_coeff=1.0"]  # the aux term large enough to show
+    for error in run_distributed(_train_harness.router_grads_of_repeated_micro_batches, 2, overrides, timeout_s=300):
+        assert error < 1e-12, error

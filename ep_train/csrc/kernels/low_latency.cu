@@ -339,15 +339,30 @@ __device__ bool wait_sources(const RankContext& ctx, const int64_t* info, int64_
             for (int w = 0; w < kInfoWords; ++w) theirs[w] = ptx::ld_volatile(slot + w);
             theirs[kInfoWords] = ptx::ld_volatile(slot + LowLatencyLayout::kHeaderGridWord);
             failed = has_failed(ctx.err);
+            int bad = -1;  // the first word that differs, and both values (no dynamic index: registers)
+            int64_t bad_ours = 0, bad_theirs = 0;
 #pragma unroll
-            for (int w = 0; w < kInfoWords; ++w) {
-                if (!failed && theirs[w] != info[w]) {
-                    report_error(ctx.err, kErrMismatch, kCheckCallHeader, w, s, info[w], theirs[w]);
-                    failed = true;
+            for (int w = kInfoWords - 1; w >= 0; --w) {
+                if (theirs[w] != info[w]) {
+                    bad = w;
+                    bad_ours = info[w];
+                    bad_theirs = theirs[w];
                 }
+            }
+            // NOTES: a source running more blocks reaches the target before all of them arrived,
+            // maybe before its block 0's header words show here: on a mismatch, first wait
+            // (bounded) for its grid word, so that a grid of another size is what gets reported.
+            if (!failed && bad >= 0 && theirs[kInfoWords] == 0) {
+                const long long start = clock64();
+                while (theirs[kInfoWords] == 0 && clock64() - start < ctx.err.timeout_cycles)
+                    theirs[kInfoWords] = ptx::ld_volatile(slot + LowLatencyLayout::kHeaderGridWord);
             }
             if (!failed && theirs[kInfoWords] != grid) {
                 report_error(ctx.err, kErrMismatch, kCheckCallHeader, kInfoWords, s, grid, theirs[kInfoWords]);
+                failed = true;
+            }
+            if (!failed && bad >= 0) {
+                report_error(ctx.err, kErrMismatch, kCheckCallHeader, bad, s, bad_ours, bad_theirs);
                 failed = true;
             }
         }
