@@ -246,6 +246,8 @@ def _worker(rank: int, world: int, args) -> None:
             at = -len(args.chunks) or len(variants)
             variants.insert(at, ("deepep", "deepep chunks=1, separate permute", 1, False))
             variants.insert(at, ("deepep", "deepep chunks=1, pair sum before combine", 1, "dispatch"))
+    if args.baseline_last:  # alltoall again at the end: drift of the machine (clocks, heat) between rows
+        variants.append(("alltoall", "alltoall (again, last)", 1, True))
     rows, profiles, reference = [], [], None
     for dispatcher, label, chunks, fused in variants:
         backend = install_flex_backend() if dispatcher == "flex" else None
@@ -328,6 +330,7 @@ def main() -> None:
         help="also run deepep (chunks 1) with the permutation after the dispatch instead of inside it",
     )
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--baseline-last", action="store_true", help="run alltoall again after the other rows")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--gpus", type=int, default=0, help="EP size (default: the largest of 2/4/8 this node has)")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="profile each row, print its N longest kernels")
