@@ -21,14 +21,16 @@ def _step_dir(root: str, step: int) -> str:
 
 
 def save_checkpoint(root: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    main: MainParams, run: dict) -> str:  # fmt: skip
-    """Save this rank's state; ``run``: what a resumed run must match (see ``load_checkpoint``)."""
+                    main: MainParams, run: dict, wandb_run_id: str | None = None) -> str:  # fmt: skip
+    """Save this rank's state; ``run``: what a resumed run must match (see ``load_checkpoint``);
+    ``wandb_run_id``: rank 0's wandb run, which a resumed run continues."""
     rank = dist.get_rank()
     path = _step_dir(root, step)
     os.makedirs(path, exist_ok=True)
     state = {
         "step": step,
         "run": run,
+        "wandb_run_id": wandb_run_id,
         "model": model.state_dict(),
         "main_params": main.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -60,8 +62,9 @@ def latest_step(root: str) -> int | None:
 
 
 def load_checkpoint(root: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, main: MainParams,
-                    run: dict) -> int:  # fmt: skip
-    """Restore the latest checkpoint under ``root``; returns the number of steps it had completed.
+                    run: dict) -> tuple[int, str | None]:  # fmt: skip
+    """Restore the latest checkpoint under ``root``; returns the number of steps it had completed
+    and the wandb run it logged to (rank 0's file; None elsewhere or without wandb).
 
     ``run`` must equal what the saving run recorded (world size, parallel sizes, batch sizes, seed,
     dtype, data): the data position and order depend on them, so a mismatch is refused by name."""
@@ -87,4 +90,4 @@ def load_checkpoint(root: str, model: torch.nn.Module, optimizer: torch.optim.Op
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     np.random.set_state(state["rng"]["numpy"])
     random.setstate(state["rng"]["python"])
-    return int(state["step"])
+    return int(state["step"]), state.get("wandb_run_id")

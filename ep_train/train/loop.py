@@ -119,7 +119,7 @@ def train(recipe: Recipe, *, resume: bool = False, stop_at: int | None = None) -
     main = MainParams(model)  # FP32 copies when the model is BF16
     optimizer = torch.optim.AdamW(main.param_groups(t.weight_decay), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2))
     run = _run_identity(recipe, world, dtype)
-    start = load_checkpoint(recipe.checkpoint.dir, model, optimizer, main, run) if resume else 0
+    start, wandb_run_id = load_checkpoint(recipe.checkpoint.dir, model, optimizer, main, run) if resume else (0, None)
     data = _token_source(recipe)
     dp_rank, dp_size = dist.get_rank(groups.dp), dist.get_world_size(groups.dp)
     micro = t.micro_batch_size
@@ -138,7 +138,7 @@ def train(recipe: Recipe, *, resume: bool = False, stop_at: int | None = None) -
         every=recipe.log.every,
         last_step=min(stop_at, t.steps) if stop_at is not None else t.steps,
     )
-    logger.start()
+    logger.start(resume_id=wandb_run_id)
     if rank == 0:
         print(
             f"ep_train: {recipe.name} | {world} ranks on {device.type} | dispatcher {recipe.moe.dispatcher} | "
@@ -187,7 +187,7 @@ def train(recipe: Recipe, *, resume: bool = False, stop_at: int | None = None) -
         )
         ck = recipe.checkpoint
         if ck.every and (step + 1) % ck.every == 0:
-            save_checkpoint(ck.dir, step + 1, model, optimizer, main, run)
+            save_checkpoint(ck.dir, step + 1, model, optimizer, main, run, logger.run_id)
         if stop_at is not None and step + 1 >= stop_at:
             break
     logger.finish()

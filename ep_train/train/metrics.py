@@ -80,7 +80,13 @@ class RunLogger:
     _run: object = None
     _t0: float = field(default_factory=time.perf_counter)
 
-    def start(self) -> None:
+    @property
+    def run_id(self) -> str | None:
+        """The wandb run's id (rank 0 with wandb on), kept in checkpoints so a resume continues it."""
+        return getattr(self._run, "id", None)
+
+    def start(self, resume_id: str | None = None) -> None:
+        """Start logging; ``resume_id``: the wandb run of the checkpoint a resumed run continues."""
         if self.rank != 0 or not self.use_wandb:
             return
         try:
@@ -101,6 +107,7 @@ class RunLogger:
             dir=self.wandb_dir,
             mode=mode,
             reinit="finish_previous",
+            **({"id": resume_id, "resume": "allow"} if resume_id else {}),
         )
 
     def log(self, stats: StepStats) -> None:

@@ -236,3 +236,16 @@ def test_aux_loss_gradients_are_averaged_over_micro_batches():
     overrides = ["moe.aux_loss_coeff=1.0"]  # the aux term large enough to show
     for error in run_distributed(_train_harness.router_grads_of_repeated_micro_batches, 2, overrides, timeout_s=300):
         assert error < 1e-12, error
+
+
+def test_resumed_run_continues_its_wandb_run(tmp_path):
+    """The checkpoint keeps rank 0's wandb run id; a resumed run logs to that run (offline here: a
+    second run directory with the same id)."""
+    common = ["--set", "train.steps=4", "--set", "train.warmup_steps=1", "--set", "checkpoint.every=2",
+              "--set", f"checkpoint.dir={tmp_path / 'c'}", "--set", f"log.wandb_dir={tmp_path}",
+              "--set", "log.wandb_mode=offline"]  # fmt: skip
+    _train(*common, "--stop-at", "2")
+    _train(*common, "--resume")
+    runs = sorted(glob.glob(str(tmp_path / "wandb" / "offline-run-*")))
+    ids = {os.path.basename(r).rsplit("-", 1)[1] for r in runs}
+    assert len(runs) == 2 and len(ids) == 1, runs
