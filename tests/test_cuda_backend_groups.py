@@ -187,3 +187,20 @@ def _rank_with_own_rma(rank, world):
 def test_ranks_that_disagree_on_rma_all_refuse():
     for got in run_distributed(_rank_with_own_rma, 2):
         assert "EP_TRAIN_LL_TRANSPORT and EP_TRAIN_LL_RMA" in got.get("error", ""), got
+
+
+def _last_rank_skips(rank, world):
+    if rank == world - 1:  # alive, busy elsewhere: its peers' gathers would wait for it
+        import time
+
+        time.sleep(8)
+        return {"error": "skipped"}
+    return _backend(rank, world, [0] * world, [True] * world, 1 << 20)
+
+
+def test_a_rank_that_never_creates_its_buffer_is_named_within_timeout_s():
+    """The creation's collectives would wait for the process group's timeout: the ranks that came
+    raise CommTimeoutError after the Buffer's timeout_s (5 s here), naming the missing rank."""
+    got = run_distributed(_last_rank_skips, 3, timeout_s=60)
+    for g in got[:2]:
+        assert g["error"].startswith("CommTimeoutError") and "ranks [2] of the group did not create" in g["error"], g

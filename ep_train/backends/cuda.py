@@ -22,8 +22,10 @@ E experts, L = E/R local experts, N received rows, C channels (``num_sms / 2``).
 
 from __future__ import annotations
 
+import datetime
 import socket
 import sys
+from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -78,6 +80,37 @@ def node_id() -> str:
             return f.read().strip() or socket.gethostname()
     except OSError:
         return socket.gethostname()
+
+
+# Buffers created so far per group (its global ranks): every rank creates them in the same order,
+# so the count names a creation alike on all of them.
+_CREATED: Counter = Counter()
+
+
+def wait_for_group(group: dist.ProcessGroup, rank: int, timeout_s: float) -> None:
+    """Return once every rank of ``group`` has started creating this Buffer; a rank that does not
+    within ``timeout_s`` raises CommTimeoutError naming the ranks missing (the creation's
+    collectives would otherwise wait for the process group's timeout).  Through the default
+    store: without one (a group set up another way) there is nothing to check here."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+    except (AttributeError, RuntimeError, ValueError):
+        return
+    ranks = tuple(dist.get_process_group_ranks(group))
+    _CREATED[ranks] += 1
+    prefix = f"ep_train/cuda_buffer/{'-'.join(map(str, ranks))}/{_CREATED[ranks]}"
+    store.set(f"{prefix}/{rank}", b"1")
+    keys = [f"{prefix}/{r}" for r in range(len(ranks))]
+    try:
+        store.wait(keys, datetime.timedelta(seconds=timeout_s))
+    except Exception as exc:  # the store's timeout error type differs between torch versions
+        missing = [r for r, key in enumerate(keys) if not store.check([key])]
+        if not missing:
+            raise
+        raise CommTimeoutError(
+            f"rank {rank}: ranks {missing} of the group did not create their Buffer within timeout_s="
+            f"{timeout_s:g} s (every rank creates the group's Buffers, in the same order)"
+        ) from exc
 
 
 class GroupNotServed(ValueError):
@@ -139,6 +172,7 @@ class CudaBackend(Backend):
         self.low_latency_transport: str | None = None
         use_ll = bool(low_latency_mode) or num_rdma_bytes > 0
         want, rma = _env.low_latency_transport(), _env.low_latency_rma()
+        wait_for_group(group, rank, self.timeout_s)
         # One gather that every rank's decision below rests on, so all of them decide alike.
         views: list[tuple | None] = [None] * num_ranks
         ll_info = (int(num_rdma_bytes), want, rma) if use_ll else None
