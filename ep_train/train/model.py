@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .optim import is_expert_param
 from .recipe import Recipe
 
 __all__ = ["BuiltModel", "Groups", "build_model"]
@@ -37,6 +38,7 @@ class BuiltModel:
     buffer_pools: list = field(default_factory=list)
     _counts: list = field(default_factory=list)
     _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    _aux_loss_scale: float | None = None
 
     def forward_loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy of a micro-batch (MoE aux losses act through the router)."""
@@ -52,7 +54,9 @@ class BuiltModel:
         as Megatron's schedules set it (unset, each micro-batch's aux loss counts in full)."""
         from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(scale, device=self.device))
+        if scale != self._aux_loss_scale:  # once per run, not per step (a host-to-device copy)
+            MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(scale, device=self.device))
+            self._aux_loss_scale = scale
 
     def reset_step_stats(self) -> None:
         self._counts.clear()
@@ -182,7 +186,7 @@ def _draw_experts_per_rank(model: torch.nn.Module, config, seed: int, ep_rank: i
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1 + ep_rank)
         for name, param in model.named_parameters():
-            if getattr(param, "allreduce", True):  # Megatron tags expert parameters allreduce=False
+            if not is_expert_param(param):
                 continue
             if "linear_fc1" in name:
                 config.init_method(param)
