@@ -8,6 +8,7 @@ every run (``run_seeded``), named in the failure.
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 import torch
@@ -429,6 +430,16 @@ def suite_failures(rank: int, world: int, seed: int) -> None:
     torch.cuda.synchronize()
     dist.barrier()
     cuda.destroy()
+
+    # The last rank never creates its Buffer: the others raise after timeout_s, naming it (the
+    # creation's collectives would otherwise wait for the process group's timeout).  Last in the
+    # suite: the ranks' counts of created Buffers differ afterwards.
+    if rank != world - 1:
+        start = time.monotonic()
+        with pytest.raises(CommTimeoutError, match=rf"ranks \[{world - 1}\] of the group did not create"):
+            make_buffers(world, timeout_s=3.0)
+        assert time.monotonic() - start < 30, "the creation's presence check was not bounded by timeout_s"
+    dist.barrier()
 
 
 def suite_inputs_ready_at_previous_event(rank: int, world: int, seed: int) -> None:
