@@ -54,7 +54,7 @@ def _have_te() -> bool:
     return True
 
 
-def _build(args, dispatcher: str, chunks: int, world: int, fused: bool = True):
+def _build(args, dispatcher: str, chunks: int, world: int, fused: bool = True, num_sms: int | None = None):
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
     from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
@@ -74,7 +74,7 @@ def _build(args, dispatcher: str, chunks: int, world: int, fused: bool = True):
         moe_shared_expert_overlap=bool(args.shared) and (dispatcher != "flex" or megatron_core_version() >= (0, 19)),
     )  # fmt: skip
     spec = moe_layer_spec(get_moe_module_spec(use_te=te, num_experts=args.experts, moe_grouped_gemm=te),
-                          options=EPOptions(num_chunks=chunks, fused_permutation=fused),
+                          options=EPOptions(num_chunks=chunks, fused_permutation=fused, num_sms=num_sms),
                           grouped_gemm_experts=not te)  # fmt: skip
     layer = build_module(spec, config=config) if isinstance(spec, ModuleSpec) else spec(config=config)
     return layer.cuda(), ("TEGroupedMLP" if te else "GroupedGemmMLP")
@@ -236,27 +236,30 @@ def _worker(rank: int, world: int, args) -> None:
     x = torch.randn(args.tokens, 1, args.hidden, device="cuda", dtype=torch.bfloat16, generator=gen)
     grad = torch.randn_like(x) * 1e-2
     x.requires_grad_(True)
-    variants = [("alltoall", "alltoall", 1, True)]  # always: the baseline of the ratios
+    # (dispatcher, label, chunks, fused permutation, num_sms of the ep_train kernels: None = default)
+    variants = [("alltoall", "alltoall", 1, True, None)]  # always: the baseline of the ratios
     if world > 1 and "flex" in args.dispatchers:  # Megatron's flex dispatcher refuses EP1
-        variants.append(("flex", "flex (ep_train backend)", 1, True))
+        variants.append(("flex", "flex (ep_train backend)", 1, True, None))
     if "deepep" in args.dispatchers:
         for c in [1, *args.chunks]:
-            variants.append(("deepep", f"deepep chunks={c}" + (" (no overlap)" if c == 1 else ""), c, True))
+            variants.append(("deepep", f"deepep chunks={c}" + (" (no overlap)" if c == 1 else ""), c, True, None))
         if args.separate_permute:
             at = -len(args.chunks) or len(variants)
-            variants.insert(at, ("deepep", "deepep chunks=1, separate permute", 1, False))
-            variants.insert(at, ("deepep", "deepep chunks=1, pair sum before combine", 1, "dispatch"))
+            variants.insert(at, ("deepep", "deepep chunks=1, separate permute", 1, False, None))
+            variants.insert(at, ("deepep", "deepep chunks=1, pair sum before combine", 1, "dispatch", None))
+        for n in args.num_sms:
+            variants.append(("deepep", f"deepep chunks=1, {n} SMs", 1, True, n))
     if args.baseline_last:  # alltoall again at the end: drift of the machine (clocks, heat) between rows
-        variants.append(("alltoall", "alltoall (again, last)", 1, True))
+        variants.append(("alltoall", "alltoall (again, last)", 1, True, None))
     rows, profiles, reference = [], [], None
-    for dispatcher, label, chunks, fused in variants:
+    for dispatcher, label, chunks, fused, num_sms in variants:
         backend = install_flex_backend() if dispatcher == "flex" else None
         # "dispatch": rows permuted inside the dispatch, but the combine's pair sums as a kernel of their own.
         try:
             # Every row gets the same router and expert weights (so the same routing and loads).
             torch.manual_seed(1234)
             model_parallel_cuda_manual_seed(1234)
-            layer, experts = _build(args, dispatcher, chunks, world, bool(fused))
+            layer, experts = _build(args, dispatcher, chunks, world, bool(fused), num_sms)
             with _combine_fusion(fused != "dispatch"):
                 # A row whose output or input gradient is not alltoall's is not timed.
                 result = _fwd_bwd_result(layer, x, grad)
@@ -304,7 +307,7 @@ def _worker(rank: int, world: int, args) -> None:
               "BF16")  # fmt: skip
         base, chained_base = rows[0][1], rows[0][3]
         for label, ms, host_ms, chained_ms, comm, experts, error in rows:
-            print(f"  {label:<30} {ms:8.2f} ms  x{base / ms:5.2f} vs alltoall   host {host_ms:6.2f} ms   "
+            print(f"  {label:<32} {ms:8.2f} ms  x{base / ms:5.2f} vs alltoall   host {host_ms:6.2f} ms   "
                   f"back-to-back {chained_ms:6.2f} ms x{chained_base / chained_ms:5.2f}   comm={comm:<8} "
                   f"experts={experts}   vs alltoall's output: {error:.1e}")  # fmt: skip
         if profiles:
@@ -328,6 +331,14 @@ def main() -> None:
         "--separate-permute",
         action="store_true",
         help="also run deepep (chunks 1) with the permutation after the dispatch instead of inside it",
+    )
+    p.add_argument(
+        "--num-sms",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="N",
+        help="also run deepep (chunks 1) with its kernels on N SMs (default rows: the measured default)",
     )
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--baseline-last", action="store_true", help="run alltoall again after the other rows")
