@@ -183,6 +183,30 @@ def test_token_files_are_checked_whole(tmp_path):
     assert MemmapTokens(str(tmp_path / "odd.bin"), 32, 0, dtype="uint8", vocab_size=512).num_windows == 3
 
 
+def test_large_token_files_are_checked_window_by_window(tmp_path, monkeypatch):
+    """Past MemmapTokens.SCAN_AT_START ids a file opens without a scan and each window is checked as
+    it is read: the window holding the bad id raises naming its position, the others read fine."""
+    import numpy as np
+
+    from ep_train.train.data import MemmapTokens
+
+    ids = np.arange(10 * 33 + 1, dtype=np.uint16) % 500
+    ids[7 * 32 + 5] = 512
+    np.save(tmp_path / "big.npy", ids)
+    monkeypatch.setattr(MemmapTokens, "SCAN_AT_START", 100)
+    src = MemmapTokens(str(tmp_path / "big.npy"), 32, 0, vocab_size=512)  # no scan: opens
+    bad_window = int(np.flatnonzero(src.order == 7)[0])
+    for i in range(src.num_windows):
+        if i == bad_window:
+            with pytest.raises(ValueError, match=f"token id 512 at position {7 * 32 + 5} is outside"):
+                src.window(i)
+        else:
+            np.testing.assert_array_equal(src.window(i), ids[src.order[i] * 32 : src.order[i] * 32 + 33])
+    monkeypatch.setattr(MemmapTokens, "SCAN_AT_START", 1 << 30)
+    with pytest.raises(ValueError, match=f"token id 512 at position {7 * 32 + 5}"):
+        MemmapTokens(str(tmp_path / "big.npy"), 32, 0, vocab_size=512)
+
+
 def test_wandb_auto_mode_follows_the_environment(monkeypatch, tmp_path):
     from ep_train.train import metrics
 
