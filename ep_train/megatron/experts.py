@@ -7,7 +7,9 @@ single ``torch._grouped_mm`` on CUDA BF16 (rows of each expert contiguous, as ev
 produces them); elsewhere it loops over experts with the same math.
 
 Math per row (as Megatron's expert MLP): ``fc2(act(fc1(x)) * prob)``; ``act`` is
-``activation_func`` or, with ``gated_linear_unit``, ``activation_func(a) * b`` of the two halves.
+``activation_func`` or, with ``gated_linear_unit``, ``activation_func(a) * (b + glu_linear_offset)``
+of the two halves, each first clamped when ``activation_func_clamp_value`` is set (``a`` from above,
+``b`` on both sides).
 
 Shape legend: P expert-major rows, H hidden, F ``moe_ffn_hidden_size``, N fc1 outputs (F or 2F),
 L local experts.
@@ -22,6 +24,20 @@ from torch.nn import Parameter
 from ..moe import ChunkedExperts, grouped_matmul, row_counts, swiglu
 
 __all__ = ["GroupedGemmMLP", "grouped_matmul"]
+
+
+def _check_config(config) -> None:
+    """Refuse, naming the setting, what these BF16 grouped GEMMs would silently not do."""
+    for name in ("fp8", "fp4"):
+        if getattr(config, name, None):
+            raise ValueError(f"GroupedGemmMLP runs BF16/FP32 GEMMs: config.{name}={getattr(config, name)!r} needs "
+                             "TransformerEngine's TEGroupedMLP")  # fmt: skip
+    if getattr(config, "moe_latent_size", None):
+        raise ValueError(f"GroupedGemmMLP does not support moe_latent_size={config.moe_latent_size}")
+    if config.moe_apply_probs_on_input and config.moe_router_topk != 1:
+        raise ValueError(
+            f"moe_apply_probs_on_input needs moe_router_topk=1 (as Megatron's experts), got {config.moe_router_topk}"
+        )
 
 
 class GroupedGemmMLP(MegatronModule):
@@ -43,10 +59,17 @@ class GroupedGemmMLP(MegatronModule):
             pg_collection = get_default_pg_collection()
         if pg_collection.expt_tp.size() != 1:
             raise ValueError(f"GroupedGemmMLP needs expert tensor parallel size 1, got {pg_collection.expt_tp.size()}")
+        _check_config(config)
         self.num_local_experts = num_local_experts
         self.ep_group, self.dp_group = pg_collection.ep, pg_collection.expt_dp
-        # SwiGLU (gated SiLU) runs as ep_train.moe.swiglu: one kernel each way on CUDA BF16.
-        self._swiglu = bool(config.gated_linear_unit) and config.activation_func is torch.nn.functional.silu
+        # Plain SwiGLU (gated SiLU, no offset, no clamp) runs as ep_train.moe.swiglu: one kernel each
+        # way on CUDA BF16.
+        self._swiglu = (
+            bool(config.gated_linear_unit)
+            and config.activation_func is torch.nn.functional.silu
+            and not getattr(config, "glu_linear_offset", 0.0)
+            and getattr(config, "activation_func_clamp_value", None) is None
+        )
         hidden, ffn = config.hidden_size, config.moe_ffn_hidden_size
         fc1_out = 2 * ffn if config.gated_linear_unit else ffn
         device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
@@ -78,10 +101,13 @@ class GroupedGemmMLP(MegatronModule):
                     weight[e].copy_(linear.t())
 
     def _activation(self, h_PN: torch.Tensor) -> torch.Tensor:
-        act = self.config.activation_func
-        if self.config.gated_linear_unit:
+        config = self.config
+        act = config.activation_func
+        if config.gated_linear_unit:
             a, b = torch.chunk(h_PN, 2, dim=-1)
-            return act(a) * b
+            if (clamp := getattr(config, "activation_func_clamp_value", None)) is not None:
+                a, b = a.clamp(max=clamp), b.clamp(min=-clamp, max=clamp)
+            return act(a) * (b + getattr(config, "glu_linear_offset", 0.0))
         return act(h_PN)
 
     def _activation_probs(self, h_PN: torch.Tensor, probs_P: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ pytest.importorskip("megatron.core", reason="megatron-core is not installed (see
 from _megatron_harness import (  # noqa: E402
     Case,
     construction_and_recovery,
+    experts_match_sequential,
     fusing_layer_parity,
     gpt_training,
     layer_parity,
@@ -120,3 +121,14 @@ def test_ep_overlap_schedule():
 def test_construction_checks_and_recovery_after_an_error():
     counts = run_distributed(construction_and_recovery, 2, _seed(), timeout_s=TIMEOUT_S)
     assert counts == [4, 4]
+
+
+def test_grouped_gemm_experts_match_megatron_sequential_mlp():
+    """Our grouped-GEMM experts compute Megatron's expert MLP, also with a GLU offset and clamp
+    (GPT-OSS style) and non-gated activations."""
+    import torch.nn.functional as F
+
+    variants = [{}, {"glu_linear_offset": 1.0}, {"activation_func_clamp_value": 0.5},
+                {"glu_linear_offset": 1.0, "activation_func_clamp_value": 0.5},
+                {"gated_linear_unit": False, "activation_func": F.gelu}]  # fmt: skip
+    assert run_distributed(experts_match_sequential, 1, _seed(), variants, timeout_s=TIMEOUT_S) == [len(variants)]
