@@ -55,21 +55,25 @@ def check_config(config) -> None:
             )
     if config.num_moe_experts is None:
         raise ValueError("the 'deepep' dispatcher needs num_moe_experts")
-    scopes = _graph_scopes(config)
-    if "moe_preprocess" in scopes:
-        raise ValueError(
-            f"cuda_graph_impl={config.cuda_graph_impl!r} with CUDA-graph scopes {sorted(scopes)} captures the MoE "
-            "preprocess (cuda_graph_impl='local' adds it to moe_router), whose per-micro-batch state the 'deepep' "
-            "dispatcher keeps outside the graph; capture moe_router alone with cuda_graph_impl='transformer_engine', "
-            "or leave the MoE layer out of the graph"
-        )
+    if getattr(config, "cuda_graph_impl", "none") not in ("none", None):
+        scopes = _graph_scopes(config)
+        # An empty scope list ("full", the default) captures whole layers, MoE included; "moe" the
+        # MoE layer; "full_iteration" everything.
+        captured = sorted(scopes & {"moe_preprocess", "moe", "full_iteration"}) or ([] if scopes else ["full"])
+        if captured:
+            listed = sorted(scopes) or "[] (whole layers)"
+            raise ValueError(
+                f"cuda_graph_impl={config.cuda_graph_impl!r} with CUDA-graph scopes {listed} "
+                f"captures the MoE preprocess ({', '.join(captured)}; cuda_graph_impl='local' adds moe_preprocess "
+                "to moe_router), whose per-micro-batch state the 'deepep' dispatcher keeps outside the graph; "
+                "capture moe_router alone with cuda_graph_impl='transformer_engine', or scopes without the MoE layer "
+                "such as attn"
+            )
 
 
 def _graph_scopes(config) -> set[str]:
-    """Names of the per-layer CUDA-graph scopes in effect (0.16: ``cuda_graph_scope``; 0.19:
-    ``cuda_graph_modules``, with ``cuda_graph_scope`` its deprecated spelling); empty without graphs."""
-    if getattr(config, "cuda_graph_impl", "none") in ("none", None):
-        return set()
+    """Names of the CUDA-graph scopes set (0.16: ``cuda_graph_scope``; 0.19: ``cuda_graph_modules``,
+    with ``cuda_graph_scope`` its deprecated spelling); "full" is Megatron's old spelling of none."""
     names: set[str] = set()
     for attr in ("cuda_graph_modules", "cuda_graph_scope"):
         value = getattr(config, attr, None)
@@ -77,4 +81,4 @@ def _graph_scopes(config) -> set[str]:
             value = value.split(",")
         for scope in value or ():
             names.add(str(getattr(scope, "name", scope)).strip())
-    return names
+    return names - {"full", ""}

@@ -99,6 +99,12 @@ def _gather_weights(probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, dtype: to
     return w_TK.masked_fill(topk_idx_TK < 0, 0)
 
 
+def _in_backward() -> bool:
+    """True inside an autograd backward (where activation checkpointing recomputes forwards)."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return current is not None and current() != -1
+
+
 @dataclass
 class _MicroBatch:
     """Forward state of one micro-batch between the stages (backward state is in autograd ctx)."""
@@ -156,11 +162,14 @@ class EPTokenDispatcher(MoETokenDispatcher):
         # observers such as a CommTimer can attach to ``self.buffer`` before the first forward.
         hidden = getattr(config, "moe_latent_size", None) or config.hidden_size
         self.buffer = self.buffers.get(self.ep_group, hidden, config.params_dtype.itemsize)
-        self._queues: dict[str, collections.deque[_MicroBatch]] = {
-            stage: collections.deque()
-            for stage in ("token_dispatch", "dispatch_postprocess", "combine_preprocess", "token_combine",
-                          "combine_postprocess")
-        }  # fmt: skip
+        stages = ("token_dispatch", "dispatch_postprocess", "combine_preprocess", "token_combine",
+                  "combine_postprocess")  # fmt: skip
+        self._queues: dict[str, collections.deque[_MicroBatch]] = {stage: collections.deque() for stage in stages}
+        # A recomputed forward (activation checkpointing) runs inside a backward, and a non-reentrant
+        # checkpoint stops it after its last saved tensor, before the last stages: its own queues.
+        self._recompute_queues: dict[str, collections.deque[_MicroBatch]] = {
+            stage: collections.deque() for stage in stages
+        }
 
     # ------------------------------------------------------------------ helpers
     def set_shared_experts(self, shared_experts) -> None:
@@ -171,13 +180,23 @@ class EPTokenDispatcher(MoETokenDispatcher):
 
     def reset(self) -> None:
         """Drop the state of forwards that did not reach ``combine_postprocess`` (e.g. after an error)."""
-        for queue in self._queues.values():
-            queue.clear()
+        for queues in (self._queues, self._recompute_queues):
+            for queue in queues.values():
+                queue.clear()
+
+    def _stage_queues(self) -> dict[str, collections.deque[_MicroBatch]]:
+        """The queues of the forward being run: a recomputation's (inside a backward) or the first."""
+        return self._recompute_queues if _in_backward() else self._queues
 
     def _drop_unfinished(self) -> None:
         """Outside the EP-overlap schedule one forward runs all six stages before the next begins, so
         state left in a queue when a forward starts is that of a forward an exception ended: drop it
-        (otherwise every later forward would take the stages of the one before)."""
+        (otherwise every later forward would take the stages of the one before).  A recomputation's
+        leftovers are expected (a checkpoint that stopped early) and dropped in silence."""
+        if _in_backward():
+            for queue in self._recompute_queues.values():
+                queue.clear()
+            return
         stale = sum(len(queue) for queue in self._queues.values())
         if stale and not self.config.overlap_moe_expert_parallel_comm:
             warnings.warn(
@@ -188,10 +207,10 @@ class EPTokenDispatcher(MoETokenDispatcher):
             self.reset()
 
     def _push(self, stage: str, mb: _MicroBatch) -> None:
-        self._queues[stage].append(mb)
+        self._stage_queues()[stage].append(mb)
 
     def _pop(self, stage: str) -> _MicroBatch:
-        queue = self._queues[stage]
+        queue = self._stage_queues()[stage]
         if not queue:
             raise RuntimeError(
                 f"EPTokenDispatcher.{stage} was called with no micro-batch waiting for it: the six stages must "

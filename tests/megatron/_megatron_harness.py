@@ -512,3 +512,52 @@ def experts_match_sequential(rank: int, world: int, seed: int, variants: list[di
             with pytest.raises(ValueError, match=name):
                 GroupedGemmMLP(L, config, pg_collection=get_default_pg_collection())
     return len(variants)
+
+
+def checkpointed_layer_parity(rank: int, world: int, seed: int) -> int:
+    """A "deepep" MoE layer under activation checkpointing (torch's non-reentrant checkpoint, which
+    stops its recomputation after the last saved tensor, and ep_train's routing-replay checkpoint),
+    several steps in a row: every step equals the uncheckpointed layer, no forward's state is left
+    in the dispatcher, no warning.  Returns the number of checkpointed steps compared."""
+    import warnings
+
+    import torch.utils.checkpoint
+
+    from ep_train.autograd.replay import checkpoint as replay_checkpoint
+
+    case = Case(topk=2)
+    gen = torch.Generator().manual_seed(seed * 8 + rank)
+    steps = 0
+    with megatron_world(world, seed):
+        torch.manual_seed(seed)
+        layer = build_moe_layer(case, "deepep", world)
+        dispatcher = layer.token_dispatcher
+        for wrap in ("torch", "replay"):
+            x = torch.randn(*case.tokens, case.hidden, generator=gen)
+            grad_out = torch.randn(*case.tokens, case.hidden, generator=gen)
+            expected = run_layer(layer, x, grad_out)
+
+            def forward(t):
+                return layer(t)[0]
+
+            class Checkpointed(torch.nn.Module):  # run_layer's interface over the checkpointed forward
+                def forward(self, t, wrap=wrap):
+                    if wrap == "torch":
+                        return torch.utils.checkpoint.checkpoint(forward, t, use_reentrant=False), None
+                    return replay_checkpoint(forward, t), None
+
+                def named_parameters(self, *args, **kwargs):
+                    return layer.named_parameters(*args, **kwargs)
+
+                def zero_grad(self, set_to_none=True):
+                    layer.zero_grad(set_to_none=set_to_none)
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", UserWarning)  # a dropped stale state would warn
+                for _ in range(3):
+                    actual = run_layer(Checkpointed(), x, grad_out)
+                    compare(actual, expected, exact=True, tag=f"[checkpoint {wrap}]")
+                    left = {stage: len(q) for stage, q in dispatcher._queues.items() if q}
+                    assert not left, f"[checkpoint {wrap}] forward state left behind: {left}"
+                    steps += 1
+    return steps

@@ -12,6 +12,7 @@ pytest.importorskip("megatron.core", reason="megatron-core is not installed (see
 
 from _megatron_harness import (  # noqa: E402
     Case,
+    checkpointed_layer_parity,
     construction_and_recovery,
     experts_match_sequential,
     fusing_layer_parity,
@@ -132,3 +133,9 @@ def test_grouped_gemm_experts_match_megatron_sequential_mlp():
                 {"glu_linear_offset": 1.0, "activation_func_clamp_value": 0.5},
                 {"gated_linear_unit": False, "activation_func": F.gelu}]  # fmt: skip
     assert run_distributed(experts_match_sequential, 1, _seed(), variants, timeout_s=TIMEOUT_S) == [len(variants)]
+
+
+def test_activation_checkpointing_leaves_no_state():
+    """Recomputed forwards (non-reentrant checkpoints stop early) neither leak state into later
+    forwards nor change results."""
+    assert run_distributed(checkpointed_layer_parity, 2, _seed(), timeout_s=TIMEOUT_S) == [6, 6]

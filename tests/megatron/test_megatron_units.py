@@ -98,7 +98,10 @@ def test_make_config_rejects_unsupported():
     [({"cuda_graph_impl": "local", "cuda_graph_scope": ["moe_router"]}, True),  # local adds moe_preprocess
      ({"cuda_graph_impl": "transformer_engine", "cuda_graph_scope": ["moe_router", "moe_preprocess"]}, True),
      ({"cuda_graph_impl": "transformer_engine", "cuda_graph_scope": ["moe_router"]}, False),
-     ({"cuda_graph_impl": "local", "cuda_graph_scope": "attn"}, False)],
+     ({"cuda_graph_impl": "local", "cuda_graph_scope": "attn"}, False),
+     ({"cuda_graph_impl": "local"}, True),  # the default scope: whole layers
+     ({"cuda_graph_impl": "transformer_engine", "cuda_graph_scope": []}, True),
+     ({"cuda_graph_impl": "none"}, False)],
 )  # fmt: skip
 def test_make_config_cuda_graph_scopes(graphs, refused):
     if refused:
