@@ -36,7 +36,7 @@ from .errors import CommError
 from .event import EventOverlap, capture
 from .handle import DispatchHandle, LowLatencyHandle
 from .permute import permute_dispatch_result, sum_pair_rows
-from .validate import check_int, check_num_sms, check_tensor, check_topk_idx_values, split_fp8
+from .validate import check_bool, check_int, check_num_sms, check_tensor, check_topk_idx_values, split_fp8
 
 __all__ = ["Buffer", "group_device", "topk_idx_t"]
 
@@ -182,7 +182,7 @@ class Buffer:
         self.num_qps_per_rank = check_int("num_qps_per_rank", num_qps_per_rank, 1)
         if timeout_s is None:
             timeout_s = _env.default_timeout_s()
-        if not isinstance(timeout_s, (int, float)) or timeout_s <= 0:
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or timeout_s <= 0:
             raise ValueError(f"timeout_s must be a number > 0, got {timeout_s!r}")
         self.timeout_s = float(timeout_s)
         self.check_values = bool(check_values)
@@ -610,6 +610,13 @@ class Buffer:
         per_expert = a.num_tokens_per_expert
         if per_expert is None and topk_idx is not None:
             raise ValueError("dispatch with topk_idx needs num_tokens_per_expert (from get_dispatch_layout)")
+        if isinstance(per_expert, torch.Tensor):
+            check_tensor("num_tokens_per_expert", per_expert, dtypes=torch.int32, ndim=1, device=self.device)
+            if per_expert.shape[0] < 1 or per_expert.shape[0] % R:
+                raise ValueError(
+                    f"num_tokens_per_expert has {per_expert.shape[0]} entries: it holds one per expert (its length is "
+                    f"num_experts), a positive multiple of the group size {R}; pass get_dispatch_layout's"
+                )
         num_experts = per_expert.shape[0] if isinstance(per_expert, torch.Tensor) else R
         num_experts = self._check_num_experts(num_experts)
         per_rank = check_tensor(
@@ -855,6 +862,9 @@ class Buffer:
             ordered by source rank then source token index.
         """
         self._check_usable()
+        for name, flag in (("use_fp8", use_fp8), ("round_scale", round_scale), ("use_ue8m0", use_ue8m0),
+                           ("async_finish", async_finish), ("return_recv_hook", return_recv_hook)):  # fmt: skip
+            check_bool(name, flag)
         if use_ue8m0:
             raise ValueError("use_ue8m0=True is not supported; round_scale=True gives power-of-two float32 scales")
         M = check_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, 1)
@@ -943,6 +953,9 @@ class Buffer:
             ``(combined_x [T, H], event, hook)``.
         """
         self._check_usable()
+        for name, flag in (("use_logfmt", use_logfmt), ("zero_copy", zero_copy), ("async_finish", async_finish),
+                           ("return_recv_hook", return_recv_hook), ("sum_per_rank", sum_per_rank)):  # fmt: skip
+            check_bool(name, flag)
         if use_logfmt:
             raise ValueError("use_logfmt=True is not supported; combine sends BF16 rows")
         if not isinstance(handle, LowLatencyHandle):

@@ -25,6 +25,13 @@ def check_int(name: str, value: Any, minimum: int) -> int:
     return value
 
 
+def check_bool(name: str, value: Any) -> bool:
+    """A flag: True or False (a string such as "no" would otherwise count as True)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def check_num_sms(name: str, value: Any, none_ok: bool = False) -> Any:
     """SMs of the kernels: an even int >= 2 (two per channel), or None where ``none_ok``."""
     if value is None and none_ok:

@@ -134,7 +134,9 @@ def _grads_body(rank, R, seed, kind, K, backend="auto", tokens=None, fp8=False, 
     assert ok, tag
 
 
-def _low_latency_body(rank, R, seed, kind, K, backend="auto", sum_per_rank=False):
+def _low_latency_body(rank, R, seed, kind, K, backend="auto", sum_per_rank=False, own_weights=False):
+    """``own_weights``: the combine weights with ``2 w + 0.1`` (a function of the dispatch's weights,
+    so both paths of their gradient count), not with the weights the dispatch carried."""
     T, H, M = 4, 3, 6
     _, _, idxs, ws, xs, gouts = _model(R, T, H, K, kind, seed, _device(rank))
     buf = _buffer(R, H, M, backend)
@@ -145,9 +147,13 @@ def _low_latency_body(rank, R, seed, kind, K, backend="auto", sum_per_rank=False
     # changes the result.
     scale_L = torch.arange(rank * L + 1, (rank + 1) * L + 1, dtype=DT, device=xs[rank].device).view(L, 1, 1)
 
+    def combine_weights(w):
+        return 2 * w + 0.1 if own_weights else w
+
     def ll(x, w):
         recv, _, h = A.low_latency_dispatch(buf, x, idx, w, M, E, sum_per_rank=sum_per_rank)
-        return A.low_latency_combine(buf, recv * scale_L + recv**2, idx, w, h, sum_per_rank=sum_per_rank)
+        return A.low_latency_combine(buf, recv * scale_L + recv**2, idx, combine_weights(w), h,
+                                     sum_per_rank=sum_per_rank)  # fmt: skip
 
     x, w = xs[rank].clone().requires_grad_(), ws[rank].clone().requires_grad_()
     y = ll(x, w)
@@ -155,7 +161,8 @@ def _low_latency_body(rank, R, seed, kind, K, backend="auto", sum_per_rank=False
     for t in range(T):
         for k in range(K):
             if idx[t, k] >= 0:
-                want[t] += ws[rank][t, k] * (xs[rank][t] * (int(idx[t, k]) + 1) + xs[rank][t] ** 2)
+                weight = combine_weights(ws[rank][t, k])
+                want[t] += weight * (xs[rank][t] * (int(idx[t, k]) + 1) + xs[rank][t] ** 2)
     torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(ll, (x, w), eps=1e-6, atol=1e-5, rtol=1e-4), f"[seed {seed} kind {kind} K {K}]"
 
@@ -198,3 +205,31 @@ def test_low_latency_pair_gradcheck(world_size, sum_per_rank):
     seed = random.randrange(1 << 30)
     kind, K = random.Random(seed).choice(CASES)
     run_distributed(_low_latency_body, world_size, seed, kind, K, sum_per_rank=sum_per_rank, timeout_s=600)
+
+
+@pytest.mark.parametrize("kind, K", [("uniform", 2), ("masked", 3), ("dropped_rows", 8)])
+def test_low_latency_combine_with_its_own_weights_gradcheck(kind, K):
+    """The combine's weights are not the dispatch's: the expert-output gradient uses the combine's."""
+    run_distributed(_low_latency_body, 2, random.randrange(1 << 30), kind, K, own_weights=True, timeout_s=600)
+
+
+def _low_latency_bf16_weight_grads(rank, R, seed):
+    """BF16 rows on a backend that moves only BF16 (as the CUDA kernels): the weight gradients
+    still come back to FP32 precision of their BF16 inputs, not rounded to BF16."""
+    T, H, M, K = 6, 64, 8, 3
+    _, _, idxs, ws, xs, gouts = _model(R, T, H, K, "masked", seed)
+    buf = _buffer(R, H, M)
+    buf._backend.supported_dtypes = (torch.bfloat16,)
+    idx, w = idxs[rank], ws[rank].float().requires_grad_()
+    x = xs[rank].to(torch.bfloat16)
+    recv, _, h = A.low_latency_dispatch(buf, x, idx, w.detach(), M, E)
+    y = A.low_latency_combine(buf, recv, idx, w, h)  # experts: identity
+    gout = gouts[rank].to(torch.bfloat16)
+    y.backward(gout)
+    want = torch.where(idx >= 0, (gout.double() @ x.double().T).diagonal().unsqueeze(-1).expand(T, K), 0.0)
+    got = w.grad.double()
+    assert torch.allclose(got, want, rtol=2e-5, atol=1e-5 * want.abs().max().item()), (got - want).abs().max()
+
+
+def test_low_latency_weight_grads_keep_fp32_precision_over_bf16_rows():
+    run_distributed(_low_latency_bf16_weight_grads, 2, random.randrange(1 << 30), timeout_s=600)

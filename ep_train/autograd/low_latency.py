@@ -3,8 +3,8 @@
 ``low_latency_dispatch`` is differentiable w.r.t. ``x``: its backward sends the slot gradients
 back and sums them per token (an unweighted low-latency combine).  ``low_latency_combine`` is
 weighted by ``topk_weights`` and differentiable w.r.t. the expert outputs and the weights: its
-backward low-latency-dispatches the output gradient into the same slots, scales it by each slot's
-weight (carried by the dispatch handle), and returns each slot's weight gradient to its token
+backward low-latency-dispatches the output gradient, with the combine's weights, into the same
+slots, scales it by each slot's weight, and returns each slot's weight gradient to its token
 through a combine of one-hot rows (each (token, k) receives exactly one value).
 
 Shape legend: T tokens, H hidden, K top-k, L local experts, S = R*M slots per local expert.
@@ -56,37 +56,60 @@ class _LowLatencyCombineFn(torch.autograd.Function):
             x_LSH, topk_idx_TK, topk_weights_TK.detach(), handle, sum_per_rank=sum_per_rank
         )
         ctx.buffer, ctx.handle = buffer, handle
-        ctx.save_for_backward(x_LSH, topk_idx_TK)
+        ctx.save_for_backward(x_LSH, topk_idx_TK, topk_weights_TK.detach())
         return combined
 
     @staticmethod
     def backward(ctx, grad_TH):
-        x_LSH, topk_idx_TK = ctx.saved_tensors
+        x_LSH, topk_idx_TK, topk_weights_TK = ctx.saved_tensors
         h: LowLatencyHandle = ctx.handle
         buffer: Buffer = ctx.buffer
-        grad_slots, _, _, _, _ = buffer.low_latency_dispatch(
-            grad_TH.contiguous(), topk_idx_TK, h.num_max_dispatch_tokens_per_rank, h.num_experts, use_fp8=False
-        )
+        # The combine's own weights travel with the gradient into the same slots (they may differ
+        # from those the dispatch carried, e.g. renormalised after it).
+        grad_slots, _, grad_handle, _, _ = buffer.low_latency_dispatch(
+            grad_TH.contiguous(), topk_idx_TK, h.num_max_dispatch_tokens_per_rank, h.num_experts, use_fp8=False,
+            topk_weights=topk_weights_TK.float(),
+        )  # fmt: skip
         # Unused slots hold whatever the buffer had (the CUDA kernels do not clear them): mask, not
         # multiply, so that stale NaN/Inf there cannot leak into the gradients.
         valid = h.recv_topk_pos_LS >= 0
         zero = torch.zeros((), dtype=grad_slots.dtype, device=grad_slots.device)
         grad_slots = torch.where(valid.unsqueeze(-1), grad_slots, zero)
-        weights_LS = h.recv_topk_weights_LS.to(grad_slots.dtype)
-        grad_x = grad_slots * weights_LS.unsqueeze(-1) if ctx.needs_input_grad[0] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            weights_LS = grad_handle.recv_topk_weights_LS.unsqueeze(-1)
+            wide = torch.promote_types(grad_slots.dtype, weights_LS.dtype)  # one rounding to the grad's dtype
+            grad_x = (grad_slots.to(wide) * weights_LS.to(wide)).to(grad_slots.dtype)
         grad_w = None
         if ctx.needs_input_grad[1]:
-            acc = torch.float64 if x_LSH.dtype == torch.float64 else torch.float32
-            x_valid = torch.where(valid.unsqueeze(-1), x_LSH.to(acc), torch.zeros((), dtype=acc, device=x_LSH.device))
-            grad_w_LS = (grad_slots.to(acc) * x_valid).sum(dim=-1)
-            k = topk_idx_TK.shape[1]
-            onehot = torch.nn.functional.one_hot(h.recv_topk_pos_LS.clamp_min(0).long(), k).to(acc)
-            rows = (onehot * (grad_w_LS * valid).unsqueeze(-1)).to(grad_slots.dtype).contiguous()
-            ones = torch.ones(topk_idx_TK.shape, dtype=torch.float32, device=topk_idx_TK.device)
-            k_handle = dataclasses.replace(h, hidden=k)
-            grad_w, _, _ = buffer.low_latency_combine(rows, topk_idx_TK, ones, k_handle)
-            grad_w = grad_w.to(h.recv_topk_weights_LS.dtype)
+            grad_w = _weight_grads(buffer, h, topk_idx_TK, x_LSH, grad_slots, valid).to(topk_weights_TK.dtype)
         return grad_x, grad_w, None, None, None, None
+
+
+def _weight_grads(buffer: Buffer, h: LowLatencyHandle, topk_idx_TK, x_LSH, grad_slots, valid) -> torch.Tensor:
+    """``[T, K]``: each slot's ``<grad, x>`` back to its (token, k), in FP32 (FP64 for FP64 inputs).
+
+    A low-latency combine of one-hot rows: each (token, k) receives exactly one value.  Where the
+    backend moves only 16-bit rows, each value travels as two, ``hi = bf16(v)`` and ``lo = bf16(v -
+    hi)``, added in FP32 on arrival (16 significant bits instead of 8).
+    """
+    acc = torch.float64 if x_LSH.dtype == torch.float64 else torch.float32
+    x_valid = torch.where(valid.unsqueeze(-1), x_LSH.to(acc), torch.zeros((), dtype=acc, device=x_LSH.device))
+    grad_w_LS = (grad_slots.to(acc) * x_valid).sum(dim=-1) * valid
+    k = topk_idx_TK.shape[1]
+    onehot = torch.nn.functional.one_hot(h.recv_topk_pos_LS.clamp_min(0).long(), k).to(acc)
+    values_LSK = onehot * grad_w_LS.unsqueeze(-1)
+    ones = torch.ones(topk_idx_TK.shape, dtype=torch.float32, device=topk_idx_TK.device)
+    if acc in buffer.supported_dtypes:
+        out, _, _ = buffer.low_latency_combine(values_LSK.contiguous(), topk_idx_TK, ones,
+                                               dataclasses.replace(h, hidden=k))  # fmt: skip
+        return out
+    wire = grad_slots.dtype
+    hi = values_LSK.to(wire)
+    lo = (values_LSK - hi.to(acc)).to(wire)
+    out, _, _ = buffer.low_latency_combine(torch.cat([hi, lo], dim=-1).contiguous(), topk_idx_TK, ones,
+                                           dataclasses.replace(h, hidden=2 * k))  # fmt: skip
+    return out[:, :k].to(acc) + out[:, k:].to(acc)
 
 
 def _require_weights(topk_weights) -> None:

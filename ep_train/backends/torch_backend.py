@@ -79,15 +79,19 @@ class TorchBackend(Backend):
         self.timeout_s = timeout_s
 
     # ------------------------------------------------------------------ collectives, bounded
-    def _wait(self, work: dist.Work, what: str, info: CallInfo) -> None:
+    def _wait(self, work: dist.Work, what: str, info: CallInfo, host_waits: bool = False) -> None:
+        """Wait for ``work``, at most ``timeout_s``.  On CUDA the wait is the stream's (no host sync)
+        unless ``host_waits``: the caller reads the result on the host next anyway, so the host
+        waits here, bounded.  A collective that never completes on the stream stops the next
+        host-waited one (every dispatch exchanges its counts that way), at most ``timeout_s`` later."""
         try:
-            if self._on_cpu:
+            if self._on_cpu or host_waits:
                 work.wait(timeout=datetime.timedelta(seconds=self.timeout_s))
             else:
                 work.wait()
         except RuntimeError as exc:
             call = f"{OP_NAMES.get(info.op, info.op)} (call #{info.seq})"
-            if "timed out" in str(exc).lower():
+            if "timed out" in str(exc).lower() or "timing out" in str(exc).lower():
                 raise CommTimeoutError(
                     f"rank {self.rank}: {call} waited more than {self.timeout_s:g} s for peers in {what}: "
                     "a rank skipped this call, called another op, or died"
@@ -96,7 +100,8 @@ class TorchBackend(Backend):
 
     def _all_gather(self, vec: torch.Tensor, what: str, info: CallInfo) -> torch.Tensor:
         out = [torch.empty_like(vec) for _ in range(self.num_ranks)]
-        self._wait(dist.all_gather(out, vec, group=self.group, async_op=True), what, info)
+        # Every all-gather result is read on the host next (the header and count exchanges).
+        self._wait(dist.all_gather(out, vec, group=self.group, async_op=True), what, info, host_waits=True)
         return torch.stack(out)
 
     def _all_to_all(

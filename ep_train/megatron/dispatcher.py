@@ -118,6 +118,8 @@ class _MicroBatch:
     layout: PairLayout | None = None
     #: set by an expert-major dispatch (``fused_permutation``): CPU int64 rows per local expert.
     fused_tokens_per_expert: torch.Tensor | None = None
+    #: the Buffer of the dispatch, which its handle belongs to (the combine must use it too).
+    buffer: Any = None
     extras: dict = field(default_factory=dict)
 
 
@@ -132,6 +134,10 @@ class EPTokenDispatcher(MoETokenDispatcher):
 
     def __init__(self, num_local_experts: int, local_expert_indices: list[int], config, pg_collection=None, *,
                  options: EPOptions | None = None, buffers: BufferPool | None = None):  # fmt: skip
+        if pg_collection is None:
+            from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+            pg_collection = get_default_pg_collection()
         super().__init__(config=config, pg_collection=pg_collection)
         check_config(config)  # also for a config built without make_config or changed after it
         if self.tp_size > 1:
@@ -143,10 +149,13 @@ class EPTokenDispatcher(MoETokenDispatcher):
             raise ValueError(
                 f"num_moe_experts={config.num_moe_experts} must be divisible by the EP size {self.ep_size}"
             )
-        expected = list(range(local_expert_indices[0], local_expert_indices[0] + num_local_experts))
-        if list(local_expert_indices) != expected or num_local_experts != config.num_moe_experts // self.ep_size:
+        # The Buffer routes expert e to EP rank e // L: this rank must hold exactly those experts.
+        first = self.ep_group.rank() * (config.num_moe_experts // self.ep_size)
+        expected = list(range(first, first + config.num_moe_experts // self.ep_size))
+        if list(local_expert_indices) != expected or num_local_experts != len(expected):
             raise ValueError(
-                f"local_expert_indices must be {num_local_experts} contiguous ids, got {local_expert_indices}"
+                f"num_local_experts={num_local_experts}, local_expert_indices={list(local_expert_indices)}: EP rank "
+                f"{self.ep_group.rank()} of {self.ep_size} must hold experts {expected[0]}..{expected[-1]}"
             )
         self.num_local_experts = num_local_experts
         self.local_expert_indices = list(local_expert_indices)
@@ -269,6 +278,10 @@ class EPTokenDispatcher(MoETokenDispatcher):
         self._drop_unfinished()
         hidden_shape = tokens.shape
         x_TH = tokens.reshape(-1, hidden_shape[-1])
+        if x_TH.shape[0] != routing_map.shape[0]:
+            raise ValueError(
+                f"tokens {tuple(hidden_shape)} hold {x_TH.shape[0]} tokens, routing_map has {routing_map.shape[0]} rows"
+            )
         if self.config.overlap_moe_expert_parallel_comm:
             # The EP-overlap schedule frees a stage's inputs after its forward; the router's backward
             # still needs the layernorm output this would otherwise be a view of.
@@ -286,7 +299,7 @@ class EPTokenDispatcher(MoETokenDispatcher):
     def token_dispatch(self, hidden_states: torch.Tensor, probs: torch.Tensor):
         """Send tokens to their experts' ranks → ``(recv_x [N, H], recv_weights [N, K])``."""
         mb = self._pop("token_dispatch")
-        buffer = self._buffer(hidden_states)
+        buffer = mb.buffer = self._buffer(hidden_states)
         self._shared_experts_launch()
         weights_TK = probs.to(self._weight_dtype(buffer, probs.dtype))
         # NOTES: not under the EP-overlap schedule: it frees each stage's inputs after the stage's
@@ -331,7 +344,7 @@ class EPTokenDispatcher(MoETokenDispatcher):
     def token_combine(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Rows back to their source ranks, summed per token → ``[T, H]``."""
         mb = self._pop("token_combine")
-        buffer = self._buffer(hidden_states)
+        buffer = mb.buffer
         if mb.fused_tokens_per_expert is not None:
             y_TH = combine_from_experts(buffer, hidden_states, mb.handle, config=self.options.combine_config)
         else:

@@ -55,6 +55,12 @@ class EPMoELayer(MoELayer):
         if factory is None:
             super().__init__(config, submodules=submodules, layer_number=layer_number, pg_collection=pg_collection,
                              **kwargs)  # fmt: skip
+            if self.ep_options.num_chunks > 1:
+                warnings.warn(
+                    f"EPOptions.num_chunks={self.ep_options.num_chunks} is ignored with Megatron's own "
+                    f"dispatcher {name!r}: only a registered dispatcher such as 'deepep' pipelines chunks",
+                    stacklevel=2,
+                )
             return
         if pg_collection is None:
             pg_collection = get_default_pg_collection()

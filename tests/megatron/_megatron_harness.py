@@ -424,6 +424,20 @@ def construction_and_recovery(rank: int, world: int, seed: int) -> int:
             build(chunked, config)
         checks += 1
 
+        # A dispatcher given another rank's experts, and tokens that are not the routing map's rows.
+        from ep_train.megatron import EPTokenDispatcher
+
+        config = make_layer_config(case, "deepep", world)
+        L = case.num_experts // world
+        other = ((rank + 1) % world) * L
+        with pytest.raises(ValueError, match=f"EP rank {rank} of {world} must hold experts {rank * L}"):
+            EPTokenDispatcher(L, list(range(other, other + L)), config)
+        dispatcher = EPTokenDispatcher(L, list(range(rank * L, rank * L + L)), config)
+        routing_map = torch.zeros(5, case.num_experts, dtype=torch.bool)
+        with pytest.raises(ValueError, match="hold 6 tokens, routing_map has 5 rows"):
+            dispatcher.dispatch_preprocess(torch.zeros(3, 2, case.hidden), routing_map, routing_map.float())
+        checks += 2
+
         # 0.19's inference-optimized layers keep the dispatcher their training forwards switch back
         # to; the base class's is simulated on versions without it.
         original_init = MoELayer.__init__
