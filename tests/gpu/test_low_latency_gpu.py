@@ -526,3 +526,44 @@ def test_low_latency_nvshmem_puts_one_pe():
     if reason is not None:
         pytest.skip(f"NVSHMEM: {reason}")
     run_seeded(suite_nvshmem_puts_one_pe, 1)
+
+
+def suite_autograd_pair(rank: int, world: int, seed: int, transport: str) -> None:
+    """The differentiable low-latency pair on the kernels against the torch backend, BF16: output,
+    the input gradient and the weight gradient, with the combine weighted by the dispatch's weights
+    and by weights of its own (renormalised after the dispatch).  The weight gradients cross the
+    kernels as BF16 pairs (hi, lo): they must agree with the torch backend's FP32 ones to ~1e-4."""
+    import ep_train.autograd as A
+
+    cuda, ref = _buffers(world, transport=transport)
+    gen = rank_generator(seed, rank)
+    T, H, K, M = 48, 512, 4, 64
+    idx = routing("random", T, K, E, rank, gen)
+    w0 = torch.rand(T, K, generator=gen).cuda()
+    x0 = torch.randn(T, H, generator=gen).to(torch.bfloat16).cuda()
+    gout = torch.randn(T, H, generator=gen).to(torch.bfloat16).cuda()
+    for own_weights in (False, True):
+        results = []
+        for buf in (cuda, ref):
+            x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+            recv, _, h = A.low_latency_dispatch(buf, x, idx, w, M, E)
+            y = _expert_out(recv, rank, world)
+            out = A.low_latency_combine(buf, y, idx, 2 * w + 0.1 if own_weights else w, h)
+            out.backward(gout)
+            results.append((out.detach().float(), x.grad.float(), w.grad.double()))
+        tag = f"[rank {rank} seed {seed} own weights {own_weights}]"
+        for name, got, want, tol in zip(("output", "grad x", "grad topk_weights"), *results, (1e-2, 1e-2, 1e-4),
+                                        strict=True):  # fmt: skip
+            err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
+            assert err <= tol, f"{name} {tag}: max error {err:.3g} of the largest value (tolerance {tol:g})"
+    torch.cuda.synchronize()
+    dist.barrier()
+    cuda.destroy()
+
+
+def test_autograd_pair_matches_torch_backend(num_gpus, transport):
+    run_seeded(suite_autograd_pair, num_gpus, transport)
+
+
+def test_autograd_pair_two_processes_on_one_gpu(kernels, transport):
+    run_seeded(suite_autograd_pair, 2, transport, one_gpu=True)
