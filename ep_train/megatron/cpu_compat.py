@@ -23,7 +23,8 @@ puts the originals back afterwards:
   the router fails with a NameError; the name is set to ``None`` (the value later releases give it).
 - ``torch.cuda.manual_seed`` does nothing (there is no CUDA generator) and Megatron's RNG tracker
   becomes one that forks the CPU generator, so ``model_parallel_cuda_manual_seed`` keeps its
-  seeding rules.
+  seeding rules; the "CUDA" generator state that activation recomputation saves and restores
+  (``_get_cuda_rng_state`` / ``_set_cuda_rng_state``) is the CPU generator's.
 
 It is for tests, benchmarks-on-CPU and the CPU training recipe.  It is never entered implicitly:
 importing ``ep_train`` or ``ep_train.megatron`` changes nothing.  Do not use it in a process that
@@ -150,6 +151,14 @@ def _make_cpu_tracker_class():
     return CpuRNGStatesTracker
 
 
+def _cpu_get_rng_state(*args, **kwargs) -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _cpu_set_rng_state(new_state: torch.Tensor, *args, **kwargs) -> None:
+    torch.set_rng_state(new_state)
+
+
 def CpuRNGStatesTracker():  # noqa: N802 - factory named like the class it builds
     """A Megatron RNG tracker that forks the CPU generator (needs megatron-core)."""
     return _make_cpu_tracker_class()()
@@ -176,6 +185,8 @@ def cpu_compat() -> Iterator[None]:
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
     saved_rng = (mc_random._CUDA_RNG_STATE_TRACKER, mc_random._CUDA_RNG_STATE_TRACKER_INITIALIZED)
+    # Activation recomputation saves and restores the "CUDA" generator: the CPU one stands in.
+    saved_rng_state = {name: getattr(mc_random, name, None) for name in ("_get_cuda_rng_state", "_set_cuda_rng_state")}
     missing_gemm = not hasattr(moe_utils, "te_general_gemm")
     saved_move = token_dispatcher.maybe_move_tensor_to_cpu
     try:
@@ -189,6 +200,8 @@ def cpu_compat() -> Iterator[None]:
         torch.cuda.stream = _cpu_stream_context
         torch.cuda.Event = _CpuEvent
         torch.cuda.manual_seed = torch.cuda.manual_seed_all = _no_cuda_seed
+        mc_random._get_cuda_rng_state = _cpu_get_rng_state
+        mc_random._set_cuda_rng_state = _cpu_set_rng_state
         mc_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
         mc_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
         yield
@@ -196,6 +209,9 @@ def cpu_compat() -> Iterator[None]:
         for name, value in saved_cuda.items():
             setattr(torch.cuda, name, value)
         mc_random._CUDA_RNG_STATE_TRACKER, mc_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = saved_rng
+        for name, value in saved_rng_state.items():
+            if value is not None:
+                setattr(mc_random, name, value)
         token_dispatcher.maybe_move_tensor_to_cpu = saved_move
         if missing_gemm and hasattr(moe_utils, "te_general_gemm"):
             del moe_utils.te_general_gemm

@@ -34,6 +34,7 @@ class Case:
     #: every token's top-k are experts 0..K-1 (all on rank 0): those experts get every token and
     #: the other ranks receive nothing.
     first_experts: bool = False
+    #: TransformerConfig settings of both layers (e.g. activation recomputation).
     extra: dict = field(default_factory=dict, hash=False, compare=False)
 
     @property
@@ -47,7 +48,7 @@ class Case:
     def tag(self) -> str:
         return (f"[topk {self.topk} E {self.num_experts} shared {self.shared}/{self.shared_overlap} chunks "
                 f"{self.chunks} experts {self.experts} cap {self.capacity_factor} "
-                f"first experts {self.first_experts}]")  # fmt: skip
+                f"first experts {self.first_experts} {self.extra or ''}]")  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -172,7 +173,7 @@ def layer_parity(rank: int, world: int, cases: list[Case], candidates: list[str]
             x = torch.randn(S, B, case.hidden, generator=gen).to(device, dtype)
             grad_out = torch.randn(S, B, case.hidden, generator=gen).to(device, dtype)
             torch.manual_seed(seed + i)
-            ref_layer = build_moe_layer(case, "alltoall", world, **dtype_kwargs)
+            ref_layer = build_moe_layer(case, "alltoall", world, **dtype_kwargs, **case.extra)
             if case.first_experts:
                 route_to_first_experts(ref_layer.router.weight, x, case.topk)
             state = ref_layer.state_dict()
@@ -181,12 +182,14 @@ def layer_parity(rank: int, world: int, cases: list[Case], candidates: list[str]
                 if name == "flex" and case.shared_overlap:
                     continue  # Megatron's flex dispatcher has no shared-expert overlap
                 with _candidate_context(name, ep_backend):
-                    layer = build_moe_layer(case, name, world, backend=ep_backend, **dtype_kwargs)
+                    layer = build_moe_layer(case, name, world, backend=ep_backend, **dtype_kwargs, **case.extra)
                     layer.load_state_dict(state)
                     with _counting_pipelines() as pipelines:
                         actual = run_layer(layer, x, grad_out)
                 if name == "deepep":  # the tolerance alone would pass an unchunked layer too
-                    assert pipelines == [case.chunks] * (case.chunks > 1), f"{case.tag()}: pipelines {pipelines}"
+                    forwards = 2 if case.extra.get("recompute_granularity") else 1  # + the recomputation
+                    want = [case.chunks] * (case.chunks > 1) * forwards
+                    assert pipelines == want, f"{case.tag()}: pipelines {pipelines}"
                 exact = case.exact and name == "deepep" and dtype == torch.float32
                 compare(actual, expected, exact, f"rank {rank} {name} {case.tag()}", rel_tol)
                 checked += 1

@@ -48,6 +48,9 @@ def test_moe_layer_parity_ep2():
         Case(topk=2, capacity_factor=1.0),  # dropped tokens: fewer than K experts, -1 padding
         Case(topk=2, first_experts=True),  # experts 0 and 1 get every token, rank 1 receives nothing
         Case(topk=1, first_experts=True, chunks=2, shared=True, experts="grouped_gemm"),
+        # Megatron's activation recomputation of the MoE layer (its reentrant checkpoint).
+        Case(topk=2, extra={"recompute_granularity": "selective", "recompute_modules": ["moe"]}),
+        Case(topk=8, chunks=2, extra={"recompute_granularity": "selective", "recompute_modules": ["moe"]}),
     ]
     counts = run_distributed(layer_parity, 2, cases, ["deepep", "flex"], _seed(), timeout_s=TIMEOUT_S)
     assert counts[0] == counts[1] >= 2 * len(cases) - 3

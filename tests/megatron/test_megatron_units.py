@@ -191,8 +191,9 @@ def test_cpu_compat_restores_everything():
     from ep_train.megatron.cpu_compat import cpu_compat
 
     before = (torch.cuda.current_device, torch.cuda.Stream, torch.cuda.stream, torch.cuda.manual_seed,
-              mc_random._CUDA_RNG_STATE_TRACKER, token_dispatcher.maybe_move_tensor_to_cpu,
-              hasattr(moe_utils, "te_general_gemm"))  # fmt: skip
+        mc_random._CUDA_RNG_STATE_TRACKER, token_dispatcher.maybe_move_tensor_to_cpu,
+        hasattr(moe_utils, "te_general_gemm"), mc_random._get_cuda_rng_state,
+        mc_random._set_cuda_rng_state)  # fmt: skip
     with cpu_compat():
         assert torch.cuda.current_device() == "cpu"
         tracker = mc_random.get_cuda_rng_tracker()
@@ -204,9 +205,14 @@ def test_cpu_compat_restores_everything():
         assert not torch.equal(first, second), "the forked state must advance"
         torch.manual_seed(5)
         assert torch.equal(torch.rand(3), first), "the forked state is the seeded CPU generator"
+        state = mc_random._get_cuda_rng_state()  # recomputation's save and restore: the CPU generator
+        drawn = torch.rand(3)
+        mc_random._set_cuda_rng_state(state)
+        assert torch.equal(torch.rand(3), drawn)
     after = (torch.cuda.current_device, torch.cuda.Stream, torch.cuda.stream, torch.cuda.manual_seed,
-             mc_random._CUDA_RNG_STATE_TRACKER, token_dispatcher.maybe_move_tensor_to_cpu,
-             hasattr(moe_utils, "te_general_gemm"))  # fmt: skip
+        mc_random._CUDA_RNG_STATE_TRACKER, token_dispatcher.maybe_move_tensor_to_cpu,
+        hasattr(moe_utils, "te_general_gemm"), mc_random._get_cuda_rng_state,
+        mc_random._set_cuda_rng_state)  # fmt: skip
     assert before == after
 
 
