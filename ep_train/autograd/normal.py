@@ -107,6 +107,13 @@ def _handle_for_rows(handle: DispatchHandle, rows: torch.Tensor) -> DispatchHand
     return handle if rows.shape[1] == handle.hidden else dataclasses.replace(handle, hidden=rows.shape[1])
 
 
+def _routing_record(topk_idx_TK: torch.Tensor) -> torch.Tensor:
+    """What a replay compares its routing with: a copy where it is compared (on CPU; an in-place
+    change of the caller's tensor must not change the record), the tensor itself on CUDA (only its
+    shape is compared there: the values would cost a host sync)."""
+    return topk_idx_TK if topk_idx_TK.is_cuda else topk_idx_TK.clone()
+
+
 def _replayed_routing(entry: _Replay, topk_idx_TK: torch.Tensor):
     """``(handle, recv_topk_idx, per_expert_list)`` of the first forward, checked against this one's routing."""
     if entry.topk_idx.shape != topk_idx_TK.shape or (
@@ -153,7 +160,7 @@ class _DispatchFn(torch.autograd.Function):
                 opts.async_finish,
             )
             per_expert_list = list(per_expert_list) if len(per_expert_list) == handle.num_local_experts else None
-            replay.record(_Replay("normal", handle, recv_idx, topk_idx_TK, per_expert_list))
+            replay.record(_Replay("normal", handle, recv_idx, _routing_record(topk_idx_TK), per_expert_list))
         else:
             handle, recv_idx, per_expert_list = _replayed_routing(entry, topk_idx_TK)
             recv_x, _, _, _, _, event = buffer.dispatch(
@@ -312,7 +319,7 @@ class _DispatchExpertsFn(torch.autograd.Function):
                 opts.expert_alignment, config=opts.config, expert_major=True,
             )  # fmt: skip
             per_expert_list = list(per_expert_list)
-            replay.record(_Replay("expert_major", handle, recv_idx, topk_idx_TK, per_expert_list))
+            replay.record(_Replay("expert_major", handle, recv_idx, _routing_record(topk_idx_TK), per_expert_list))
         else:
             handle, recv_idx, per_expert_list = _replayed_routing(entry, topk_idx_TK)
             x_P, *_ = buffer.dispatch(x_in, handle, config=opts.config, expert_major=True)
