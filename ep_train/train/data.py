@@ -3,8 +3,9 @@
 File format (``data.kind: memmap``): a NumPy ``.npy`` file holding a 1-D array of integer token ids
 (uint16 or uint32), read with ``mmap_mode="r"``; or a raw little-endian ``.bin`` of ``data.dtype``.
 Sample ``i`` of a run is the window ``[i*S, i*S + S + 1)`` (inputs and next-token labels), taken in a
-seeded permutation; data-parallel rank d reads samples d, d+DP, d+2*DP, ... of each global batch,
-so a resumed run continues with exactly the samples it would have seen.
+seeded permutation; step s reads samples ``[s*G, (s+1)*G)`` (G the global batch), micro-batch m of
+data-parallel rank d the ``mb`` of them from ``s*G + (m*DP + d)*mb`` on, so every sample of a step
+is read once and a resumed run continues with exactly the samples it would have seen.
 
 Make a small file: ``python -m ep_train.train.data --out data/sample.npy --tokens 200000 --vocab 512``.
 """
