@@ -8,6 +8,7 @@ or flex backend, ``ep_train.deepspeed.use_ep_train``), never by a module global.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -62,17 +63,25 @@ class BufferPool:
             entry.buffer.check()
 
     def set_num_sms(self, num_sms: int) -> None:
-        """SMs of the buffers' default configs, for existing and future buffers."""
+        """SMs of the buffers' default configs, for existing and future buffers.  A buffer too small
+        for the new count (more SMs, more channels) is dropped and made again by its next ``get``
+        (collectively: every rank of a group sets the same count)."""
         check_num_sms("num_sms", num_sms)
         self.num_sms = num_sms
-        for entry in self._entries.values():
-            entry.buffer.set_num_sms(num_sms)
+        for key, entry in list(self._entries.items()):
+            need = self._nvl_bytes(entry.buffer.group_size, entry.hidden_bytes)
+            if entry.buffer.num_nvl_bytes < need:
+                del self._entries[key]
+            else:
+                entry.buffer.set_num_sms(num_sms)
 
     def _nvl_bytes(self, group_size: int, hidden_bytes: int) -> int:
-        configs = (
-            self.dispatch_config or get_dispatch_config(group_size),
-            self.combine_config or get_combine_config(group_size),
-        )
+        """NVLink bytes for every config a call may use: the defaults (with the pool's SM count)
+        and the pool's own configs."""
+        configs = [get_dispatch_config(group_size), get_combine_config(group_size)]
+        if self.num_sms is not None:
+            configs = [dataclasses.replace(c, num_sms=self.num_sms) for c in configs]
+        configs += [c for c in (self.dispatch_config, self.combine_config) if c is not None]
         return max(c.get_nvl_buffer_size_hint(hidden_bytes, group_size) for c in configs)
 
     def get(self, group: dist.ProcessGroup, hidden: int, element_size: int = 2) -> Buffer:

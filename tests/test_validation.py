@@ -637,3 +637,24 @@ def test_dispatch_in_inference_mode(ctx):
     bad = torch.full_like(ctx.idx, E)
     with torch.inference_mode(), raises_naming(ValueError, "topk_idx"):
         ctx.buf.get_dispatch_layout(bad, E)
+
+
+def test_buffer_pool_sizes_its_buffers_for_its_sm_count(group):
+    """A pool's buffers hold the NVLink rings of its SM count (more SMs, more channels), at creation
+    and after set_num_sms; a buffer too small for a new count is made again by the next get."""
+    from ep_train.buffer_pool import BufferPool
+
+    def need(num_sms: int) -> int:
+        configs = (Buffer.get_dispatch_config(1), Buffer.get_combine_config(1))
+        return max(dataclasses.replace(c, num_sms=num_sms).get_nvl_buffer_size_hint(H * 2, 1) for c in configs)
+
+    pool = BufferPool(backend="torch", num_sms=64)
+    first = pool.get(group, H)
+    assert first.num_sms == 64 and first.num_nvl_bytes >= need(64) > need(24)
+    pool.set_num_sms(32)  # fits: kept, with the new count
+    assert pool.get(group, H) is first and first.num_sms == 32
+    pool.set_num_sms(96)  # does not fit: made again
+    again = pool.get(group, H)
+    assert again is not first and again.num_sms == 96 and again.num_nvl_bytes >= need(96)
+    for buf in (first, again):
+        buf.destroy()
