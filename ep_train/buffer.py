@@ -110,26 +110,24 @@ def _same_tensor(t: torch.Tensor, ref: tuple[torch.Tensor, int | None]) -> bool:
 def _tensors_in(obj: Any) -> list[torch.Tensor]:
     """The tensors of a call's result, each once: in tensors, sequences, dicts and dataclasses (the
     backends' results and the handles in them, whose tensors later calls read).  NOTES: on every
-    call's path, so scalars and lists of counts (the per-expert lists) are skipped at once."""
+    call's path, so scalars and lists of counts (the per-expert lists) are skipped at once; an
+    explicit stack, not a recursive closure (a closure that calls itself is a reference cycle,
+    which would keep every output alive until the cyclic garbage collector runs)."""
     found: dict[int, torch.Tensor] = {}
-
-    def walk(o: Any) -> None:
+    stack = [obj]
+    while stack:
+        o = stack.pop()
         if isinstance(o, _SCALARS):
-            return
+            continue
         if isinstance(o, torch.Tensor):
             found.setdefault(id(o), o)
         elif isinstance(o, (tuple, list)):
             if not (isinstance(o, list) and o and isinstance(o[0], (int, float))):  # not a list of counts
-                for item in o:
-                    walk(item)
+                stack.extend(reversed(o))
         elif isinstance(o, dict):
-            for item in o.values():
-                walk(item)
+            stack.extend(reversed(list(o.values())))
         elif dataclasses.is_dataclass(o) and not isinstance(o, type):
-            for field in dataclasses.fields(o):
-                walk(getattr(o, field.name))
-
-    walk(obj)
+            stack.extend(getattr(o, f.name) for f in reversed(dataclasses.fields(o)))
     return list(found.values())
 
 
@@ -442,16 +440,17 @@ class Buffer:
         except CommError as exc:
             self._failure = str(exc)
             raise
-        # NOTES: every output (the handle's tensors too) is recorded on the compute stream: one the
-        # caller frees must not go back to the comm stream's pool while compute kernels still read it
-        # (a later call that waits on previous_event only would overwrite it).  CPU tensors (host
-        # counts) need nothing.
+        # NOTES: the outputs are allocated on the comm stream (fn ran on it) whatever
+        # allocate_on_comm_stream says, so every output (the handle's tensors too) is recorded on the
+        # compute stream: one the caller frees must not go back to the comm stream's pool while
+        # compute kernels still read it (a later call that waits on previous_event only would
+        # overwrite it).  CPU tensors (host counts) need nothing.
         outputs = [t for t in _tensors_in(result) if t.is_cuda]
         for t in inputs:
-            t.record_stream(self._comm_stream)
-        if not allocate_on_comm_stream:
-            for t in outputs:
-                t.record_stream(compute)
+            if t.is_cuda:
+                t.record_stream(self._comm_stream)
+        for t in outputs:
+            t.record_stream(compute)
         if async_finish:
             event = torch.cuda.Event()
             event.record(self._comm_stream)
@@ -568,7 +567,10 @@ class Buffer:
             res = self._backend.dispatch(args)
             return permute_dispatch_result(res, args) if expert_major and not args.expert_major else res
 
-        inputs = [t for t in (x_TH, scales_TS, args.topk_idx_TK, args.topk_weights_TK) if t is not None]
+        # The layout tensors and a cached handle's are read on the comm stream too.
+        layout_TR = (args.num_tokens_per_rank_R, args.num_tokens_per_expert_E, args.is_token_in_rank_TR)
+        inputs = [t for t in (x_TH, scales_TS, args.topk_idx_TK, args.topk_weights_TK, *layout_TR) if t is not None]
+        inputs += _tensors_in(args.handle)
         res, event = self._run(
             run_dispatch,
             inputs,
@@ -775,7 +777,7 @@ class Buffer:
                 CombineArgs(info, rows, handle, topk_weights, biases, config, expert_major=fused)
             )
 
-        inputs = [x_NH, *biases] + ([topk_weights] if topk_weights is not None else [])
+        inputs = [x_NH, *biases] + ([topk_weights] if topk_weights is not None else []) + _tensors_in(handle)
         res, event = self._run(
             run_combine,
             inputs,
