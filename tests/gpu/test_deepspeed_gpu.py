@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 
@@ -38,9 +39,10 @@ def test_deepspeed_parity_nccl():
     shape = dict(hidden=256, batch=4, seq=64, ffn=128, device="cuda", dtype="bf16")
     cases = [dict(shape, ep=n, experts=2 * n, k=k) for k in (1, 2, 3)]
     cases.append(dict(shape, ep=n, experts=2 * n, k=2, drop=True))
-    results = run_distributed(
-        harness.parity_cases, n, cases, env=dict(_SAFE_ENV, DS_ACCELERATOR="cuda"), backend="nccl", timeout_s=600
-    )
+    seed = random.randrange(1 << 30)
+    print(f"seed {seed}")
+    results = run_distributed(harness.parity_cases, n, cases, env=dict(_SAFE_ENV, DS_ACCELERATOR="cuda"), seed=seed,
+                              backend="nccl", timeout_s=600)  # fmt: skip
     expected = "cuda" if _ext.is_available() else "torch"
     for rank, rows in enumerate(results):
         for case, r in zip(cases, rows, strict=True):
