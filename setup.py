@@ -86,7 +86,7 @@ def cuda_extensions():
         include_dirs.append(nvshmem_include)
         cxx.append("-DEP_TRAIN_WITH_NVSHMEM")
     # NOTES: no --use_fast_math: combine must round like the FP32 reference (no flush-to-zero).
-    arch = ["-gencode", "arch=compute_90,code=sm_90"]
+    arch = ["-gencode", "arch=compute_90,code=sm_90"]  # ep_train/_ext.py BUILT_CAPABILITY
     nvcc = ["-O3", "-std=c++17", *arch, "-lineinfo"]
     link = [*_shared_libstdcxx(), "-ldl"]
     device_lib = nvshmem_device_library(nvshmem_include)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 
@@ -19,13 +20,14 @@ else:  # pragma: no cover - depends on the build
         _reason = f"ep_train._C failed to import: {exc}"
 
 
-def is_available() -> bool:
-    """True when the CUDA kernels are built and a CUDA device is visible."""
-    if _module is None:
-        return False
-    import torch
+#: The compute capability the kernels are compiled for (setup.py: ``-gencode arch=compute_90,code=sm_90``,
+#: no PTX): other GPUs cannot run them.
+BUILT_CAPABILITY = (9, 0)
 
-    return torch.cuda.is_available()
+
+def is_available() -> bool:
+    """True when the CUDA kernels are built and the current CUDA device can run them."""
+    return unavailable_reason() is None
 
 
 def unavailable_reason() -> str | None:
@@ -33,7 +35,21 @@ def unavailable_reason() -> str | None:
         return _reason
     import torch
 
-    return None if torch.cuda.is_available() else "no CUDA device is visible"
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible"
+    capability = _capability(torch.cuda.current_device())
+    if capability != BUILT_CAPABILITY:
+        built = "sm_{}{}".format(*BUILT_CAPABILITY)
+        return f"ep_train._C is built for {built} (Hopper: H100/H200); this GPU is sm_{capability[0]}{capability[1]}"
+    return None
+
+
+@functools.cache
+def _capability(device: int) -> tuple[int, int]:
+    """Compute capability of a device, asked once (the kernels' callers check it on every call)."""
+    import torch
+
+    return tuple(torch.cuda.get_device_capability(device))
 
 
 def load():

@@ -204,3 +204,28 @@ def test_a_rank_that_never_creates_its_buffer_is_named_within_timeout_s():
     got = run_distributed(_last_rank_skips, 3, timeout_s=60)
     for g in got[:2]:
         assert g["error"].startswith("CommTimeoutError") and "ranks [2] of the group did not create" in g["error"], g
+
+
+def test_kernels_built_for_hopper_are_not_offered_on_other_gpus(monkeypatch):
+    """The kernels are compiled for sm_90 only: on another GPU "auto" takes the torch backend, and
+    the cuda backend asked for by name says why."""
+    import types
+
+    import torch
+
+    from ep_train import _ext
+
+    monkeypatch.setattr(_ext, "_module", types.SimpleNamespace())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    _ext._capability.cache_clear()
+    assert _ext.is_available() and _ext.unavailable_reason() is None
+    for capability in ((8, 0), (10, 0), (12, 0)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        _ext._capability.cache_clear()
+        assert not _ext.is_available()
+        assert _ext.unavailable_reason() == (
+            f"ep_train._C is built for sm_90 (Hopper: H100/H200); this GPU is sm_{capability[0]}{capability[1]}"
+        )
+    _ext._capability.cache_clear()

@@ -64,6 +64,8 @@ def create_backend(
             f"got device {device}"
         )
     _ext.load()
+    if not _ext.is_available():
+        raise ValueError(f"backend='cuda': {_ext.unavailable_reason()}; use backend='torch' (or 'auto')")
     from .cuda import CudaBackend, GroupNotServed
 
     try:
