@@ -114,3 +114,20 @@ def test_a_group_that_carries_cuda_tensors_puts_buffers_on_the_gpu():
     out = run_distributed(_devices, 2, backend="cpu:gloo,cuda:gloo", timeout_s=60)
     no_cuda = "the process group's backend 'cpu:gloo,cuda:gloo' moves CUDA tensors, but this process has no CUDA device"
     assert out == [(no_cuda, "cuda:0", "cpu", 1)] * 2
+
+
+def _leave_a_temporary_directory(rank, world_size):
+    """What a library does at import (wandb does): a temporary directory removed only at exit, which
+    a rank never runs (it ends with os._exit)."""
+    import tempfile
+
+    kept = tempfile.TemporaryDirectory(suffix="-left-by-a-rank")
+    _leave_a_temporary_directory.kept = kept  # alive until the process ends
+    return kept.name
+
+
+def test_ranks_leave_no_temporary_files_behind():
+    paths = run_distributed(_leave_a_temporary_directory, 2)
+    assert len(set(paths)) == 2
+    for path in paths:
+        assert not os.path.exists(path), f"{path} outlived its rank"

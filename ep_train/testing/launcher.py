@@ -61,6 +61,12 @@ def _wait_for_peers(store, world_size: int, bound_s: float) -> None:
 
 def _child(rank, world_size, backend, store_path, fn, args, kwargs, results, exit_wait_s) -> None:
     torch.set_num_threads(1)
+    # NOTES: a rank ends with os._exit (multiprocessing), so temporary directories that libraries
+    # make at import and remove at exit (wandb's, imported by Megatron) would be left behind: the
+    # rank's temporary files go under the run's directory, which the parent removes.
+    scratch = os.path.join(os.path.dirname(store_path), f"rank{rank}")
+    os.makedirs(scratch, exist_ok=True)
+    tempfile.tempdir = os.environ["TMPDIR"] = scratch
     store, ok = None, False
     try:
         if backend == "nccl":
