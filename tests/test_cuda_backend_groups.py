@@ -19,15 +19,19 @@ RMA_NVSHMEM = 2
 class _Runtime:
     """Stands for IntranodeRuntime / LowLatencyRuntime: records what the backend asks of it."""
 
-    def __init__(self, rank, num_ranks, num_bytes, timeout_s, external=None, fail_rma=False):
+    def __init__(self, rank, num_ranks, num_bytes, timeout_s, external=None, fail_rma=False, fail_at=None):
+        if fail_at == "create":
+            raise RuntimeError("cudaMalloc: out of memory")
         self.rank, self.num_ranks, self.num_bytes, self.external = rank, num_ranks, num_bytes, external
         self.peers = self.ptrs = self.rma = None
-        self.destroyed, self.fail_rma = False, fail_rma
+        self.destroyed, self.fail_rma, self.fail_at = False, fail_rma, fail_at
 
     def ipc_handle(self):
         return f"handle {self.rank}".encode()
 
     def open_peers(self, handles):
+        if self.fail_at == "open":
+            raise RuntimeError("cudaIpcOpenMemHandle: invalid resource handle")
         self.peers = handles
 
     def set_peer_pointers(self, ptrs, allow_unmapped=False):
@@ -63,8 +67,9 @@ class _Heap:
         self.released.append(block.index)
 
 
-def _backend(rank, world, nodes, device_lib, nvl, env=None, fail_rma_on=None):
-    """A CudaBackend on recorders: rank r on node nodes[r], built with device_lib[r]."""
+def _backend(rank, world, nodes, device_lib, nvl, env=None, fail_rma_on=None, fail_on=None, fail_at=None):
+    """A CudaBackend on recorders: rank r on node nodes[r], built with device_lib[r]; rank ``fail_on``'s
+    runtimes fail at ``fail_at`` ("create" or "open", the CUDA IPC set-up)."""
     import os
     import types
 
@@ -74,7 +79,8 @@ def _backend(rank, world, nodes, device_lib, nvl, env=None, fail_rma_on=None):
     heap = _Heap(rank, nodes)
 
     def runtime(*args, **kwargs):
-        return _Runtime(*args, fail_rma=fail_rma_on == rank and len(args) + len(kwargs) > 4, **kwargs)
+        return _Runtime(*args, fail_rma=fail_rma_on == rank and len(args) + len(kwargs) > 4,
+                        fail_at=fail_at if fail_on == rank else None, **kwargs)  # fmt: skip
 
     fake = types.SimpleNamespace(NVSHMEM_DEVICE=device_lib[rank], LOW_LATENCY_RMA_NVSHMEM=RMA_NVSHMEM,
                                  IntranodeRuntime=runtime, LowLatencyRuntime=runtime,
@@ -132,9 +138,9 @@ def test_auto_takes_the_torch_backend_for_a_group_the_kernels_cannot_serve():
         assert got["error"].startswith("GroupNotServed") and "low-latency calls only" in got["error"], got
 
 
-def _run(world, nodes, device_lib=None, nvl=0, env=None, fail_rma_on=None):
+def _run(world, nodes, device_lib=None, nvl=0, env=None, fail_rma_on=None, fail_on=None, fail_at=None):
     device_lib = device_lib or [True] * world
-    return run_distributed(_backend, world, nodes, device_lib, nvl, env, fail_rma_on)
+    return run_distributed(_backend, world, nodes, device_lib, nvl, env, fail_rma_on, fail_on, fail_at)
 
 
 def test_one_node_keeps_the_nvlink_buffer_and_stores():
@@ -229,3 +235,23 @@ def test_kernels_built_for_hopper_are_not_offered_on_other_gpus(monkeypatch):
             f"ep_train._C is built for sm_90 (Hopper: H100/H200); this GPU is sm_{capability[0]}{capability[1]}"
         )
     _ext._capability.cache_clear()
+
+
+@pytest.mark.parametrize("fail_at, message", [("create", "cudaMalloc: out of memory"),
+                                              ("open", "cudaIpcOpenMemHandle: invalid resource handle")])  # fmt: skip
+@pytest.mark.parametrize("env", [{}, {"EP_TRAIN_LL_TRANSPORT": "ipc"}], ids=["nvlink", "low-latency-ipc"])
+def test_a_rank_whose_ipc_setup_fails_fails_every_rank(fail_at, message, env):
+    """One rank cannot allocate or map its CUDA IPC memory: every rank raises, naming it (no rank is
+    left in a collective its peer never joins)."""
+    nvl = 0 if env else 1 << 20
+    for got in _run(2, [0, 0], nvl=nvl, env=env, fail_on=1, fail_at=fail_at):
+        assert got.get("error", "").startswith("RuntimeError") and f"rank 1: {message}" in got["error"], got
+
+
+def _own_nvl_bytes(rank, world):
+    return _backend(rank, world, [0, 0], [True, True], (1 << 20) * (rank + 1))
+
+
+def test_ranks_with_other_nvl_bytes_all_refuse():
+    for got in run_distributed(_own_nvl_bytes, 2):
+        assert "same num_nvl_bytes, got [1048576, 2097152]" in got.get("error", ""), got

@@ -27,6 +27,7 @@ import socket
 import sys
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -184,8 +185,11 @@ class CudaBackend(Backend):
                 "every rank must create its Buffer with the same num_rdma_bytes and low_latency_mode (and the same "
                 f"EP_TRAIN_LL_TRANSPORT and EP_TRAIN_LL_RMA), got {infos} (None: no low-latency buffer)"
             )
+        sizes = [v[2] for v in views]
+        if len(set(sizes)) != 1:
+            raise ValueError(f"every rank must create its Buffer with the same num_nvl_bytes, got {sizes} (rank order)")
         hosts = [v[0] for v in views]
-        nvl, device_lib = max(v[2] for v in views), all(v[3] for v in views)
+        nvl, device_lib = sizes[0], all(v[3] for v in views)
         problem = group_problem(hosts, nvl, use_ll, want, rma, device_lib)
         if problem is not None:
             # What the user asked for by name (EP_TRAIN_LL_RMA=1, EP_TRAIN_LL_TRANSPORT=ipc) is
@@ -197,10 +201,9 @@ class CudaBackend(Backend):
             raise (ValueError if asked else GroupNotServed)(problem)
         self.num_nodes = len(set(hosts))
         if self.num_nodes == 1:  # else low-latency calls only: no NVLink buffer
-            self._rt = self._C.IntranodeRuntime(rank, num_ranks, int(num_nvl_bytes), self.timeout_s)
-            handles: list[bytes | None] = [None] * num_ranks
-            dist.all_gather_object(handles, self._rt.ipc_handle(), group=group)
-            self._rt.open_peers(handles)
+            self._rt = self._open_ipc(
+                "NVLink buffer", lambda: self._C.IntranodeRuntime(rank, num_ranks, int(num_nvl_bytes), self.timeout_s)
+            )
         if use_ll:
             self._open_low_latency(int(num_rdma_bytes), want, rma)
         dist.barrier(group=group)  # every rank mapped every buffer before any kernel writes into it
@@ -223,11 +226,37 @@ class CudaBackend(Backend):
                                f"{self.num_nodes} node(s): NVSHMEM is needed but unavailable: {why_not}")  # fmt: skip
         if want == "auto" and self.rank == 0 and not _env.quiet_import():
             print(f"ep_train: low-latency buffer over CUDA IPC (NVSHMEM unavailable: {why_not})", file=sys.stderr)
-        self._ll = self._C.LowLatencyRuntime(self.rank, self.num_ranks, num_bytes, self.timeout_s)
-        handles: list[bytes | None] = [None] * self.num_ranks
-        dist.all_gather_object(handles, self._ll.ipc_handle(), group=self.group)
-        self._ll.open_peers(handles)
+        rank, num_ranks, timeout_s = self.rank, self.num_ranks, self.timeout_s
+        self._ll = self._open_ipc(
+            "low-latency buffer", lambda: self._C.LowLatencyRuntime(rank, num_ranks, num_bytes, timeout_s)
+        )
         self.low_latency_transport = "ipc"
+
+    def _open_ipc(self, what: str, make: Callable[[], Any]):
+        """A runtime from ``make`` with every rank's CUDA IPC memory mapped (collective).  A rank that
+        fails (out of memory, a handle it cannot open) tells the others, and every rank raises:
+        none is left waiting in a collective its peer never joins."""
+        runtime, handle, failure = None, None, None
+        try:
+            runtime = make()
+            handle = runtime.ipc_handle()
+        except (RuntimeError, ValueError) as exc:
+            failure = str(exc)
+        views: list[tuple | None] = [None] * self.num_ranks
+        dist.all_gather_object(views, (handle, failure), group=self.group)
+        members = dist.get_process_group_ranks(self.group)
+        failed = "; ".join(f"rank {members[r]}: {v[1]}" for r, v in enumerate(views) if v[1] is not None)
+        if not failed:
+            try:
+                runtime.open_peers([v[0] for v in views])
+            except (RuntimeError, ValueError) as exc:
+                failure = str(exc)
+            failed = nvshmem.gather_failures(self.group, failure)
+        if failed:
+            if runtime is not None:
+                runtime.destroy()
+            raise RuntimeError(f"rank {self.rank}: the {what} could not be set up: {failed}")
+        return runtime
 
     def _open_nvshmem(self, heap: nvshmem.SymmetricHeap, num_bytes: int, rma: bool) -> str | None:
         """The low-latency buffer in a block of ``heap`` (collective); None, or why not on some rank."""
