@@ -7,6 +7,7 @@ every run (``run_seeded``), named in the failure.
 
 from __future__ import annotations
 
+import os
 import random
 import time
 
@@ -33,11 +34,13 @@ def run_seeded(suite, num_gpus: int, *args, one_gpu: bool = False) -> None:
     ``one_gpu``: ``num_gpus`` ranks as processes on GPU 0 instead (SHARED_GPU group): the kernels'
     protocol between processes, separate CUDA contexts and NVSHMEM PEs, on a machine with one GPU.
     """
-    seed = random.randrange(1 << 30)
+    seed = int(os.environ.get("EP_TRAIN_TEST_SEED", random.randrange(1 << 30)))
     try:
         run_distributed(suite, num_gpus, seed, *args, backend=SHARED_GPU if one_gpu else "nccl", timeout_s=300)
     except Exception as exc:
-        raise AssertionError(f"{suite.__name__} failed with seed {seed} (pass it to reproduce)") from exc
+        raise AssertionError(
+            f"{suite.__name__} failed with seed {seed} (EP_TRAIN_TEST_SEED={seed} replays it)"
+        ) from exc
 
 
 def rank_generator(seed: int, rank: int) -> torch.Generator:

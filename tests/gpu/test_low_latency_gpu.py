@@ -256,10 +256,12 @@ def suite_graph(rank: int, world: int, seed: int, transport: str = "auto") -> No
         static_y.copy_(_expert_out(r[0], rank, world))
         graph.replay()
         torch.cuda.synchronize()
-        _compare_dispatch(f"graph replay {it}", (g_recv, g_count, g_handle), r[:3])
-        assert_bitwise(f"graph replay {it} combine", g_combined, _ascending_combine(x, idx, w, True, False))
+        tag = f"rank {rank} seed {seed} graph replay {it}"
+        cuda.check()  # a failure a kernel reported (timeout, mismatch) by name, not as differing outputs
+        _compare_dispatch(tag, (g_recv, g_count, g_handle), r[:3])
+        assert_bitwise(f"{tag} combine", g_combined, _ascending_combine(x, idx, w, True, False))
         # The slot map is never cleared: entries of the routing of earlier replays must be ignored.
-        assert_bitwise(f"graph replay {it} sums per rank", g_summed, _per_rank_combine(x, idx, w, True, False, world))
+        assert_bitwise(f"{tag} sums per rank", g_summed, _per_rank_combine(x, idx, w, True, False, world))
     dist.barrier()
     cuda.destroy()
 
