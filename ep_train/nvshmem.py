@@ -71,6 +71,11 @@ def gather_failures(group: dist.ProcessGroup, failure: str | None) -> str | None
     """Collective: None when no rank of ``group`` failed, else every failing rank's sentence."""
     failures: list[str | None] = [None] * dist.get_world_size(group)
     dist.all_gather_object(failures, failure, group=group)
+    return name_failures(group, failures)
+
+
+def name_failures(group: dist.ProcessGroup, failures: list[str | None]) -> str | None:
+    """``failures[r]`` of each group rank r that failed (None: it did not), named by global rank."""
     members = dist.get_process_group_ranks(group)
     failed = [f"rank {members[r]}: {why}" for r, why in enumerate(failures) if why is not None]
     return "; ".join(failed) or None

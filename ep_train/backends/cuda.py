@@ -244,8 +244,7 @@ class CudaBackend(Backend):
             failure = str(exc)
         views: list[tuple | None] = [None] * self.num_ranks
         dist.all_gather_object(views, (handle, failure), group=self.group)
-        members = dist.get_process_group_ranks(self.group)
-        failed = "; ".join(f"rank {members[r]}: {v[1]}" for r, v in enumerate(views) if v[1] is not None)
+        failed = nvshmem.name_failures(self.group, [v[1] for v in views])
         if not failed:
             try:
                 runtime.open_peers([v[0] for v in views])

@@ -105,6 +105,11 @@ def _in_backward() -> bool:
     return current is not None and current() != -1
 
 
+def _clear(queues: dict[str, collections.deque]) -> None:
+    for queue in queues.values():
+        queue.clear()
+
+
 @dataclass
 class _MicroBatch:
     """Forward state of one micro-batch between the stages (backward state is in autograd ctx)."""
@@ -189,9 +194,8 @@ class EPTokenDispatcher(MoETokenDispatcher):
 
     def reset(self) -> None:
         """Drop the state of forwards that did not reach ``combine_postprocess`` (e.g. after an error)."""
-        for queues in (self._queues, self._recompute_queues):
-            for queue in queues.values():
-                queue.clear()
+        _clear(self._queues)
+        _clear(self._recompute_queues)
 
     def _stage_queues(self) -> dict[str, collections.deque[_MicroBatch]]:
         """The queues of the forward being run: a recomputation's (inside a backward) or the first."""
@@ -203,8 +207,7 @@ class EPTokenDispatcher(MoETokenDispatcher):
         (otherwise every later forward would take the stages of the one before).  A recomputation's
         leftovers are expected (a checkpoint that stopped early) and dropped in silence."""
         if _in_backward():
-            for queue in self._recompute_queues.values():
-                queue.clear()
+            _clear(self._recompute_queues)
             return
         stale = sum(len(queue) for queue in self._queues.values())
         if stale and not self.config.overlap_moe_expert_parallel_comm:

@@ -75,38 +75,41 @@ class MemmapTokens(TokenSource):
         self.num_windows = (len(self.tokens) - 1) // seq_length
         if self.num_windows < 1:
             raise ValueError(f"data.path: {path} has {len(self.tokens)} tokens, fewer than seq_length+1")
-        self.vocab_size = None
+        #: the vocabulary each window read is checked against (None: checked when opened, or every id fits)
+        self._window_vocab = None
         info = np.iinfo(self.tokens.dtype)
         if vocab_size is not None and (info.min < 0 or info.max >= vocab_size):  # else every id fits
-            self.vocab_size = vocab_size
             if len(self.tokens) <= self.SCAN_AT_START:
-                self._check_ids(self.tokens, 0)
+                _check_ids(self.tokens, 0, vocab_size)
+            else:
+                self._window_vocab = vocab_size
         self.order = np.random.default_rng(seed).permutation(self.num_windows)
 
     #: files of at most this many ids are checked whole when opened; larger ones window by window as
     #: they are read (a scan of a large corpus would delay every rank's start by minutes).
     SCAN_AT_START = 1 << 30
 
-    def _check_ids(self, ids: np.ndarray, offset: int) -> None:
-        """Raise naming the first id of ``ids`` (at file position ``offset``) outside the vocabulary:
-        it would otherwise fail deep in the embedding."""
-        chunk = 1 << 24
-        for start in range(0, len(ids), chunk):
-            part = ids[start : start + chunk]
-            low, high = int(part.min()), int(part.max())
-            if low < 0 or high >= self.vocab_size:
-                bad = low if low < 0 else high
-                at = offset + start + int(np.argmax(part == bad))
-                raise ValueError(f"data.path: token id {bad} at position {at} is outside [0, "
-                                 f"model.vocab_size={self.vocab_size})")  # fmt: skip
-
     def window(self, sample_id: int) -> np.ndarray:
         w = int(self.order[sample_id % self.num_windows])
         start = w * self.seq_length
         out = np.asarray(self.tokens[start : start + self.seq_length + 1])
-        if self.vocab_size is not None and len(self.tokens) > self.SCAN_AT_START:
-            self._check_ids(out, start)
+        if self._window_vocab is not None:
+            _check_ids(out, start, self._window_vocab)
         return out
+
+
+def _check_ids(ids: np.ndarray, offset: int, vocab_size: int) -> None:
+    """Raise naming the first id of ``ids`` (at file position ``offset``) outside the vocabulary: it
+    would otherwise fail deep in the embedding."""
+    chunk = 1 << 24
+    for start in range(0, len(ids), chunk):
+        part = ids[start : start + chunk]
+        low, high = int(part.min()), int(part.max())
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            at = offset + start + int(np.argmax(part == bad))
+            raise ValueError(f"data.path: token id {bad} at position {at} is outside [0, "
+                             f"model.vocab_size={vocab_size})")  # fmt: skip
 
 
 def make_sample(out: str, num_tokens: int, vocab_size: int, seed: int = 0) -> str:
