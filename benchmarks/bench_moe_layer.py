@@ -7,7 +7,8 @@ node (EP = GPU count).  Rows, in the same process on the same machine:
 
 - ``alltoall``: Megatron's own dispatcher (the baseline);
 - ``flex``: Megatron's flex dispatcher with ep_train's drop-in backend;
-- ``deepep chunks=N``: ep_train's dispatcher, N = 1 (no overlap) and the pipelined chunk counts.
+- ``deepep chunks=N``: ep_train's dispatcher, N = 1 (no overlap: its kernels take the GPU's
+  ``solo_num_sms``) and the pipelined chunk counts (24 SMs beside the experts).
 
 Median CUDA-event time of forward+backward over ``--iters`` iterations after warm-up, with and
 without shared experts overlapped when ``--shared`` is given.  ``--profile N`` adds, per row, one
@@ -249,6 +250,8 @@ def _worker(rank: int, world: int, args) -> None:
             variants.insert(at, ("deepep", "deepep chunks=1, pair sum before combine", 1, "dispatch", None))
         for n in args.num_sms:
             variants.append(("deepep", f"deepep chunks=1, {n} SMs", 1, True, n))
+            if args.separate_permute:
+                variants.append(("deepep", f"deepep chunks=1, {n} SMs, pair sum before combine", 1, "dispatch", n))
     if args.baseline_last:  # alltoall again at the end: drift of the machine (clocks, heat) between rows
         variants.append(("alltoall", "alltoall (again, last)", 1, True, None))
     rows, profiles, reference = [], [], None
@@ -294,6 +297,9 @@ def _worker(rank: int, world: int, args) -> None:
             comm = buf.backend_name if buf is not None else ("nccl a2a" if dispatcher == "alltoall" else "ep_train")
             if backend is not None and backend.buffers._entries:
                 comm = next(iter(backend.buffers._entries.values())).buffer.backend_name
+            config = getattr(layer.token_dispatcher, "dispatch_config", None)
+            if comm == "cuda" and dispatcher == "deepep":  # the SMs its kernels took
+                comm += f"/{config.num_sms if config is not None else buf.num_sms}sm"
             rows.append((label, ms, host_ms, chained_ms, comm, experts, max(errors)))
         finally:
             if backend is not None:
@@ -308,7 +314,7 @@ def _worker(rank: int, world: int, args) -> None:
         base, chained_base = rows[0][1], rows[0][3]
         for label, ms, host_ms, chained_ms, comm, experts, error in rows:
             print(f"  {label:<32} {ms:8.2f} ms  x{base / ms:5.2f} vs alltoall   host {host_ms:6.2f} ms   "
-                  f"back-to-back {chained_ms:6.2f} ms x{chained_base / chained_ms:5.2f}   comm={comm:<8} "
+                  f"back-to-back {chained_ms:6.2f} ms x{chained_base / chained_ms:5.2f}   comm={comm:<10} "
                   f"experts={experts}   vs alltoall's output: {error:.1e}")  # fmt: skip
         if profiles:
             print("Profile (one forward + backward per row):")
@@ -338,7 +344,7 @@ def main() -> None:
         nargs="*",
         default=[],
         metavar="N",
-        help="also run deepep (chunks 1) with its kernels on N SMs (default rows: the measured default)",
+        help="also run deepep (chunks 1) with its kernels on N SMs (with --separate-permute: also its pair-sum row)",
     )
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--baseline-last", action="store_true", help="run alltoall again after the other rows")

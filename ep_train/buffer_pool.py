@@ -9,6 +9,7 @@ or flex backend, ``ep_train.deepspeed.use_ep_train``), never by a module global.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -75,28 +76,37 @@ class BufferPool:
             else:
                 entry.buffer.set_num_sms(num_sms)
 
-    def _nvl_bytes(self, group_size: int, hidden_bytes: int) -> int:
-        """NVLink bytes for every config a call may use: the defaults (with the pool's SM count)
-        and the pool's own configs."""
-        configs = [get_dispatch_config(group_size), get_combine_config(group_size)]
+    def _nvl_bytes(self, group_size: int, hidden_bytes: int, configs: Sequence[Config] = ()) -> int:
+        """NVLink bytes for every config a call may use: the defaults (with the pool's SM count),
+        the pool's own configs and ``configs``."""
+        defaults = [get_dispatch_config(group_size), get_combine_config(group_size)]
         if self.num_sms is not None:
-            configs = [dataclasses.replace(c, num_sms=self.num_sms) for c in configs]
-        configs += [c for c in (self.dispatch_config, self.combine_config) if c is not None]
-        return max(c.get_nvl_buffer_size_hint(hidden_bytes, group_size) for c in configs)
+            defaults = [dataclasses.replace(c, num_sms=self.num_sms) for c in defaults]
+        every = [*defaults, *(c for c in (self.dispatch_config, self.combine_config) if c is not None), *configs]
+        return max(c.get_nvl_buffer_size_hint(hidden_bytes, group_size) for c in every)
 
-    def get(self, group: dist.ProcessGroup, hidden: int, element_size: int = 2) -> Buffer:
+    def get(self, group: dist.ProcessGroup, hidden: int, element_size: int = 2,
+            configs: Sequence[Config] = ()) -> Buffer:  # fmt: skip
         """The buffer of ``group`` for rows of ``hidden`` elements (created on first use, collectively).
 
-        A buffer too small for a wider row is replaced; work in flight keeps the old one alive
-        through its autograd context.
+        ``configs``: kernel configs the caller passes to its calls (beyond the pool's), which the
+        buffer's memory must hold.  A buffer too small for a wider row or a larger config is
+        replaced; work in flight keeps the old one alive through its autograd context.
         """
+        for config in configs:
+            if not isinstance(config, Config):
+                raise TypeError(f"configs must hold ep_train.Config objects, got {type(config).__name__}")
         hidden_bytes = hidden * max(element_size, 2)
+        group_size = dist.get_world_size(group)
+        need = self._nvl_bytes(group_size, hidden_bytes, configs)
         entry = self._entries.get(id(group))
         if entry is not None and entry.buffer.group is group and entry.hidden_bytes >= hidden_bytes:
-            return entry.buffer
-        group_size = dist.get_world_size(group)
-        buffer = Buffer(group, num_nvl_bytes=self._nvl_bytes(group_size, hidden_bytes), backend=self.backend,
-                        num_sms=self.num_sms, check_values=self.check_values)  # fmt: skip
+            if entry.buffer.num_nvl_bytes >= need:
+                return entry.buffer
+            hidden_bytes = entry.hidden_bytes
+            need = self._nvl_bytes(group_size, hidden_bytes, configs)
+        buffer = Buffer(group, num_nvl_bytes=need, backend=self.backend, num_sms=self.num_sms,
+                        check_values=self.check_values)  # fmt: skip
         self._entries[id(group)] = _Entry(buffer, hidden_bytes)
         return buffer
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from . import layout
 from .validate import check_num_sms
 
-__all__ = ["Config", "get_dispatch_config", "get_combine_config"]
+__all__ = ["Config", "get_dispatch_config", "get_combine_config", "solo_num_sms"]
 
 
 @dataclass(frozen=True)
@@ -104,3 +104,23 @@ def get_dispatch_config(num_ranks: int) -> Config:
 def get_combine_config(num_ranks: int) -> Config:
     """Measured-best combine config for ``num_ranks`` ranks."""
     return _lookup(_COMBINE_DEFAULTS, num_ranks, "get_combine_config")
+
+
+# Kernels that nothing overlaps (a MoE layer with neither chunked nor shared-expert overlap) may
+# take more SMs than the 24 left to them beside the expert GEMMs.  EP2 MoE layer (standard case, 2 x
+# H200, 2026-11-29, benchmarks/RESULTS.md): 64 / 96 / 128 SMs -1.4 / -1.7 / -2.1 ms against 24 (the
+# expert-major combine 1.38 -> 0.49 ms a call at 96).  SOLO_SPARE_SMS stay free: kernels that spin
+# until their peers run (ours, NCCL's gradient reduction beside a backward, up to 32 channels) must
+# all be resident at once, so 128 of 132 SMs could stall a collective that overlaps them.
+SOLO_NUM_SMS = 96
+SOLO_SPARE_SMS = 36
+
+
+def solo_num_sms(device_sms: int) -> int:
+    """SMs for dispatch/combine kernels that run alone on a GPU of ``device_sms`` SMs: up to
+    ``SOLO_NUM_SMS``, leaving ``SOLO_SPARE_SMS`` free, never below the overlapped default's 24 (or
+    the device's even SM count when it has fewer)."""
+    if isinstance(device_sms, bool) or not isinstance(device_sms, int) or device_sms < 2:
+        raise ValueError(f"device_sms must be an int >= 2, got {device_sms!r}")
+    default = min(_DISPATCH_DEFAULTS[2].num_sms, device_sms // 2 * 2)
+    return max(default, min(SOLO_NUM_SMS, device_sms - SOLO_SPARE_SMS) // 2 * 2)

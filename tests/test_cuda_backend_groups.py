@@ -255,3 +255,26 @@ def _own_nvl_bytes(rank, world):
 def test_ranks_with_other_nvl_bytes_all_refuse():
     for got in run_distributed(_own_nvl_bytes, 2):
         assert "same num_nvl_bytes, got [1048576, 2097152]" in got.get("error", ""), got
+
+
+def test_num_sms_above_the_gpus_sm_count_is_refused(monkeypatch):
+    """Every block of a call waits for its peers' blocks, so all must be resident at once: a config
+    with more SMs than the GPU has (or more channels than the kernels hold) is refused by name."""
+    import types
+
+    import torch
+
+    from ep_train import Config
+    from ep_train.backends import cuda
+
+    backend = object.__new__(cuda.CudaBackend)
+    backend._C = types.SimpleNamespace(MAX_CHANNELS=64)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(cuda, "_device_sms", lambda device: 78)
+    assert backend._channels(Config(78, 8, 256)) == 39
+    with pytest.raises(ValueError, match="num_sms=80 exceeds the 78 SMs of this GPU"):
+        backend._channels(Config(80, 8, 256))
+    monkeypatch.setattr(cuda, "_device_sms", lambda device: 400)
+    assert backend._channels(Config(128, 8, 256)) == 64
+    with pytest.raises(ValueError, match="backend='cuda' takes num_sms <= 128, got 130"):
+        backend._channels(Config(130, 8, 256))

@@ -84,3 +84,19 @@ def test_layout_helpers():
         assert row % 16 == 0 and row >= hidden_bytes + layout.MAX_TOPK * 8 + 4
     # The control area is sized for the maximum ranks and channels, so it never moves.
     assert len({layout.intranode_control_bytes(r, c) for r in (1, 2, 8) for c in (1, 12, 64)}) == 1
+
+
+def test_solo_num_sms_leaves_spare_sms_and_never_drops_below_the_default():
+    from ep_train.config import SOLO_NUM_SMS, SOLO_SPARE_SMS, solo_num_sms
+
+    assert solo_num_sms(132) == SOLO_NUM_SMS == 96 and SOLO_SPARE_SMS == 36
+    assert solo_num_sms(114) == 78  # H100 PCIe: 36 left free
+    assert solo_num_sms(79) == 42  # even
+    assert solo_num_sms(40) == 24  # never fewer than the overlapped default...
+    assert solo_num_sms(17) == 16  # ...unless the GPU has fewer
+    for device_sms in range(2, 300):
+        n = solo_num_sms(device_sms)
+        assert n % 2 == 0 and 2 <= n <= device_sms and n <= SOLO_NUM_SMS
+    for bad in (0, 1, True, 132.0, None):
+        with pytest.raises(ValueError, match="device_sms must be an int >= 2"):
+            solo_num_sms(bad)

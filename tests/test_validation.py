@@ -660,6 +660,26 @@ def test_buffer_pool_sizes_its_buffers_for_its_sm_count(group):
         buf.destroy()
 
 
+def test_buffer_pool_sizes_its_buffers_for_the_callers_configs(group):
+    """get(..., configs=) holds the rings of configs a caller passes to its calls: a larger one
+    replaces the buffer (keeping its row width), smaller or equal ones keep it; non-configs refused."""
+    from ep_train.buffer_pool import BufferPool
+
+    pool = BufferPool(backend="torch")
+    first = pool.get(group, 2 * H)
+    big = Config(96, 16, 256)
+    need = big.get_nvl_buffer_size_hint(2 * H * 2, 1)
+    assert first.num_nvl_bytes < need
+    assert pool.get(group, H, configs=(Config(24, 8, 256),)) is first
+    again = pool.get(group, H, configs=(big, Config(8, 8, 256)))
+    assert again is not first and again.num_nvl_bytes >= need  # sized for the wider row it replaced
+    assert pool.get(group, 2 * H) is again and pool.get(group, H, configs=(big,)) is again
+    with pytest.raises(TypeError, match="configs must hold ep_train.Config objects, got int"):
+        pool.get(group, H, configs=(96,))
+    for buf in (first, again):
+        buf.destroy()
+
+
 def test_collecting_a_calls_tensors_keeps_none_alive():
     """The walk over a call's results (on every CUDA call's path) leaves no reference cycle: with the
     cyclic garbage collector off (Megatron's manual GC), a dropped output is freed at once."""

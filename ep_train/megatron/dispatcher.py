@@ -34,6 +34,7 @@ experts, K top-k, N received rows, P expert-major rows.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import warnings
 from collections.abc import Callable
@@ -46,6 +47,7 @@ from ..autograd.normal import combine as ep_combine
 from ..autograd.normal import combine_from_experts, dispatch_to_experts
 from ..autograd.normal import dispatch as ep_dispatch
 from ..buffer_pool import BufferPool
+from ..config import Config, get_combine_config, get_dispatch_config, solo_num_sms
 from ..permute import PairLayout, permute_to_experts, unpermute_from_experts
 from ._megatron import MoETokenDispatcher
 from .config import check_config
@@ -97,6 +99,13 @@ def _gather_weights(probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, dtype: to
     """``probs[t, topk_idx[t, k]]`` (0 where the index is -1), differentiable w.r.t. ``probs``."""
     w_TK = probs_TE.gather(1, topk_idx_TK.clamp(min=0)).to(dtype)
     return w_TK.masked_fill(topk_idx_TK < 0, 0)
+
+
+def _device_sms() -> int | None:
+    """SMs of the current CUDA device (None without CUDA)."""
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
 
 def _in_backward() -> bool:
@@ -174,8 +183,9 @@ class EPTokenDispatcher(MoETokenDispatcher):
         self.shared_experts = None
         # Create the group's buffer now (collectively, while every rank builds its layers) so that
         # observers such as a CommTimer can attach to ``self.buffer`` before the first forward.
+        self.dispatch_config, self.combine_config = self._kernel_configs()
         hidden = getattr(config, "moe_latent_size", None) or config.hidden_size
-        self.buffer = self.buffers.get(self.ep_group, hidden, config.params_dtype.itemsize)
+        self.buffer = self.buffers.get(self.ep_group, hidden, config.params_dtype.itemsize, self._configs())
         stages = ("token_dispatch", "dispatch_postprocess", "combine_preprocess", "token_combine",
                   "combine_postprocess")  # fmt: skip
         self._queues: dict[str, collections.deque[_MicroBatch]] = {stage: collections.deque() for stage in stages}
@@ -231,8 +241,26 @@ class EPTokenDispatcher(MoETokenDispatcher):
             )
         return queue.popleft()
 
+    def _kernel_configs(self) -> tuple[Config | None, Config | None]:
+        """The configs of this layer's dispatches and combines (None: the Buffer's defaults).
+
+        Kernels that nothing overlaps (one chunk, no shared-expert overlap, outside the EP-overlap
+        schedule) take ``solo_num_sms`` of this GPU's SMs instead of the 24 left to them beside
+        compute, unless the options name an SM count or configs."""
+        o, config = self.options, self.config
+        overlapped = o.num_chunks > 1 or config.moe_shared_expert_overlap or config.overlap_moe_expert_parallel_comm
+        device_sms = _device_sms()
+        if o.num_sms is not None or overlapped or device_sms is None:
+            return o.dispatch_config, o.combine_config
+        n = solo_num_sms(device_sms)
+        return (o.dispatch_config or dataclasses.replace(get_dispatch_config(self.ep_size), num_sms=n),
+                o.combine_config or dataclasses.replace(get_combine_config(self.ep_size), num_sms=n))  # fmt: skip
+
+    def _configs(self) -> tuple[Config, ...]:
+        return tuple(c for c in (self.dispatch_config, self.combine_config) if c is not None)
+
     def _buffer(self, x: torch.Tensor):
-        self.buffer = self.buffers.get(self.ep_group, x.shape[-1], x.element_size())
+        self.buffer = self.buffers.get(self.ep_group, x.shape[-1], x.element_size(), self._configs())
         return self.buffer
 
     def _weight_dtype(self, buffer, probs_dtype: torch.dtype) -> torch.dtype:
@@ -243,12 +271,12 @@ class EPTokenDispatcher(MoETokenDispatcher):
     def _dispatch(self, buffer, x_TH, topk_idx_TK, weights_TK, previous_event=None, async_finish=False):
         o = self.options
         return ep_dispatch(buffer, x_TH, topk_idx_TK, weights_TK, self.num_experts, fp8=o.fp8_dispatch,
-                           config=o.dispatch_config, previous_event=previous_event,
+                           config=self.dispatch_config, previous_event=previous_event,
                            async_finish=async_finish)  # fmt: skip
 
     def _issue_combine(self, lane: CommLane, buffer, y_NH: torch.Tensor, handle):
         """Combine on the comm stream once ``y_NH`` is ready → ``y_TH`` or ``(y_TH, event)``."""
-        cfg = self.options.combine_config
+        cfg = self.combine_config
         return lane.issue(
             lambda ev, fin: ep_combine(buffer, y_NH, handle, config=cfg, previous_event=ev, async_finish=fin),
             lane.ready_event(),
@@ -311,7 +339,7 @@ class EPTokenDispatcher(MoETokenDispatcher):
             o = self.options
             fused = dispatch_to_experts(buffer, hidden_states, mb.topk_idx_TK, weights_TK, self.num_experts,
                                         expert_alignment=o.expert_alignment, fp8=o.fp8_dispatch,
-                                        config=o.dispatch_config)  # fmt: skip
+                                        config=self.dispatch_config)  # fmt: skip
             mb.handle, mb.fused_tokens_per_expert = fused.handle, fused.tokens_per_expert
             self._push("dispatch_postprocess", mb)
             return fused.x, fused.probs
@@ -349,9 +377,9 @@ class EPTokenDispatcher(MoETokenDispatcher):
         mb = self._pop("token_combine")
         buffer = mb.buffer
         if mb.fused_tokens_per_expert is not None:
-            y_TH = combine_from_experts(buffer, hidden_states, mb.handle, config=self.options.combine_config)
+            y_TH = combine_from_experts(buffer, hidden_states, mb.handle, config=self.combine_config)
         else:
-            y_TH = ep_combine(buffer, hidden_states, mb.handle, config=self.options.combine_config)
+            y_TH = ep_combine(buffer, hidden_states, mb.handle, config=self.combine_config)
         if self.shared_experts is not None:
             self.shared_experts.post_forward_comm()
         self._push("combine_postprocess", mb)

@@ -7,6 +7,7 @@ Every function here runs inside a rank started by ``ep_train.testing.run_distrib
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 
 import pytest
@@ -578,3 +579,64 @@ def checkpointed_layer_parity(rank: int, world: int, seed: int) -> int:
                     assert not left, f"[checkpoint {wrap}] forward state left behind: {left}"
                     steps += 1
     return steps
+
+
+def kernel_sm_choice(rank: int, world: int, seed: int) -> int:
+    """The dispatcher's kernel configs on a GPU of 132 (and 78) SMs, the device count patched: the
+    solo SM count only where nothing overlaps the kernels, the options' choice otherwise, buffers
+    sized for what the calls use; and the layer's output and gradients do not change with it.
+    → number of checks."""
+    from ep_train import Config, get_combine_config, get_dispatch_config
+    from ep_train.megatron import EPOptions, EPTokenDispatcher
+    from ep_train.megatron import dispatcher as dispatcher_module
+
+    case = Case(topk=2)
+    L = case.num_experts // world
+    experts = list(range(rank * L, rank * L + L))
+    checks = 0
+    own = dispatcher_module._device_sms
+    try:
+        with megatron_world(world, seed):
+            gen = torch.Generator().manual_seed(seed * 5 + rank)
+            x, g = torch.randn(6, 2, case.hidden, generator=gen), torch.randn(6, 2, case.hidden, generator=gen)
+            results = {}
+            for device_sms in (None, 132):
+                dispatcher_module._device_sms = lambda n=device_sms: n
+                torch.manual_seed(seed)
+                results[device_sms] = run_layer(build_moe_layer(case, "deepep", world), x, g)
+            compare(results[132], results[None], True, f"rank {rank}: solo SM configs")
+            checks += 1
+
+            def configs(device_sms, options=None, **overrides):
+                dispatcher_module._device_sms = lambda: device_sms
+                ep_overlap = overrides.pop("overlap_moe_expert_parallel_comm", False)
+                config = make_layer_config(case, "deepep", world, **overrides)
+                config.overlap_moe_expert_parallel_comm = ep_overlap  # the flag the schedule sets (needs BF16)
+                d = EPTokenDispatcher(L, experts, config, options=options)
+                return d, d.dispatch_config, d.combine_config
+
+            d, dc, cc = configs(132)
+            assert dc == dataclasses.replace(get_dispatch_config(world), num_sms=96), dc
+            assert cc == dataclasses.replace(get_combine_config(world), num_sms=96), cc
+            need = max(c.get_nvl_buffer_size_hint(case.hidden * 4, world) for c in (dc, cc))
+            assert d.buffer.num_nvl_bytes >= need, (d.buffer.num_nvl_bytes, need)
+            assert configs(78)[1].num_sms == 42
+            checks += 2
+            # Overlapped kernels, a count or configs the user chose, no CUDA: the options' configs.
+            mine = Config(20, 8, 128)
+            for options, overrides in [
+                (EPOptions(num_chunks=2), {}),
+                (None, {"moe_shared_expert_intermediate_size": 2 * case.ffn, "moe_shared_expert_overlap": True}),
+                (None, {"overlap_moe_expert_parallel_comm": True}),
+                (EPOptions(num_sms=40), {}),
+            ]:
+                _, dc, cc = configs(132, options, **overrides)
+                assert (dc, cc) == (None, None), (options, overrides, dc, cc)
+                checks += 1
+            _, dc, cc = configs(132, EPOptions(dispatch_config=mine))
+            assert dc == mine and cc.num_sms == 96, (dc, cc)
+            assert configs(None)[1:] == (None, None)
+            checks += 2
+    finally:
+        dispatcher_module._device_sms = own
+    return checks

@@ -17,6 +17,7 @@ from _megatron_harness import (  # noqa: E402
     experts_match_sequential,
     fusing_layer_parity,
     gpt_training,
+    kernel_sm_choice,
     layer_parity,
     overlap_schedule_parity,
 )
@@ -125,6 +126,12 @@ def test_ep_overlap_schedule():
 def test_construction_checks_and_recovery_after_an_error():
     counts = run_distributed(construction_and_recovery, 2, _seed(), timeout_s=TIMEOUT_S)
     assert counts == [6, 6]
+
+
+def test_kernels_take_more_sms_only_where_nothing_overlaps_them():
+    """On a GPU (device SM count patched) a layer whose kernels overlap nothing takes solo_num_sms;
+    chunks, shared-expert overlap, the EP-overlap schedule or a user's choice keep the options'."""
+    assert run_distributed(kernel_sm_choice, 2, _seed(), timeout_s=TIMEOUT_S) == [9, 9]
 
 
 def test_grouped_gemm_experts_match_megatron_sequential_mlp():
