@@ -278,3 +278,59 @@ def test_num_sms_above_the_gpus_sm_count_is_refused(monkeypatch):
     assert backend._channels(Config(128, 8, 256)) == 64
     with pytest.raises(ValueError, match="backend='cuda' takes num_sms <= 128, got 130"):
         backend._channels(Config(130, 8, 256))
+
+
+def _mixed_backend(rank, world, without_kernels, asked=None, env=None):
+    """create_backend on recorders where ranks ``without_kernels`` cannot run the kernels (not built
+    there), rank r asking for ``asked[r]`` (default "auto") with ``env[r]`` set: the backend's name, or
+    the error."""
+    import os
+
+    import torch
+
+    from ep_train import backends
+
+    _backend(rank, world, [0] * world, [True] * world, 1 << 20)  # installs the recorders
+    if rank in without_kernels:
+        backends._ext.is_available = lambda: False
+        backends._ext.unavailable_reason = lambda: "ep_train._C is not built on this node"
+    else:
+        backends._ext.is_available = lambda: True
+    os.environ.pop("EP_TRAIN_BACKEND", None)
+    os.environ.update((env or {}).get(rank, {}))
+    try:
+        made = backends.create_backend((asked or {}).get(rank, "auto"), dist.group.WORLD, rank, world,
+                                       torch.device("cuda"), 1 << 20, 0, False, 5.0)  # fmt: skip
+    except (ValueError, RuntimeError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return made.name
+
+
+def test_ranks_choose_their_backend_together():
+    """Where only some ranks can run the kernels, "auto" gives every rank the torch backend (before,
+    those ranks took the kernels and waited for peers that never came); ranks that ask for different
+    backends, or set EP_TRAIN_BACKEND differently, all raise naming what each asked; "cuda" asked
+    for where a rank cannot run the kernels raises on every rank, naming it."""
+    assert run_distributed(_mixed_backend, 4, [2], timeout_s=60) == ["torch"] * 4
+    assert run_distributed(_mixed_backend, 4, [], timeout_s=60) == ["cuda"] * 4
+    got = run_distributed(_mixed_backend, 2, [], {1: "torch"}, timeout_s=60)
+    assert all("same backend, got ['auto', 'torch']" in g for g in got), got
+    got = run_distributed(_mixed_backend, 2, [], None, {0: {"EP_TRAIN_BACKEND": "cuda"}}, timeout_s=60)
+    assert all("EP_TRAIN_BACKEND must be the same on every rank, got ['cuda', None]" in g for g in got), got
+    got = run_distributed(_mixed_backend, 2, [1], {0: "cuda", 1: "cuda"}, timeout_s=60)
+    assert all(g.startswith("ValueError: backend='cuda': ranks [1] cannot run the kernels") and
+               "not built on this node" in g for g in got), got  # fmt: skip
+
+
+def test_choose_backend_rules():
+    from ep_train.backends import _choose
+
+    ok, no = None, "not built"
+    assert _choose([("torch", None, no), ("torch", None, ok)]) == ("torch", False)
+    assert _choose([("auto", None, ok), ("auto", None, ok)]) == ("cuda", True)
+    assert _choose([("auto", None, ok), ("auto", None, no)]) == ("torch", False)
+    assert _choose([("auto", "torch", ok), ("auto", "torch", ok)]) == ("torch", False)
+    assert _choose([("auto", "cuda", ok), ("auto", "cuda", ok)]) == ("cuda", False)  # forced: no fallback
+    assert _choose([("cuda", "torch", ok)]) == ("cuda", False)  # a named backend wins over the variable
+    with pytest.raises(ValueError, match=r"ranks \[0\] cannot run the kernels: \{0: 'not built'\}"):
+        _choose([("auto", "cuda", no), ("auto", "cuda", ok)])

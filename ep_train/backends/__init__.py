@@ -35,6 +35,43 @@ def available_backends() -> dict[str, str]:
     return report
 
 
+def _choose(views: list[tuple[str, str | None, str | None]]) -> tuple[str, bool]:
+    """The group's backend from every rank's ``(asked, EP_TRAIN_BACKEND, why the kernels cannot run
+    here or None)``, in rank order → ``(name, whether "auto" chose cuda)``; every rank decides
+    alike.  Raises ValueError (naming the ranks) where they asked differently or asked for kernels
+    that some rank cannot run."""
+    asked = [v[0] for v in views]
+    if len(set(asked)) != 1:
+        raise ValueError(f"every rank must create its Buffer with the same backend, got {asked} (rank order)")
+    name = asked[0]
+    if name == "auto":
+        forced = [v[1] for v in views]
+        if len(set(forced)) != 1:
+            raise ValueError(f"EP_TRAIN_BACKEND must be the same on every rank, got {forced} (rank order; None: unset)")
+        name = forced[0] or "auto"
+    if name == "torch":
+        return name, False
+    missing = {r: v[2] for r, v in enumerate(views) if v[2] is not None}
+    if name == "auto":
+        return ("torch", False) if missing else ("cuda", True)
+    if missing:
+        raise ValueError(f"backend='cuda': ranks {sorted(missing)} cannot run the kernels: {missing}; use "
+                         "backend='torch' (or 'auto')")  # fmt: skip
+    return name, False
+
+
+def _kernels_unavailable(device: torch.device) -> str | None:
+    """Why this rank cannot run the cuda backend (None: it can)."""
+    if device.type != "cuda":
+        return (
+            "backend='cuda' needs a process group on CUDA devices (NCCL, or e.g. 'cpu:gloo,cuda:gloo'), "
+            f"got device {device}"
+        )
+    if not _ext.is_available():
+        return _ext.unavailable_reason()
+    return None
+
+
 def create_backend(
     name: str,
     group: dist.ProcessGroup,
@@ -46,26 +83,25 @@ def create_backend(
     low_latency_mode: bool,
     timeout_s: float,
 ) -> Backend:
+    """The backend of a new Buffer, chosen by every rank of ``group`` together (one gather, after
+    the bounded presence check): ranks that ask differently, or where only some can run the
+    kernels, never end up with different backends."""
     if name not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
-    fallback = False  # "auto" chose cuda: a group it cannot serve takes the torch backend
-    if name == "auto":
-        forced = _env.forced_backend()
-        if forced is not None:
-            name = forced
-        else:
-            name = "cuda" if device.type == "cuda" and _ext.is_available() else "torch"
-            fallback = name == "cuda"
+    from .cuda import wait_for_group
+
+    forced = _env.forced_backend()
+    wait_for_group(group, rank, timeout_s)
+    views: list[tuple | None] = [None] * num_ranks
+    dist.all_gather_object(views, (name, forced, _kernels_unavailable(device)), group=group)
+    name, fallback = _choose(views)  # fallback: "auto" chose cuda; a group it cannot serve takes torch
     if name == "torch":
+        missing = [r for r, v in enumerate(views) if v[2] is not None]
+        if rank == 0 and views[0][0] == "auto" and 0 < len(missing) < num_ranks and not _env.quiet_import():
+            print(f"ep_train: backend='auto' takes the torch backend on every rank: ranks {missing} cannot run "
+                  f"the kernels ({views[missing[0]][2]})", file=sys.stderr)  # fmt: skip
         return TorchBackend(group, rank, num_ranks, timeout_s)
-    if device.type != "cuda":
-        raise ValueError(
-            "backend='cuda' needs a process group on CUDA devices (NCCL, or e.g. 'cpu:gloo,cuda:gloo'), "
-            f"got device {device}"
-        )
     _ext.load()
-    if not _ext.is_available():
-        raise ValueError(f"backend='cuda': {_ext.unavailable_reason()}; use backend='torch' (or 'auto')")
     from .cuda import CudaBackend, GroupNotServed
 
     try:

@@ -106,7 +106,7 @@ def wait_for_group(group: dist.ProcessGroup, rank: int, timeout_s: float) -> Non
         return
     ranks = tuple(dist.get_process_group_ranks(group))
     _CREATED[ranks] += 1
-    prefix = f"ep_train/cuda_buffer/{'-'.join(map(str, ranks))}/{_CREATED[ranks]}"
+    prefix = f"ep_train/buffer/{'-'.join(map(str, ranks))}/{_CREATED[ranks]}"
     store.set(f"{prefix}/{rank}", b"1")
     keys = [f"{prefix}/{r}" for r in range(len(ranks))]
     try:
