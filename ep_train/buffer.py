@@ -274,7 +274,11 @@ class Buffer:
         return capture()
 
     def destroy(self) -> None:
-        """Free communication memory.  Every later call raises."""
+        """Free communication memory.  Every later call raises.
+
+        Collective on the cuda backend: the ranks write into each other's memory, so a rank frees
+        its own only once every rank of the group has come to ``destroy`` (bounded by
+        ``timeout_s``; a rank that does not come is named in a warning)."""
         if self._backend is not None:
             self._backend.destroy()
             self._backend = None

@@ -334,3 +334,42 @@ def test_choose_backend_rules():
     assert _choose([("cuda", "torch", ok)]) == ("cuda", False)  # a named backend wins over the variable
     with pytest.raises(ValueError, match=r"ranks \[0\] cannot run the kernels: \{0: 'not built'\}"):
         _choose([("auto", "cuda", no), ("auto", "cuda", ok)])
+
+
+def _destroy_times(rank, world, late, never=False):
+    """A CudaBackend on recorders, destroyed by every rank, rank ``late`` 1.5 s after the others (or
+    ``never``): → (when this rank entered destroy, when it freed its memory, warnings)."""
+    import time
+    import warnings
+
+    from ep_train.backends import cuda
+
+    _backend(rank, world, [0] * world, [True] * world, 1 << 20)  # installs the recorders
+    backend = cuda.CudaBackend(dist.group.WORLD, rank, world, 1 << 20, 0, False, 3.0)
+    freed = []
+    backend._rt.destroy = lambda: freed.append(time.time())
+    if rank == late:
+        time.sleep(1.5)
+        if never:
+            time.sleep(4.0)  # past the others' timeout_s
+            return None
+    entered = time.time()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        backend.destroy()
+    backend.destroy()  # a second destroy does nothing
+    return entered, freed, [str(w.message) for w in caught]
+
+
+def test_destroy_frees_memory_only_after_every_rank_is_done():
+    """The ranks write into each other's memory up to their last acknowledgement, so a rank frees
+    its buffer only once every rank has come to destroy it (before, a fast rank freed at once); a
+    rank that never comes is named in a warning after timeout_s, and the memory is freed anyway."""
+    got = run_distributed(_destroy_times, 2, 1, timeout_s=60)
+    (entered0, freed0, warned0), (entered1, freed1, _) = got
+    assert len(freed0) == len(freed1) == 1 and not warned0
+    assert freed0[0] >= entered1 > entered0 + 1.0, got
+    got = run_distributed(_destroy_times, 2, 1, True, timeout_s=60)
+    entered0, freed0, warned0 = got[0]
+    assert len(freed0) == 1 and freed0[0] >= entered0 + 2.5, got
+    assert len(warned0) == 1 and "ranks [1] did not destroy their Buffer within timeout_s=3 s" in warned0[0], warned0

@@ -26,6 +26,7 @@ import datetime
 import functools
 import socket
 import sys
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -95,30 +96,59 @@ def node_id() -> str:
 _CREATED: Counter = Counter()
 
 
-def wait_for_group(group: dist.ProcessGroup, rank: int, timeout_s: float) -> None:
-    """Return once every rank of ``group`` has started creating this Buffer; a rank that does not
-    within ``timeout_s`` raises CommTimeoutError naming the ranks missing (the creation's
-    collectives would otherwise wait for the process group's timeout).  Through the default
-    store: without one (a group set up another way) there is nothing to check here."""
+def _default_store():
+    """The default process group's store (None: a group set up another way)."""
     try:
-        store = dist.distributed_c10d._get_default_store()
+        return dist.distributed_c10d._get_default_store()
     except (AttributeError, RuntimeError, ValueError):
-        return
-    ranks = tuple(dist.get_process_group_ranks(group))
-    _CREATED[ranks] += 1
-    prefix = f"ep_train/buffer/{'-'.join(map(str, ranks))}/{_CREATED[ranks]}"
+        return None
+
+
+def _meet(store, prefix: str, rank: int, num_ranks: int, timeout_s: float) -> list[int]:
+    """Mark ``rank`` arrived at ``prefix`` and wait, at most ``timeout_s``, for the others: → the
+    ranks that did not arrive (empty: all did)."""
     store.set(f"{prefix}/{rank}", b"1")
-    keys = [f"{prefix}/{r}" for r in range(len(ranks))]
+    keys = [f"{prefix}/{r}" for r in range(num_ranks)]
     try:
         store.wait(keys, datetime.timedelta(seconds=timeout_s))
-    except Exception as exc:  # the store's timeout error type differs between torch versions
+    except Exception:  # the store's timeout error type differs between torch versions
         missing = [r for r, key in enumerate(keys) if not store.check([key])]
         if not missing:
             raise
+        return missing
+    return []
+
+
+def wait_for_group(group: dist.ProcessGroup, rank: int, timeout_s: float) -> str | None:
+    """Return once every rank of ``group`` has started creating this Buffer; a rank that does not
+    within ``timeout_s`` raises CommTimeoutError naming the ranks missing (the creation's
+    collectives would otherwise wait for the process group's timeout).  Through the default
+    store: without one (a group set up another way) there is nothing to check here (None).
+
+    Returns the creation's key, the same on every rank (creations count per group, in order)."""
+    store = _default_store()
+    if store is None:
+        return None
+    ranks = tuple(dist.get_process_group_ranks(group))
+    _CREATED[ranks] += 1
+    prefix = f"ep_train/buffer/{'-'.join(map(str, ranks))}/{_CREATED[ranks]}"
+    missing = _meet(store, prefix, rank, len(ranks), timeout_s)
+    if missing:
         raise CommTimeoutError(
             f"rank {rank}: ranks {missing} of the group did not create their Buffer within timeout_s="
             f"{timeout_s:g} s (every rank creates the group's Buffers, in the same order)"
-        ) from exc
+        )
+    return prefix
+
+
+def wait_to_free(key: str | None, rank: int, num_ranks: int, timeout_s: float) -> list[int]:
+    """Before a Buffer's peer-mapped memory is freed: wait, at most ``timeout_s``, until every rank
+    of the group that created it under ``key`` has finished its kernels on it (they write into
+    each other's memory up to their last acknowledgement).  → the ranks that did not come."""
+    store = _default_store()
+    if key is None or store is None:
+        return []
+    return _meet(store, f"{key}/free", rank, num_ranks, timeout_s)
 
 
 class GroupNotServed(ValueError):
@@ -180,7 +210,7 @@ class CudaBackend(Backend):
         self.low_latency_transport: str | None = None
         use_ll = bool(low_latency_mode) or num_rdma_bytes > 0
         want, rma = _env.low_latency_transport(), _env.low_latency_rma()
-        wait_for_group(group, rank, self.timeout_s)
+        self._key = wait_for_group(group, rank, self.timeout_s)
         # One gather that every rank's decision below rests on, so all of them decide alike.
         views: list[tuple | None] = [None] * num_ranks
         ll_info = (int(num_rdma_bytes), want, rma) if use_ll else None
@@ -671,6 +701,21 @@ class CudaBackend(Backend):
         return LowLatencyCombineResult(out if out is not None else target, hook)
 
     def destroy(self) -> None:
+        """Free the buffers, collectively: this rank's kernels finish, then the others' (bounded by
+        ``timeout_s``: a rank that does not destroy its Buffer by then is named in a warning), and
+        only then is memory that peers map freed or handed back to the NVSHMEM heap."""
+        if self._rt is None and self._ll is None and self._ll_block is None:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        missing = wait_to_free(getattr(self, "_key", None), self.rank, self.num_ranks, self.timeout_s)
+        if missing:
+            warnings.warn(
+                f"rank {self.rank}: ranks {missing} did not destroy their Buffer within timeout_s="
+                f"{self.timeout_s:g} s; freeing this rank's memory without them (a kernel of theirs still "
+                "running may fault)",
+                stacklevel=3,
+            )
         if self._rt is not None:
             self._rt.destroy()
             self._rt = None
