@@ -172,3 +172,52 @@ def test_checkpoint_replay_keeps_recv_topk_weights_and_refuses_another_routing()
 def test_replay_refuses_topk_idx_changed_in_place():
     """The caller's topk_idx changed in place between the forward and its recomputation: refused."""
     run_distributed(_rerouted_body, 2, random.randrange(1 << 30), True, timeout_s=120)
+
+
+def _config_flow(rank: int, world: int, seed: int) -> int:
+    """Each differentiable op's ``config`` reaches its forward call and ``grad_config`` its backward
+    call (a combine for the dispatches, a dispatch for the combines); None leaves the buffer's."""
+    import inspect
+
+    from ep_train import Config
+
+    buf = _buffer(world)
+    calls: list[tuple[str, object]] = []
+    for name in ("dispatch", "combine"):
+        fn = getattr(buf, name)
+        sig = inspect.signature(fn)
+
+        def record(*a, _fn=fn, _sig=sig, _name=name, **k):
+            calls.append((_name, _sig.bind(*a, **k).arguments.get("config")))
+            return _fn(*a, **k)
+
+        setattr(buf, name, record)
+    fwd, bwd = Config(6, 2, 8), Config(4, 1, 4)
+    g = rank_generator(seed, rank, 7)
+    idx = _routing(seed, rank, 5)
+    checks = 0
+    for grad_config in (bwd, None):
+        x = torch.randn(5, H, generator=g, requires_grad=True)
+        w = torch.rand(5, K, generator=g, requires_grad=True)
+        calls.clear()
+        out = A.dispatch(buf, x, idx, w, E, config=fwd, grad_config=grad_config)
+        y = A.combine(buf, out.recv_x * 2, out.handle, config=fwd, grad_config=grad_config)
+        (y.sum() + out.recv_topk_weights.sum()).backward()
+        assert calls == [("dispatch", fwd), ("combine", fwd), ("dispatch", grad_config), ("combine", grad_config)], (
+            calls
+        )
+        calls.clear()
+        x.grad = w.grad = None
+        em = A.dispatch_to_experts(buf, x, idx, w, E, config=fwd, grad_config=grad_config)
+        y = A.combine_from_experts(buf, em.x * 2, em.handle, config=fwd, grad_config=grad_config)
+        (y.sum() + em.probs.sum()).backward()
+        assert calls == [("dispatch", fwd), ("combine", fwd), ("dispatch", grad_config), ("combine", grad_config)], (
+            calls
+        )
+        checks += 2
+    buf.destroy()
+    return checks
+
+
+def test_config_and_grad_config_reach_forward_and_backward_calls():
+    assert run_distributed(_config_flow, 2, random.randrange(1 << 30), timeout_s=120) == [4, 4]

@@ -63,6 +63,7 @@ class _DispatchOpts:
     config: Config | None
     previous_event: EventOverlap | None
     async_finish: bool
+    grad_config: Config | None = None
 
 
 def _rows_as_payload(buffer: Buffer, t: torch.Tensor) -> torch.Tensor:
@@ -172,7 +173,7 @@ class _DispatchFn(torch.autograd.Function):
             if event is not None and event.event is not None:  # async_finish: rows exist once the comm stream is there
                 torch.cuda.current_stream().wait_event(event.event)
             recv_x = dequantize_fp8(recv_x[0], recv_x[1], x_TH.dtype)
-        ctx.buffer, ctx.handle = buffer, handle
+        ctx.buffer, ctx.handle, ctx.grad_config = buffer, handle, opts.grad_config
         ctx.save_for_backward(recv_idx)
         ctx.mark_non_differentiable(recv_idx)
         out["handle"], out["event"], out["per_expert_list"] = handle, event, per_expert_list
@@ -187,7 +188,8 @@ class _DispatchFn(torch.autograd.Function):
         grad_w_in = None
         if grad_recv_w is not None and ctx.needs_input_grad[1]:
             grad_w_in = torch.where(recv_idx >= 0, grad_recv_w, torch.zeros_like(grad_recv_w)).contiguous()
-        grad_x, grad_w, _ = ctx.buffer.combine(grad_recv_x.contiguous(), handle, topk_weights=grad_w_in)
+        grad_x, grad_w, _ = ctx.buffer.combine(grad_recv_x.contiguous(), handle, topk_weights=grad_w_in,
+                                               config=ctx.grad_config)  # fmt: skip
         return grad_x, grad_w, None, None, None, None
 
 
@@ -203,7 +205,7 @@ class _CombineFn(torch.autograd.Function):
             previous_event=opts["previous_event"],
             async_finish=opts["async_finish"],
         )
-        ctx.buffer, ctx.handle = buffer, handle
+        ctx.buffer, ctx.handle, ctx.grad_config = buffer, handle, opts["grad_config"]
         ctx.has_bias = (bias0 is not None, bias1 is not None)
         out["event"] = event
         return combined
@@ -212,7 +214,7 @@ class _CombineFn(torch.autograd.Function):
     def backward(ctx, grad_TH):
         handle: DispatchHandle = ctx.handle
         grad_TH = grad_TH.contiguous()
-        grad_x, *_ = ctx.buffer.dispatch(grad_TH, _handle_for_rows(handle, grad_TH))
+        grad_x, *_ = ctx.buffer.dispatch(grad_TH, _handle_for_rows(handle, grad_TH), config=ctx.grad_config)
         grad_x = _zero_padding_rows(grad_x, handle)
         g0 = grad_TH if ctx.has_bias[0] else None
         g1 = grad_TH if ctx.has_bias[1] else None
@@ -232,6 +234,7 @@ def dispatch(
     config: Config | None = None,
     previous_event: EventOverlap | None = None,
     async_finish: bool = False,
+    grad_config: Config | None = None,
 ) -> DispatchOutput:
     """Differentiable dispatch (w.r.t. ``x`` and ``topk_weights``).
 
@@ -244,9 +247,12 @@ def dispatch(
             ``x``'s dtype and the backward runs in that dtype (straight-through).
         previous_event / async_finish: see :class:`ep_train.Buffer`; with ``async_finish`` wait on
             ``event`` before using the outputs, and run independent compute in between.
+        config: the kernels' config of this call; ``grad_config``: of the backward's combine (None:
+            the buffer's default for each).
     """
     _check_topk_weights(topk_weights)
-    opts = _DispatchOpts(num_experts, expert_alignment, num_worst_tokens, fp8, config, previous_event, async_finish)
+    opts = _DispatchOpts(num_experts, expert_alignment, num_worst_tokens, fp8, config, previous_event, async_finish,
+                         grad_config)  # fmt: skip
     out: dict = {}
     recv_x, recv_idx, recv_w = _DispatchFn.apply(x, topk_weights, buffer, topk_idx, opts, out)
     handle: DispatchHandle = out["handle"]
@@ -264,6 +270,7 @@ def combine(
     config: Config | None = None,
     previous_event: EventOverlap | None = None,
     async_finish: bool = False,
+    grad_config: Config | None = None,
 ):
     """Differentiable combine (w.r.t. ``x`` and ``bias``): sums the rows of each token.
 
@@ -271,6 +278,8 @@ def combine(
         x: ``[N, H]`` expert outputs in ``recv_x`` order (already weighted by the caller if wanted).
         handle: from :func:`dispatch`.
         bias: optional ``[T, H]`` tensor or pair added to the result.
+        config: the kernels' config of this call; ``grad_config``: of the backward's dispatch (None:
+            the buffer's default for each).
 
     Returns:
         ``combined_x [T, H]``; with ``async_finish=True`` the pair ``(combined_x, event)``.
@@ -282,7 +291,8 @@ def combine(
         raise ValueError(f"bias must be a tensor or a pair of tensors, got {len(biases)} tensors")
     b0 = biases[0] if len(biases) > 0 else None
     b1 = biases[1] if len(biases) > 1 else None
-    opts = {"config": config, "previous_event": previous_event, "async_finish": async_finish}
+    opts = {"config": config, "previous_event": previous_event, "async_finish": async_finish,
+            "grad_config": grad_config}  # fmt: skip
     out: dict = {}
     combined = _CombineFn.apply(x, b0, b1, buffer, handle, opts, out)
     return (combined, out["event"]) if async_finish else combined
@@ -329,7 +339,7 @@ class _DispatchExpertsFn(torch.autograd.Function):
             x_P = dequantize_fp8(x_P[0], x_P[1], x_TH.dtype)
         if probs_P is None:
             probs_P = torch.zeros(handle.num_pair_rows, dtype=torch.float32, device=x_TH.device)
-        ctx.buffer, ctx.handle, ctx.config = buffer, handle, opts.config
+        ctx.buffer, ctx.handle, ctx.grad_config = buffer, handle, opts.grad_config
         ctx.mark_non_differentiable(recv_idx)
         out["handle"], out["per_expert_list"] = handle, per_expert_list
         return x_P, recv_idx, probs_P
@@ -344,22 +354,24 @@ class _DispatchExpertsFn(torch.autograd.Function):
         if grad_probs_P is not None and ctx.needs_input_grad[1]:
             grad_w_NK = values_of_pairs(grad_probs_P, pos_NK).contiguous()
         grad_x, grad_w, _ = ctx.buffer.combine(grad_x_P.contiguous(), handle, topk_weights=grad_w_NK,
-                                               config=ctx.config, expert_major=True)  # fmt: skip
+                                               config=ctx.grad_config, expert_major=True)  # fmt: skip
         return grad_x, grad_w, None, None, None, None
 
 
 class _CombineExpertsFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y_P, buffer: Buffer, handle: DispatchHandle, config: Config | None):
+    def forward(ctx, y_P, buffer: Buffer, handle: DispatchHandle, config: Config | None,
+                grad_config: Config | None):  # fmt: skip
         combined, _, _ = buffer.combine(y_P.contiguous(), handle, config=config, expert_major=True)
-        ctx.buffer, ctx.handle, ctx.config = buffer, handle, config
+        ctx.buffer, ctx.handle, ctx.grad_config = buffer, handle, grad_config
         return combined
 
     @staticmethod
     def backward(ctx, grad_TH):
         grad_TH = grad_TH.contiguous()
-        grad_P, *_ = ctx.buffer.dispatch(grad_TH, _handle_for_rows(ctx.handle, grad_TH), expert_major=True)
-        return grad_P, None, None, None
+        grad_P, *_ = ctx.buffer.dispatch(grad_TH, _handle_for_rows(ctx.handle, grad_TH), config=ctx.grad_config,
+                                         expert_major=True)  # fmt: skip
+        return grad_P, None, None, None, None
 
 
 def dispatch_to_experts(
@@ -372,6 +384,7 @@ def dispatch_to_experts(
     expert_alignment: int = 1,
     fp8: bool = False,
     config: Config | None = None,
+    grad_config: Config | None = None,
 ) -> ExpertMajorOutput:
     """Differentiable dispatch straight into grouped-GEMM order (w.r.t. ``x`` and ``topk_weights``).
 
@@ -384,7 +397,7 @@ def dispatch_to_experts(
     Args: as :func:`dispatch`.  ``x`` is ``[T, H]``, ``topk_idx`` / ``topk_weights`` ``[T, K]``.
     """
     _check_topk_weights(topk_weights)
-    opts = _DispatchOpts(num_experts, expert_alignment, 0, fp8, config, None, False)
+    opts = _DispatchOpts(num_experts, expert_alignment, 0, fp8, config, None, False, grad_config)
     out: dict = {}
     x_P, recv_idx, probs_P = _DispatchExpertsFn.apply(x, topk_weights, buffer, topk_idx, opts, out)
     tokens_per_expert = torch.tensor(out["per_expert_list"], dtype=torch.int64)
@@ -392,7 +405,12 @@ def dispatch_to_experts(
 
 
 def combine_from_experts(
-    buffer: Buffer, y: torch.Tensor, handle: DispatchHandle, *, config: Config | None = None
+    buffer: Buffer,
+    y: torch.Tensor,
+    handle: DispatchHandle,
+    *,
+    config: Config | None = None,
+    grad_config: Config | None = None,
 ) -> torch.Tensor:
     """Differentiable combine of expert-major rows (w.r.t. ``y``): each received token's rows are
     summed (FP32, ascending k, rounded once) and sent back to its source, where the ranks' sums add
@@ -401,6 +419,8 @@ def combine_from_experts(
     Args:
         y: ``[P, H]`` expert outputs in :func:`dispatch_to_experts` order (weighted by the caller).
         handle: from :func:`dispatch_to_experts`.
+        config: the kernels' config of this call; ``grad_config``: of the backward's dispatch (None:
+            the buffer's default for each).
     Returns:
         ``[T, H]``.
     """
@@ -408,4 +428,4 @@ def combine_from_experts(
         raise TypeError("handle must be the handle of dispatch_to_experts (an expert-major dispatch)")
     if y.dim() != 2 or y.shape[0] != handle.num_pair_rows:
         raise ValueError(f"y must be [{handle.num_pair_rows}, H] (the expert-major rows), got {tuple(y.shape)}")
-    return _CombineExpertsFn.apply(y, buffer, handle, config)
+    return _CombineExpertsFn.apply(y, buffer, handle, config, grad_config)

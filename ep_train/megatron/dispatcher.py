@@ -271,16 +271,17 @@ class EPTokenDispatcher(MoETokenDispatcher):
     def _dispatch(self, buffer, x_TH, topk_idx_TK, weights_TK, previous_event=None, async_finish=False):
         o = self.options
         return ep_dispatch(buffer, x_TH, topk_idx_TK, weights_TK, self.num_experts, fp8=o.fp8_dispatch,
-                           config=self.dispatch_config, previous_event=previous_event,
-                           async_finish=async_finish)  # fmt: skip
+                           config=self.dispatch_config, grad_config=self.combine_config,
+                           previous_event=previous_event, async_finish=async_finish)  # fmt: skip
 
     def _issue_combine(self, lane: CommLane, buffer, y_NH: torch.Tensor, handle):
         """Combine on the comm stream once ``y_NH`` is ready → ``y_TH`` or ``(y_TH, event)``."""
-        cfg = self.combine_config
+        cfg, grad_cfg = self.combine_config, self.dispatch_config
         return lane.issue(
-            lambda ev, fin: ep_combine(buffer, y_NH, handle, config=cfg, previous_event=ev, async_finish=fin),
+            lambda ev, fin: ep_combine(buffer, y_NH, handle, config=cfg, grad_config=grad_cfg, previous_event=ev,
+                                       async_finish=fin),
             lane.ready_event(),
-        )
+        )  # fmt: skip
 
     def _permute(self, mb: _MicroBatch, recv_x_NH, recv_weights_NK):
         x_PH, tokens_per_expert_L, probs_P, mb.layout = permute_to_experts(
@@ -339,7 +340,7 @@ class EPTokenDispatcher(MoETokenDispatcher):
             o = self.options
             fused = dispatch_to_experts(buffer, hidden_states, mb.topk_idx_TK, weights_TK, self.num_experts,
                                         expert_alignment=o.expert_alignment, fp8=o.fp8_dispatch,
-                                        config=self.dispatch_config)  # fmt: skip
+                                        config=self.dispatch_config, grad_config=self.combine_config)  # fmt: skip
             mb.handle, mb.fused_tokens_per_expert = fused.handle, fused.tokens_per_expert
             self._push("dispatch_postprocess", mb)
             return fused.x, fused.probs
@@ -377,9 +378,11 @@ class EPTokenDispatcher(MoETokenDispatcher):
         mb = self._pop("token_combine")
         buffer = mb.buffer
         if mb.fused_tokens_per_expert is not None:
-            y_TH = combine_from_experts(buffer, hidden_states, mb.handle, config=self.combine_config)
+            y_TH = combine_from_experts(buffer, hidden_states, mb.handle, config=self.combine_config,
+                                        grad_config=self.dispatch_config)  # fmt: skip
         else:
-            y_TH = ep_combine(buffer, hidden_states, mb.handle, config=self.combine_config)
+            y_TH = ep_combine(buffer, hidden_states, mb.handle, config=self.combine_config,
+                              grad_config=self.dispatch_config)  # fmt: skip
         if self.shared_experts is not None:
             self.shared_experts.post_forward_comm()
         self._push("combine_postprocess", mb)

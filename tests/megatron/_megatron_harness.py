@@ -581,6 +581,23 @@ def checkpointed_layer_parity(rank: int, world: int, seed: int) -> int:
     return steps
 
 
+def _record_configs(buffer) -> list[tuple[str, object]]:
+    """Record ``(call, config)`` of every dispatch and combine of ``buffer`` from now on."""
+    import inspect
+
+    calls: list[tuple[str, object]] = []
+    for name in ("dispatch", "combine"):
+        fn = getattr(buffer, name)
+        sig = inspect.signature(fn)
+
+        def record(*a, _fn=fn, _sig=sig, _name=name, **k):
+            calls.append((_name, _sig.bind(*a, **k).arguments.get("config")))
+            return _fn(*a, **k)
+
+        setattr(buffer, name, record)
+    return calls
+
+
 def kernel_sm_choice(rank: int, world: int, seed: int) -> int:
     """The dispatcher's kernel configs on a GPU of 132 (and 78) SMs, the device count patched: the
     solo SM count only where nothing overlaps the kernels, the options' choice otherwise, buffers
@@ -603,7 +620,15 @@ def kernel_sm_choice(rank: int, world: int, seed: int) -> int:
             for device_sms in (None, 132):
                 dispatcher_module._device_sms = lambda n=device_sms: n
                 torch.manual_seed(seed)
-                results[device_sms] = run_layer(build_moe_layer(case, "deepep", world), x, g)
+                layer = build_moe_layer(case, "deepep", world)
+                calls = _record_configs(layer.token_dispatcher.buffer)
+                results[device_sms] = run_layer(layer, x, g)
+                d = layer.token_dispatcher
+                # Forward dispatch and combine, then the combine's backward (a dispatch) and the
+                # dispatch's backward (a combine): each with its direction's config.
+                want = [("dispatch", d.dispatch_config), ("combine", d.combine_config)] * 2
+                assert calls == want, (device_sms, calls)
+                assert device_sms is None or {c.num_sms for _, c in calls} == {96}, calls
             compare(results[132], results[None], True, f"rank {rank}: solo SM configs")
             checks += 1
 
