@@ -177,21 +177,11 @@ def test_replay_refuses_topk_idx_changed_in_place():
 def _config_flow(rank: int, world: int, seed: int) -> int:
     """Each differentiable op's ``config`` reaches its forward call and ``grad_config`` its backward
     call (a combine for the dispatches, a dispatch for the combines); None leaves the buffer's."""
-    import inspect
-
     from ep_train import Config
+    from ep_train.testing.spy import record_configs
 
     buf = _buffer(world)
-    calls: list[tuple[str, object]] = []
-    for name in ("dispatch", "combine"):
-        fn = getattr(buf, name)
-        sig = inspect.signature(fn)
-
-        def record(*a, _fn=fn, _sig=sig, _name=name, **k):
-            calls.append((_name, _sig.bind(*a, **k).arguments.get("config")))
-            return _fn(*a, **k)
-
-        setattr(buf, name, record)
+    calls = record_configs(buf)
     fwd, bwd = Config(6, 2, 8), Config(4, 1, 4)
     g = rank_generator(seed, rank, 7)
     idx = _routing(seed, rank, 5)

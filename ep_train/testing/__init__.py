@@ -7,6 +7,7 @@
 - ``compare``: bitwise comparison and sums within the error FP32 accumulation allows.
 - ``fusing``: a torch backend that fuses the expert-major permutation as the CUDA kernels do.
 - ``one_gpu``: every rank of an EP group on one GPU (the NVLink kernels without a multi-GPU machine).
+- ``spy``: ``record_configs`` lists the kernel config each dispatch and combine of a Buffer received.
 """
 
 from .compare import assert_bitwise_equal, assert_close, unit_roundoff

@@ -581,23 +581,6 @@ def checkpointed_layer_parity(rank: int, world: int, seed: int) -> int:
     return steps
 
 
-def _record_configs(buffer) -> list[tuple[str, object]]:
-    """Record ``(call, config)`` of every dispatch and combine of ``buffer`` from now on."""
-    import inspect
-
-    calls: list[tuple[str, object]] = []
-    for name in ("dispatch", "combine"):
-        fn = getattr(buffer, name)
-        sig = inspect.signature(fn)
-
-        def record(*a, _fn=fn, _sig=sig, _name=name, **k):
-            calls.append((_name, _sig.bind(*a, **k).arguments.get("config")))
-            return _fn(*a, **k)
-
-        setattr(buffer, name, record)
-    return calls
-
-
 def kernel_sm_choice(rank: int, world: int, seed: int) -> int:
     """The dispatcher's kernel configs on a GPU of 132 (and 78) SMs, the device count patched: the
     solo SM count only where nothing overlaps the kernels, the options' choice otherwise, buffers
@@ -606,6 +589,7 @@ def kernel_sm_choice(rank: int, world: int, seed: int) -> int:
     from ep_train import Config, get_combine_config, get_dispatch_config
     from ep_train.megatron import EPOptions, EPTokenDispatcher
     from ep_train.megatron import dispatcher as dispatcher_module
+    from ep_train.testing.spy import record_configs
 
     case = Case(topk=2)
     L = case.num_experts // world
@@ -621,7 +605,7 @@ def kernel_sm_choice(rank: int, world: int, seed: int) -> int:
                 dispatcher_module._device_sms = lambda n=device_sms: n
                 torch.manual_seed(seed)
                 layer = build_moe_layer(case, "deepep", world)
-                calls = _record_configs(layer.token_dispatcher.buffer)
+                calls = record_configs(layer.token_dispatcher.buffer)
                 results[device_sms] = run_layer(layer, x, g)
                 d = layer.token_dispatcher
                 # Forward dispatch and combine, then the combine's backward (a dispatch) and the
