@@ -245,10 +245,12 @@ class EPTokenDispatcher(MoETokenDispatcher):
         """The configs of this layer's dispatches and combines (None: the Buffer's defaults).
 
         Kernels that nothing overlaps (one chunk, no shared-expert overlap, outside the EP-overlap
-        schedule) take ``solo_num_sms`` of this GPU's SMs instead of the 24 left to them beside
-        compute, unless the options name an SM count or configs."""
+        schedule, no expert weight gradients beside the dispatch's backward) take ``solo_num_sms``
+        of this GPU's SMs instead of the 24 left to them beside compute, unless the options name an
+        SM count or configs."""
         o, config = self.options, self.config
-        overlapped = o.num_chunks > 1 or config.moe_shared_expert_overlap or config.overlap_moe_expert_parallel_comm
+        overlapped = (o.num_chunks > 1 or config.moe_shared_expert_overlap or config.overlap_moe_expert_parallel_comm
+                      or getattr(config, "overlap_dispatch_backward_with_experts_wgrad", False))  # fmt: skip
         device_sms = _device_sms()
         if o.num_sms is not None or overlapped or device_sms is None:
             return o.dispatch_config, o.combine_config

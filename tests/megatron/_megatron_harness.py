@@ -618,9 +618,12 @@ def kernel_sm_choice(rank: int, world: int, seed: int) -> int:
 
             def configs(device_sms, options=None, **overrides):
                 dispatcher_module._device_sms = lambda: device_sms
-                ep_overlap = overrides.pop("overlap_moe_expert_parallel_comm", False)
+                # Set after construction: the EP-overlap flag needs BF16, the wgrad one Megatron 0.19.
+                late = {k: overrides.pop(k) for k in list(overrides) if k.startswith("overlap_")}
                 config = make_layer_config(case, "deepep", world, **overrides)
-                config.overlap_moe_expert_parallel_comm = ep_overlap  # the flag the schedule sets (needs BF16)
+                config.overlap_moe_expert_parallel_comm = False
+                for name, value in late.items():
+                    setattr(config, name, value)
                 d = EPTokenDispatcher(L, experts, config, options=options)
                 return d, d.dispatch_config, d.combine_config
 
@@ -637,6 +640,7 @@ def kernel_sm_choice(rank: int, world: int, seed: int) -> int:
                 (EPOptions(num_chunks=2), {}),
                 (None, {"moe_shared_expert_intermediate_size": 2 * case.ffn, "moe_shared_expert_overlap": True}),
                 (None, {"overlap_moe_expert_parallel_comm": True}),
+                (None, {"overlap_dispatch_backward_with_experts_wgrad": True}),
                 (EPOptions(num_sms=40), {}),
             ]:
                 _, dc, cc = configs(132, options, **overrides)
