@@ -134,6 +134,9 @@ def _tensors_in(obj: Any) -> list[torch.Tensor]:
 class Buffer:
     """Communication buffer of one expert-parallel group.
 
+    Creating one is collective over ``group``: every rank creates the group's Buffers, in the same
+    order, and the ranks choose the backend together (bounded by ``timeout_s``).
+
     Args:
         group: the process group of the EP ranks (``None``: the default group).  Its backend decides
             the device: NCCL, or a backend that carries CUDA tensors (``"cpu:gloo,cuda:gloo"``) →
@@ -277,8 +280,10 @@ class Buffer:
         """Free communication memory.  Every later call raises.
 
         Collective on the cuda backend: the ranks write into each other's memory, so a rank frees
-        its own only once every rank of the group has come to ``destroy`` (bounded by
-        ``timeout_s``; a rank that does not come is named in a warning)."""
+        its own only once every rank of the group has come to ``destroy`` (every rank destroys a
+        group's Buffers in the same order; bounded by ``timeout_s``, a rank that does not come is
+        named in a warning).  A Buffer dropped without ``destroy`` is freed by the garbage
+        collector, without that wait."""
         if self._backend is not None:
             self._backend.destroy()
             self._backend = None

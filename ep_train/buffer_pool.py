@@ -57,6 +57,8 @@ class BufferPool:
         self.combine_config = combine_config
         self.check_values = bool(check_values)
         self._entries: dict[int, _Entry] = {}
+        #: configs callers of ``get`` pass to their calls: every later buffer holds them too.
+        self._caller_configs: list[Config] = []
 
     def check(self) -> None:
         """``Buffer.check`` of every buffer of the pool: wait, and raise what a kernel reported."""
@@ -76,35 +78,39 @@ class BufferPool:
             else:
                 entry.buffer.set_num_sms(num_sms)
 
-    def _nvl_bytes(self, group_size: int, hidden_bytes: int, configs: Sequence[Config] = ()) -> int:
+    def _nvl_bytes(self, group_size: int, hidden_bytes: int) -> int:
         """NVLink bytes for every config a call may use: the defaults (with the pool's SM count),
-        the pool's own configs and ``configs``."""
+        the pool's own configs and those its callers pass."""
         defaults = [get_dispatch_config(group_size), get_combine_config(group_size)]
         if self.num_sms is not None:
             defaults = [dataclasses.replace(c, num_sms=self.num_sms) for c in defaults]
-        every = [*defaults, *(c for c in (self.dispatch_config, self.combine_config) if c is not None), *configs]
-        return max(c.get_nvl_buffer_size_hint(hidden_bytes, group_size) for c in every)
+        own = [c for c in (self.dispatch_config, self.combine_config) if c is not None]
+        return max(
+            c.get_nvl_buffer_size_hint(hidden_bytes, group_size) for c in [*defaults, *own, *self._caller_configs]
+        )
 
     def get(self, group: dist.ProcessGroup, hidden: int, element_size: int = 2,
             configs: Sequence[Config] = ()) -> Buffer:  # fmt: skip
         """The buffer of ``group`` for rows of ``hidden`` elements (created on first use, collectively).
 
-        ``configs``: kernel configs the caller passes to its calls (beyond the pool's), which the
-        buffer's memory must hold.  A buffer too small for a wider row or a larger config is
-        replaced; work in flight keeps the old one alive through its autograd context.
+        ``configs``: kernel configs the caller passes to its calls (beyond the pool's), which this
+        buffer and every later one must hold.  A buffer too small for a wider row or a larger
+        config is replaced; work in flight keeps the old one alive through its autograd context.
         """
         for config in configs:
             if not isinstance(config, Config):
                 raise TypeError(f"configs must hold ep_train.Config objects, got {type(config).__name__}")
+            if config not in self._caller_configs:
+                self._caller_configs.append(config)
         hidden_bytes = hidden * max(element_size, 2)
         group_size = dist.get_world_size(group)
-        need = self._nvl_bytes(group_size, hidden_bytes, configs)
+        need = self._nvl_bytes(group_size, hidden_bytes)
         entry = self._entries.get(id(group))
         if entry is not None and entry.buffer.group is group and entry.hidden_bytes >= hidden_bytes:
             if entry.buffer.num_nvl_bytes >= need:
                 return entry.buffer
             hidden_bytes = entry.hidden_bytes
-            need = self._nvl_bytes(group_size, hidden_bytes, configs)
+            need = self._nvl_bytes(group_size, hidden_bytes)
         buffer = Buffer(group, num_nvl_bytes=need, backend=self.backend, num_sms=self.num_sms,
                         check_values=self.check_values)  # fmt: skip
         self._entries[id(group)] = _Entry(buffer, hidden_bytes)

@@ -55,6 +55,9 @@ class MoEDispatcher:
         expert_alignment: pad each local expert's rows to a multiple of this (grouped GEMM tiles).
         num_worst_tokens: fixed receive size (see ``Buffer.dispatch``).
         fp8: transfer the dispatch in FP8 (e4m3, per-128 scales).
+        dispatch_config, combine_config: kernel configs of every dispatch and combine, the
+            backward's included (the dispatch's backward is a combine, and so on); None: the
+            buffer's defaults.
         fused_permutation: dispatch straight into expert-major order and combine from it
             (``ep_train.autograd.dispatch_to_experts``); needs ``num_worst_tokens=0`` (otherwise
             the rows are permuted after the dispatch).
@@ -98,7 +101,7 @@ class MoEDispatcher:
         if self.fused_permutation:
             fused = dispatch_to_experts(self.buffer, x_TD, topk_idx_TK, topk_weights_TK, self.num_experts,
                                         expert_alignment=self.expert_alignment, fp8=self.fp8,
-                                        config=self.dispatch_config)  # fmt: skip
+                                        config=self.dispatch_config, grad_config=self.combine_config)  # fmt: skip
             return fused.x, fused.tokens_per_expert, fused.probs, MoEHandle(fused.handle, None)
         out = ep_dispatch(
             self.buffer,
@@ -109,6 +112,7 @@ class MoEDispatcher:
             num_worst_tokens=self.num_worst_tokens,
             fp8=self.fp8,
             config=self.dispatch_config,
+            grad_config=self.combine_config,
         )
         x_PD, tokens_per_expert, probs_P, layout = permute_to_experts(
             out.recv_x, out.recv_topk_idx, out.recv_topk_weights, self.num_local_experts, self.expert_alignment,
@@ -121,6 +125,8 @@ class MoEDispatcher:
         if not isinstance(handle, MoEHandle):
             raise TypeError(f"handle must be the MoEHandle of MoEDispatcher.dispatch, got {type(handle).__name__}")
         if handle.layout is None:
-            return combine_from_experts(self.buffer, y_PD, handle.dispatch, config=self.combine_config)
+            return combine_from_experts(self.buffer, y_PD, handle.dispatch, config=self.combine_config,
+                                        grad_config=self.dispatch_config)  # fmt: skip
         y_ND = unpermute_from_experts(y_PD, handle.layout)
-        return ep_combine(self.buffer, y_ND, handle.dispatch, config=self.combine_config)
+        return ep_combine(self.buffer, y_ND, handle.dispatch, config=self.combine_config,
+                          grad_config=self.dispatch_config)  # fmt: skip

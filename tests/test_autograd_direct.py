@@ -205,9 +205,23 @@ def _config_flow(rank: int, world: int, seed: int) -> int:
             calls
         )
         checks += 2
+    # MoEDispatcher: its two configs serve every call of their direction, the backward's included.
+    from ep_train import MoEDispatcher
+
+    dc, cc = Config(6, 2, 8), Config(8, 1, 4)
+    for fused in (True, False):
+        x = torch.randn(5, H, generator=g, requires_grad=True)
+        w = torch.rand(5, K, generator=g, requires_grad=True)
+        disp = MoEDispatcher(buf, E, dispatch_config=dc, combine_config=cc, fused_permutation=fused)
+        calls.clear()
+        x_P, _, probs_P, handle = disp.dispatch(x, idx, w)
+        y = disp.combine(x_P * probs_P.unsqueeze(1), handle)
+        y.sum().backward()
+        assert calls == [("dispatch", dc), ("combine", cc)] * 2, (fused, calls)
+        checks += 1
     buf.destroy()
     return checks
 
 
 def test_config_and_grad_config_reach_forward_and_backward_calls():
-    assert run_distributed(_config_flow, 2, random.randrange(1 << 30), timeout_s=120) == [4, 4]
+    assert run_distributed(_config_flow, 2, random.randrange(1 << 30), timeout_s=120) == [6, 6]

@@ -373,3 +373,17 @@ def test_destroy_frees_memory_only_after_every_rank_is_done():
     entered0, freed0, warned0 = got[0]
     assert len(freed0) == 1 and freed0[0] >= entered0 + 2.5, got
     assert len(warned0) == 1 and "ranks [1] did not destroy their Buffer within timeout_s=3 s" in warned0[0], warned0
+
+
+def test_destroy_does_not_wait_on_a_store_that_is_gone(monkeypatch):
+    """The rank hosting the store exited: destroy names every other rank as not waited for (and
+    frees) instead of raising before it frees anything."""
+    from ep_train.backends import cuda
+
+    class GoneStore:
+        def set(self, key, value):
+            raise RuntimeError("Connection reset by peer")
+
+    monkeypatch.setattr(cuda, "_default_store", lambda: GoneStore())
+    assert cuda.wait_to_free("ep_train/buffer/0-1-2/1", 1, 3, 1.0) == [0, 2]
+    assert cuda.wait_to_free(None, 1, 3, 1.0) == []  # a buffer made without the presence check

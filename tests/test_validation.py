@@ -676,7 +676,9 @@ def test_buffer_pool_sizes_its_buffers_for_the_callers_configs(group):
     assert pool.get(group, 2 * H) is again and pool.get(group, H, configs=(big,)) is again
     with pytest.raises(TypeError, match="configs must hold ep_train.Config objects, got int"):
         pool.get(group, H, configs=(96,))
-    for buf in (first, again):
+    wider = pool.get(group, 4 * H)  # made for a wider row: still holds the configs callers passed before
+    assert wider is not again and wider.num_nvl_bytes >= big.get_nvl_buffer_size_hint(4 * H * 2, 1)
+    for buf in (first, again, wider):
         buf.destroy()
 
 

@@ -165,7 +165,7 @@ class _DispatchFn(torch.autograd.Function):
         else:
             handle, recv_idx, per_expert_list = _replayed_routing(entry, topk_idx_TK)
             recv_x, _, _, _, _, event = buffer.dispatch(
-                x_in, handle, previous_event=opts.previous_event, async_finish=opts.async_finish
+                x_in, handle, config=opts.config, previous_event=opts.previous_event, async_finish=opts.async_finish
             )
             recv_w = _replayed_weights(buffer, handle, topk_weights_TK)
             recv_w = torch.where(recv_idx >= 0, recv_w, torch.zeros_like(recv_w))

@@ -97,7 +97,8 @@ def create_backend(
     name, fallback = _choose(views)  # fallback: "auto" chose cuda; a group it cannot serve takes torch
     if name == "torch":
         missing = [r for r, v in enumerate(views) if v[2] is not None]
-        if rank == 0 and views[0][0] == "auto" and 0 < len(missing) < num_ranks and not _env.quiet_import():
+        chose = views[0][0] == "auto" and views[0][1] is None  # "auto", not EP_TRAIN_BACKEND, chose torch
+        if rank == 0 and chose and 0 < len(missing) < num_ranks and not _env.quiet_import():
             print(f"ep_train: backend='auto' takes the torch backend on every rank: ranks {missing} cannot run "
                   f"the kernels ({views[missing[0]][2]})", file=sys.stderr)  # fmt: skip
         return TorchBackend(group, rank, num_ranks, timeout_s)

@@ -107,7 +107,7 @@ def _default_store():
 def _meet(store, prefix: str, rank: int, num_ranks: int, timeout_s: float) -> list[int]:
     """Mark ``rank`` arrived at ``prefix`` and wait, at most ``timeout_s``, for the others: → the
     ranks that did not arrive (empty: all did)."""
-    store.set(f"{prefix}/{rank}", b"1")
+    store.set(f"{prefix}/{rank}", b"1")  # raises if the store is gone (the rank hosting it exited)
     keys = [f"{prefix}/{r}" for r in range(num_ranks)]
     try:
         store.wait(keys, datetime.timedelta(seconds=timeout_s))
@@ -148,7 +148,10 @@ def wait_to_free(key: str | None, rank: int, num_ranks: int, timeout_s: float) -
     store = _default_store()
     if key is None or store is None:
         return []
-    return _meet(store, f"{key}/free", rank, num_ranks, timeout_s)
+    try:
+        return _meet(store, f"{key}/free", rank, num_ranks, timeout_s)
+    except Exception:  # the store is gone (its host exited): no rank can be waited for
+        return [r for r in range(num_ranks) if r != rank]
 
 
 class GroupNotServed(ValueError):
@@ -712,8 +715,8 @@ class CudaBackend(Backend):
         if missing:
             warnings.warn(
                 f"rank {self.rank}: ranks {missing} did not destroy their Buffer within timeout_s="
-                f"{self.timeout_s:g} s; freeing this rank's memory without them (a kernel of theirs still "
-                "running may fault)",
+                f"{self.timeout_s:g} s (every rank destroys a group's Buffers in the same order); freeing "
+                "this rank's memory without them (a kernel of theirs still running may fault)",
                 stacklevel=3,
             )
         if self._rt is not None:

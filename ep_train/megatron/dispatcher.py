@@ -246,13 +246,14 @@ class EPTokenDispatcher(MoETokenDispatcher):
 
         Kernels that nothing overlaps (one chunk, no shared-expert overlap, outside the EP-overlap
         schedule, no expert weight gradients beside the dispatch's backward) take ``solo_num_sms``
-        of this GPU's SMs instead of the 24 left to them beside compute, unless the options name an
-        SM count or configs."""
+        of this GPU's SMs instead of the 24 left to them beside compute, unless the options or the
+        pool name an SM count (a config the options name is kept; the other direction then still
+        gets the solo count).  Decided when the dispatcher is built, from its config."""
         o, config = self.options, self.config
         overlapped = (o.num_chunks > 1 or config.moe_shared_expert_overlap or config.overlap_moe_expert_parallel_comm
                       or getattr(config, "overlap_dispatch_backward_with_experts_wgrad", False))  # fmt: skip
         device_sms = _device_sms()
-        if o.num_sms is not None or overlapped or device_sms is None:
+        if o.num_sms is not None or self.buffers.num_sms is not None or overlapped or device_sms is None:
             return o.dispatch_config, o.combine_config
         n = solo_num_sms(device_sms)
         return (o.dispatch_config or dataclasses.replace(get_dispatch_config(self.ep_size), num_sms=n),

@@ -30,7 +30,7 @@ class EPOptions:
         num_sms: SMs of the dispatch/combine kernels (even).  None: measured defaults: 24 where
             the kernels overlap compute (``num_chunks`` > 1, shared-expert overlap, the EP-overlap
             schedule, ``overlap_dispatch_backward_with_experts_wgrad``), else
-            ``ep_train.config.solo_num_sms`` of the GPU (96 of an H100/H200's 132: nothing else
+            ``ep_train.config.solo_num_sms`` of the GPU (96 on a 132-SM H100/H200: nothing else
             runs while they do, and 36 SMs stay free for a collective beside them).
         dispatch_config, combine_config: full kernel configs (override ``num_sms``).
         fused_permutation: dispatch straight into the experts' grouped order (the CUDA kernels

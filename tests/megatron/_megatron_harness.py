@@ -587,6 +587,7 @@ def kernel_sm_choice(rank: int, world: int, seed: int) -> int:
     sized for what the calls use; and the layer's output and gradients do not change with it.
     → number of checks."""
     from ep_train import Config, get_combine_config, get_dispatch_config
+    from ep_train.buffer_pool import BufferPool
     from ep_train.megatron import EPOptions, EPTokenDispatcher
     from ep_train.megatron import dispatcher as dispatcher_module
     from ep_train.testing.spy import record_configs
@@ -616,7 +617,7 @@ def kernel_sm_choice(rank: int, world: int, seed: int) -> int:
             compare(results[132], results[None], True, f"rank {rank}: solo SM configs")
             checks += 1
 
-            def configs(device_sms, options=None, **overrides):
+            def configs(device_sms, options=None, buffers=None, **overrides):
                 dispatcher_module._device_sms = lambda: device_sms
                 # Set after construction: the EP-overlap flag needs BF16, the wgrad one Megatron 0.19.
                 late = {k: overrides.pop(k) for k in list(overrides) if k.startswith("overlap_")}
@@ -624,7 +625,7 @@ def kernel_sm_choice(rank: int, world: int, seed: int) -> int:
                 config.overlap_moe_expert_parallel_comm = False
                 for name, value in late.items():
                     setattr(config, name, value)
-                d = EPTokenDispatcher(L, experts, config, options=options)
+                d = EPTokenDispatcher(L, experts, config, options=options, buffers=buffers)
                 return d, d.dispatch_config, d.combine_config
 
             d, dc, cc = configs(132)
@@ -646,10 +647,12 @@ def kernel_sm_choice(rank: int, world: int, seed: int) -> int:
                 _, dc, cc = configs(132, options, **overrides)
                 assert (dc, cc) == (None, None), (options, overrides, dc, cc)
                 checks += 1
+            _, dc, cc = configs(132, buffers=BufferPool(num_sms=32))  # the pool's count, as the options'
+            assert (dc, cc) == (None, None), (dc, cc)
             _, dc, cc = configs(132, EPOptions(dispatch_config=mine))
             assert dc == mine and cc.num_sms == 96, (dc, cc)
             assert configs(None)[1:] == (None, None)
-            checks += 2
+            checks += 3
     finally:
         dispatcher_module._device_sms = own
     return checks
