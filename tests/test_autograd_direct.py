@@ -205,6 +205,28 @@ def _config_flow(rank: int, world: int, seed: int) -> int:
             calls
         )
         checks += 2
+    # Under activation checkpointing the recomputation replays the dispatch with the forward's
+    # config (its gate weights travel as extra rows of a cached dispatch on the buffer's default).
+    for expert_major in (False, True):
+        x = torch.randn(5, H, generator=g, requires_grad=True)
+        w = torch.rand(5, K, generator=g, requires_grad=True)
+
+        def layer(x, w, expert_major=expert_major):
+            if expert_major:
+                em = A.dispatch_to_experts(buf, x, idx, w, E, config=fwd, grad_config=bwd)
+                return A.combine_from_experts(buf, em.x * em.probs.unsqueeze(1), em.handle, config=fwd,
+                                              grad_config=bwd)  # fmt: skip
+            out = A.dispatch(buf, x, idx, w, E, config=fwd, grad_config=bwd)
+            return A.combine(buf, out.recv_x * out.recv_topk_weights.sum(1, keepdim=True), out.handle, config=fwd,
+                             grad_config=bwd)  # fmt: skip
+
+        calls.clear()
+        A.checkpoint(layer, x, w).sum().backward()
+        # The combine's backward needs no recomputation; the dispatch's backward does (the
+        # recomputation stops after the dispatch, the last op whose saved tensors it needs).
+        first, replayed = [("dispatch", fwd), ("combine", fwd)], [("dispatch", fwd), ("dispatch", None)]
+        assert calls == first + [("dispatch", bwd)] + replayed + [("combine", bwd)], (expert_major, calls)
+        checks += 1
     # MoEDispatcher: its two configs serve every call of their direction, the backward's included.
     from ep_train import MoEDispatcher
 
@@ -224,4 +246,4 @@ def _config_flow(rank: int, world: int, seed: int) -> int:
 
 
 def test_config_and_grad_config_reach_forward_and_backward_calls():
-    assert run_distributed(_config_flow, 2, random.randrange(1 << 30), timeout_s=120) == [6, 6]
+    assert run_distributed(_config_flow, 2, random.randrange(1 << 30), timeout_s=120) == [8, 8]
