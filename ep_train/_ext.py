@@ -44,6 +44,20 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def device_sms() -> int | None:
+    """SMs of the current CUDA device (None without CUDA)."""
+    import torch
+
+    return _multiprocessors(torch.cuda.current_device()) if torch.cuda.is_available() else None
+
+
+@functools.cache
+def _multiprocessors(device: int) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 @functools.cache
 def _capability(device: int) -> tuple[int, int]:
     """Compute capability of a device, asked once (the kernels' callers check it on every call)."""

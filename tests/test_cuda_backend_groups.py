@@ -262,19 +262,16 @@ def test_num_sms_above_the_gpus_sm_count_is_refused(monkeypatch):
     with more SMs than the GPU has (or more channels than the kernels hold) is refused by name."""
     import types
 
-    import torch
-
     from ep_train import Config
     from ep_train.backends import cuda
 
     backend = object.__new__(cuda.CudaBackend)
     backend._C = types.SimpleNamespace(MAX_CHANNELS=64)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(cuda, "_device_sms", lambda device: 78)
+    monkeypatch.setattr(cuda._ext, "device_sms", lambda: 78)
     assert backend._channels(Config(78, 8, 256)) == 39
     with pytest.raises(ValueError, match="num_sms=80 exceeds the 78 SMs of this GPU"):
         backend._channels(Config(80, 8, 256))
-    monkeypatch.setattr(cuda, "_device_sms", lambda device: 400)
+    monkeypatch.setattr(cuda._ext, "device_sms", lambda: 400)
     assert backend._channels(Config(128, 8, 256)) == 64
     with pytest.raises(ValueError, match="backend='cuda' takes num_sms <= 128, got 130"):
         backend._channels(Config(130, 8, 256))

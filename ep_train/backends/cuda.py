@@ -23,7 +23,6 @@ E experts, L = E/R local experts, N received rows, C channels (``num_sms / 2``).
 from __future__ import annotations
 
 import datetime
-import functools
 import socket
 import sys
 import warnings
@@ -73,12 +72,6 @@ _HEADER_FIELDS = ("op", "call number", "hidden", "num_experts", "num_topk", "dty
 SUPPORTED_RANKS = (2, 4, 8)
 _LL_SEND, _LL_RECV, _LL_BOTH = 1, 2, 3  # LowLatencyPhase of csrc/low_latency_runtime.hpp
 _LL_MAX_HIDDEN = 16384  # the low-latency kernels' limit (bindings.cpp checks it too)
-
-
-@functools.cache
-def _device_sms(device: int) -> int:
-    """SMs of CUDA device ``device``."""
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def node_id() -> str:
@@ -409,7 +402,7 @@ class CudaBackend(Backend):
         if channels > self._C.MAX_CHANNELS:
             raise ValueError(f"backend='cuda' takes num_sms <= {2 * self._C.MAX_CHANNELS}, got {config.num_sms}")
         # Every block of a call waits for its peers' blocks: all must be resident at once.
-        device_sms = _device_sms(torch.cuda.current_device())
+        device_sms = _ext.device_sms()
         if config.num_sms > device_sms:
             raise ValueError(f"num_sms={config.num_sms} exceeds the {device_sms} SMs of this GPU (every block of a "
                              "dispatch/combine must be resident at once)")  # fmt: skip

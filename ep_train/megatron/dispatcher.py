@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from .. import _ext
 from ..autograd.normal import combine as ep_combine
 from ..autograd.normal import combine_from_experts, dispatch_to_experts
 from ..autograd.normal import dispatch as ep_dispatch
@@ -99,13 +100,6 @@ def _gather_weights(probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, dtype: to
     """``probs[t, topk_idx[t, k]]`` (0 where the index is -1), differentiable w.r.t. ``probs``."""
     w_TK = probs_TE.gather(1, topk_idx_TK.clamp(min=0)).to(dtype)
     return w_TK.masked_fill(topk_idx_TK < 0, 0)
-
-
-def _device_sms() -> int | None:
-    """SMs of the current CUDA device (None without CUDA)."""
-    if not torch.cuda.is_available():
-        return None
-    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
 
 def _in_backward() -> bool:
@@ -252,7 +246,7 @@ class EPTokenDispatcher(MoETokenDispatcher):
         o, config = self.options, self.config
         overlapped = (o.num_chunks > 1 or config.moe_shared_expert_overlap or config.overlap_moe_expert_parallel_comm
                       or getattr(config, "overlap_dispatch_backward_with_experts_wgrad", False))  # fmt: skip
-        device_sms = _device_sms()
+        device_sms = _ext.device_sms()
         if o.num_sms is not None or self.buffers.num_sms is not None or overlapped or device_sms is None:
             return o.dispatch_config, o.combine_config
         n = solo_num_sms(device_sms)

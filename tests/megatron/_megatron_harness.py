@@ -586,24 +586,23 @@ def kernel_sm_choice(rank: int, world: int, seed: int) -> int:
     solo SM count only where nothing overlaps the kernels, the options' choice otherwise, buffers
     sized for what the calls use; and the layer's output and gradients do not change with it.
     → number of checks."""
-    from ep_train import Config, get_combine_config, get_dispatch_config
+    from ep_train import Config, _ext, get_combine_config, get_dispatch_config
     from ep_train.buffer_pool import BufferPool
     from ep_train.megatron import EPOptions, EPTokenDispatcher
-    from ep_train.megatron import dispatcher as dispatcher_module
     from ep_train.testing.spy import record_configs
 
     case = Case(topk=2)
     L = case.num_experts // world
     experts = list(range(rank * L, rank * L + L))
     checks = 0
-    own = dispatcher_module._device_sms
+    own = _ext.device_sms
     try:
         with megatron_world(world, seed):
             gen = torch.Generator().manual_seed(seed * 5 + rank)
             x, g = torch.randn(6, 2, case.hidden, generator=gen), torch.randn(6, 2, case.hidden, generator=gen)
             results = {}
             for device_sms in (None, 132):
-                dispatcher_module._device_sms = lambda n=device_sms: n
+                _ext.device_sms = lambda n=device_sms: n
                 torch.manual_seed(seed)
                 layer = build_moe_layer(case, "deepep", world)
                 calls = record_configs(layer.token_dispatcher.buffer)
@@ -618,7 +617,7 @@ def kernel_sm_choice(rank: int, world: int, seed: int) -> int:
             checks += 1
 
             def configs(device_sms, options=None, buffers=None, **overrides):
-                dispatcher_module._device_sms = lambda: device_sms
+                _ext.device_sms = lambda: device_sms
                 # Set after construction: the EP-overlap flag needs BF16, the wgrad one Megatron 0.19.
                 late = {k: overrides.pop(k) for k in list(overrides) if k.startswith("overlap_")}
                 config = make_layer_config(case, "deepep", world, **overrides)
@@ -654,5 +653,5 @@ def kernel_sm_choice(rank: int, world: int, seed: int) -> int:
             assert configs(None)[1:] == (None, None)
             checks += 3
     finally:
-        dispatcher_module._device_sms = own
+        _ext.device_sms = own
     return checks
