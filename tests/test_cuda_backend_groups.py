@@ -89,7 +89,8 @@ def _backend(rank, world, nodes, device_lib, nvl, env=None, fail_rma_on=None, fa
     cuda.node_id = lambda: f"node {nodes[rank]}"
     cuda.nvshmem.heap_for = lambda group: heap
     try:
-        backend = cuda.CudaBackend(dist.group.WORLD, rank, world, nvl, 1 << 20, True, 5.0)
+        key = cuda.wait_for_group(dist.group.WORLD, rank, 5.0)  # as create_backend does first
+        backend = cuda.CudaBackend(dist.group.WORLD, rank, world, nvl, 1 << 20, True, 5.0, key)
     except (ValueError, RuntimeError) as exc:
         return {"error": f"{type(exc).__name__}: {exc}", "released": heap.released}
     ll = backend._ll
@@ -342,7 +343,8 @@ def _destroy_times(rank, world, late, never=False):
     from ep_train.backends import cuda
 
     _backend(rank, world, [0] * world, [True] * world, 1 << 20)  # installs the recorders
-    backend = cuda.CudaBackend(dist.group.WORLD, rank, world, 1 << 20, 0, False, 3.0)
+    key = cuda.wait_for_group(dist.group.WORLD, rank, 3.0)
+    backend = cuda.CudaBackend(dist.group.WORLD, rank, world, 1 << 20, 0, False, 3.0, key)
     freed = []
     backend._rt.destroy = lambda: freed.append(time.time())
     if rank == late:

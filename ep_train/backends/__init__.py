@@ -91,7 +91,7 @@ def create_backend(
     from .cuda import wait_for_group
 
     forced = _env.forced_backend()
-    wait_for_group(group, rank, timeout_s)
+    key = wait_for_group(group, rank, timeout_s)
     views: list[tuple | None] = [None] * num_ranks
     dist.all_gather_object(views, (name, forced, _kernels_unavailable(device)), group=group)
     name, fallback = _choose(views)  # fallback: "auto" chose cuda; a group it cannot serve takes torch
@@ -106,7 +106,7 @@ def create_backend(
     from .cuda import CudaBackend, GroupNotServed
 
     try:
-        return CudaBackend(group, rank, num_ranks, num_nvl_bytes, num_rdma_bytes, low_latency_mode, timeout_s)
+        return CudaBackend(group, rank, num_ranks, num_nvl_bytes, num_rdma_bytes, low_latency_mode, timeout_s, key)
     except GroupNotServed as exc:
         if not fallback:
             raise

@@ -199,14 +199,17 @@ class CudaBackend(Backend):
         num_rdma_bytes: int,
         low_latency_mode: bool,
         timeout_s: float,
+        key: str | None,
     ):
+        """``key``: the creation's key from :func:`wait_for_group`, which every rank has passed
+        (None: made without the presence check; ``destroy`` then frees without waiting)."""
         self._C = _ext.load()
         self.group, self.rank, self.num_ranks, self.timeout_s = group, rank, num_ranks, float(timeout_s)
         self._rt = self._ll = self._ll_block = None
         self.low_latency_transport: str | None = None
         use_ll = bool(low_latency_mode) or num_rdma_bytes > 0
         want, rma = _env.low_latency_transport(), _env.low_latency_rma()
-        self._key = wait_for_group(group, rank, self.timeout_s)
+        self._key = key
         # One gather that every rank's decision below rests on, so all of them decide alike.
         views: list[tuple | None] = [None] * num_ranks
         ll_info = (int(num_rdma_bytes), want, rma) if use_ll else None
