@@ -26,6 +26,8 @@ __all__ = ["BufferPool"]
 class _Entry:
     buffer: Buffer
     hidden_bytes: int
+    #: how many of the pool's caller configs the buffer was sized or checked for.
+    num_configs: int
 
 
 class BufferPool:
@@ -103,17 +105,19 @@ class BufferPool:
             if config not in self._caller_configs:
                 self._caller_configs.append(config)
         hidden_bytes = hidden * max(element_size, 2)
-        group_size = dist.get_world_size(group)
-        need = self._nvl_bytes(group_size, hidden_bytes)
+        known = len(self._caller_configs)
         entry = self._entries.get(id(group))
         if entry is not None and entry.buffer.group is group and entry.hidden_bytes >= hidden_bytes:
-            if entry.buffer.num_nvl_bytes >= need:
+            if entry.num_configs == known:  # the per-forward path: nothing new to size for
                 return entry.buffer
             hidden_bytes = entry.hidden_bytes
-            need = self._nvl_bytes(group_size, hidden_bytes)
+            if entry.buffer.num_nvl_bytes >= self._nvl_bytes(entry.buffer.group_size, hidden_bytes):
+                entry.num_configs = known
+                return entry.buffer
+        need = self._nvl_bytes(dist.get_world_size(group), hidden_bytes)
         buffer = Buffer(group, num_nvl_bytes=need, backend=self.backend, num_sms=self.num_sms,
                         check_values=self.check_values)  # fmt: skip
-        self._entries[id(group)] = _Entry(buffer, hidden_bytes)
+        self._entries[id(group)] = _Entry(buffer, hidden_bytes, known)
         return buffer
 
     def clear(self) -> None:
