@@ -14,6 +14,9 @@ Median CUDA-event time of forward+backward over ``--iters`` iterations after war
 without shared experts overlapped when ``--shared`` is given.  ``--profile N`` adds, per row, one
 more forward+backward under torch.profiler and prints every rank's GPU time by kernel family
 (expert GEMMs, ep_train kernels, NCCL, permutation ops, the rest) and rank 0's N longest kernels.
+``--experts-alone`` times, per row with one chunk, the experts' forward + backward alone (no
+communication) on the inputs and output gradient they got in that row, and the same module on
+alltoall's: the rows' expert time apart from the dispatchers around it.
 "host" is the median time the host takes to issue one forward+backward: close to the GPU time
 means the layer is host-bound.  "back-to-back" is the mean time of ``--iters`` forward+backward
 passes issued with no barrier or sync in between (the host runs ahead, as in a model of many
@@ -21,7 +24,7 @@ layers), with its own ratio to alltoall.  Never asserts on time.  Every row is b
 same weights, and its output and input gradient are checked against alltoall's before it is timed.
 
     python benchmarks/bench_moe_layer.py [--tokens 4096] [--iters 20] [--chunks 2 4] [--shared 2048] [--gpus N]
-                                         [--profile 12 [--trace-dir DIR]]
+                                         [--profile 12 [--trace-dir DIR]] [--experts-alone]
 
 ``--gpus 1`` runs EP1 on one GPU: no tokens cross GPUs (ep_train's Buffer uses its torch backend,
 the kernels need two ranks), so the rows compare what each dispatcher adds around the experts.
@@ -153,6 +156,55 @@ def _time_back_to_back(layer, x: torch.Tensor, grad: torch.Tensor, iters: int) -
     return start.elapsed_time(end) / iters
 
 
+class _ExpertsCapture:
+    """What ``experts`` received in one forward (rows, tokens per expert, probabilities) and the
+    gradient of its output in the backward, kept as copies.  ``calls``: forwards seen (a chunked
+    row calls per-chunk experts instead: none)."""
+
+    def __init__(self, experts: torch.nn.Module):
+        self.inputs: tuple | None = None
+        self.grad: torch.Tensor | None = None
+        self.calls = 0
+        self._handle = experts.register_forward_hook(self._forward, with_kwargs=True)
+
+    def _forward(self, module, args, kwargs, output) -> None:
+        names = ("permuted_local_hidden_states", "tokens_per_expert", "permuted_probs")
+        x, counts, probs = (*args, *(kwargs[n] for n in names[len(args) :]))[:3]
+        self.calls += 1
+        self.inputs = (x.detach().clone(), counts.clone() if torch.is_tensor(counts) else list(counts),
+                       probs.detach().clone())  # fmt: skip
+        y = output[0] if isinstance(output, tuple) else output
+        if y.requires_grad:
+            y.register_hook(self._backward)
+
+    def _backward(self, grad: torch.Tensor) -> None:
+        self.grad = grad.detach().clone()
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def _time_experts(experts: torch.nn.Module, inputs: tuple, grad: torch.Tensor, iters: int, warmup: int) -> float:
+    """Median ms of the experts' forward + backward alone on ``inputs`` with output gradient ``grad``
+    (a sync between passes, as in ``_time_fwd_bwd``; no communication, so no barrier)."""
+    x, counts, probs = inputs
+    times = []
+    for i in range(warmup + iters):
+        x_in = x.detach().requires_grad_(x.is_floating_point())
+        probs_in = probs.detach().requires_grad_(probs.is_floating_point())
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        y, _ = experts(x_in, counts, probs_in)
+        y.backward(grad)
+        end.record()
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(start.elapsed_time(end))
+        experts.zero_grad(set_to_none=True)
+    return statistics.median(times)
+
+
 # Kernel families of the profile, first match wins (names as the CUDA profiler reports them).
 _FAMILIES = [
     ("expert GEMMs", re.compile(r"gemm|cutlass|xmma|nvjet|grouped_mm|wgmma", re.I)),
@@ -222,6 +274,20 @@ def _profile_lines(label: str, per_rank: list[list[tuple[str, float, int]]], top
     return lines
 
 
+def _experts_alone_lines(per_rank: list[list[tuple[str, tuple]]]) -> str:
+    """Per row: the experts alone on the row's inputs and on alltoall's, rank 0 and the slowest rank."""
+    lines = ["Experts alone (forward + backward, no communication; median ms, rank 0 / slowest rank):"]
+    for i, (label, (own0, base0)) in enumerate(per_rank[0]):
+        if own0 is None:
+            lines.append(f"  {label:<32} not measured (per-chunk experts)")
+            continue
+        own = max(rows[i][1][0] for rows in per_rank)
+        base = max(rows[i][1][1] for rows in per_rank)
+        lines.append(f"  {label:<32} its inputs {own0:7.2f} / {own:7.2f}   "
+                     f"alltoall's inputs {base0:7.2f} / {base:7.2f}")  # fmt: skip
+    return "\n".join(lines)
+
+
 def _worker(rank: int, world: int, args) -> None:
     os.environ["EP_TRAIN_QUIET"] = "1"
     if world == 1:
@@ -255,6 +321,9 @@ def _worker(rank: int, world: int, args) -> None:
     if args.baseline_last:  # alltoall again at the end: drift of the machine (clocks, heat) between rows
         variants.append(("alltoall", "alltoall (again, last)", 1, True, None))
     rows, profiles, reference = [], [], None
+    # --experts-alone: alltoall's captured expert inputs (the first row), and per row the experts'
+    # time on its own inputs and on alltoall's (ms on this rank; None where not measured).
+    alltoall_inputs, experts_alone = None, []
     for dispatcher, label, chunks, fused, num_sms in variants:
         backend = install_flex_backend() if dispatcher == "flex" else None
         # "dispatch": rows permuted inside the dispatch, but the combine's pair sums as a kernel of their own.
@@ -265,7 +334,10 @@ def _worker(rank: int, world: int, args) -> None:
             layer, experts = _build(args, dispatcher, chunks, world, bool(fused), num_sms)
             with _combine_fusion(fused != "dispatch"):
                 # A row whose output or input gradient is not alltoall's is not timed.
+                capture = _ExpertsCapture(layer.experts) if args.experts_alone else None
                 result = _fwd_bwd_result(layer, x, grad)
+                if capture is not None:
+                    capture.remove()
                 if reference is None:
                     reference, errors = result, (0.0, 0.0)
                 else:
@@ -275,6 +347,16 @@ def _worker(rank: int, world: int, args) -> None:
                                            f"{errors[0]:.2e} / {errors[1]:.2e} (rel. L2 > {REL_L2_TOL})")  # fmt: skip
                 ms, host_ms = _time_fwd_bwd(layer, x, grad, args.iters, args.warmup)
                 chained_ms = _time_back_to_back(layer, x, grad, args.iters)
+            if capture is not None:
+                alone = (None, None)
+                if capture.calls == 1 and capture.grad is not None:
+                    own = (capture.inputs, capture.grad)
+                    if alltoall_inputs is None:
+                        alltoall_inputs = own
+                    alone = tuple(_time_experts(layer.experts, *inp, args.iters, args.warmup)
+                                  for inp in (own, alltoall_inputs))  # fmt: skip
+                experts_alone.append((label, alone))
+                del capture
             if args.profile:
                 trace = None
                 if args.trace_dir:
@@ -306,6 +388,10 @@ def _worker(rank: int, world: int, args) -> None:
                 backend.uninstall()
         del layer
         torch.cuda.empty_cache()
+    gathered = None
+    if args.experts_alone:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, experts_alone)
     if rank == 0:
         name = torch.cuda.get_device_name(0)
         print(f"MoE layer fwd+bwd | {world}x {name} | EP {world} | {args.tokens} tokens/rank, hidden {args.hidden}, "
@@ -316,6 +402,8 @@ def _worker(rank: int, world: int, args) -> None:
             print(f"  {label:<32} {ms:8.2f} ms  x{base / ms:5.2f} vs alltoall   host {host_ms:6.2f} ms   "
                   f"back-to-back {chained_ms:6.2f} ms x{chained_base / chained_ms:5.2f}   comm={comm:<10} "
                   f"experts={experts}   vs alltoall's output: {error:.1e}")  # fmt: skip
+        if gathered is not None:
+            print(_experts_alone_lines(gathered))
         if profiles:
             print("Profile (one forward + backward per row):")
             print("\n".join(profiles))
@@ -353,6 +441,8 @@ def main() -> None:
     p.add_argument("--profile", type=int, default=0, metavar="N", help="profile each row, print its N longest kernels")
     p.add_argument("--trace-dir", default="", help="with --profile: write each row's timeline per rank there "
                    "(gzipped Chrome trace, host and GPU)")  # fmt: skip
+    p.add_argument("--experts-alone", action="store_true",
+                   help="also time each one-chunk row's experts alone, on its inputs and on alltoall's")  # fmt: skip
     args = p.parse_args()
     count = torch.cuda.device_count()
     world = args.gpus or max((n for n in (2, 4, 8) if n <= count), default=0)
