@@ -1,5 +1,6 @@
 // get_dispatch_layout: top-k expert ids -> per-rank / per-expert token counts and the
 // token-in-rank mask.  Counts are integer atomics, so the result is exact in any order.
+// routing_topk: Megatron's routing map and probs -> top-k expert ids and their weights.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -100,7 +101,7 @@ void launch_routing_topk(const bool* routing_map, const void* probs, bool probs_
                          int num_experts, int num_topk, int64_t* topk_idx, float* weights, cudaStream_t stream) {
     if (num_tokens == 0) return;
     constexpr int kTokensPerBlock = kLayoutThreads / 32;
-    const int64_t blocks = (num_tokens + kTokensPerBlock - 1) / kTokensPerBlock;
+    const auto blocks = static_cast<unsigned>((num_tokens + kTokensPerBlock - 1) / kTokensPerBlock);
     if (probs_bf16)
         routing_topk_kernel<<<blocks, kLayoutThreads, 0, stream>>>(routing_map,
                                                                    static_cast<const __nv_bfloat16*>(probs), num_tokens,
