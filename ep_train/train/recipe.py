@@ -56,7 +56,9 @@ class MoESection:
     overlap_chunks: int = 1  # chunked comm/GEMM pipeline: 1 = off
     aux_loss_coeff: float = 0.01
     grouped_gemm: bool = True
-    num_sms: int = 24
+    # SMs of the dispatch/combine kernels; None: the dispatcher's choice (deepep: 24 beside the
+    # expert GEMMs, more where nothing runs beside them; flex: Megatron's).
+    num_sms: int | None = None
 
 
 @dataclass
@@ -268,7 +270,7 @@ def _validate(r: Recipe, world_size: int | None, device: str | None) -> None:
     if r.moe.dispatcher not in DISPATCHERS:
         raise RecipeError(f"moe.dispatcher must be one of {DISPATCHERS}, got {r.moe.dispatcher!r}")
     _positive("moe.overlap_chunks", r.moe.overlap_chunks)
-    check_num_sms_field("moe.num_sms", r.moe.num_sms)
+    check_num_sms_field("moe.num_sms", r.moe.num_sms, none_ok=True)
     for key in ("steps", "micro_batch_size", "global_batch_size", "lr"):
         _positive(f"train.{key}", getattr(t, key))
     numbers = {f"train.{k}": getattr(t, k) for k in ("lr", "min_lr", "weight_decay", "adam_beta1", "adam_beta2",

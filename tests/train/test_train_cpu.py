@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -102,8 +103,8 @@ def test_overrides_take_the_field_types():
         ("train.weight_decay=-3", "train.weight_decay must be >= 0, got -3.0"),
         ("moe.aux_loss_coeff=-1", "moe.aux_loss_coeff must be >= 0, got -1.0"),
         ("data.dtype=float99", "data.dtype must be one of ('uint16', 'uint32', 'int32', 'int64'), got 'float99'"),
-        ("moe.num_sms=23", "moe.num_sms must be an even integer >= 2, got 23"),
-        ("moe.num_sms=0", "moe.num_sms must be an even integer >= 2, got 0"),
+        ("moe.num_sms=23", "moe.num_sms must be an even integer >= 2 or null, got 23"),
+        ("moe.num_sms=0", "moe.num_sms must be an even integer >= 2 or null, got 0"),
     ],
 )
 def test_bad_training_values_are_named(item, words):
@@ -111,6 +112,28 @@ def test_bad_training_values_are_named(item, words):
 
     with pytest.raises(RecipeError, match=re.escape(words)):
         load_recipe(None, [item])
+
+
+def test_moe_num_sms_unset_leaves_the_choice_to_the_dispatcher(monkeypatch):
+    """Unset (the default) or null, the recipe passes num_sms=None on (the dispatcher then picks
+    its SMs per layer); a number is passed as given."""
+    pytest.importorskip("megatron.core", reason="megatron-core is not installed (see .ci/requirements.txt)")
+    import ep_train.megatron
+    from ep_train.train import model
+    from ep_train.train.recipe import load_recipe
+
+    seen = []
+    monkeypatch.setattr(ep_train.megatron, "get_gpt_layer_spec", lambda config, **kw: seen.append(kw["num_sms"]))
+    mixtral = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "mixtral_like_1node.yaml")
+    for path, items, want in [(None, ["moe.dispatcher=deepep"], None),
+                              (None, ["moe.dispatcher=deepep", "moe.num_sms=null"], None),
+                              (None, ["moe.dispatcher=deepep", "moe.num_sms=32"], 32),
+                              (mixtral, [], None)]:  # fmt: skip
+        recipe = load_recipe(path, items)
+        assert recipe.moe.num_sms == want
+        with contextlib.ExitStack() as stack:
+            model._layer_spec(recipe, None, stack, [])
+        assert seen[-1] == want
 
 
 def test_reduced_gradients_are_those_of_the_global_mean_loss():
