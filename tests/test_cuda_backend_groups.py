@@ -213,6 +213,27 @@ def test_a_rank_that_never_creates_its_buffer_is_named_within_timeout_s():
         assert g["error"].startswith("CommTimeoutError") and "ranks [2] of the group did not create" in g["error"], g
 
 
+def _creations_out_of_step(rank, world):
+    """Rank 0 counts one creation more than rank 1 (as after a creation that failed past the
+    presence check on rank 1 only); rank 1 times out first."""
+    from ep_train.backends import cuda
+    from ep_train.errors import CommTimeoutError
+
+    if rank == 0:
+        cuda._CREATED[tuple(dist.get_process_group_ranks(dist.group.WORLD))] += 1
+    with pytest.raises(CommTimeoutError) as exc:
+        cuda.wait_for_group(dist.group.WORLD, rank, 3.0 if rank == 0 else 1.0)
+    return str(exc.value)
+
+
+def test_creations_out_of_step_say_how_many_each_rank_started():
+    """Ranks whose creations got out of step wait for each other's creation in vain: the timeout
+    says how many Buffers each has started, so the cause shows (before: only "did not create")."""
+    got = run_distributed(_creations_out_of_step, 2, timeout_s=60)
+    assert got[1].endswith("Buffers of this group started so far: this rank 1, rank 0: 2"), got
+    assert got[0].endswith("Buffers of this group started so far: this rank 2, rank 1: 1"), got
+
+
 def test_kernels_built_for_hopper_are_not_offered_on_other_gpus(monkeypatch):
     """The kernels are compiled for sm_90 only: on another GPU "auto" takes the torch backend, and
     the cuda backend asked for by name says why."""

@@ -124,14 +124,31 @@ def wait_for_group(group: dist.ProcessGroup, rank: int, timeout_s: float) -> str
         return None
     ranks = tuple(dist.get_process_group_ranks(group))
     _CREATED[ranks] += 1
-    prefix = f"ep_train/buffer/{'-'.join(map(str, ranks))}/{_CREATED[ranks]}"
-    missing = _meet(store, prefix, rank, len(ranks), timeout_s)
+    count = _CREATED[ranks]
+    base = f"ep_train/buffer/{'-'.join(map(str, ranks))}"
+    store.set(f"{base}/started/{rank}", str(count).encode())
+    missing = _meet(store, f"{base}/{count}", rank, len(ranks), timeout_s)
     if missing:
         raise CommTimeoutError(
             f"rank {rank}: ranks {missing} of the group did not create their Buffer within timeout_s="
-            f"{timeout_s:g} s (every rank creates the group's Buffers, in the same order)"
+            f"{timeout_s:g} s (every rank creates the group's Buffers, in the same order); "
+            + _creations_started(store, base, missing, count)
         )
-    return prefix
+    return f"{base}/{count}"
+
+
+def _creations_started(store, base: str, missing: list[int], count: int) -> str:
+    """How many Buffers of the group each missing rank has started to create, beside this rank's
+    count: a rank behind is late or stuck; counts that differ for good mean a creation failed on
+    some ranks only (or the ranks' code creates different Buffers), and such ranks never meet."""
+    started = [f"this rank {count}"]
+    for r in missing:
+        key = f"{base}/started/{r}"
+        try:
+            started.append(f"rank {r}: {int(store.get(key)) if store.check([key]) else 0}")
+        except Exception:  # the store is gone or the value unreadable: say nothing of that rank
+            continue
+    return "Buffers of this group started so far: " + ", ".join(started)
 
 
 def wait_to_free(key: str | None, rank: int, num_ranks: int, timeout_s: float) -> list[int]:
