@@ -40,6 +40,7 @@ import re
 import shutil
 import statistics
 import time
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -112,8 +113,10 @@ def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def _time_fwd_bwd(layer, x: torch.Tensor, grad: torch.Tensor, iters: int, warmup: int) -> tuple[float, float]:
-    """Median ms of forward + backward on the GPU, and of the host's time to issue it (equal: host-bound).
+def _time_fwd_bwd(layer, x: torch.Tensor, grad: torch.Tensor, iters: int, warmup: int,
+                  *more: Any) -> tuple[float, float]:  # fmt: skip
+    """Median ms of forward + backward of ``layer(x, *more)`` on the GPU, and of the host's time to
+    issue it (equal: host-bound).
 
     Every rank runs the same count (collectives inside).
     """
@@ -123,7 +126,7 @@ def _time_fwd_bwd(layer, x: torch.Tensor, grad: torch.Tensor, iters: int, warmup
         dist.barrier()
         start.record()
         t0 = time.perf_counter()
-        out, _ = layer(x)
+        out, _ = layer(x, *more)
         out.backward(grad)
         end.record()
         t1 = time.perf_counter()
@@ -132,7 +135,9 @@ def _time_fwd_bwd(layer, x: torch.Tensor, grad: torch.Tensor, iters: int, warmup
             times.append(start.elapsed_time(end))
             host.append((t1 - t0) * 1e3)
         layer.zero_grad(set_to_none=True)
-        x.grad = None
+        for t in (x, *more):
+            if isinstance(t, torch.Tensor):
+                t.grad = None
     return statistics.median(times), statistics.median(host)
 
 
@@ -185,24 +190,11 @@ class _ExpertsCapture:
 
 
 def _time_experts(experts: torch.nn.Module, inputs: tuple, grad: torch.Tensor, iters: int, warmup: int) -> float:
-    """Median ms of the experts' forward + backward alone on ``inputs`` with output gradient ``grad``
-    (a sync between passes, as in ``_time_fwd_bwd``; no communication, so no barrier)."""
+    """Median ms of the experts' forward + backward alone on captured ``inputs`` with output
+    gradient ``grad`` (no communication inside)."""
     x, counts, probs = inputs
-    times = []
-    for i in range(warmup + iters):
-        x_in = x.detach().requires_grad_(x.is_floating_point())
-        probs_in = probs.detach().requires_grad_(probs.is_floating_point())
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        y, _ = experts(x_in, counts, probs_in)
-        y.backward(grad)
-        end.record()
-        torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(start.elapsed_time(end))
-        experts.zero_grad(set_to_none=True)
-    return statistics.median(times)
+    x_in, probs_in = x.detach().requires_grad_(True), probs.detach().requires_grad_(True)
+    return _time_fwd_bwd(experts, x_in, grad, iters, warmup, counts, probs_in)[0]
 
 
 # Kernel families of the profile, first match wins (names as the CUDA profiler reports them).
