@@ -490,6 +490,7 @@ class CudaBackend(Backend):
         # The senders' half of the expert-major places: every (token, k)'s rank among this rank's
         # tokens of its expert (queued behind notify: it runs while the host reads the counts).
         expert_rank_TK = self._C.expert_ranks(args.topk_idx_TK, E) if pairs else None
+        send_pos_TR = torch.full((T, R), -1, **i32)  # sized without the counts: made while notify runs
         if worst == 0:
             # The one host sync of the normal path (bounded; the device bound reports first).
             code, num_recv, per_expert_list = self._rt.wait_recv(self.timeout_s * 1.5 + 1.0, L)
@@ -514,7 +515,6 @@ class CudaBackend(Backend):
             if args.topk_weights_TK is not None:
                 recv_topk_weights = (torch.zeros if pad else torch.empty)((rows, K), dtype=torch.float32, device=dev)
         recv_src_idx_N = torch.full((rows,), -1, **i32) if pad else torch.empty(rows, **i32)
-        send_pos_TR = torch.full((T, R), -1, **i32)
         self._C.dispatch(self._rt, x_TH, args.x_scales_TS, args.topk_idx_TK, args.topk_weights_TK,
                          args.is_token_in_rank_TR, recv_x, recv_scales, recv_topk_idx, recv_topk_weights,
                          recv_src_idx_N, send_pos_TR, send_chan_base, chan_start, L, cfg.num_sms,

@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 #include <torch/extension.h>
 
+#include <limits>
 #include <optional>
 #include <string>
 #include <vector>
@@ -313,6 +314,32 @@ torch::Tensor sum_pairs(const torch::Tensor& y, const torch::Tensor& pos) {
     return out;
 }
 
+// Megatron's routing map -> (topk_idx [T, K] int64, ascending then -1; weights [T, K] FP32): see
+// launch_routing_topk.
+std::vector<torch::Tensor> routing_topk(const torch::Tensor& routing_map, const torch::Tensor& probs,
+                                        int64_t num_topk) {
+    check(routing_map, "routing_map", torch::kBool, 2);
+    TORCH_CHECK(probs.is_cuda() && probs.is_contiguous() && probs.dim() == 2,
+                "probs must be a contiguous 2-D CUDA tensor");
+    TORCH_CHECK(probs.scalar_type() == torch::kFloat32 || probs.scalar_type() == torch::kBFloat16,
+                "probs must be float32 or bfloat16, got ", probs.scalar_type());
+    TORCH_CHECK(probs.sizes() == routing_map.sizes(), "probs must have the routing map's shape ", routing_map.sizes(),
+                ", got ", probs.sizes());
+    TORCH_CHECK(probs.device() == routing_map.device(), "probs must be on the routing map's device");
+    TORCH_CHECK(num_topk >= 1 && num_topk <= ep_train::kMaxExperts, "num_topk must be in [1, ", ep_train::kMaxExperts,
+                "], got ", num_topk);
+    TORCH_CHECK(routing_map.size(1) <= std::numeric_limits<int>::max(),
+                "routing_map has too many columns: ", routing_map.size(1));
+    c10::cuda::CUDAGuard guard(routing_map.device());
+    auto topk_idx = torch::empty({routing_map.size(0), num_topk}, routing_map.options().dtype(torch::kInt64));
+    auto weights = torch::empty({routing_map.size(0), num_topk}, routing_map.options().dtype(torch::kFloat32));
+    ep_train::launch_routing_topk(routing_map.data_ptr<bool>(), probs.data_ptr(),
+                                  probs.scalar_type() == torch::kBFloat16, routing_map.size(0),
+                                  static_cast<int>(routing_map.size(1)), static_cast<int>(num_topk),
+                                  topk_idx.data_ptr<int64_t>(), weights.data_ptr<float>(), stream());
+    return {topk_idx, weights};
+}
+
 // SwiGLU of the grouped-GEMM experts (see swiglu.cu): h [P, 2F] BF16, probs [P] FP32 or none.
 void check_swiglu(const torch::Tensor& h, const OptTensor& probs) {
     check(h, "h", torch::kBFloat16, 2);
@@ -566,6 +593,7 @@ PYBIND11_MODULE(_C, m) {
     m.def("pair_layout", &pair_layout);
     m.def("expert_ranks", &expert_ranks);
     m.attr("PAIR_LAYOUT_MAX_LOCAL_EXPERTS") = ep_train::kPairLayoutMaxLocalExperts;
+    m.def("routing_topk", &routing_topk, py::arg("routing_map"), py::arg("probs"), py::arg("num_topk"));
     m.def("swiglu_forward", &swiglu_forward, py::arg("h"), py::arg("probs") = py::none());
     m.def("swiglu_backward", &swiglu_backward, py::arg("h"), py::arg("probs"), py::arg("grad_out"));
     m.def("copy_rows", &copy_rows);

@@ -29,6 +29,12 @@ void IntranodeRuntime::clear_recv_ready() {
     mailbox().recv_ready = 0;
 }
 
+// The host spins without sleeping this long: the counts of a dispatch come within tens to
+// hundreds of microseconds (notify is one exchange after every rank's layout), and a sleep there
+// adds its length, rounded up by the OS, to every dispatch (the GPU waits for the host's next
+// launch).  Past it (a peer that is late by milliseconds or more) it sleeps between polls.
+constexpr double kSpinSeconds = 2e-3;
+
 int IntranodeRuntime::wait_recv(cudaStream_t stream, double timeout_s, int num_local_experts, int* num_recv_tokens,
                                 std::vector<int>* per_expert) {
     HostMailbox& box = mailbox();
@@ -45,7 +51,7 @@ int IntranodeRuntime::wait_recv(cudaStream_t stream, double timeout_s, int num_l
             }
             const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
             if (waited > timeout_s) return -1;
-            std::this_thread::sleep_for(std::chrono::microseconds(iter < 4096 ? 0 : 50));
+            if (waited > kSpinSeconds) std::this_thread::sleep_for(std::chrono::microseconds(20));
         }
     }
     std::atomic_thread_fence(std::memory_order_acquire);

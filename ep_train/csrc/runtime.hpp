@@ -54,6 +54,11 @@ void load_combine_kernels();
 void launch_get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_experts, int num_ranks,
                                 int* num_tokens_per_rank, int* num_tokens_per_expert, bool* is_token_in_rank,
                                 const ErrorSink& err, cudaStream_t stream);
+// Megatron's routing map [T, E] bool and probs [T, E] (FP32, or BF16 with probs_bf16) -> topk_idx
+// [T, K] int64 (the selected experts, ascending, then -1) and weights [T, K] FP32 (their probs, 0
+// for -1).  A row selecting more than K experts keeps its K lowest ids.
+void launch_routing_topk(const bool* routing_map, const void* probs, bool probs_bf16, int64_t num_tokens,
+                         int num_experts, int num_topk, int64_t* topk_idx, float* weights, cudaStream_t stream);
 
 // out[n] = sum of y[pos[n, k]] over k with pos in [0, num_pair_rows); FP32 accumulation, ascending k.
 // y/out are BF16 (bf16=true) or FP32, hidden % (16 bytes / element size) == 0; num_topk <= 32.

@@ -20,7 +20,7 @@ MEGATRON_CORE_VERSION = require_megatron_core()
 
 from ..buffer_pool import BufferPool  # noqa: E402
 from .config import check_config, make_config  # noqa: E402
-from .dispatcher import EPTokenDispatcher, routing_map_to_topk  # noqa: E402
+from .dispatcher import EPTokenDispatcher, routing_map_to_topk, routing_topk  # noqa: E402
 from .experts import GroupedGemmMLP  # noqa: E402
 from .flex import FlexBackend, install_flex_backend  # noqa: E402
 from .layer import EPMoELayer  # noqa: E402
@@ -61,5 +61,6 @@ __all__ = [
     "registered_token_dispatchers",
     "require_megatron_core",
     "routing_map_to_topk",
+    "routing_topk",
     "unregister_token_dispatcher",
 ]

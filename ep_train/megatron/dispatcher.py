@@ -4,7 +4,8 @@ Stage mapping (only ``token_dispatch`` and ``token_combine`` communicate):
 
 ====================  ==========================================================================
 dispatch_preprocess   routing_map ``[T, E]`` → ``topk_idx [T, K]`` (ascending expert ids, -1
-                      padding); probs ``[T, E]`` → gate weights ``[T, K]`` (differentiable gather)
+                      padding); probs ``[T, E]`` → gate weights ``[T, K]`` (differentiable gather;
+                      both one kernel on CUDA, ``routing_topk``)
 token_dispatch        ``ep_train.autograd.dispatch``: each token once to every rank holding one of
                       its experts → ``recv_x [N, H]``, weights ``[N, K]``.  With
                       ``EPOptions.fused_permutation`` (default) ``dispatch_to_experts`` instead:
@@ -55,7 +56,7 @@ from .config import check_config
 from .options import EPOptions
 from .streams import CommLane
 
-__all__ = ["EPTokenDispatcher", "routing_map_to_topk"]
+__all__ = ["EPTokenDispatcher", "routing_map_to_topk", "routing_topk"]
 
 ExpertsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, Any]]
 
@@ -100,6 +101,43 @@ def _gather_weights(probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, dtype: to
     """``probs[t, topk_idx[t, k]]`` (0 where the index is -1), differentiable w.r.t. ``probs``."""
     w_TK = probs_TE.gather(1, topk_idx_TK.clamp(min=0)).to(dtype)
     return w_TK.masked_fill(topk_idx_TK < 0, 0)
+
+
+class _RoutingTopkFn(torch.autograd.Function):
+    """``routing_map_to_topk`` and ``_gather_weights`` (FP32) in one ep_train kernel; the backward
+    is the gather's (an index-add of the weight gradients into ``[T, E]``)."""
+
+    @staticmethod
+    def forward(ctx, routing_map_TE, probs_TE, num_topk: int):
+        topk_idx_TK, weights_TK = _ext.load().routing_topk(routing_map_TE, probs_TE.detach(), num_topk)
+        ctx.save_for_backward(topk_idx_TK)
+        ctx.probs_shape, ctx.probs_dtype = probs_TE.shape, probs_TE.dtype
+        ctx.mark_non_differentiable(topk_idx_TK)
+        return topk_idx_TK, weights_TK
+
+    @staticmethod
+    def backward(ctx, _grad_idx, grad_w_TK):
+        (topk_idx_TK,) = ctx.saved_tensors
+        grad_TE = torch.zeros(ctx.probs_shape, dtype=ctx.probs_dtype, device=topk_idx_TK.device)
+        src_TK = grad_w_TK.masked_fill(topk_idx_TK < 0, 0).to(ctx.probs_dtype)
+        return None, grad_TE.scatter_add_(1, topk_idx_TK.clamp(min=0), src_TK), None
+
+
+def routing_topk(routing_map_TE: torch.Tensor, probs_TE: torch.Tensor, num_topk: int,
+                 weight_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(topk_idx [T, K], weights [T, K])``: :func:`routing_map_to_topk` of the map and each
+    selected expert's probability in ``weight_dtype`` (0 for -1), differentiable w.r.t. ``probs``.
+
+    On CUDA with ep_train's extension, FP32 or BF16 probs and FP32 weights: one kernel (a warp
+    per token reads its map row) instead of a top-k over ``[T, E]`` and five more ops, with the
+    same results bit for bit.  Elsewhere those torch ops.
+    """
+    if (routing_map_TE.is_cuda and probs_TE.dtype in (torch.float32, torch.bfloat16) and weight_dtype == torch.float32
+            and routing_map_TE.is_contiguous() and probs_TE.is_contiguous() and _ext.is_available()):  # fmt: skip
+        return _RoutingTopkFn.apply(routing_map_TE, probs_TE, num_topk)
+    with torch.no_grad():
+        topk_idx_TK = routing_map_to_topk(routing_map_TE, num_topk)
+    return topk_idx_TK, _gather_weights(probs_TE, topk_idx_TK, weight_dtype)
 
 
 def _in_backward() -> bool:
@@ -315,11 +353,9 @@ class EPTokenDispatcher(MoETokenDispatcher):
             # The EP-overlap schedule frees a stage's inputs after its forward; the router's backward
             # still needs the layernorm output this would otherwise be a view of.
             x_TH = x_TH.clone()
-        with torch.no_grad():
-            topk_idx_TK = routing_map_to_topk(routing_map, self.router_topk)
-        mb = _MicroBatch(hidden_shape, topk_idx_TK, probs.dtype)
         weight_dtype = torch.float64 if probs.dtype == torch.float64 else torch.float32
-        weights_TK = _gather_weights(probs, topk_idx_TK, weight_dtype)
+        topk_idx_TK, weights_TK = routing_topk(routing_map, probs, self.router_topk, weight_dtype)
+        mb = _MicroBatch(hidden_shape, topk_idx_TK, probs.dtype)
         if self.shared_experts is not None:
             self.shared_experts.pre_forward_comm(tokens)
         self._push("token_dispatch", mb)

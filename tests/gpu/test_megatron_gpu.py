@@ -98,3 +98,43 @@ def test_megatron_layer_parity(world, dtype, ep_backend, rel_tol):
     counts = run_distributed(layer_parity, ranks, _cases(big=True), ["deepep", "flex"], seed, backend=backend,
                              timeout_s=300, dtype=dtype, ep_backend=ep_backend, rel_tol=rel_tol)  # fmt: skip
     assert counts[0] > 0, f"seed {seed}"
+
+
+@pytest.mark.parametrize("probs_dtype", [torch.float32, torch.bfloat16])
+def test_routing_topk_kernel_matches_the_ops(probs_dtype):
+    """The dispatcher's routing kernel (routing map -> top-k ids and weights, one warp per token)
+    against the torch ops it replaces, bit for bit, forward and backward: random rows of 0..K+2
+    experts (rows past K keep their K lowest ids, as the ops do), all-on and all-off rows, expert
+    counts not a multiple of 32, K above E, no tokens."""
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    from ep_train import _ext
+    from ep_train.megatron import routing_map_to_topk, routing_topk
+    from ep_train.megatron.dispatcher import _gather_weights
+
+    if not _ext.is_available():
+        pytest.skip(f"ep_train._C: {_ext.unavailable_reason()}")
+    seed = int(os.environ.get("EP_TRAIN_TEST_SEED", random.randrange(1 << 16)))
+    gen = torch.Generator().manual_seed(seed)
+    for T, E, K in [(257, 256, 8), (100, 40, 4), (64, 16, 1), (9, 4, 6), (0, 64, 8), (33, 1024, 9)]:
+        counts = torch.randint(0, K + 3, (T,), generator=gen)
+        routing = torch.zeros(T, E, dtype=torch.bool)
+        for t in range(T):
+            routing[t, torch.randperm(E, generator=gen)[: int(counts[t])]] = True
+        if T > 2:
+            routing[0], routing[1] = True, False
+        routing = routing.cuda()
+        probs = torch.rand(T, E, generator=gen).to(probs_dtype).cuda()
+        grad_w = torch.randn(T, K, generator=gen).cuda()
+        got_probs = probs.clone().requires_grad_(True)
+        idx, w = routing_topk(routing, got_probs, K)
+        (w * grad_w).sum().backward()
+        want_probs = probs.clone().requires_grad_(True)
+        want_idx = routing_map_to_topk(routing, K)
+        want_w = _gather_weights(want_probs, want_idx, torch.float32)
+        (want_w * grad_w).sum().backward()
+        case = f"seed {seed}, T={T} E={E} K={K} {probs_dtype}"
+        assert torch.equal(idx, want_idx), case
+        assert w.dtype == torch.float32 and torch.equal(w, want_w), case
+        assert torch.equal(got_probs.grad, want_probs.grad), case

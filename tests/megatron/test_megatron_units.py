@@ -40,6 +40,42 @@ def test_routing_map_to_topk_refuses_more_than_k_experts():
     assert epm.routing_map_to_topk(routing, 2, check=False).tolist() == [[0, 1], [0, 1]]  # unchecked: the first 2
 
 
+def _routing_reference(routing: torch.Tensor, probs: torch.Tensor, num_topk: int, grad_w: torch.Tensor):
+    """Loop reference: each row's first ``num_topk`` selected experts (ascending, -1 after), their
+    probabilities, and the gradient of ``sum(weights * grad_w)`` w.r.t. probs."""
+    T, E = routing.shape
+    idx = torch.full((T, num_topk), -1, dtype=torch.int64)
+    w = torch.zeros(T, num_topk, dtype=torch.float64)
+    grad = torch.zeros(T, E, dtype=torch.float64)
+    for t in range(T):
+        for col, e in enumerate(routing[t].nonzero().flatten().tolist()[:num_topk]):
+            idx[t, col], w[t, col] = e, float(probs[t, e])
+            grad[t, e] += float(grad_w[t, col])
+    return idx, w, grad
+
+
+@pytest.mark.parametrize("probs_dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_routing_topk_weights_and_gradient(probs_dtype):
+    """Indices as routing_map_to_topk, each weight the probability of its expert (0 for -1), the
+    gradient scattered back to those experts only: rows with 0..K experts and skewed rows."""
+    gen = torch.Generator().manual_seed(1)
+    T, E, K = 40, 24, 4
+    routing = torch.zeros(T, E, dtype=torch.bool)
+    for t in range(T - 2):
+        routing[t, torch.randperm(E, generator=gen)[: int(torch.randint(0, K + 1, (1,), generator=gen))]] = True
+    routing[T - 2, :K] = True  # the lowest ids
+    routing[T - 1, E - K :] = True  # the highest
+    probs = torch.rand(T, E, generator=gen).to(probs_dtype).requires_grad_(True)
+    weight_dtype = torch.float64 if probs_dtype == torch.float64 else torch.float32
+    idx, w = epm.routing_topk(routing, probs, K, weight_dtype)
+    grad_w = torch.randn(T, K, generator=gen, dtype=weight_dtype)
+    (w * grad_w).sum().backward()
+    ref_idx, ref_w, ref_grad = _routing_reference(routing, probs.detach(), K, grad_w)
+    assert torch.equal(idx, ref_idx) and torch.equal(idx, epm.routing_map_to_topk(routing, K))
+    assert w.dtype == weight_dtype and torch.equal(w.double(), ref_w)
+    assert torch.equal(probs.grad.double(), ref_grad.to(probs_dtype).double())
+
+
 def test_registry():
     assert "deepep" in epm.registered_token_dispatchers()
     assert epm.get_token_dispatcher("deepep") is epm.EPTokenDispatcher

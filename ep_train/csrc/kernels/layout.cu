@@ -1,5 +1,7 @@
 // get_dispatch_layout: top-k expert ids -> per-rank / per-expert token counts and the
 // token-in-rank mask.  Counts are integer atomics, so the result is exact in any order.
+// routing_topk: Megatron's routing map and probs -> top-k expert ids and their weights.
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include "ep_train/buffer_layout.cuh"
@@ -53,7 +55,62 @@ __global__ void __launch_bounds__(kLayoutThreads)
         atomicAdd(&num_tokens_per_rank[threadIdx.x], s_rank[threadIdx.x]);
 }
 
+__device__ __forceinline__ float to_float(float v) {
+    return v;
+}
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) {
+    return __bfloat162float(v);
+}
+
+// Grid: one warp per token, kLayoutThreads / 32 tokens per block.  The warp reads the token's row
+// of the routing map 32 experts at a time; each selected expert takes the next top-k column
+// (ascending ids), with its probability as weight; columns left over get -1 and weight 0.  Selected
+// experts past num_topk are not kept (the router selects at most num_topk), and the scan stops once
+// num_topk are found.
+template <typename P>
+__global__ void __launch_bounds__(kLayoutThreads)
+    routing_topk_kernel(const bool* routing_map, const P* probs, int64_t num_tokens, int num_experts, int num_topk,
+                        int64_t* topk_idx, float* weights) {
+    const int lane = static_cast<int>(threadIdx.x) % 32;
+    const int64_t t = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+    if (t >= num_tokens) return;  // whole warps: blockDim.x is a multiple of 32
+    const bool* row = routing_map + t * num_experts;
+    int64_t* idx = topk_idx + t * num_topk;
+    float* w = weights + t * num_topk;
+    int taken = 0;  // the same in every lane
+    for (int e0 = 0; e0 < num_experts && taken < num_topk; e0 += 32) {
+        const int e = e0 + lane;
+        const bool on = e < num_experts && row[e];
+        const unsigned mask = __ballot_sync(0xffffffffu, on);
+        const int col = taken + __popc(mask & ((1u << lane) - 1u));
+        if (on && col < num_topk) {
+            idx[col] = e;
+            w[col] = to_float(probs[t * num_experts + e]);
+        }
+        taken += __popc(mask);
+    }
+    for (int col = taken + lane; col < num_topk; col += 32) {
+        idx[col] = -1;
+        w[col] = 0.0f;
+    }
+}
+
 }  // namespace
+
+void launch_routing_topk(const bool* routing_map, const void* probs, bool probs_bf16, int64_t num_tokens,
+                         int num_experts, int num_topk, int64_t* topk_idx, float* weights, cudaStream_t stream) {
+    if (num_tokens == 0) return;
+    constexpr int kTokensPerBlock = kLayoutThreads / 32;
+    const auto blocks = static_cast<unsigned>((num_tokens + kTokensPerBlock - 1) / kTokensPerBlock);
+    if (probs_bf16)
+        routing_topk_kernel<<<blocks, kLayoutThreads, 0, stream>>>(routing_map,
+                                                                   static_cast<const __nv_bfloat16*>(probs), num_tokens,
+                                                                   num_experts, num_topk, topk_idx, weights);
+    else
+        routing_topk_kernel<<<blocks, kLayoutThreads, 0, stream>>>(
+            routing_map, static_cast<const float*>(probs), num_tokens, num_experts, num_topk, topk_idx, weights);
+    check_cuda(cudaGetLastError(), "routing_topk launch");
+}
 
 void launch_get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_experts, int num_ranks,
                                 int* num_tokens_per_rank, int* num_tokens_per_expert, bool* is_token_in_rank,
@@ -70,6 +127,8 @@ void launch_get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num
 
 void load_layout_kernels() {
     load_kernel(get_dispatch_layout_kernel, "dispatch layout kernel");
+    load_kernel(routing_topk_kernel<float>, "routing top-k kernel");
+    load_kernel(routing_topk_kernel<__nv_bfloat16>, "routing top-k kernel");
 }
 
 }  // namespace ep_train
