@@ -199,6 +199,7 @@ class Buffer:
         #: optional :class:`ep_train.profiling.CommTimer` that times every communication call.
         self.timer = None
         self._comm_stream = None
+        self._done_event: torch.cuda.Event | None = None  # the comm stream's end of a synchronous call
         if self.device.type == "cuda":
             self._comm_stream = torch.cuda.Stream(device=self.device, priority=-1)
         self._backend = create_backend(
@@ -444,6 +445,11 @@ class Buffer:
                 self._comm_stream.wait_event(previous_event.event)
             else:
                 self._comm_stream.wait_stream(compute)
+            # A use recorded before the kernels are queued counts the same (the allocator looks at it
+            # when the tensor is freed); here it costs no time after the dispatch kernel's launch.
+            for t in inputs:
+                if t.is_cuda:
+                    t.record_stream(self._comm_stream)
             with torch.cuda.stream(self._comm_stream):
                 result = fn()
         except CommError as exc:
@@ -455,16 +461,18 @@ class Buffer:
         # compute kernels still read it (a later call that waits on previous_event only would
         # overwrite it).  CPU tensors (host counts) need nothing.
         outputs = [t for t in _tensors_in(result) if t.is_cuda]
-        for t in inputs:
-            if t.is_cuda:
-                t.record_stream(self._comm_stream)
         for t in outputs:
             t.record_stream(compute)
         if async_finish:
             event = torch.cuda.Event()
             event.record(self._comm_stream)
             return result, EventOverlap(event, tuple(inputs + outputs))
-        compute.wait_stream(self._comm_stream)
+        # One event of this Buffer, recorded again per call (a stream's wait takes the state the
+        # event had when the wait was queued), instead of a new event per call.
+        if self._done_event is None:
+            self._done_event = torch.cuda.Event()
+        self._done_event.record(self._comm_stream)
+        compute.wait_event(self._done_event)
         return result, EventOverlap(None)
 
     # ------------------------------------------------------------------ layout

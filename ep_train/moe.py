@@ -8,7 +8,6 @@ P expert-major rows.
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import torch
@@ -17,15 +16,18 @@ from torch import nn
 
 from . import _ext
 from .dispatcher import MoEDispatcher
+from .permute import attach_group_offsets, group_offsets
 
 __all__ = [
     "ChunkedExperts",
     "TopKRouter",
+    "attach_group_offsets",
     "GroupedExperts",
     "MoELayer",
     "grouped_matmul",
     "grouped_mlp",
     "grouped_weight_grad",
+    "group_offsets",
     "row_counts",
     "swiglu",
     "use_grouped_mm",
@@ -112,29 +114,32 @@ def _on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
-def _group_offsets(counts: list[int], device: torch.device) -> torch.Tensor:
-    """``torch._grouped_mm``'s ``offs``: the int32 end row of every expert's group."""
-    return _on_device(torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int32), device)
-
-
-def grouped_matmul(x_PD: torch.Tensor, w_LDF: torch.Tensor, tokens_per_expert_L) -> torch.Tensor:
+def grouped_matmul(x_PD: torch.Tensor, w_LDF: torch.Tensor, tokens_per_expert_L,
+                   offs: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """``[P, D] x [L, D, F] → [P, F]``: the rows of expert l (contiguous, counts given) times ``w[l]``.
 
     ``tokens_per_expert_L`` is a list or an int tensor.  Every expert takes part in the graph even
-    with no rows, so each weight gets a gradient.
+    with no rows, so each weight gets a gradient.  ``offs``: :func:`group_offsets` of these counts,
+    when the caller already has them (several GEMMs over the same rows).
     """
     counts = _checked_counts(tokens_per_expert_L, x_PD.shape[0], w_LDF.shape[0])
     if use_grouped_mm(x_PD, w_LDF):
-        return torch._grouped_mm(x_PD, w_LDF, offs=_group_offsets(counts, x_PD.device))
+        if offs is None:
+            offs = group_offsets(counts, x_PD.device, tokens_per_expert_L)
+        return torch._grouped_mm(x_PD, w_LDF, offs=offs)
     parts = torch.split(x_PD, counts)
     return torch.cat([part @ w_LDF[e] for e, part in enumerate(parts)], dim=0)
 
 
-def grouped_weight_grad(x_PD: torch.Tensor, dy_PF: torch.Tensor, tokens_per_expert_L) -> torch.Tensor:
-    """``[L, D, F]``: for each expert l, ``x_l^T dy_l`` over its rows (zeros for an expert without rows)."""
+def grouped_weight_grad(x_PD: torch.Tensor, dy_PF: torch.Tensor, tokens_per_expert_L,
+                        offs: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """``[L, D, F]``: for each expert l, ``x_l^T dy_l`` over its rows (zeros for an expert without rows).
+    ``offs``: as for :func:`grouped_matmul`."""
     counts = row_counts(tokens_per_expert_L)
     if use_grouped_mm(x_PD, dy_PF) and x_PD.shape[0] > 0:
-        return torch._grouped_mm(x_PD.t(), dy_PF, offs=_group_offsets(counts, x_PD.device))
+        if offs is None:
+            offs = group_offsets(counts, x_PD.device, tokens_per_expert_L)
+        return torch._grouped_mm(x_PD.t(), dy_PF, offs=offs)
     out = x_PD.new_zeros((len(counts), x_PD.shape[1], dy_PF.shape[1]))
     for e, (a, b) in enumerate(zip(torch.split(x_PD, counts), torch.split(dy_PF, counts), strict=True)):
         if a.shape[0]:
@@ -165,27 +170,27 @@ class _ChunkFn(torch.autograd.Function):
     """One chunk of ``fc2(act(fc1(x)) * prob)``; backward returns the input and prob gradients only."""
 
     @staticmethod
-    def forward(ctx, x_PD, probs_P, w1, w2, counts: list[int], scope: ChunkedExperts):
-        h_PN = grouped_matmul(x_PD, w1, counts)
+    def forward(ctx, x_PD, probs_P, w1, w2, counts: list[int], scope: ChunkedExperts, offs: torch.Tensor | None):
+        h_PN = grouped_matmul(x_PD, w1, counts, offs)
         a_PF = scope.activation_probs(h_PN, probs_P)
         ctx.save_for_backward(x_PD, h_PN, probs_P, w1, w2)
-        ctx.counts, ctx.scope = counts, scope
-        return grouped_matmul(a_PF, w2, counts)
+        ctx.counts, ctx.scope, ctx.offs = counts, scope, offs
+        return grouped_matmul(a_PF, w2, counts, offs)
 
     @staticmethod
     def backward(ctx, dy_PD):
         x_PD, h_PN, probs_P, w1, w2 = ctx.saved_tensors
-        counts = ctx.counts
+        counts, offs = ctx.counts, ctx.offs
         dy_PD = dy_PD.contiguous()
-        da_PF = grouped_matmul(dy_PD, w2.transpose(1, 2), counts)
+        da_PF = grouped_matmul(dy_PD, w2.transpose(1, 2), counts, offs)
         with torch.enable_grad():  # the activation's own derivative, whatever function it is
             h = h_PN.detach().requires_grad_()
             p = probs_P.detach().requires_grad_()
             a_PF = ctx.scope.activation_probs(h, p)
             dh_PN, dprobs_P = torch.autograd.grad(a_PF, (h, p), da_PF)
-        dx_PD = grouped_matmul(dh_PN, w1.transpose(1, 2), counts)
+        dx_PD = grouped_matmul(dh_PN, w1.transpose(1, 2), counts, offs)
         ctx.scope._parts.append((x_PD, dh_PN, a_PF.detach(), dy_PD, counts))
-        return dx_PD, dprobs_P, None, None, None, None
+        return dx_PD, dprobs_P, None, None, None, None, None
 
 
 class ChunkedExperts:
@@ -220,7 +225,8 @@ class ChunkedExperts:
                 f"tokens_per_expert must have {self._w1.shape[0]} entries summing to the {x_PD.shape[0]} rows of x, "
                 f"got {len(counts)} entries summing to {sum(counts)}"
             )
-        return _ChunkFn.apply(x_PD, probs_P, self._w1, self._w2, counts, self)
+        offs = group_offsets(counts, x_PD.device, tokens_per_expert_L) if use_grouped_mm(x_PD, self._w1) else None
+        return _ChunkFn.apply(x_PD, probs_P, self._w1, self._w2, counts, self, offs)
 
     def _weight_grads(self):
         """Weight gradients of every chunk whose backward has run (None if none has)."""
@@ -237,16 +243,21 @@ class ChunkedExperts:
             cat = torch.cat([part[i] for part in parts]) if len(parts) > 1 else parts[0][i]
             return cat.index_select(0, order)
 
-        dw1 = grouped_weight_grad(rows(0), rows(1), totals)
-        dw2 = grouped_weight_grad(rows(2), rows(3), totals)
+        x_PD = rows(0)
+        offs = group_offsets(totals, x_PD.device) if use_grouped_mm(x_PD, self._w1) else None
+        dw1 = grouped_weight_grad(x_PD, rows(1), totals, offs)
+        dw2 = grouped_weight_grad(rows(2), rows(3), totals, offs)
         return dw1, dw2
 
 
 def grouped_mlp(x_PD, tokens_per_expert_L, w1_LD2F, w2_LFD) -> torch.Tensor:
     """SwiGLU expert MLP over expert-major rows: ``silu(x W_gate) * (x W_up) @ W_down``."""
-    h = grouped_matmul(x_PD, w1_LD2F, tokens_per_expert_L)
+    offs = None
+    if use_grouped_mm(x_PD, w1_LD2F):
+        offs = group_offsets(row_counts(tokens_per_expert_L), x_PD.device, tokens_per_expert_L)
+    h = grouped_matmul(x_PD, w1_LD2F, tokens_per_expert_L, offs)
     gate, up = h.chunk(2, dim=-1)
-    return grouped_matmul(F.silu(gate) * up, w2_LFD, tokens_per_expert_L)
+    return grouped_matmul(F.silu(gate) * up, w2_LFD, tokens_per_expert_L, offs)
 
 
 class TopKRouter(nn.Module):

@@ -20,6 +20,7 @@ alignment padding), Q = N*K pair slots.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,6 +32,8 @@ from .validate import check_topk_idx_values
 
 __all__ = [
     "PairLayout",
+    "attach_group_offsets",
+    "group_offsets",
     "pair_layout",
     "pair_layout_from_pos",
     "pair_values",
@@ -40,6 +43,32 @@ __all__ = [
     "unpermute_from_experts",
     "values_of_pairs",
 ]
+
+
+_OFFSETS_ATTR = "_ep_train_group_offsets"
+
+
+def attach_group_offsets(tokens_per_expert_L: torch.Tensor, offs_L: torch.Tensor) -> torch.Tensor:
+    """``tokens_per_expert_L`` (a CPU tensor of counts), now carrying ``offs_L``: the int32 end row of
+    every expert's group, already on the rows' device, which the grouped GEMMs then take instead of
+    copying the counts over.  A dispatch attaches them (computed on the GPU from its device-side
+    counts, so the host does not build and copy them before the first expert GEMM); they must be
+    the running sums of the counts, and the counts must not be changed in place afterwards."""
+    setattr(tokens_per_expert_L, _OFFSETS_ATTR, offs_L)
+    return tokens_per_expert_L
+
+
+def group_offsets(counts: list[int], device: torch.device, tokens_per_expert_L=None) -> torch.Tensor:
+    """``torch._grouped_mm``'s ``offs``: the int32 end row of every expert's group, on ``device``.
+
+    The ones attached to ``tokens_per_expert_L`` (:func:`attach_group_offsets`) where there are
+    (same device, one per expert), else built from ``counts`` and copied over without a host sync.
+    """
+    offs = getattr(tokens_per_expert_L, _OFFSETS_ATTR, None)
+    if offs is not None and offs.device == device and offs.shape == (len(counts),):
+        return offs
+    offs = torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int32)
+    return offs.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else offs.to(device)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ep_train.moe import ChunkedExperts, grouped_matmul, grouped_weight_grad
+from ep_train.permute import attach_group_offsets, group_offsets
 
 L, D, F = 4, 6, 5
 
@@ -83,3 +84,29 @@ def test_swiglu_op_path_and_checks():
         swiglu(torch.zeros(2, 3))
     with pytest.raises(ValueError, match="probs"):
         swiglu(torch.zeros(2, 4), torch.zeros(3))
+
+
+def test_group_offsets_take_attached_ones_only_where_they_fit():
+    counts = [3, 0, 2, 7]
+    tpe = torch.tensor(counts)
+    built = group_offsets(counts, torch.device("cpu"), tpe)
+    assert built.dtype == torch.int32 and built.tolist() == [3, 3, 5, 12]
+    assert group_offsets(counts, torch.device("cpu"), tpe) is not built  # nothing attached: built per call
+    mine = torch.tensor([3, 3, 5, 12], dtype=torch.int32)
+    assert attach_group_offsets(tpe, mine) is tpe
+    assert group_offsets(counts, torch.device("cpu"), tpe) is mine
+    # Not one per expert, or on another device: built from the counts instead.
+    assert group_offsets(counts[:3], torch.device("cpu"), tpe).tolist() == [3, 3, 5]
+    attach_group_offsets(tpe, mine.to("meta"))
+    assert group_offsets(counts, torch.device("cpu"), tpe).tolist() == [3, 3, 5, 12]
+
+
+def test_grouped_matmul_uses_the_offsets_it_is_given_only_for_grouped_mm():
+    # On CPU the experts loop over their rows (no grouped mm), so offsets given are not read.
+    gen = torch.Generator().manual_seed(11)
+    counts = [2, 0, 3]
+    x, w = torch.randn(5, 4, generator=gen), torch.randn(3, 4, 6, generator=gen)
+    ref = torch.cat([x[:2] @ w[0], x[2:] @ w[2]])
+    bogus = torch.tensor([9, 9, 9], dtype=torch.int32)
+    assert torch.equal(grouped_matmul(x, w, counts, bogus), ref)
+    assert torch.equal(grouped_weight_grad(x, x, counts, bogus)[1], torch.zeros(4, 4))

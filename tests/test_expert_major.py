@@ -21,7 +21,7 @@ from ep_train import Buffer
 from ep_train.buffer import _tensors_in
 from ep_train.moe import grouped_mlp
 from ep_train.permute import permute_to_experts, unpermute_from_experts
-from ep_train.testing import ROUTING_KINDS, make_routing, run_distributed
+from ep_train.testing import ROUTING_KINDS, check_attached_offsets, make_routing, run_distributed
 from ep_train.testing.fusing import FusingTorchBackend, fusing_torch_backend
 from ep_train.testing.routing import rank_generator
 
@@ -119,6 +119,7 @@ def _autograd_body(rank, R, seed, kind, K, alignment, fusing=False):
 
     def fused(x, w):
         out = A.dispatch_to_experts(buf, x, idx, w, E, expert_alignment=alignment)
+        check_attached_offsets(out.tokens_per_expert, out.x.device)
         y_P = grouped_mlp(out.x, out.tokens_per_expert, w1, w2) * out.probs.unsqueeze(-1)
         return A.combine_from_experts(buf, y_P, out.handle)
 

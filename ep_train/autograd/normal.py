@@ -17,7 +17,7 @@ from ..config import Config
 from ..event import EventOverlap
 from ..fp8 import dequantize_fp8, quantize_fp8
 from ..handle import DispatchHandle
-from ..permute import pair_values, values_of_pairs
+from ..permute import attach_group_offsets, pair_values, values_of_pairs
 from . import replay
 
 __all__ = ["DispatchOutput", "ExpertMajorOutput", "combine", "combine_from_experts", "dispatch", "dispatch_to_experts"]
@@ -400,8 +400,11 @@ def dispatch_to_experts(
     opts = _DispatchOpts(num_experts, expert_alignment, 0, fp8, config, None, False, grad_config)
     out: dict = {}
     x_P, recv_idx, probs_P = _DispatchExpertsFn.apply(x, topk_weights, buffer, topk_idx, opts, out)
+    handle: DispatchHandle = out["handle"]
     tokens_per_expert = torch.tensor(out["per_expert_list"], dtype=torch.int64)
-    return ExpertMajorOutput(x_P, probs_P, tokens_per_expert, recv_idx, out["handle"])
+    # The grouped GEMMs' offsets from the device-side counts: no host copy before the first GEMM.
+    attach_group_offsets(tokens_per_expert, torch.cumsum(handle.num_recv_tokens_per_expert_L, 0, dtype=torch.int32))
+    return ExpertMajorOutput(x_P, probs_P, tokens_per_expert, recv_idx, handle)
 
 
 def combine_from_experts(

@@ -512,7 +512,7 @@ class CudaBackend(Backend):
                 recv_topk_idx = torch.full((rows, K), -1, dtype=torch.int64, device=dev)
             else:
                 recv_topk_idx = torch.empty((rows, K), dtype=torch.int64, device=dev)
-            if args.topk_weights_TK is not None:
+            if args.topk_weights_TK is not None and not pairs:  # expert-major: the weights go to pair_probs_P
                 recv_topk_weights = (torch.zeros if pad else torch.empty)((rows, K), dtype=torch.float32, device=dev)
         recv_src_idx_N = torch.full((rows,), -1, **i32) if pad else torch.empty(rows, **i32)
         self._C.dispatch(self._rt, x_TH, args.x_scales_TS, args.topk_idx_TK, args.topk_weights_TK,

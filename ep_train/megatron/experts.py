@@ -21,7 +21,7 @@ import torch
 from megatron.core.transformer.module import MegatronModule
 from torch.nn import Parameter
 
-from ..moe import ChunkedExperts, grouped_matmul, row_counts, swiglu
+from ..moe import ChunkedExperts, group_offsets, grouped_matmul, row_counts, swiglu, use_grouped_mm
 
 __all__ = ["GroupedGemmMLP", "grouped_matmul"]
 
@@ -134,8 +134,8 @@ class GroupedGemmMLP(MegatronModule):
         scope = ChunkedExperts(self.weight1, self.weight2, self._activation, self._activation_probs)
 
         def run(x_PH: torch.Tensor, tokens_per_expert, probs_P: torch.Tensor, **unused):
-            x_PH, counts, probs_P = self._inputs(x_PH, tokens_per_expert, probs_P)
-            return scope(x_PH, counts, probs_P), None
+            x_PH, _, probs_P = self._inputs(x_PH, tokens_per_expert, probs_P)
+            return scope(x_PH, tokens_per_expert, probs_P), None  # the counts with any offsets attached
 
         return run
 
@@ -143,9 +143,11 @@ class GroupedGemmMLP(MegatronModule):
                 permuted_probs: torch.Tensor, **unused):  # fmt: skip
         """``x [P, H]`` (expert-major), ``tokens_per_expert [L]``, ``probs [P]`` → ``(y [P, H], None)``."""
         x_PH, counts, probs_P = self._inputs(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
-        h_PN = grouped_matmul(x_PH, self.weight1, counts)
+        # One offsets tensor for both GEMMs (their backward keeps it): the dispatch's, when it attached them.
+        offs = group_offsets(counts, x_PH.device, tokens_per_expert) if use_grouped_mm(x_PH, self.weight1) else None
+        h_PN = grouped_matmul(x_PH, self.weight1, counts, offs)
         a_PF = self._activation_probs(h_PN, probs_P)
-        return grouped_matmul(a_PF, self.weight2, counts), None
+        return grouped_matmul(a_PF, self.weight2, counts, offs), None
 
     def backward_dw(self) -> None:
         """Weight gradients are computed in the ordinary backward (nothing is delayed)."""

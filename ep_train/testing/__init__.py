@@ -4,13 +4,13 @@
 - ``routing``: seeded routings, uniform and skewed (``ROUTING_KINDS``), rebuildable on every rank.
 - ``payloads``: structured rows (row i of rank r carries (r, i)), random rows, FP8 rows.
 - ``reference``: independent loop references of layout, dispatch, combine, low-latency, dense MoE.
-- ``compare``: bitwise comparison and sums within the error FP32 accumulation allows.
+- ``compare``: bitwise comparison, sums within the error FP32 accumulation allows, attached offsets.
 - ``fusing``: a torch backend that fuses the expert-major permutation as the CUDA kernels do.
 - ``one_gpu``: every rank of an EP group on one GPU (the NVLink kernels without a multi-GPU machine).
 - ``spy``: ``record_configs`` lists the kernel config each dispatch and combine of a Buffer received.
 """
 
-from .compare import assert_bitwise_equal, assert_close, unit_roundoff
+from .compare import assert_bitwise_equal, assert_close, check_attached_offsets, unit_roundoff
 from .launcher import DistributedTestError, run_distributed
 from .payloads import fp8_rows, random_rows, row_origin, structured_rows
 from .reference import (
@@ -37,6 +37,7 @@ __all__ = [
     "ROUTING_KINDS",
     "assert_bitwise_equal",
     "assert_close",
+    "check_attached_offsets",
     "dense_moe",
     "expected_combine",
     "expected_combined_weights",

@@ -3,6 +3,7 @@
 - ``assert_bitwise_equal`` for results that are a permutation of the inputs (dispatch rows, scales,
   ids, weights): compares the bits, so -0.0 vs 0.0 and NaN payloads count, and FP8/BF16 need no
   arithmetic (CPU torch cannot compare float8 tensors directly).
+- ``check_attached_offsets`` for the grouped-GEMM offsets a dispatch hands its experts.
 - ``assert_close`` for sums: the tolerance is derived from the arithmetic, not picked by hand.  A sum
   of n terms accumulated in FP32 is off by at most ``n * 2^-24 * sum(|terms|)``; rounding the sum to
   the output dtype adds half an ulp of the result (``2^-8`` relative for BF16).
@@ -10,9 +11,13 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
-__all__ = ["assert_bitwise_equal", "assert_close", "unit_roundoff"]
+from ..permute import group_offsets
+
+__all__ = ["assert_bitwise_equal", "assert_close", "check_attached_offsets", "unit_roundoff"]
 
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -99,3 +104,15 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str, dtype:
             f"{name}: {int(bad.sum())} of {bad.numel()} elements off, first at {list(i)}: {a[i].item()!r} vs "
             f"expected {e[i].item()!r} (tolerance {tol[i].item():.3g}, {num_terms} terms, {dtype})"
         )
+
+
+def check_attached_offsets(tokens_per_expert_L: torch.Tensor, device: torch.device) -> None:
+    """The offsets an expert-major dispatch attached to its CPU counts: there (every lookup returns
+    the same tensor instead of building one), on the rows' ``device``, equal to the running sums of
+    the counts (the end row of every expert's group, padding included)."""
+    counts = [int(c) for c in tokens_per_expert_L.tolist()]
+    offs = group_offsets(counts, device, tokens_per_expert_L)
+    assert offs is group_offsets(counts, device, tokens_per_expert_L), "no group offsets attached to tokens_per_expert"
+    want = torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int32)
+    assert offs.dtype == torch.int32 and offs.device == torch.device(device), f"offsets {offs.dtype} on {offs.device}"
+    assert torch.equal(offs.cpu(), want), f"attached offsets {offs.tolist()} are not the running sums of {counts}"

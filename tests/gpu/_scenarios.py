@@ -18,7 +18,7 @@ import torch.distributed as dist
 from ep_train import Buffer, Config
 from ep_train.errors import CommError, CommTimeoutError, RankMismatchError
 from ep_train.fp8 import quantize_fp8
-from ep_train.testing import run_distributed
+from ep_train.testing import check_attached_offsets, run_distributed
 
 MAX_HIDDEN = 7168
 
@@ -588,6 +588,7 @@ def suite_expert_major(rank: int, world: int, seed: int) -> None:
 
     def fused(x, w):
         out = A.dispatch_to_experts(cuda, x, idx, w, E)
+        check_attached_offsets(out.tokens_per_expert, out.x.device)  # what grouped_mlp's GEMMs then take
         y_P = grouped_mlp(out.x, out.tokens_per_expert, w1, w2) * out.probs.unsqueeze(-1).to(out.x.dtype)
         return A.combine_from_experts(cuda, y_P, out.handle)
 
