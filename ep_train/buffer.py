@@ -12,6 +12,7 @@ M ``num_max_dispatch_tokens_per_rank``.  ``-1`` in a ``topk_idx`` means "no expe
 from __future__ import annotations
 
 import dataclasses
+import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -179,14 +180,14 @@ class Buffer:
         self.group_size = dist.get_world_size(self.group)
         self.num_nvl_bytes = check_int("num_nvl_bytes", num_nvl_bytes, 0)
         self.num_rdma_bytes = check_int("num_rdma_bytes", num_rdma_bytes, 0)
-        self.low_latency_mode = bool(low_latency_mode)
+        self.low_latency_mode = check_bool("low_latency_mode", low_latency_mode)
         self.num_qps_per_rank = check_int("num_qps_per_rank", num_qps_per_rank, 1)
         if timeout_s is None:
             timeout_s = _env.default_timeout_s()
-        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or timeout_s <= 0:
-            raise ValueError(f"timeout_s must be a number > 0, got {timeout_s!r}")
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < math.inf:
+            raise ValueError(f"timeout_s must be a finite number > 0, got {timeout_s!r}")
         self.timeout_s = float(timeout_s)
-        self.check_values = bool(check_values)
+        self.check_values = check_bool("check_values", check_values)
         self.device = group_device(self.group)
         self._dispatch_config = get_dispatch_config(self.group_size)
         self._combine_config = get_combine_config(self.group_size)
@@ -569,7 +570,8 @@ class Buffer:
             raise ValueError("num_tokens_per_rdma_rank must be None: this buffer spans one NVLink domain")
         self._check_nvl_bytes(hidden, x_TH.element_size(), config, "dispatch")
         routing = _Routing(num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
-                           expert_alignment, num_worst_tokens, config, previous_event, bool(expert_major))  # fmt: skip
+                           expert_alignment, num_worst_tokens, config, previous_event,
+                           check_bool("expert_major", expert_major))  # fmt: skip
         if expert_major:  # before the call takes its number: a refused call leaves no trace
             self._check_expert_major(handle, topk_idx, num_worst_tokens)
         if handle is not None:

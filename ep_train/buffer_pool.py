@@ -17,7 +17,7 @@ import torch.distributed as dist
 from .backends import BACKEND_NAMES
 from .buffer import Buffer
 from .config import Config, get_combine_config, get_dispatch_config
-from .validate import check_num_sms
+from .validate import check_bool, check_num_sms
 
 __all__ = ["BufferPool"]
 
@@ -57,7 +57,7 @@ class BufferPool:
         self.num_sms = num_sms
         self.dispatch_config = dispatch_config
         self.combine_config = combine_config
-        self.check_values = bool(check_values)
+        self.check_values = check_bool("check_values", check_values)
         self._entries: dict[int, _Entry] = {}
         #: configs callers of ``get`` pass to their calls: every later buffer holds them too.
         self._caller_configs: list[Config] = []
@@ -99,6 +99,10 @@ class BufferPool:
         buffer and every later one must hold.  A buffer too small for a wider row or a larger
         config is replaced; work in flight keeps the old one alive through its autograd context.
         """
+        if group is None:  # the default group, as Buffer takes it (else every call would make a new buffer)
+            group = dist.group.WORLD
+        if isinstance(configs, Config):
+            raise TypeError("configs must be a sequence of ep_train.Config objects, got one Config: pass (config,)")
         for config in configs:
             if not isinstance(config, Config):
                 raise TypeError(f"configs must hold ep_train.Config objects, got {type(config).__name__}")

@@ -28,7 +28,7 @@ from .buffer import Buffer
 from .config import Config
 from .handle import DispatchHandle
 from .permute import PairLayout, permute_to_experts, unpermute_from_experts
-from .validate import check_int
+from .validate import check_bool, check_int
 
 __all__ = ["MoEDispatcher", "MoEHandle", "PairLayout", "permute_to_experts", "unpermute_from_experts"]
 
@@ -87,9 +87,9 @@ class MoEDispatcher:
         self.num_local_experts = num_experts // buffer.group_size
         self.expert_alignment = expert_alignment
         self.num_worst_tokens = num_worst_tokens
-        self.fp8 = fp8
+        self.fp8 = check_bool("fp8", fp8)
         self.dispatch_config, self.combine_config = dispatch_config, combine_config
-        self.fused_permutation = bool(fused_permutation) and num_worst_tokens == 0
+        self.fused_permutation = check_bool("fused_permutation", fused_permutation) and num_worst_tokens == 0
 
     def dispatch(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weights_TK: torch.Tensor):
         """→ ``(x_PD expert-major, tokens_per_expert_L CPU int64, probs_P, handle)``.

@@ -17,6 +17,7 @@ from torch import nn
 from . import _ext
 from .dispatcher import MoEDispatcher
 from .permute import attach_group_offsets, group_offsets
+from .validate import check_int
 
 __all__ = [
     "ChunkedExperts",
@@ -93,6 +94,11 @@ def swiglu(h_PN: torch.Tensor, probs_P: torch.Tensor | None = None) -> torch.Ten
 def row_counts(tokens_per_expert_L) -> list[int]:
     """Per-expert row counts as Python ints, from a list or an int tensor (a CPU tensor: no sync)."""
     if isinstance(tokens_per_expert_L, torch.Tensor):
+        if tokens_per_expert_L.dtype.is_floating_point or tokens_per_expert_L.dim() != 1:
+            raise ValueError(
+                f"tokens_per_expert must be a 1-D integer tensor, got {tokens_per_expert_L.dtype} "
+                f"{tuple(tokens_per_expert_L.shape)}"
+            )
         return [int(c) for c in tokens_per_expert_L.tolist()]
     return [int(c) for c in tokens_per_expert_L]
 
@@ -122,6 +128,10 @@ def grouped_matmul(x_PD: torch.Tensor, w_LDF: torch.Tensor, tokens_per_expert_L,
     with no rows, so each weight gets a gradient.  ``offs``: :func:`group_offsets` of these counts,
     when the caller already has them (several GEMMs over the same rows).
     """
+    if x_PD.dim() != 2 or w_LDF.dim() != 3 or x_PD.shape[1] != w_LDF.shape[1]:
+        raise ValueError(
+            f"grouped_matmul takes x [P, D] and w [L, D, F], got x {tuple(x_PD.shape)} and w {tuple(w_LDF.shape)}"
+        )
     counts = _checked_counts(tokens_per_expert_L, x_PD.shape[0], w_LDF.shape[0])
     if use_grouped_mm(x_PD, w_LDF):
         if offs is None:
@@ -266,7 +276,8 @@ class TopKRouter(nn.Module):
 
     def __init__(self, hidden: int, num_experts: int, top_k: int, *, normalize: bool = True):
         super().__init__()
-        if not 1 <= top_k <= num_experts:
+        hidden, num_experts = check_int("hidden", hidden, 1), check_int("num_experts", num_experts, 1)
+        if not 1 <= check_int("top_k", top_k, 1) <= num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
         self.weight = nn.Parameter(torch.empty(num_experts, hidden))
         nn.init.normal_(self.weight, std=1.0 / math.sqrt(hidden))
@@ -278,11 +289,12 @@ class TopKRouter(nn.Module):
         weights_TK, idx_TK = probs_TE.topk(self.top_k, dim=-1)
         if self.normalize and self.top_k > 1:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-        load_E = torch.zeros_like(probs_TE[0]).index_add_(
+        load_E = probs_TE.new_zeros(self.num_experts).index_add_(
             0, idx_TK.flatten(), torch.ones_like(idx_TK.flatten(), dtype=probs_TE.dtype)
         )
         frac_E = load_E / max(idx_TK.numel(), 1)
-        aux = self.num_experts * (frac_E * probs_TE.mean(dim=0)).sum()
+        mean_E = probs_TE.mean(dim=0) if probs_TE.shape[0] else probs_TE.sum(dim=0)  # no tokens: 0, not NaN
+        aux = self.num_experts * (frac_E * mean_E).sum()
         return idx_TK, weights_TK, aux
 
 
@@ -297,6 +309,9 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.w2, std=1.0 / math.sqrt(ffn_hidden))
 
     def forward(self, x_PD, tokens_per_expert_L, probs_P):
+        if not isinstance(probs_P, torch.Tensor) or probs_P.shape != x_PD.shape[:1]:
+            got = tuple(probs_P.shape) if isinstance(probs_P, torch.Tensor) else type(probs_P).__name__
+            raise ValueError(f"probs_P must be a [P] tensor, one weight per row of x ({x_PD.shape[0]}), got {got}")
         y_PD = grouped_mlp(x_PD, tokens_per_expert_L, self.w1, self.w2)
         return y_PD * probs_P.unsqueeze(-1).to(y_PD.dtype)
 

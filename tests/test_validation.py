@@ -462,6 +462,10 @@ def test_buffer_too_small_and_buffer_arguments(ctx, group):
         ({"num_rdma_bytes": 1.5}, TypeError, ["num_rdma_bytes", "int"]),
         ({"num_qps_per_rank": 0}, ValueError, ["num_qps_per_rank"]),
         ({"num_sms": 3}, ValueError, ["num_sms", "3"]),
+        ({"timeout_s": float("nan")}, ValueError, ["timeout_s", "finite", "nan"]),
+        ({"timeout_s": float("inf")}, ValueError, ["timeout_s", "finite", "inf"]),
+        ({"low_latency_mode": "no"}, ValueError, ["low_latency_mode must be True or False", "'no'"]),
+        ({"check_values": "no"}, ValueError, ["check_values must be True or False", "'no'"]),
     ]:
         with raises_naming(exc, *words):
             Buffer(group, **kwargs)
@@ -547,6 +551,45 @@ def _two_rank_body(rank, world_size):
     return seen
 
 
+def _unchecked_ids_body(rank, world_size):
+    """With check_values=False the Buffer leaves topk_idx values to the backend: the torch backend
+    still refuses ids outside [-1, E) on every rank, and drops no token.  Rank 0 holds the bad id."""
+    idx, w = make_routing("uniform", T, E, K, 2, 5, rank)
+    if rank == 0:
+        idx[1, 0] = E + 1
+    x = torch.randn(T, H).bfloat16()
+    nvl = Buffer.get_dispatch_config(2).get_nvl_buffer_size_hint(H * 2, 2)
+    rdma = Buffer.get_low_latency_rdma_size_hint(M, H, 2, E)
+    buf = Buffer(dist.group.WORLD, num_nvl_bytes=nvl, num_rdma_bytes=rdma, low_latency_mode=True, timeout_s=30,
+                 check_values=False)  # fmt: skip
+    per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
+    assert per_expert.shape == (E,), "one count per expert whatever the ids"
+    mine = [f"{E + 1}", "topk_idx"] if rank == 0 else ["stopped on every rank", "rank 0"]
+    with raises_naming(ValueError, *mine):
+        buf.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                     topk_idx=idx, topk_weights=w)  # fmt: skip
+    ll_idx = idx.clone()
+    if rank == 0:
+        ll_idx[1, 0] = -5
+    mine = ["-5", "topk_idx"] if rank == 0 else ["stopped on every rank", "rank 0", f"[-1, {E})"]
+    with raises_naming(ValueError, *mine):
+        buf.low_latency_dispatch(x, ll_idx, M, E)
+    return True
+
+
+def test_unchecked_expert_ids_are_refused_on_every_rank():
+    assert all(run_distributed(_unchecked_ids_body, 2, timeout_s=120))
+
+
+def test_flags_must_be_bools(ctx):
+    with raises_naming(ValueError, "expert_major must be True or False", "'False'"):
+        _dispatch(ctx, expert_major="False")
+    with raises_naming(ValueError, "fp8 must be True or False", "'no'"):
+        MoEDispatcher(ctx.buf, E, fp8="no")
+    with raises_naming(ValueError, "fused_permutation must be True or False"):
+        MoEDispatcher(ctx.buf, E, fused_permutation=1)
+
+
 def test_errors_that_need_two_ranks():
     for seen in run_distributed(_two_rank_body, 2, timeout_s=120):
         assert [m.split("num_experts=")[1].split()[0] for m in seen[:2]] == ["5", "3"], seen
@@ -615,6 +658,40 @@ def test_buffer_pool_passes_check_values(group, monkeypatch, check_values):
         assert calls == (["buffer"] if check_values else ["backend"]), calls
     finally:
         buf.destroy()
+
+
+def test_buffer_pool_takes_none_as_the_default_group(group):
+    from ep_train.buffer_pool import BufferPool
+
+    pool = BufferPool(backend="torch")
+    buf = pool.get(None, H)
+    try:
+        assert pool.get(None, H) is buf and pool.get(group, H) is buf, "one buffer for the default group"
+        with raises_naming(TypeError, "configs must be a sequence", "one Config"):
+            pool.get(group, H, configs=get_dispatch_config(1))
+        with raises_naming(ValueError, "check_values must be True or False"):
+            BufferPool(check_values="no")
+    finally:
+        buf.destroy()
+
+
+def test_reference_moe_helpers_check_their_inputs():
+    from ep_train.moe import GroupedExperts, TopKRouter, grouped_matmul
+
+    router = TopKRouter(8, 4, 2)
+    idx, weights, aux = router(torch.zeros(0, 8))  # no tokens: empty routing, a zero loss
+    assert idx.shape == (0, 2) and weights.shape == (0, 2) and float(aux.detach()) == 0.0
+    with raises_naming(TypeError, "top_k", "2.0"):
+        TopKRouter(8, 4, 2.0)
+    with raises_naming(ValueError, "hidden", "0"):
+        TopKRouter(0, 4, 2)
+    x = torch.randn(5, 8)
+    with raises_naming(ValueError, "grouped_matmul takes x [P, D] and w [L, D, F]", "(2, 8)"):
+        grouped_matmul(x, torch.randn(2, 8), [2, 3])
+    with raises_naming(ValueError, "tokens_per_expert must be a 1-D integer tensor", "float32"):
+        grouped_matmul(x, torch.randn(2, 8, 4), torch.tensor([2.5, 2.5]))
+    with raises_naming(ValueError, "probs_P must be a [P] tensor", "(1,)"):
+        GroupedExperts(2, 8, 4)(x, [2, 3], torch.ones(1))
 
 
 def test_set_num_sms_keeps_the_chunk_sizes(ctx):

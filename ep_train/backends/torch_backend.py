@@ -145,7 +145,9 @@ class TorchBackend(Backend):
         self._device = topk_idx_TK.device
         is_token_in_rank_TR = self._token_in_rank(topk_idx_TK, num_experts // self.num_ranks)
         num_tokens_per_rank_R = is_token_in_rank_TR.sum(dim=0, dtype=torch.int32)
-        valid = topk_idx_TK[topk_idx_TK >= 0]
+        # In-range ids only: the counts keep one entry per expert whatever the values (the dispatch's
+        # value check then names an id outside [-1, num_experts) instead of dropping its token).
+        valid = topk_idx_TK[(topk_idx_TK >= 0) & (topk_idx_TK < num_experts)]
         num_tokens_per_expert_E = torch.bincount(valid, minlength=num_experts).to(torch.int32)
         return num_tokens_per_rank_R, num_tokens_per_expert_E, is_token_in_rank_TR
 
@@ -362,13 +364,26 @@ class TorchBackend(Backend):
         L, (T, H) = E // R, args.x_TH.shape
         self._exchange_header(args.info, dev)
         topk_TK = args.topk_idx_TK
-        tok_P, k_P = (topk_TK >= 0).nonzero(as_tuple=True)
+        # Ids outside [-1, E) are refused, never skipped: each rank's verdict travels with its counts
+        # (the Buffer leaves the values to the backends that check them whatever check_values says).
+        bad_TK = (topk_TK < -1) | (topk_TK >= E)
+        tok_P, k_P = ((topk_TK >= 0) & ~bad_TK).nonzero(as_tuple=True)
         expert_P = topk_TK[tok_P, k_P]
         order = torch.argsort(expert_P * max(T, 1) + tok_P, stable=True)  # by (rank, local expert, token)
         tok_P, k_P, expert_P = tok_P[order], k_P[order], expert_P[order]
         send_counts_RL = torch.bincount(expert_P, minlength=E).view(R, L)
-        recv_counts_RL = self._all_to_all(send_counts_RL.long(), [1] * R, [1] * R, "the count exchange", args.info)
-        recv_counts_RL = recv_counts_RL.cpu()
+        verdict_R1 = bad_TK.any().long().view(1, 1).expand(R, 1)
+        exchange = torch.cat([send_counts_RL.long(), verdict_R1], dim=1)
+        received = self._all_to_all(exchange, [1] * R, [1] * R, "the count exchange", args.info).cpu()
+        if bool(bad_TK.any()):
+            check_topk_idx_values("topk_idx", topk_TK, E)  # raises, naming the entry
+        if received[:, L].any():
+            bad = int(received[:, L].nonzero()[0])
+            raise ValueError(
+                f"rank {me}: low-latency dispatch call #{args.info.seq} stopped on every rank: rank {bad} "
+                f"passed topk_idx values outside [-1, {E}) (its own error says which)"
+            )
+        recv_counts_RL = received[:, :L]
         send_splits = send_counts_RL.sum(dim=1).tolist()
         recv_splits = recv_counts_RL.sum(dim=1).tolist()
 
