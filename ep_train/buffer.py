@@ -108,6 +108,10 @@ def _same_tensor(t: torch.Tensor, ref: tuple[torch.Tensor, int | None]) -> bool:
     return _is_view_of(t, ref[0]) and not _written_since(t, ref)
 
 
+# Key of the owner token every handle carries in its extras (Buffer._check_handle_owner).
+_OWNER = "buffer"
+
+
 def _tensors_in(obj: Any) -> list[torch.Tensor]:
     """The tensors of a call's result, each once: in tensors, sequences, dicts and dataclasses (the
     backends' results and the handles in them, whose tensors later calls read).  NOTES: on every
@@ -201,6 +205,7 @@ class Buffer:
         self.timer = None
         self._comm_stream = None
         self._done_event: torch.cuda.Event | None = None  # the comm stream's end of a synchronous call
+        self._owner = object()  # in the extras of every handle this Buffer makes (see _check_handle_owner)
         if self.device.type == "cuda":
             self._comm_stream = torch.cuda.Stream(device=self.device, priority=-1)
         self._backend = create_backend(
@@ -598,6 +603,7 @@ class Buffer:
             allocate_on_comm_stream,
             "dispatch",
         )
+        res.handle.extras.setdefault(_OWNER, self._owner)
         recv_x = res.recv_x_NH if res.recv_x_scales_NS is None else (res.recv_x_NH, res.recv_x_scales_NS)
         return (
             recv_x,
@@ -607,6 +613,15 @@ class Buffer:
             res.handle,
             event,
         )
+
+    def _check_handle_owner(self, handle: DispatchHandle | LowLatencyHandle, what: str) -> None:
+        """Refuse a handle another Buffer made: calls are numbered per Buffer, so such a handle can
+        match this Buffer's call numbers and pair with the wrong call on some ranks only."""
+        if handle.extras.get(_OWNER) is not self._owner:
+            raise ValueError(
+                f"{what}: handle comes from another Buffer (or none): pass the handle this Buffer's "
+                f"{'low_latency_dispatch' if isinstance(handle, LowLatencyHandle) else 'dispatch'} returned"
+            )
 
     @staticmethod
     def _check_expert_major(handle, topk_idx, num_worst_tokens: int) -> None:
@@ -689,6 +704,7 @@ class Buffer:
                 f"handle belongs to rank {handle.rank} of {handle.num_ranks}, this buffer is rank "
                 f"{self.rank} of {self.group_size}"
             )
+        self._check_handle_owner(handle, "cached dispatch")
         if x_TH.shape != (handle.num_tokens, handle.hidden):
             raise ValueError(
                 f"x must have shape ({handle.num_tokens}, {handle.hidden}) of the cached handle "
@@ -774,6 +790,8 @@ class Buffer:
         self._check_nvl_bytes(hidden, x_NH.element_size(), config, "combine")
         if topk_weights is not None:
             self._check_topk_weights(topk_weights, (handle.num_recv_rows, None))
+        if bias is not None and not isinstance(bias, (torch.Tensor, tuple, list)):
+            raise TypeError(f"bias must be a tensor, a pair of tensors or None, got {type(bias).__name__}")
         biases = () if bias is None else (bias,) if isinstance(bias, torch.Tensor) else tuple(bias)
         if len(biases) > 2:
             raise ValueError(f"bias must be a tensor or a pair of tensors, got {len(biases)} tensors")
@@ -781,6 +799,7 @@ class Buffer:
             check_tensor(
                 f"bias[{i}]", b, dtypes=x_NH.dtype, ndim=2, device=self.device, shape=(handle.num_tokens, hidden)
             )
+        self._check_handle_owner(handle, "combine")
         num_topk = 0 if topk_weights is None else topk_weights.shape[1]
         # NOTES: the handle's dispatch call number travels in the header (with the weights' dtype and
         # expert_major): ranks combining the rows of different dispatches raise RankMismatchError
@@ -932,6 +951,7 @@ class Buffer:
         # NOTES: set on the handle the backend just made and nobody else holds yet: cheaper on this
         # latency-bound path than dataclasses.replace (~0.3 against ~5 us of host time per call).
         handle = res.handle
+        handle.extras[_OWNER] = self._owner
         object.__setattr__(handle, "topk_idx_ref", (topk_idx, _version(topk_idx)))
         if topk_weights is not None:
             object.__setattr__(handle, "topk_weights_ref", (topk_weights, _version(topk_weights)))
@@ -983,6 +1003,12 @@ class Buffer:
             raise TypeError(
                 f"handle must be a LowLatencyHandle from low_latency_dispatch(), got {type(handle).__name__}"
             )
+        if handle.rank != self.rank or handle.num_ranks != self.group_size:
+            raise ValueError(
+                f"handle belongs to rank {handle.rank} of {handle.num_ranks}, this buffer is rank "
+                f"{self.rank} of {self.group_size}"
+            )
+        self._check_handle_owner(handle, "low_latency_combine")
         L, R, M = handle.num_local_experts, self.group_size, handle.num_max_dispatch_tokens_per_rank
         x_LSH = check_tensor(
             "x", x, dtypes=self._backend.supported_dtypes, ndim=3, device=self.device, shape=(L, R * M, handle.hidden)

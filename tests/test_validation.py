@@ -581,6 +581,28 @@ def test_unchecked_expert_ids_are_refused_on_every_rank():
     assert all(run_distributed(_unchecked_ids_body, 2, timeout_s=120))
 
 
+def test_handles_of_another_buffer_are_refused(ctx, group):
+    """Calls are numbered per Buffer: another Buffer's handle could match this one's call numbers,
+    so every call that takes a handle refuses it (before taking a call number)."""
+    nvl = Buffer.get_dispatch_config(1).get_nvl_buffer_size_hint(H * 8, 1)
+    rdma = Buffer.get_low_latency_rdma_size_hint(M, H, 1, E)
+    other = Buffer(group, num_nvl_bytes=nvl, num_rdma_bytes=rdma, low_latency_mode=True, timeout_s=10)
+    try:
+        with raises_naming(ValueError, "combine: handle comes from another Buffer"):
+            other.combine(ctx.recv_x, ctx.handle)
+        with raises_naming(ValueError, "cached dispatch: handle comes from another Buffer"):
+            other.dispatch(ctx.x, handle=ctx.handle)
+        with raises_naming(ValueError, "low_latency_combine: handle comes from another Buffer", "low_latency_dispatch"):
+            other.low_latency_combine(ctx.ll_x, ctx.idx, ctx.w, ctx.ll_handle)
+        # Refused without a trace: the other buffer's own calls still pair up, and ctx's handle still works.
+        assert other.dispatch(ctx.x, **ctx.lay, topk_idx=ctx.idx)[0].shape == ctx.recv_x.shape
+        assert ctx.buf.combine(ctx.recv_x, ctx.handle)[0].shape == ctx.x.shape
+    finally:
+        other.destroy()
+    with raises_naming(TypeError, "bias must be a tensor, a pair of tensors or None", "int"):
+        ctx.buf.combine(ctx.recv_x, ctx.handle, bias=5)
+
+
 def test_flags_must_be_bools(ctx):
     with raises_naming(ValueError, "expert_major must be True or False", "'False'"):
         _dispatch(ctx, expert_major="False")
