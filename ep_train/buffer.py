@@ -108,8 +108,10 @@ def _same_tensor(t: torch.Tensor, ref: tuple[torch.Tensor, int | None]) -> bool:
     return _is_view_of(t, ref[0]) and not _written_since(t, ref)
 
 
-# Key of the owner token every handle carries in its extras (Buffer._check_handle_owner).
+# Key of the owner token every handle carries in its extras (Buffer._check_handle_owner), and of a
+# low-latency handle's "rows received" flag when its dispatch returned a receive hook.
 _OWNER = "buffer"
+_RECEIVED = "received"
 
 
 def _tensors_in(obj: Any) -> list[torch.Tensor]:
@@ -955,7 +957,16 @@ class Buffer:
         object.__setattr__(handle, "topk_idx_ref", (topk_idx, _version(topk_idx)))
         if topk_weights is not None:
             object.__setattr__(handle, "topk_weights_ref", (topk_weights, _version(topk_weights)))
-        return recv_x, res.recv_count_L, handle, event, res.hook
+        hook = res.hook
+        if hook is not None:  # the combine refuses this handle until the rows were received
+            handle.extras[_RECEIVED] = False
+            receive = hook
+
+            def hook() -> None:
+                receive()
+                handle.extras[_RECEIVED] = True
+
+        return recv_x, res.recv_count_L, handle, event, hook
 
     def low_latency_combine(
         self,
@@ -1009,6 +1020,11 @@ class Buffer:
                 f"{self.rank} of {self.group_size}"
             )
         self._check_handle_owner(handle, "low_latency_combine")
+        if handle.extras.get(_RECEIVED) is False:
+            raise ValueError(
+                "low_latency_combine: the handle's low_latency_dispatch ran with return_recv_hook=True and its "
+                "receive hook has not been called: call it first (the expert inputs arrive only then)"
+            )
         L, R, M = handle.num_local_experts, self.group_size, handle.num_max_dispatch_tokens_per_rank
         x_LSH = check_tensor(
             "x", x, dtypes=self._backend.supported_dtypes, ndim=3, device=self.device, shape=(L, R * M, handle.hidden)

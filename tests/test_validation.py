@@ -603,6 +603,16 @@ def test_handles_of_another_buffer_are_refused(ctx, group):
         ctx.buf.combine(ctx.recv_x, ctx.handle, bias=5)
 
 
+def test_low_latency_combine_waits_for_the_receive_hook(ctx):
+    ll_x, _, handle, _, hook = ctx.buf.low_latency_dispatch(ctx.x, ctx.idx, M, E, use_fp8=False,
+                                                            return_recv_hook=True)  # fmt: skip
+    with raises_naming(ValueError, "receive hook has not been called", "call it first"):
+        ctx.buf.low_latency_combine(ll_x, ctx.idx, ctx.w, handle)
+    hook()
+    want = ctx.buf.low_latency_combine(ctx.ll_x, ctx.idx, ctx.w, ctx.ll_handle)[0]
+    assert torch.equal(ctx.buf.low_latency_combine(ll_x, ctx.idx, ctx.w, handle)[0], want)
+
+
 def test_flags_must_be_bools(ctx):
     with raises_naming(ValueError, "expert_major must be True or False", "'False'"):
         _dispatch(ctx, expert_major="False")
