@@ -17,7 +17,7 @@ import torch.distributed as dist
 from .backends import BACKEND_NAMES
 from .buffer import Buffer
 from .config import Config, get_combine_config, get_dispatch_config
-from .validate import check_bool, check_num_sms
+from .validate import check_bool, check_int, check_num_sms
 
 __all__ = ["BufferPool"]
 
@@ -101,6 +101,7 @@ class BufferPool:
         """
         if group is None:  # the default group, as Buffer takes it (else every call would make a new buffer)
             group = dist.group.WORLD
+        hidden, element_size = check_int("hidden", hidden, 1), check_int("element_size", element_size, 1)
         if isinstance(configs, Config):
             raise TypeError("configs must be a sequence of ep_train.Config objects, got one Config: pass (config,)")
         for config in configs:

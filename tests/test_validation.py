@@ -703,6 +703,12 @@ def test_buffer_pool_takes_none_as_the_default_group(group):
             pool.get(group, H, configs=get_dispatch_config(1))
         with raises_naming(ValueError, "check_values must be True or False"):
             BufferPool(check_values="no")
+        with raises_naming(ValueError, "hidden", "-64"):
+            pool.get(group, -64)
+        with raises_naming(TypeError, "hidden", "float"):
+            pool.get(group, 64.0)
+        with raises_naming(ValueError, "element_size", "-2"):
+            pool.get(group, 64, element_size=-2)
     finally:
         buf.destroy()
 
