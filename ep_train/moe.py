@@ -262,6 +262,8 @@ class ChunkedExperts:
 
 def grouped_mlp(x_PD, tokens_per_expert_L, w1_LD2F, w2_LFD) -> torch.Tensor:
     """SwiGLU expert MLP over expert-major rows: ``silu(x W_gate) * (x W_up) @ W_down``."""
+    if w1_LD2F.dim() != 3 or w1_LD2F.shape[-1] % 2:
+        raise ValueError(f"w1 must be [L, D, 2F] (gate | up halves), got {tuple(w1_LD2F.shape)}")
     offs = None
     if use_grouped_mm(x_PD, w1_LD2F):
         offs = group_offsets(row_counts(tokens_per_expert_L), x_PD.device, tokens_per_expert_L)

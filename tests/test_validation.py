@@ -714,7 +714,7 @@ def test_buffer_pool_takes_none_as_the_default_group(group):
 
 
 def test_reference_moe_helpers_check_their_inputs():
-    from ep_train.moe import GroupedExperts, TopKRouter, grouped_matmul
+    from ep_train.moe import GroupedExperts, TopKRouter, grouped_matmul, grouped_mlp
 
     router = TopKRouter(8, 4, 2)
     idx, weights, aux = router(torch.zeros(0, 8))  # no tokens: empty routing, a zero loss
@@ -730,6 +730,22 @@ def test_reference_moe_helpers_check_their_inputs():
         grouped_matmul(x, torch.randn(2, 8, 4), torch.tensor([2.5, 2.5]))
     with raises_naming(ValueError, "probs_P must be a [P] tensor", "(1,)"):
         GroupedExperts(2, 8, 4)(x, [2, 3], torch.ones(1))
+    with raises_naming(ValueError, "w1 must be [L, D, 2F]", "(2, 8, 7)"):
+        grouped_mlp(x, [2, 3], torch.randn(2, 8, 7), torch.randn(2, 3, 8))
+
+
+def test_autograd_entry_points_name_a_wrong_buffer_or_rows(ctx):
+    with raises_naming(TypeError, "buffer must be an ep_train.Buffer", "NoneType"):
+        ep_autograd.dispatch(None, ctx.x, ctx.idx, ctx.w, E)
+    with raises_naming(TypeError, "buffer must be an ep_train.Buffer", "NoneType"):
+        ep_autograd.combine(None, ctx.recv_x, ctx.handle)
+    with raises_naming(TypeError, "bias must be a tensor, a pair of tensors or None", "int"):
+        ep_autograd.combine(ctx.buf, ctx.recv_x, ctx.handle, bias=5)
+    fused = ep_autograd.dispatch_to_experts(ctx.buf, ctx.x, ctx.idx, ctx.w, E)
+    with raises_naming(TypeError, "y must be a [P, H] tensor", "list"):
+        ep_autograd.combine_from_experts(ctx.buf, [1.0], fused.handle)
+    with raises_naming(TypeError, "buffer must be an ep_train.Buffer", "str"):
+        ep_autograd.dispatch_to_experts("buf", ctx.x, ctx.idx, ctx.w, E)
 
 
 def test_set_num_sms_keeps_the_chunk_sizes(ctx):

@@ -95,6 +95,11 @@ def _zero_padding_rows(rows: torch.Tensor, handle: DispatchHandle) -> torch.Tens
     return rows * valid.unsqueeze(1).to(rows.dtype)
 
 
+def _check_buffer(buffer) -> None:
+    if not isinstance(buffer, Buffer):
+        raise TypeError(f"buffer must be an ep_train.Buffer, got {type(buffer).__name__}")
+
+
 def _check_topk_weights(topk_weights) -> None:
     if not isinstance(topk_weights, torch.Tensor):
         raise TypeError(
@@ -250,6 +255,7 @@ def dispatch(
         config: the kernels' config of this call; ``grad_config``: of the backward's combine (None:
             the buffer's default for each).
     """
+    _check_buffer(buffer)
     _check_topk_weights(topk_weights)
     opts = _DispatchOpts(num_experts, expert_alignment, num_worst_tokens, fp8, config, previous_event, async_finish,
                          grad_config)  # fmt: skip
@@ -284,8 +290,11 @@ def combine(
     Returns:
         ``combined_x [T, H]``; with ``async_finish=True`` the pair ``(combined_x, event)``.
     """
+    _check_buffer(buffer)
     if not isinstance(handle, DispatchHandle):
         raise TypeError(f"handle must be the DispatchHandle of a dispatch, got {type(handle).__name__}")
+    if bias is not None and not isinstance(bias, (torch.Tensor, tuple, list)):
+        raise TypeError(f"bias must be a tensor, a pair of tensors or None, got {type(bias).__name__}")
     biases = (bias,) if isinstance(bias, torch.Tensor) else tuple(bias or ())
     if len(biases) > 2:
         raise ValueError(f"bias must be a tensor or a pair of tensors, got {len(biases)} tensors")
@@ -396,6 +405,7 @@ def dispatch_to_experts(
 
     Args: as :func:`dispatch`.  ``x`` is ``[T, H]``, ``topk_idx`` / ``topk_weights`` ``[T, K]``.
     """
+    _check_buffer(buffer)
     _check_topk_weights(topk_weights)
     opts = _DispatchOpts(num_experts, expert_alignment, 0, fp8, config, None, False, grad_config)
     out: dict = {}
@@ -427,8 +437,11 @@ def combine_from_experts(
     Returns:
         ``[T, H]``.
     """
+    _check_buffer(buffer)
     if not isinstance(handle, DispatchHandle) or handle.pair_pos_NK is None:
         raise TypeError("handle must be the handle of dispatch_to_experts (an expert-major dispatch)")
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"y must be a [P, H] tensor (the expert-major rows), got {type(y).__name__}")
     if y.dim() != 2 or y.shape[0] != handle.num_pair_rows:
         raise ValueError(f"y must be [{handle.num_pair_rows}, H] (the expert-major rows), got {tuple(y.shape)}")
     return _CombineExpertsFn.apply(y, buffer, handle, config, grad_config)
