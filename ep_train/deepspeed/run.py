@@ -96,11 +96,21 @@ def _validate(r: DeepSpeedRecipe) -> None:
     if moe.backend not in BACKEND_NAMES:
         raise RecipeError(f"moe.backend must be one of {BACKEND_NAMES}, got {moe.backend!r}")
     check_num_sms_field("moe.num_sms", moe.num_sms, none_ok=True)
+    if not 0 <= r.train.seed < 2**63:
+        raise RecipeError(f"train.seed must be in [0, 2**63), got {r.train.seed}")
     # NOTES: DeepSpeed refuses ZeRO-3 for its native MoE layers (the ones ep_train replaces).
     if r.deepspeed.zero_stage not in (None, 0, 1, 2):
         raise RecipeError(f"deepspeed.zero_stage must be 0, 1, 2 or null, got {r.deepspeed.zero_stage!r}")
-    if r.deepspeed.config and not os.path.exists(r.deepspeed.config):
-        raise RecipeError(f"deepspeed.config: file {r.deepspeed.config!r} does not exist")
+    if r.deepspeed.config:
+        if not os.path.isfile(r.deepspeed.config):
+            raise RecipeError(f"deepspeed.config: file {r.deepspeed.config!r} does not exist")
+        try:  # read here, where one process names the file, not later in every rank
+            with open(r.deepspeed.config) as f:
+                parsed = json.load(f)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise RecipeError(f"deepspeed.config: {r.deepspeed.config!r} is not readable JSON: {exc}") from exc
+        if not isinstance(parsed, dict):
+            raise RecipeError(f"deepspeed.config: {r.deepspeed.config!r} must hold a JSON object")
 
 
 def load_recipe(path: str, overrides: list[str] = ()) -> DeepSpeedRecipe:

@@ -48,6 +48,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    if args.stop_at is not None and args.stop_at < 1:
+        print(f"ep-train: --stop-at must be a step >= 1, got {args.stop_at}", file=sys.stderr)
+        return 2
     try:
         recipe = load_recipe(args.recipe, args.overrides)
     except RecipeError as exc:

@@ -193,8 +193,13 @@ def load_sections(recipe: Any, path: str, overrides: list[str] | None = None) ->
     malformed keys raise :class:`RecipeError` naming them.  Returns ``recipe``."""
     if not os.path.exists(path):
         raise RecipeError(f"--recipe: file {path!r} does not exist")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    if not os.path.isfile(path):
+        raise RecipeError(f"--recipe: {path!r} is not a file")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"--recipe: {path!r} is not readable YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
     for top, value in data.items():
@@ -254,6 +259,17 @@ def _validate(r: Recipe, world_size: int | None, device: str | None) -> None:
         )
     if m.moe_router_topk > m.num_experts:
         raise RecipeError(f"model.moe_router_topk={m.moe_router_topk} exceeds model.num_experts={m.num_experts}")
+    if m.moe_layer_freq > m.num_layers:
+        raise RecipeError(
+            f"model.moe_layer_freq={m.moe_layer_freq} exceeds model.num_layers={m.num_layers}: no layer would be MoE"
+        )
+    if m.shared_expert_ffn_hidden_size < 0:
+        raise RecipeError(
+            f"model.shared_expert_ffn_hidden_size must be >= 0 (0: no shared experts), got "
+            f"{m.shared_expert_ffn_hidden_size}"
+        )
+    if not 0 <= t.seed < 2**32:
+        raise RecipeError(f"train.seed must be in [0, 2**32), got {t.seed}")
     # NOTES: tensor parallelism would need the loop to reduce the sequence-parallel gradients (norms,
     # router) over the TP group and to count TP-duplicated parameters once in the gradient norm.
     if p.tensor_model_parallel_size != 1:

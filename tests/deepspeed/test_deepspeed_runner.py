@@ -30,3 +30,18 @@ def test_runner_logs_steps_on_cpu(tmp_path):
     assert all(math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 and r["world"] == 2 for r in rows)
     assert all(r["impl"] == impl for r in rows)
     assert "summary | impl " + impl in proc.stdout
+
+
+def test_recipe_refuses_an_unreadable_config_and_a_bad_seed(tmp_path):
+    from ep_train.deepspeed.run import load_recipe
+    from ep_train.train.recipe import RecipeError
+
+    recipe = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "deepspeed_moe.yaml")
+    bad = tmp_path / "ds.json"
+    bad.write_text("{not json")
+    with pytest.raises(RecipeError, match="deepspeed.config: .* is not readable JSON"):
+        load_recipe(recipe, [f"deepspeed.config={bad}"])
+    with pytest.raises(RecipeError, match="deepspeed.config: file .* does not exist"):
+        load_recipe(recipe, [f"deepspeed.config={tmp_path}"])
+    with pytest.raises(RecipeError, match=r"train.seed must be in \[0, 2\*\*63\), got -1"):
+        load_recipe(recipe, ["train.seed=-1"])

@@ -105,6 +105,9 @@ def test_overrides_take_the_field_types():
         ("data.dtype=float99", "data.dtype must be one of ('uint16', 'uint32', 'int32', 'int64'), got 'float99'"),
         ("moe.num_sms=23", "moe.num_sms must be an even integer >= 2 or null, got 23"),
         ("moe.num_sms=0", "moe.num_sms must be an even integer >= 2 or null, got 0"),
+        ("train.seed=-1", "train.seed must be in [0, 2**32), got -1"),
+        ("model.shared_expert_ffn_hidden_size=-1", "model.shared_expert_ffn_hidden_size must be >= 0"),
+        ("model.moe_layer_freq=99", "model.moe_layer_freq=99 exceeds model.num_layers"),
     ],
 )
 def test_bad_training_values_are_named(item, words):
@@ -257,6 +260,25 @@ def test_experts_start_distinct_across_expert_parallel_ranks():
     assert all(a[n] == b[n] for n in a if n not in experts)
     for n in experts:  # std 0.02 for fc1, 0.02 / sqrt(2 x layers) for fc2: within 10 %
         assert 0.8 < a[n] / b[n] < 1.25, (n, a[n], b[n])
+
+
+def test_unreadable_recipe_files_are_named(tmp_path):
+    from ep_train.train.__main__ import main
+    from ep_train.train.recipe import RecipeError, load_recipe
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train:\n  steps: [1\n")
+    with pytest.raises(RecipeError, match="is not readable YAML"):
+        load_recipe(str(broken))
+    with pytest.raises(RecipeError, match="is not a file"):
+        load_recipe(str(tmp_path))
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(RecipeError, match="is not readable YAML"):
+        load_recipe(str(binary))
+    assert main(["--recipe", str(broken)]) == 2
+    tiny = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "tiny_cpu.yaml")
+    assert main(["--recipe", tiny, "--stop-at", "0"]) == 2
 
 
 def test_null_in_a_text_field_is_refused(tmp_path):
