@@ -57,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ep-train: bad recipe: {exc}", file=sys.stderr)
         return 2
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun / a cluster launcher
+        try:  # the launcher's world, before any rank builds a model (every rank prints the same)
+            recipe.validate(int(os.environ["WORLD_SIZE"]), "cuda" if backend_for(recipe) == "nccl" else "cpu")
+        except RecipeError as exc:
+            print(f"ep-train: bad recipe: {exc}", file=sys.stderr)
+            return 2
         dist.init_process_group(backend_for(recipe))
         try:
             run_rank(recipe, args.resume, args.stop_at)
@@ -70,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ep-train: bad recipe: {exc}", file=sys.stderr)
         return 2
     if backend_for(recipe) == "nccl" and torch.cuda.device_count() < world:
-        print(f"ep-train: launch.nproc={world} but only {torch.cuda.device_count()} GPUs are visible", file=sys.stderr)
+        seen = torch.cuda.device_count()
+        print(f"ep-train: launch.nproc={world} on train.device={recipe.train.device!r} needs {world} GPUs, but "
+              f"{seen} are visible (train.device=cpu runs on the CPU)", file=sys.stderr)  # fmt: skip
         return 2
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(spawned, args=(world, os.path.join(tmp, "store"), recipe, args.resume, args.stop_at), nprocs=world)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from ep_train.testing import run_distributed
 
@@ -82,6 +83,21 @@ def test_bad_config_fails_at_start_naming_the_key(override, key):
 def test_world_size_must_fit_parallel_sizes():
     proc = _train("--set", "launch.nproc=3", check=False)
     assert proc.returncode == 2 and "world size 3" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_launcher_world_and_missing_gpus_are_named(monkeypatch, capsys):
+    from ep_train.train.__main__ import main
+
+    tiny = os.path.join(ROOT, "recipes", "tiny_cpu.yaml")
+    with monkeypatch.context() as env:  # as under torchrun: refused before the process group starts
+        env.setenv("RANK", "0")
+        env.setenv("WORLD_SIZE", "3")
+        assert main(["--recipe", tiny]) == 2
+    assert "world size 3" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["--recipe", tiny, "--set", "train.device=cuda"]) == 2
+        err = capsys.readouterr().err
+        assert "train.device='cuda' needs 2 GPUs, but 0 are visible" in err, err
 
 
 def test_overrides_take_the_field_types():
