@@ -16,7 +16,7 @@ from torch import nn
 
 from . import _ext
 from .dispatcher import MoEDispatcher
-from .permute import attach_group_offsets, group_offsets
+from .permute import attach_group_offsets, group_offsets, host_to_device
 from .validate import check_int
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "MoELayer",
     "grouped_matmul",
     "grouped_mlp",
+    "gemm_offsets",
     "grouped_weight_grad",
     "group_offsets",
     "row_counts",
@@ -115,9 +116,10 @@ def _checked_counts(tokens_per_expert_L, num_rows: int, num_experts: int) -> lis
     return counts
 
 
-def _on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CPU tensor on ``device``; to a GPU through pinned memory, so without a host sync."""
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+def gemm_offsets(x_PD: torch.Tensor, w: torch.Tensor, counts: list[int], tokens_per_expert_L=None):
+    """:func:`group_offsets` for the GEMMs of ``x_PD`` with ``w`` when they run as one grouped
+    GEMM (then shared by every GEMM over the same rows), else None: the loop over experts needs none."""
+    return group_offsets(counts, x_PD.device, tokens_per_expert_L) if use_grouped_mm(x_PD, w) else None
 
 
 def grouped_matmul(x_PD: torch.Tensor, w_LDF: torch.Tensor, tokens_per_expert_L,
@@ -235,7 +237,7 @@ class ChunkedExperts:
                 f"tokens_per_expert must have {self._w1.shape[0]} entries summing to the {x_PD.shape[0]} rows of x, "
                 f"got {len(counts)} entries summing to {sum(counts)}"
             )
-        offs = group_offsets(counts, x_PD.device, tokens_per_expert_L) if use_grouped_mm(x_PD, self._w1) else None
+        offs = gemm_offsets(x_PD, self._w1, counts, tokens_per_expert_L)
         return _ChunkFn.apply(x_PD, probs_P, self._w1, self._w2, counts, self, offs)
 
     def _weight_grads(self):
@@ -246,7 +248,7 @@ class ChunkedExperts:
         num_experts = len(parts[0][4])
         # Rows of all chunks, regrouped by expert (chunk order kept within an expert).
         expert_P = torch.cat([torch.repeat_interleave(torch.arange(num_experts), torch.tensor(c)) for *_, c in parts])
-        order = torch.argsort(_on_device(expert_P, parts[0][0].device), stable=True)
+        order = torch.argsort(host_to_device(expert_P, parts[0][0].device), stable=True)
         totals = [sum(c[e] for *_, c in parts) for e in range(num_experts)]
 
         def rows(i: int) -> torch.Tensor:
@@ -254,7 +256,7 @@ class ChunkedExperts:
             return cat.index_select(0, order)
 
         x_PD = rows(0)
-        offs = group_offsets(totals, x_PD.device) if use_grouped_mm(x_PD, self._w1) else None
+        offs = gemm_offsets(x_PD, self._w1, totals)
         dw1 = grouped_weight_grad(x_PD, rows(1), totals, offs)
         dw2 = grouped_weight_grad(rows(2), rows(3), totals, offs)
         return dw1, dw2
@@ -264,9 +266,7 @@ def grouped_mlp(x_PD, tokens_per_expert_L, w1_LD2F, w2_LFD) -> torch.Tensor:
     """SwiGLU expert MLP over expert-major rows: ``silu(x W_gate) * (x W_up) @ W_down``."""
     if w1_LD2F.dim() != 3 or w1_LD2F.shape[-1] % 2:
         raise ValueError(f"w1 must be [L, D, 2F] (gate | up halves), got {tuple(w1_LD2F.shape)}")
-    offs = None
-    if use_grouped_mm(x_PD, w1_LD2F):
-        offs = group_offsets(row_counts(tokens_per_expert_L), x_PD.device, tokens_per_expert_L)
+    offs = gemm_offsets(x_PD, w1_LD2F, row_counts(tokens_per_expert_L), tokens_per_expert_L)
     h = grouped_matmul(x_PD, w1_LD2F, tokens_per_expert_L, offs)
     gate, up = h.chunk(2, dim=-1)
     return grouped_matmul(F.silu(gate) * up, w2_LFD, tokens_per_expert_L, offs)

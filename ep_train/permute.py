@@ -67,8 +67,12 @@ def group_offsets(counts: list[int], device: torch.device, tokens_per_expert_L=N
     offs = getattr(tokens_per_expert_L, _OFFSETS_ATTR, None)
     if offs is not None and offs.device == device and offs.shape == (len(counts),):
         return offs
-    offs = torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int32)
-    return offs.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else offs.to(device)
+    return host_to_device(torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int32), device)
+
+
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on ``device``; to a GPU through pinned memory, so without a host sync."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 @dataclass(frozen=True)

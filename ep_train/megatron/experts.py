@@ -21,7 +21,7 @@ import torch
 from megatron.core.transformer.module import MegatronModule
 from torch.nn import Parameter
 
-from ..moe import ChunkedExperts, group_offsets, grouped_matmul, row_counts, swiglu, use_grouped_mm
+from ..moe import ChunkedExperts, gemm_offsets, grouped_matmul, row_counts, swiglu
 
 __all__ = ["GroupedGemmMLP", "grouped_matmul"]
 
@@ -144,7 +144,7 @@ class GroupedGemmMLP(MegatronModule):
         """``x [P, H]`` (expert-major), ``tokens_per_expert [L]``, ``probs [P]`` → ``(y [P, H], None)``."""
         x_PH, counts, probs_P = self._inputs(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
         # One offsets tensor for both GEMMs (their backward keeps it): the dispatch's, when it attached them.
-        offs = group_offsets(counts, x_PH.device, tokens_per_expert) if use_grouped_mm(x_PH, self.weight1) else None
+        offs = gemm_offsets(x_PH, self.weight1, counts, tokens_per_expert)
         h_PN = grouped_matmul(x_PH, self.weight1, counts, offs)
         a_PF = self._activation_probs(h_PN, probs_P)
         return grouped_matmul(a_PF, self.weight2, counts, offs), None
