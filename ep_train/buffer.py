@@ -37,7 +37,15 @@ from .errors import CommError
 from .event import EventOverlap, capture
 from .handle import DispatchHandle, LowLatencyHandle
 from .permute import permute_dispatch_result, sum_pair_rows
-from .validate import check_bool, check_int, check_num_sms, check_tensor, check_topk_idx_values, split_fp8
+from .validate import (
+    check_bool,
+    check_int,
+    check_num_sms,
+    check_tensor,
+    check_topk_idx_values,
+    split_bias,
+    split_fp8,
+)
 
 __all__ = ["Buffer", "group_device", "topk_idx_t"]
 
@@ -108,7 +116,7 @@ def _same_tensor(t: torch.Tensor, ref: tuple[torch.Tensor, int | None]) -> bool:
     return _is_view_of(t, ref[0]) and not _written_since(t, ref)
 
 
-# Key of the owner token every handle carries in its extras (Buffer._check_handle_owner), and of a
+# Key of the owner token every handle carries in its extras (Buffer._check_handle), and of a
 # low-latency handle's "rows received" flag when its dispatch returned a receive hook.
 _OWNER = "buffer"
 _RECEIVED = "received"
@@ -207,7 +215,7 @@ class Buffer:
         self.timer = None
         self._comm_stream = None
         self._done_event: torch.cuda.Event | None = None  # the comm stream's end of a synchronous call
-        self._owner = object()  # in the extras of every handle this Buffer makes (see _check_handle_owner)
+        self._owner = object()  # in the extras of every handle this Buffer makes (see _check_handle)
         if self.device.type == "cuda":
             self._comm_stream = torch.cuda.Stream(device=self.device, priority=-1)
         self._backend = create_backend(
@@ -616,9 +624,15 @@ class Buffer:
             event,
         )
 
-    def _check_handle_owner(self, handle: DispatchHandle | LowLatencyHandle, what: str) -> None:
-        """Refuse a handle another Buffer made: calls are numbered per Buffer, so such a handle can
-        match this Buffer's call numbers and pair with the wrong call on some ranks only."""
+    def _check_handle(self, handle: DispatchHandle | LowLatencyHandle, what: str) -> None:
+        """Refuse a handle of another rank or another Buffer (before the call takes its number).
+        Calls are numbered per Buffer, so another Buffer's handle can match this Buffer's call
+        numbers and pair with the wrong call on some ranks only."""
+        if handle.rank != self.rank or handle.num_ranks != self.group_size:
+            raise ValueError(
+                f"handle belongs to rank {handle.rank} of {handle.num_ranks}, this buffer is rank "
+                f"{self.rank} of {self.group_size}"
+            )
         if handle.extras.get(_OWNER) is not self._owner:
             raise ValueError(
                 f"{what}: handle comes from another Buffer (or none): pass the handle this Buffer's "
@@ -701,12 +715,7 @@ class Buffer:
         for name in ("num_tokens_per_rank", "is_token_in_rank", "num_tokens_per_expert", "topk_idx", "topk_weights"):
             if getattr(a, name) is not None:
                 raise ValueError(f"cached dispatch (handle given) takes no {name}: the routing comes from handle")
-        if handle.rank != self.rank or handle.num_ranks != self.group_size:
-            raise ValueError(
-                f"handle belongs to rank {handle.rank} of {handle.num_ranks}, this buffer is rank "
-                f"{self.rank} of {self.group_size}"
-            )
-        self._check_handle_owner(handle, "cached dispatch")
+        self._check_handle(handle, "cached dispatch")
         if x_TH.shape != (handle.num_tokens, handle.hidden):
             raise ValueError(
                 f"x must have shape ({handle.num_tokens}, {handle.hidden}) of the cached handle "
@@ -773,11 +782,6 @@ class Buffer:
             raise TypeError(f"config must be an ep_train.Config or None, got {type(config).__name__}")
         if not isinstance(handle, DispatchHandle):
             raise TypeError(f"handle must be a DispatchHandle from dispatch(), got {type(handle).__name__}")
-        if handle.rank != self.rank or handle.num_ranks != self.group_size:
-            raise ValueError(
-                f"handle belongs to rank {handle.rank} of {handle.num_ranks}, this buffer is rank "
-                f"{self.rank} of {self.group_size}"
-            )
         if expert_major and handle.pair_pos_NK is None:
             raise ValueError("expert_major=True needs the handle of an expert-major dispatch")
         x_NH = check_tensor(
@@ -792,16 +796,12 @@ class Buffer:
         self._check_nvl_bytes(hidden, x_NH.element_size(), config, "combine")
         if topk_weights is not None:
             self._check_topk_weights(topk_weights, (handle.num_recv_rows, None))
-        if bias is not None and not isinstance(bias, (torch.Tensor, tuple, list)):
-            raise TypeError(f"bias must be a tensor, a pair of tensors or None, got {type(bias).__name__}")
-        biases = () if bias is None else (bias,) if isinstance(bias, torch.Tensor) else tuple(bias)
-        if len(biases) > 2:
-            raise ValueError(f"bias must be a tensor or a pair of tensors, got {len(biases)} tensors")
+        biases = split_bias(bias)
         for i, b in enumerate(biases):
             check_tensor(
                 f"bias[{i}]", b, dtypes=x_NH.dtype, ndim=2, device=self.device, shape=(handle.num_tokens, hidden)
             )
-        self._check_handle_owner(handle, "combine")
+        self._check_handle(handle, "combine")
         num_topk = 0 if topk_weights is None else topk_weights.shape[1]
         # NOTES: the handle's dispatch call number travels in the header (with the weights' dtype and
         # expert_major): ranks combining the rows of different dispatches raise RankMismatchError
@@ -1014,12 +1014,7 @@ class Buffer:
             raise TypeError(
                 f"handle must be a LowLatencyHandle from low_latency_dispatch(), got {type(handle).__name__}"
             )
-        if handle.rank != self.rank or handle.num_ranks != self.group_size:
-            raise ValueError(
-                f"handle belongs to rank {handle.rank} of {handle.num_ranks}, this buffer is rank "
-                f"{self.rank} of {self.group_size}"
-            )
-        self._check_handle_owner(handle, "low_latency_combine")
+        self._check_handle(handle, "low_latency_combine")
         if handle.extras.get(_RECEIVED) is False:
             raise ValueError(
                 "low_latency_combine: the handle's low_latency_dispatch ran with return_recv_hook=True and its "

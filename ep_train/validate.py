@@ -32,6 +32,19 @@ def check_bool(name: str, value: Any) -> bool:
     return value
 
 
+def split_bias(bias: Any) -> tuple:
+    """A combine's ``bias`` (None, a tensor or a pair of tensors) as a tuple of 0-2 entries."""
+    if bias is None:
+        return ()
+    if isinstance(bias, torch.Tensor):
+        return (bias,)
+    if not isinstance(bias, (tuple, list)):
+        raise TypeError(f"bias must be a tensor, a pair of tensors or None, got {type(bias).__name__}")
+    if len(bias) > 2:
+        raise ValueError(f"bias must be a tensor or a pair of tensors, got {len(bias)} tensors")
+    return tuple(bias)
+
+
 def check_num_sms(name: str, value: Any, none_ok: bool = False) -> Any:
     """SMs of the kernels: an even int >= 2 (two per channel), or None where ``none_ok``."""
     if value is None and none_ok:

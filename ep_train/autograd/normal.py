@@ -18,6 +18,7 @@ from ..event import EventOverlap
 from ..fp8 import dequantize_fp8, quantize_fp8
 from ..handle import DispatchHandle
 from ..permute import attach_group_offsets, pair_values, values_of_pairs
+from ..validate import split_bias
 from . import replay
 
 __all__ = ["DispatchOutput", "ExpertMajorOutput", "combine", "combine_from_experts", "dispatch", "dispatch_to_experts"]
@@ -293,11 +294,7 @@ def combine(
     _check_buffer(buffer)
     if not isinstance(handle, DispatchHandle):
         raise TypeError(f"handle must be the DispatchHandle of a dispatch, got {type(handle).__name__}")
-    if bias is not None and not isinstance(bias, (torch.Tensor, tuple, list)):
-        raise TypeError(f"bias must be a tensor, a pair of tensors or None, got {type(bias).__name__}")
-    biases = (bias,) if isinstance(bias, torch.Tensor) else tuple(bias or ())
-    if len(biases) > 2:
-        raise ValueError(f"bias must be a tensor or a pair of tensors, got {len(biases)} tensors")
+    biases = split_bias(bias)
     b0 = biases[0] if len(biases) > 0 else None
     b1 = biases[1] if len(biases) > 1 else None
     opts = {"config": config, "previous_event": previous_event, "async_finish": async_finish,
