@@ -375,7 +375,7 @@ class TorchBackend(Backend):
         verdict_R1 = bad_TK.any().long().view(1, 1).expand(R, 1)
         exchange = torch.cat([send_counts_RL.long(), verdict_R1], dim=1)
         received = self._all_to_all(exchange, [1] * R, [1] * R, "the count exchange", args.info).cpu()
-        if bool(bad_TK.any()):
+        if received[me, L]:  # this rank's own verdict, back from itself
             check_topk_idx_values("topk_idx", topk_TK, E)  # raises, naming the entry
         if received[:, L].any():
             bad = int(received[:, L].nonzero()[0])

@@ -56,24 +56,21 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as exc:
         print(f"ep-train: bad recipe: {exc}", file=sys.stderr)
         return 2
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun / a cluster launcher
-        try:  # the launcher's world, before any rank builds a model (every rank prints the same)
-            recipe.validate(int(os.environ["WORLD_SIZE"]), "cuda" if backend_for(recipe) == "nccl" else "cpu")
-        except RecipeError as exc:
-            print(f"ep-train: bad recipe: {exc}", file=sys.stderr)
-            return 2
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # torchrun / a cluster launcher
+    # The world the ranks will form (under a launcher: before any rank builds a model).
+    world = int(os.environ["WORLD_SIZE"]) if launched else recipe.launch.nproc
+    try:
+        recipe.validate(world, "cuda" if backend_for(recipe) == "nccl" else "cpu")
+    except RecipeError as exc:
+        print(f"ep-train: bad recipe: {exc}", file=sys.stderr)
+        return 2
+    if launched:
         dist.init_process_group(backend_for(recipe))
         try:
             run_rank(recipe, args.resume, args.stop_at)
         finally:
             dist.destroy_process_group()
         return 0
-    world = recipe.launch.nproc
-    try:
-        recipe.validate(world, "cuda" if backend_for(recipe) == "nccl" else "cpu")
-    except RecipeError as exc:
-        print(f"ep-train: bad recipe: {exc}", file=sys.stderr)
-        return 2
     if backend_for(recipe) == "nccl" and torch.cuda.device_count() < world:
         seen = torch.cuda.device_count()
         print(f"ep-train: launch.nproc={world} on train.device={recipe.train.device!r} needs {world} GPUs, but "
